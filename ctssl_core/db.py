@@ -1,0 +1,73 @@
+"""Short-lived DuckDB connections with retry, so no process ever shows a lock error.
+
+DuckDB allows one read-write process *or* many read-only ones, never both. We
+therefore never hold a connection open: every reader and writer opens the file,
+does its work, and closes it, retrying with back-off while another process
+holds it. Training processes never write DuckDB directly (they append JSONL;
+see ``results/write.py``), so locks are held for milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file", "database is locked")
+
+
+class StoreError(RuntimeError):
+    """A store problem the user can fix; the message says what to do."""
+
+
+class StoreMissing(StoreError):
+    pass
+
+
+class StoreBusy(StoreError):
+    pass
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    return any(m.lower() in str(exc).lower() for m in LOCK_MARKERS)
+
+
+@contextlib.contextmanager
+def connect(db_path: str | Path, read_only: bool = False, timeout_s: float = 30.0) -> Iterator["duckdb.DuckDBPyConnection"]:  # noqa: F821
+    """Open ``db_path`` briefly. Retries on lock conflicts for up to ``timeout_s``.
+
+    Read-only on a missing file raises :class:`StoreMissing` with the command that
+    creates it, instead of DuckDB's bare IOException.
+    """
+    import duckdb
+
+    path = Path(db_path)
+    if read_only and not path.exists():
+        raise StoreMissing(
+            f"no ctssl store at {path.parent} (missing {path.name}). "
+            f"Create one with `ctssl synth` then `ctssl ingest`, or `ctssl benchmark --profile quick`."
+        )
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.Error as e:  # IOException / ConnectionException on lock
+            if not is_lock_error(e) or time.monotonic() > deadline:
+                if is_lock_error(e):
+                    raise StoreBusy(
+                        f"the store {path} stayed locked by another process for {timeout_s:.0f}s; "
+                        f"is a long-running command holding it? Try again when it finishes."
+                    ) from e
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.6, 0.25)
+    try:
+        yield con
+    finally:
+        con.close()

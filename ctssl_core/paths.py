@@ -1,0 +1,68 @@
+"""Where things live on disk. Pure path arithmetic: nothing is created at import time.
+
+Layout of a store (see data/README.md)::
+
+    <store>/ctssl.duckdb          catalog + results + jobs (one file)
+    <store>/slices/<series>.npy   int16 HU, (S, H, W), memory-mappable
+    <store>/masks/<series>.npy    uint8 nodule consensus mask, (S, H, W)
+    <store>/runs/<run_id>/        config.json, metrics.jsonl, log.txt, checkpoints/
+    <store>/embeddings/           <emb_id>.npy vectors + <emb_id>.parquet row keys
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CTSSL_DATA", REPO_ROOT / "data"))
+
+
+def default_store() -> Path:
+    """The store the main job writes and the dashboard reads unless told otherwise."""
+    return Path(os.environ.get("CTSSL_STORE", data_root() / "store"))
+
+
+def default_cohort(name: str = "synthetic") -> Path:
+    return data_root() / "cohorts" / name
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "ctssl.duckdb"
+
+    @property
+    def slices(self) -> Path:
+        return self.root / "slices"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "masks"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def secret(self) -> Path:
+        """Per-store key for pseudonymisation (HMAC). Never leaves the store folder."""
+        return self.root / ".pseudonym_key"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+
+def store_paths(root: str | Path | None = None) -> StorePaths:
+    return StorePaths(Path(root) if root is not None else default_store())

@@ -1,0 +1,240 @@
+"""The DuckDB schema: catalog (ingest writes), results and jobs. One file, one place.
+
+Contract for every module: table and column names here are shared by the
+ingest, training, analysis, job and dashboard code. Add a column at the end of
+a table (and bump SCHEMA_VERSION) rather than renaming one. ``ensure_schema`` is
+idempotent and also upgrades older stores by adding missing columns.
+
+No patient identifier is stored anywhere: ``patient_key``/``study_key``/
+``series_key``/``sop_key`` are keyed hashes made at ingest (data/pseudonym.py).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "meta": """
+        key TEXT PRIMARY KEY,
+        value TEXT
+    """,
+    # ---------------- catalog (data/ingest.py writes) ----------------
+    "patients": """
+        patient_key TEXT PRIMARY KEY,   -- keyed hash of PatientID
+        age DOUBLE,                     -- years
+        sex TEXT,                       -- 'F' | 'M' | NULL
+        race TEXT,                      -- label as given (EthnicGroup or demographics CSV)
+        attributes JSON                 -- extra attributes, e.g. {"control_group": "A", "site": ...}
+    """,
+    "studies": """
+        study_key TEXT PRIMARY KEY,
+        patient_key TEXT,
+        dataset TEXT,                   -- 'synthetic' | 'rsna-pe' | 'lidc' | 'generic'
+        pe_exam BOOLEAN,                -- exam-level PE; NULL = unknown
+        exam_labels JSON                -- RSNA exam-level columns when known
+    """,
+    "series": """
+        series_key TEXT PRIMARY KEY,
+        study_key TEXT,
+        patient_key TEXT,
+        array_path TEXT,                -- relative to store root: int16 HU .npy (S, H, W)
+        mask_path TEXT,                 -- relative: uint8 nodule consensus .npy (S, H, W); NULL = none
+        n_slices INTEGER,
+        height INTEGER,
+        width INTEGER,
+        orig_rows INTEGER,
+        orig_cols INTEGER,
+        pixel_spacing_mm DOUBLE,        -- in-plane spacing of the *stored* array
+        slice_spacing_mm DOUBLE,
+        slice_thickness_mm DOUBLE,
+        site TEXT,                      -- acquisition site / scanner group (InstitutionName is never stored)
+        manufacturer TEXT,
+        model TEXT,
+        kernel TEXT,
+        selection_rule TEXT,            -- why this series was chosen for its study
+        ingested_at TIMESTAMP
+    """,
+    "slices": """
+        slice_id BIGINT PRIMARY KEY,    -- dense global id, 0..N-1
+        series_key TEXT,
+        idx INTEGER,                    -- row in the series array (sorted by z)
+        sop_key TEXT,                   -- keyed hash of SOPInstanceUID
+        z_mm DOUBLE,
+        pe BOOLEAN,                     -- pe_present_on_image; NULL = unknown
+        nodule_px INTEGER               -- nodule pixels on this slice in the stored mask; NULL = unknown
+    """,
+    "ingest_errors": """
+        path TEXT,                      -- relative to the ingest root
+        reason TEXT,                    -- short machine key: not_dicom, truncated, no_pixels, ...
+        detail TEXT,                    -- human sentence: what happened and what to do
+        at TIMESTAMP
+    """,
+    "ingested_files": """
+        path TEXT PRIMARY KEY,          -- relative to the ingest root
+        size BIGINT,
+        mtime DOUBLE,
+        status TEXT                     -- 'ok' | 'error' | 'skipped'
+    """,
+    "splits": """
+        patient_key TEXT,
+        seed INTEGER,
+        split TEXT,                     -- 'train' | 'val' | 'test'
+        PRIMARY KEY (patient_key, seed)
+    """,
+    # ---------------- results (results/write.py writes) ----------------
+    "runs": """
+        run_id TEXT PRIMARY KEY,
+        kind TEXT,                      -- 'pretrain' | 'finetune' | 'probe' | 'embed' | 'benchmark'
+        task TEXT,                      -- registry key: 'rotation', 'pe', 'nodule', ...
+        init TEXT,                      -- pretext key of the init, or 'random'
+        encoder TEXT,                   -- encoder registry key
+        fraction DOUBLE,                -- label fraction for downstream runs
+        seed INTEGER,
+        profile TEXT,
+        benchmark_id TEXT,
+        dataset TEXT,
+        config JSON,
+        code_version TEXT,
+        status TEXT,                    -- 'running' | 'succeeded' | 'failed' | 'cancelled'
+        created_at TIMESTAMP,
+        ended_at TIMESTAMP,
+        wall_s DOUBLE,
+        run_dir TEXT,                   -- relative to store root
+        checkpoint TEXT,                -- relative path of the final checkpoint, if any
+        error TEXT
+    """,
+    "metrics": """
+        run_id TEXT,
+        step BIGINT,
+        epoch DOUBLE,
+        wall_s DOUBLE,
+        name TEXT,                      -- 'train/loss', 'lr', 'val/dice', ...
+        value DOUBLE
+    """,
+    "metric_offsets": """
+        run_id TEXT PRIMARY KEY,
+        byte_offset BIGINT              -- bytes of runs/<id>/metrics.jsonl already merged
+    """,
+    "results": """
+        run_id TEXT,
+        benchmark_id TEXT,
+        task TEXT,
+        init TEXT,
+        fraction DOUBLE,
+        seed INTEGER,
+        split TEXT,
+        metric TEXT,                    -- 'slice_auroc', 'exam_auroc', 'dice', 'age_mae', ...
+        value DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        n INTEGER
+    """,
+    "summaries": """
+        benchmark_id TEXT,
+        task TEXT,
+        init TEXT,
+        metric TEXT,                    -- headline metrics, 'labels_saved', 'speed_ratio', ...
+        value DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        note TEXT
+    """,
+    "benchmarks": """
+        benchmark_id TEXT PRIMARY KEY,
+        profile TEXT,
+        dataset TEXT,
+        config JSON,
+        status TEXT,
+        started_at TIMESTAMP,
+        ended_at TIMESTAMP,
+        wall_s DOUBLE
+    """,
+    "embeddings": """
+        emb_id TEXT PRIMARY KEY,
+        run_id TEXT,                    -- checkpoint's run, NULL for random init
+        init TEXT,
+        encoder TEXT,
+        split TEXT,
+        level TEXT,                     -- 'slice' | 'exam'
+        path TEXT,                      -- relative: float32 .npy (N, D)
+        keys_path TEXT,                 -- relative: parquet of row keys + demographics
+        n INTEGER,
+        dim INTEGER,
+        created_at TIMESTAMP
+    """,
+    "projections": """
+        emb_id TEXT,
+        method TEXT,                    -- 'pca' | 'umap'
+        params JSON,
+        seconds DOUBLE,
+        n_points INTEGER,
+        sampled BOOLEAN,
+        path TEXT                       -- relative: parquet with row, x, y
+    """,
+    "bias_results": """
+        emb_id TEXT,
+        reference_emb_id TEXT,          -- random-init embedding it is compared with
+        analysis TEXT,                  -- 'probe' | 'ks' | 'separability' | 'subgroup'
+        attribute TEXT,                 -- 'age' | 'sex' | 'race' | 'control_group' | ...
+        group_a TEXT,
+        group_b TEXT,
+        metric TEXT,
+        value DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        delta DOUBLE,                   -- value - reference value
+        delta_ci_low DOUBLE,
+        delta_ci_high DOUBLE,
+        p_value DOUBLE,
+        p_adjusted DOUBLE,
+        flagged BOOLEAN,
+        sentence TEXT
+    """,
+    # ---------------- jobs (jobs.py writes) ----------------
+    "jobs": """
+        job_id TEXT PRIMARY KEY,
+        kind TEXT,                      -- 'finetune' | 'probe' | 'pretrain' | 'embed' | 'benchmark'
+        spec JSON,
+        state TEXT,                     -- 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled'
+        backend TEXT,
+        created_at TIMESTAMP,
+        started_at TIMESTAMP,
+        ended_at TIMESTAMP,
+        heartbeat_at TIMESTAMP,
+        pid INTEGER,
+        pgid INTEGER,
+        claimed_by TEXT,
+        progress DOUBLE,                -- 0..1
+        step BIGINT,
+        total BIGINT,
+        current JSON,                   -- latest metrics
+        log_path TEXT,
+        run_id TEXT,
+        error TEXT,
+        attempts INTEGER,
+        cancel_requested BOOLEAN
+    """,
+}
+
+
+def _columns(body: str) -> list[tuple[str, str]]:
+    cols = []
+    for line in body.strip().splitlines():
+        line = line.split("--", 1)[0].strip().rstrip(",")
+        if not line or line.upper().startswith("PRIMARY KEY"):
+            continue
+        name, rest = line.split(None, 1)
+        cols.append((name, rest.replace("PRIMARY KEY", "").strip()))
+    return cols
+
+
+def ensure_schema(con) -> None:
+    """Create missing tables and add missing columns (upgrading an older store)."""
+    for table, body in TABLES.items():
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
+        have = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+        for name, typ in _columns(body):
+            if name not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
