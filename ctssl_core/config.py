@@ -57,6 +57,11 @@ def _coerce_scalar(text: str) -> Any:
     """Parse an override value the way YAML would (1 -> int, 1e-3 -> float, true -> bool)."""
     import yaml
 
+    for number in (int, float):  # YAML 1.1 reads "3e-4" as a string; users mean a number
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except Exception:  # noqa: BLE001 - a value YAML can't parse is a plain string

@@ -67,7 +67,7 @@ TABLES: dict[str, str] = {
         path TEXT,                      -- relative to the ingest root
         reason TEXT,                    -- short machine key: not_dicom, truncated, no_pixels, ...
         detail TEXT,                    -- human sentence: what happened and what to do
-        at TIMESTAMP
+        logged_at TIMESTAMP
     """,
     "ingested_files": """
         path TEXT PRIMARY KEY,          -- relative to the ingest root
