@@ -1,0 +1,446 @@
+"""The write side of the results store: runs, metrics, results, summaries, benchmarks.
+
+Why this shape: DuckDB lets one process write *or* many read, never both
+(DESIGN.md §5), and a training process that held the file open would lock the
+dashboard out for hours. So training never holds DuckDB. ``RunLogger`` appends
+one JSON line per ``log(dict)`` call to ``runs/<run_id>/metrics.jsonl`` (cheap,
+crash-safe, never blocks on a lock) and, at most every ``flush_every_s``
+seconds, merges the new whole lines into the long ``metrics`` table in ONE
+short transaction that also advances ``metric_offsets.byte_offset``. Because
+the rows and the offset commit together, every line is merged exactly once,
+even if the process dies between two merges; whatever a dead process left in
+the file is merged later by ``merge_pending`` (the worker and the dashboard's
+reconcile call it).
+
+Every other write (``start_run``, ``finish_run``, ``write_results`` ...) is one
+short ``connect()`` + ``ensure_schema`` + statement.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import re
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreBusy, connect
+from ctssl_core.paths import REPO_ROOT, store_paths
+from ctssl_core.schema import TABLES, _columns, ensure_schema
+
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+METRICS_FILE = "metrics.jsonl"
+# Env var set by the job runner: start_run appends each run id it starts to
+# ``$CTSSL_JOB_DIR/runs.txt`` so a job can find the run(s) its command made
+# without every command growing a ``--run-id`` flag.
+JOB_DIR_ENV = "CTSSL_JOB_DIR"
+_RESERVED = ("step", "epoch", "wall_s")
+
+
+def utcnow() -> _dt.datetime:
+    """Naive UTC timestamp (DuckDB TIMESTAMP has no zone; every writer uses UTC)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from ctssl_core import __version__
+    return __version__
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "_", str(text).lower()).strip("_") or "x"
+
+
+def new_run_id(kind: str, task: str, init: str) -> str:
+    """Readable, sortable, unique: ``finetune-pe-masked_region-20261126-024501-3fa9c2``."""
+    stamp = utcnow().strftime("%Y%m%d-%H%M%S")
+    return f"{_slug(kind)}-{_slug(task)}-{_slug(init)}-{stamp}-{secrets.token_hex(3)}"
+
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids become folder names: refuse anything that could escape ``runs/``."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"invalid run id {run_id!r}: use letters, digits, '_', '-', '.' only "
+            f"(make one with results.write.new_run_id)")
+    return run_id
+
+
+def _as_number(value: Any) -> float | None:
+    """Metric values: python/numpy/torch scalars -> float; anything else -> None (skipped)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            v = item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return float(v) if isinstance(v, (int, float, bool)) else None
+    return None
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _parse_lines(run_id: str, chunk: bytes) -> list[tuple]:
+    """Whole JSONL lines -> long rows (run_id, step, epoch, wall_s, name, value).
+
+    A line that is not valid JSON (disk corruption, a foreign writer) is skipped
+    rather than blocking every later line of the run forever.
+    """
+    rows: list[tuple] = []
+    for raw in chunk.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        step, epoch, wall = rec.get("step"), rec.get("epoch"), rec.get("wall_s")
+        for name, value in rec.items():
+            if name in _RESERVED:
+                continue
+            v = _as_number(value)
+            if v is None:
+                continue
+            rows.append((run_id, None if step is None else int(step),
+                         None if epoch is None else float(epoch),
+                         None if wall is None else float(wall), str(name), v))
+    return rows
+
+
+def _insert_metric_rows(con, rows: list[tuple]) -> None:
+    import pyarrow as pa
+
+    cols = list(zip(*rows))
+    table = pa.table({
+        "run_id": pa.array(cols[0], pa.string()),
+        "step": pa.array(cols[1], pa.int64()),
+        "epoch": pa.array(cols[2], pa.float64()),
+        "wall_s": pa.array(cols[3], pa.float64()),
+        "name": pa.array(cols[4], pa.string()),
+        "value": pa.array(cols[5], pa.float64()),
+    })
+    con.register("_ctssl_new_metrics", table)
+    try:
+        con.execute("INSERT INTO metrics (run_id, step, epoch, wall_s, name, value) "
+                    "SELECT run_id, step, epoch, wall_s, name, value FROM _ctssl_new_metrics")
+    finally:
+        con.unregister("_ctssl_new_metrics")
+
+
+def _merge_one(con, store_root: Path, run_id: str) -> int:
+    """Merge the unmerged whole lines of one run inside the caller's open connection."""
+    path = store_paths(store_root).run_dir(run_id) / METRICS_FILE
+    if not path.exists():
+        return 0
+    con.execute("BEGIN TRANSACTION")
+    try:
+        got = con.execute("SELECT byte_offset FROM metric_offsets WHERE run_id = ?", [run_id]).fetchall()
+        offset = int(got[0][0]) if got else 0
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n")
+        if end < 0:  # nothing new, or only a half-written last line
+            con.execute("ROLLBACK")
+            return 0
+        chunk = chunk[: end + 1]
+        rows = _parse_lines(run_id, chunk)
+        if rows:
+            _insert_metric_rows(con, rows)
+        con.execute("INSERT OR REPLACE INTO metric_offsets VALUES (?, ?)", [run_id, offset + len(chunk)])
+        con.execute("COMMIT")
+        return len(rows)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def merge_pending(store_root: str | Path, run_id: str | None = None) -> int:
+    """Merge every not-yet-merged whole line of ``run_id`` (or of every run) into ``metrics``.
+
+    Safe to call from any process at any time, as often as you like: the
+    offset advances in the same transaction as the rows. Returns rows added.
+    """
+    root = Path(store_root)
+    runs_dir = store_paths(root).runs
+    if run_id is not None:
+        ids = [check_run_id(run_id)]
+    else:
+        ids = sorted(p.parent.name for p in runs_dir.glob(f"*/{METRICS_FILE}")) if runs_dir.exists() else []
+    if not ids:
+        return 0
+    added = 0
+    with connect(store_paths(root).db) as con:
+        ensure_schema(con)
+        for rid in ids:
+            added += _merge_one(con, root, rid)
+    return added
+
+
+def tail_metrics(store_root: str | Path, run_id: str, max_bytes: int = 16384) -> dict[str, Any] | None:
+    """The last whole JSON line of a run's metrics file (for live progress), or None."""
+    path = store_paths(store_root).run_dir(check_run_id(run_id)) / METRICS_FILE
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - max_bytes))
+            chunk = f.read()
+    except OSError:
+        return None
+    for raw in reversed(chunk.split(b"\n")):
+        if raw.strip():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue  # a half-written last line
+            if isinstance(rec, dict):
+                return rec
+    return None
+
+
+class RunLogger:
+    """``log(dict)`` callback for ``train.fit``: JSONL now, DuckDB every ``flush_every_s``.
+
+    The line is written and flushed to the OS immediately (a crash loses at
+    most the line being written); merges into DuckDB are rate-limited so a
+    20 Hz logger costs one short transaction every two seconds. A merge that
+    finds the store busy is skipped and retried at the next one: logging never
+    blocks training for long and never loses a line.
+    """
+
+    def __init__(self, store_root: str | Path, run_id: str, flush_every_s: float = 2.0):
+        self.store_root = Path(store_root)
+        self.run_id = check_run_id(run_id)
+        self.flush_every_s = float(flush_every_s)
+        self.path = store_paths(self.store_root).run_dir(run_id) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1, encoding="utf-8")  # line-buffered
+        self._t0 = time.monotonic()
+        self._last_merge = time.monotonic()
+        self.lines = 0
+
+    def __call__(self, metrics: Mapping[str, Any]) -> None:
+        if self._f is None:
+            raise ConfigError(f"RunLogger for {self.run_id} is closed; create a new one to log more")
+        rec: dict[str, Any] = {
+            "step": int(metrics["step"]) if metrics.get("step") is not None else None,
+            "epoch": float(metrics["epoch"]) if metrics.get("epoch") is not None else None,
+            "wall_s": float(metrics["wall_s"]) if metrics.get("wall_s") is not None
+            else round(time.monotonic() - self._t0, 4),
+        }
+        for k, v in metrics.items():
+            if k in _RESERVED:
+                continue
+            num = _as_number(v)
+            if num is not None:
+                rec[str(k)] = num if math.isfinite(num) else None
+        self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.lines += 1
+        if time.monotonic() - self._last_merge >= self.flush_every_s:
+            self.flush()
+
+    def flush(self, merge: bool = True, timeout_s: float = 5.0) -> int:
+        """fsync the file; merge new lines into DuckDB (skipped, not lost, if the store stays busy)."""
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        self._last_merge = time.monotonic()
+        if not merge:
+            return 0
+        try:
+            with connect(store_paths(self.store_root).db, timeout_s=timeout_s) as con:
+                ensure_schema(con)
+                return _merge_one(con, self.store_root, self.run_id)
+        except StoreBusy:
+            return 0  # the next flush (or merge_pending after exit) picks the lines up
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        with connect(store_paths(self.store_root).db) as con:
+            ensure_schema(con)
+            _merge_one(con, self.store_root, self.run_id)
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: str, encoder: str,
+              config: Mapping[str, Any] | Any, fraction: float | None = None, seed: int | None = None,
+              profile: str | None = None, benchmark_id: str | None = None,
+              dataset: str | None = None) -> Path:
+    """Create ``runs/<run_id>/`` (config.json) and the ``runs`` row (status running). Returns the run dir.
+
+    Starting an existing run id again (resume) sets it back to running and keeps
+    its created_at, metrics and offset.
+    """
+    import dataclasses
+
+    root = Path(store_root)
+    check_run_id(run_id)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    cfg_json = json.dumps(config, default=str, sort_keys=True)
+    run_dir = store_paths(root).run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg_json)
+    rel = run_dir.relative_to(root).as_posix()
+    with connect(store_paths(root).db) as con:
+        ensure_schema(con)
+        con.execute(
+            """INSERT INTO runs (run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id,
+                                 dataset, config, code_version, status, created_at, run_dir)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)
+               ON CONFLICT (run_id) DO UPDATE SET status = 'running', ended_at = NULL, error = NULL,
+                   config = excluded.config, code_version = excluded.code_version""",
+            [run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id, dataset,
+             cfg_json, code_version(), utcnow(), rel])
+    job_dir = os.environ.get(JOB_DIR_ENV)
+    if job_dir:
+        try:
+            with open(Path(job_dir) / "runs.txt", "a", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+        except OSError:
+            pass  # progress display only; the run itself is recorded above
+    return run_dir
+
+
+def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str | Path | None = None,
+               error: str | None = None) -> None:
+    """Merge the run's pending metrics, then set its final status, end time, wall time, checkpoint."""
+    if status not in RUN_STATUSES:
+        raise ConfigError(f"run status {status!r} is not one of {list(RUN_STATUSES)}")
+    root = Path(store_root)
+    check_run_id(run_id)
+    ckpt = None
+    if checkpoint is not None:
+        p = Path(checkpoint)
+        try:
+            ckpt = p.resolve().relative_to(root.resolve()).as_posix() if p.is_absolute() else p.as_posix()
+        except ValueError:
+            ckpt = p.as_posix()
+    now = utcnow()
+    with connect(store_paths(root).db) as con:
+        ensure_schema(con)
+        _merge_one(con, root, run_id)
+        got = con.execute(
+            """UPDATE runs SET status = ?, ended_at = ?, checkpoint = coalesce(?, checkpoint), error = ?,
+                   wall_s = epoch(CAST(? AS TIMESTAMP)) - epoch(created_at)
+               WHERE run_id = ? RETURNING run_id""",
+            [status, now, ckpt, error, now, run_id]).fetchall()
+    if not got:
+        raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
+
+
+# --------------------------------------------------------------------------- results / summaries
+
+
+def _table_columns(table: str) -> list[str]:
+    return [name for name, _ in _columns(TABLES[table])]
+
+
+def _insert_rows(store_root: str | Path, table: str, rows: Iterable[Mapping[str, Any]],
+                 key: tuple[str, ...]) -> int:
+    """Insert dict rows; a row replaces an earlier one with the same ``key`` (re-running is idempotent)."""
+    rows = [dict(r) for r in rows]
+    if not rows:
+        return 0
+    cols = _table_columns(table)
+    for i, r in enumerate(rows):
+        unknown = sorted(set(r) - set(cols))
+        if unknown:
+            raise ConfigError(f"{table} row {i} has unknown columns {unknown}; valid: {cols}")
+        if "value" in r and _as_number(r["value"]) is None and r["value"] is not None:
+            raise ConfigError(f"{table} row {i}: value {r['value']!r} is not a number")
+    values = [[r.get(c) for c in cols] for r in rows]
+    where = " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in key)
+    placeholders = ", ".join("?" for _ in cols)
+    with connect(store_paths(store_root).db) as con:
+        ensure_schema(con)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for r, v in zip(rows, values):
+                con.execute(f"DELETE FROM {table} WHERE {where}", [r.get(k) for k in key])
+                con.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders})", v)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return len(rows)
+
+
+def write_results(store_root: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Rows of the ``results`` table (one per metric); same run/split/metric replaces the old row."""
+    return _insert_rows(store_root, "results", rows,
+                        ("run_id", "benchmark_id", "task", "init", "fraction", "seed", "split", "metric"))
+
+
+def write_summaries(store_root: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Rows of the ``summaries`` table; same benchmark/task/init/metric replaces the old row."""
+    return _insert_rows(store_root, "summaries", rows, ("benchmark_id", "task", "init", "metric"))
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def start_benchmark(store_root: str | Path, benchmark_id: str, profile: str | None = None,
+                    dataset: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+    check_run_id(benchmark_id)
+    with connect(store_paths(store_root).db) as con:
+        ensure_schema(con)
+        con.execute(
+            """INSERT INTO benchmarks (benchmark_id, profile, dataset, config, status, started_at)
+               VALUES (?, ?, ?, ?, 'running', ?)
+               ON CONFLICT (benchmark_id) DO UPDATE SET status = 'running', ended_at = NULL""",
+            [benchmark_id, profile, dataset, json.dumps(config or {}, default=str, sort_keys=True), utcnow()])
+
+
+def finish_benchmark(store_root: str | Path, benchmark_id: str, status: str = "succeeded") -> None:
+    if status not in RUN_STATUSES:
+        raise ConfigError(f"benchmark status {status!r} is not one of {list(RUN_STATUSES)}")
+    now = utcnow()
+    with connect(store_paths(store_root).db) as con:
+        ensure_schema(con)
+        got = con.execute(
+            """UPDATE benchmarks SET status = ?, ended_at = ?,
+                   wall_s = epoch(CAST(? AS TIMESTAMP)) - epoch(started_at)
+               WHERE benchmark_id = ? RETURNING benchmark_id""", [status, now, now, benchmark_id]).fetchall()
+    if not got:
+        raise ConfigError(f"finish_benchmark: no benchmark {benchmark_id!r}; call start_benchmark first")

@@ -1,0 +1,136 @@
+"""results/write.py: runs, exactly-once metric merging, results/summaries, benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ctssl_core.config import ConfigError
+from ctssl_core.db import connect
+from ctssl_core.paths import store_paths
+from ctssl_core.results import write as W
+
+
+def _q(root, sql, params=()):
+    with connect(store_paths(root).db, read_only=True) as con:
+        return con.execute(sql, list(params)).fetchall()
+
+
+def test_new_run_id_readable_unique_and_safe():
+    a = W.new_run_id("finetune", "pe", "masked_region")
+    b = W.new_run_id("finetune", "pe", "masked_region")
+    assert a != b and a.startswith("finetune-pe-masked_region-")
+    assert W.check_run_id(a) == a
+    assert W.new_run_id("Pre train", "a/b", "../x").count("/") == 0
+    for bad in ["../etc", "a/b", "", "x;rm -rf", ".hidden"]:
+        with pytest.raises(ConfigError, match="invalid run id"):
+            W.check_run_id(bad)
+
+
+def test_run_lifecycle_and_metrics_merge(tmp_path):
+    rid = W.new_run_id("pretrain", "rotation", "random")
+    run_dir = W.start_run(tmp_path, rid, "pretrain", "rotation", "random", "tiny", {"lr": 0.001}, seed=3)
+    assert json.loads((run_dir / "config.json").read_text()) == {"lr": 0.001}
+    log = W.RunLogger(tmp_path, rid, flush_every_s=3600)
+    for s in range(5):
+        log({"step": s, "epoch": s / 5, "wall_s": 0.1 * s, "train/loss": 1.0 / (s + 1), "lr": 1e-3,
+             "note": "not a number"})
+    # nothing merged yet (rate-limited), but every line is on disk
+    assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 5
+    log.close()
+    rows = _q(tmp_path, "SELECT step, name, value FROM metrics WHERE run_id=? ORDER BY step, name", [rid])
+    assert len(rows) == 10  # 2 numeric metrics x 5 steps; the string is skipped
+    assert rows[0] == (0, "lr", 1e-3) and rows[1] == (0, "train/loss", 1.0)
+    assert rows[-1] == (4, "train/loss", pytest.approx(0.2))
+    W.finish_run(tmp_path, rid, "succeeded", checkpoint=run_dir / "checkpoints" / "last.pt")
+    status, ckpt, wall, cv = _q(tmp_path, "SELECT status, checkpoint, wall_s, code_version FROM runs")[0]
+    assert status == "succeeded" and ckpt == f"runs/{rid}/checkpoints/last.pt"
+    assert wall >= 0 and cv
+    # merging again adds nothing: exactly once
+    assert W.merge_pending(tmp_path) == 0
+    assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 10
+    with pytest.raises(ConfigError, match="status"):
+        W.finish_run(tmp_path, rid, "done")
+    with pytest.raises(ConfigError, match="no run"):
+        W.finish_run(tmp_path, "unknown-run", "failed")
+
+
+def test_merge_pending_takes_only_whole_lines_and_resumes_after_crash(tmp_path):
+    rid = "pretrain-x-random-1"
+    W.start_run(tmp_path, rid, "pretrain", "x", "random", "tiny", {})
+    path = store_paths(tmp_path).run_dir(rid) / "metrics.jsonl"
+    # a "dead" process left 3 whole lines, a corrupt one, and half a line
+    lines = [json.dumps({"step": i, "epoch": 0, "wall_s": i, "loss": float(i)}) for i in range(3)]
+    path.write_text("\n".join(lines) + "\n" + "{not json}\n" + '{"step": 3, "lo')
+    assert W.merge_pending(tmp_path, rid) == 3
+    assert W.merge_pending(tmp_path, rid) == 0
+    with open(path, "a") as f:  # the writer finishes its line later
+        f.write('ss": 3.0}\n')
+    assert W.merge_pending(tmp_path) == 1
+    vals = _q(tmp_path, "SELECT step, value FROM metrics ORDER BY step")
+    assert vals == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    off = _q(tmp_path, "SELECT byte_offset FROM metric_offsets WHERE run_id=?", [rid])[0][0]
+    assert off == os.path.getsize(path)
+
+
+def test_logger_periodic_flush_merges_without_close(tmp_path):
+    rid = "finetune-pe-random-2"
+    W.start_run(tmp_path, rid, "finetune", "pe", "random", "tiny", {}, fraction=0.05)
+    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0)  # merge on every call
+    log({"step": 1, "epoch": 0.0, "train/loss": 0.5})
+    assert _q(tmp_path, "SELECT step, name, value FROM metrics") == [(1, "train/loss", 0.5)]
+    # wall_s filled automatically when the caller gives none
+    assert _q(tmp_path, "SELECT wall_s FROM metrics")[0][0] >= 0
+    log.close()
+    with pytest.raises(ConfigError, match="closed"):
+        log({"step": 2})
+
+
+def test_restart_of_same_run_keeps_created_at_and_metrics(tmp_path):
+    rid = "pretrain-r-random-3"
+    W.start_run(tmp_path, rid, "pretrain", "r", "random", "tiny", {})
+    with W.RunLogger(tmp_path, rid) as log:
+        log({"step": 0, "loss": 1.0})
+    W.finish_run(tmp_path, rid, "failed", error="killed")
+    created = _q(tmp_path, "SELECT created_at FROM runs")[0][0]
+    W.start_run(tmp_path, rid, "pretrain", "r", "random", "tiny", {})
+    assert _q(tmp_path, "SELECT status, error, created_at FROM runs") == [("running", None, created)]
+    with W.RunLogger(tmp_path, rid) as log:
+        log({"step": 1, "loss": 0.5})
+    assert _q(tmp_path, "SELECT step FROM metrics ORDER BY step") == [(0,), (1,)]
+
+
+def test_start_run_records_run_id_for_a_job(tmp_path, monkeypatch):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    monkeypatch.setenv(W.JOB_DIR_ENV, str(job_dir))
+    W.start_run(tmp_path / "s", "a-1", "finetune", "pe", "random", "tiny", {})
+    W.start_run(tmp_path / "s", "a-2", "finetune", "pe", "random", "tiny", {})
+    assert (job_dir / "runs.txt").read_text().split() == ["a-1", "a-2"]
+
+
+def test_results_summaries_benchmarks(tmp_path):
+    W.start_benchmark(tmp_path, "bench-1", profile="smoke", dataset="synthetic", config={"a": 1})
+    row = {"run_id": "r1", "benchmark_id": "bench-1", "task": "pe", "init": "random", "fraction": 0.05,
+           "seed": 0, "split": "test", "metric": "slice_auroc", "value": 0.71, "ci_low": 0.6,
+           "ci_high": 0.8, "n": 100}
+    assert W.write_results(tmp_path, [row, {**row, "metric": "exam_auroc", "value": 0.8}]) == 2
+    W.write_results(tmp_path, [{**row, "value": 0.75}])  # re-run replaces, never duplicates
+    assert _q(tmp_path, "SELECT metric, value FROM results ORDER BY metric") == [
+        ("exam_auroc", 0.8), ("slice_auroc", 0.75)]
+    W.write_summaries(tmp_path, [{"benchmark_id": "bench-1", "task": "pe", "init": "rotation",
+                                  "metric": "labels_saved", "value": 0.4, "note": "vs random"}])
+    assert _q(tmp_path, "SELECT metric, value, note FROM summaries") == [("labels_saved", 0.4, "vs random")]
+    W.finish_benchmark(tmp_path, "bench-1", "succeeded")
+    status, wall = _q(tmp_path, "SELECT status, wall_s FROM benchmarks")[0]
+    assert status == "succeeded" and wall >= 0
+    with pytest.raises(ConfigError, match="unknown columns"):
+        W.write_results(tmp_path, [{**row, "auroc": 1}])
+    with pytest.raises(ConfigError, match="not a number"):
+        W.write_results(tmp_path, [{**row, "value": "high"}])
+    with pytest.raises(ConfigError, match="no benchmark"):
+        W.finish_benchmark(tmp_path, "nope")
+    assert _q(tmp_path, "SELECT count(*) FROM results")[0][0] == 2  # bad rows added nothing
