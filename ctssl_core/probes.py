@@ -1,0 +1,358 @@
+"""Linear probes on frozen embeddings: how much age, sex and race a representation carries.
+
+This is THE probe implementation of ctssl. The bias analysis (``bias.py``) and
+the downstream ``demographics`` task both call it, so a probe number means the
+same thing everywhere. Method after Gichoya et al. 2022 and Glocker et al. 2023:
+
+* scikit-learn linear models on frozen embeddings -- ``LogisticRegression`` for
+  sex (AUROC) and race (macro one-vs-rest AUROC), ``Ridge`` for age (MAE, R²);
+* standardisation is fitted inside each training fold (a ``Pipeline``), so the
+  held-out fold never leaks into the scaler;
+* cross-validation groups by patient (``GroupKFold``; ``StratifiedGroupKFold``
+  for classes), so no patient is in train and test at once;
+* **scoring unit = patient.** Slice embeddings are mean-pooled per patient
+  before probing (``pool_by_group``). Why: demographics are patient attributes,
+  slices of one patient are strongly correlated, and a patient-level sample
+  makes the bootstrap plain (resample patients) and the CI honest. Passing
+  slice rows with ``groups`` still works (folds stay patient-grouped) and the
+  bootstrap then resamples patients as clusters.
+* bootstrap 95% CI over patients of the out-of-fold metric, and the difference
+  to a reference encoder (random init) as a *paired* bootstrap: the same
+  resampled patients score both encoders, so shared patient difficulty cancels.
+
+Functions take arrays ``(X, y, groups)`` and return plain dataclasses; no I/O.
+The bootstrap metrics are vectorised over replicates (ranks via
+``scipy.stats.rankdata(axis=1)``), so 1,000 replicates cost milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ctssl_core.config import ConfigError
+
+Kind = Literal["binary", "multiclass", "regression"]
+
+# attribute -> probe kind used by the bias analysis and the demographics task
+ATTRIBUTE_KINDS: dict[str, Kind] = {"sex": "binary", "race": "multiclass", "age": "regression"}
+# headline metric per kind (first listed is the headline)
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auroc",),
+    "multiclass": ("macro_auroc",),
+    "regression": ("mae", "r2"),
+}
+# metrics where lower is better (a negative delta is an improvement)
+LOWER_IS_BETTER = {"mae"}
+
+
+class ProbeError(ConfigError):
+    """A probe cannot be fitted on the data given; the message says what is missing."""
+
+
+@dataclass
+class Estimate:
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class ProbeResult:
+    """Out-of-fold predictions of one probe and its metrics with bootstrap CIs.
+
+    ``units`` are the scoring units (patients): ``oof`` row i belongs to ``units[i]``.
+    ``cluster`` maps each row to its bootstrap cluster (equal to the row when pooled).
+    """
+
+    kind: str
+    metrics: dict[str, Estimate]
+    y: np.ndarray                      # (N,) targets (class codes for classifiers)
+    oof: np.ndarray                    # (N,) regression/binary score | (N, K) class probabilities
+    units: np.ndarray                  # (N,) unit key of each row
+    cluster: np.ndarray                # (N,) int cluster index for the bootstrap
+    classes: list = field(default_factory=list)
+    n_units: int = 0
+    n_splits: int = 0
+    boot: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> (n_boot,) replicates
+
+    @property
+    def headline(self) -> str:
+        return KIND_METRICS[self.kind][0]
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def pool_by_group(X: np.ndarray, groups: np.ndarray, *ys: np.ndarray) -> tuple:
+    """Mean-pool rows of ``X`` per group; take each ``y`` from the group's first row.
+
+    Returns ``(Xg, keys, *yg)`` with groups in first-appearance order. Raises if a
+    target varies within a group (a patient with two sexes is a catalog error).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    groups = np.asarray(groups)
+    keys, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first)                       # first-appearance order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    inv = rank[inv]
+    keys, first = keys[order], first[order]
+    counts = np.bincount(inv, minlength=len(keys)).astype(np.float64)
+    Xg = np.zeros((len(keys), X.shape[1]))
+    np.add.at(Xg, inv, X)
+    Xg /= counts[:, None]                           # (G, D)
+    out = [Xg, keys]
+    for y in ys:
+        y = np.asarray(y)
+        yg = y[first]
+        same = (y == yg[inv]) | (_isnan(y) & _isnan(yg[inv]))
+        if not np.all(same):
+            bad = keys[inv[~same][0]]
+            raise ProbeError(f"target varies within group {bad!r}; patient attributes must be constant per patient")
+        out.append(yg)
+    return tuple(out)
+
+
+def _isnan(a: np.ndarray) -> np.ndarray:
+    return np.isnan(a) if a.dtype.kind == "f" else np.zeros(a.shape, bool)
+
+
+# ---------------------------------------------------------------- vectorised metrics
+# Each takes index matrices (R, N) of rows (one row of indices per replicate) so
+# the same code computes the point estimate (R = 1, identity) and the bootstrap.
+
+
+def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUROC per row of (R, N) binary labels ``y`` and scores ``s`` (Mann-Whitney, ties averaged)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(s, axis=1)                         # (R, N)
+    pos = y.astype(bool)
+    n1 = pos.sum(1).astype(np.float64)
+    n0 = y.shape[1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((r * pos).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    auc[(n1 == 0) | (n0 == 0)] = np.nan
+    return auc
+
+
+def metric_rows(kind: str, metric: str, y: np.ndarray, oof: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Metric for each replicate row of ``idx`` (R, N) -> (R,)."""
+    yi = y[idx]                                     # (R, N)
+    if metric == "auroc":
+        return _auroc_rows(yi, oof[idx])
+    if metric == "macro_auroc":
+        k = oof.shape[1]
+        per = np.stack([_auroc_rows(yi == c, oof[idx, c]) for c in range(k)], 1)  # (R, K)
+        present = [c for c in range(k) if np.any(y == c)]
+        return np.nanmean(per[:, present], 1) if present else np.full(len(idx), np.nan)
+    pi = oof[idx]
+    if metric == "mae":
+        return np.abs(yi - pi).mean(1)
+    if metric == "r2":
+        ss_res = ((yi - pi) ** 2).sum(1)
+        ss_tot = ((yi - yi.mean(1, keepdims=True)) ** 2).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(ss_tot > 0, 1 - ss_res / ss_tot, np.nan)
+    raise ProbeError(f"unknown probe metric {metric!r}; choose one of auroc, macro_auroc, mae, r2")
+
+
+def cluster_boot_index(cluster: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, N') row indices: resample clusters with replacement, keep all rows of each.
+
+    With one row per cluster (the pooled case) N' = N. With several rows per
+    cluster the rows are expanded to a fixed width by resampling within the
+    drawn clusters' rows proportionally -- we take the simple exact route of
+    concatenating rows and trimming/padding to N by cycling, which keeps the
+    cluster structure and fixed-shape arrays.
+    """
+    rng = np.random.default_rng(seed)
+    cluster = np.asarray(cluster)
+    n = len(cluster)
+    uniq, inv = np.unique(cluster, return_inverse=True)
+    if len(uniq) == n:                               # one row per cluster
+        return rng.integers(0, n, size=(n_boot, n))
+    rows_of = np.split(np.argsort(inv, kind="stable"), np.cumsum(np.bincount(inv))[:-1])
+    out = np.empty((n_boot, n), dtype=np.int64)
+    for b in range(n_boot):
+        pick = rng.integers(0, len(uniq), size=len(uniq))
+        rows = np.concatenate([rows_of[c] for c in pick])
+        out[b] = np.resize(rows, n)
+    return out
+
+
+def _estimate(point: float, reps: np.ndarray) -> Estimate:
+    reps = reps[np.isfinite(reps)]
+    if len(reps) == 0:
+        return Estimate(float(point), float("nan"), float("nan"))
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return Estimate(float(point), float(lo), float(hi))
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def _encode_classes(y: np.ndarray) -> tuple[np.ndarray, list]:
+    classes = sorted({v for v in y.tolist()}, key=str)
+    code = {c: i for i, c in enumerate(classes)}
+    return np.array([code[v] for v in y.tolist()], dtype=np.int64), classes
+
+
+def _folds(kind: str, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    if kind == "regression":
+        return GroupKFold(n_splits=n_splits).split(np.zeros(len(y)), y, groups)
+    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+
+
+def _model(kind: str, C: float, alpha: float):
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "regression":
+        return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+
+def probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    kind: Kind,
+    *,
+    pool: bool = True,
+    n_splits: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    C: float = 1.0,
+    alpha: float = 10.0,
+) -> ProbeResult:
+    """Cross-validated linear probe of ``y`` from ``X`` (rows grouped by patient ``groups``).
+
+    ``pool=True`` (default) mean-pools rows per patient first (see module doc).
+    Rows with a missing target (NaN / None / '') are dropped. ``C`` (logistic) and
+    ``alpha`` (ridge) are mild fixed regularisers: a probe measures what is
+    linearly present, not what a tuned model can squeeze out.
+    """
+    X = np.asarray(X)
+    y = np.asarray(y, dtype=object if kind != "regression" else np.float64)
+    groups = np.asarray(groups)
+    if X.ndim != 2 or len(X) != len(y) or len(y) != len(groups):
+        raise ProbeError(f"probe wants X (N, D), y (N,), groups (N,); got {X.shape}, {y.shape}, {groups.shape}")
+    if kind not in KIND_METRICS:
+        raise ProbeError(f"unknown probe kind {kind!r}; choose one of {list(KIND_METRICS)}")
+    if not np.all(np.isfinite(X)):
+        raise ProbeError("embeddings contain NaN or inf; re-run `ctssl embed` (the encoder may have diverged)")
+    keep = np.array([v is not None and v == v and v != "" for v in y.tolist()])
+    X, y, groups = X[keep], y[keep], groups[keep]
+    if pool:
+        X, units, y = pool_by_group(X, groups, y)
+        cluster = np.arange(len(units))
+    else:
+        units = groups
+        cluster = np.unique(groups, return_inverse=True)[1]
+    n_units = len(np.unique(units))
+    classes: list = []
+    if kind != "regression":
+        y, classes = _encode_classes(y)
+        if len(classes) < 2:
+            raise ProbeError(f"the {kind} probe needs at least two classes; found {classes}")
+        min_count = np.bincount(np.unique(np.stack([cluster, y], 1), axis=0)[:, 1], minlength=len(classes)).min()
+        n_splits_eff = int(min(n_splits, min_count))
+        if n_splits_eff < 2:
+            raise ProbeError(
+                f"a class has fewer than 2 patients ({dict(zip(classes, np.bincount(y, minlength=len(classes))))}); "
+                f"merge rare labels or use more patients")
+    else:
+        y = y.astype(np.float64)
+        n_splits_eff = int(min(n_splits, n_units))
+        if n_splits_eff < 2:
+            raise ProbeError("the age probe needs at least 2 patients with a known age")
+    oof = np.zeros((len(y), len(classes))) if kind == "multiclass" else np.zeros(len(y))
+    for tr, te in _folds(kind, y, cluster, n_splits_eff, seed):
+        model = _model(kind, C, alpha)
+        if kind != "regression" and len(np.unique(y[tr])) < 2:
+            oof[te] = np.mean(y[tr] == 1) if kind == "binary" else 1.0 / len(classes)
+            continue
+        model.fit(X[tr], y[tr])
+        if kind == "regression":
+            oof[te] = model.predict(X[te])
+        else:
+            proba = model.predict_proba(X[te])           # (n_te, K_seen)
+            seen = model[-1].classes_
+            if kind == "binary":
+                oof[te] = proba[:, list(seen).index(1)] if 1 in seen else 0.0
+            else:
+                full = np.zeros((len(te), len(classes)))
+                full[:, seen] = proba
+                oof[te] = full
+    res = ProbeResult(kind=kind, metrics={}, y=y, oof=oof, units=units, cluster=cluster,
+                      classes=classes, n_units=n_units, n_splits=n_splits_eff)
+    ident = np.arange(len(y))[None]
+    bidx = cluster_boot_index(cluster, n_boot, seed)
+    for m in KIND_METRICS[kind]:
+        point = metric_rows(kind, m, y, oof, ident)[0]
+        reps = metric_rows(kind, m, y, oof, bidx)
+        res.boot[m] = reps
+        res.metrics[m] = _estimate(point, reps)
+    return res
+
+
+def paired_delta(result: ProbeResult, reference: ProbeResult, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:
+    """``result - reference`` per metric with a paired bootstrap CI over the shared units.
+
+    Both probes must be pooled per patient; units present in only one are dropped
+    (they are usually identical: the same split embedded by two encoders).
+    """
+    if result.kind != reference.kind:
+        raise ProbeError(f"cannot compare a {result.kind} probe with a {reference.kind} probe")
+    if len(np.unique(result.cluster)) != len(result.cluster) or len(np.unique(reference.cluster)) != len(reference.cluster):
+        raise ProbeError("paired_delta needs patient-pooled probes (probe(..., pool=True))")
+    shared, ia, ib = np.intersect1d(result.units, reference.units, return_indices=True)
+    if len(shared) < 2:
+        raise ProbeError("the two embeddings share fewer than 2 patients; embed the same split with both encoders")
+    if result.classes != reference.classes:
+        raise ProbeError(f"class sets differ: {result.classes} vs {reference.classes}")
+    ya, yb = result.y[ia], reference.y[ib]
+    oa, ob = result.oof[ia], reference.oof[ib]
+    ident = np.arange(len(shared))[None]
+    bidx = np.random.default_rng(seed).integers(0, len(shared), size=(n_boot, len(shared)))
+    out = {}
+    for m in KIND_METRICS[result.kind]:
+        point = metric_rows(result.kind, m, ya, oa, ident)[0] - metric_rows(result.kind, m, yb, ob, ident)[0]
+        reps = metric_rows(result.kind, m, ya, oa, bidx) - metric_rows(result.kind, m, yb, ob, bidx)
+        out[m] = _estimate(point, reps)
+    return out
+
+
+def probe_attributes(
+    X: np.ndarray, table, patient_col: str = "patient_key", attributes: tuple[str, ...] = ("age", "sex", "race"),
+    **kw,
+) -> dict[str, ProbeResult]:
+    """Probe each demographic column of ``table`` (a DataFrame aligned with ``X``); skip absent columns."""
+    groups = table[patient_col].to_numpy()
+    out = {}
+    for attr in attributes:
+        if attr not in table.columns or table[attr].isna().all():
+            continue
+        kind = ATTRIBUTE_KINDS.get(attr, "multiclass")
+        vals = table[attr].to_numpy()
+        if kind == "binary":
+            vals = _binary_codes(attr, vals)
+        out[attr] = probe(X, vals, groups, kind, **kw)
+    return out
+
+
+def _binary_codes(attr: str, vals: np.ndarray) -> np.ndarray:
+    """Map a two-label column to {0, 1} (sex: F=0, M=1; otherwise sorted order) keeping missing as None."""
+    labels = sorted({v for v in vals.tolist() if v is not None and v == v and v != ""}, key=str)
+    if attr == "sex" and set(labels) <= {"F", "M"}:
+        labels = ["F", "M"]
+    if len(labels) != 2:
+        raise ProbeError(f"{attr} should have exactly two labels for a binary probe; found {labels}")
+    return np.array([labels.index(v) if v in labels else None for v in vals.tolist()], dtype=object)
