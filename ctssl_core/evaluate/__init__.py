@@ -1,0 +1,33 @@
+"""Metrics, patient-level bootstrap CIs and label-fraction curves (pure NumPy; no I/O).
+
+Split by concept: ``metrics`` (AUROC, AUPRC, Dice, RSNA log loss ...),
+``bootstrap`` (patient resampling, paired differences), ``curves``
+(labels saved, learning-speed ratio). Everything is re-exported here.
+"""
+
+from ctssl_core.evaluate.bootstrap import CI, RowIndex, bootstrap_ci, bootstrap_stat, draw_patients, paired_diff_ci
+from ctssl_core.evaluate.curves import NOT_REACHED, fraction_curve, labels_needed, speed_ratio, steps_to_reach
+from ctssl_core.evaluate.metrics import (
+    RSNA_EXAM_WEIGHTS,
+    RSNA_IMAGE_WEIGHT,
+    aggregate_exam,
+    auprc,
+    auroc,
+    dice,
+    dice_iou_per_slice,
+    iou,
+    macro_ovr_auroc,
+    mae,
+    per_nodule_dice,
+    r2,
+    rsna_weighted_log_loss,
+    sensitivity_at_specificity,
+)
+
+__all__ = [
+    "CI", "RowIndex", "bootstrap_ci", "bootstrap_stat", "draw_patients", "paired_diff_ci",
+    "NOT_REACHED", "fraction_curve", "labels_needed", "speed_ratio", "steps_to_reach",
+    "RSNA_EXAM_WEIGHTS", "RSNA_IMAGE_WEIGHT", "aggregate_exam", "auprc", "auroc", "dice",
+    "dice_iou_per_slice", "iou", "macro_ovr_auroc", "mae", "per_nodule_dice", "r2",
+    "rsna_weighted_log_loss", "sensitivity_at_specificity",
+]
