@@ -1,0 +1,214 @@
+"""Checkpoints: encoder and head saved apart, with everything a resume needs.
+
+A checkpoint is one ``torch.save`` dict::
+
+    {"format": 1, "encoder": state, "encoder_name": "resnet18", "encoder_kwargs": {...},
+     "head": state, "optimizer": state, "scheduler": state, "step": int,
+     "rng": {...}, "loader": {...}, "config": {...resolved run config...}, "extra": {...}}
+
+The encoder is stored on its own so that fine-tuning, probing and export load
+it without knowing the pretext head. Writes are atomic (temp file + rename) so
+that a crash or SIGTERM mid-save never leaves a half-written ``last.pt``.
+Loading an encoder is strict: missing or unexpected keys and an architecture
+mismatch fail loudly with the names, because a silently half-loaded encoder
+makes every downstream number wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctssl_core.config import ConfigError
+from ctssl_core.paths import store_paths
+
+FORMAT = 1
+LAST = "last.pt"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod  # type: ignore[assignment]
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def encoder_identity(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
+    """(registry name, constructor kwargs) of an encoder, as far as it tells us."""
+    enc = unwrap(encoder)
+    name = getattr(enc, "name", None) or getattr(enc, "registry_name", None) or type(enc).__name__
+    kwargs = getattr(enc, "config", None) or getattr(enc, "kwargs", None) or {}
+    if not isinstance(kwargs, Mapping):
+        try:
+            import dataclasses
+
+            kwargs = dataclasses.asdict(kwargs)
+        except TypeError:
+            kwargs = {}
+    return str(name), dict(kwargs)
+
+
+# ---------------- RNG ----------------
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random state a training step touches: python, numpy, torch CPU/CUDA, named generators."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        saved = state.get("generators", {}).get(k)
+        if saved is not None:
+            g.set_state(saved)
+
+
+# ---------------- save / load ----------------
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(
+    path: str | Path,
+    encoder: nn.Module,
+    head: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    sched: Any,
+    step: int,
+    rng: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+    loader: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    name, kwargs = encoder_identity(encoder)
+    cfg = dict(config or {})
+    name = cfg.get("encoder", name) if isinstance(cfg.get("encoder"), str) else name
+    kwargs = dict(cfg.get("encoder_params", kwargs) or kwargs)
+    obj = {
+        "format": FORMAT,
+        "encoder": unwrap(encoder).state_dict(),
+        "encoder_name": name,
+        "encoder_kwargs": kwargs,
+        "head": unwrap(head).state_dict() if head is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "step": int(step),
+        "rng": dict(rng) if rng is not None else None,
+        "loader": dict(loader) if loader is not None else None,
+        "config": cfg,
+        "extra": dict(extra or {}),
+    }
+    return atomic_save(obj, path)
+
+
+def resolve_checkpoint(ref: str | Path, store_root: str | Path | None = None) -> Path:
+    """A checkpoint file from a path, a run folder, or a run id in the store."""
+    p = Path(ref)
+    candidates = [p, p / "checkpoints" / LAST, p / LAST]
+    sp = store_paths(store_root)
+    candidates += [sp.run_dir(str(ref)) / "checkpoints" / LAST]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError(
+        f"no checkpoint found for {str(ref)!r}: looked for a file, <dir>/checkpoints/{LAST} and "
+        f"{sp.run_dir(str(ref)) / 'checkpoints' / LAST}. Pass a checkpoint path or the id of a run "
+        f"that has saved one (`ctssl pretrain` saves every ckpt_every steps)."
+    )
+
+
+def read_checkpoint(ref: str | Path, store_root: str | Path | None = None) -> dict[str, Any]:
+    path = resolve_checkpoint(ref, store_root)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a ctssl checkpoint (torch.save of a dict)?") from e
+    if not isinstance(obj, dict) or "encoder" not in obj:
+        raise CheckpointError(f"{path} is not a ctssl checkpoint (no 'encoder' state); use one written by `ctssl pretrain`")
+    obj["_path"] = str(path)
+    return obj
+
+
+def load_encoder_state(encoder: nn.Module, ckpt: Mapping[str, Any], expected_name: str | None = None) -> None:
+    """Load ``ckpt['encoder']`` into ``encoder`` strictly, or raise naming what differs."""
+    have_name = ckpt.get("encoder_name")
+    want = expected_name or getattr(unwrap(encoder), "name", None)
+    where = ckpt.get("_path", "the checkpoint")
+    if have_name and want and have_name != want:
+        raise CheckpointError(
+            f"checkpoint is {have_name}, you asked for {want} ({where}). "
+            f"Set encoder={have_name} or pick a checkpoint trained with {want}."
+        )
+    target = unwrap(encoder)
+    state = ckpt["encoder"]
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+
+        parts = [f"checkpoint {where} does not fit this {want or type(target).__name__} encoder"]
+        if have_name:
+            parts.append(f"(checkpoint architecture {have_name}, kwargs {ckpt.get('encoder_kwargs', {})})")
+        if missing:
+            parts.append(f"missing keys [{show(missing)}]")
+        if unexpected:
+            parts.append(f"unexpected keys [{show(unexpected)}]")
+        if shape:
+            parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shape[:5]))
+        parts.append("Build the encoder with the checkpoint's name and kwargs (load_encoder does this).")
+        raise CheckpointError("; ".join(parts))
+    target.load_state_dict(state, strict=True)
+
+
+def load_encoder(path: str | Path, store_root: str | Path | None = None, expected: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the encoder a checkpoint was trained with and load its weights strictly.
+
+    ``path`` may be a file, a run folder or a run id in the store. ``expected``
+    (an encoder registry key) makes a mismatch an error instead of a surprise.
+    Returns ``(encoder, config)`` where config is the resolved run config.
+    """
+    ckpt = read_checkpoint(path, store_root)
+    name = ckpt.get("encoder_name")
+    if expected and name and expected != name:
+        raise CheckpointError(f"checkpoint is {name}, you asked for {expected} ({ckpt['_path']}). Use encoder={name}.")
+    from ctssl_core.models import build_encoder  # lazy: models may be heavy
+
+    try:
+        encoder = build_encoder(name, **(ckpt.get("encoder_kwargs") or {}))
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {ckpt['_path']} uses encoder {name!r}, which this ctssl does not know ({e})") from e
+    load_encoder_state(encoder, ckpt, expected_name=name)
+    return encoder, dict(ckpt.get("config") or {})

@@ -1,0 +1,97 @@
+"""Multi-process training through PyTorch's own engine: torchrun + DDP.
+
+``torchrun --nproc_per_node N -m ctssl_core.cli pretrain ...`` (or
+``--nnodes M --rdzv-endpoint host:port`` across machines) sets RANK,
+WORLD_SIZE and LOCAL_RANK; :func:`init_from_env` reads them and joins the
+process group (nccl on GPUs, gloo on CPUs). Without those variables everything
+here is a no-op, so the same code path runs single-process.
+
+Data sharding is done by ``SliceBatcher(rank=, world_size=)`` (every rank draws
+the same epoch permutation and takes ``perm[rank::world]``); DDP averages the
+gradients, so N ranks with batch B follow the same trajectory as one process
+with batch N*B for encoders whose per-sample output does not depend on the
+batch (BatchNorm does: use ``sync_bn`` on GPUs). Only rank 0 logs and writes
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_from_env(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (idempotent); single process otherwise."""
+    rank, world, local = env_world()
+    if world <= 1:
+        return DistInfo()
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def current() -> DistInfo:
+    """The DistInfo of an already-initialised group (or single process)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return DistInfo(rank=rank, world_size=world, local_rank=env_world()[2], backend=dist.get_backend())
+    return DistInfo()
+
+
+def wrap(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: bool = True) -> nn.Module:
+    """DDP-wrap ``model`` when running multi-process (SyncBatchNorm on CUDA if asked)."""
+    if not info.enabled:
+        return model
+    if sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a scalar tensor over ranks (for logging the global loss)."""
+    if not info.enabled:
+        return value
+    v = value.detach().clone()
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return v / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
