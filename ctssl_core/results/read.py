@@ -1,0 +1,574 @@
+"""The dashboard's query layer: small functions that return pandas DataFrames.
+
+Why a layer: pages stay thin (cache, then layout), SQL lives in one place, and
+everything here is testable without Streamlit. Every function takes the store
+root first, opens the DuckDB file read-only for milliseconds (``db.connect``
+retries while a writer holds the lock) and closes it again.
+
+Robustness contract (the dashboard must never show a stack trace):
+- a missing store raises :class:`~ctssl_core.db.StoreMissing` (message names the command);
+- an older store with missing tables/columns reads as empty tables / NULL
+  columns (:func:`store_info` reports what is missing);
+- a result file that was deleted (projection parquet, slice array) raises
+  :class:`ResultFileMissing` with what to re-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreError, connect
+from ctssl_core.paths import store_paths
+from ctssl_core.results.downsample import DEFAULT_MAX_POINTS, m4_sql
+from ctssl_core.schema import TABLES, _columns
+
+# headline metric per downstream task (first one found is used for verdicts)
+HEADLINE = {"pe": ["slice_auroc", "exam_auroc"], "nodule": ["dice"],
+            "demographics": ["race_auroc", "sex_auroc", "age_mae"]}
+DERIVED_METRICS = {"speed_ratio", "labels_saved"}
+X_AXES = {"step": "step", "epoch": "epoch", "wall time (s)": "wall_s"}
+Z95 = 1.959964
+
+
+class ResultFileMissing(StoreError):
+    """A file the store points to (projection, slice array, checkpoint) is gone."""
+
+
+def lower_is_better(metric: str) -> bool:
+    m = metric.lower()
+    return m.endswith(("mae", "mse", "loss", "error", "fpr")) or "loss" in m
+
+
+# ---------------------------------------------------------------- plumbing
+@contextlib.contextmanager
+def _read(store: str | Path, timeout_s: float = 10.0) -> Iterator:
+    with connect(store_paths(store).db, read_only=True, timeout_s=timeout_s) as con:
+        yield con
+
+
+def store_version(store: str | Path) -> int:
+    """A cheap number that changes whenever the store is written (db + WAL mtimes); 0 if absent.
+
+    Pages pass it to their cached loaders so that new results show up.
+    """
+    db = store_paths(store).db
+    v = 0
+    for p in (db, db.with_name(db.name + ".wal")):
+        with contextlib.suppress(OSError):
+            v += p.stat().st_mtime_ns
+    return v
+
+
+def _schema_columns(con) -> dict[str, list[str]]:
+    rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                       "WHERE table_schema = 'main' ORDER BY ordinal_position").fetchall()
+    out: dict[str, list[str]] = {}
+    for t, c in rows:
+        out.setdefault(t, []).append(c)
+    return out
+
+
+def _expected(table: str) -> list[tuple[str, str]]:
+    return _columns(TABLES[table])
+
+
+def _select(con, table: str, cols: Sequence[str] | None = None, where: str = "", params: Sequence = (),
+            order: str = "", have: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """SELECT ``cols`` from ``table`` tolerating an older schema.
+
+    Missing columns come back as typed NULLs; a missing table as an empty frame
+    with the requested columns. ``where``/``order`` may use any schema column.
+    """
+    expected = dict(_expected(table))
+    cols = list(cols or expected)
+    have = have if have is not None else _schema_columns(con)
+    if table not in have:
+        return pd.DataFrame({c: pd.Series(dtype=_pandas_dtype(expected.get(c, "TEXT"))) for c in cols})
+    present = set(have[table])
+    inner = ", ".join(c if c in present else f"CAST(NULL AS {_sql_type(expected.get(c, 'TEXT'))}) AS {c}"
+                      for c in dict.fromkeys(list(cols) + list(expected)))
+    sql = f"SELECT {', '.join(cols)} FROM (SELECT {inner} FROM {table}) t"
+    if where:
+        sql += f" WHERE {where}"
+    if order:
+        sql += f" ORDER BY {order}"
+    return con.execute(sql, list(params)).df()
+
+
+def _sql_type(decl: str) -> str:
+    t = decl.split()[0].upper()
+    return "TEXT" if t == "JSON" else t
+
+
+def _pandas_dtype(decl: str) -> str:
+    t = decl.split()[0].upper()
+    return {"DOUBLE": "float64", "INTEGER": "float64", "BIGINT": "float64", "BOOLEAN": "object",
+            "TIMESTAMP": "datetime64[ns]"}.get(t, "object")
+
+
+@dataclass
+class StoreInfo:
+    """What a store holds, for the sidebar and the empty/old-schema messages."""
+
+    root: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    missing_tables: list[str] = field(default_factory=list)
+    missing_columns: dict[str, list[str]] = field(default_factory=dict)
+    schema_version: str | None = None
+
+    @property
+    def outdated(self) -> bool:
+        return bool(self.missing_tables or self.missing_columns)
+
+    def message(self) -> str | None:
+        if not self.outdated:
+            return None
+        parts = []
+        if self.missing_tables:
+            parts.append("tables " + ", ".join(self.missing_tables))
+        if self.missing_columns:
+            parts.append("columns " + ", ".join(f"{t}.{c}" for t, cs in self.missing_columns.items() for c in cs))
+        return ("This store was written by an older ctssl (missing " + "; ".join(parts) + "). Pages show what "
+                "it has; any ctssl command that writes to it (e.g. `ctssl ingest` or `ctssl benchmark`) upgrades it.")
+
+
+def store_info(store: str | Path) -> StoreInfo:
+    info = StoreInfo(root=Path(store))
+    with _read(store) as con:
+        have = _schema_columns(con)
+        for table in TABLES:
+            if table not in have:
+                info.missing_tables.append(table)
+                continue
+            miss = [c for c, _ in _expected(table) if c not in have[table]]
+            if miss:
+                info.missing_columns[table] = miss
+            info.counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        if "meta" in have:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            info.schema_version = row[0] if row else None
+    return info
+
+
+# ---------------------------------------------------------------- overview / compare
+def benchmarks(store: str | Path) -> pd.DataFrame:
+    """Benchmarks, newest first (dataset, profile, status and when)."""
+    with _read(store) as con:
+        df = _select(con, "benchmarks", order="started_at DESC NULLS LAST")
+    return df.drop(columns=["config"])
+
+
+def run_overview(store: str | Path) -> dict:
+    """Dataset(s) and time span of the runs, for when no benchmark row exists."""
+    with _read(store) as con:
+        df = _select(con, "runs", ["dataset", "created_at", "ended_at", "status"])
+    return dict(n_runs=len(df), datasets=sorted(df.dataset.dropna().unique().tolist()),
+                first=df.created_at.min() if len(df) else None, last=df.ended_at.max() if len(df) else None,
+                running=int((df.status == "running").sum()))
+
+
+def _combine(group: pd.DataFrame) -> pd.Series:
+    """Mean over seeds with a normal-approximation CI.
+
+    Each seed's bootstrap CI gives its standard error s_i = (hi - lo) / (2 z);
+    the mean of k independent seeds has se = sqrt(sum s_i^2) / k. Without CIs
+    (older stores) and k >= 2 we fall back to the seed spread sd / sqrt(k).
+    """
+    v = group["value"].to_numpy(float)
+    lo, hi = group["ci_low"].to_numpy(float), group["ci_high"].to_numpy(float)
+    k = len(v)
+    mean = float(np.mean(v))
+    s = (hi - lo) / (2 * Z95)
+    if np.all(np.isfinite(s)):
+        se = float(np.sqrt(np.sum(s ** 2)) / k)
+    elif k >= 2:
+        se = float(np.std(v, ddof=1) / math.sqrt(k))
+    else:
+        se = float("nan")
+    return pd.Series({"value": mean, "ci_low": mean - Z95 * se, "ci_high": mean + Z95 * se, "n_seeds": k})
+
+
+def _results(con, task: str | None = None, metric: str | None = None, benchmark_id: str | None = None,
+             have=None) -> pd.DataFrame:
+    clauses, params = ["value IS NOT NULL"], []
+    for col, val in [("task", task), ("metric", metric), ("benchmark_id", benchmark_id)]:
+        if val is not None:
+            clauses.append(f"{col} = ?")
+            params.append(val)
+    return _select(con, "results", ["task", "init", "fraction", "seed", "split", "metric", "value", "ci_low",
+                                    "ci_high", "benchmark_id"], " AND ".join(clauses), params, have=have)
+
+
+def _prefer_test(df: pd.DataFrame) -> pd.DataFrame:
+    """Headline numbers come from the test split when one was recorded."""
+    if "test" in set(df["split"].dropna()):
+        return df[df["split"] == "test"]
+    return df
+
+
+def headline_table(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
+    """Long table (task, metric, init, value, ci_low, ci_high, n_seeds) at full labels.
+
+    From ``summaries`` when the benchmark wrote them, else aggregated from
+    ``results`` at each task's largest label fraction.
+    """
+    cols = ["task", "metric", "init", "value", "ci_low", "ci_high", "n_seeds"]
+    with _read(store) as con:
+        have = _schema_columns(con)
+        where, params = "value IS NOT NULL", []
+        if benchmark_id:
+            where += " AND benchmark_id = ?"
+            params.append(benchmark_id)
+        summ = _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high"], where, params,
+                       have=have)
+        summ = summ[~summ.metric.isin(DERIVED_METRICS)]
+        if len(summ):
+            summ = summ.assign(n_seeds=np.nan)
+            return summ[cols].sort_values(["task", "metric", "init"]).reset_index(drop=True)
+        res = _prefer_test(_results(con, benchmark_id=benchmark_id, have=have))
+    if res.empty:
+        return pd.DataFrame({c: [] for c in cols})
+    res = res.assign(fraction=res.fraction.fillna(1.0))
+    top = res.groupby("task").fraction.transform("max")
+    res = res[res.fraction == top]
+    out = res.groupby(["task", "metric", "init"]).apply(_combine, include_groups=False).reset_index()
+    return out[cols].sort_values(["task", "metric", "init"]).reset_index(drop=True)
+
+
+def init_order(inits) -> list[str]:
+    """Random init first (the reference row), then the rest alphabetically."""
+    inits = sorted(set(inits))
+    return (["random"] if "random" in inits else []) + [i for i in inits if i != "random"]
+
+
+def fmt_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def pivot_headline(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Strategy x (task · metric) text table and the best init per column.
+
+    Returns (frame indexed by init with 'value [lo, hi]' strings, {column: best init}).
+    """
+    if table.empty:
+        return pd.DataFrame(), {}
+    table = table.assign(column=table.task + " · " + table.metric)
+    text = table.assign(text=[fmt_ci(v, lo, hi) for v, lo, hi in zip(table.value, table.ci_low, table.ci_high)])
+    wide = text.pivot(index="init", columns="column", values="text").reindex(init_order(table.init)).fillna("–")
+    best = {}
+    for col, g in table.groupby("column"):
+        g = g.dropna(subset=["value"])
+        if len(g):
+            idx = g.value.idxmin() if lower_is_better(g.metric.iloc[0]) else g.value.idxmax()
+            best[col] = g.loc[idx, "init"]
+    wide.index.name = "strategy"
+    return wide, best
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """One plain-language sentence per task: the best init against random init, with CIs."""
+    out = []
+    for task, g in table.groupby("task", sort=True):
+        metrics = [m for m in HEADLINE.get(task, []) if m in set(g.metric)] or sorted(set(g.metric))
+        m = metrics[0]
+        g = g[g.metric == m].dropna(subset=["value"])
+        if g.empty:
+            continue
+        low = lower_is_better(m)
+        best = g.loc[g.value.idxmin() if low else g.value.idxmax()]
+        ref = g[g.init == "random"]
+        if ref.empty:
+            out.append(f"**{task}** ({m}): best is {best.init} at {fmt_ci(best.value, best.ci_low, best.ci_high)}; "
+                       f"no random-init reference was run.")
+            continue
+        r = ref.iloc[0]
+        if best.init == "random":
+            out.append(f"**{task}** ({m}): no pretraining strategy beat random init "
+                       f"({fmt_ci(r.value, r.ci_low, r.ci_high)}).")
+            continue
+        diff = best.value - r.value
+        overlap = (np.isfinite([best.ci_low, best.ci_high, r.ci_low, r.ci_high]).all()
+                   and best.ci_low <= r.ci_high and r.ci_low <= best.ci_high)
+        certainty = ("the confidence intervals overlap, so the gain is not clearly established"
+                     if overlap else "the confidence intervals do not overlap")
+        if not np.isfinite([best.ci_low, r.ci_low]).all():
+            certainty = "no confidence intervals were recorded"
+        out.append(f"**{task}** ({m}): **{best.init}** is best, {best.value:.3f} vs {r.value:.3f} for random init "
+                   f"({diff:+.3f}); {certainty}.")
+    return out
+
+
+def task_metrics(store: str | Path) -> pd.DataFrame:
+    """(task, metric) pairs that have label-fraction results."""
+    with _read(store) as con:
+        df = _select(con, "results", ["task", "metric"], "value IS NOT NULL")
+    return df.drop_duplicates().sort_values(["task", "metric"]).reset_index(drop=True)
+
+
+def fraction_curves(store: str | Path, task: str, metric: str, benchmark_id: str | None = None) -> pd.DataFrame:
+    """Metric vs label fraction, one row per (init, fraction), mean over seeds with CI."""
+    with _read(store) as con:
+        res = _prefer_test(_results(con, task, metric, benchmark_id))
+    if res.empty:
+        return pd.DataFrame(columns=["init", "fraction", "value", "ci_low", "ci_high", "n_seeds"])
+    res = res.assign(fraction=res.fraction.fillna(1.0))
+    out = res.groupby(["init", "fraction"]).apply(_combine, include_groups=False).reset_index()
+    return out.sort_values(["init", "fraction"]).reset_index(drop=True)
+
+
+def pairwise(store: str | Path, task: str, metric: str, a: str, b: str,
+             benchmark_id: str | None = None) -> pd.DataFrame:
+    """A minus B per label fraction with a 95% CI (normal approximation, seeds independent)."""
+    curves = fraction_curves(store, task, metric, benchmark_id)
+    ca, cb = curves[curves.init == a].set_index("fraction"), curves[curves.init == b].set_index("fraction")
+    common = ca.index.intersection(cb.index)
+    if not len(common):
+        return pd.DataFrame(columns=["fraction", "diff", "ci_low", "ci_high", "better"])
+    ca, cb = ca.loc[common], cb.loc[common]
+    diff = ca.value - cb.value
+    se = np.sqrt(((ca.ci_high - ca.ci_low) / (2 * Z95)) ** 2 + ((cb.ci_high - cb.ci_low) / (2 * Z95)) ** 2)
+    out = pd.DataFrame({"fraction": common, "diff": diff.values, "ci_low": (diff - Z95 * se).values,
+                        "ci_high": (diff + Z95 * se).values})
+    a_wins, b_wins = (out.ci_high < 0, out.ci_low > 0) if lower_is_better(metric) else (out.ci_low > 0, out.ci_high < 0)
+    out["better"] = np.where(a_wins, a, np.where(b_wins, b, "unclear"))
+    return out.reset_index(drop=True)
+
+
+def derived(store: str | Path, metric: str) -> pd.DataFrame:
+    """Summary rows of a derived metric ('speed_ratio', 'labels_saved') per task and init."""
+    with _read(store) as con:
+        return _select(con, "summaries", ["task", "init", "value", "ci_low", "ci_high", "note"], "metric = ?",
+                       [metric], order="task, value DESC")
+
+
+# ---------------------------------------------------------------- learning curves
+RUN_COLUMNS = ["run_id", "kind", "task", "init", "encoder", "fraction", "seed", "status", "created_at", "wall_s",
+               "checkpoint", "error"]
+
+
+def run_table(store: str | Path) -> pd.DataFrame:
+    """All runs, newest first, with ``checkpoint_ok`` (False when the file was deleted)."""
+    root = Path(store)
+    with _read(store) as con:
+        df = _select(con, "runs", RUN_COLUMNS, order="created_at DESC NULLS LAST, run_id")
+    df["checkpoint_ok"] = [None if not isinstance(c, str) or not c else (root / c).exists() for c in df.checkpoint]
+    return df
+
+
+def metric_names(store: str | Path, run_ids: Sequence[str]) -> list[str]:
+    if not run_ids:
+        return []
+    with _read(store) as con:
+        have = _schema_columns(con)
+        if "metrics" not in have:
+            return []
+        marks = ", ".join("?" * len(run_ids))
+        rows = con.execute(f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({marks}) ORDER BY name",
+                           list(run_ids)).fetchall()
+    return [r[0] for r in rows]
+
+
+def curves(store: str | Path, run_ids: Sequence[str], names: Sequence[str], x: str = "step",
+           max_points: int = DEFAULT_MAX_POINTS) -> pd.DataFrame:
+    """Metric curves (run_id, name, x, y), reduced in DuckDB to <= ``max_points`` per series.
+
+    ``x`` is 'step', 'epoch' or 'wall_s'. Spikes survive: see downsample.py.
+    """
+    if x not in X_AXES.values():
+        raise ConfigError(f"x axis must be one of {sorted(X_AXES.values())}, got {x!r}")
+    empty = pd.DataFrame({"run_id": pd.Series(dtype=object), "name": pd.Series(dtype=object),
+                          "x": pd.Series(dtype=float), "y": pd.Series(dtype=float)})
+    if not run_ids or not names:
+        return empty
+    with _read(store) as con:
+        have = _schema_columns(con)
+        if "metrics" not in have:
+            return empty
+        if x not in have["metrics"]:
+            raise ResultFileMissing(f"this store's metrics have no {x!r} column (older ctssl); plot against step.")
+        r_marks, n_marks = ", ".join("?" * len(run_ids)), ", ".join("?" * len(names))
+        source = (f"SELECT run_id, name, CAST({x} AS DOUBLE) AS x, value AS y FROM metrics "
+                  f"WHERE run_id IN ({r_marks}) AND name IN ({n_marks}) "
+                  f"AND {x} IS NOT NULL AND isfinite(value)")
+        df = con.execute(m4_sql(source, ["run_id", "name"], max_points), [*run_ids, *names]).df()
+    return df if len(df) else empty
+
+
+# ---------------------------------------------------------------- embeddings & bias
+def embeddings(store: str | Path) -> pd.DataFrame:
+    """Embeddings with their available projections and whether their files still exist."""
+    root = Path(store)
+    with _read(store) as con:
+        have = _schema_columns(con)
+        emb = _select(con, "embeddings", ["emb_id", "run_id", "init", "encoder", "split", "level", "path",
+                                          "keys_path", "n", "dim", "created_at"], have=have, order="created_at, emb_id")
+        proj = _select(con, "projections", ["emb_id", "method", "path", "n_points", "sampled", "seconds"], have=have)
+    emb["methods"] = [sorted(proj[proj.emb_id == e].method.dropna().unique().tolist()) for e in emb.emb_id]
+    emb["keys_ok"] = [isinstance(p, str) and (root / p).exists() for p in emb.keys_path]
+    return emb
+
+
+def reference_for(store: str | Path, emb_id: str) -> str | None:
+    """The random-init embedding an encoder is compared with (bias_results, else same split/level)."""
+    with _read(store) as con:
+        have = _schema_columns(con)
+        ref = _select(con, "bias_results", ["reference_emb_id"], "emb_id = ? AND reference_emb_id IS NOT NULL",
+                      [emb_id], have=have)
+        if len(ref):
+            return str(ref.reference_emb_id.iloc[0])
+        emb = _select(con, "embeddings", ["emb_id", "init", "split", "level", "encoder"], have=have)
+    me = emb[emb.emb_id == emb_id]
+    if me.empty:
+        return None
+    me = me.iloc[0]
+    cand = emb[(emb.init == "random") & (emb.emb_id != emb_id) & (emb.split == me.split) & (emb.level == me.level)]
+    return str(cand.emb_id.iloc[0]) if len(cand) else None
+
+
+def projection(store: str | Path, emb_id: str, method: str, max_points: int = 5000,
+               seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """2-D points of an embedding joined with their row keys; at most ``max_points`` (seeded sample).
+
+    Returns (points with x, y, row, keys..., total number of points).
+    """
+    root = Path(store)
+    with _read(store) as con:
+        have = _schema_columns(con)
+        proj = _select(con, "projections", ["path"], "emb_id = ? AND method = ?", [emb_id, method], have=have)
+        emb = _select(con, "embeddings", ["keys_path"], "emb_id = ?", [emb_id], have=have)
+    if proj.empty:
+        raise ResultFileMissing(f"no {method.upper()} projection for embedding {emb_id}; "
+                                f"compute it with `ctssl embed` (it stores PCA and UMAP points).")
+    path = root / str(proj.path.iloc[0])
+    if not path.exists():
+        raise ResultFileMissing(f"the {method.upper()} points of {emb_id} ({path.name}) were deleted; "
+                                f"re-run `ctssl embed` to recompute them.")
+    pts = pd.read_parquet(path)
+    total = len(pts)
+    if total > max_points:
+        pts = pts.sample(n=max_points, random_state=seed).sort_values("row")
+    if len(emb) and isinstance(emb.keys_path.iloc[0], str) and (root / emb.keys_path.iloc[0]).exists():
+        keys = pd.read_parquet(root / emb.keys_path.iloc[0])
+        keys = keys.drop(columns=[c for c in ("x", "y") if c in keys.columns])
+        pts = pts.merge(keys, on="row", how="left")
+    return pts.reset_index(drop=True), total
+
+
+def bias_results(store: str | Path, emb_id: str, analysis: str | None = None) -> pd.DataFrame:
+    where, params = "emb_id = ?", [emb_id]
+    if analysis:
+        where += " AND analysis = ?"
+        params.append(analysis)
+    with _read(store) as con:
+        return _select(con, "bias_results", where=where, params=params, order="analysis, attribute, group_a, metric")
+
+
+# ---------------------------------------------------------------- data (catalog)
+def cohort_summary(store: str | Path) -> dict:
+    """Counts for the cohort header: patients, studies, series, slices, datasets, labelled slices."""
+    with _read(store) as con:
+        have = _schema_columns(con)
+
+        def count(table: str, expr: str = "count(*)", where: str = "") -> int:
+            if table not in have:
+                return 0
+            try:
+                return int(con.execute(f"SELECT {expr} FROM {table} {where}").fetchone()[0] or 0)
+            except Exception:  # noqa: BLE001 - an older table without the column counts as 0
+                return 0
+
+        studies = _select(con, "studies", ["dataset"], have=have)
+        return dict(patients=count("patients"), studies=count("studies"), series=count("series"),
+                    slices=count("slices"), datasets=sorted(studies.dataset.dropna().unique().tolist()),
+                    ingest_errors=count("ingest_errors"))
+
+
+def demographics(store: str | Path) -> pd.DataFrame:
+    """One row per patient: age, sex, race and the JSON attributes expanded (site, control_group...).
+
+    The pseudonymous patient key is left out: the page has no use for it.
+    """
+    with _read(store) as con:
+        df = _select(con, "patients", ["age", "sex", "race", "attributes"])
+    attrs = [json.loads(a) if isinstance(a, str) and a else {} for a in df.attributes]
+    extra = pd.DataFrame(attrs, index=df.index)
+    return pd.concat([df.drop(columns=["attributes"]), extra], axis=1)
+
+
+def label_prevalence(store: str | Path) -> pd.DataFrame:
+    """Known and positive counts per label: slice PE, exam PE, nodule slices."""
+    rows = []
+    with _read(store) as con:
+        have = _schema_columns(con)
+        sl = "slices" in have
+        if sl:
+            s = _select(con, "slices", ["pe", "nodule_px"], have=have)
+            rows.append(("PE on slice", s.pe.notna().sum(), (s.pe == True).sum()))  # noqa: E712
+            rows.append(("nodule on slice", s.nodule_px.notna().sum(), (s.nodule_px.fillna(0) > 0).sum()))
+        if "studies" in have:
+            st_ = _select(con, "studies", ["pe_exam"], have=have)
+            rows.append(("PE exam", st_.pe_exam.notna().sum(), (st_.pe_exam == True).sum()))  # noqa: E712
+    df = pd.DataFrame(rows, columns=["label", "known", "positive"])
+    df["prevalence"] = np.where(df.known > 0, df.positive / df.known.where(df.known > 0, 1), np.nan)
+    return df
+
+
+def series_list(store: str | Path) -> pd.DataFrame:
+    with _read(store) as con:
+        df = _select(con, "series", ["series_key", "n_slices", "height", "width", "site", "array_path", "mask_path",
+                                     "pixel_spacing_mm", "slice_thickness_mm"], order="series_key")
+    return df
+
+
+@dataclass
+class SliceView:
+    hu: np.ndarray             # (H, W) int16
+    mask: np.ndarray | None    # (H, W) uint8 nodule mask, None when the series has none
+    pe: bool | None            # PE on this slice; None = unknown
+    nodule_px: int | None
+
+
+def load_slice(store: str | Path, series_key: str, idx: int) -> SliceView:
+    """One slice of a series (memory-mapped), its nodule mask and PE label."""
+    root = Path(store)
+    with _read(store) as con:
+        s = _select(con, "series", ["array_path", "mask_path", "n_slices"], "series_key = ?", [series_key])
+        lab = _select(con, "slices", ["pe", "nodule_px"], "series_key = ? AND idx = ?", [series_key, int(idx)])
+    if s.empty:
+        raise ResultFileMissing(f"series {series_key} is not in this store; pick another one.")
+    rel = s.array_path.iloc[0]
+    path = root / str(rel)
+    if not isinstance(rel, str) or not path.exists():
+        raise ResultFileMissing(f"the slice array of series {series_key} ({rel}) is missing; "
+                                f"re-run `ctssl ingest` on the source folder to rebuild it.")
+    arr = np.load(path, mmap_mode="r")  # (S, H, W) int16
+    if not 0 <= idx < arr.shape[0]:
+        raise ResultFileMissing(f"slice {idx} is outside series {series_key} (0..{arr.shape[0] - 1}).")
+    mask = None
+    mrel = s.mask_path.iloc[0]
+    if isinstance(mrel, str) and (root / mrel).exists():
+        mask = np.asarray(np.load(root / mrel, mmap_mode="r")[idx])  # (H, W)
+    pe = lab.pe.iloc[0] if len(lab) else None
+    npx = lab.nodule_px.iloc[0] if len(lab) else None
+    return SliceView(hu=np.asarray(arr[idx]), mask=mask,
+                     pe=None if pe is None or pd.isna(pe) else bool(pe),
+                     nodule_px=None if npx is None or pd.isna(npx) else int(npx))
+
+
+def ingest_errors(store: str | Path) -> pd.DataFrame:
+    with _read(store) as con:
+        return _select(con, "ingest_errors", ["path", "reason", "detail", "logged_at"],
+                       order="logged_at DESC NULLS LAST, path")
