@@ -5,7 +5,16 @@ Split by concept: ``metrics`` (AUROC, AUPRC, Dice, RSNA log loss ...),
 (labels saved, learning-speed ratio). Everything is re-exported here.
 """
 
-from ctssl_core.evaluate.bootstrap import CI, RowIndex, bootstrap_ci, bootstrap_stat, draw_patients, paired_diff_ci
+from ctssl_core.evaluate.bootstrap import (
+    CI,
+    RowIndex,
+    bootstrap_ci,
+    bootstrap_multi,
+    bootstrap_stat,
+    ci_from_samples,
+    draw_patients,
+    paired_diff_ci,
+)
 from ctssl_core.evaluate.curves import NOT_REACHED, fraction_curve, labels_needed, speed_ratio, steps_to_reach
 from ctssl_core.evaluate.metrics import (
     RSNA_EXAM_WEIGHTS,
@@ -25,7 +34,7 @@ from ctssl_core.evaluate.metrics import (
 )
 
 __all__ = [
-    "CI", "RowIndex", "bootstrap_ci", "bootstrap_stat", "draw_patients", "paired_diff_ci",
+    "CI", "RowIndex", "bootstrap_ci", "bootstrap_multi", "ci_from_samples", "bootstrap_stat", "draw_patients", "paired_diff_ci",
     "NOT_REACHED", "fraction_curve", "labels_needed", "speed_ratio", "steps_to_reach",
     "RSNA_EXAM_WEIGHTS", "RSNA_IMAGE_WEIGHT", "aggregate_exam", "auprc", "auroc", "dice",
     "dice_iou_per_slice", "iou", "macro_ovr_auroc", "mae", "per_nodule_dice", "r2",

@@ -134,3 +134,32 @@ def paired_diff_ci(
         return metric(*(x[r] for x in a_)) - metric(*(x[r] for x in b_))
 
     return bootstrap_stat(stat, len(patients), n_boot, seed, alpha)
+
+
+def bootstrap_multi(
+    stat: Callable[[np.ndarray], dict[str, float]],
+    n_patients: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[dict[str, CI], dict[str, np.ndarray]]:
+    """Like :func:`bootstrap_stat` for a statistic returning several metrics at once.
+
+    Also returns the (n_boot,) replicate arrays. Two models scored on the same
+    test patients with the same ``seed`` see identical draws, so replicate
+    arrays can be subtracted for a paired difference, or fed through
+    ``labels_needed`` per draw for its CI, long after the predictions are gone.
+    """
+    if n_patients < 1:
+        raise ValueError("bootstrap needs at least one patient")
+    point = stat(np.arange(n_patients))
+    draws = draw_patients(n_patients, n_boot, seed)
+    reps = [stat(d) for d in draws]
+    samples = {m: np.array([r[m] for r in reps], dtype=np.float64) for m in point}
+    cis = {m: _percentile_ci(point[m], samples[m], alpha) for m in point}
+    return cis, samples
+
+
+def ci_from_samples(point: float, samples: np.ndarray, alpha: float = 0.05) -> CI:
+    """Percentile CI from precomputed replicates (e.g. a paired difference of two models)."""
+    return _percentile_ci(point, samples, alpha)
