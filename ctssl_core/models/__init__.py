@@ -1,0 +1,71 @@
+"""Encoder registry and the encoder+head wrapper the training loop runs.
+
+``ENCODERS`` maps a registry key to a constructor; every encoder honours the
+contract in ``models/base.py`` (``forward_features``, ``feature_channels``,
+``feature_strides``, ``embed``, ``embed_dim``, ``in_chans``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from ctssl_core.config import ConfigError
+from ctssl_core.models.base import Encoder
+from ctssl_core.models.heads import ClassifierHead, UNetDecoder, build_dense_head, dense_forward
+from ctssl_core.models.resnet import ResNetEncoder, resnet18, resnet34, resnet50, tiny
+from ctssl_core.models.vqvae import VQDecoderHead, VQVAEEncoder, paper
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "tiny": tiny,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "paper": paper,
+}
+
+
+def _accepted_kwargs(fn: Callable[..., Any]) -> set[str]:
+    names: set[str] = set()
+    for f in (fn, ResNetEncoder.__init__ if fn is not paper else VQVAEEncoder.__init__):
+        for p in inspect.signature(f).parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
+                names.add(p.name)
+    names.discard("block")
+    names.discard("layers")
+    return names
+
+
+def build_encoder(name: str, **kw: Any) -> Encoder:
+    """Build encoder ``name`` (``in_chans`` defaults to 1, 3 for ``paper``); unknown names or
+    keyword arguments raise ConfigError listing the valid ones."""
+    if name not in ENCODERS:
+        raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+    fn = ENCODERS[name]
+    valid = _accepted_kwargs(fn)
+    bad = sorted(set(kw) - valid)
+    if bad:
+        raise ConfigError(f"unknown option(s) {bad} for encoder {name!r}; valid: {sorted(valid)}")
+    return fn(**kw)
+
+
+class TaskModel(nn.Module):
+    """Encoder + head behind one ``forward(batch) -> pred``, so DDP / torch.compile can wrap
+    a single module and ``task.forward`` stays the only place that wires them."""
+
+    def __init__(self, task: Any, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.task = task
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, batch: Any) -> Any:
+        return self.task.forward(self.encoder, self.head, batch)
+
+
+__all__ = [
+    "ENCODERS", "build_encoder", "Encoder", "TaskModel", "ClassifierHead", "UNetDecoder", "build_dense_head",
+    "dense_forward", "VQDecoderHead", "VQVAEEncoder", "ResNetEncoder",
+]

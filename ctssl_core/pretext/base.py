@@ -1,0 +1,83 @@
+"""Shared plumbing of the pretext tasks: reading the raw batch, and the two head shapes
+(dense reconstruction with a U-Net / VQ decoder, 4-way classification on the embedding).
+
+Each task module stays a small frozen dataclass of its hyperparameters that says
+*what* it predicts; these mixins say *how* a head is attached and run.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ctssl_core.config import ConfigError
+from ctssl_core.models.heads import ClassifierHead, build_dense_head, dense_forward
+from ctssl_core.pretext.losses import attach_aux_loss, classification_loss
+from ctssl_core.tasks import TaskBatch
+
+
+def raw_x(raw: dict[str, Tensor], context: int, task: str) -> Tensor:
+    """The windowed slices ``raw["x"]`` (B, S, H, W) float, checked to hold ``context`` slices."""
+    if not isinstance(raw, dict) or "x" not in raw:
+        raise ConfigError(f"{task}: the raw batch must be a dict with key 'x' (B, S, H, W) float in [0, 1]; "
+                          f"build it with data/loader.py SliceBatcher")
+    x = raw["x"]
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"{task}: raw['x'] must be a float (B, S, H, W) tensor, got {desc}; "
+                          f"window HU with ctssl_core.ops.window first")
+    if x.shape[1] < context:
+        raise ConfigError(f"{task}: needs {context} slice(s) per sample in raw['x'] (S), got {x.shape[1]}; "
+                          f"the loader must be built with context={context}")
+    return x
+
+
+class PretextBase:
+    """Class-level attributes of the Task protocol shared by the pretext tasks."""
+
+    name: ClassVar[str]
+    context: ClassVar[int] = 1
+    label_keys: ClassVar[tuple[str, ...]] = ()
+    wants_hu: ClassVar[bool] = False
+    gap: ClassVar[int] = 0                    # next_slice overrides with a field
+
+
+class DenseTask(PretextBase):
+    """Predict an image: the head is ``build_dense_head(encoder, 1)`` (U-Net or VQ-VAE decoder)."""
+
+    out_ch: ClassVar[int] = 1
+
+    def build_head(self, encoder: nn.Module) -> nn.Module:
+        return build_dense_head(encoder, self.out_ch)
+
+    def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
+        feats = encoder.forward_features(batch.inputs)
+        pred, aux = dense_forward(head, feats, batch.inputs.shape[-2:])    # (B, 1, H, W)
+        return attach_aux_loss(pred, aux)
+
+
+class ClassifyTask(PretextBase):
+    """Classify a transform: a ``ClassifierHead`` on the pooled embedding, cross-entropy loss."""
+
+    n_classes: ClassVar[int] = 4
+
+    def build_head(self, encoder: nn.Module) -> nn.Module:
+        return ClassifierHead(encoder.embed_dim, self.n_classes, hidden=getattr(self, "hidden", 0))
+
+    def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
+        return head(encoder.embed(batch.inputs))                             # (B, n_classes)
+
+    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        return classification_loss(pred, batch.targets, getattr(self, "label_smoothing", 0.0))
+
+    def draw_labels(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, self.n_classes, (x.shape[0],), generator=generator, device=x.device)
+
+
+def check_range(task: str, name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        lb = "(" if lo_open else "["
+        raise ConfigError(f"{task}.{name} must be in {lb}{lo}, {hi}], got {value}")

@@ -1,0 +1,103 @@
+"""Losses shared by the pretext tasks: reconstruction (plain MSE or the paper's composite)
+and classification, plus the seam that carries a VQ-VAE head's auxiliary loss.
+
+Log values are gathered into one tensor and read back with a single ``.tolist()``
+so a training step costs at most one device sync for its metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctssl_core.config import ConfigError
+from ctssl_core.ops import ssim
+
+# The paper's reconstruction loss: 0.2*MSE(image) + 0.2*MSE(masked square) + 0.8*VQ - 0.1*SSIM.
+PAPER_WEIGHTS = {"mse": 0.2, "mse_masked": 0.2, "vq": 0.8, "ssim": 0.1}
+
+LossKind = Literal["mse", "paper"]
+
+
+def attach_aux_loss(pred: Tensor, aux: Tensor | None) -> Tensor:
+    """Carry a head's auxiliary loss (the VQ codebook+commitment loss) on ``pred``.
+
+    ``Task.forward`` must return a tensor and ``Task.loss`` sees only ``pred`` and the
+    batch, so the VQ loss rides along as the attribute ``pred.aux_loss``. Pass ``pred``
+    unchanged from ``forward`` to ``loss`` (no ``.float()`` in between).
+    """
+    if aux is not None:
+        pred.aux_loss = aux  # type: ignore[attr-defined]
+    return pred
+
+
+def aux_loss_of(pred: Tensor) -> Tensor | None:
+    return getattr(pred, "aux_loss", None)
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over the pixels where ``mask`` (B, 1, H, W) is 1, in float32."""
+    w = mask.float().expand_as(target)                           # (B, C, H, W)
+    err = (pred.float() - target.float()).pow(2) * w
+    return err.sum() / w.sum().clamp_min(1.0)
+
+
+def to_logs(items: dict[str, Tensor]) -> dict[str, float]:
+    """Detached scalars -> floats with one device sync."""
+    if not items:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in items.values()]).tolist()
+    return dict(zip(items.keys(), values))
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, kind: str = "mse",
+                        masked_weight: float = 1.0, whole_weight: float = 1.0, vq_weight: float = 0.8,
+                        data_range: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+    """Reconstruction loss for the dense pretext tasks.
+
+    kind="mse": ``masked_weight * MSE(hidden pixels) + whole_weight * MSE(image)`` (the masked
+    term only when ``mask`` is given) ``+ vq_weight * VQ`` when the head is a VQ-VAE.
+    kind="paper": ``0.2*MSE(image) + 0.2*MSE(masked) + 0.8*VQ - 0.1*SSIM`` (the released code).
+    """
+    if pred.shape != target.shape:
+        raise ConfigError(f"prediction shape {tuple(pred.shape)} does not match target {tuple(target.shape)}; "
+                          f"build the head with build_dense_head(encoder, out_ch={target.shape[1]})")
+    vq = aux_loss_of(pred)
+    p, t = pred.float(), target.float()
+    mse = F.mse_loss(p, t)
+    items: dict[str, Tensor] = {"mse": mse}
+    if mask is not None:
+        items["mse_masked"] = masked_mse(p, t, mask)
+    if vq is not None:
+        items["vq"] = vq.float()
+    if kind == "mse":
+        loss = whole_weight * mse
+        if mask is not None:
+            loss = loss + masked_weight * items["mse_masked"]
+        if vq is not None:
+            loss = loss + vq_weight * items["vq"]
+    elif kind == "paper":
+        s = ssim(p, t, data_range=data_range)
+        items["ssim"] = s
+        loss = PAPER_WEIGHTS["mse"] * mse - PAPER_WEIGHTS["ssim"] * s
+        if mask is not None:
+            loss = loss + PAPER_WEIGHTS["mse_masked"] * items["mse_masked"]
+        if vq is not None:
+            loss = loss + PAPER_WEIGHTS["vq"] * items["vq"]
+    else:
+        raise ConfigError(f"unknown reconstruction loss {kind!r}; choose 'mse' or 'paper'")
+    items = {"loss": loss, **items}
+    return loss, to_logs(items)
+
+
+def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy with accuracy logged alongside."""
+    if logits.dim() != 2 or targets.shape != (logits.shape[0],):
+        raise ConfigError(f"classification needs logits (B, K) and integer targets (B,), "
+                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    loss = F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
+    acc = (logits.argmax(1) == targets).float().mean()
+    return loss, to_logs({"loss": loss, "acc": acc})
