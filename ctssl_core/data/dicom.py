@@ -1,0 +1,388 @@
+"""Read CT DICOM: a cheap header scan, then pixels to Hounsfield units.
+
+Why two steps: ingest must group, validate and order a whole series before it
+decodes anything, and parsing a header twice would halve the ingest rate. So
+``scan`` parses the header once (``stop_before_pixels``) and remembers where
+the native pixel bytes start; ``read_hu`` then reads them with one
+``np.fromfile`` and no second parse. Compressed or unusual files fall back to
+pydicom's full decoder (pylibjpeg handles JPEG, JPEG 2000, JPEG-LS and RLE).
+
+Every problem becomes a :class:`DicomIssue` with a short ``reason`` key (the
+``ingest_errors.reason`` column) and a sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "ct",            # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "enhanced_ct",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2": "legacy_ct",    # Legacy Converted Enhanced CT
+}
+NATIVE_SYNTAXES = {
+    "1.2.840.10008.1.2": ("<", False),    # implicit VR little endian
+    "1.2.840.10008.1.2.1": ("<", True),   # explicit VR little endian
+    "1.2.840.10008.1.2.2": (">", True),   # explicit VR big endian (retired, still found)
+}
+LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+HU_MIN, HU_MAX = -1024, 32767
+AXIAL_MIN_COS = 0.8  # |slice normal . z| above this is axial (gantry tilts up to ~37 deg pass)
+
+REASONS = {
+    "not_dicom": "Not a DICOM file; if it should be one, re-export it from the PACS. Otherwise ignore this row.",
+    "truncated": "The file ends early (interrupted copy?); copy it again from the source.",
+    "no_pixels": "The file has no pixel data (a report, SR or presentation state); nothing to ingest.",
+    "wrong_modality": "Not a CT image; ctssl only ingests CT. Ignore this row or remove the file.",
+    "localizer": "A localiser/scout image (or non-axial reformat), not a slice of an axial series; it is skipped on purpose.",
+    "no_decoder": "The pixel data is compressed with a transfer syntax no installed decoder handles; "
+                  "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle` or decompress with `gdcmconv --raw`.",
+    "decode_failed": "The compressed pixel data could not be decoded (corrupt stream?); re-export the file.",
+    "inconsistent_shape": "This slice's size differs from the rest of its series; it was left out. Check the export.",
+    "duplicate_sop": "Another file with the same SOPInstanceUID was already ingested; this copy was skipped.",
+    "missing_position": "No ImagePositionPatient (and no InstanceNumber for the series) so the slice order is unknown; re-export with full headers.",
+    "bad_header": "A required tag (Rows, Columns, UIDs, bit depth) is missing or malformed; re-export the file.",
+    "unsupported_pixels": "Pixel format ctssl does not handle (colour, or more than 16 bits); convert to 16-bit greyscale CT.",
+    "series_not_selected": "Another series of the same study was chosen by the selection rule (axial, thinnest, most slices); not an error.",
+    "series_exists": "The series is already in the store; to rebuild it, ingest into a new store.",
+}
+
+
+class DicomIssue(Exception):
+    """A file that cannot be ingested; ``reason`` is a key of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = (detail + " " if detail else "") + REASONS.get(reason, "")
+        super().__init__(f"{reason}: {self.detail}")
+
+
+@dataclass(slots=True)
+class SliceHeader:
+    """What ingest needs from one file (one or more frames). Identifiers never leave ingest's memory."""
+
+    path: str
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    rows: int
+    cols: int
+    n_frames: int = 1
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+    age: float | None = None
+    sex: str | None = None
+    race: str | None = None
+    spacing: tuple[float, float] | None = None       # (row, col) mm, absolute values
+    orientation: tuple[float, ...] | None = None     # 6 direction cosines
+    positions: list[tuple[float, float, float]] | None = None  # per frame
+    instance: int | None = None
+    thickness: float | None = None
+    slopes: list[float] = field(default_factory=lambda: [1.0])      # per frame (or one for all)
+    intercepts: list[float] = field(default_factory=lambda: [0.0])
+    manufacturer: str | None = None
+    model: str | None = None
+    kernel: str | None = None
+    gantry_tilt: float | None = None
+    transfer_syntax: str = ""
+    pixel_offset: int | None = None                  # byte offset of native pixel values
+    pixel_dtype: str = "<u2"
+    bits_stored: int = 16
+    notes: list[str] = field(default_factory=list)
+
+    def normal(self) -> np.ndarray | None:
+        if self.orientation is None:
+            return None
+        r, c = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
+        n = np.cross(r, c)
+        norm = np.linalg.norm(n)
+        return n / norm if norm > 1e-6 else None
+
+
+def _num(ds, name, default=None):
+    v = ds.get(name, None)
+    if v is None or v == "":
+        return default
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return default
+    return x if math.isfinite(x) else default
+
+
+def _str(ds, name) -> str | None:
+    v = ds.get(name, None)
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _vec(v, n):
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(x) for x in out) else None
+
+
+def parse_age(text: str | None) -> float | None:
+    """DICOM AS ('063Y', '018M', '3W', '10D') -> years."""
+    if not text:
+        return None
+    text = str(text).strip().upper()
+    units = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        return None
+
+
+def _first_item(ds, seq_name):
+    seq = ds.get(seq_name, None)
+    return seq[0] if seq else None
+
+
+def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | None, bool]:
+    """Locate native pixel bytes at the stream position pydicom stopped at. Returns (offset, present)."""
+    start = f.tell()
+    head = f.read(12)
+    if len(head) < 8:
+        return None, False
+    endian, explicit = NATIVE_SYNTAXES.get(syntax, ("<", True))
+    group, elem = struct.unpack(endian + "HH", head[:4])
+    if (group, elem) != (0x7FE0, 0x0010):
+        return None, False
+    if syntax not in NATIVE_SYNTAXES:
+        return None, True
+    if explicit:
+        vr = head[4:6]
+        if vr in LONG_VRS:
+            (length,) = struct.unpack(endian + "I", head[8:12])
+            off = start + 12
+        else:
+            (length,) = struct.unpack(endian + "H", head[6:8])
+            off = start + 8
+    else:
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        off = start + 8
+    if length == 0xFFFFFFFF:
+        return None, True
+    if off + min(length, expected) > file_size:
+        raise DicomIssue("truncated", f"pixel data needs {expected} bytes but only {file_size - off} remain.")
+    return (off if length >= expected else None), True
+
+
+def scan(path: str | Path) -> SliceHeader:
+    """Parse one file's header (no pixel decode). Raises :class:`DicomIssue`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = str(path)
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise DicomIssue("not_dicom", f"cannot read the file ({e.strerror}).") from None
+    try:
+        with open(path, "rb") as f:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except InvalidDicomError:
+                f.seek(0)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+                if "SOPClassUID" not in ds and "Rows" not in ds:
+                    raise DicomIssue("not_dicom", "no DICM preamble and no image tags.") from None
+            syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = int(_num(ds, "NumberOfFrames", 1) or 1)
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+            expected = rows * cols * frames * max(bits // 8, 1)
+            offset, present = _pixel_offset(f, syntax, expected, size)
+    except DicomIssue:
+        raise
+    except (EOFError, struct.error) as e:
+        raise DicomIssue("truncated", f"the header ends early ({e}).") from None
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; all mean "unreadable"
+        kind = "truncated" if "end of file" in str(e).lower() or "eof" in str(e).lower() else "not_dicom"
+        raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {str(e)[:120]}).") from None
+    return header_from_dataset(ds, path, syntax, present, offset)
+
+
+def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset: int | None = None) -> SliceHeader:
+    """Extract and validate the fields ingest needs from a parsed dataset."""
+    modality = (_str(ds, "Modality") or "").upper()
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if modality and modality != "CT":
+        raise DicomIssue("wrong_modality", f"Modality is {modality}.")
+    if not modality and sop_class and sop_class not in CT_SOP_CLASSES:
+        raise DicomIssue("wrong_modality", f"SOP class {sop_class} is not a CT image.")
+    image_type = tuple(str(x).upper() for x in (ds.get("ImageType", None) or ()))
+    if "LOCALIZER" in image_type or "SCOUT" in image_type or "TOPOGRAM" in image_type:
+        raise DicomIssue("localizer", f"ImageType is {'/'.join(image_type)}.")
+    if not present:
+        raise DicomIssue("no_pixels", "there is no PixelData element.")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        sop, series, study = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DicomIssue("bad_header", f"{e}.") from None
+    if rows <= 0 or cols <= 0 or not sop or not series:
+        raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}.")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if spp != 1 or bits not in (8, 16):
+        raise DicomIssue("unsupported_pixels", f"SamplesPerPixel={spp}, BitsAllocated={bits}.")
+    frames = int(_num(ds, "NumberOfFrames", 1) or 1)
+    notes: list[str] = []
+
+    orientation = _vec(ds.get("ImageOrientationPatient", None), 6)
+    spacing_raw = _vec(ds.get("PixelSpacing", None), 2)
+    thickness = _num(ds, "SliceThickness")
+    positions = None
+    slopes, intercepts = [_num(ds, "RescaleSlope")], [_num(ds, "RescaleIntercept")]
+    if frames > 1 or "SharedFunctionalGroupsSequence" in ds:
+        shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
+
+        def grp(item, seq, name, n=None):
+            inner = _first_item(item, seq) if item is not None else None
+            if inner is None:
+                return None
+            v = inner.get(name, None)
+            return _vec(v, n) if n else (_num(inner, name))
+
+        orientation = orientation or grp(shared, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
+        spacing_raw = spacing_raw or grp(shared, "PixelMeasuresSequence", "PixelSpacing", 2)
+        thickness = thickness or grp(shared, "PixelMeasuresSequence", "SliceThickness")
+        s_slope = grp(shared, "PixelValueTransformationSequence", "RescaleSlope")
+        s_icpt = grp(shared, "PixelValueTransformationSequence", "RescaleIntercept")
+        positions, slopes, intercepts = [], [], []
+        for k in range(frames):
+            item = per_frame[k] if k < len(per_frame) else None
+            pos = grp(item, "PlanePositionSequence", "ImagePositionPatient", 3)
+            positions.append(pos)
+            orientation = orientation or grp(item, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
+            sl = grp(item, "PixelValueTransformationSequence", "RescaleSlope")
+            ic = grp(item, "PixelValueTransformationSequence", "RescaleIntercept")
+            slopes.append(sl if sl is not None else (s_slope if s_slope is not None else _num(ds, "RescaleSlope")))
+            intercepts.append(ic if ic is not None else (s_icpt if s_icpt is not None else _num(ds, "RescaleIntercept")))
+        if any(p is None for p in positions):
+            positions = None if all(p is None for p in positions) else positions
+    else:
+        pos = _vec(ds.get("ImagePositionPatient", None), 3)
+        positions = [pos] if pos is not None else None
+
+    # rescale: a missing or zero/non-finite slope is treated as 1, a missing intercept as 0;
+    # unsigned data with no intercept that looks like "CT number + 1024" is a common vendor quirk we note.
+    fixed_s = [s if (s is not None and s != 0) else 1.0 for s in slopes]
+    fixed_i = [i if i is not None else 0.0 for i in intercepts]
+    if any(s is None or s == 0 for s in slopes):
+        notes.append("RescaleSlope missing or zero: used 1")
+    if any(i is None for i in intercepts):
+        notes.append("RescaleIntercept missing: used 0")
+    spacing = None
+    if spacing_raw is not None:
+        spacing = (abs(spacing_raw[0]), abs(spacing_raw[1]))
+        if spacing_raw[0] <= 0 or spacing_raw[1] <= 0:
+            notes.append(f"PixelSpacing {spacing_raw} not positive: used absolute values")
+        if spacing[0] == 0 or spacing[1] == 0:
+            spacing = None
+    tilt = _num(ds, "GantryDetectorTilt")
+    pr = int(ds.get("PixelRepresentation", 0) or 0)
+    endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
+    dtype = f"{endian}{'i' if pr else 'u'}{bits // 8}"
+    bits_stored = int(ds.get("BitsStored", bits) or bits)
+    if bits_stored < bits and pr == 1:
+        offset = None  # sign extension of <16-bit signed data: leave it to pydicom
+    return SliceHeader(
+        path=path, sop_uid=sop, series_uid=series, study_uid=study,
+        patient_id=str(ds.get("PatientID", "") or ""), rows=rows, cols=cols, n_frames=frames,
+        modality=modality or "CT", image_type=image_type,
+        age=parse_age(_str(ds, "PatientAge")), sex=_norm_sex(_str(ds, "PatientSex")), race=_str(ds, "EthnicGroup"),
+        spacing=spacing, orientation=orientation, positions=positions,
+        instance=int(_num(ds, "InstanceNumber")) if _num(ds, "InstanceNumber") is not None else None,
+        thickness=thickness, slopes=fixed_s, intercepts=fixed_i,
+        manufacturer=_str(ds, "Manufacturer"), model=_str(ds, "ManufacturerModelName"),
+        kernel=_str(ds, "ConvolutionKernel"), gantry_tilt=tilt, transfer_syntax=syntax,
+        pixel_offset=offset, pixel_dtype=dtype, bits_stored=bits_stored, notes=notes,
+    )
+
+
+def _norm_sex(s: str | None) -> str | None:
+    if not s:
+        return None
+    s = s.strip().upper()[:1]
+    return s if s in ("F", "M") else None
+
+
+def read_stored(h: SliceHeader) -> np.ndarray:
+    """Stored pixel values (F, rows, cols) without rescale. Fast path: one fromfile, no re-parse."""
+    n = h.rows * h.cols * h.n_frames
+    if h.pixel_offset is not None:
+        dt = np.dtype(h.pixel_dtype)
+        arr = np.fromfile(h.path, dtype=dt, count=n, offset=h.pixel_offset)
+        if arr.size != n:
+            raise DicomIssue("truncated", f"expected {n} pixels, found {arr.size}.")
+        if h.bits_stored < dt.itemsize * 8 and dt.kind == "u":
+            arr = arr & np.array((1 << h.bits_stored) - 1, dtype=dt)
+        return arr.reshape(h.n_frames, h.rows, h.cols)
+    return _decode_with_pydicom(h)
+
+
+def _decode_with_pydicom(h: SliceHeader) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(h.path)
+    except Exception as e:  # noqa: BLE001
+        raise DicomIssue("truncated", f"re-reading failed ({type(e).__name__}).") from None
+    if h.transfer_syntax not in NATIVE_SYNTAXES:
+        try:
+            from pydicom.pixels import get_decoder
+
+            available = get_decoder(h.transfer_syntax).is_available
+        except Exception:  # noqa: BLE001 - unknown syntax: no decoder
+            available = False
+        if not available:
+            raise DicomIssue("no_decoder", f"transfer syntax {h.transfer_syntax}.")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001
+        reason = "decode_failed" if h.transfer_syntax not in NATIVE_SYNTAXES else "truncated"
+        msg = str(e)
+        if "no" in msg.lower() and ("plugin" in msg.lower() or "decoder" in msg.lower() or "handler" in msg.lower()):
+            reason = "no_decoder"
+        raise DicomIssue(reason, f"pixel decode failed ({type(e).__name__}: {msg[:120]}).") from None
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape != (h.n_frames, h.rows, h.cols):
+        raise DicomIssue("inconsistent_shape", f"decoded shape {arr.shape} != header {(h.n_frames, h.rows, h.cols)}.")
+    return arr
+
+
+def to_hu(stored: np.ndarray, slopes: list[float], intercepts: list[float]) -> np.ndarray:
+    """Stored values (F, H, W) -> float32 HU, clipped to [-1024, 32767] (padding below air becomes air)."""
+    f = stored.shape[0]
+    s = np.asarray(slopes if len(slopes) == f else slopes[:1] * f, np.float32)[:, None, None]
+    i = np.asarray(intercepts if len(intercepts) == f else intercepts[:1] * f, np.float32)[:, None, None]
+    hu = stored.astype(np.float32) * s + i  # (F, H, W)
+    return np.clip(hu, HU_MIN, HU_MAX, out=hu)
+
+
+def read_hu(h: SliceHeader) -> np.ndarray:
+    """Float32 HU (F, rows, cols) for one file."""
+    return to_hu(read_stored(h), h.slopes, h.intercepts)
+
+
+def is_axial(h: SliceHeader) -> bool:
+    n = h.normal()
+    return n is None or abs(n[2]) >= AXIAL_MIN_COS

@@ -1,0 +1,718 @@
+"""Ingest a folder of CT DICOM into the slice store (int16 HU arrays) and the DuckDB catalog.
+
+Three stages, so that both cores stay busy and every file is parsed once:
+
+1. scan   (worker processes, file chunks): header of every new file, or a recorded error.
+2. plan   (main process, pure): group by series, drop localisers/duplicates/odd shapes,
+          order by position along the slice normal, choose one series per study.
+3. build  (worker processes, one series each): pixels -> HU -> in-plane resample to
+          ``size`` -> ``slices/<series>.npy`` (tmp name, then rename); LIDC masks too.
+          The main process then writes the series' catalog rows in one short transaction.
+
+Idempotent and resumable: ``ingested_files`` remembers (path, size, mtime) per file
+and is written in the same transaction as the series it belongs to, so an interrupted
+run redoes only the unfinished series. Identifiers (PatientID, UIDs) exist only in
+this process's memory; the catalog gets keyed pseudonyms (``pseudonym.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+
+from ctssl_core.config import ConfigError
+from ctssl_core.data.dicom import REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan, to_hu
+
+SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml"}
+SCAN_CHUNK = 64
+SLICE_CHUNK = 64  # slices decoded and resampled at once inside a series (bounds memory)
+
+
+@dataclass
+class IngestConfig:
+    size: int = 256                      # stored in-plane size (H = W)
+    workers: int = 2                     # decode processes; 1 = in this process
+    format: Literal["auto", "generic", "rsna-pe", "lidc"] = "auto"
+    agreement: float = 0.5               # LIDC consensus: fraction of readers that must agree
+    demographics: str | None = None      # CSV keyed by PatientID or StudyInstanceUID; None = auto-detect in root
+
+    def __post_init__(self):
+        if not 16 <= int(self.size) <= 2048:
+            raise ConfigError(f"ingest size={self.size}: choose an in-plane size between 16 and 2048 (default 256)")
+        if int(self.workers) < 1:
+            raise ConfigError(f"ingest workers={self.workers}: use 1 or more worker processes")
+        if not 0.0 < float(self.agreement) <= 1.0:
+            raise ConfigError(f"ingest agreement={self.agreement}: use a fraction in (0, 1], e.g. 0.5")
+        if self.format not in ("auto", "generic", "rsna-pe", "lidc"):
+            raise ConfigError(f"ingest format={self.format!r}: choose auto, generic, rsna-pe or lidc")
+
+
+@dataclass
+class IngestSummary:
+    files_found: int = 0
+    files_new: int = 0
+    files_already_done: int = 0
+    files_ok: int = 0
+    series: int = 0
+    slices: int = 0
+    errors: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    slices_per_s: float = 0.0
+    dataset: str = "generic"
+    sidecars: list[str] = field(default_factory=list)
+    labelled_slices: int = 0              # slices that got a pe label from train.csv
+    nodule_series: int = 0                # series that got LIDC masks
+    demographics_rows: int = 0
+    demographics_unmatched_lines: list[int] = field(default_factory=list)  # CSV line numbers, never keys
+    patients_without_demographics: int = 0
+
+    def table(self) -> str:
+        lines = [
+            f"files: {self.files_found} found, {self.files_new} new, {self.files_already_done} already ingested",
+            f"ingested: {self.series} series, {self.slices} slices in {self.seconds:.1f} s "
+            f"({self.slices_per_s:.0f} slices/s); dataset={self.dataset}",
+        ]
+        if self.sidecars:
+            lines.append(f"sidecars: {', '.join(self.sidecars)}")
+        if self.labelled_slices:
+            lines.append(f"pe labels on {self.labelled_slices} slices")
+        if self.nodule_series:
+            lines.append(f"nodule masks for {self.nodule_series} series")
+        if self.demographics_rows:
+            lines.append(f"demographics: {self.demographics_rows} rows; "
+                         f"{len(self.demographics_unmatched_lines)} matched no ingested patient"
+                         + (f" (CSV lines {', '.join(map(str, self.demographics_unmatched_lines[:10]))}"
+                            f"{' ...' if len(self.demographics_unmatched_lines) > 10 else ''})"
+                            if self.demographics_unmatched_lines else "")
+                         + f"; {self.patients_without_demographics} patients had no row")
+        if self.errors_by_reason:
+            lines.append(f"{'reason':<22} {'files':>7}  what to do")
+            for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
+                lines.append(f"{reason:<22} {n:>7}  {REASONS.get(reason, '')}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- stage 1: scan
+
+def find_files(root: Path) -> list[Path]:
+    """Every candidate file under ``root`` (any name, with or without .dcm), sidecars and hidden files excluded."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lidc_xml")
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() in SIDECAR_SUFFIXES:
+                continue
+            out.append(Path(dirpath) / name)
+    return out
+
+
+def _scan_chunk(paths: list[str]) -> list[tuple[str, SliceHeader | None, tuple[str, str] | None]]:
+    out = []
+    for p in paths:
+        try:
+            out.append((p, scan(p), None))
+        except DicomIssue as e:
+            out.append((p, None, (e.reason, e.detail)))
+        except Exception as e:  # noqa: BLE001 - a parser crash on garbage must not stop ingest
+            out.append((p, None, ("not_dicom", f"unreadable ({type(e).__name__}: {str(e)[:100]}). {REASONS['not_dicom']}")))
+    return out
+
+
+# ---------------------------------------------------------------- stage 2: plan
+
+@dataclass
+class SeriesPlan:
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    units: list[tuple[str, int]]          # (path, frame) in slice order (z ascending)
+    z: list[float | None]
+    headers: dict[str, SliceHeader]       # path -> header
+    slice_spacing: float | None
+    thickness: float | None
+    selection_rule: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozenset(),
+                existing_studies: set[str] = frozenset(), key=lambda kind, v: v
+                ) -> tuple[list[SeriesPlan], list[tuple[str, str, str]]]:
+    """Group, validate and order. Returns (plans, errors as (path, reason, detail)).
+
+    ``existing_*`` are pseudonymised keys already in the store; ``key`` maps (kind, uid) to them.
+    """
+    errors: list[tuple[str, str, str]] = []
+
+    def err(path, reason, detail=""):
+        errors.append((path, reason, (detail + " " if detail else "") + REASONS[reason]))
+
+    by_series: dict[str, list[SliceHeader]] = defaultdict(list)
+    for h in headers:
+        by_series[h.series_uid].append(h)
+    plans: list[SeriesPlan] = []
+    for series_uid, hs in by_series.items():
+        hs.sort(key=lambda h: h.path)
+        if key("series", series_uid) in existing_series:
+            for h in hs:
+                err(h.path, "series_exists")
+            continue
+        seen: set[str] = set()
+        keep: list[SliceHeader] = []
+        for h in hs:
+            if h.sop_uid in seen:
+                err(h.path, "duplicate_sop", "same SOPInstanceUID as another file in this folder.")
+                continue
+            seen.add(h.sop_uid)
+            if not is_axial(h):
+                err(h.path, "localizer", "orientation is not axial (reformat or scout).")
+                continue
+            keep.append(h)
+        if not keep:
+            continue
+        shape = Counter((h.rows, h.cols) for h in keep).most_common(1)[0][0]
+        good = []
+        for h in keep:
+            if (h.rows, h.cols) != shape:
+                err(h.path, "inconsistent_shape", f"{h.rows}x{h.cols} in a {shape[0]}x{shape[1]} series.")
+            else:
+                good.append(h)
+        normals = [h.normal() for h in good if h.normal() is not None]
+        normal = np.mean(normals, axis=0) if normals else np.array([0.0, 0.0, 1.0])
+        units: list[tuple[float | None, float, str, int]] = []  # (z, instance tiebreak, path, frame)
+        have_pos = any(h.positions is not None for h in good)
+        for h in good:
+            if h.positions is None:
+                if have_pos:
+                    err(h.path, "missing_position", "ImagePositionPatient missing while the rest of the series has it.")
+                    continue
+                if h.instance is None:
+                    err(h.path, "missing_position")
+                    continue
+                for f in range(h.n_frames):
+                    units.append((None, h.instance + f / max(h.n_frames, 1), h.path, f))
+            else:
+                for f, pos in enumerate(h.positions):
+                    if pos is None:
+                        continue
+                    units.append((float(np.dot(pos, normal)), float(h.instance or 0), h.path, f))
+        if not units:
+            continue
+        if have_pos:
+            units.sort(key=lambda u: (u[0], u[1]))
+            zs = np.array([u[0] for u in units])
+            d = np.diff(zs)
+            spacing = float(np.median(d)) if d.size else None
+        else:
+            units.sort(key=lambda u: u[1])
+            spacing = None
+        paths = sorted({u[2] for u in units})
+        hmap = {h.path: h for h in good if h.path in set(paths)}
+        thick = [h.thickness for h in hmap.values() if h.thickness]
+        plans.append(SeriesPlan(
+            series_uid=series_uid, study_uid=good[0].study_uid, patient_id=good[0].patient_id,
+            units=[(u[2], u[3]) for u in units], z=[u[0] for u in units], headers=hmap,
+            slice_spacing=spacing, thickness=float(np.median(thick)) if thick else spacing, files=paths))
+
+    # one series per study: axial (already), thinnest, then most slices
+    by_study: dict[str, list[SeriesPlan]] = defaultdict(list)
+    for p in plans:
+        by_study[p.study_uid].append(p)
+    chosen = []
+    for study_uid, ps in by_study.items():
+        if key("study", study_uid) in existing_studies:
+            for p in ps:
+                for f in p.files:
+                    err(f, "series_not_selected", "its study already has a series in the store.")
+            continue
+        ps.sort(key=lambda p: (p.thickness if p.thickness else 1e9, -len(p.units), p.series_uid))
+        best = ps[0]
+        if len(ps) == 1:
+            best.selection_rule = "only series of its study"
+        else:
+            best.selection_rule = (f"chosen from {len(ps)} axial series: thinnest "
+                                   f"({best.thickness or float('nan'):.2f} mm), then most slices ({len(best.units)})")
+            for p in ps[1:]:
+                for f in p.files:
+                    err(f, "series_not_selected",
+                        f"series with {len(p.units)} slices of {p.thickness or float('nan'):.2f} mm lost to one with "
+                        f"{len(best.units)} of {best.thickness or float('nan'):.2f} mm.")
+        tilts = [h.gantry_tilt for h in best.headers.values() if h.gantry_tilt]
+        if tilts:
+            best.selection_rule += f"; gantry tilt {np.median(tilts):.1f} deg (slices kept as acquired, not de-skewed)"
+        chosen.append(best)
+    return chosen, errors
+
+
+# ---------------------------------------------------------------- stage 3: build
+
+def fit_square(x: np.ndarray, spacing: tuple[float, float] | None, size: int, fill: float,
+               mode: str = "image") -> tuple[np.ndarray, float | None]:
+    """Resample (S, H, W) to (S, size, size) keeping the physical aspect ratio (pad with ``fill``).
+
+    Non-square pixels are made square first; the longer physical side becomes ``size``.
+    Returns the array and the stored in-plane spacing in mm.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    s, h, w = x.shape
+    sy, sx = spacing if spacing else (1.0, 1.0)
+    ph, pw = h * sy, w * sx
+    scale = size / max(ph, pw)
+    nh, nw = max(1, min(size, round(ph * scale))), max(1, min(size, round(pw * scale)))
+    out_spacing = (max(ph, pw) / size) if spacing else None
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]  # (S, 1, H, W)
+    if (nh, nw) != (h, w):
+        down = nh < h or nw < w
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=down)
+    t = t[:, 0]  # (S, nh, nw)
+    if (nh, nw) != (size, size):
+        top, left = (size - nh) // 2, (size - nw) // 2
+        t = F.pad(t, (left, size - nw - left, top, size - nh - top), value=fill)
+    return t.numpy(), out_spacing
+
+
+def _orient(x: np.ndarray, orientation) -> np.ndarray:
+    """Flip so rows run left->right in patient x and columns anterior->posterior (standard axial view)."""
+    if orientation is None:
+        return x
+    if orientation[0] < 0:
+        x = x[..., ::-1]
+    if orientation[4] < 0:
+        x = x[..., ::-1, :]
+    return x
+
+
+@dataclass
+class BuiltSeries:
+    series_uid: str
+    array_rel: str
+    mask_rel: str | None
+    sop_uids: list[str]       # per stored row (frame suffix for multi-frame)
+    z: list[float | None]
+    nodule_px: list[int] | None
+    files_ok: list[str]
+    errors: list[tuple[str, str, str]]
+    height: int
+    width: int
+    orig_rows: int
+    orig_cols: int
+    pixel_spacing: float | None
+    seconds: float = 0.0
+
+
+def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
+                 reads: list | None = None, agreement: float = 0.5) -> BuiltSeries:
+    """Decode one planned series and write its arrays. Runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    root = Path(store_root)
+    (root / "slices").mkdir(parents=True, exist_ok=True)
+    first = plan.headers[plan.units[0][0]]
+    n = len(plan.units)
+    rel = f"slices/{series_key}.npy"
+    tmp = root / f"slices/.{series_key}.{os.getpid()}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, size, size))
+    ok = np.ones(n, bool)
+    errors: list[tuple[str, str, str]] = []
+    failed_files: set[str] = set()
+    cache: dict[str, np.ndarray] = {}
+    out_spacing = None
+    for c0 in range(0, n, SLICE_CHUNK):
+        chunk = plan.units[c0:c0 + SLICE_CHUNK]
+        hu = np.full((len(chunk), first.rows, first.cols), -1024.0, np.float32)  # (C, H, W)
+        for j, (path, frame) in enumerate(chunk):
+            h = plan.headers[path]
+            if path in failed_files:
+                ok[c0 + j] = False
+                continue
+            try:
+                if h.n_frames > 1:
+                    if path not in cache:
+                        cache.clear()
+                        cache[path] = read_stored(h)
+                    stored = cache[path][frame:frame + 1]
+                    sl, ic = [h.slopes[frame if len(h.slopes) > frame else 0]], [h.intercepts[frame if len(h.intercepts) > frame else 0]]
+                else:
+                    stored = read_stored(h)
+                    sl, ic = h.slopes, h.intercepts
+                hu[j] = to_hu(stored, sl, ic)[0]
+            except DicomIssue as e:
+                errors.append((path, e.reason, e.detail))
+                failed_files.add(path)
+                ok[c0 + j] = False
+        hu = _orient(hu, first.orientation)
+        res, out_spacing = fit_square(hu, first.spacing, size, fill=-1024.0)
+        out[c0:c0 + len(chunk)] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
+    out.flush()
+    del out
+    final = root / rel
+    if not ok.all():
+        arr = np.load(tmp, mmap_mode="r")[ok]
+        np.save(tmp, np.ascontiguousarray(arr))  # np.save keeps the name (.npy suffix)
+    os.replace(tmp, final)
+    keep = [u for u, k in zip(plan.units, ok) if k]
+    sop_uids = [plan.headers[p].sop_uid + (f"#{f}" if plan.headers[p].n_frames > 1 else "") for p, f in keep]
+    z = [zz for zz, k in zip(plan.z, ok) if k]
+
+    mask_rel, nodule_px = None, None
+    if reads is not None and keep:
+        from ctssl_core.data.adapters.lidc import series_masks
+
+        readers = series_masks(reads, [plan.headers[p].sop_uid for p, _ in keep], z,
+                               first.rows, first.cols)  # (R, S, H0, W0) uint8 at DICOM resolution
+        votes = readers.sum(axis=0, dtype=np.float32)  # (S, H0, W0)
+        n_readers = max(readers.shape[0], 1)
+        consensus = (votes / n_readers >= agreement - 1e-9) & (votes > 0)
+        masks_dir = root / "masks"
+        masks_dir.mkdir(parents=True, exist_ok=True)
+
+        def stored_geom(m: np.ndarray) -> np.ndarray:
+            m = _orient(m.astype(np.float32), first.orientation)
+            r, _ = fit_square(m, first.spacing, size, fill=0.0)
+            return (r >= 0.5).astype(np.uint8)  # (S, size, size)
+
+        cons = stored_geom(consensus)
+        bits = np.zeros_like(cons)
+        for k in range(min(readers.shape[0], 8)):
+            bits |= (stored_geom(readers[k]) << k).astype(np.uint8)  # bit k = reader k
+        mask_rel = f"masks/{series_key}.npy"
+        _atomic_save(masks_dir / f"{series_key}.npy", cons)
+        _atomic_save(masks_dir / f"{series_key}_readers.npy", bits)
+        nodule_px = cons.reshape(cons.shape[0], -1).sum(axis=1).astype(int).tolist()
+
+    files_ok = sorted({p for p, _ in keep})
+    return BuiltSeries(plan.series_uid, rel, mask_rel, sop_uids, z, nodule_px, files_ok, errors,
+                       size, size, first.rows, first.cols, out_spacing, time.perf_counter() - t0)
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _build_job(args) -> BuiltSeries | tuple[str, str]:
+    plan = args[0]
+    try:
+        return build_series(*args)
+    except Exception as e:  # noqa: BLE001 - report per series; the rest goes on
+        return (plan.series_uid, f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- driver
+
+def _pool(workers: int):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _imap(fn, items: list, workers: int) -> Iterator:
+    """Ordered map over a process pool (or in-process for one worker)."""
+    if workers <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    with _pool(workers) as ex:
+        yield from ex.map(fn, items)
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now()
+
+
+def detect_sidecars(root: Path, cfg: IngestConfig) -> dict[str, Any]:
+    """Find label files in ``root``: train.csv (RSNA-PE), lidc_xml/ or *.xml (LIDC), demographics.csv."""
+    found: dict[str, Any] = {}
+    csv = root / "train.csv"
+    if cfg.format == "rsna-pe" and not csv.exists():
+        raise ConfigError(f"--format rsna-pe needs {csv} (the competition's train.csv); put it beside the train/ folder")
+    if csv.exists() and cfg.format in ("auto", "rsna-pe"):
+        found["rsna_csv"] = csv
+    xmls = sorted((root / "lidc_xml").glob("*.xml")) if (root / "lidc_xml").is_dir() else []
+    xmls += sorted(p for p in root.rglob("*.xml") if "lidc_xml" not in p.parts)
+    if cfg.format == "lidc" and not xmls:
+        raise ConfigError(f"--format lidc found no XML reads under {root} (expected lidc_xml/*.xml or *.xml)")
+    if xmls and cfg.format in ("auto", "lidc"):
+        found["lidc_xml"] = xmls
+    demo = Path(cfg.demographics) if cfg.demographics else root / "demographics.csv"
+    if cfg.demographics and not demo.exists():
+        raise ConfigError(f"--demographics {demo}: file not found")
+    if demo.exists():
+        found["demographics"] = demo
+    return found
+
+
+def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = None,
+           progress: bool = True) -> IngestSummary:
+    """Ingest every DICOM file under ``root`` into the store at ``store_root``. See module docstring."""
+    from ctssl_core.data.pseudonym import Pseudonymiser
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+    from ctssl_core.schema import ensure_schema
+
+    cfg = cfg or IngestConfig()
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"ingest: {root} is not a folder; pass the folder that holds your DICOM files")
+    paths = store_paths(store_root)
+    t0 = time.perf_counter()
+    summary = IngestSummary()
+    side = detect_sidecars(root, cfg)
+    summary.sidecars = [k for k in side]
+    summary.dataset = ("rsna-pe" if "rsna_csv" in side else "lidc" if "lidc_xml" in side
+                       else "synthetic" if (root / "truth.json").exists() else "generic")
+    if cfg.format not in ("auto",):
+        summary.dataset = cfg.format
+    key = Pseudonymiser.for_store(paths.secret)
+    paths.slices.mkdir(parents=True, exist_ok=True)
+
+    with connect(paths.db) as con:
+        ensure_schema(con)
+        done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
+        existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
+        existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
+
+    files = find_files(root)
+    summary.files_found = len(files)
+    todo: list[str] = []
+    stat: dict[str, tuple[int, float]] = {}
+    for f in files:
+        st = f.stat()
+        rel = f.relative_to(root).as_posix()
+        stat[str(f)] = (st.st_size, st.st_mtime)
+        prev = done.get(rel)
+        if prev is not None and prev[0] == st.st_size and abs(prev[1] - st.st_mtime) < 1e-3:
+            summary.files_already_done += 1
+            continue
+        todo.append(str(f))
+    summary.files_new = len(todo)
+
+    def relp(p: str) -> str:
+        return Path(p).relative_to(root).as_posix()
+
+    # ---- stage 1
+    chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    headers: list[SliceHeader] = []
+    errors: list[tuple[str, str, str]] = []
+    bar = _bar(progress, len(todo), "scan headers")
+    for res in _imap(_scan_chunk, chunks, cfg.workers if len(chunks) > 1 else 1):
+        for p, h, e in res:
+            if h is not None:
+                headers.append(h)
+            else:
+                errors.append((p, e[0], e[1]))
+        bar.update(len(res))
+    bar.close()
+
+    # ---- stage 2
+    plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
+    errors += plan_errors
+    _record_errors(paths.db, errors, relp, stat, summary)
+
+    rsna = None
+    if "rsna_csv" in side and plans:
+        from ctssl_core.data.adapters.rsna_pe import load_labels
+
+        rsna = load_labels(side["rsna_csv"], {h.sop_uid for p in plans for h in p.headers.values()},
+                           {p.study_uid for p in plans})
+    lidc = None
+    if "lidc_xml" in side and plans:
+        from ctssl_core.data.adapters.lidc import parse_reads
+
+        lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
+
+    # ---- stage 3
+    jobs = [(p, str(paths.root), key("series", p.series_uid), cfg.size,
+             (lidc.get(p.series_uid) if lidc is not None else None), cfg.agreement) for p in plans]
+    plan_by_uid = {p.series_uid: p for p in plans}
+    bar = _bar(progress, sum(len(p.units) for p in plans), "decode series")
+    pending: list[BuiltSeries] = []
+    last_commit = time.perf_counter()
+
+    def flush():
+        nonlocal pending, last_commit
+        if pending:
+            _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
+            pending = []
+        last_commit = time.perf_counter()
+
+    for built in _unordered(_build_job, jobs, cfg.workers):
+        if isinstance(built, tuple):
+            uid, msg = built
+            p = plan_by_uid[uid]
+            _record_errors(paths.db, [(f, "decode_failed", f"series build failed ({msg[:160]}); re-export the series.")
+                                      for f in p.files], relp, stat, summary)
+            bar.update(len(p.units))
+            continue
+        pending.append(built)
+        bar.update(len(plan_by_uid[built.series_uid].units))
+        if sum(len(b.sop_uids) for b in pending) >= 4000 or time.perf_counter() - last_commit > 2.0:
+            flush()
+    flush()
+    bar.close()
+
+    if "demographics" in side:
+        from ctssl_core.data.adapters.demographics import apply_demographics
+
+        apply_demographics(paths.db, side["demographics"], key, summary)
+
+    summary.seconds = time.perf_counter() - t0
+    summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _unordered(fn, jobs: list, workers: int) -> Iterator:
+    """Results as they finish, at most 2*workers jobs in flight (bounded memory)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            yield fn(j)
+        return
+    with _pool(workers) as ex:
+        it = iter(jobs)
+        running = set()
+        for j in it:
+            running.add(ex.submit(fn, j))
+            if len(running) >= 2 * workers:
+                break
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                yield fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    running.add(ex.submit(fn, nxt))
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file" if "scan" in desc else "slice", dynamic_ncols=True)
+
+
+def _record_errors(db, errors: list[tuple[str, str, str]], relp, stat, summary: IngestSummary) -> None:
+    """Write error rows and mark the files done (status error/skipped) in one short transaction."""
+    from ctssl_core.db import connect
+
+    if not errors:
+        return
+    now = _now()
+    err_rows, file_rows = [], {}
+    for p, reason, detail in errors:
+        rel = relp(p)
+        err_rows.append((rel, reason, detail, now))
+        size, mtime = stat.get(p, (0, 0.0))
+        status = "skipped" if reason in ("series_not_selected", "series_exists", "duplicate_sop", "localizer") else "error"
+        file_rows[rel] = (rel, size, mtime, status)
+        summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
+        summary.errors += 1
+    with connect(db) as con:
+        con.execute("BEGIN")
+        con.executemany("DELETE FROM ingest_errors WHERE path = ?", [(r[0],) for r in file_rows.values()])
+        con.executemany("INSERT INTO ingest_errors VALUES (?, ?, ?, ?)", err_rows)
+        con.executemany("INSERT OR REPLACE INTO ingested_files VALUES (?, ?, ?, ?)", list(file_rows.values()))
+        con.execute("COMMIT")
+
+
+def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, summary: IngestSummary,
+            rsna, relp, stat) -> None:
+    """Catalog rows for finished series (arrays already renamed into place), one transaction."""
+    import pandas as pd
+
+    from ctssl_core.db import connect
+
+    now = _now()
+    patients, studies, series, slices, files, errs = {}, {}, [], [], [], []
+    for b in built:
+        p = plans[b.series_uid]
+        h0 = p.headers[p.files[0]]
+        pk, stk, sk = key("patient", p.patient_id), key("study", p.study_uid), key("series", p.series_uid)
+        patients.setdefault(pk, (pk, h0.age, h0.sex, h0.race, json.dumps({})))
+        pe_exam, exam = None, None
+        if rsna is not None and p.study_uid in rsna.exams:
+            exam = rsna.exams[p.study_uid]
+            neg = exam.get("negative_exam_for_pe")
+            pe_exam = None if neg is None else (not bool(neg))
+        studies.setdefault(stk, (stk, pk, summary.dataset, pe_exam, json.dumps(exam) if exam else None))
+        series.append(dict(
+            series_key=sk, study_key=stk, patient_key=pk, array_path=b.array_rel, mask_path=b.mask_rel,
+            n_slices=len(b.sop_uids), height=b.height, width=b.width, orig_rows=b.orig_rows, orig_cols=b.orig_cols,
+            pixel_spacing_mm=b.pixel_spacing, slice_spacing_mm=p.slice_spacing, slice_thickness_mm=p.thickness,
+            site=None, manufacturer=h0.manufacturer, model=h0.model, kernel=h0.kernel,
+            selection_rule=p.selection_rule, ingested_at=now))
+        for i, (sop, z) in enumerate(zip(b.sop_uids, b.z)):
+            pe = rsna.pe.get(sop.split("#")[0]) if rsna is not None else None
+            slices.append((sk, i, key("sop", sop), z, pe, b.nodule_px[i] if b.nodule_px is not None else None))
+        for f in b.files_ok:
+            size, mtime = stat.get(f, (0, 0.0))
+            files.append((relp(f), size, mtime, "ok"))
+        for f, reason, detail in b.errors:
+            errs.append((relp(f), reason, detail, now))
+            size, mtime = stat.get(f, (0, 0.0))
+            files.append((relp(f), size, mtime, "error"))
+            summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
+            summary.errors += 1
+    with connect(db) as con:
+        con.execute("BEGIN")
+        start = con.execute("SELECT coalesce(max(slice_id) + 1, 0) FROM slices").fetchone()[0]
+        have_p = {r[0] for r in con.execute("SELECT patient_key FROM patients").fetchall()}
+        new_p = [v for k, v in patients.items() if k not in have_p]
+        if new_p:
+            con.executemany("INSERT INTO patients VALUES (?, ?, ?, ?, ?)", new_p)
+        have_s = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
+        new_s = [v for k, v in studies.items() if k not in have_s]
+        if new_s:
+            con.executemany("INSERT INTO studies VALUES (?, ?, ?, ?, ?)", new_s)
+        ser_df = pd.DataFrame(series)  # noqa: F841 - referenced by name in SQL
+        con.execute(f"INSERT INTO series ({', '.join(series[0])}) SELECT * FROM ser_df")
+        sl_df = pd.DataFrame(slices, columns=["series_key", "idx", "sop_key", "z_mm", "pe", "nodule_px"])
+        sl_df.insert(0, "slice_id", np.arange(start, start + len(sl_df), dtype=np.int64))
+        sl_df["pe"] = sl_df["pe"].astype("boolean")
+        sl_df["nodule_px"] = sl_df["nodule_px"].astype("Int32")
+        sl_df["z_mm"] = sl_df["z_mm"].astype("float64")
+        con.execute("INSERT INTO slices SELECT * FROM sl_df")
+        if errs:
+            con.executemany("INSERT INTO ingest_errors VALUES (?, ?, ?, ?)", errs)
+        con.executemany("INSERT OR REPLACE INTO ingested_files VALUES (?, ?, ?, ?)", files)
+        con.execute("COMMIT")
+    summary.series += len(built)
+    summary.slices += len(slices)
+    summary.files_ok += sum(len(b.files_ok) for b in built)
+    summary.labelled_slices += sum(1 for s in slices if s[4] is not None)
+    summary.nodule_series += sum(1 for b in built if b.mask_rel)
+
+
+def iter_chunks(items: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
