@@ -1,0 +1,107 @@
+"""Checkpoints: atomic save, encoder/head apart, strict loading with loud, specific errors."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _fit_fakes import TinyEncoder
+from ctssl_core.checkpoint import (
+    CheckpointError,
+    load_encoder,
+    load_encoder_state,
+    read_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ctssl_core.models import build_encoder
+from ctssl_core.paths import store_paths
+
+torch.set_num_threads(1)
+
+
+def save_tiny(path, name="tiny", width=0.25, **kw):
+    enc = build_encoder(name, width=width)
+    head = nn.Linear(enc.embed_dim, 4)
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=1e-3)
+    cfg = {"encoder": name, "encoder_params": {"width": width}, "task": "rotation"}
+    save_checkpoint(path, enc, head, opt, None, step=7, rng=rng_state(), config=cfg, **kw)
+    return enc, head
+
+
+def test_save_then_load_encoder_round_trips_weights_and_config(tmp_path):
+    enc, head = save_tiny(tmp_path / "ck" / "last.pt", loader={"epoch": 1, "position": 3})
+    loaded, cfg = load_encoder(tmp_path / "ck" / "last.pt")
+    assert type(loaded) is type(enc) and cfg["task"] == "rotation"
+    for (k, v), (k2, v2) in zip(enc.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    raw = read_checkpoint(tmp_path / "ck" / "last.pt")
+    assert raw["step"] == 7 and raw["loader"] == {"epoch": 1, "position": 3}
+    assert set(raw["head"]) == {"weight", "bias"}
+    assert not any(k.startswith("head") for k in raw["encoder"])  # encoder saved on its own
+    assert not list((tmp_path / "ck").glob(".*tmp*"))  # atomic write left no temp file
+
+
+def test_load_by_run_id_from_the_store(tmp_path):
+    store = tmp_path / "store"
+    run_ckpt = store_paths(store).run_dir("pretrain-rot-1") / "checkpoints" / "last.pt"
+    save_tiny(run_ckpt)
+    assert resolve_checkpoint("pretrain-rot-1", store) == run_ckpt
+    enc, _ = load_encoder("pretrain-rot-1", store_root=store)
+    assert enc.embed_dim == build_encoder("tiny", width=0.25).embed_dim
+
+
+def test_architecture_mismatch_names_both(tmp_path):
+    save_tiny(tmp_path / "r.pt", name="resnet18", width=0.125)
+    with pytest.raises(CheckpointError, match="checkpoint is resnet18, you asked for tiny"):
+        load_encoder(tmp_path / "r.pt", expected="tiny")
+    ck = read_checkpoint(tmp_path / "r.pt")
+    with pytest.raises(CheckpointError, match="checkpoint is resnet18, you asked for tiny"):
+        load_encoder_state(build_encoder("tiny", width=0.25), ck, expected_name="tiny")
+
+
+def test_strict_load_lists_missing_unexpected_and_shape_keys(tmp_path):
+    save_tiny(tmp_path / "t.pt", width=0.25)
+    ck = read_checkpoint(tmp_path / "t.pt")
+    ck["encoder"].pop(next(iter(ck["encoder"])))
+    ck["encoder"]["extra.weight"] = torch.zeros(1)
+    ck["encoder_name"] = None  # no name: only the key comparison speaks
+    with pytest.raises(CheckpointError, match=r"missing keys \[stem.*unexpected keys \[extra.weight\]"):
+        load_encoder_state(build_encoder("tiny", width=0.25), ck)
+    ck2 = read_checkpoint(tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_encoder_state(build_encoder("tiny", width=0.5), ck2, expected_name="tiny")
+
+
+def test_missing_or_foreign_files_get_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found for 'nope'"):
+        resolve_checkpoint("nope", tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a ctssl checkpoint"):
+        read_checkpoint(tmp_path / "other.pt")
+
+
+def test_rng_state_round_trip_including_named_generators():
+    g = torch.Generator().manual_seed(5)
+    state = rng_state({"task": g})
+    a = (random.random(), np.random.rand(), torch.rand(3), torch.rand(2, generator=g))
+    set_rng_state(state, {"task": g})
+    b = (random.random(), np.random.rand(), torch.rand(3), torch.rand(2, generator=g))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+def test_fake_encoder_name_from_attribute(tmp_path):
+    enc = TinyEncoder()
+    save_checkpoint(tmp_path / "f.pt", enc, None, None, None, 1, None, None)
+    ck = read_checkpoint(tmp_path / "f.pt")
+    assert ck["encoder_name"] == "tiny_fake" and ck["encoder_kwargs"] == {"width": 8}
+    load_encoder_state(TinyEncoder(), ck)  # same architecture loads strictly
