@@ -1,0 +1,34 @@
+"""`ctssl ingest DIR`: DICOM folder -> slice store + catalog."""
+
+from __future__ import annotations
+
+HELP = "Ingest a folder of CT DICOM (any layout) into the slice store and its DuckDB catalog."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", help="folder with DICOM files (searched recursively; sidecars train.csv, "
+                               "lidc_xml/, demographics.csv are picked up automatically)")
+    p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    p.add_argument("--format", default="auto", choices=["auto", "generic", "rsna-pe", "lidc"],
+                   help="dataset layout; auto detects sidecars")
+    p.add_argument("--demographics", default=None, help="CSV keyed by PatientID or StudyInstanceUID "
+                                                          "(age, sex, race, any extra columns); its values win over DICOM tags")
+    p.add_argument("--size", type=int, default=None, help="stored in-plane size in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default 2)")
+    p.add_argument("--agreement", type=float, default=None, help="LIDC consensus agreement fraction (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ctssl_core.config import build
+    from ctssl_core.data.ingest import IngestConfig, ingest
+    from ctssl_core.paths import default_store
+
+    raw = {"format": args.format, "demographics": args.demographics, "size": args.size,
+           "workers": args.workers, "agreement": args.agreement}
+    cfg = build(IngestConfig, {k: v for k, v in raw.items() if v is not None})
+    store = args.store or default_store()
+    summary = ingest(args.dir, store, cfg, progress=not args.quiet)
+    print(f"store: {store}")
+    print(summary.table())
+    return 0

@@ -1,0 +1,79 @@
+"""Patient-level train/val/test splits, seeded and stored, identical for every strategy.
+
+Why patient level: slices of one patient are near-duplicates; a patient in both
+train and test would inflate every downstream metric. Why stored: every
+pretraining strategy and label fraction must be compared on the same test set,
+and a store that grows (re-ingest) must not reshuffle patients already assigned.
+Stratified by a label (sex / PE exam) when given, so small cohorts keep the
+balance in every split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def make_splits(patient_keys: Iterable[str], seed: int, fractions=(0.7, 0.15, 0.15),
+                strata: Mapping[str, object] | None = None) -> dict[str, str]:
+    """Assign each patient to train/val/test. Deterministic given (keys as a set, seed, strata)."""
+    from ctssl_core.config import ConfigError
+
+    fr = np.asarray(fractions, np.float64)
+    if fr.shape != (3,) or np.any(fr < 0) or not np.isclose(fr.sum(), 1.0):
+        raise ConfigError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+    keys = sorted(set(patient_keys))
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(str(strata.get(k)) if strata else "", []).append(k)
+    rng = np.random.default_rng(seed)
+    out: dict[str, str] = {}
+    carry = np.zeros(3)  # largest-remainder carried across strata so totals match the fractions
+    for g in sorted(groups):
+        members = groups[g]
+        perm = rng.permutation(len(members))
+        want = fr * len(members) + carry
+        counts = np.floor(want).astype(int)
+        rest = len(members) - counts.sum()
+        for i in np.argsort(-(want - counts), kind="stable")[:rest]:
+            counts[i] += 1
+        carry = want - counts
+        bounds = np.cumsum(counts)
+        for rank, i in enumerate(perm):
+            out[members[i]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+    return out
+
+
+def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15, 0.15)) -> dict[str, str]:
+    """Splits for ``seed`` from the store's ``splits`` table; patients not yet assigned get a split now.
+
+    Existing assignments never change. Stratified by sex and exam-level PE where known.
+    """
+    from ctssl_core.db import StoreMissing, connect
+    from ctssl_core.paths import store_paths
+    from ctssl_core.schema import ensure_schema
+
+    paths = store_paths(store_root)
+    if not paths.db.exists():
+        raise StoreMissing(f"no ctssl store at {paths.root}; run `ctssl ingest DIR --store {paths.root}` first")
+    with connect(paths.db) as con:
+        ensure_schema(con)
+        rows = con.execute(
+            "SELECT p.patient_key, coalesce(p.sex, '?') || '/' || coalesce(CAST(bool_or(s.pe_exam) AS TEXT), '?') "
+            "FROM patients p LEFT JOIN studies s USING (patient_key) GROUP BY p.patient_key, p.sex").fetchall()
+        if not rows:
+            raise StoreMissing(f"the store at {paths.root} has no patients; run `ctssl ingest DIR --store {paths.root}`")
+        have = dict(con.execute("SELECT patient_key, split FROM splits WHERE seed = ?", [seed]).fetchall())
+        new = [k for k, _ in rows if k not in have]
+        if new:
+            strata = {k: s for k, s in rows if k in set(new)}
+            assigned = make_splits(new, seed, fractions, strata)
+            con.execute("BEGIN")
+            con.executemany("INSERT INTO splits VALUES (?, ?, ?)", [(k, seed, v) for k, v in assigned.items()])
+            con.execute("COMMIT")
+            have.update(assigned)
+    return have
