@@ -1,0 +1,43 @@
+"""`ctssl bias`: probes, KS tests, separability (and subgroup performance) of one embedding vs random init."""
+
+from __future__ import annotations
+
+HELP = "bias analysis of an embedding against random init: probes, KS tests, separability, subgroup metrics"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--emb", required=True, metavar="EMB_ID", help="embedding id written by `ctssl embed`")
+    p.add_argument("--reference", default=None, metavar="EMB_ID",
+                   help="reference embedding (default: the newest random-init one of the same split/level/encoder)")
+    p.add_argument("--scores", default=None, metavar="PATH",
+                   help="parquet/csv of downstream PE scores (patient_key, score, label) for subgroup performance")
+    p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BiasConfig field, e.g. --set n_boot=200 --set correction=holm")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from ctssl_core.bias import BiasConfig, analyse_encoder
+    from ctssl_core.config import ConfigError, build
+    from ctssl_core.paths import store_paths
+
+    cfg = build(BiasConfig, {}, args.overrides)
+    scores = None
+    if args.scores:
+        path = Path(args.scores)
+        if not path.exists():
+            raise ConfigError(f"--scores {path} does not exist; pass a parquet or csv with patient_key, score, label")
+        scores = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    df = analyse_encoder(store_paths(args.store).root, args.emb, args.reference, cfg, pe_scores=scores, progress=print)
+    ks = df[df["analysis"] == "ks"]
+    for s in df.loc[df["analysis"] != "ks", "sentence"]:
+        print(s)
+    if len(ks):
+        print(f"KS tests: {int(ks['flagged'].sum())} of {len(ks)} flagged after {cfg.correction} correction "
+              f"({', '.join(sorted(set(ks.loc[ks['flagged'].astype(bool), 'attribute']))) or 'none'}).")
+    print(f"{len(df)} rows written to bias_results for {args.emb}.")
+    return 0

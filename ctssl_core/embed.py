@@ -1,0 +1,380 @@
+"""Embeddings of the evaluation split and their 2D projections (PCA, UMAP).
+
+What: every slice of the evaluation split (default ``test``) goes through a
+frozen encoder's ``embed`` (batched, no grad) -> slice embeddings; exam
+embeddings are the mean of an exam's slice embeddings. Each is saved as a
+float32 ``.npy`` ``(N, D)`` plus a parquet of row keys (slice_id, series_key,
+patient_key, idx) with the demographics joined from the catalog (age, sex,
+race, control_group, site, PE label) and one row in the ``embeddings`` table.
+No patient identifier is stored: keys are the catalog's keyed hashes.
+
+Why: the bias analysis (``bias.py``) and the dashboard's embedding view both
+need the same vectors; computing them once keeps page reruns instant.
+
+Projections are computed once and stored (``projections`` table + parquet
+``row, x, y``): PCA always; UMAP (umap-learn) after PCA to 50 dims with a fixed
+``random_state`` and recorded parameters. Above ``max_points`` rows a sample
+stratified by sex and race is projected (``sampled = true`` in the table).
+UMAP cost: the first fit in a fresh process pays ~30-45 s of numba
+compilation on two CPU cores (measured separately in
+``experiments/bench_embed.py``); 20,000 x 512 then fits in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreError, connect
+from ctssl_core.paths import store_paths
+
+
+class EmbedError(StoreError):
+    """Embeddings that cannot be made or found; the message says what to do."""
+
+
+@dataclass
+class EmbedConfig:
+    split: str = "test"                 # 'train' | 'val' | 'test' | 'all'
+    split_seed: int = 0                 # seed of the patient split (splits table)
+    encoder: str = "resnet18"           # registry key used for --checkpoint random
+    seed: int = 0                       # init seed for random
+    batch_size: int = 64
+    device: str = "cpu"
+    max_per_series: int = 0             # 0 = every slice; else evenly spaced slices per series
+    window_level: float = 50.0
+    window_width: float = 350.0
+    minmax: bool = False                # per-slice min-max after windowing (as the paper's loader)
+    pca: bool = True
+    umap: bool = True
+    max_points: int = 20000             # projections above this use a stratified sample
+    umap_pca_dims: int = 50
+    umap_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    random_state: int = 0
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def embed_array(encoder, read: Callable[[np.ndarray], np.ndarray], slice_ids: np.ndarray, batch_size: int = 64,
+                device: str = "cpu", window: tuple[float, float] = (50.0, 350.0), minmax: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Slice embeddings ``(N, D)`` float32: read int16 HU batches, window on the device, ``encoder.embed``."""
+    import torch
+
+    from ctssl_core.ops import window as ops_window
+
+    enc = encoder.to(device).eval()
+    out = []
+    n = len(slice_ids)
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            ids = np.asarray(slice_ids[i:i + batch_size])
+            hu = torch.from_numpy(np.ascontiguousarray(read(ids))).to(device)             # (B, H, W) int16
+            x = ops_window(hu, level=window[0], width=window[1], minmax=minmax)[:, None]  # (B, 1, H, W)
+            out.append(enc.embed(x).float().cpu().numpy())                                # (B, D)
+            if progress:
+                progress(min(i + batch_size, n), n)
+    if not out:
+        raise EmbedError("no slices to embed; is the split empty? Check `--split` and that the store has patients in it")
+    return np.concatenate(out).astype(np.float32)
+
+
+def pool_rows(E: np.ndarray, by: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean of the rows of ``E`` per value of ``by`` -> (pooled (G, D), first row index (G,), counts (G,))."""
+    keys, first, inv, counts = np.unique(by, return_index=True, return_inverse=True, return_counts=True)
+    pooled = np.zeros((len(keys), E.shape[1]), dtype=np.float64)
+    np.add.at(pooled, inv, E)
+    pooled /= counts[:, None]
+    order = np.argsort(first)                                       # keep first-appearance order
+    return pooled[order].astype(np.float32), first[order], counts[order]
+
+
+def exam_table(E: np.ndarray, keys: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Exam (series) embeddings by mean pooling, with one key row per exam."""
+    pooled, first, counts = pool_rows(E, keys["series_key"].to_numpy())
+    ek = keys.iloc[first].reset_index(drop=True).copy()
+    ek["n_slices"] = counts
+    if "pe" in ek.columns:
+        ek = ek.drop(columns=["pe"])
+    if "pe_exam" in ek.columns:
+        ek["pe"] = ek["pe_exam"]
+    ek["slice_id"], ek["idx"] = -1, -1
+    return pooled, ek
+
+
+def stratified_sample(keys: pd.DataFrame, max_points: int, by: tuple[str, ...] = ("sex", "race"), seed: int = 0) -> np.ndarray:
+    """Sorted row indices: all rows if ``len <= max_points``, else a sample keeping each stratum's share.
+
+    Strata are the combinations of ``by`` present (missing values form their
+    own stratum); allocation is proportional with largest remainders, so small
+    groups keep their share rather than vanishing from the plot.
+    """
+    n = len(keys)
+    if n <= max_points:
+        return np.arange(n)
+    cols = [c for c in by if c in keys.columns]
+    strata = keys[cols].astype(str).agg("|".join, axis=1).to_numpy() if cols else np.zeros(n, dtype=str)
+    labels, inv, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    quota = counts * max_points / n
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take))[: max_points - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    out = [rng.choice(np.flatnonzero(inv == s), size=take[s], replace=False) for s in range(len(labels))]
+    return np.sort(np.concatenate(out))
+
+
+def project_pca(E: np.ndarray, fit_rows: np.ndarray | None = None, n_components: int = 2, random_state: int = 0):
+    """PCA fitted on ``E[fit_rows]`` (default all); returns (model, explained variance ratio)."""
+    from sklearn.decomposition import PCA
+
+    k = int(min(n_components, E.shape[0], E.shape[1]))
+    X = E if fit_rows is None else E[fit_rows]
+    pca = PCA(n_components=k, random_state=random_state).fit(X)
+    return pca, pca.explained_variance_ratio_
+
+
+def project_umap(E: np.ndarray, pca_dims: int = 50, n_neighbors: int = 15, min_dist: float = 0.1,
+                 random_state: int = 0) -> tuple[np.ndarray, dict[str, Any], float]:
+    """UMAP of ``E`` after PCA to ``pca_dims``: (xy (N, 2), params, fit seconds excluding import)."""
+    import umap  # numba: first fit per process compiles (~30-45 s on 2 cores)
+
+    t0 = time.perf_counter()
+    X = E
+    if E.shape[1] > pca_dims and E.shape[0] > pca_dims:
+        X = project_pca(E, n_components=pca_dims, random_state=random_state)[0].transform(E)   # (N, pca_dims)
+    nn = int(min(n_neighbors, len(E) - 1))
+    if nn < 2:
+        raise EmbedError(f"UMAP needs at least 3 points; got {len(E)}")
+    reducer = umap.UMAP(n_neighbors=nn, min_dist=min_dist, n_components=2, random_state=random_state, metric="euclidean")
+    xy = reducer.fit_transform(X).astype(np.float32)
+    params = dict(pca_dims=int(min(pca_dims, X.shape[1])), n_neighbors=nn, min_dist=min_dist, metric="euclidean",
+                  random_state=random_state, umap_version=umap.__version__)
+    return xy, params, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- store side
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:80]
+
+
+def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, split: str = "test",
+                 split_seed: int = 0) -> pd.DataFrame:
+    """Row keys + demographics for the slices of ``split`` (or the given ``slice_ids``), ordered by slice_id.
+
+    Columns: slice_id, series_key, patient_key, idx, age, sex, race,
+    control_group, site, pe (slice label), pe_exam (exam label), split.
+    """
+    sp = store_paths(store_root)
+    if split != "all":
+        _ensure_splits(store_root, split_seed)
+    with connect(sp.db, read_only=True) as con:
+        df = con.execute(
+            """
+            SELECT s.slice_id, s.series_key, se.patient_key, s.idx, p.age, p.sex, p.race,
+                   CAST(p.attributes AS VARCHAR) AS attributes, se.site AS series_site,
+                   CAST(s.pe AS DOUBLE) AS pe, CAST(st.pe_exam AS DOUBLE) AS pe_exam, sp.split
+            FROM slices s
+            JOIN series se USING (series_key)
+            LEFT JOIN patients p ON p.patient_key = se.patient_key
+            LEFT JOIN studies st ON st.study_key = se.study_key
+            LEFT JOIN (SELECT patient_key, split FROM splits WHERE seed = ?) sp ON sp.patient_key = se.patient_key
+            ORDER BY s.slice_id
+            """, [split_seed]).df()
+    if split != "all":
+        df = df[df["split"] == split]
+    if slice_ids is not None:
+        df = df.set_index("slice_id").loc[np.asarray(slice_ids)].reset_index()
+    attrs = df["attributes"].map(lambda a: json.loads(a) if isinstance(a, str) and a else {})
+    df["control_group"] = attrs.map(lambda a: a.get("control_group"))
+    df["site"] = df["series_site"].where(df["series_site"].notna(), attrs.map(lambda a: a.get("site")))
+    return df.drop(columns=["attributes", "series_site"]).reset_index(drop=True)
+
+
+def _ensure_splits(store_root: str | Path, seed: int) -> None:
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [seed]).fetchone()[0]
+    if not have:
+        from ctssl_core.data.splits import get_or_create_splits
+
+        get_or_create_splits(store_root, seed)
+
+
+def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Keep ``k`` evenly spaced slices of each series (all when ``k <= 0`` or the series is shorter)."""
+    if k <= 0:
+        return keys
+    def pick(g: pd.DataFrame) -> pd.DataFrame:
+        if len(g) <= k:
+            return g
+        return g.iloc[np.unique(np.linspace(0, len(g) - 1, k).round().astype(int))]
+    return keys.groupby("series_key", sort=False, group_keys=False).apply(pick).sort_values("slice_id").reset_index(drop=True)
+
+
+def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd.DataFrame, *, run_id: str | None,
+                    init: str, encoder: str, split: str, level: str) -> dict[str, Any]:
+    """Write ``<emb_id>.npy`` + ``<emb_id>.parquet`` and (re)place the ``embeddings`` row."""
+    from ctssl_core.schema import ensure_schema
+
+    if len(E) != len(keys):
+        raise EmbedError(f"embeddings ({len(E)} rows) and keys ({len(keys)} rows) differ; nothing written")
+    sp = store_paths(store_root)
+    sp.embeddings.mkdir(parents=True, exist_ok=True)
+    npy, pq = sp.embeddings / f"{emb_id}.npy", sp.embeddings / f"{emb_id}.parquet"
+    tmp = npy.with_suffix(".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(E, dtype=np.float32))
+    tmp.replace(npy)
+    keys.reset_index(drop=True).to_parquet(pq, index=False)
+    row = dict(emb_id=emb_id, run_id=run_id, init=init, encoder=encoder, split=split, level=level,
+               path=str(npy.relative_to(sp.root)), keys_path=str(pq.relative_to(sp.root)), n=int(len(E)),
+               dim=int(E.shape[1]), created_at=_now())
+    with connect(sp.db) as con:
+        ensure_schema(con)
+        con.execute("DELETE FROM embeddings WHERE emb_id = ?", [emb_id])
+        con.execute("DELETE FROM projections WHERE emb_id = ?", [emb_id])
+        con.execute(f"INSERT INTO embeddings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    return row
+
+
+def load_embeddings(store_root: str | Path, emb_id: str) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """(vectors (N, D) float32, keys DataFrame, embeddings row) of ``emb_id``."""
+    sp = store_paths(store_root)
+    with connect(sp.db, read_only=True) as con:
+        cur = con.execute("SELECT * FROM embeddings WHERE emb_id = ?", [emb_id])
+        r = cur.fetchone()
+        cols = [d[0] for d in cur.description]
+        if r is None:
+            known = [x[0] for x in con.execute("SELECT emb_id FROM embeddings ORDER BY created_at DESC LIMIT 10").fetchall()]
+            raise EmbedError(f"no embeddings {emb_id!r} in {sp.root}; run `ctssl embed --checkpoint RUN_ID|random` "
+                             f"first. Known: {known or 'none'}")
+    row = dict(zip(cols, r))
+    E = np.load(sp.root / row["path"], mmap_mode="r")
+    keys = pd.read_parquet(sp.root / row["keys_path"])
+    if len(E) != len(keys):
+        raise EmbedError(f"{row['path']} has {len(E)} rows but its keys have {len(keys)}; re-run `ctssl embed`")
+    return np.asarray(E), keys, row
+
+
+def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | None = None,
+                        log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """PCA (always) and UMAP (if ``cfg.umap``) of ``emb_id``; parquet ``row, x, y`` + ``projections`` rows."""
+    from ctssl_core.schema import ensure_schema
+
+    cfg = cfg or EmbedConfig()
+    say = log or (lambda m: None)
+    E, keys, _ = load_embeddings(store_root, emb_id)
+    sp = store_paths(store_root)
+    rows_idx = stratified_sample(keys, cfg.max_points, seed=cfg.random_state)
+    sampled = len(rows_idx) < len(E)
+    out = []
+    methods = (["pca"] if cfg.pca else []) + (["umap"] if cfg.umap else [])
+    for method in methods:
+        t0 = time.perf_counter()
+        if method == "pca":
+            pca, evr = project_pca(E, random_state=cfg.random_state)
+            xy = pca.transform(E[rows_idx]).astype(np.float32)          # (n, 2), fitted on all rows
+            params = dict(n_components=2, fit_n=int(len(E)), explained_variance_ratio=[float(v) for v in evr],
+                          random_state=cfg.random_state)
+        else:
+            xy, params, _ = project_umap(E[rows_idx], cfg.umap_pca_dims, cfg.umap_neighbors, cfg.umap_min_dist,
+                                         cfg.random_state)
+        secs = time.perf_counter() - t0
+        if sampled:
+            params["sample"] = f"stratified by sex and race, {len(rows_idx)} of {len(E)} rows"
+        if xy.shape[1] == 1:
+            xy = np.concatenate([xy, np.zeros_like(xy)], 1)
+        path = sp.embeddings / f"{emb_id}.{method}.parquet"
+        pd.DataFrame({"row": rows_idx.astype(np.int64), "x": xy[:, 0], "y": xy[:, 1]}).to_parquet(path, index=False)
+        row = dict(emb_id=emb_id, method=method, params=json.dumps(params), seconds=float(secs), n_points=int(len(rows_idx)),
+                   sampled=bool(sampled), path=str(path.relative_to(sp.root)))
+        with connect(sp.db) as con:
+            ensure_schema(con)
+            con.execute("DELETE FROM projections WHERE emb_id = ? AND method = ?", [emb_id, method])
+            con.execute(f"INSERT INTO projections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        say(f"{method} of {emb_id}: {len(rows_idx)} points in {secs:.1f}s" + (" (sampled)" if sampled else ""))
+        out.append(row)
+    return out
+
+
+def load_projection(store_root: str | Path, emb_id: str, method: str = "pca") -> pd.DataFrame:
+    """Stored projection joined with the embedding's keys (x, y + demographics)."""
+    sp = store_paths(store_root)
+    with connect(sp.db, read_only=True) as con:
+        r = con.execute("SELECT path FROM projections WHERE emb_id = ? AND method = ?", [emb_id, method]).fetchone()
+    if r is None:
+        raise EmbedError(f"no {method} projection of {emb_id!r}; run `ctssl embed` (projections are made with the embeddings)")
+    pts = pd.read_parquet(sp.root / r[0])
+    _, keys, _ = load_embeddings(store_root, emb_id)
+    return pd.concat([pts.reset_index(drop=True), keys.iloc[pts["row"].to_numpy()].reset_index(drop=True)], axis=1)
+
+
+def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
+    """(encoder, init, encoder key, run_id, tag) for ``random``, a run id or a checkpoint path."""
+    import torch
+
+    if checkpoint == "random":
+        from ctssl_core.models import build_encoder
+
+        torch.manual_seed(cfg.seed)
+        enc = build_encoder(cfg.encoder)
+        return enc, "random", cfg.encoder, None, f"random-{cfg.encoder}-s{cfg.seed}"
+    from ctssl_core.checkpoint import load_encoder, read_checkpoint
+
+    enc, run_cfg = load_encoder(checkpoint, store_root)
+    name = read_checkpoint(checkpoint, store_root).get("encoder_name") or cfg.encoder
+    run_id, init = None, None
+    sp = store_paths(store_root)
+    if sp.db.exists():
+        with connect(sp.db, read_only=True) as con:
+            r = con.execute("SELECT run_id, task, init FROM runs WHERE run_id = ?", [str(checkpoint)]).fetchone()
+        if r is not None:
+            run_id = r[0]
+            init = r[1] if r[1] else r[2]
+    init = init or run_cfg.get("task") or run_cfg.get("pretext") or Path(str(checkpoint)).stem
+    tag = run_id or f"ckpt-{_safe(Path(str(checkpoint)).resolve().parent.parent.name or Path(str(checkpoint)).stem)}"
+    return enc, str(init), name, run_id, tag
+
+
+def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Embed the evaluation split with ``checkpoint`` (run id, path or 'random'); store slice + exam
+    embeddings and their projections. Returns ``{"slice": emb_id, "exam": emb_id}``."""
+    from ctssl_core.data.store import SliceStore
+
+    cfg = cfg or EmbedConfig()
+    say = log or (lambda m: None)
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        raise EmbedError(f"no ctssl store at {sp.root}; create one with `ctssl synth` + `ctssl ingest`")
+    enc, init, name, run_id, tag = resolve_encoder(checkpoint, store_root, cfg)
+    keys = catalog_keys(store_root, split=cfg.split, split_seed=cfg.split_seed)
+    keys = even_per_series(keys, cfg.max_per_series)
+    if keys.empty:
+        raise EmbedError(f"split {cfg.split!r} (seed {cfg.split_seed}) has no slices in {sp.root}; choose another split")
+    store = SliceStore.open(store_root)
+    say(f"embedding {len(keys)} slices of split {cfg.split} with {tag} ({name})")
+    E = embed_array(enc, store.read, keys["slice_id"].to_numpy(), cfg.batch_size, cfg.device,
+                    (cfg.window_level, cfg.window_width), cfg.minmax)
+    ids = {}
+    for level, (V, K) in {"slice": (E, keys), "exam": exam_table(E, keys)}.items():
+        emb_id = f"{tag}-{cfg.split}-{level}"
+        save_embeddings(store_root, emb_id, V, K, run_id=run_id, init=init, encoder=name, split=cfg.split, level=level)
+        compute_projections(store_root, emb_id, cfg, log=say)
+        ids[level] = emb_id
+    return ids
