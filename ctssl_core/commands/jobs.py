@@ -1,0 +1,94 @@
+"""`ctssl jobs submit|list|show|cancel|resume|logs`: the Jobs page from a terminal (same functions)."""
+
+from __future__ import annotations
+
+HELP = "Queue, list, cancel and resume background jobs (pretrain, finetune, probe, embed, benchmark)."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = sub.add_parser("submit", help="validate and queue a job: `ctssl jobs submit finetune task=pe fraction=0.05`")
+    s.add_argument("kind", help="job kind (see `ctssl jobs kinds`)")
+    s.add_argument("params", nargs="*", metavar="key=value", help="spec fields, e.g. init=masked_region seed=1")
+    s.add_argument("--no-worker", action="store_true", help="only queue; do not start a worker if none runs")
+    s.add_argument("--max-cpu-jobs", type=int, default=1, help="for a worker started here (default 1)")
+    sub.add_parser("kinds", help="list job kinds, their fields, defaults and allowed values")
+    ls = sub.add_parser("list", help="jobs, newest first")
+    ls.add_argument("--state", action="append", default=None, help="only this state (repeatable)")
+    ls.add_argument("--limit", type=int, default=50)
+    sh = sub.add_parser("show", help="one job's full record")
+    sh.add_argument("job_id")
+    c = sub.add_parser("cancel", help="SIGTERM the job's process group (SIGKILL after the grace period)")
+    c.add_argument("job_id")
+    c.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the end")
+    c.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+    r = sub.add_parser("resume", help="queue a failed/cancelled job again from its last checkpoint")
+    r.add_argument("job_id")
+    lg = sub.add_parser("logs", help="tail of the job's log")
+    lg.add_argument("job_id")
+    lg.add_argument("-n", "--lines", type=int, default=40)
+    sub.add_parser("reconcile", help="mark jobs whose process died as failed (the worker does this too)")
+
+
+def _fmt_job_row(r) -> str:
+    prog = "" if r.progress is None or r.progress != r.progress else f"{100 * r.progress:5.1f}%"
+    cur = r.current or {}
+    loss = next((f"{k}={v:.4g}" for k, v in cur.items() if "loss" in k and isinstance(v, (int, float))), "")
+    return f"{r.job_id:32} {r.kind:10} {r.state:10} {prog:>6} {loss:24} {r.run_id or ''}"
+
+
+def run(args) -> int:
+    import dataclasses
+    import json
+
+    from ctssl_core import jobs
+    from ctssl_core.config import parse_overrides
+    from ctssl_core.paths import default_store
+
+    store = args.store or default_store()
+    if args.action == "submit":
+        params = parse_overrides(args.params)
+        job_id = jobs.submit(store, args.kind, params)
+        print(job_id)
+        if not args.no_worker:
+            pid = jobs.ensure_worker(store, max_cpu_jobs=args.max_cpu_jobs)
+            print(f"started worker pid {pid}" if pid else "a worker is already running", flush=True)
+        return 0
+    if args.action == "kinds":
+        for name, jk in jobs.job_kinds().items():
+            print(f"{name}: {jk.label}")
+            choices = jobs.field_choices(name, store)
+            for f in dataclasses.fields(jk.spec):
+                lim = [f"{k}={v}" for k, v in f.metadata.items() if k in ("min", "max") and v is not None]
+                ch = f" one of {choices[f.name][:8]}" if f.name in choices else ""
+                print(f"    {f.name} (default {f.default!r}){' ' + ' '.join(lim) if lim else ''}{ch}")
+        return 0
+    if args.action == "list":
+        df = jobs.list_jobs(store, limit=args.limit, states=tuple(args.state) if args.state else None)
+        if df.empty:
+            print("no jobs")
+            return 0
+        df = df.astype(object).where(df.notna(), None)
+        for r in df.itertuples(index=False):
+            print(_fmt_job_row(r))
+        return 0
+    if args.action == "show":
+        print(json.dumps(jobs.get_job(store, args.job_id), default=str, indent=2))
+        return 0
+    if args.action == "cancel":
+        state = jobs.cancel(store, args.job_id, wait=not args.no_wait, grace_s=args.grace)
+        print(f"{args.job_id}: {state if not args.no_wait else 'cancel requested'}")
+        return 0
+    if args.action == "resume":
+        print(jobs.resume(store, args.job_id))
+        return 0
+    if args.action == "logs":
+        jobs.get_job(store, args.job_id)  # clear message for an unknown id
+        print(jobs.log_tail(store, args.job_id, n_lines=args.lines))
+        return 0
+    if args.action == "reconcile":
+        for job_id, reason in jobs.reconcile(store):
+            print(f"{job_id}: failed: {reason}")
+        return 0
+    return 2

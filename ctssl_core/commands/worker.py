@@ -1,0 +1,32 @@
+"""`ctssl worker`: serve the store's job queue (one worker per store)."""
+
+from __future__ import annotations
+
+HELP = "Run queued jobs, each in its own process group (one per GPU, N concurrent CPU jobs)."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    p.add_argument("--once", action="store_true", help="exit when nothing is queued or running")
+    p.add_argument("--max-cpu-jobs", type=int, default=1, help="concurrent CPU jobs (default 1)")
+    p.add_argument("--max-gpu-jobs", type=int, default=1, help="concurrent GPU jobs (default 1: one per device)")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument("--stale", type=float, default=60.0,
+                   help="seconds without heartbeat before a running job counts as dead (default 60)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL on cancel")
+
+
+def run(args) -> int:
+    from ctssl_core.jobs import LocalBackend, Worker
+    from ctssl_core.jobs.kinds import job_kinds
+    from ctssl_core.paths import default_store
+
+    job_kinds()  # import CTSSL_JOB_PLUGINS now: a bad plugin name fails here, loudly
+    store = args.store or default_store()
+    w = Worker(store, max_cpu_jobs=args.max_cpu_jobs, max_gpu_jobs=args.max_gpu_jobs,
+               backend=LocalBackend(grace_s=args.grace), stale_s=args.stale)
+    print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs})",
+          flush=True)
+    w.run(once=args.once, idle_exit_s=args.idle_exit)
+    print("worker: exiting (running jobs continue on their own)", flush=True)
+    return 0

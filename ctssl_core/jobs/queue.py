@@ -1,0 +1,413 @@
+"""The persistent job queue in the ``jobs`` table: submit, claim, heartbeat, finish, cancel, resume, reconcile.
+
+Why state lives in DuckDB and not in a process: the dashboard reruns its
+script on every click and may be restarted; the worker may die; the job
+process must outlive both. So every fact (state, pid, process group,
+heartbeat, progress) is a row, written in one short transaction, and any
+process can look at the row and the pid and decide what is true
+(``reconcile``). Claiming is a single ``UPDATE ... WHERE state = 'queued'``:
+DuckDB lets one process write at a time and MVCC rejects a second claim of
+the same row within a process, so a job is claimed exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ctssl_core.config import ConfigError, to_dict
+from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
+from ctssl_core.jobs import procs
+from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
+from ctssl_core.paths import store_paths
+from ctssl_core.results.write import merge_pending, utcnow
+from ctssl_core.schema import ensure_schema
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+RUNNER_MARKER = "ctssl_core.jobs.runner"
+_INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on update",
+                   "Transaction conflict", "write-write conflict")
+
+
+class JobStateError(StoreError):
+    """An action that does not fit the job's state (cancel a finished job, resume a running one)."""
+
+
+def jobs_root(store_root: str | Path) -> Path:
+    return Path(store_root) / "jobs"
+
+
+def job_dir(store_root: str | Path, job_id: str) -> Path:
+    return jobs_root(store_root) / check_token("job_id", job_id)
+
+
+def new_job_id() -> str:
+    return f"job-{utcnow().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+@contextlib.contextmanager
+def _con(store_root: str | Path, read_only: bool = False, timeout_s: float = 30.0) -> Iterator[Any]:
+    """``db.connect`` plus a retry for in-process conflicts (a read-only and a read-write
+    connection to the same file in one process, e.g. two Streamlit sessions) so the
+    page never shows one. Read-write connections make sure the schema exists."""
+    import duckdb
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cm = connect(store_paths(store_root).db, read_only=read_only, timeout_s=timeout_s)
+        try:
+            con = cm.__enter__()
+            break
+        except duckdb.Error as e:
+            if not any(m.lower() in str(e).lower() for m in _INPROC_MARKERS) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    try:
+        if not read_only:
+            ensure_schema(con)
+        yield con
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def _write(store_root: str | Path, fn):
+    """Run ``fn(con)`` in a read-write connection; retry the whole thing on an in-process conflict."""
+    import duckdb
+
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            with _con(store_root) as con:
+                return fn(con)
+        except duckdb.Error as e:
+            if not any(m.lower() in str(e).lower() for m in _INPROC_MARKERS) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _read_df(store_root: str | Path, sql: str, params: list | None = None):
+    """Read-only query -> DataFrame; an empty frame if the store has no ``jobs`` table yet."""
+    import duckdb
+    import pandas as pd
+
+    try:
+        with _con(store_root, read_only=True) as con:
+            return con.execute(sql, params or []).df()
+    except StoreMissing:
+        return pd.DataFrame()
+    except duckdb.CatalogException:
+        return pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def checkpoints(store_root: str | Path):
+    """Succeeded pretraining runs whose checkpoint file exists: run_id, task, encoder, checkpoint, ended_at."""
+    import pandas as pd
+
+    df = _read_df(store_root, """
+        SELECT run_id, task, encoder, checkpoint, ended_at FROM runs
+        WHERE kind = 'pretrain' AND status = 'succeeded' AND checkpoint IS NOT NULL
+        ORDER BY ended_at DESC""")
+    if df.empty:
+        return pd.DataFrame(columns=["run_id", "task", "encoder", "checkpoint", "ended_at"])
+    root = Path(store_root)
+    keep = df["checkpoint"].map(lambda p: (root / p).exists() if not Path(p).is_absolute() else Path(p).exists())
+    return df[keep].reset_index(drop=True)
+
+
+JOB_COLUMNS = ["job_id", "kind", "spec", "state", "backend", "created_at", "started_at", "ended_at",
+               "heartbeat_at", "pid", "pgid", "claimed_by", "progress", "step", "total", "current",
+               "log_path", "run_id", "error", "attempts", "cancel_requested"]
+
+
+def list_jobs(store_root: str | Path, limit: int = 200, states: tuple[str, ...] | None = None):
+    """Jobs, newest first, as a DataFrame (``spec``/``current`` parsed to dicts)."""
+    import pandas as pd
+
+    where, params = "", []
+    if states:
+        where = f"WHERE state IN ({', '.join('?' for _ in states)})"
+        params = list(states)
+    df = _read_df(store_root, f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT {int(limit)}", params)
+    if df.empty:
+        return pd.DataFrame(columns=JOB_COLUMNS)
+    for col in ("spec", "current"):
+        df[col] = df[col].map(lambda s: json.loads(s) if isinstance(s, str) else (s or {}))
+    return df
+
+
+def get_job(store_root: str | Path, job_id: str) -> dict[str, Any]:
+    check_token("job_id", job_id)
+    df = _read_df(store_root, "SELECT * FROM jobs WHERE job_id = ?", [job_id])
+    if df.empty:
+        raise JobStateError(f"no job {job_id!r} in {store_root}; `ctssl jobs list` shows the jobs")
+    row = df.iloc[0].to_dict()
+    for col in ("spec", "current"):
+        row[col] = json.loads(row[col]) if isinstance(row[col], str) else (row[col] or {})
+    for k, v in list(row.items()):
+        if v is not None and not isinstance(v, (dict, list, str)):
+            try:
+                import pandas as pd
+                if pd.isna(v):
+                    row[k] = None
+            except (TypeError, ValueError):
+                pass
+    return row
+
+
+def log_tail(store_root: str | Path, job_id: str, n_lines: int = 40, max_bytes: int = 65536) -> str:
+    """Last ``n_lines`` of the job's log ('' before it starts)."""
+    path = job_dir(store_root, job_id) / "job.log"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    text = text.replace("\r", "\n")  # tqdm redraws
+    return "\n".join([ln for ln in text.splitlines() if ln.strip()][-n_lines:])
+
+
+def job_run_ids(store_root: str | Path, job_id: str) -> list[str]:
+    """Run ids the job's command started (written by ``results.write.start_run``), in order."""
+    try:
+        text = (job_dir(store_root, job_id) / "runs.txt").read_text()
+    except OSError:
+        return []
+    out: list[str] = []
+    for rid in text.split():
+        if rid not in out:
+            out.append(rid)
+    return out
+
+
+# --------------------------------------------------------------------------- submit / claim / update
+
+
+def submit(store_root: str | Path, kind: str, params: Mapping[str, Any] | None = None,
+           resume_run: str | None = None, resumed_from: str | None = None) -> str:
+    """Validate and queue a job; returns its id. Invalid input raises JobSpecError and queues nothing."""
+    spec = validate_spec(kind, params, Path(store_root))
+    if resume_run is not None:
+        check_token("resume_run", resume_run)
+    body = {"params": to_dict(spec), "resource": resource_of(spec), "resume_run": resume_run,
+            "resumed_from": resumed_from}
+    job_id = new_job_id()
+    total = getattr(spec, "steps", None)
+
+    def _insert(con):
+        con.execute(
+            """INSERT INTO jobs (job_id, kind, spec, state, backend, created_at, progress, total, attempts,
+                                 cancel_requested, log_path)
+               VALUES (?, ?, ?, 'queued', 'local', ?, 0.0, ?, 0, false, ?)""",
+            [job_id, kind, json.dumps(body, sort_keys=True), utcnow(), total,
+             f"jobs/{job_id}/job.log"])
+    _write(store_root, _insert)
+    return job_id
+
+
+def claim(store_root: str | Path, worker_id: str, resources: tuple[str, ...] = ("cpu", "gpu")) -> dict | None:
+    """Atomically move the oldest queued job needing one of ``resources`` to running; None if none."""
+    if not resources:
+        return None
+    res_list = ", ".join(f"'{r}'" for r in resources if r in ("cpu", "gpu"))
+
+    def _claim(con):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            got = con.execute(
+                f"""UPDATE jobs SET state = 'running', claimed_by = ?, started_at = ?, heartbeat_at = ?,
+                        attempts = coalesce(attempts, 0) + 1
+                    WHERE state = 'queued' AND job_id = (
+                        SELECT job_id FROM jobs WHERE state = 'queued'
+                          AND coalesce(json_extract_string(spec, '$.resource'), 'cpu') IN ({res_list})
+                        ORDER BY created_at, job_id LIMIT 1)
+                    RETURNING job_id, kind, spec""",
+                [worker_id, utcnow(), utcnow()]).fetchall()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return got
+
+    got = _write(store_root, _claim)
+    if not got:
+        return None
+    job_id, kind, spec = got[0]
+    return {"job_id": job_id, "kind": kind, "spec": json.loads(spec)}
+
+
+def set_started(store_root: str | Path, job_id: str, pid: int, pgid: int, backend: str = "local") -> bool:
+    """Record the job's process; returns whether cancel was requested meanwhile."""
+    def _f(con):
+        got = con.execute(
+            """UPDATE jobs SET pid = ?, pgid = ?, backend = ?, heartbeat_at = ?
+               WHERE job_id = ? RETURNING cancel_requested""",
+            [pid, pgid, backend, utcnow(), job_id]).fetchall()
+        return bool(got and got[0][0])
+    return _write(store_root, _f)
+
+
+def heartbeat(store_root: str | Path, job_id: str, step: int | None = None, total: int | None = None,
+              current: Mapping[str, Any] | None = None, run_id: str | None = None) -> bool:
+    """Runner's periodic update (heartbeat + progress). Returns cancel_requested."""
+    progress = None
+    if step is not None and total:
+        progress = max(0.0, min(1.0, float(step) / float(total)))
+
+    def _f(con):
+        got = con.execute(
+            """UPDATE jobs SET heartbeat_at = ?, step = coalesce(?, step), total = coalesce(?, total),
+                   progress = coalesce(?, progress), current = coalesce(?, current), run_id = coalesce(?, run_id)
+               WHERE job_id = ? AND state = 'running' RETURNING cancel_requested""",
+            [utcnow(), step, total, progress, json.dumps(current) if current is not None else None,
+             run_id, job_id]).fetchall()
+        return bool(got and got[0][0])
+    return _write(store_root, _f)
+
+
+def finish(store_root: str | Path, job_id: str, state: str, error: str | None = None) -> bool:
+    """Set a final state once (only a running job is changed). Returns whether it changed."""
+    if state not in FINAL:
+        raise ConfigError(f"final job state must be one of {FINAL}, not {state!r}")
+
+    def _f(con):
+        got = con.execute(
+            """UPDATE jobs SET state = ?, ended_at = ?, error = ?,
+                   progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END
+               WHERE job_id = ? AND state IN ('running', 'queued') RETURNING job_id""",
+            [state, utcnow(), error, state, job_id]).fetchall()
+        return bool(got)
+    return _write(store_root, _f)
+
+
+def close_runs(store_root: str | Path, job_id: str, status: str, error: str | None = None) -> None:
+    """Merge whatever the job's runs left in JSONL and close runs its command could not close."""
+    from ctssl_core.results.write import finish_run
+
+    for rid in job_run_ids(store_root, job_id):
+        try:
+            merge_pending(store_root, rid)
+            df = _read_df(store_root, "SELECT status FROM runs WHERE run_id = ?", [rid])
+            if not df.empty and df["status"].iloc[0] == "running":
+                finish_run(store_root, rid, status, error=error)
+        except (StoreBusy, ConfigError):
+            continue
+
+
+# --------------------------------------------------------------------------- cancel / resume / reconcile
+
+
+def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: float = 10.0) -> str:
+    """Cancel: a queued job is simply cancelled; a running one gets SIGTERM on its process group.
+
+    The job's runner waits ``grace_s`` for the command to save a checkpoint, then
+    SIGKILLs. With ``wait=True`` this call also waits, SIGKILLs leftovers itself
+    and returns the final state.
+    """
+    check_token("job_id", job_id)
+
+    def _f(con):
+        q = con.execute(
+            """UPDATE jobs SET state = 'cancelled', ended_at = ?, cancel_requested = true
+               WHERE job_id = ? AND state = 'queued' RETURNING job_id""", [utcnow(), job_id]).fetchall()
+        if q:
+            return "cancelled", None
+        got = con.execute(
+            """UPDATE jobs SET cancel_requested = true WHERE job_id = ? AND state = 'running'
+               RETURNING pgid""", [job_id]).fetchall()
+        if got:
+            return "running", got[0][0]
+        st = con.execute("SELECT state FROM jobs WHERE job_id = ?", [job_id]).fetchall()
+        return (st[0][0] if st else None), None
+
+    state, pgid = _write(store_root, _f)
+    if state is None:
+        raise JobStateError(f"no job {job_id!r}; `ctssl jobs list` shows the jobs")
+    if state != "running":
+        if state == "cancelled":
+            return state
+        raise JobStateError(f"job {job_id} already {state}; nothing to cancel")
+    if pgid:
+        procs.signal_group(pgid, signal.SIGTERM)
+    if not wait:
+        return "running"
+    deadline = time.monotonic() + grace_s + 5.0
+    while time.monotonic() < deadline and procs.group_members(pgid):
+        time.sleep(0.1)
+    if procs.group_members(pgid):
+        procs.kill_group(pgid)
+    # the runner normally writes the final state; if it was killed first, we do
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if get_job(store_root, job_id)["state"] in FINAL:
+            break
+        time.sleep(0.1)
+    if finish(store_root, job_id, "cancelled", error="cancelled by user"):
+        close_runs(store_root, job_id, "cancelled", "cancelled by user")
+    return get_job(store_root, job_id)["state"]
+
+
+def resume(store_root: str | Path, job_id: str) -> str:
+    """Queue a new job that continues a failed or cancelled one from its last checkpoint.
+
+    Kinds whose command cannot resume a run start the same spec afresh.
+    """
+    job = get_job(store_root, job_id)
+    if job["state"] not in ("failed", "cancelled"):
+        raise JobStateError(f"job {job_id} is {job['state']}; only failed or cancelled jobs can be resumed")
+    spec = job["spec"] or {}
+    run_ids = job_run_ids(store_root, job_id)
+    run_id = job.get("run_id") or (run_ids[-1] if run_ids else None) or spec.get("resume_run")
+    resume_run = run_id if get_kind(job["kind"]).resumable and run_id else None
+    return submit(store_root, job["kind"], spec.get("params") or {}, resume_run=resume_run,
+                  resumed_from=job_id)
+
+
+def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: float = 60.0) -> list[tuple[str, str]]:
+    """Mark running jobs whose process is gone (or hung) as failed, keeping their metrics.
+
+    Checks: the runner pid is alive and really our runner for this job (not a
+    zombie, not a reused pid); its heartbeat is not older than ``stale_s``.
+    A job cancelled whose process died is marked cancelled instead. Returns
+    ``[(job_id, reason)]`` for the jobs it changed. Read-only when nothing changed.
+    """
+    import pandas as pd
+
+    df = _read_df(store_root, "SELECT job_id, pid, pgid, heartbeat_at, started_at, cancel_requested "
+                              "FROM jobs WHERE state = 'running'")
+    if df.empty:
+        return []
+    now = utcnow()
+    changed = []
+    for r in df.itertuples(index=False):
+        pid = None if pd.isna(r.pid) else int(r.pid)
+        pgid = None if pd.isna(r.pgid) else int(r.pgid)
+        hb = r.heartbeat_at if not pd.isna(r.heartbeat_at) else r.started_at
+        age = (now - pd.Timestamp(hb).to_pydatetime()).total_seconds() if not pd.isna(hb) else 1e9
+        reason = None
+        if pid is None:
+            if age > start_grace_s:
+                reason = f"the worker never started it (no process after {age:.0f}s; the worker died?)"
+        elif not procs.is_alive(pid, marker=f"{RUNNER_MARKER}"):
+            reason = (f"its process {pid} is gone (killed, out of memory or machine restart); "
+                      f"last heartbeat {age:.0f}s ago")
+        elif age > stale_s:
+            reason = f"no heartbeat for {age:.0f}s (process {pid} hung); it was killed"
+        if reason is None:
+            continue
+        procs.kill_group(pgid)
+        state = "cancelled" if bool(r.cancel_requested) else "failed"
+        if finish(store_root, r.job_id, state, error=reason if state == "failed" else "cancelled by user"):
+            close_runs(store_root, r.job_id, state, reason)
+            changed.append((r.job_id, reason))
+    return changed
