@@ -1,0 +1,84 @@
+"""Shared helpers for the dashboard pages: the current store, cached loaders, friendly errors.
+
+Why: every page needs the same three things — which store is selected, a
+cache that refreshes when the store changes, and errors turned into messages
+(the dashboard must never show a stack trace). Loaders take every input as an
+argument (store path + store version + query args) so the cache is honest.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ctssl_core.db import StoreBusy, StoreError, StoreMissing
+from ctssl_core.paths import default_store
+from ctssl_core.results import read
+
+
+def current_store() -> str:
+    """The store chosen in the sidebar (defaults to $CTSSL_STORE / data/store)."""
+    return str(st.session_state.get("ctssl_store") or default_store()).strip()
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _load(fn: str, store: str, version: int, args: tuple, kwargs: tuple):
+    """Cached call of ``read.<fn>(store, *args, **kwargs)``; ``version`` changes when the store is written."""
+    return getattr(read, fn)(store, *args, **dict(kwargs))
+
+
+def query(fn: str, *args, missing_ok: bool = False, **kwargs):
+    """Run a read.py query for the current store, turning store problems into messages.
+
+    A missing/busy/unreadable store stops the page with a message. A missing
+    result *file* (``ResultFileMissing``) shows a warning and returns None when
+    ``missing_ok`` so that the rest of the page still renders.
+    """
+    store = current_store()
+    try:
+        return _load(fn, store, read.store_version(store), args, tuple(sorted(kwargs.items())))
+    except read.ResultFileMissing as e:
+        if missing_ok:
+            st.warning(str(e))
+            return None
+        st.warning(str(e))
+        st.stop()
+    except StoreMissing as e:
+        st.info(f"{e}\n\nOr point the **Store** setting in the sidebar at an existing store.")
+        st.stop()
+    except StoreBusy as e:
+        st.warning(f"{e} The page will show results as soon as the store is free; reload it in a moment.")
+        st.stop()
+    except StoreError as e:
+        st.warning(str(e))
+        st.stop()
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file must not show a traceback
+        st.error(f"The store at {store} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                 f"Check that it is a ctssl store, or create one with `ctssl benchmark --profile quick`.")
+        st.stop()
+
+
+def sidebar_status() -> None:
+    """One caption with what the store holds, and the older-schema note if any."""
+    store = current_store()
+    try:
+        info = _load("store_info", store, read.store_version(store), (), ())
+    except StoreMissing:
+        st.caption(f"No store at `{store}` yet.")
+        return
+    except Exception as e:  # noqa: BLE001
+        st.caption(f"Store unreadable: {type(e).__name__}")
+        return
+    c = info.counts
+    st.caption(f"{c.get('runs', 0):,} runs · {c.get('results', 0):,} results · {c.get('patients', 0):,} patients · "
+               f"{c.get('slices', 0):,} slices")
+    if info.outdated:
+        st.caption("⚠️ older store format — some views are limited.")
+
+
+def show_outdated_note() -> None:
+    """Say once per page when the store is from an older schema (what is missing, how to upgrade)."""
+    info = query("store_info")
+    msg = info.message()
+    if msg:
+        with st.expander("This store is from an older ctssl version", expanded=False):
+            st.write(msg)

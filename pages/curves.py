@@ -1,0 +1,72 @@
+"""Learning curves: pick runs from a filterable table, overlay metrics; long runs downsampled on the server."""
+
+import streamlit as st
+
+from ctssl_core import charts
+from ctssl_core.results.read import X_AXES
+from pages.common import query, show_outdated_note
+
+MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
+
+st.title("Learning curves")
+show_outdated_note()
+
+runs = query("run_table")
+if runs.empty:
+    st.info("No runs yet. Start one with `ctssl pretrain --task rotation` or `ctssl benchmark --profile smoke`.")
+    st.stop()
+
+f1, f2, f3, f4 = st.columns(4)
+kinds = f1.multiselect("Kind", sorted(runs.kind.dropna().unique()), key="lc_kind")
+tasks = f2.multiselect("Task", sorted(runs.task.dropna().unique()), key="lc_task")
+inits = f3.multiselect("Init", sorted(runs.init.dropna().unique()), key="lc_init")
+text = f4.text_input("Run id contains", key="lc_text")
+shown = runs
+for col, vals in [("kind", kinds), ("task", tasks), ("init", inits)]:
+    if vals:
+        shown = shown[shown[col].isin(vals)]
+if text:
+    shown = shown[shown.run_id.str.contains(text, case=False, regex=False)]
+
+st.dataframe(shown[["run_id", "kind", "task", "init", "fraction", "seed", "status", "created_at", "wall_s",
+                    "checkpoint_ok"]], hide_index=True, width="stretch", height=240)
+st.caption(f"{len(shown):,} of {len(runs):,} runs. Click a column header to sort.")
+
+options = shown.run_id.tolist()
+selected = st.multiselect("Runs to plot", options, default=options[:3], key="lc_runs",
+                          max_selections=50)
+if not selected:
+    st.info("Select one or more runs above.")
+    st.stop()
+
+names = query("metric_names", tuple(selected))
+if not names:
+    st.info("These runs have no metrics merged yet; a running job's metrics appear after its next merge.")
+    st.stop()
+default_metrics = [n for n in names if "loss" in n][:2] or names[:1]
+metrics = st.multiselect("Metrics", names, default=default_metrics, key="lc_metrics")
+c1, c2, c3 = st.columns([2, 2, 1])
+x_label = c1.radio("x axis", list(X_AXES), horizontal=True, key="lc_x")
+smoothing = c2.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="lc_smooth")
+log_y = c3.checkbox("log y", key="lc_log")
+
+data = query("curves", tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
+if data is None or data.empty:
+    st.info("Nothing to draw for this choice.")
+    st.stop()
+fig = charts.curves_fig(data, x_label, log_y, smoothing)
+st.plotly_chart(fig, width="stretch", key="lc_fig")
+st.caption(f"{len(data):,} points drawn, at most {charts.max_points_per_trace(fig):,} per series "
+           f"(min/max per bucket keeps spikes).")
+
+sel = runs[runs.run_id.isin(selected)]
+running = sel[sel.status == "running"].run_id.tolist()
+if running:
+    st.info(f"Still running: {', '.join(running)} — curves grow as its metrics are merged; reload to update.")
+lost = sel[sel.checkpoint_ok == False].run_id.tolist()  # noqa: E712
+if lost:
+    st.warning(f"Checkpoint file missing for {', '.join(lost)}: curves and results are kept, but the weights "
+               f"are gone; re-run the run (`ctssl finetune` / `ctssl pretrain`) to recreate them.")
+failed = sel[sel.status == "failed"]
+for r in failed.itertuples():
+    st.error(f"{r.run_id} failed: {r.error or 'no error recorded'}")

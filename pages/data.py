@@ -1,0 +1,68 @@
+"""Data: the cohort in the store — counts, demographics, label prevalence, a slice viewer, ingest errors."""
+
+import streamlit as st
+
+from ctssl_core import charts
+from pages.common import query, show_outdated_note
+
+st.title("Data")
+show_outdated_note()
+
+summary = query("cohort_summary")
+if summary["patients"] == 0 and summary["slices"] == 0:
+    st.info("This store has no cohort yet. Generate and ingest one with `ctssl synth` then `ctssl ingest`, "
+            "or ingest your own DICOM folder with `ctssl ingest <folder>`.")
+    st.stop()
+
+cols = st.columns(5)
+for c, (label, key) in zip(cols, [("Patients", "patients"), ("Studies", "studies"), ("Series", "series"),
+                                  ("Slices", "slices"), ("Ingest errors", "ingest_errors")]):
+    c.metric(label, f"{summary[key]:,}")
+if summary["datasets"]:
+    st.caption("Datasets: " + ", ".join(summary["datasets"]))
+
+st.subheader("Demographics")
+demo = query("demographics")
+attrs = [a for a in ["age", "sex", "race", "site", "control_group"] if a in demo.columns and demo[a].notna().any()]
+hcols = st.columns(max(1, len(attrs)))
+for c, a in zip(hcols, attrs):
+    with c:
+        st.plotly_chart(charts.histogram_fig(demo[a], a), width="stretch", key=f"data_hist_{a}")
+
+prev = query("label_prevalence")
+if len(prev):
+    st.subheader("Labels")
+    p1, p2 = st.columns([2, 1])
+    p1.plotly_chart(charts.prevalence_fig(prev), width="stretch", key="data_prev")
+    p2.dataframe(prev, hide_index=True, width="stretch")
+
+st.subheader("Slice viewer")
+series = query("series_list")
+if series.empty:
+    st.info("No series arrays in this store (older store or empty ingest).")
+else:
+    v1, v2, v3 = st.columns([3, 2, 2])
+    key = v1.selectbox("Series", series.series_key.tolist(), key="data_series")
+    s = series[series.series_key == key].iloc[0]
+    n = int(s.n_slices) if s.n_slices == s.n_slices and s.n_slices else 1
+    idx = v1.slider("Slice", 0, max(n - 1, 0), n // 2, key="data_idx") if n > 1 else 0
+    window = v2.radio("Window", list(charts.WINDOWS), key="data_window")
+    show_mask = v3.checkbox("Nodule mask overlay", True, key="data_mask")
+    show_pe = v3.checkbox("Frame PE-positive slices", True, key="data_pe")
+    view = query("load_slice", key, int(idx), missing_ok=True)
+    if view is not None:
+        level, width = charts.WINDOWS[window]
+        gray = charts.apply_window(view.hu, level, width)
+        rgb = charts.overlay(gray, view.mask if show_mask else None,
+                             border=(255, 200, 0) if (show_pe and view.pe) else None)
+        pe_text = {True: "PE present", False: "no PE", None: "PE unknown"}[view.pe]
+        nod_text = "no nodule mask for this series" if view.mask is None else f"nodule pixels: {view.nodule_px or 0}"
+        v2.image(rgb, caption=f"slice {idx} · {window} (L {level}, W {width}) · {pe_text} · {nod_text}",
+                 width="stretch")
+
+st.subheader("Ingest errors")
+errors = query("ingest_errors")
+if errors.empty:
+    st.success("No files failed to ingest.")
+else:
+    st.dataframe(errors, hide_index=True, width="stretch")

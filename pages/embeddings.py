@@ -1,0 +1,80 @@
+"""Embeddings & bias: what an encoder's embeddings encode about patients, against random init."""
+
+import streamlit as st
+
+from ctssl_core import charts
+from pages.common import query, show_outdated_note
+
+COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
+MAX_POINTS = 5000
+
+st.title("Embeddings & bias")
+show_outdated_note()
+
+emb = query("embeddings")
+if emb.empty:
+    st.info("No embeddings yet. Compute them with `ctssl embed` (PCA + UMAP of slice embeddings per "
+            "strategy) and the bias analysis with `ctssl bias`.")
+    st.stop()
+
+st.info("A probe that predicts race (or sex, age) well shows the information is **present** in the "
+        "embedding — not that a downstream model **uses** it. Read high probe scores as a reason to check "
+        "subgroup performance, not as proof of biased decisions.")
+
+candidates = emb[emb.init != "random"]
+choices = (candidates if len(candidates) else emb).emb_id.tolist()
+labels = {r.emb_id: f"{r.init} · {r.encoder} · {r.split} ({r.n:,} {r.level}s)" for r in emb.itertuples()}
+c1, c2, c3 = st.columns([3, 1, 2])
+emb_id = c1.selectbox("Embedding", choices, format_func=lambda e: labels.get(e, e), key="emb_id")
+row = emb[emb.emb_id == emb_id].iloc[0]
+methods = row.methods or ["umap", "pca"]
+method = c2.radio("Projection", methods, horizontal=True, key="emb_method")
+color_by = c3.selectbox("Colour by", COLOR_BY, key="emb_color")
+
+ref_id = query("reference_for", emb_id)
+left, right = st.columns(2)
+for col, eid, title in [(left, emb_id, labels.get(emb_id, emb_id)),
+                        (right, ref_id, f"random init · {labels.get(ref_id, ref_id)}" if ref_id else None)]:
+    with col:
+        if eid is None:
+            st.info("No random-init embedding to compare with; `ctssl embed --init random` computes one.")
+            continue
+        got = query("projection", eid, method, MAX_POINTS, missing_ok=True)
+        if got is None:
+            continue
+        pts, total = got
+        st.plotly_chart(charts.scatter_fig(pts, color_by, f"{method.upper()}: {title}"), width="stretch",
+                        key=f"emb_scatter_{eid}")
+        st.caption(f"{len(pts):,} of {total:,} points" + (" (seeded random sample)" if total > len(pts) else ""))
+
+bias = query("bias_results", emb_id)
+if bias.empty:
+    st.info("No bias analysis for this embedding yet: run `ctssl bias`.")
+    st.stop()
+
+st.subheader("What a linear probe can read from the embedding")
+probes = bias[bias.analysis == "probe"]
+if len(probes):
+    for s in probes.sentence.dropna():
+        st.markdown("- " + s)
+    st.plotly_chart(charts.probe_fig(probes), width="stretch", key="emb_probe")
+    st.dataframe(probes[["attribute", "metric", "value", "ci_low", "ci_high", "delta", "delta_ci_low",
+                         "delta_ci_high", "p_adjusted", "flagged"]], hide_index=True, width="stretch")
+
+ks = bias[bias.analysis == "ks"]
+if len(ks):
+    st.subheader("Do subgroups sit in different places? (KS test per PCA mode)")
+    st.plotly_chart(charts.ks_fig(ks), width="stretch", key="emb_ks")
+    flagged = ks[ks.flagged == True]  # noqa: E712
+    for s in (flagged if len(flagged) else ks).sentence.dropna().head(6):
+        st.markdown("- " + s)
+    st.dataframe(ks[["attribute", "group_a", "group_b", "metric", "value", "p_value", "p_adjusted", "flagged"]],
+                 hide_index=True, width="stretch")
+
+sub = bias[bias.analysis == "subgroup"]
+if len(sub):
+    st.subheader("PE model performance per subgroup")
+    metric = st.radio("Metric", sorted(sub.metric.unique()), horizontal=True, key="emb_sub_metric")
+    st.plotly_chart(charts.subgroup_fig(sub, metric), width="stretch", key="emb_sub")
+    st.dataframe(sub[sub.metric == metric][["attribute", "group_a", "value", "ci_low", "ci_high"]]
+                 .rename(columns={"group_a": "group"}), hide_index=True, width="stretch")
