@@ -105,8 +105,9 @@ class TaskModel(nn.Module):
         self.encoder = encoder
         self.head = head
 
-    def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.task.forward(self.encoder, self.head, TaskBatch(inputs, targets, mask))
+    def forward(self, batch: TaskBatch) -> Any:
+        # the whole batch object passes through: composite tasks carry per-member batches on it
+        return self.task.forward(self.encoder, self.head, batch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -310,11 +311,11 @@ def fit(
             while step < cfg.steps:
                 raw = next(it)
                 batch = task.make_batch(raw, generator)
+                if cfg.channels_last and batch.inputs.dim() == 4:
+                    batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
                 inputs = batch.inputs
-                if cfg.channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast:  # losses too: autocast runs mse/cross-entropy in float32
-                    pred = train_model(inputs, batch.targets, batch.mask)
+                    pred = train_model(batch)
                     loss, parts = task.loss(pred, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -97,6 +97,19 @@ def _host_labels(store: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     return out
 
 
+def _positions_of(store: Any, slice_ids: np.ndarray) -> np.ndarray:
+    """Global slice ids -> positions 0..N-1 in the store (identity when ids are dense)."""
+    ids = np.asarray(slice_ids, dtype=np.int64).reshape(-1)
+    sid = np.asarray(getattr(store, "slice_ids", np.arange(store.n_slices)), dtype=np.int64)
+    order = np.argsort(sid, kind="stable")
+    at = np.searchsorted(sid[order], ids)
+    ok = (at < len(sid)) & (sid[order][np.minimum(at, len(sid) - 1)] == ids)
+    if not ok.all():
+        raise ConfigError(f"{int((~ok).sum())} slice id(s) are not in the store (e.g. {ids[~ok][:3].tolist()}); "
+                          f"take ids from store.slice_ids or the splits of this store")
+    return order[at]
+
+
 class SliceBatcher:
     """Endless iterator of raw batches (dict of device tensors, see ``tasks.py``).
 
@@ -137,7 +150,8 @@ class SliceBatcher:
             raise ConfigError(f"context must be 1 or 2 slices, got {context}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-        ids = np.arange(store.n_slices, dtype=np.int64) if slice_ids is None else np.asarray(slice_ids, dtype=np.int64)
+        # sample *positions* 0..N-1 in the store; store.slice_ids[pos] is the global id
+        ids = np.arange(store.n_slices, dtype=np.int64) if slice_ids is None else _positions_of(store, slice_ids)
         if context == 2:
             if gap < 1:
                 raise ConfigError(f"gap must be >= 1 for two-slice tasks, got {gap}")
@@ -168,6 +182,10 @@ class SliceBatcher:
         self._labels = _host_labels(store, self.label_keys)
         self._epoch, self._pos = 0, 0        # state after the last batch handed out
         self._pin = self.device.type == "cuda"
+        self._patient_idx = np.asarray(store.patient_idx, dtype=np.int64)
+        sid = getattr(store, "slice_ids", None)
+        dense = sid is None or (len(sid) == store.n_slices and bool(np.all(np.asarray(sid) == np.arange(store.n_slices))))
+        self._global = None if dense else np.asarray(sid, dtype=np.int64)
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     # ---------------- sampler ----------------
@@ -201,19 +219,20 @@ class SliceBatcher:
         return self.batches_per_epoch
 
     # ---------------- host side ----------------
-    def _read_host(self, ids: np.ndarray) -> dict[str, Tensor]:
-        """Gather int16 pixels and labels for ``ids`` (host tensors, pinned on CUDA)."""
+    def _read_host(self, pos: np.ndarray) -> dict[str, Tensor]:
+        """Gather int16 pixels and labels for store positions ``pos`` (host tensors, pinned on CUDA)."""
+        gid = self._global[pos] if self._global is not None else pos  # (B,) global slice ids
         if self.context == 2:
-            hu = self.store.read_context(ids, self.gap)  # (B, 2, H, W) int16
+            hu = self.store.read_context(gid, self.gap)  # (B, 2, H, W) int16
         else:
-            hu = self.store.read(ids)[:, None]  # (B, 1, H, W) int16
+            hu = self.store.read(gid)[:, None]  # (B, 1, H, W) int16
         host: dict[str, Tensor] = {"hu": torch.from_numpy(np.ascontiguousarray(hu, dtype=np.int16))}
         if "nodule" in self.label_keys:
-            host["nodule"] = torch.from_numpy(np.ascontiguousarray(self.store.read_mask(ids))[:, None])  # (B,1,H,W) u8
+            host["nodule"] = torch.from_numpy(np.ascontiguousarray(self.store.read_mask(gid))[:, None])  # (B,1,H,W) u8
         for key, arr in self._labels.items():
-            host[key] = torch.from_numpy(np.ascontiguousarray(arr[ids]))
-        host["slice_id"] = torch.from_numpy(ids.copy())
-        host["patient_idx"] = torch.from_numpy(np.asarray(self.store.patient_idx)[ids].astype(np.int64))
+            host[key] = torch.from_numpy(np.ascontiguousarray(arr[pos]))
+        host["slice_id"] = torch.from_numpy(np.asarray(gid, dtype=np.int64).copy())
+        host["patient_idx"] = torch.from_numpy(self._patient_idx[pos])
         if self._pin:
             host = {k: v.pin_memory() for k, v in host.items()}
         return host
