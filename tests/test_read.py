@@ -1,0 +1,345 @@
+"""The dashboard's query layer, downsampling and chart builders, on a small seeded store."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctssl_core import charts
+from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreMissing
+from ctssl_core.results import read
+from ctssl_core.results.downsample import m4_sql, minmax_downsample, smooth_ema
+from ctssl_core.results.seed import SPIKE_VALUE, SeedConfig, seed_old_schema_store, seed_store
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    return seed_store(root, SeedConfig(n_runs=14, n_steps=3000))
+
+
+@pytest.fixture(scope="module")
+def old_store(tmp_path_factory):
+    return seed_old_schema_store(tmp_path_factory.mktemp("old"))
+
+
+def raw(store, sql, params=()):
+    con = duckdb.connect(str(store / "ctssl.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, list(params)).df()
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- downsampling
+def test_minmax_downsample_keeps_extremes_and_endpoints_within_budget():
+    rng = np.random.default_rng(1)
+    x = np.arange(200_000, dtype=float)
+    y = rng.standard_normal(len(x))
+    y[123_457], y[5] = 40.0, -35.0
+    xs, ys = minmax_downsample(x, y, 2000)
+    assert len(xs) <= 2000
+    assert ys.max() == 40.0 and xs[ys.argmax()] == 123_457
+    assert ys.min() == -35.0
+    assert xs[0] == 0 and xs[-1] == len(x) - 1
+    assert np.all(np.diff(xs) > 0)
+    # every bucket's extreme is kept: the max of any x-range of one bucket width is present
+    nb = 2000 // 4
+    edges = np.linspace(0, len(x) - 1, nb + 1)
+    b = np.minimum(np.floor(x / (len(x) - 1) * nb), nb - 1).astype(int)
+    kept = dict(zip(xs, ys))
+    for k in rng.integers(0, nb, 20):
+        seg = b == k
+        assert y[seg].max() == max(v for xx, v in kept.items() if edges[k] <= xx <= edges[k + 1] and b[int(xx)] == k)
+
+
+def test_minmax_downsample_short_series_unchanged_and_nan_dropped():
+    x = np.array([3.0, 1.0, 2.0, 4.0])
+    y = np.array([0.3, 0.1, np.nan, 0.4])
+    xs, ys = minmax_downsample(x, y, 100)
+    assert xs.tolist() == [1.0, 3.0, 4.0] and ys.tolist() == [0.1, 0.3, 0.4]
+    with pytest.raises(ValueError, match="same length"):
+        minmax_downsample(np.arange(3), np.arange(4), 10)
+
+
+def test_m4_sql_matches_numpy_reference():
+    rng = np.random.default_rng(2)
+    frames, ref = [], {}
+    for g, n in [("a", 50_000), ("b", 300), ("c", 9_000)]:
+        x = np.sort(rng.random(n) * 1000)
+        y = rng.standard_normal(n)
+        frames.append(pd.DataFrame({"g": g, "x": x, "y": y}))
+        ref[g] = minmax_downsample(x, y, 1000)
+    df = pd.concat(frames)
+    con = duckdb.connect()
+    con.register("df", df)
+    out = con.execute(m4_sql("SELECT g, x, y FROM df", ["g"], 1000)).df()
+    for g, (xs, ys) in ref.items():
+        got = out[out.g == g]
+        np.testing.assert_array_equal(got.x.to_numpy(), xs)
+        np.testing.assert_allclose(got.y.to_numpy(), ys)
+    assert len(out[out.g == "b"]) == 300  # short group passes through whole
+
+
+def test_smooth_ema_debiased_and_validated():
+    assert np.allclose(smooth_ema(np.full(50, 3.0), 0.9), 3.0)  # no pull towards 0 at the start
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    assert np.array_equal(smooth_ema(y, 0.0), y)
+    s = smooth_ema(np.r_[np.zeros(20), np.ones(20)], 0.8)
+    assert 0 < s[25] < 1 and np.all(np.diff(s[20:]) > 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        smooth_ema(y, 1.0)
+
+
+# ---------------------------------------------------------------- overview / compare
+def test_headline_table_comes_from_summaries(seeded):
+    t = read.headline_table(seeded.root)
+    summ = raw(seeded.root, "SELECT task, init, metric, value FROM summaries "
+                            "WHERE metric NOT IN ('speed_ratio', 'labels_saved')")
+    assert len(t) == len(summ)
+    merged = t.merge(summ, on=["task", "init", "metric"], suffixes=("", "_db"))
+    assert np.allclose(merged.value, merged.value_db)
+    assert set(t.columns) >= {"task", "metric", "init", "value", "ci_low", "ci_high"}
+
+
+def test_headline_table_falls_back_to_results_at_full_labels(seeded, tmp_path):
+    import shutil
+
+    root = tmp_path / "s"
+    shutil.copytree(seeded.root, root)
+    con = duckdb.connect(str(root / "ctssl.duckdb"))
+    con.execute("DELETE FROM summaries")
+    con.close()
+    t = read.headline_table(root)
+    want = raw(root, "SELECT task, metric, init, avg(value) AS v FROM results WHERE split = 'test' "
+                     "AND fraction = 1.0 GROUP BY ALL")
+    m = t.merge(want, on=["task", "metric", "init"])
+    assert len(m) == len(want) and np.allclose(m.value, m.v)
+    assert (t.ci_low < t.value).all() and (t.value < t.ci_high).all()
+
+
+def test_pivot_puts_random_first_and_finds_best_per_column(seeded):
+    t = read.headline_table(seeded.root)
+    wide, best = read.pivot_headline(t)
+    assert wide.index[0] == "random"
+    for col, init in best.items():
+        task, metric = col.split(" · ")
+        g = t[(t.task == task) & (t.metric == metric)]
+        assert init == g.loc[g.value.idxmax(), "init"]
+        cell = wide.loc[init, col]
+        v = g[g.init == init].value.iloc[0]
+        assert cell.startswith(f"{v:.3f} [")
+
+
+def test_lower_is_better_metrics_pick_the_minimum():
+    t = pd.DataFrame({"task": ["demographics"] * 2, "metric": ["age_mae"] * 2, "init": ["random", "rotation"],
+                      "value": [9.0, 8.0], "ci_low": [8.5, 7.5], "ci_high": [9.5, 8.5]})
+    _, best = read.pivot_headline(t)
+    assert best == {"demographics · age_mae": "rotation"}
+    (line,) = read.verdicts(t)
+    assert "**rotation** is best" in line and "do not overlap" not in line and "overlap" in line
+
+
+def test_verdicts_name_the_best_strategy_against_random(seeded):
+    t = read.headline_table(seeded.root)
+    lines = read.verdicts(t)
+    assert len(lines) == t.task.nunique()
+    pe = t[(t.task == "pe") & (t.metric == "slice_auroc")]
+    best = pe.loc[pe.value.idxmax()]
+    ref = pe[pe.init == "random"].value.iloc[0]
+    (pe_line,) = [line for line in lines if line.startswith("**pe**")]
+    assert f"**{best.init}**" in pe_line and f"{best.value:.3f} vs {ref:.3f}" in pe_line
+
+
+def test_fraction_curves_average_seeds(seeded):
+    c = read.fraction_curves(seeded.root, "pe", "slice_auroc")
+    want = raw(seeded.root, "SELECT init, fraction, avg(value) v, count(*) k FROM results "
+                            "WHERE task='pe' AND metric='slice_auroc' AND split='test' GROUP BY ALL")
+    m = c.merge(want, on=["init", "fraction"])
+    assert len(m) == len(want) == len(c)
+    assert np.allclose(m.value, m.v) and (m.n_seeds == m.k).all()
+    assert (c.ci_low < c.value).all() and (c.value < c.ci_high).all()
+
+
+def test_pairwise_difference_and_verdict(seeded):
+    c = read.fraction_curves(seeded.root, "pe", "slice_auroc").set_index(["init", "fraction"])
+    d = read.pairwise(seeded.root, "pe", "slice_auroc", "masked_region", "random")
+    for r in d.itertuples():
+        expect = c.loc[("masked_region", r.fraction)].value - c.loc[("random", r.fraction)].value
+        assert r.diff == pytest.approx(expect)
+        assert r.ci_low < r.diff < r.ci_high
+        assert r.better == ("masked_region" if r.ci_low > 0 else "unclear")
+    flipped = read.pairwise(seeded.root, "pe", "slice_auroc", "random", "masked_region")
+    assert np.allclose(flipped["diff"], -d["diff"])
+    assert read.pairwise(seeded.root, "pe", "slice_auroc", "random", "no_such_init").empty
+
+
+def test_derived_speed_ratio(seeded):
+    s = read.derived(seeded.root, "speed_ratio")
+    want = raw(seeded.root, "SELECT init, value FROM summaries WHERE metric='speed_ratio'")
+    assert sorted(s.init) == sorted(want.init) and np.allclose(sorted(s.value), sorted(want.value))
+
+
+# ---------------------------------------------------------------- learning curves
+def test_run_table_flags_running_and_deleted_checkpoint(seeded):
+    t = read.run_table(seeded.root)
+    assert len(t) == 14
+    assert t[t.status == "running"].run_id.tolist() == [seeded.run_ids[-1]]
+    assert t.set_index("run_id").loc[seeded.run_ids[1], "checkpoint_ok"] == False  # noqa: E712
+    assert t.set_index("run_id").loc[seeded.run_ids[2], "checkpoint_ok"] == True  # noqa: E712
+
+
+def test_curves_downsampled_in_db_keep_the_spike(seeded):
+    runs = seeded.run_ids[:3]
+    df = read.curves(seeded.root, runs, ["train/loss", "lr"], "step", max_points=400)
+    sizes = df.groupby(["run_id", "name"]).size()
+    assert len(sizes) == 6 and sizes.max() <= 400
+    spike = df[(df.run_id == seeded.spike_run) & (df.name == "train/loss")]
+    assert spike.y.max() == SPIKE_VALUE and spike.loc[spike.y.idxmax(), "x"] == seeded.spike_step
+    full = raw(seeded.root, "SELECT step, value FROM metrics WHERE run_id=? AND name='lr' ORDER BY step", [runs[1]])
+    xs, ys = minmax_downsample(full.step.to_numpy(), full.value.to_numpy(), 400)
+    got = df[(df.run_id == runs[1]) & (df.name == "lr")]
+    np.testing.assert_array_equal(got.x.to_numpy(), xs)
+
+
+def test_curves_x_axes_and_bad_input(seeded):
+    for x in ("epoch", "wall_s"):
+        df = read.curves(seeded.root, seeded.run_ids[:1], ["lr"], x, max_points=100_000)
+        want = raw(seeded.root, f"SELECT {x} FROM metrics WHERE run_id=? AND name='lr' ORDER BY step",
+                   [seeded.run_ids[0]])
+        assert np.allclose(np.sort(df.x.to_numpy()), np.sort(want[x].to_numpy()))
+    with pytest.raises(ConfigError, match="x axis must be one of"):
+        read.curves(seeded.root, seeded.run_ids[:1], ["lr"], "time")
+    assert read.curves(seeded.root, [], ["lr"]).empty
+    assert read.metric_names(seeded.root, seeded.run_ids[:2]) == sorted(SeedConfig().metric_names)
+
+
+# ---------------------------------------------------------------- embeddings & bias
+def test_projection_samples_and_joins_keys(seeded):
+    pts, total = read.projection(seeded.root, seeded.emb_ids[1], "umap", max_points=150)
+    assert total == SeedConfig().n_embed_points and len(pts) == 150
+    assert {"x", "y", "race", "sex", "age", "slice_id"} <= set(pts.columns)
+    assert "patient_key" in pts.columns and not {"PatientName", "PatientID"} & set(pts.columns)
+    again, _ = read.projection(seeded.root, seeded.emb_ids[1], "umap", max_points=150)
+    assert again.row.tolist() == pts.row.tolist()  # seeded sample: stable across reruns
+    assert read.reference_for(seeded.root, seeded.emb_ids[1]) == seeded.emb_ids[0]
+
+
+def test_projection_missing_file_or_method_says_what_to_run(seeded, tmp_path):
+    import shutil
+
+    root = tmp_path / "s"
+    shutil.copytree(seeded.root, root)
+    (root / "embeddings" / f"{seeded.emb_ids[1]}.pca.parquet").unlink()
+    with pytest.raises(read.ResultFileMissing, match="ctssl embed"):
+        read.projection(root, seeded.emb_ids[1], "pca")
+    with pytest.raises(read.ResultFileMissing, match="no TSNE projection"):
+        read.projection(root, seeded.emb_ids[1], "tsne")
+
+
+def test_bias_results_filter(seeded):
+    probes = read.bias_results(seeded.root, seeded.emb_ids[1], "probe")
+    assert set(probes.analysis) == {"probe"} and len(probes) == 4
+    race = probes[probes.attribute == "race"].iloc[0]
+    assert race.flagged and race.sentence and race.delta == pytest.approx(race.value - 0.73)
+
+
+# ---------------------------------------------------------------- data
+def test_cohort_summary_and_prevalence(seeded):
+    s = read.cohort_summary(seeded.root)
+    cfg = SeedConfig()
+    assert s["patients"] == cfg.n_patients and s["slices"] == cfg.n_patients * cfg.slices_per_series
+    assert s["datasets"] == ["synthetic"] and s["ingest_errors"] == 2
+    p = read.label_prevalence(seeded.root).set_index("label")
+    want = raw(seeded.root, "SELECT count(pe) k, sum(pe::INT) pos FROM slices").iloc[0]
+    assert p.loc["PE on slice", "known"] == want.k and p.loc["PE on slice", "positive"] == want.pos
+    assert p.loc["PE on slice", "prevalence"] == pytest.approx(want.pos / want.k)
+
+
+def test_demographics_expand_attributes_and_hold_no_identifiers(seeded):
+    d = read.demographics(seeded.root)
+    assert {"age", "sex", "race", "site", "control_group"} <= set(d.columns)
+    assert "patient_key" not in d.columns and len(d) == SeedConfig().n_patients
+
+
+def test_load_slice_and_missing_array(seeded, tmp_path):
+    import shutil
+
+    series = read.series_list(seeded.root)
+    with_mask = series[series.mask_path.notna()].iloc[0]
+    v = read.load_slice(seeded.root, with_mask.series_key, 2)
+    arr = np.load(seeded.root / with_mask.array_path)
+    assert np.array_equal(v.hu, arr[2]) and v.mask is not None and v.mask.shape == arr[2].shape
+    assert v.nodule_px == int(v.mask.sum())
+    with pytest.raises(read.ResultFileMissing, match="outside series"):
+        read.load_slice(seeded.root, with_mask.series_key, 999)
+    root = tmp_path / "s"
+    shutil.copytree(seeded.root, root)
+    (root / with_mask.array_path).unlink()
+    with pytest.raises(read.ResultFileMissing, match="ctssl ingest"):
+        read.load_slice(root, with_mask.series_key, 0)
+
+
+# ---------------------------------------------------------------- store states
+def test_missing_store_names_the_command(tmp_path):
+    with pytest.raises(StoreMissing, match="ctssl"):
+        read.run_table(tmp_path / "nowhere")
+    assert read.store_version(tmp_path / "nowhere") == 0
+
+
+def test_old_schema_store_reads_with_nulls(old_store):
+    info = read.store_info(old_store)
+    assert info.outdated and "embeddings" in info.missing_tables and "ci_low" in info.missing_columns["results"]
+    assert "upgrades it" in info.message()
+    t = read.headline_table(old_store)
+    assert sorted(t.init) == ["random", "rotation"] and t.ci_low.isna().all()
+    assert read.embeddings(old_store).empty and read.ingest_errors(old_store).empty
+    assert len(read.curves(old_store, ["old-1"], ["train/loss"])) == 50
+    with pytest.raises(read.ResultFileMissing, match="plot against step"):
+        read.curves(old_store, ["old-1"], ["train/loss"], "epoch")
+    assert read.demographics(old_store).race.isna().all()
+
+
+def test_store_version_changes_on_write(seeded, tmp_path):
+    import shutil
+    import time
+
+    root = tmp_path / "s"
+    shutil.copytree(seeded.root, root)
+    v0 = read.store_version(root)
+    time.sleep(0.01)
+    con = duckdb.connect(str(root / "ctssl.duckdb"))
+    con.execute("UPDATE runs SET status='failed' WHERE run_id=?", [seeded.run_ids[0]])
+    con.close()
+    assert read.store_version(root) != v0
+
+
+# ---------------------------------------------------------------- charts
+def test_window_and_overlay():
+    hu = np.array([[-1200, -125], [50, 225]], dtype=np.int16)
+    g = charts.apply_window(hu, 50, 350)
+    assert g.tolist() == [[0, 0], [128, 255]]
+    with pytest.raises(ValueError, match="positive"):
+        charts.apply_window(hu, 0, 0)
+    rgb = charts.overlay(g, np.array([[0, 0], [1, 0]], np.uint8), color=(255, 0, 0), alpha=1.0)
+    assert rgb.shape == (2, 2, 3) and rgb[1, 0].tolist() == [255, 0, 0] and rgb[1, 1].tolist() == [255] * 3
+
+
+def test_figures_carry_the_data(seeded):
+    c = read.fraction_curves(seeded.root, "pe", "slice_auroc")
+    fig = charts.fraction_curves_fig(c, "pe", "slice_auroc")
+    lines = {t.name: t for t in fig.data if t.mode == "lines+markers"}
+    assert set(lines) == set(c.init)
+    mr = c[c.init == "masked_region"].sort_values("fraction")
+    assert np.allclose(lines["masked_region"].y, mr.value)
+    df = read.curves(seeded.root, seeded.run_ids[:2], ["train/loss"], max_points=300)
+    f = charts.curves_fig(df, smoothing=0.5)
+    assert len(f.data) == 4 and charts.max_points_per_trace(f) <= 300
+    pts, _ = read.projection(seeded.root, seeded.emb_ids[1], "pca", max_points=200)
+    s = charts.scatter_fig(pts, "race", "t")
+    assert sorted(t.name for t in s.data) == sorted(pts.race.unique()) and sum(len(t.x) for t in s.data) == 200
+    a = charts.scatter_fig(pts, "age", "t")
+    assert len(a.data) == 1 and np.allclose(a.data[0].marker.color, pts.age)
