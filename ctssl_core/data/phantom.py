@@ -151,14 +151,17 @@ class Canvas:
         coords = (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * ps
         self.x = coords - np.float32(body_offset[0])  # (W,) mm, + = patient left
         self.y = coords - np.float32(body_offset[1])  # (H,) mm, + = posterior
+        self._x0, self._y0 = float(self.x[0]), float(self.y[0])
         self.img = np.empty((n, n), np.float32)
 
     def window(self, cx: float, cy: float, rx: float, ry: float) -> tuple[slice, slice]:
-        c0 = int(np.searchsorted(self.x, cx - rx))
-        c1 = int(np.searchsorted(self.x, cx + rx, side="right"))
-        r0 = int(np.searchsorted(self.y, cy - ry))
-        r1 = int(np.searchsorted(self.y, cy + ry, side="right"))
-        return slice(r0, r1), slice(c0, c1)
+        """Pixel rows/cols whose centres may lie within (cx +- rx, cy +- ry) mm."""
+        n, ps = self.n, self.ps
+        c0 = max(int(math.ceil((cx - rx - self._x0) / ps)), 0)
+        c1 = min(int(math.floor((cx + rx - self._x0) / ps)) + 1, n)
+        r0 = max(int(math.ceil((cy - ry - self._y0) / ps)), 0)
+        r1 = min(int(math.floor((cy + ry - self._y0) / ps)) + 1, n)
+        return slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
 
     def ellipse(self, cx: float, cy: float, a: float, b: float, rot: float = 0.0):
         """Region (window, bool mask in the window) of pixels whose centres lie inside the ellipse."""
