@@ -1,0 +1,501 @@
+"""The whole study in one resumable command: data -> pretraining x strategies -> downstream x
+inits x label fractions x seeds -> probes + embeddings -> summaries.
+
+A benchmark is a deterministic list of *units* (one pretraining, one
+fine-tuning, one embedding). Each unit has a run id derived from the hash of
+the config that determines it, so re-running the same profile skips every
+unit whose run already succeeded (resume after an interruption), and a
+pretraining is reused by any benchmark whose pretraining config is identical.
+
+Summaries (``summaries`` table, plus ``summary.csv``/``summary.md`` in the
+benchmark's run folder), all with 95% patient-bootstrap CIs:
+* headline metric per (task, init) at the full label fraction, mean over seeds;
+* ``delta_<metric>``: init minus random init, paired (same bootstrap draws);
+* ``labels_needed``/``labels_saved`` for pe and nodule (see ``evaluate.curves``);
+* ``speed_ratio`` for nodule (steps to 90% of random init's best val Dice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ctssl_core.config import ConfigError, build, load_profile, merge, parse_overrides, to_dict
+
+PERCENT = 100.0
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    strategies: tuple[str, ...] = ("masked_region", "next_slice", "rotation", "flip", "denoise")
+    tasks: tuple[str, ...] = ("pe", "nodule", "demographics")
+    fractions: tuple[float, ...] = (0.05, 0.25, 1.0)          # pe and nodule label fractions
+    demographics_fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)                            # seeds at every fraction
+    small_fraction_seeds: tuple[int, ...] = (0, 1, 2)        # seeds at fractions <= small_fraction
+    small_fraction: float = 0.25
+    split_seed: int = 0
+    speed_frac: float = 0.9                                  # learning speed: fraction of random's best
+    probes: bool = True                                      # demographics route (a): frozen-embedding probes
+    bias: bool = True                                        # run bias.analyse_encoder on the embeddings
+    cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
+
+    def __post_init__(self) -> None:
+        from ctssl_core.downstream import DOWNSTREAM
+        from ctssl_core.pretext import PRETEXT
+
+        bad = [s for s in self.strategies if s not in PRETEXT]
+        if bad:
+            raise ConfigError(f"benchmark.strategies: unknown {bad}; choose from {sorted(PRETEXT)}")
+        bad = [t for t in self.tasks if t not in DOWNSTREAM]
+        if bad:
+            raise ConfigError(f"benchmark.tasks: unknown {bad}; choose from {sorted(DOWNSTREAM)}")
+        for f in (*self.fractions, *self.demographics_fractions):
+            if not 0 < f <= 1:
+                raise ConfigError(f"benchmark fractions must lie in (0, 1], got {f}")
+        if 1.0 not in self.fractions:
+            raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
+                              "random init trained on all labels")
+
+    def seeds_for(self, fraction: float) -> tuple[int, ...]:
+        return tuple(sorted(set(self.seeds) | (set(self.small_fraction_seeds) if fraction <= self.small_fraction else set())))
+
+
+def config_hash(obj: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@dataclass
+class Unit:
+    kind: str                   # 'pretrain' | 'finetune' | 'embed'
+    run_id: str
+    task: str
+    init: str
+    fraction: float | None = None
+    seed: int | None = None
+    spec: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    profile: str
+    config: dict                # the merged profile (after overrides)
+    bench: BenchmarkConfig
+    benchmark_id: str
+    units: list[Unit]
+    cohort: Path
+
+
+def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    cfg = merge(load_profile(profile), parse_overrides(overrides))
+    allowed = {"profile", "synth", "ingest", "pretrain", "downstream", "embed", "bias", "benchmark"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f"profile {profile!r}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
+    return cfg
+
+
+def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
+                    pre_encoder: tuple[str, dict]):
+    """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys."""
+    from ctssl_core.finetune import FinetuneConfig
+
+    ds = dict(cfg.get("downstream") or {})
+    per_task = {k: ds.pop(k) for k in ("pe", "nodule", "demographics") if k in ds}
+    mapping = merge(ds, per_task.get(task) or {})
+    mapping = merge(mapping, {"task": task, "init": init, "fraction": fraction, "seed": seed,
+                              "split_seed": split_seed, "encoder": pre_encoder[0],
+                              "encoder_kwargs": pre_encoder[1]})
+    return build(FinetuneConfig, mapping, where="downstream.")
+
+
+def pretrain_encoder(cfg: dict) -> tuple[str, dict]:
+    pre = cfg.get("pretrain") or {}
+    return str(pre.get("encoder", "tiny")), dict(pre.get("encoder_kwargs") or {})
+
+
+def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) -> Plan:
+    from ctssl_core.paths import default_cohort
+
+    cfg = resolve_profile(profile, overrides)
+    bench = build(BenchmarkConfig, cfg.get("benchmark") or {}, where="benchmark.")
+    name = str(cfg.get("profile", profile))
+    data_hash = config_hash({"synth": cfg.get("synth"), "ingest": cfg.get("ingest")})
+    cohort = Path(bench.cohort) if bench.cohort else default_cohort(f"{name}-{data_hash}")
+    pre_hash = config_hash({"data": data_hash, "pretrain": cfg.get("pretrain"), "split": bench.split_seed})
+    bench_hash = config_hash({k: v for k, v in cfg.items() if k != "profile"})
+    benchmark_id = f"bench-{name}-{bench_hash}"
+    enc = pretrain_encoder(cfg)
+    units: list[Unit] = []
+    for s in bench.strategies:
+        units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))
+    inits = ["random", *bench.strategies]
+    for task in bench.tasks:
+        fracs = bench.demographics_fractions if task == "demographics" else bench.fractions
+        for init in inits:
+            for f in sorted(fracs):
+                for seed in bench.seeds_for(f):
+                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc)  # validates early
+                    rid = f"ft-{bench_hash}-{task}-{init}-f{f:g}-s{seed}"
+                    units.append(Unit("finetune", rid, task, init, f, seed, spec=to_dict(fc)))
+    if bench.probes or bench.bias:
+        for init in inits:
+            units.append(Unit("embed", f"embed-{bench_hash}-{init}", "embed", init))
+    return Plan(name, cfg, bench, benchmark_id, units, cohort)
+
+
+# ------------------------------------------------------------------ store helpers
+
+
+def _finished_runs(store_root: Path) -> dict[str, str | None]:
+    """run_id -> checkpoint of every succeeded run."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        return {}
+    with connect(sp.db, read_only=True) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "runs" not in have:
+            return {}
+        return dict(con.execute("SELECT run_id, checkpoint FROM runs WHERE status = 'succeeded'").fetchall())
+
+
+def _store_has_slices(store_root: Path) -> bool:
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        return False
+    with connect(sp.db, read_only=True) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        return "slices" in have and con.execute("SELECT count(*) FROM slices").fetchone()[0] > 0
+
+
+def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> None:
+    """Generate the synthetic cohort and ingest it when the store has no slices yet."""
+    if _store_has_slices(store_root):
+        return
+    from ctssl_core.data.ingest import IngestConfig, ingest
+    from ctssl_core.data.synth import SynthConfig, generate_cohort
+
+    say(f"synthetic cohort -> {plan.cohort} (reused when its config matches)")
+    generate_cohort(build(SynthConfig, plan.config.get("synth") or {}, where="synth."), plan.cohort, progress=False)
+    say(f"ingesting {plan.cohort} -> {store_root}")
+    ingest(plan.cohort, store_root, build(IngestConfig, plan.config.get("ingest") or {}, where="ingest."),
+           progress=False)
+
+
+# ------------------------------------------------------------------ units
+
+
+def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path, progress=None) -> None:
+    from ctssl_core import pretrain as pre_mod
+
+    mapping = merge(plan.config.get("pretrain") or {}, {"task": unit.task, "split_seed": plan.bench.split_seed})
+    pcfg = build(pre_mod.PretrainConfig, mapping, where="pretrain.")
+    pre_mod.pretrain(pcfg, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
+                     progress=progress)
+
+
+def run_finetune_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_ids: dict[str, str],
+                      progress=None) -> None:
+    from ctssl_core.finetune import FinetuneConfig, finetune
+
+    spec = dict(unit.spec)
+    if unit.init != "random":
+        spec["init"] = pretrain_ids[unit.init]
+    fc = build(FinetuneConfig, spec)
+    finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
+             progress=progress, store=store, init_label=unit.init)
+
+
+def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
+    """Embed the evaluation split with one init (embed.run_embed); returns its embedding ids."""
+    from ctssl_core import embed as emb
+    from ctssl_core.results import write as rw
+
+    enc_name, enc_kw = pretrain_encoder(plan.config)
+    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed}, plan.config.get("embed") or {})
+    ecfg = build(emb.EmbedConfig, mapping, where="embed.")
+    ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
+    rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
+                 profile=plan.profile, benchmark_id=plan.benchmark_id)
+    try:
+        ids = emb.run_embed(store_root, ref, ecfg)
+    except BaseException as e:
+        rw.finish_run(store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    (rw.store_paths(store_root).run_dir(unit.run_id) / "embeddings.json").write_text(json.dumps(ids))
+    rw.finish_run(store_root, unit.run_id, "succeeded")
+    return ids
+
+
+# ------------------------------------------------------------------ runner
+
+
+def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=(), progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a benchmark; returns {'benchmark_id', 'table' (DataFrame), 'wall_s', 'ran', 'skipped'}."""
+    from tqdm import tqdm
+
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.paths import default_store, store_paths
+    from ctssl_core.results import write as rw
+
+    t0 = time.perf_counter()
+    root = Path(store_root) if store_root is not None else default_store()
+    plan = make_plan(profile, overrides, root)
+    ensure_data(plan, root, log)
+    rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
+    rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
+                 plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id)
+    done = _finished_runs(root)
+    todo = [u for u in plan.units if u.run_id not in done]
+    log(f"benchmark {plan.benchmark_id}: {len(plan.units)} units, {len(plan.units) - len(todo)} already done")
+    pretrain_ids = {u.init: u.run_id for u in plan.units if u.kind == "pretrain"}
+    store = None
+    bar = tqdm(total=len(plan.units), initial=len(plan.units) - len(todo), disable=not progress,
+               desc="benchmark", unit="run", dynamic_ncols=True)
+    embeddings: dict[str, dict[str, str]] = {}
+    status = "failed"
+    try:
+        for u in plan.units:
+            if u.run_id in done:
+                if u.kind == "embed":
+                    p = store_paths(root).run_dir(u.run_id) / "embeddings.json"
+                    if p.exists():
+                        embeddings[u.init] = json.loads(p.read_text())
+                continue
+            bar.set_postfix_str(f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else ""))
+            if u.kind == "pretrain":
+                run_pretrain_unit(plan, u, root)
+            elif u.kind == "finetune":
+                store = store or SliceStore.open(root)
+                run_finetune_unit(plan, u, root, store, pretrain_ids)
+            else:
+                embeddings[u.init] = run_embed_unit(plan, u, root, pretrain_ids)
+            bar.update(1)
+        bar.close()
+        table = summarise(plan, root, embeddings, log)
+        status = "succeeded"
+    finally:
+        bar.close()
+        rw.finish_benchmark(root, plan.benchmark_id, status)
+        rw.finish_run(root, plan.benchmark_id, status)
+    return {"benchmark_id": plan.benchmark_id, "table": table, "wall_s": time.perf_counter() - t0,
+            "ran": len(todo), "skipped": len(plan.units) - len(todo)}
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def _unit_boot(root: Path, unit: Unit) -> dict[str, np.ndarray]:
+    from ctssl_core.finetune import read_boot
+    from ctssl_core.paths import store_paths
+
+    return read_boot(store_paths(root).run_dir(unit.run_id))
+
+
+def _quantile_ci(samples: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval that tolerates inf ("not reached") replicates."""
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[~np.isnan(s)]
+    if s.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(s, [0.025, 0.975], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def _n(v: float) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log=print):
+    """Write summaries (+ probes, bias) and the summary table; returns it as a DataFrame."""
+    import pandas as pd
+
+    from ctssl_core import evaluate as ev
+    from ctssl_core.downstream import DOWNSTREAM
+    from ctssl_core.finetune import read_curve
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results import write as rw
+
+    bench = plan.bench
+    bid = plan.benchmark_id
+    inits = ["random", *bench.strategies]
+    ft = [u for u in plan.units if u.kind == "finetune"]
+    rows: list[dict[str, Any]] = []
+    table: dict[str, dict[str, str]] = {i: {} for i in inits}
+    for task in bench.tasks:
+        tcls = DOWNSTREAM[task]
+        metrics = tcls().metric_fns() if task != "demographics" else tcls().metric_fns()
+        boots = {(u.init, u.fraction, u.seed): _unit_boot(root, u) for u in ft if u.task == task}
+        full = max(bench.demographics_fractions) if task == "demographics" else 1.0
+
+        def mean_over_seeds(init: str, frac: float, key: str) -> np.ndarray | float:
+            vals = [b[key] for (i, f, s), b in boots.items() if i == init and f == frac and key in b]
+            return np.mean(vals, axis=0) if vals else np.nan
+
+        for init in inits:
+            for m, higher in metrics.items():
+                point = float(mean_over_seeds(init, full, f"point/{m}"))
+                reps = mean_over_seeds(init, full, m)
+                lo, hi = _quantile_ci(reps) if isinstance(reps, np.ndarray) else (np.nan, np.nan)
+                rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": m, "value": _n(point),
+                             "ci_low": _n(lo), "ci_high": _n(hi), "note": f"label fraction {full:g}, mean of seeds"})
+                if init != "random":
+                    rpoint = float(mean_over_seeds("random", full, f"point/{m}"))
+                    rreps = mean_over_seeds("random", full, m)
+                    if isinstance(reps, np.ndarray) and isinstance(rreps, np.ndarray):
+                        dlo, dhi = _quantile_ci(reps - rreps)
+                    else:
+                        dlo = dhi = np.nan
+                    rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": f"delta_{m}",
+                                 "value": _n(point - rpoint), "ci_low": _n(dlo), "ci_high": _n(dhi),
+                                 "note": "minus random init, paired bootstrap over test patients"})
+            head = tcls.headline
+            r = next(x for x in rows if x["task"] == task and x["init"] == init and x["metric"] == head)
+            table[init][f"{task} {head}"] = _fmt(r["value"], r["ci_low"], r["ci_high"])
+        if task in ("pe", "nodule"):
+            head, higher = tcls.headline, tcls().metric_fns()[tcls.headline]
+            target_pt = float(mean_over_seeds("random", 1.0, f"point/{head}"))
+            target_reps = mean_over_seeds("random", 1.0, head)
+            fr = sorted(bench.fractions)
+            for init in bench.strategies:
+                curve_pt = [float(mean_over_seeds(init, f, f"point/{head}")) for f in fr]
+                need = ev.labels_needed(fr, curve_pt, target_pt, higher)
+                curve_reps = np.stack([mean_over_seeds(init, f, head) for f in fr], 1)   # (n_boot, F)
+                need_reps = np.array([ev.labels_needed(fr, c, t, higher) for c, t in zip(curve_reps, target_reps)])
+                lo, hi = _quantile_ci(need_reps)
+                reached = np.isfinite(need)
+                note = (f"reaches random init's full-label {head} with {need * PERCENT:.0f}% of the labels"
+                        if reached else f"does not reach random init's full-label {head} ({target_pt:.3f}) "
+                                        f"even with 100% of the labels")
+                if reached and need <= fr[0]:
+                    note += f" (already at the smallest fraction, {fr[0] * PERCENT:g}%: an upper bound)"
+                rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": "labels_needed",
+                             "value": _n(need), "ci_low": _n(lo), "ci_high": _n(hi), "note": note})
+                rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": "labels_saved",
+                             "value": _n(1 - need) if reached else None,
+                             "ci_low": _n(1 - hi) if np.isfinite(hi) else None,
+                             "ci_high": _n(1 - lo) if np.isfinite(lo) else None, "note": note})
+                table[init][f"{task} labels saved"] = (f"{(1 - need) * PERCENT:.0f}% [{_pct(1 - hi)}, {_pct(1 - lo)}]"
+                                                        if reached else "not reached")
+        if task == "nodule":
+            def curve(init):
+                u = next((x for x in ft if x.task == task and x.init == init and x.fraction == 1.0), None)
+                c = read_curve(store_paths(root).run_dir(u.run_id)) if u else []
+                return [r["step"] for r in c if "val/dice" in r], [r["val/dice"] for r in c if "val/dice" in r]
+
+            rs, rv = curve("random")
+            for init in bench.strategies:
+                s_i, v_i = curve(init)
+                if len(rs) < 2 or len(s_i) < 2 or not np.isfinite(np.nanmax(rv)):
+                    note, ratio = "no validation curve (set downstream.nodule.train.eval_every > 0)", None
+                else:
+                    ratio, t_r, t_i = ev.speed_ratio(rs, rv, s_i, v_i, bench.speed_frac)
+                    note = (f"steps to {bench.speed_frac:g} x random init's best val Dice: random {t_r:.0f}, "
+                            f"{init} " + (f"{t_i:.0f}" if np.isfinite(t_i) else "not reached"))
+                    ratio = ratio if np.isfinite(t_i) else None
+                rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": "speed_ratio",
+                             "value": _n(ratio) if ratio is not None else None, "ci_low": None, "ci_high": None,
+                             "note": note})
+                table[init]["nodule speed"] = f"{ratio:.2f}x" if ratio else "not reached"
+    rows += probe_rows(plan, root, embeddings, table, log)
+    rw.write_summaries(root, rows)
+    if bench.bias and embeddings:
+        run_bias(plan, root, embeddings, log)
+    df = pd.DataFrame.from_dict(table, orient="index")
+    df.index.name = "init"
+    out = store_paths(root).run_dir(bid)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "summary.csv")
+    (out / "summary.md").write_text(_markdown(df, plan))
+    log("\n" + _markdown(df, plan))
+    return df
+
+
+def probe_rows(plan: Plan, root: Path, embeddings, table, log) -> list[dict[str, Any]]:
+    """Demographics route (a): ``probes`` on each init's frozen slice embeddings, paired vs random."""
+    if not plan.bench.probes or "random" not in embeddings:
+        return []
+    from ctssl_core import embed as emb
+    from ctssl_core import probes
+    from ctssl_core.results import write as rw
+
+    n_boot = int((plan.config.get("downstream") or {}).get("n_boot", 1000))
+    results: dict[str, dict] = {}
+    for init, ids in embeddings.items():
+        E, keys, _ = emb.load_embeddings(root, ids["slice"])
+        try:
+            results[init] = probes.probe_attributes(E, keys, n_boot=n_boot, seed=0)
+        except probes.ProbeError as e:
+            log(f"probe skipped for {init}: {e}")
+    out, res_rows = [], []
+    bid = plan.benchmark_id
+    for init, per_attr in results.items():
+        for attr, pr in per_attr.items():
+            for m, est in pr.metrics.items():
+                name = f"probe_{attr}_{m}"
+                res_rows.append({"run_id": f"embed-{bid.split('-')[-1]}-{init}", "benchmark_id": bid,
+                                 "task": "demographics", "init": init, "fraction": None, "seed": 0,
+                                 "split": "probe", "metric": name, "value": _n(est.value), "ci_low": _n(est.ci_low),
+                                 "ci_high": _n(est.ci_high), "n": int(pr.n_units)})
+                out.append({"benchmark_id": bid, "task": "demographics", "init": init, "metric": name,
+                            "value": _n(est.value), "ci_low": _n(est.ci_low), "ci_high": _n(est.ci_high),
+                            "note": f"linear probe on frozen embeddings, {pr.n_units} patients, {pr.n_splits}-fold CV"})
+            if init != "random" and attr in results.get("random", {}):
+                for m, d in probes.paired_delta(pr, results["random"][attr], n_boot=n_boot).items():
+                    out.append({"benchmark_id": bid, "task": "demographics", "init": init,
+                                "metric": f"delta_probe_{attr}_{m}", "value": _n(d.value), "ci_low": _n(d.ci_low),
+                                "ci_high": _n(d.ci_high), "note": "minus random init, paired bootstrap"})
+        if "race" in per_attr:
+            est = per_attr["race"].metrics["macro_auroc"]
+            table[init]["race probe AUROC"] = _fmt(est.value, est.ci_low, est.ci_high)
+    rw.write_results(root, res_rows)
+    return out
+
+
+def run_bias(plan: Plan, root: Path, embeddings, log) -> None:
+    """Bias analysis of every init's embedding against random init (bias.analyse_encoder)."""
+    from ctssl_core import bias
+
+    mapping = dict(plan.config.get("bias") or {})
+    bcfg = build(bias.BiasConfig, mapping, where="bias.")
+    ref = embeddings.get("random", {}).get("slice")
+    for init, ids in embeddings.items():
+        bias.analyse_encoder(root, ids["slice"], None if init == "random" else ref, bcfg)
+
+
+def _pct(v: float) -> str:
+    return f"{v * PERCENT:.0f}%" if v is not None and np.isfinite(v) else "n/r"
+
+
+def _fmt(v, lo, hi) -> str:
+    if v is None:
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{v:.3f}"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _markdown(df, plan: Plan) -> str:
+    cols = list(df.columns)
+    lines = [f"# {plan.benchmark_id} (profile {plan.profile})", "",
+             "Test-split metrics at the full label fraction with 95% patient-bootstrap CIs; "
+             "labels saved = 1 - smallest label fraction reaching random init's full-label metric.", "",
+             "| init | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for init, r in df.iterrows():
+        lines.append(f"| {init} | " + " | ".join(str(r[c]) if r[c] == r[c] else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""`ctssl finetune`: one downstream fine-tuning (task x init x label fraction x seed), scored with CIs."""
+
+from __future__ import annotations
+
+HELP = "Fine-tune a downstream task (pe, nodule, demographics) from random init or a pretraining, and score it."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--task", required=True, choices=["pe", "nodule", "demographics"], help="downstream task")
+    p.add_argument("--init", default="random",
+                   help="random | a pretext key (latest finished pretraining of it) | a run id | a checkpoint path")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of training patients (nested by seed)")
+    p.add_argument("--seed", type=int, default=0, help="training seed and patient-subset seed")
+    p.add_argument("--profile", default="quick", help="profile whose `downstream` and `pretrain.encoder` to use")
+    p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile key, e.g. --set downstream.train.steps=50 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ctssl_core.benchmark import finetune_config, pretrain_encoder, resolve_profile
+    from ctssl_core.finetune import finetune
+    from ctssl_core.paths import default_store
+
+    cfg = resolve_profile(args.profile, args.overrides)
+    split_seed = int((cfg.get("benchmark") or {}).get("split_seed", 0))
+    fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg))
+    store = Path(args.store) if args.store else default_store()
+    steps = int(fc.train.get("steps", 200))
+    with tqdm(total=steps, disable=args.quiet, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
+        res = finetune(fc, store, profile=str(cfg.get("profile")), progress=lambda s: bar.update(s - bar.n))
+    print(f"run {res.run_id}: {args.task} from {res.init}, {res.n_train_patients} training patients, "
+          f"{res.n_train_slices} slices, {res.wall_s:.1f}s")
+    for m, ci in res.metrics.items():
+        print(f"  {m:16s} {ci.value:.4f}  [{ci.low:.4f}, {ci.high:.4f}]")
+    return 0

@@ -1,0 +1,406 @@
+"""Fine-tune one downstream task from one init at one label fraction and seed, then score it.
+
+One *unit* of the benchmark: ``finetune(cfg, store_root, ...)`` picks the
+training patients (a nested, seeded subset of the train split), trains with
+``train.fit`` (the same loop as pretraining), logs validation metrics during
+training (the learning curves behind the speed ratio), scores the test split
+with patient-bootstrap CIs, and writes everything through ``results/write.py``:
+the ``runs`` row, metrics (JSONL -> ``metrics``), one ``results`` row per metric.
+
+Two files in the run folder let the benchmark summarise without re-running a
+model: ``boot.npz`` (bootstrap replicates per metric; every run of a benchmark
+draws the same test patients with the same seed, so replicates subtract for
+paired differences and feed ``labels_needed`` per draw) and ``curve.jsonl``
+(validation metric per evaluation step).
+
+Label fractions are nested: for a seed, the patients of the 5% subset are the
+first 5% of one seeded permutation of the train patients, so they are also in
+the 25% subset. Different seeds draw different subsets (the spread we report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ctssl_core.config import ConfigError, to_dict
+
+BOOT_SEED = 12345          # every run draws the same bootstrap patients -> paired comparisons
+BOOT_FILE = "boot.npz"
+CURVE_FILE = "curve.jsonl"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = "pe"
+    init: str = "random"              # 'random' | pretext key (latest pretrain of it) | run id | checkpoint path
+    fraction: float = 1.0             # of training patients
+    seed: int = 0                     # training seed and patient-subset seed
+    split_seed: int = 0               # patient-level train/val/test split (identical for every init)
+    encoder: str = "tiny"             # for random init; pretrained inits use the checkpoint's
+    encoder_kwargs: dict = field(default_factory=dict)
+    task_params: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)       # TrainConfig fields
+    freeze_encoder: bool = False
+    nodule_neg_ratio: float = 1.0     # nodule: empty slices per nodule slice in training
+    val_max_slices: int = 512
+    test_max_slices: int = 0          # 0 = the whole test split
+    eval_batch_size: int = 64
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction} (e.g. --fraction 0.25)")
+        from ctssl_core.downstream import DOWNSTREAM
+
+        if self.task not in DOWNSTREAM:
+            raise ConfigError(f"unknown downstream task {self.task!r}; choose one of {sorted(DOWNSTREAM)}")
+        if self.n_boot < 10:
+            raise ConfigError(f"n_boot must be >= 10, got {self.n_boot}")
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    init: str
+    metrics: dict[str, Any]           # metric -> evaluate.CI
+    curve: list[dict[str, float]]
+    n_train_patients: int
+    n_train_slices: int
+    wall_s: float
+
+
+# ------------------------------------------------------------------ data selection
+
+
+def patient_keys(store) -> np.ndarray:
+    return store.patients["patient_key"].to_numpy().astype(str)
+
+
+def split_patient_idx(store, store_root: Path, split_seed: int) -> dict[str, np.ndarray]:
+    """Patient indices (rows of ``store.patients``) per split."""
+    from ctssl_core.data.splits import get_or_create_splits
+
+    splits = get_or_create_splits(store_root, split_seed)
+    keys = patient_keys(store)
+    lab = np.array([splits.get(k, "") for k in keys])
+    return {s: np.flatnonzero(lab == s) for s in ("train", "val", "test")}
+
+
+def fraction_subset(train_patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The first ceil(fraction * n) of one seeded permutation: nested across fractions for a seed."""
+    pats = np.sort(np.asarray(train_patients))
+    if pats.size == 0:
+        raise ConfigError("the train split has no patients; ingest more data or check the split seed")
+    perm = np.random.default_rng([int(seed), 2024]).permutation(pats)
+    n = max(1, int(math.ceil(round(fraction * pats.size, 9))))
+    return np.sort(perm[:n])
+
+
+def task_slices(store, task_name: str, patients: np.ndarray, *, role: str, seed: int = 0,
+                neg_ratio: float = 1.0, max_slices: int = 0) -> np.ndarray:
+    """Slice ids of ``patients`` usable for ``task_name`` (labels known).
+
+    Nodule training keeps every nodule slice plus ``neg_ratio`` x as many empty
+    slices (seeded): with <1% nodule slices, uniform sampling would show the
+    decoder almost nothing to segment. Evaluation keeps all slices of
+    series with a mask. ``max_slices`` caps evaluation sets by whole patients
+    (seeded) so per-patient statistics stay intact.
+    """
+    pidx = np.asarray(store.patient_idx)
+    in_pat = np.isin(pidx, patients)
+    if task_name == "pe":
+        ok = in_pat & ~np.isnan(np.asarray(store.labels("pe"), dtype=np.float64))
+    elif task_name == "nodule":
+        npx = np.asarray(store.labels("nodule_px"), dtype=np.float64)
+        ok = in_pat & ~np.isnan(npx)
+        if role == "train":
+            pos = np.flatnonzero(ok & (npx > 0))
+            neg = np.flatnonzero(ok & (npx == 0))
+            k = min(neg.size, int(round(neg_ratio * max(pos.size, 1))))
+            neg = np.random.default_rng([seed, 99]).choice(neg, size=k, replace=False) if k else neg[:0]
+            return np.sort(np.concatenate([pos, neg])).astype(np.int64)
+    else:
+        ok = in_pat
+    ids = np.flatnonzero(ok).astype(np.int64)
+    if max_slices and ids.size > max_slices:
+        rng = np.random.default_rng([seed, 7])
+        order = rng.permutation(np.unique(pidx[ids]))
+        keep, total = [], 0
+        for p in order:
+            n = int(np.sum(pidx[ids] == p))
+            if keep and total + n > max_slices:
+                break
+            keep.append(p)
+            total += n
+        ids = ids[np.isin(pidx[ids], keep)]
+    return ids
+
+
+def task_with_data_params(task_name: str, params: dict, store, train_ids: np.ndarray):
+    """Build the task; fill data-dependent hyperparameters the user left unset."""
+    from ctssl_core.downstream import make_downstream
+
+    params = dict(params)
+    if task_name == "pe" and not params.get("pos_weight"):
+        y = np.asarray(store.labels("pe"), dtype=np.float64)[train_ids]
+        n_pos = float(np.nansum(y))
+        params["pos_weight"] = float(min((y.size - n_pos) / n_pos, 50.0)) if n_pos > 0 else 1.0
+    if task_name == "demographics":
+        pat = store.patients
+        pidx = np.asarray(store.patient_idx)[train_ids]
+        ages = pat["age"].astype("float64").to_numpy()[np.unique(pidx)]
+        ages = ages[~np.isnan(ages)]
+        if ages.size >= 2 and "age_mean" not in params:
+            params["age_mean"] = float(ages.mean())
+            params["age_std"] = float(max(ages.std(), 1.0))
+        races = {str(v) for v in pat["race"].astype("object").to_numpy() if v is not None and v == v}
+        params.setdefault("n_race", max(2, len(races)))
+    return make_downstream(task_name, **params)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def collect_outputs(task, encoder, head, store, ids: np.ndarray, batch_size: int, device,
+                    image_size: int = 0) -> dict[str, np.ndarray]:
+    """Predictions for every id (eval mode, no augmentation) + row keys for scoring."""
+    import torch
+
+    from ctssl_core.data.loader import SliceBatcher
+
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    if ids.size == 0:
+        raise ConfigError(f"no slices to evaluate {task.name} on; does the store carry its labels?")
+    was = (encoder.training, head.training)
+    encoder.eval()
+    head.eval()
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bs = min(batch_size, ids.size)
+    n_full = (ids.size // bs) * bs
+    parts = [(ids[:n_full], bs)] + ([(ids[n_full:], ids.size - n_full)] if n_full < ids.size else [])
+    try:
+        with torch.no_grad():
+            for part, b in parts:
+                batcher = SliceBatcher(store, part, b, label_keys=task.label_keys, device=device,
+                                       image_size=image_size or None, prefetch=False)
+                it = iter(batcher)
+                for _ in range(len(batcher)):
+                    raw = next(it)
+                    batch = task.eval_batch(raw)
+                    prob = task.predict(task.forward(encoder, head, batch))
+                    prob_np = prob.cpu().numpy()
+                    if prob_np.ndim == 3:                        # dense: keep binary masks only
+                        prob_np = prob_np >= getattr(task, "threshold", 0.5)
+                    tgt = batch.targets
+                    tgt_np = (tgt[:, 0] > 0.5).cpu().numpy() if tgt.dim() == 4 else tgt.cpu().numpy()
+                    chunks.append((raw["slice_id"].cpu().numpy(), prob_np, tgt_np))
+    finally:
+        encoder.train(was[0])
+        head.train(was[1])
+    sid = np.concatenate([c[0] for c in chunks])
+    order = np.argsort(sid, kind="stable")
+    out = {
+        "slice_id": sid[order],
+        "prob": np.concatenate([c[1] for c in chunks])[order],
+        "target": np.concatenate([c[2] for c in chunks])[order],
+    }
+    out["patient"] = np.asarray(store.patient_idx)[out["slice_id"]].astype(np.int64)
+    out["exam"] = np.asarray(store.series_of)[out["slice_id"]].astype(np.int64)
+    out["order"] = np.asarray(store.idx_in_series)[out["slice_id"]].astype(np.int64)
+    return out
+
+
+def score_outputs(task, out: dict[str, np.ndarray], n_boot: int, seed: int = BOOT_SEED):
+    """(metric -> CI, metric -> replicates) with patient-bootstrap CIs."""
+    from ctssl_core import evaluate as ev
+
+    stat = task.stat_fn(out)
+    return ev.bootstrap_multi(stat, len(np.unique(out["patient"])), n_boot=n_boot, seed=seed)
+
+
+def point_metrics(task, out: dict[str, np.ndarray]) -> dict[str, float]:
+    stat = task.stat_fn(out)
+    return stat(np.arange(len(np.unique(out["patient"]))))
+
+
+# ------------------------------------------------------------------ init
+
+
+def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict):
+    """-> (encoder module, init label, checkpoint path or None, encoder name)."""
+    from ctssl_core import checkpoint as ck
+    from ctssl_core.models import build_encoder
+    from ctssl_core.pretext import PRETEXT
+
+    if init == "random":
+        return build_encoder(encoder, **encoder_kwargs), "random", None, encoder
+    label = init
+    ref: str | Path = init
+    if init in PRETEXT:
+        ref = latest_pretrain_checkpoint(store_root, init)
+    enc, cfg = ck.load_encoder(ref, store_root)
+    path = ck.resolve_checkpoint(ref, store_root)
+    if init not in PRETEXT:  # a run id or path: label it with the pretext it was trained on
+        label = str(cfg.get("task") or cfg.get("pretext") or _run_task(store_root, str(init)) or init)
+    return enc, label, path, getattr(enc, "name", encoder)
+
+
+def _run_task(store_root: Path, run_id: str) -> str | None:
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    p = store_paths(store_root).db
+    if not p.exists():
+        return None
+    with connect(p, read_only=True) as con:
+        got = con.execute("SELECT task FROM runs WHERE run_id = ?", [run_id]).fetchall()
+    return got[0][0] if got else None
+
+
+def latest_pretrain_checkpoint(store_root: Path, pretext: str) -> Path:
+    from ctssl_core.db import StoreError, connect
+    from ctssl_core.paths import store_paths
+
+    sp = store_paths(store_root)
+    rows = []
+    if sp.db.exists():
+        with connect(sp.db, read_only=True) as con:
+            rows = con.execute(
+                "SELECT checkpoint FROM runs WHERE kind = 'pretrain' AND task = ? AND status = 'succeeded' "
+                "AND checkpoint IS NOT NULL ORDER BY ended_at DESC", [pretext]).fetchall()
+    for (c,) in rows:
+        p = Path(c) if Path(c).is_absolute() else sp.root / c
+        if p.is_file():
+            return p
+    raise StoreError(f"no finished pretraining of {pretext!r} in {sp.root}; run `ctssl pretrain --task {pretext}` "
+                     f"first, or pass --init random / a run id / a checkpoint path")
+
+
+# ------------------------------------------------------------------ the unit
+
+
+def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = None,
+             benchmark_id: str | None = None, profile: str | None = None,
+             progress: Callable[[int], None] | None = None, store=None,
+             init_label: str | None = None) -> FinetuneResult:
+    """Train and score one (task, init, fraction, seed). Resumes a run folder that has a checkpoint.
+
+    ``init_label`` names the init in the results (the pretext key) when
+    ``cfg.init`` is a run id or path; by default it is read from the run.
+    """
+    import time
+
+    import torch
+
+    from ctssl_core import train as train_mod
+    from ctssl_core.config import build
+    from ctssl_core.data.loader import SliceBatcher
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.results import write as rw
+
+    root = Path(store_root)
+    t0 = time.perf_counter()
+    store = store or SliceStore.open(root)
+    tcfg = build(train_mod.TrainConfig, cfg.train, where="train.")
+    splits = split_patient_idx(store, root, cfg.split_seed)
+    train_pat = fraction_subset(splits["train"], cfg.fraction, cfg.seed)
+    train_ids = task_slices(store, cfg.task, train_pat, role="train", seed=cfg.seed, neg_ratio=cfg.nodule_neg_ratio)
+    val_ids = task_slices(store, cfg.task, splits["val"], role="val", max_slices=cfg.val_max_slices)
+    test_ids = task_slices(store, cfg.task, splits["test"], role="test", max_slices=cfg.test_max_slices)
+    for name, ids in (("train", train_ids), ("test", test_ids)):
+        if ids.size == 0:
+            raise ConfigError(f"{cfg.task}: the {name} split has no labelled slices; ingest a cohort with "
+                              f"{cfg.task} labels or raise the fraction")
+    task = task_with_data_params(cfg.task, cfg.task_params, store, train_ids)
+    encoder, label, ckpt, enc_name = resolve_init(cfg.init, root, cfg.encoder, cfg.encoder_kwargs)
+    init_label = init_label or label
+    device = train_mod.resolve_device(tcfg.device)
+    batch_size = min(tcfg.batch_size, train_ids.size)
+    if batch_size != tcfg.batch_size:
+        tcfg = dataclasses.replace(tcfg, batch_size=batch_size)
+    run_id = run_id or rw.new_run_id("finetune", cfg.task, init_label)
+    run_config = {**to_dict(cfg), "init_label": init_label, "init_checkpoint": str(ckpt) if ckpt else None,
+                  "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
+    run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
+                           fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
+                           dataset=_dataset(store))
+    logger = rw.RunLogger(root, run_id)
+    curve_path = run_dir / CURVE_FILE
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    if not resume and curve_path.exists():
+        curve_path.unlink()
+    head = task.build_head(encoder)
+    headline = task.headline
+
+    def eval_fn(enc, step):
+        if val_ids.size == 0:
+            return {}
+        out = collect_outputs(task, enc, head, store, val_ids, cfg.eval_batch_size, device, tcfg.image_size)
+        m = point_metrics(task, out)
+        rec = {"step": step, **{f"val/{k}": float(v) for k, v in m.items()}}
+        with open(curve_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return {k: v for k, v in rec.items() if k != "step"}
+
+    try:
+        loader = SliceBatcher(store, train_ids, tcfg.batch_size, label_keys=task.label_keys, device=device,
+                              seed=cfg.seed, image_size=tcfg.image_size or None)
+        fres = train_mod.fit(task, encoder, loader, tcfg, log=logger, run_dir=run_dir, resume=resume,
+                             freeze_encoder=cfg.freeze_encoder, eval_fn=eval_fn if tcfg.eval_every else None,
+                             head=head, run_config=run_config, progress=progress)
+        head = fres.head or head
+        out = collect_outputs(task, encoder.to(device), head, store, test_ids, cfg.eval_batch_size, device,
+                              tcfg.image_size)
+        cis, samples = score_outputs(task, out, cfg.n_boot)
+        np.savez(run_dir / BOOT_FILE, **{k: v for k, v in samples.items()},
+                 **{f"point/{k}": np.float64(c.value) for k, c in cis.items()})
+        n_pat = int(len(np.unique(out["patient"])))
+        rw.write_results(root, [
+            {"run_id": run_id, "benchmark_id": benchmark_id, "task": cfg.task, "init": init_label,
+             "fraction": cfg.fraction, "seed": cfg.seed, "split": "test", "metric": m,
+             "value": _num(c.value), "ci_low": _num(c.low), "ci_high": _num(c.high), "n": n_pat}
+            for m, c in cis.items()])
+        logger({"step": fres.step, **{f"test/{m}": c.value for m, c in cis.items()}})
+        logger.close()
+        rw.finish_run(root, run_id, "succeeded", checkpoint=fres.checkpoint)
+    except BaseException as e:
+        try:
+            logger.close()
+        finally:
+            status = "cancelled" if isinstance(e, KeyboardInterrupt) else "failed"
+            rw.finish_run(root, run_id, status, error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    return FinetuneResult(run_id, init_label, cis, read_curve(run_dir), int(train_pat.size), int(train_ids.size),
+                          time.perf_counter() - t0)
+
+
+def read_curve(run_dir: Path) -> list[dict[str, float]]:
+    p = Path(run_dir) / CURVE_FILE
+    if not p.exists():
+        return []
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in rows}             # a resumed run may repeat a step: keep the last
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_boot(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(Path(run_dir) / BOOT_FILE) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _num(v: float) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _dataset(store) -> str | None:
+    try:
+        return ",".join(sorted({str(x) for x in store.slices.get("dataset", [])})) or None
+    except Exception:  # noqa: BLE001 - a label for the runs table only
+        return None

@@ -1,0 +1,166 @@
+"""Downstream tasks: the Task contract on a tiny encoder, scoring functions, nested label fractions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctssl_core import evaluate as ev
+from ctssl_core.config import ConfigError
+from ctssl_core.downstream import DOWNSTREAM, make_downstream
+from ctssl_core.finetune import FinetuneConfig, fraction_subset
+from ctssl_core.tasks import Task
+
+torch.set_num_threads(1)
+
+
+def _raw(B=4, H=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nod = torch.zeros(B, 1, H, H)
+    nod[0, 0, 10:14, 10:14] = 1.0
+    return {
+        "x": torch.rand(B, 1, H, H, generator=g),
+        "pe": torch.tensor([1.0, 0.0, 0.0, 1.0])[:B],
+        "nodule": nod,
+        "age": torch.tensor([40.0, float("nan"), 60.0, 70.0])[:B],
+        "sex": torch.tensor([1.0, 0.0, float("nan"), 1.0])[:B],
+        "race": torch.tensor([0, 2, -1, 1])[:B],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(DOWNSTREAM))
+def test_every_task_trains_one_step_on_a_tiny_encoder(name):
+    from ctssl_core.models import build_encoder
+
+    task = make_downstream(name, **({"n_race": 3} if name == "demographics" else {}))
+    assert isinstance(task, Task) and task.name == name and task.context == 1
+    torch.manual_seed(0)
+    enc = build_encoder("tiny")
+    head = task.build_head(enc)
+    raw = _raw()
+    batch = task.make_batch(raw, torch.Generator().manual_seed(1))
+    pred = task.forward(enc, head, batch)
+    loss, parts = task.loss(pred, batch)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in list(enc.parameters()) + list(head.parameters()) if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    prob = task.predict(pred)
+    assert prob.shape[0] == 4 and torch.isfinite(prob).all()
+    if name == "nodule":
+        assert prob.shape == (4, 32, 32) and prob.min() >= 0 and prob.max() <= 1
+
+
+def test_pe_flip_keeps_labels_and_pos_weight_raises_positive_loss():
+    task = make_downstream("pe")
+    raw = _raw()
+    b = task.make_batch(raw, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(b.targets, raw["pe"])
+    flipped = [torch.equal(b.inputs[i], raw["x"][i].flip(-1)) for i in range(4)]
+    kept = [torch.equal(b.inputs[i], raw["x"][i]) for i in range(4)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    pred = torch.zeros(4)
+    plain = task.loss(pred, b)[0]
+    weighted = make_downstream("pe", pos_weight=10.0).loss(pred, b)[0]
+    assert weighted.item() > plain.item()
+
+
+def test_nodule_flip_moves_mask_with_image():
+    task = make_downstream("nodule")
+    raw = _raw()
+    raw["x"][0] = raw["nodule"][0]                     # image == mask on sample 0
+    for seed in range(4):
+        b = task.make_batch(raw, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(b.inputs[0], b.targets[0])
+
+
+def test_demographics_loss_ignores_missing_labels():
+    task = make_downstream("demographics", n_race=3)
+    raw = _raw()
+    b = task.eval_batch(raw)
+    pred = torch.zeros(4, 5, requires_grad=True)
+    loss, parts = task.loss(pred, b)
+    assert torch.isfinite(loss)
+    loss.backward()
+    # sample 2 has unknown sex and race: only its age term may produce a gradient
+    assert pred.grad[2, 1] == 0 and torch.all(pred.grad[2, 2:] == 0) and pred.grad[2, 0] != 0
+    assert pred.grad[1, 0] == 0                         # unknown age
+
+
+def test_pe_scoring_matches_direct_metrics():
+    rng = np.random.default_rng(0)
+    n_pat, per = 12, 6
+    patient = np.repeat(np.arange(n_pat), per)
+    exam = patient + 100
+    y = np.zeros(n_pat * per)
+    y[(patient % 2 == 0) & (np.arange(n_pat * per) % per < 2)] = 1   # even patients have 2 PE slices
+    prob = np.clip(0.3 * y + rng.random(y.size) * 0.7, 0, 1)
+    out = {"prob": prob, "target": y, "exam": exam, "patient": patient}
+    m = make_downstream("pe").stat_fn(out)(np.arange(n_pat))
+    assert m["slice_auroc"] == pytest.approx(ev.auroc(y, prob))
+    assert m["auprc"] == pytest.approx(ev.auprc(y, prob))
+    ids, es = ev.aggregate_exam(exam, prob, "topk", 3)
+    _, el = ev.aggregate_exam(exam, y, "max")
+    assert m["exam_auroc"] == pytest.approx(ev.auroc(el, es))
+    assert m["rsna_wll"] == pytest.approx(ev.rsna_weighted_log_loss(
+        exam, y, prob, {"negative_exam_for_pe": 1 - el}, {"negative_exam_for_pe": 1 - es}))
+    # a patient drawn twice counts as two exams
+    twice = make_downstream("pe").stat_fn(out)(np.array([0, 0, 1]))
+    assert np.isfinite(twice["exam_auroc"]) and twice["exam_auroc"] == pytest.approx(
+        ev.auroc([1, 1, 0], ev.aggregate_exam([0] * 6 + [1] * 6 + [2] * 6,
+                                              np.r_[prob[:6], prob[:6], prob[6:12]], "topk", 3)[1]))
+
+
+def test_nodule_and_demographics_scoring():
+    H = 8
+    target = np.zeros((4, H, H), bool)
+    target[1:3, 2:4, 2:4] = True                       # one 3D nodule in series 0 (slices 1-2)
+    pred = target.copy()
+    pred[3, 0, 0] = True                               # a false positive pixel on slice 3
+    out = {"prob": pred, "target": target, "exam": np.zeros(4, int), "order": np.arange(4),
+           "patient": np.zeros(4, int)}
+    m = make_downstream("nodule").stat_fn(out)(np.array([0]))
+    assert m["nodule_dice"] == pytest.approx(1.0)
+    assert m["dice"] == pytest.approx((1 + 1 + 0) / 3)   # slice 0 empty in both: not counted
+    # demographics: per-patient mean of slice predictions
+    prob = np.array([[40, 0.9, 0.8, 0.1, 0.1], [50, 0.7, 0.6, 0.2, 0.2],
+                     [70, 0.1, 0.1, 0.8, 0.1], [60, 0.3, 0.1, 0.1, 0.8]], float)
+    tgt = np.array([[44, 1, 0], [44, 1, 0], [66, 0, 1], [55, 0, 2]], float)
+    out = {"prob": prob, "target": tgt, "patient": np.array([0, 0, 1, 2])}
+    d = make_downstream("demographics", n_race=3).stat_fn(out)(np.arange(3))
+    assert d["age_mae"] == pytest.approx((1 + 4 + 5) / 3)
+    assert d["sex_auroc"] == pytest.approx(1.0)
+    assert d["race_auroc"] == pytest.approx(1.0)
+
+
+def test_fraction_subsets_are_nested_and_inside_train():
+    from ctssl_core.data.splits import make_splits
+
+    keys = [f"p{i:03d}" for i in range(200)]
+    split = make_splits(keys, seed=3)
+    tr = np.array([i for i, k in enumerate(keys) if split[k] == "train"])
+    others = {i for i, k in enumerate(keys) if split[k] != "train"}
+    for seed in (0, 1):
+        subsets = [set(fraction_subset(tr, f, seed).tolist()) for f in (0.01, 0.05, 0.25, 1.0)]
+        for small, big in zip(subsets, subsets[1:]):
+            assert small < big
+        assert subsets[-1] == set(tr.tolist())
+        assert not (subsets[-1] & others)
+        assert len(subsets[1]) == int(np.ceil(0.05 * len(tr)))
+    assert fraction_subset(tr, 0.05, 0) .tolist() != fraction_subset(tr, 0.05, 1).tolist()
+    assert fraction_subset(tr, 0.25, 0).tolist() == fraction_subset(tr, 0.25, 0).tolist()
+    assert len(fraction_subset(tr, 0.001, 0)) == 1
+    with pytest.raises(ConfigError, match="no patients"):
+        fraction_subset(np.array([], int), 0.5, 0)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ConfigError, match="fraction"):
+        FinetuneConfig(fraction=0.0)
+    with pytest.raises(ConfigError, match="unknown downstream task"):
+        FinetuneConfig(task="liver")
+    with pytest.raises(ConfigError, match="unknown downstream task"):
+        make_downstream("liver")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_downstream("pe", pos_wieght=3.0)
