@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file", "database is locked")
+# "different configuration": a read-only and a read-write connection to one file inside one
+# process (e.g. two Streamlit sessions, or a worker thread); it clears when the other closes.
+LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file", "database is locked",
+                "same database file with a different configuration")
 
 
 class StoreError(RuntimeError):
