@@ -119,7 +119,7 @@ def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int,
 
 def pretrain_encoder(cfg: dict) -> tuple[str, dict]:
     pre = cfg.get("pretrain") or {}
-    return str(pre.get("encoder", "tiny")), dict(pre.get("encoder_kwargs") or {})
+    return str(pre.get("encoder", "tiny")), dict(pre.get("encoder_params") or {})
 
 
 def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) -> Plan:
@@ -136,7 +136,7 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
     enc = pretrain_encoder(cfg)
     units: list[Unit] = []
     for s in bench.strategies:
-        units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))
+        units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))  # id = plan key; the run id is found by config
     inits = ["random", *bench.strategies]
     for task in bench.tasks:
         fracs = bench.demographics_fractions if task == "demographics" else bench.fractions
@@ -199,13 +199,51 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> Non
 # ------------------------------------------------------------------ units
 
 
-def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path, progress=None) -> None:
-    from ctssl_core import pretrain as pre_mod
+def pretrain_section(plan: Plan, strategy: str) -> dict:
+    return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed})
 
-    mapping = merge(plan.config.get("pretrain") or {}, {"task": unit.task, "split_seed": plan.bench.split_seed})
-    pcfg = build(pre_mod.PretrainConfig, mapping, where="pretrain.")
-    pre_mod.pretrain(pcfg, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-                     progress=progress)
+
+def find_pretrain(plan: Plan, strategy: str, store_root: Path) -> str | None:
+    """Run id of a finished pretraining whose resolved config equals this plan's (reuse), else None."""
+    from ctssl_core import pretrain as pre_mod
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    want = to_dict(pre_mod.resolve_config(strategy, base=pretrain_section(plan, strategy)))
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        return None
+    with connect(sp.db, read_only=True) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "runs" not in have:
+            return None
+        rows = con.execute("SELECT run_id, config, checkpoint FROM runs WHERE kind = 'pretrain' AND task = ? "
+                           "AND status = 'succeeded' ORDER BY ended_at DESC", [strategy]).fetchall()
+    for run_id, cfg_json, ckpt in rows:
+        try:
+            got = json.loads(cfg_json or "{}").get("pretrain")
+        except ValueError:
+            continue
+        if got == want and ckpt and (sp.root / ckpt).is_file():
+            return run_id
+    return None
+
+
+def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path) -> str:
+    """Pretrain one strategy with the profile's ``pretrain`` section; returns the run id."""
+    from ctssl_core import pretrain as pre_mod
+    from ctssl_core.paths import store_paths
+
+    import yaml
+
+    # run_pretrain takes its config from a YAML file: write the resolved section beside the benchmark
+    path = store_paths(store_root).run_dir(plan.benchmark_id) / f"pretrain-{unit.task}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"pretrain": pretrain_section(plan, unit.task)}))
+    res = pre_mod.run_pretrain(unit.task, store_root, config_path=path, progress=False, echo=lambda m: None)
+    if res.status != "succeeded":
+        raise ConfigError(f"pretraining {unit.task} ended {res.status}; re-run the benchmark to resume")
+    return res.run_id
 
 
 def run_finetune_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_ids: dict[str, str],
@@ -261,9 +299,15 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
                  plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id)
     done = _finished_runs(root)
+    pretrain_ids: dict[str, str] = {}
+    for u in plan.units:
+        if u.kind == "pretrain":
+            found = find_pretrain(plan, u.task, root)
+            if found:
+                pretrain_ids[u.task] = found
+                done[u.run_id] = found
     todo = [u for u in plan.units if u.run_id not in done]
     log(f"benchmark {plan.benchmark_id}: {len(plan.units)} units, {len(plan.units) - len(todo)} already done")
-    pretrain_ids = {u.init: u.run_id for u in plan.units if u.kind == "pretrain"}
     store = None
     bar = tqdm(total=len(plan.units), initial=len(plan.units) - len(todo), disable=not progress,
                desc="benchmark", unit="run", dynamic_ncols=True)
@@ -279,7 +323,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
                 continue
             bar.set_postfix_str(f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else ""))
             if u.kind == "pretrain":
-                run_pretrain_unit(plan, u, root)
+                pretrain_ids[u.task] = run_pretrain_unit(plan, u, root)
             elif u.kind == "finetune":
                 store = store or SliceStore.open(root)
                 run_finetune_unit(plan, u, root, store, pretrain_ids)

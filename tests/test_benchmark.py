@@ -1,0 +1,125 @@
+"""The benchmark runner: plan, and `ctssl benchmark --profile smoke` end to end (the one slow test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctssl_core.benchmark import BenchmarkConfig, make_plan
+from ctssl_core.config import ConfigError
+
+RESULT_TABLES = ("runs", "metrics", "metric_offsets", "results", "summaries", "benchmarks", "splits",
+                 "embeddings", "projections", "bias_results")
+
+
+def test_plan_is_deterministic_and_adds_seeds_at_small_fractions(tmp_path):
+    over = ["benchmark.fractions=[0.1,0.5,1.0]", "benchmark.small_fraction=0.1",
+            "benchmark.small_fraction_seeds=[0,1,2]", "benchmark.strategies=[rotation]"]
+    a = make_plan("smoke", over, tmp_path)
+    b = make_plan("smoke", over, tmp_path)
+    assert [u.run_id for u in a.units] == [u.run_id for u in b.units]
+    assert len({u.run_id for u in a.units}) == len(a.units)
+    pe = [(u.init, u.fraction, u.seed) for u in a.units if u.kind == "finetune" and u.task == "pe"]
+    assert sorted(s for i, f, s in pe if i == "random" and f == 0.1) == [0, 1, 2]
+    assert sorted(s for i, f, s in pe if i == "random" and f == 1.0) == [0]
+    assert {i for i, _, _ in pe} == {"random", "rotation"}
+    demo = {u.fraction for u in a.units if u.kind == "finetune" and u.task == "demographics"}
+    assert demo == {1.0}
+    c = make_plan("smoke", over + ["downstream.train.steps=5"], tmp_path)
+    assert c.benchmark_id != a.benchmark_id            # a different protocol is a different benchmark
+
+
+def test_bad_benchmark_configs_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="must include 1.0"):
+        BenchmarkConfig(fractions=(0.1, 0.5))
+    with pytest.raises(ConfigError, match="unknown"):
+        BenchmarkConfig(strategies=("jigsaw",))
+    with pytest.raises(ConfigError, match="unknown section"):
+        make_plan("smoke", ["finetune.steps=3"], tmp_path)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_plan("smoke", ["downstream.stepz=3"], tmp_path)
+
+
+def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, capsys):
+    import duckdb
+
+    from ctssl_core.cli import main
+    from ctssl_core.paths import store_paths
+
+    store = tmp_path / "store"
+    args = ["benchmark", "--profile", "smoke", "--store", str(store), "--quiet",
+            "--set", f"benchmark.cohort={tmp_path / 'cohort'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| init |" in out and "masked_region" in out
+    sp = store_paths(store)
+    con = duckdb.connect(str(sp.db), read_only=True)
+    try:
+        for t in RESULT_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] > 0, f"table {t} is empty"
+        (bid,) = con.execute("SELECT benchmark_id FROM benchmarks WHERE status = 'succeeded'").fetchone()
+        # every finetune unit succeeded and wrote one test row per metric with a CI around the value
+        res = con.execute("SELECT task, init, fraction, seed, metric, value, ci_low, ci_high, n FROM results "
+                          "WHERE split = 'test'").df()
+        assert set(res["task"]) == {"pe", "nodule", "demographics"}
+        assert set(res["init"]) == {"random", "masked_region", "rotation"}
+        pe = res[res.task == "pe"]
+        assert set(pe["metric"]) == {"slice_auroc", "exam_auroc", "auprc", "sens_at_90spec", "rsna_wll"}
+        assert set(pe["fraction"]) == {0.5, 1.0}
+        ok = res.dropna(subset=["value", "ci_low", "ci_high"])
+        assert len(ok) > 0 and (ok.ci_low <= ok.value + 1e-9).all() and (ok.value <= ok.ci_high + 1e-9).all()
+        auc = res[res.metric.str.contains("auroc")].dropna(subset=["value"])
+        assert ((auc.value >= 0) & (auc.value <= 1)).all()
+        # splits: every patient in exactly one split; test patients are what the results were scored on
+        sp_df = con.execute("SELECT patient_key, count(DISTINCT split) AS k FROM splits GROUP BY 1").df()
+        assert (sp_df.k == 1).all()
+        n_test = con.execute("SELECT count(*) FROM splits WHERE split = 'test'").fetchone()[0]
+        assert pe["n"].max() <= n_test
+        summ = con.execute("SELECT task, init, metric, value, note FROM summaries WHERE benchmark_id = ?",
+                           [bid]).df()
+        for init in ("masked_region", "rotation"):
+            for task in ("pe", "nodule"):
+                got = summ[(summ.task == task) & (summ.init == init)].set_index("metric")
+                assert "labels_saved" in got.index and "labels_needed" in got.index
+                need, saved = got.loc["labels_needed", "value"], got.loc["labels_saved", "value"]
+                if need == need and saved == saved:
+                    assert saved == pytest.approx(1 - need)
+                else:
+                    assert "not reach" in got.loc["labels_saved", "note"]
+            assert "speed_ratio" in set(summ[(summ.task == "nodule") & (summ.init == init)].metric)
+            assert "delta_exam_auroc" in set(summ[(summ.task == "pe") & (summ.init == init)].metric)
+        assert summ.metric.str.startswith("probe_").any()
+        n_metric_rows = con.execute("SELECT count(*) FROM metrics WHERE name = 'val/dice'").fetchone()[0]
+        assert n_metric_rows > 0
+        # no run-level patient identifiers anywhere in the results
+        assert con.execute("SELECT count(*) FROM results WHERE metric ILIKE '%patient%'").fetchone()[0] == 0
+        n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+    finally:
+        con.close()
+    run_dir = sp.run_dir(bid)
+    assert (run_dir / "summary.csv").read_text().startswith("init,")
+    assert "| init |" in (run_dir / "summary.md").read_text()
+
+    # resume: mark one fine-tuning unfinished; a re-run redoes only that one and reuses the rest
+    con = duckdb.connect(str(sp.db))
+    try:
+        (rid,) = con.execute("SELECT run_id FROM runs WHERE kind = 'finetune' AND task = 'pe' "
+                             "ORDER BY run_id LIMIT 1").fetchone()
+        con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [rid])
+    finally:
+        con.close()
+    from ctssl_core.benchmark import run_benchmark
+
+    res2 = run_benchmark("smoke", store, [f"benchmark.cohort={tmp_path / 'cohort'}"], progress=False,
+                         log=lambda m: None)
+    assert res2["ran"] == 1 and res2["benchmark_id"] == bid
+    con = duckdb.connect(str(sp.db), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
+        assert con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()[0] == "succeeded"
+        dup = con.execute("SELECT count(*) FROM (SELECT run_id, metric, count(*) c FROM results "
+                          "GROUP BY 1, 2, split HAVING c > 1)").fetchone()[0]
+        assert dup == 0
+    finally:
+        con.close()
+    assert np.isfinite(res2["wall_s"])
