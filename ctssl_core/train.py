@@ -132,13 +132,18 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine to 0 (or constant) over ``cfg.steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    """Linear warmup to 1, then cosine to 0 (or constant) over ``cfg.steps``.
+
+    Warmup is capped at half the run, so a short smoke run (``steps=20`` with the
+    profile's ``warmup_steps=20``) still trains at the intended rate.
+    """
+    warm = min(cfg.warmup_steps, cfg.steps // 2)
+    if warm and step < warm:
+        return (step + 1) / warm
     if cfg.schedule == "constant":
         return 1.0
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    span = max(cfg.steps - warm, 1)
+    t = min(max(step - warm, 0) / span, 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 

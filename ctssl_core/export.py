@@ -1,0 +1,116 @@
+"""Export a pretrained encoder so it can be shared: safetensors weights + a small JSON card.
+
+The paper promised to share weights; a ``.pt`` pickle is neither safe to load
+from strangers nor readable outside PyTorch. ``encoder.safetensors`` holds only
+the encoder tensors (no optimiser, no head, no code); ``card.json`` says what
+they are: strategy, encoder architecture and kwargs (enough to rebuild it with
+``build_encoder``), the resolved training config, the data it saw (counts, no
+patient identifiers) and its metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ctssl_core.checkpoint import CheckpointError, read_checkpoint
+from ctssl_core.paths import store_paths
+
+CARD_FORMAT = "ctssl-encoder-card/1"
+WEIGHTS = "encoder.safetensors"
+CARD = "card.json"
+
+
+def _last_metrics(metrics_file: Path) -> dict[str, float]:
+    """Last value of every metric in a run's metrics.jsonl (pure file read: no DuckDB)."""
+    last: dict[str, float] = {}
+    if not metrics_file.is_file():
+        return last
+    for line in metrics_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a half-written last line
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "wall_s"):
+                last[k] = float(v)
+    return last
+
+
+def _run_row(store_root: Path, run_id: str) -> dict[str, Any]:
+    """The run's row and downstream results if the store has them (read-only, short connection)."""
+    from ctssl_core.db import StoreError, connect
+
+    db = store_paths(store_root).db
+    if not db.exists():
+        return {}
+    try:
+        with connect(db, read_only=True) as con:
+            row = con.execute("SELECT status, code_version, wall_s, created_at FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            res = con.execute("SELECT task, split, metric, value FROM results WHERE run_id = ?", [run_id]).fetchall()
+    except (StoreError, Exception):  # noqa: BLE001 - the card is still useful without the row
+        return {}
+    out: dict[str, Any] = {}
+    if row:
+        out.update(status=row[0], code_version=row[1], wall_s=row[2], created_at=str(row[3]))
+    if res:
+        out["results"] = [{"task": t, "split": s, "metric": m, "value": v} for t, s, m, v in res]
+    return out
+
+
+def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``out_dir/encoder.safetensors`` and ``out_dir/card.json`` for a run id or checkpoint path."""
+    from safetensors.torch import save_file
+
+    ckpt = read_checkpoint(ref, store_root)
+    ckpt_path = Path(ckpt["_path"])
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_id = run_dir.name
+    root = store_paths(store_root).root
+    cfg = dict(ckpt.get("config") or {})
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["encoder"].items()}
+    if not state:
+        raise CheckpointError(f"{ckpt_path} holds an empty encoder; nothing to export")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS
+    name = ckpt.get("encoder_name")
+    save_file(state, str(weights), metadata={"format": CARD_FORMAT, "encoder": str(name), "strategy": str(cfg.get("task"))})
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    metrics = _last_metrics(run_dir / "metrics.jsonl")
+    card = {
+        "format": CARD_FORMAT,
+        "run_id": run_id,
+        "strategy": cfg.get("task"),
+        "encoder": {"name": name, "kwargs": ckpt.get("encoder_kwargs") or {},
+                    "n_params": int(sum(v.numel() for k, v in state.items() if v.is_floating_point()))},
+        "config": cfg,
+        "data": {**dict(cfg.get("data") or {}), "store": Path(str(cfg.get("store", root))).name},
+        "metrics": {"step": int(ckpt.get("step", 0)), **{k: v for k, v in metrics.items() if k != "step"}},
+        "run": _run_row(root, run_id),
+        "weights": {"file": WEIGHTS, "sha256": digest, "bytes": weights.stat().st_size},
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "load": f"build_encoder({name!r}, **card['encoder']['kwargs']).load_state_dict(safetensors.torch.load_file('{WEIGHTS}'))",
+    }
+    card_path = out / CARD
+    card_path.write_text(json.dumps(card, indent=2, default=str))
+    return weights, card_path
+
+
+def load_exported(out_dir: str | Path):
+    """Rebuild the encoder of an export folder (strict load) -> (encoder, card)."""
+    from safetensors.torch import load_file
+
+    from ctssl_core.models import build_encoder
+
+    out = Path(out_dir)
+    card_file = out / CARD
+    if not card_file.is_file():
+        raise CheckpointError(f"{out} has no {CARD}; export one with `ctssl export RUN_ID --out {out}`")
+    card = json.loads(card_file.read_text())
+    enc = build_encoder(card["encoder"]["name"], **card["encoder"]["kwargs"])
+    enc.load_state_dict(load_file(str(out / WEIGHTS)), strict=True)
+    return enc, card

@@ -1,0 +1,226 @@
+"""Pretraining, wired: config -> store -> task -> fit -> results.
+
+``run_pretrain`` is what ``ctssl pretrain`` (and the job worker) call. It
+resolves the config strictly (profile ``pretrain:`` section, then a YAML file,
+then ``--set`` overrides), opens the slice store (train-split patients only,
+so downstream evaluation never sees a pretraining patient), builds the pretext
+task and encoder, records a ``runs`` row, trains with the one loop in
+``train.py`` and records the outcome. Checkpoints go to
+``<store>/runs/<run_id>/checkpoints/last.pt``; metrics to
+``runs/<run_id>/metrics.jsonl`` (merged into DuckDB by ``RunLogger``).
+
+Under ``torchrun`` every rank trains on its shard; rank 0 alone writes the
+store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import numpy as np
+
+from ctssl_core.config import ConfigError, build, load_profile, merge, parse_overrides, to_dict
+from ctssl_core.paths import store_paths
+from ctssl_core.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    task: str = "masked_region"                       # PRETEXT key
+    encoder: str = "tiny"                             # ENCODERS key
+    encoder_params: dict = field(default_factory=dict)  # e.g. {width: 0.5}
+    tasks: dict = field(default_factory=dict)         # per-task hyperparameters {task: {hparam: value}}
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=300, batch_size=32, lr=1e-3, warmup_steps=20, ckpt_every=100, log_every=10, image_size=64))
+    split: Literal["train", "all"] = "train"          # pretrain on train-split patients (default) or all
+    split_seed: int = 0
+    max_slices: int = 0                               # cap on the slices used (0 = all), for quick runs
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    run_dir: Path
+    checkpoint: Path | None
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    status: str
+    n_slices: int
+
+
+def _yaml_section(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A YAML file may hold a full profile (with a ``pretrain:`` section) or just that section."""
+    return dict(data.get("pretrain", {})) if "pretrain" in data else {k: v for k, v in data.items() if k != "profile"}
+
+
+def _route_train_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Let ``--set steps=5`` mean ``train.steps=5``: top-level keys that are TrainConfig fields move under train."""
+    own = {f.name for f in dataclasses.fields(PretrainConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = dict(mapping)
+    for k in list(out):
+        if k not in own and k in train_fields:
+            out.setdefault("train", {})
+            out["train"] = {**out["train"], k: out.pop(k)}
+    return out
+
+
+def resolve_config(task: str | None = None, profile: str | None = None, config_path: str | Path | None = None,
+                   overrides: tuple[str, ...] | list[str] = (), base: Mapping[str, Any] | None = None) -> PretrainConfig:
+    """Profile -> YAML -> overrides -> --task, strictly (unknown keys name the valid ones)."""
+    data: dict[str, Any] = dict(base or {})
+    if profile:
+        data = merge(data, _yaml_section(load_profile(profile)))
+    if config_path:
+        data = merge(data, _yaml_section(load_profile(Path(config_path))))
+    data = merge(_route_train_keys(data), _route_train_keys(parse_overrides(overrides)))
+    if task:
+        data["task"] = task
+    if "train" in data and isinstance(data["train"], Mapping):
+        default_train = to_dict(PretrainConfig().train)
+        data["train"] = {**default_train, **data["train"]}
+    cfg = build(PretrainConfig, data)
+    from ctssl_core.pretext import PRETEXT
+
+    if cfg.task not in PRETEXT:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.task, list(PRETEXT), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown task {cfg.task!r}.{hint} Choose one of {sorted(PRETEXT)}")
+    return cfg
+
+
+def default_profile() -> str | None:
+    """'quick' when the profile file exists, else the dataclass defaults."""
+    from ctssl_core.config import profile_names
+
+    return "quick" if "quick" in profile_names() else None
+
+
+def train_positions(store: Any, root: Path, cfg: PretrainConfig) -> np.ndarray:
+    """Global slice ids of the slices pretraining may use (train-split patients), capped by max_slices."""
+    ids = np.asarray(store.slice_ids, dtype=np.int64)
+    if cfg.split == "train" and getattr(store, "patients", None) is not None and "patient_key" in store.patients:
+        from ctssl_core.data.splits import get_or_create_splits
+
+        split_of = get_or_create_splits(root, cfg.split_seed)
+        keys = store.patients["patient_key"].to_numpy()
+        in_train = np.array([split_of.get(k) == "train" for k in keys], dtype=bool)  # per patient row
+        ids = ids[in_train[np.asarray(store.patient_idx)]]
+        if len(ids) == 0:
+            raise ConfigError(f"the train split (seed {cfg.split_seed}) of {root} has no slices; ingest more "
+                              f"patients or pretrain on everything with --set split=all")
+    if cfg.max_slices and len(ids) > cfg.max_slices:
+        ids = np.sort(np.random.default_rng(cfg.split_seed).choice(ids, cfg.max_slices, replace=False))
+    return ids
+
+
+def run_pretrain(task: str | None, store_root: str | Path | None = None, profile: str | None = None,
+                 config_path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                 resume_run_id: str | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> PretrainResult:
+    """Pretrain one strategy on a store and record it. Raises ConfigError/StoreError with advice."""
+    import torch
+
+    from ctssl_core import distributed
+    from ctssl_core.data.loader import SliceBatcher
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.models import build_encoder
+    from ctssl_core.pretext import make_pretext
+    from ctssl_core.results.write import RunLogger, finish_run, new_run_id, start_run
+    from ctssl_core.train import fit, resolve_device
+
+    root = store_paths(store_root).root
+    base = None
+    if resume_run_id:
+        saved = store_paths(root).run_dir(resume_run_id) / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume {resume_run_id!r}: no {saved}. List runs in the dashboard or "
+                              f"start a new run without --resume")
+        base = json.loads(saved.read_text()).get("pretrain")
+        if task and base and task != base.get("task"):
+            raise ConfigError(f"run {resume_run_id} pretrained {base.get('task')!r}, not {task!r}; drop --task or start a new run")
+        task, profile, config_path = None, None, None
+    elif profile is None and config_path is None:
+        profile = default_profile()
+    cfg = resolve_config(task, profile, config_path, overrides, base=base)
+    pretext = make_pretext(cfg.task, **dict(cfg.tasks.get(cfg.task, {}) or {}))
+
+    store = SliceStore.open(root)  # StoreMissing with the ingest command if there is none
+    ids = train_positions(store, root, cfg)
+    info = distributed.init_from_env(cfg.train.device)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+
+    torch.manual_seed(cfg.train.seed)  # encoder init is part of the run's determinism
+    encoder = build_encoder(cfg.encoder, **dict(cfg.encoder_params))
+    batches = SliceBatcher(
+        store, ids, cfg.train.batch_size, context=pretext.context, gap=int(getattr(pretext, "gap", 1) or 1),
+        label_keys=tuple(pretext.label_keys), device=device, seed=cfg.train.seed,
+        image_size=cfg.train.image_size or None, rank=info.rank, world_size=info.world_size,
+        wants_hu=bool(getattr(pretext, "wants_hu", False)),
+    )
+    run_id = resume_run_id or new_run_id("pretrain", cfg.task, "random")
+    run_cfg = {"kind": "pretrain", "task": cfg.task, "encoder": cfg.encoder, "encoder_params": dict(cfg.encoder_params),
+               "task_params": dataclasses.asdict(pretext) if dataclasses.is_dataclass(pretext) else {},
+               "pretrain": to_dict(cfg), "profile": profile, "store": str(root),
+               "data": {"n_slices": int(len(ids)), "image_size": cfg.train.image_size or int(store.height),
+                        "split": cfg.split, "split_seed": cfg.split_seed, "world_size": info.world_size}}
+    run_dir = store_paths(root).run_dir(run_id)
+    logger = None
+    if info.is_main:
+        start_run(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
+                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=None)
+        logger = RunLogger(root, run_id)
+        echo(f"run {run_id}: {cfg.task} on {cfg.encoder}, {len(ids)} slices, {cfg.train.steps} steps, device {device}")
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, desc=f"pretrain {cfg.task}", unit="step", dynamic_ncols=True)
+
+    def log(rec: dict[str, Any]) -> None:
+        if logger is not None:
+            logger(rec)
+        if bar is not None and "train/loss" in rec:
+            bar.set_postfix(loss=f"{rec['train/loss']:.4f}", img_s=f"{rec.get('throughput', 0):.0f}")
+
+    def tick(step: int) -> None:
+        if bar is not None:
+            bar.update(step - bar.n)
+
+    status, error = "failed", None
+    try:
+        res = fit(pretext, encoder, batches, cfg.train, log=log, run_dir=run_dir, resume=bool(resume_run_id),
+                  run_config=run_cfg, progress=tick)
+        status = "cancelled" if res.stopped == "signal" else "succeeded"
+        if status == "cancelled":
+            error = f"stopped by SIGTERM at step {res.step}; resume with `ctssl pretrain --resume {run_id}`"
+    except KeyboardInterrupt:
+        status, error = "cancelled", "interrupted; resume with `ctssl pretrain --resume " + run_id + "`"
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the CLI to print
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+            last = run_dir / "checkpoints" / "last.pt"
+            finish_run(root, run_id, status, checkpoint=last if last.is_file() else None, error=error)
+        distributed.cleanup()
+    if info.is_main:
+        losses = (f"loss {res.first_loss:.4f} -> {res.final_loss:.4f}" if res.first_loss is not None
+                  else f"already at step {res.step}")
+        echo(f"run {run_id} {status}: {losses} in {res.wall_s:.1f}s ({res.throughput:.0f} img/s); "
+             f"checkpoint {res.checkpoint}")
+    return PretrainResult(run_id, run_dir, res.checkpoint, res.step, res.first_loss, res.final_loss, status, int(len(ids)))
