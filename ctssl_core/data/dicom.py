@@ -99,10 +99,10 @@ class SliceHeader:
     def normal(self) -> np.ndarray | None:
         if self.orientation is None:
             return None
-        r, c = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
-        n = np.cross(r, c)
-        norm = np.linalg.norm(n)
-        return n / norm if norm > 1e-6 else None
+        a, b = self.orientation[:3], self.orientation[3:]
+        n = (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])  # row x col
+        norm = math.sqrt(n[0] ** 2 + n[1] ** 2 + n[2] ** 2)
+        return np.array(n) / norm if norm > 1e-6 else None
 
 
 def _num(ds, name, default=None):
@@ -213,7 +213,164 @@ def scan(path: str | Path) -> SliceHeader:
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; all mean "unreadable"
         kind = "truncated" if "end of file" in str(e).lower() or "eof" in str(e).lower() else "not_dicom"
         raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {str(e)[:120]}).") from None
+    if not _needs_full_parse(ds):
+        try:
+            return header_fast(ds, path, syntax, present, offset)
+        except _SlowPath:
+            pass
     return header_from_dataset(ds, path, syntax, present, offset)
+
+
+# ---- fast path: decode the ~25 raw elements we need ourselves (pydicom's per-attribute
+# conversion costs ~2 ms per file, more than parsing the file). Multi-frame and anything
+# unusual goes through ``header_from_dataset``.
+T = {
+    "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "ImageType": 0x00080008, "Modality": 0x00080060,
+    "Manufacturer": 0x00080070, "ManufacturerModelName": 0x00081090, "PatientID": 0x00100020,
+    "PatientSex": 0x00100040, "PatientAge": 0x00101010, "EthnicGroup": 0x00102160, "SliceThickness": 0x00180050,
+    "ConvolutionKernel": 0x00181210, "GantryDetectorTilt": 0x00181120, "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E, "InstanceNumber": 0x00200013, "ImagePositionPatient": 0x00200032,
+    "ImageOrientationPatient": 0x00200037, "SamplesPerPixel": 0x00280002, "NumberOfFrames": 0x00280008,
+    "Rows": 0x00280010, "Columns": 0x00280011, "PixelSpacing": 0x00280030, "BitsAllocated": 0x00280100,
+    "BitsStored": 0x00280101, "PixelRepresentation": 0x00280103, "RescaleIntercept": 0x00281052,
+    "RescaleSlope": 0x00281053,
+}
+_US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}
+
+
+class _SlowPath(Exception):
+    pass
+
+
+def _needs_full_parse(ds) -> bool:
+    d = ds._dict
+    return 0x52009229 in d or 0x52009230 in d or 0x00280008 in d
+
+
+class _Raw:
+    """Values of raw elements, decoded without pydicom's per-element machinery."""
+
+    def __init__(self, ds):
+        self.d = ds._dict
+
+    def el(self, name):
+        return self.d.get(T[name])
+
+    def text(self, name) -> str | None:
+        e = self.el(name)
+        if e is None:
+            return None
+        v = e.value
+        if isinstance(v, (bytes, bytearray)):
+            try:
+                v = bytes(v).decode("utf-8")
+            except UnicodeDecodeError:
+                v = bytes(v).decode("latin-1")
+        elif v is None:
+            return None
+        elif not isinstance(v, str):
+            if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+                v = "\\".join(str(x) for x in v)
+            else:
+                v = str(v)
+        v = v.strip("\x00 ")
+        return v or None
+
+    def multi(self, name) -> list[str] | None:
+        t = self.text(name)
+        return None if t is None else [x.strip("\x00 ") for x in t.split("\\")]
+
+    def num(self, name) -> float | None:
+        t = self.text(name)
+        if t is None:
+            return None
+        try:
+            x = float(t.split("\\")[0])
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+
+    def vec(self, name, n):
+        m = self.multi(name)
+        if m is None:
+            return None
+        try:
+            out = tuple(float(x) for x in m)
+        except ValueError:
+            return None
+        return out if len(out) == n and all(math.isfinite(x) for x in out) else None
+
+    def us(self, name) -> int | None:
+        e = self.el(name)
+        if e is None:
+            return None
+        v = e.value
+        if isinstance(v, (bytes, bytearray)):
+            if len(v) < 2:
+                raise _SlowPath
+            return struct.unpack("<H" if e.is_little_endian else ">H", bytes(v[:2]))[0]
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise _SlowPath from None
+
+
+def header_fast(ds, path: str, syntax: str, present: bool, offset: int | None) -> SliceHeader:
+    """Single-frame header from raw elements; same checks and result as ``header_from_dataset``."""
+    r = _Raw(ds)
+    modality = (r.text("Modality") or "").upper()
+    sop_class = r.text("SOPClassUID") or ""
+    if modality and modality != "CT":
+        raise DicomIssue("wrong_modality", f"Modality is {modality}.")
+    if not modality and sop_class and sop_class not in CT_SOP_CLASSES:
+        raise DicomIssue("wrong_modality", f"SOP class {sop_class} is not a CT image.")
+    image_type = tuple(x.upper() for x in (r.multi("ImageType") or ()))
+    if "LOCALIZER" in image_type or "SCOUT" in image_type or "TOPOGRAM" in image_type:
+        raise DicomIssue("localizer", f"ImageType is {'/'.join(image_type)}.")
+    if not present:
+        raise DicomIssue("no_pixels", "there is no PixelData element.")
+    rows, cols = r.us("Rows"), r.us("Columns")
+    sop, series, study = r.text("SOPInstanceUID"), r.text("SeriesInstanceUID"), r.text("StudyInstanceUID")
+    if not rows or not cols or not sop or not series or not study:
+        raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}, UIDs present={bool(sop and series and study)}.")
+    spp = r.us("SamplesPerPixel") or 1
+    bits = r.us("BitsAllocated") or 16
+    if spp != 1 or bits not in (8, 16):
+        raise DicomIssue("unsupported_pixels", f"SamplesPerPixel={spp}, BitsAllocated={bits}.")
+    notes: list[str] = []
+    slope, icpt = r.num("RescaleSlope"), r.num("RescaleIntercept")
+    if slope is None or slope == 0:
+        notes.append("RescaleSlope missing or zero: used 1")
+        slope = 1.0
+    if icpt is None:
+        notes.append("RescaleIntercept missing: used 0")
+        icpt = 0.0
+    spacing_raw = r.vec("PixelSpacing", 2)
+    spacing = None
+    if spacing_raw is not None:
+        spacing = (abs(spacing_raw[0]), abs(spacing_raw[1]))
+        if spacing_raw[0] <= 0 or spacing_raw[1] <= 0:
+            notes.append(f"PixelSpacing {spacing_raw} not positive: used absolute values")
+        if spacing[0] == 0 or spacing[1] == 0:
+            spacing = None
+    pos = r.vec("ImagePositionPatient", 3)
+    pr = r.us("PixelRepresentation") or 0
+    endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
+    bits_stored = r.us("BitsStored") or bits
+    if bits_stored < bits and pr == 1:
+        offset = None
+    inst = r.num("InstanceNumber")
+    return SliceHeader(
+        path=path, sop_uid=sop, series_uid=series, study_uid=study, patient_id=r.text("PatientID") or "",
+        rows=rows, cols=cols, n_frames=1, modality=modality or "CT", image_type=image_type,
+        age=parse_age(r.text("PatientAge")), sex=_norm_sex(r.text("PatientSex")), race=r.text("EthnicGroup"),
+        spacing=spacing, orientation=r.vec("ImageOrientationPatient", 6), positions=[pos] if pos else None,
+        instance=int(inst) if inst is not None else None, thickness=r.num("SliceThickness"),
+        slopes=[slope], intercepts=[icpt], manufacturer=r.text("Manufacturer"),
+        model=r.text("ManufacturerModelName"), kernel=r.text("ConvolutionKernel"),
+        gantry_tilt=r.num("GantryDetectorTilt"), transfer_syntax=syntax, pixel_offset=offset,
+        pixel_dtype=f"{endian}{'i' if pr else 'u'}{bits // 8}", bits_stored=bits_stored, notes=notes,
+    )
 
 
 def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset: int | None = None) -> SliceHeader:
@@ -372,10 +529,16 @@ def _decode_with_pydicom(h: SliceHeader) -> np.ndarray:
 def to_hu(stored: np.ndarray, slopes: list[float], intercepts: list[float]) -> np.ndarray:
     """Stored values (F, H, W) -> float32 HU, clipped to [-1024, 32767] (padding below air becomes air)."""
     f = stored.shape[0]
-    s = np.asarray(slopes if len(slopes) == f else slopes[:1] * f, np.float32)[:, None, None]
-    i = np.asarray(intercepts if len(intercepts) == f else intercepts[:1] * f, np.float32)[:, None, None]
-    hu = stored.astype(np.float32) * s + i  # (F, H, W)
-    return np.clip(hu, HU_MIN, HU_MAX, out=hu)
+    hu = stored.astype(np.float32)  # (F, H, W)
+    if len(set(slopes)) == 1 and len(set(intercepts)) == 1:
+        if slopes[0] != 1.0:
+            hu *= np.float32(slopes[0])
+        hu += np.float32(intercepts[0])
+    else:
+        hu *= np.asarray(slopes if len(slopes) == f else slopes[:1] * f, np.float32)[:, None, None]
+        hu += np.asarray(intercepts if len(intercepts) == f else intercepts[:1] * f, np.float32)[:, None, None]
+    np.maximum(hu, HU_MIN, out=hu)
+    return np.minimum(hu, HU_MAX, out=hu)
 
 
 def read_hu(h: SliceHeader) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""Ingest rate vs a plain `pydicom.dcmread(f).pixel_array` loop over the same files.
+
+    python experiments/bench_ingest.py [--series 6 --slices 60 --rows 512 --size 256]
+
+Writes uncompressed 512x512 CT series (tests/dicom_fixtures.py), then times, in one run:
+  plain   : for f in files: pydicom.dcmread(f).pixel_array          (1 process)
+  ingest1 : ctssl ingest, 1 worker  (scan + decode + HU + resample + store + catalog)
+  ingest2 : ctssl ingest, 2 workers
+and prints slices/s and the ratios. Targets (issue 2): ingest1 >= 0.8x plain, ingest2 >= 1.6x plain.
+The machine may be shared with other processes; the numbers are for this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=int, default=6)
+    ap.add_argument("--slices", type=int, default=60)
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for each contender")
+    args = ap.parse_args()
+
+    import numpy as np
+    import pydicom
+    from dicom_fixtures import phantom, write_series
+
+    from ctssl_core.data.ingest import IngestConfig, find_files, ingest
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
+    try:
+        src = tmp / "dicom"
+        for k in range(args.series):
+            write_series(src / f"p{k}" / "s", phantom(args.slices, args.rows, args.rows, seed=k),
+                         patient_id=f"P{k}", spacing_z=1.0)
+        files = find_files(src)
+        n = len(files)
+        for f in files:  # warm the page cache equally for everyone
+            f.read_bytes()
+
+        def plain() -> float:
+            t = time.perf_counter()
+            for f in files:
+                a = pydicom.dcmread(f).pixel_array
+                assert a.shape == (args.rows, args.rows)
+            return time.perf_counter() - t
+
+        def run_ingest(workers: int) -> float:
+            store = tmp / f"store_w{workers}_{time.monotonic_ns()}"
+            t = time.perf_counter()
+            s = ingest(src, store, IngestConfig(size=args.size, workers=workers), progress=False)
+            dt = time.perf_counter() - t
+            assert s.slices == n, s.table()
+            shutil.rmtree(store)
+            return dt
+
+        import torch  # noqa: F401 - import cost is paid once, not timed
+
+        np.zeros(1)
+        res = {}
+        for name, fn in (("plain", plain), ("ingest1", lambda: run_ingest(1)), ("ingest2", lambda: run_ingest(2))):
+            res[name] = min(fn() for _ in range(args.repeats))
+        rate = {k: n / v for k, v in res.items()}
+        print(f"{n} slices, {args.rows}x{args.rows} uncompressed -> {args.size}x{args.size} int16, best of {args.repeats}")
+        print(f"{'contender':<10} {'seconds':>8} {'slices/s':>9} {'x plain':>8}")
+        for k in res:
+            print(f"{k:<10} {res[k]:>8.2f} {rate[k]:>9.0f} {rate[k] / rate['plain']:>8.2f}")
+        print(f"targets: ingest1 >= 0.80x ({'ok' if rate['ingest1'] >= 0.8 * rate['plain'] else 'MISSED'}), "
+              f"ingest2 >= 1.60x ({'ok' if rate['ingest2'] >= 1.6 * rate['plain'] else 'MISSED'})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
