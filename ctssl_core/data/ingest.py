@@ -31,7 +31,7 @@ import numpy as np
 from ctssl_core.config import ConfigError
 from ctssl_core.data.dicom import REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan, to_hu
 
-SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml"}
+SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
 SLICE_CHUNK = 64  # slices decoded and resampled at once inside a series (bounds memory)
 
@@ -366,29 +366,28 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
 
     mask_rel, nodule_px = None, None
     if reads is not None and keep:
-        from ctssl_core.data.adapters.lidc import series_masks
+        from ctssl_core.data.adapters.lidc import consensus, series_masks
 
-        readers = series_masks(reads, [plan.headers[p].sop_uid for p, _ in keep], z,
-                               first.rows, first.cols)  # (R, S, H0, W0) uint8 at DICOM resolution
-        votes = readers.sum(axis=0, dtype=np.float32)  # (S, H0, W0)
-        n_readers = max(readers.shape[0], 1)
-        consensus = (votes / n_readers >= agreement - 1e-9) & (votes > 0)
-        masks_dir = root / "masks"
-        masks_dir.mkdir(parents=True, exist_ok=True)
+        ks, readers = series_masks(reads, [plan.headers[p].sop_uid for p, _ in keep], z,
+                                   first.rows, first.cols)  # (K,), (R, K, H0, W0) at DICOM resolution
+        n_keep = len(keep)
+        cons = np.zeros((n_keep, size, size), np.uint8)   # (S, size, size)
+        bits = np.zeros((n_keep, size, size), np.uint8)   # bit k set where reader k marked
 
         def stored_geom(m: np.ndarray) -> np.ndarray:
             m = _orient(m.astype(np.float32), first.orientation)
             r, _ = fit_square(m, first.spacing, size, fill=0.0)
-            return (r >= 0.5).astype(np.uint8)  # (S, size, size)
+            return (r >= 0.5).astype(np.uint8)  # (K, size, size)
 
-        cons = stored_geom(consensus)
-        bits = np.zeros_like(cons)
-        for k in range(min(readers.shape[0], 8)):
-            bits |= (stored_geom(readers[k]) << k).astype(np.uint8)  # bit k = reader k
+        if len(ks):
+            cons[ks] = stored_geom(consensus(readers, len(reads), agreement))
+            for k in range(min(readers.shape[0], 8)):
+                bits[ks] |= stored_geom(readers[k]) << k
+        (root / "masks").mkdir(parents=True, exist_ok=True)
         mask_rel = f"masks/{series_key}.npy"
-        _atomic_save(masks_dir / f"{series_key}.npy", cons)
-        _atomic_save(masks_dir / f"{series_key}_readers.npy", bits)
-        nodule_px = cons.reshape(cons.shape[0], -1).sum(axis=1).astype(int).tolist()
+        _atomic_save(root / mask_rel, cons)
+        _atomic_save(root / f"masks/{series_key}_readers.npy", bits)
+        nodule_px = cons.reshape(n_keep, -1).sum(axis=1).astype(int).tolist()
 
     files_ok = sorted({p for p, _ in keep})
     return BuiltSeries(plan.series_uid, rel, mask_rel, sop_uids, z, nodule_px, files_ok, errors,
@@ -473,8 +472,8 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     summary = IngestSummary()
     side = detect_sidecars(root, cfg)
     summary.sidecars = [k for k in side]
-    summary.dataset = ("rsna-pe" if "rsna_csv" in side else "lidc" if "lidc_xml" in side
-                       else "synthetic" if (root / "truth.json").exists() else "generic")
+    summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
+                       else "lidc" if "lidc_xml" in side else "generic")
     if cfg.format not in ("auto",):
         summary.dataset = cfg.format
     key = Pseudonymiser.for_store(paths.secret)

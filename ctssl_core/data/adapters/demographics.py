@@ -1,0 +1,121 @@
+"""Demographics CSV -> patient attributes in the catalog (values override DICOM tags).
+
+The CSV is keyed by ``PatientID`` or ``StudyInstanceUID`` (header names are matched
+case-insensitively) and may carry ``age``, ``sex``, ``race`` and any extra column
+the user wants analysed (stored in ``patients.attributes``; ``site`` also fills
+``series.site``). Keys are pseudonymised with the store's key before they are
+compared with the catalog, so raw identifiers never reach the store. Rows that
+match no ingested patient are reported by CSV line number, never by key.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+PATIENT_KEYS = ("patientid", "patient_id")
+STUDY_KEYS = ("studyinstanceuid", "study_instance_uid", "study_uid")
+CORE = ("age", "sex", "race")
+
+
+def _norm_sex(v: str) -> str | None:
+    v = v.strip().upper()
+    return {"F": "F", "FEMALE": "F", "W": "F", "M": "M", "MALE": "M"}.get(v)
+
+
+def read_csv(path: str | Path) -> tuple[str, list[tuple[int, str, dict]]]:
+    """('patient'|'study', [(line number, raw key, {column: value})]). Blank cells are dropped."""
+    from ctssl_core.config import ConfigError
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            raise ConfigError(f"{path} is empty; expected a header like PatientID,age,sex,race")
+        low = [h.strip().lower() for h in header]
+        kind, key_i = None, None
+        for i, h in enumerate(low):
+            if h in PATIENT_KEYS:
+                kind, key_i = "patient", i
+                break
+            if h in STUDY_KEYS:
+                kind, key_i = "study", i
+        if kind is None:
+            raise ConfigError(f"{path}: no PatientID or StudyInstanceUID column (header: {', '.join(header)}); "
+                              f"add one so rows can be matched to the DICOM")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if not row or key_i >= len(row) or not row[key_i].strip():
+                continue
+            vals = {}
+            for i, h in enumerate(low):
+                if i == key_i or i >= len(row) or not row[i].strip() or h in PATIENT_KEYS + STUDY_KEYS:
+                    continue
+                vals[h if h in CORE else header[i].strip()] = row[i].strip()
+            rows.append((line, row[key_i].strip(), vals))
+    return kind, rows
+
+
+def apply_demographics(db, csv_path: str | Path, key, summary=None) -> dict:
+    """Update ``patients`` (and ``series.site``) from the CSV. Returns a report dict (also put on ``summary``)."""
+    from ctssl_core.config import ConfigError
+    from ctssl_core.data.ingest import insert_rows
+    from ctssl_core.db import connect
+
+    kind, rows = read_csv(csv_path)
+    with connect(db) as con:
+        patients = {r[0]: (r[1], r[2], r[3], r[4]) for r in
+                    con.execute("SELECT patient_key, age, sex, race, attributes FROM patients").fetchall()}
+        study_patient = dict(con.execute("SELECT study_key, patient_key FROM studies").fetchall())
+        updates: dict[str, list] = {}
+        site_rows = []
+        unmatched = []
+        for line, raw, vals in rows:
+            if kind == "patient":
+                pk = key("patient", raw)
+                sk = None
+            else:
+                sk = key("study", raw)
+                pk = study_patient.get(sk)
+            if pk is None or pk not in patients:
+                unmatched.append(line)
+                continue
+            age, sex, race, attrs = updates.get(pk) or list(patients[pk])
+            attrs = json.loads(attrs) if isinstance(attrs, str) and attrs else (attrs or {})
+            if "age" in vals:
+                try:
+                    age = float(vals["age"])
+                except ValueError:
+                    raise ConfigError(f"{csv_path} line {line}: age {vals['age']!r} is not a number (years)") from None
+            if "sex" in vals:
+                sex = _norm_sex(vals["sex"])
+            if "race" in vals:
+                race = vals["race"]
+            for k, v in vals.items():
+                if k not in CORE:
+                    attrs[k] = v
+            updates[pk] = [age, sex, race, attrs]
+            if "site" in vals:
+                site_rows.append((sk, pk, vals["site"]))
+        con.execute("BEGIN")
+        if updates:
+            con.execute("CREATE TEMP TABLE _demo (patient_key TEXT, age DOUBLE, sex TEXT, race TEXT, attributes JSON)")
+            insert_rows(con, "INSERT INTO _demo VALUES",
+                        [(pk, a, s, r, json.dumps(at)) for pk, (a, s, r, at) in updates.items()])
+            con.execute("UPDATE patients SET age = d.age, sex = d.sex, race = d.race, attributes = d.attributes "
+                        "FROM _demo d WHERE patients.patient_key = d.patient_key")
+            con.execute("DROP TABLE _demo")
+        for sk, pk, site in site_rows:
+            if sk is not None:
+                con.execute("UPDATE series SET site = ? WHERE study_key = ?", [site, sk])
+            else:
+                con.execute("UPDATE series SET site = ? WHERE patient_key = ?", [site, pk])
+        con.execute("COMMIT")
+    report = {"rows": len(rows), "matched": len(updates), "unmatched_lines": unmatched,
+              "patients_without_row": len(set(patients) - set(updates))}
+    if summary is not None:
+        summary.demographics_rows = len(rows)
+        summary.demographics_unmatched_lines = unmatched
+        summary.patients_without_demographics = report["patients_without_row"]
+    return report
