@@ -67,6 +67,13 @@ def _route_train_keys(mapping: dict[str, Any]) -> dict[str, Any]:
         if k not in own and k in train_fields:
             out.setdefault("train", {})
             out["train"] = {**out["train"], k: out.pop(k)}
+        elif k not in own:
+            import difflib
+
+            close = difflib.get_close_matches(k, sorted(own | train_fields), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {k!r} for pretrain.{hint} Valid keys: {', '.join(sorted(own))}; "
+                              f"training keys (train.KEY or KEY): {', '.join(sorted(train_fields))}")
     return out
 
 

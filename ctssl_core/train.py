@@ -215,6 +215,8 @@ def fit(
     ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
     last_path = ckpt_dir / ckpt_mod.LAST if ckpt_dir is not None else None
     saved: dict[str, Any] | None = None
+    rc_enc = (run_config or {}).get("encoder")
+    want = rc_enc if isinstance(rc_enc, str) else None  # registry key of the encoder we were given
     if resume:
         if last_path is None or not last_path.is_file():
             raise ckpt_mod.CheckpointError(
@@ -224,7 +226,6 @@ def fit(
         saved = ckpt_mod.read_checkpoint(last_path)
     elif init_checkpoint is not None:
         init = ckpt_mod.read_checkpoint(init_checkpoint)
-        want = (run_config or {}).get("encoder") if isinstance((run_config or {}).get("encoder"), str) else None
         ckpt_mod.load_encoder_state(encoder, init, expected_name=want)
 
     encoder = encoder.to(device)
@@ -246,7 +247,7 @@ def fit(
 
     start = 0
     if saved is not None:
-        ckpt_mod.load_encoder_state(encoder, saved)
+        ckpt_mod.load_encoder_state(encoder, saved, expected_name=want)
         if saved.get("head") is not None:
             head.load_state_dict(saved["head"], strict=True)
         if saved.get("optimizer") is not None:
