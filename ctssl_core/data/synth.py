@@ -443,7 +443,8 @@ OWNED = ("dicom", "train", "lidc_xml", "nodule_masks", "train.csv", "demographic
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool, cfg_out: dict[str, Any]) -> CohortManifest | None:
-    """Reuse a complete cohort with the same config; clear our own partial output; never touch foreign files."""
+    """Reuse a complete cohort with the same config (unless ``overwrite``); otherwise clear our own earlier
+    output (partial, or made with another config) and regenerate; never touch a folder we did not write."""
     existing = CohortManifest.load(out_dir)
     if existing is not None and existing.config == cfg_out and not overwrite:
         return existing
@@ -451,11 +452,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, cfg_out: dict[str, Any]) ->
         if not (out_dir / MARKER).exists():
             raise ConfigError(
                 f"{out_dir} is not empty and was not written by `ctssl synth`; choose an empty or new --out folder"
-            )
-        if existing is not None and existing.config != cfg_out and not overwrite:
-            raise ConfigError(
-                f"{out_dir} holds a synthetic cohort made with a different config; pass --overwrite to replace it "
-                f"or choose another --out folder"
             )
         for name in OWNED:
             target = out_dir / name
