@@ -32,6 +32,7 @@ NATIVE_SYNTAXES = {
 }
 LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 HU_MIN, HU_MAX = -1024, 32767
+MAX_PIXELS = 4096 * 4096
 AXIAL_MIN_COS = 0.8  # |slice normal . z| above this is axial (gantry tilts up to ~37 deg pass)
 
 REASONS = {
@@ -178,7 +179,9 @@ def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | 
         return None, True
     if off + min(length, expected) > file_size:
         raise DicomIssue("truncated", f"pixel data needs {expected} bytes but only {file_size - off} remain.")
-    return (off if length >= expected else None), True
+    if length < expected:
+        raise DicomIssue("bad_header", f"PixelData holds {length} bytes but Rows x Columns x frames needs {expected}.")
+    return off, True
 
 
 def scan(path: str | Path) -> SliceHeader:
@@ -333,6 +336,8 @@ def header_fast(ds, path: str, syntax: str, present: bool, offset: int | None) -
     sop, series, study = r.text("SOPInstanceUID"), r.text("SeriesInstanceUID"), r.text("StudyInstanceUID")
     if not rows or not cols or not sop or not series or not study:
         raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}, UIDs present={bool(sop and series and study)}.")
+    if rows * cols > MAX_PIXELS:
+        raise DicomIssue("unsupported_pixels", f"{rows}x{cols} is larger than any CT slice.")
     spp = r.us("SamplesPerPixel") or 1
     bits = r.us("BitsAllocated") or 16
     if spp != 1 or bits not in (8, 16):
@@ -393,6 +398,8 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         raise DicomIssue("bad_header", f"{e}.") from None
     if rows <= 0 or cols <= 0 or not sop or not series:
         raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}.")
+    if rows * cols > MAX_PIXELS:
+        raise DicomIssue("unsupported_pixels", f"{rows}x{cols} is larger than any CT slice.")
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 16) or 16)
     if spp != 1 or bits not in (8, 16):
