@@ -16,7 +16,8 @@ if tm.empty:
     st.stop()
 
 choices = [f"{t} · {m}" for t, m in zip(tm.task, tm.metric)]
-default = next((i for i, c in enumerate(choices) if c.split(" · ")[1] in sum(HEADLINE.values(), [])), 0)
+preferred = [f"{t} · {m}" for t, ms in HEADLINE.items() for m in ms]  # pe first: the paper's headline
+default = next((choices.index(c) for c in preferred if c in choices), 0)
 choice = st.selectbox("Task · metric", choices, index=default, key="cmp_task_metric")
 task, metric = choice.split(" · ")
 

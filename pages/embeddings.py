@@ -27,7 +27,7 @@ labels = {r.emb_id: f"{r.init} · {r.encoder} · {r.split} ({r.n:,} {r.level}s)"
 c1, c2, c3 = st.columns([3, 1, 2])
 emb_id = c1.selectbox("Embedding", choices, format_func=lambda e: labels.get(e, e), key="emb_id")
 row = emb[emb.emb_id == emb_id].iloc[0]
-methods = row.methods or ["umap", "pca"]
+methods = sorted(row.methods or ["umap", "pca"], key=lambda m: m != "umap")  # UMAP first, as in the paper
 method = c2.radio("Projection", methods, horizontal=True, key="emb_method")
 color_by = c3.selectbox("Colour by", COLOR_BY, key="emb_color")
 

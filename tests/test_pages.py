@@ -1,0 +1,184 @@
+"""Every dashboard page under Streamlit's AppTest: content on a seeded store, messages on bad stores."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ctssl_core.db import connect
+from ctssl_core.paths import REPO_ROOT
+from ctssl_core.results import read
+from ctssl_core.results.seed import SPIKE_VALUE, SeedConfig, seed_old_schema_store, seed_store
+from ctssl_core.schema import ensure_schema
+
+PAGES = ["overview", "compare", "curves", "embeddings", "data"]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    return seed_store(tmp_path_factory.mktemp("pages"), SeedConfig(n_runs=14, n_steps=6000))
+
+
+def open_page(store, page: str) -> AppTest:
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.session_state["ctssl_store"] = str(store)
+    at.run()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _decode(v):
+    """Plotly 6 ships numeric arrays as {"dtype", "bdata"(base64)}: turn them back into lists."""
+    if isinstance(v, dict):
+        if "bdata" in v and "dtype" in v:
+            a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+            return a.reshape([int(n) for n in str(v["shape"]).split(",")]).tolist() if "shape" in v else a.tolist()
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
+
+
+def specs(at) -> list[dict]:
+    """The plotly figures on the page, as the browser receives them."""
+    return [_decode(json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
+
+
+def texts(at) -> str:
+    parts = [e.value for kind in ("markdown", "info", "warning", "error", "caption", "title", "subheader",
+                                  "success") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_overview_table_verdicts_and_dataset(seeded):
+    at = open_page(seeded.root, "overview")
+    df = at.dataframe[0].value
+    table = read.headline_table(seeded.root)
+    wide, best = read.pivot_headline(table)
+    assert df.index[0] == "random" and list(df.index) == list(wide.index)
+    assert df.loc["masked_region", "pe · slice_auroc"] == wide.loc["masked_region", "pe · slice_auroc"]
+    assert best["pe · slice_auroc"] == "masked_region"
+    t = texts(at)
+    assert "dataset **synthetic**" in t and "bench-seed" in t
+    for line in read.verdicts(table):
+        assert line in t
+
+
+def test_compare_curves_bars_speed_and_pairwise(seeded):
+    at = open_page(seeded.root, "compare")
+    s = specs(at)
+    curves = read.fraction_curves(seeded.root, "pe", "slice_auroc")
+    lines = {d["name"]: d for d in s[0]["data"] if d.get("mode") == "lines+markers"}
+    assert set(lines) == set(curves.init)
+    assert np.allclose(lines["masked_region"]["y"], curves[curves.init == "masked_region"].value)
+    speed = [x for x in s if "speed ratio" in x["layout"]["title"]["text"]]
+    assert speed and max(speed[0]["data"][0]["y"]) == pytest.approx(read.derived(seeded.root, "speed_ratio").value.max())
+    pair = [x for x in s if "−" in x["layout"]["title"]["text"]]
+    diff = read.pairwise(seeded.root, "pe", "slice_auroc", "denoise", "random")
+    assert np.allclose(pair[0]["data"][0]["y"], diff["diff"])  # default A = first non-random init (denoise)
+    at.selectbox(key="cmp_task_metric").select("nodule · dice").run()
+    assert not at.exception
+    assert specs(at)[0]["layout"]["title"]["text"] == "nodule: dice vs label fraction"
+    at.selectbox(key="cmp_a").select("random").run()
+    assert "Pick two different strategies." in texts(at)
+
+
+def test_learning_curves_downsampled_with_spike_and_controls(seeded):
+    at = open_page(seeded.root, "curves")
+    assert "Still running" in texts(at)  # newest run is the running one and is selected by default
+    at.multiselect(key="lc_runs").set_value([seeded.spike_run, seeded.run_ids[1]]).run()
+    at.multiselect(key="lc_metrics").set_value(["train/loss"]).run()
+    fig = specs(at)[0]
+    traces = {d["name"]: d for d in fig["data"]}
+    spike = traces[f"{seeded.spike_run} · train/loss"]
+    assert max(len(d["x"]) for d in fig["data"]) <= 4000 < 6000
+    assert max(spike["y"]) == SPIKE_VALUE and spike["x"][int(np.argmax(spike["y"]))] == seeded.spike_step
+    assert "Checkpoint file missing" in texts(at) and seeded.run_ids[1] in texts(at)
+    at.radio(key="lc_x").set_value("epoch").run()
+    assert specs(at)[0]["layout"]["xaxis"]["title"]["text"] == "epoch"
+    assert max(specs(at)[0]["data"][0]["x"]) <= 6000 / (6000 / 10)  # epochs, not steps
+    at.checkbox(key="lc_log").check().run()
+    assert specs(at)[0]["layout"]["yaxis"]["type"] == "log"
+    at.multiselect(key="lc_init").set_value(["random"]).run()
+    assert set(at.multiselect(key="lc_runs").options) == set(
+        read.run_table(seeded.root).query("init == 'random'").run_id)
+
+
+def test_embeddings_scatter_pair_probes_and_caveat(seeded):
+    at = open_page(seeded.root, "embeddings")
+    s = specs(at)
+    scatters = [x for x in s if x["layout"]["title"]["text"].startswith("UMAP")]
+    assert len(scatters) == 2 and "random init" in scatters[1]["layout"]["title"]["text"]
+    races = {d["name"] for d in scatters[0]["data"]}
+    assert races == {"White", "Black", "Asian", "Other"}
+    assert sum(len(d["x"]) for d in scatters[0]["data"]) == SeedConfig().n_embed_points
+    t = texts(at)
+    assert "not that a downstream model **uses** it" in t
+    for sentence in read.bias_results(seeded.root, seeded.emb_ids[1], "probe").sentence:
+        assert sentence in t
+    at.selectbox(key="emb_color").select("age").run()
+    age = [x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")][0]
+    assert len(age["data"]) == 1 and "colorscale" in age["data"][0]["marker"]
+    at.radio(key="emb_method").set_value("pca").run()
+    assert specs(at)[0]["layout"]["title"]["text"].startswith("PCA")
+
+
+def test_data_page_counts_viewer_and_errors(seeded):
+    at = open_page(seeded.root, "data")
+    metrics = {m.label: m.value for m in at.metric}
+    cfg = SeedConfig()
+    assert metrics["Patients"] == str(cfg.n_patients) and metrics["Slices"] == str(cfg.n_patients * cfg.slices_per_series)
+    errors = at.dataframe[-1].value
+    assert sorted(errors.reason) == ["not_dicom", "truncated"]
+    hist = [x for x in specs(at) if x["layout"]["title"]["text"] == "sex"][0]
+    assert sorted(hist["data"][0]["x"]) == ["F", "M"] and sum(hist["data"][0]["y"]) == cfg.n_patients
+    at.radio(key="data_window").set_value("lung").run()
+    assert not at.exception
+    (image,) = at.get("image")
+    caption = image.proto.imgs[0].caption
+    assert "lung (L -600, W 1500)" in caption and ("PE present" in caption or "no PE" in caption)
+    assert "patient_key" not in texts(at)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "old"])
+def test_every_page_explains_a_bad_store(kind, tmp_path):
+    root = tmp_path / "store"
+    if kind == "empty":
+        with connect(root / "ctssl.duckdb") as con:
+            ensure_schema(con)
+    elif kind == "old":
+        seed_old_schema_store(root)
+    expect = {"missing": {p: "ctssl synth" for p in PAGES},
+              "empty": {"overview": "ctssl benchmark", "compare": "ctssl benchmark", "curves": "ctssl pretrain",
+                        "embeddings": "ctssl embed", "data": "ctssl ingest"},
+              "old": {"overview": "older ctssl", "compare": "older ctssl", "curves": "older ctssl",
+                      "embeddings": "ctssl embed", "data": "older ctssl"}}[kind]
+    at = open_page(root, "overview")
+    for page in PAGES:
+        if page != "overview":  # one AppTest visiting every page, like a user clicking through
+            at.switch_page(f"pages/{page}.py").run()
+            assert not at.exception, (kind, page, [e.value for e in at.exception])
+        assert expect[page] in texts(at) + " ".join(str(e.proto) for e in at.get("expandable")), (kind, page)
+
+
+def test_deleted_projection_and_slice_files_warn_but_render(seeded, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(seeded.root, root)
+    (root / "embeddings" / f"{seeded.emb_ids[0]}.umap.parquet").unlink()  # the random-init side
+    for p in (root / "slices").glob("*.npy"):
+        p.unlink()
+    at = open_page(root, "embeddings")
+    assert "re-run `ctssl embed`" in texts(at)
+    assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")]) == 1
+    assert "linear probe" in texts(at)  # the rest of the page still renders
+    at.switch_page("pages/data.py").run()
+    assert not at.exception
+    assert "re-run `ctssl ingest`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
