@@ -564,13 +564,16 @@ def _blur_axis(vol: np.ndarray, sigma_px: float, axis: int) -> np.ndarray:
     return out
 
 
-def phantom_volume(params: PatientParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def phantom_volume(
+    params: PatientParams, rng: np.random.Generator, masks_out: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one exam.
 
     Returns ``hu`` int16 (S, H, W) clipped to [-1024, 3071], ``nodule_mask`` uint8 (S, H, W)
     (1 = nodule incl. ground glass) and ``pe_slices`` bool (S,) (a filling defect is painted
     on that slice). ``rng`` supplies only the fine random detail (vessel trees, texture, noise);
-    everything that is ground truth lives in ``params``.
+    everything that is ground truth lives in ``params``. Pass a dict as ``masks_out`` to also get
+    ``"lungs"`` bool (S, H, W), the lung parenchyma (for measuring planted effects).
     """
     p = params
     n, s = p.image_size, p.n_slices
@@ -589,7 +592,9 @@ def phantom_volume(params: PatientParams, rng: np.random.Generator) -> tuple[np.
         chest_z = t * p.chest_len_mm
         tex = (tex_fields[0] * math.cos(freqs[0] * t) + tex_fields[1] * math.sin(freqs[0] * t)
                + 0.5 * tex_fields[2] * math.cos(freqs[1] * t))
-        _paint_slice(cv, p, t, chest_z, tex, tracks, rib_phase, background)
+        painted = _paint_slice(cv, p, t, chest_z, tex, tracks, rib_phase, background)
+        if masks_out is not None:
+            masks_out.setdefault("lungs", np.zeros((s, n, n), bool))[k] = painted["lungs"]
         for nod in p.nodules:
             reg = nodule_slice_region(cv, nod, z)
             if reg is None:
@@ -613,9 +618,10 @@ def phantom_volume(params: PatientParams, rng: np.random.Generator) -> tuple[np.
             r = max(d["radius_mm"], 0.75 * p.pixel_spacing_mm)
             off = (vr - r) * 0.8 if d["chronic"] else 0.0  # chronic clot is eccentric, wall-adherent
             ang = d["angle"]
-            painted = cv.paint(cv.ellipse(vx + off * math.cos(ang), vy + off * math.sin(ang), r, r * 0.85, ang),
-                               CHRONIC_THROMBUS if d["chronic"] else THROMBUS)
-            pe[k] |= painted > 0
+            r2 = max(r * 0.85, 0.75 * p.pixel_spacing_mm)
+            n_px = cv.paint(cv.ellipse(vx + off * math.cos(ang), vy + off * math.sin(ang), r, r2, ang),
+                            CHRONIC_THROMBUS if d["chronic"] else THROMBUS)
+            pe[k] |= n_px > 0
         vol[k] = cv.img
     # slice thickness: thicker slices average neighbouring anatomy along z
     if p.z_blur > 0 and s > 2:
