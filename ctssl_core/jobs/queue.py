@@ -31,7 +31,7 @@ from ctssl_core.schema import ensure_schema
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
 RUNNER_MARKER = "ctssl_core.jobs.runner"
-_INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on update",
+_INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on ",
                    "Transaction conflict", "write-write conflict")
 
 
@@ -352,8 +352,9 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
         if get_job(store_root, job_id)["state"] in FINAL:
             break
         time.sleep(0.1)
-    if finish(store_root, job_id, "cancelled", error="cancelled by user"):
+    if get_job(store_root, job_id)["state"] not in FINAL:
         close_runs(store_root, job_id, "cancelled", "cancelled by user")
+        finish(store_root, job_id, "cancelled", error="cancelled by user")
     return get_job(store_root, job_id)["state"]
 
 
@@ -407,7 +408,7 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
             continue
         procs.kill_group(pgid)
         state = "cancelled" if bool(r.cancel_requested) else "failed"
+        close_runs(store_root, r.job_id, state, reason)  # metrics first: a 'failed' row means all merged
         if finish(store_root, r.job_id, state, error=reason if state == "failed" else "cancelled by user"):
-            close_runs(store_root, r.job_id, state, reason)
             changed.append((r.job_id, reason))
     return changed
