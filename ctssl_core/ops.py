@@ -27,11 +27,11 @@ PAPER_LEVEL = 50.0
 PAPER_WIDTH = 350.0
 
 
-def _check_generator(generator: torch.Generator, device: torch.device) -> None:
+def _check_generator(generator: torch.Generator, device: torch.device | str | None) -> None:
     if not isinstance(generator, torch.Generator):
         raise ConfigError(f"expected a torch.Generator, got {type(generator).__name__}; "
                           f"create one with torch.Generator(device=x.device).manual_seed(seed)")
-    if torch.device(generator.device).type != torch.device(device).type:
+    if device is not None and torch.device(generator.device).type != torch.device(device).type:
         raise ConfigError(
             f"generator is on {generator.device} but the tensor is on {device}; "
             f"create it with torch.Generator(device=x.device)"
@@ -111,8 +111,8 @@ def square_mask(shape: tuple[int, int, int, int] | torch.Size, frac_side: float,
     if n_patches < 1:
         raise ConfigError(f"n_patches must be >= 1, got {n_patches}")
     B, _, H, W = shape
-    device = torch.device(device) if device is not None else torch.device(generator.device)
     _check_generator(generator, device)
+    device = torch.device(device) if device is not None else torch.device(generator.device)
     side = mask_side(H, W, frac_side)
     top = torch.randint(0, H - side + 1, (B, n_patches, 1, 1), generator=generator, device=device)
     left = torch.randint(0, W - side + 1, (B, n_patches, 1, 1), generator=generator, device=device)

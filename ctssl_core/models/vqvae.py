@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -44,14 +45,13 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, n_codes: int = 512, dim: int = 64, beta: float = 0.25):
         super().__init__()
-        self.embedding = nn.Embedding(n_codes, dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_codes, 1.0 / n_codes)
+        self.codebook = nn.Parameter(torch.empty(n_codes, dim).uniform_(-1.0 / n_codes, 1.0 / n_codes))  # (K, D)
         self.beta = beta
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()                     # (B*H*W, D)
-        e = self.embedding.weight.float()                                        # (K, D)
+        e = self.codebook.float()                                        # (K, D)
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)  # (B*H*W, K)
         idx = dist.argmin(1)
         q = F.embedding(idx, e).view(b, h, w, d).permute(0, 3, 1, 2)              # (B, D, H, W)
