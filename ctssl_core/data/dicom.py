@@ -216,6 +216,8 @@ def scan(path: str | Path) -> SliceHeader:
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; all mean "unreadable"
         kind = "truncated" if "end of file" in str(e).lower() or "eof" in str(e).lower() else "not_dicom"
         raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {str(e)[:120]}).") from None
+    if present and syntax not in NATIVE_SYNTAXES and not decoder_available(syntax):
+        raise DicomIssue("no_decoder", f"transfer syntax {syntax}.")
     if not _needs_full_parse(ds):
         try:
             return header_fast(ds, path, syntax, present, offset)
@@ -376,6 +378,21 @@ def header_fast(ds, path: str, syntax: str, present: bool, offset: int | None) -
         gantry_tilt=r.num("GantryDetectorTilt"), transfer_syntax=syntax, pixel_offset=offset,
         pixel_dtype=f"{endian}{'i' if pr else 'u'}{bits // 8}", bits_stored=bits_stored, notes=notes,
     )
+
+
+_DECODERS: dict[str, bool] = {}
+
+
+def decoder_available(syntax: str) -> bool:
+    """Whether an installed pydicom pixel decoder handles ``syntax`` (cached per process)."""
+    if syntax not in _DECODERS:
+        try:
+            from pydicom.pixels import get_decoder
+
+            _DECODERS[syntax] = bool(get_decoder(syntax).is_available)
+        except Exception:  # noqa: BLE001 - unknown or uncompressed-but-odd syntax: nothing decodes it
+            _DECODERS[syntax] = False
+    return _DECODERS[syntax]
 
 
 def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset: int | None = None) -> SliceHeader:

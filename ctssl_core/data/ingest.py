@@ -34,6 +34,8 @@ from ctssl_core.data.dicom import REASONS, DicomIssue, SliceHeader, is_axial, re
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
 SLICE_CHUNK = 64  # slices decoded and resampled at once inside a series (bounds memory)
+COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
+COMMIT_SECONDS = 2.0  # ... or this long after the last commit (short transactions, bounded loss on interrupt)
 
 
 @dataclass
@@ -190,6 +192,8 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
                 good.append(h)
         normals = [h.normal() for h in good if h.normal() is not None]
         normal = np.mean(normals, axis=0) if normals else np.array([0.0, 0.0, 1.0])
+        if normal[2] < 0:  # mirrored row/column directions flip the normal; keep slices in ascending patient z
+            normal = -normal
         units: list[tuple[float | None, float, str, int]] = []  # (z, instance tiebreak, path, frame)
         have_pos = any(h.positions is not None for h in good)
         for h in good:
@@ -359,6 +363,9 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
         hu = _orient(hu, first.orientation)
         res, out_spacing = fit_square(hu, first.spacing, size, fill=-1024.0)
         out[c0:c0 + len(chunk)] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
+    if not ok.any():  # every file failed: nothing to store, only the errors to record
+        return BuiltSeries(plan.series_uid, "", None, [], [], None, [], errors, size, size,
+                           first.rows, first.cols, out_spacing, time.perf_counter() - t0)
     _atomic_save(root / rel, out if ok.all() else out[ok])
     keep = [u for u, k in zip(plan.units, ok) if k]
     sop_uids = [plan.headers[p].sop_uid + (f"#{f}" if plan.headers[p].n_frames > 1 else "") for p, f in keep]
@@ -566,7 +573,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
             continue
         pending.append(built)
         bar.update(len(plan_by_uid[built.series_uid].units))
-        if sum(len(b.sop_uids) for b in pending) >= 4000 or time.perf_counter() - last_commit > 2.0:
+        if sum(len(b.sop_uids) for b in pending) >= COMMIT_SLICES or time.perf_counter() - last_commit > COMMIT_SECONDS:
             flush()
     flush()
     bar.close()
@@ -672,6 +679,14 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
     for b in built:
         p = plans[b.series_uid]
         h0 = p.headers[p.files[0]]
+        for f, reason, detail in b.errors:
+            errs.append((relp(f), reason, detail, now))
+            size, mtime = stat.get(f, (0, 0.0))
+            files.append((relp(f), size, mtime, "error"))
+            summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
+            summary.errors += 1
+        if not b.sop_uids:
+            continue
         pk, stk, sk = key("patient", p.patient_id), key("study", p.study_uid), key("series", p.series_uid)
         patients.setdefault(pk, (pk, h0.age, h0.sex, h0.race, json.dumps({})))
         pe_exam, exam = None, None
@@ -692,12 +707,6 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
         for f in b.files_ok:
             size, mtime = stat.get(f, (0, 0.0))
             files.append((relp(f), size, mtime, "ok"))
-        for f, reason, detail in b.errors:
-            errs.append((relp(f), reason, detail, now))
-            size, mtime = stat.get(f, (0, 0.0))
-            files.append((relp(f), size, mtime, "error"))
-            summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
-            summary.errors += 1
     with connect(db) as con:
         con.execute("BEGIN")
         start = con.execute("SELECT coalesce(max(slice_id) + 1, 0) FROM slices").fetchone()[0]
@@ -705,17 +714,17 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
         insert_rows(con, "INSERT INTO patients VALUES", [v for k, v in patients.items() if k not in have_p])
         have_s = _existing(con, "studies", "study_key", list(studies))
         insert_rows(con, "INSERT INTO studies VALUES", [v for k, v in studies.items() if k not in have_s])
-        cols = list(series[0])
+        cols = list(series[0]) if series else []
         insert_rows(con, f"INSERT INTO series ({', '.join(cols)}) VALUES", [tuple(r[c] for c in cols) for r in series])
         insert_rows(con, "INSERT INTO slices VALUES", [(start + i, *r) for i, r in enumerate(slices)])
         insert_rows(con, "INSERT INTO ingest_errors VALUES", errs)
         insert_rows(con, "INSERT OR REPLACE INTO ingested_files VALUES", files)
         con.execute("COMMIT")
-    summary.series += len(built)
+    summary.series += len(series)
     summary.slices += len(slices)
     summary.files_ok += sum(len(b.files_ok) for b in built)
     summary.labelled_slices += sum(1 for s in slices if s[4] is not None)
-    summary.nodule_series += sum(1 for b in built if b.mask_rel)
+    summary.nodule_series += sum(1 for b in built if b.mask_rel and b.sop_uids)
 
 
 def _existing(con, table: str, col: str, keys: list[str]) -> set[str]:

@@ -1,0 +1,245 @@
+"""Generic ingest: order, HU, geometry, every bad-input reason, idempotency, resume, no identifier leaks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_fixtures import ct_dataset, enhanced_ct, phantom, save, write_series
+from pydicom.uid import generate_uid
+
+from ctssl_core.config import ConfigError
+from ctssl_core.data import ingest as ingest_mod
+from ctssl_core.data.ingest import IngestConfig, find_files, ingest
+from ctssl_core.db import connect
+from ctssl_core.paths import store_paths
+
+N = 32  # image and stored size: no resampling, so HU must round-trip exactly
+SECRETS = ["PID-SECRET", "Secretname", "Secret General Hospital", "ACC-SECRET-77", "19600101"]
+
+
+def build_messy_folder(root: Path) -> dict:
+    """A folder mixing good series (shuffled, renamed, odd geometry) with one file of every bad kind."""
+    rng = np.random.default_rng(0)
+    exp: dict = {"uids": []}
+    # A: shuffled + renamed (no extension), split over two folders, plus bad neighbours in the same series
+    vol_a = phantom(12, N, N, seed=1)
+    study_a, series_a = generate_uid(), generate_uid()
+    tmp = root / "_a"
+    paths = write_series(tmp, vol_a, study_uid=study_a, series_uid=series_a, patient_id="PID-SECRET-A", spacing_z=1.5)
+    for i, p in enumerate(rng.permutation(len(paths))):
+        dest = root / ("x" if i % 2 else "y") / f"{rng.integers(1 << 30):08x}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(paths[p], dest)
+    shutil.copy(next((root / "x").iterdir()), root / "x" / "copy_of_slice")  # duplicate_sop
+    common = dict(study_uid=study_a, series_uid=series_a, patient_id="PID-SECRET-A")
+    save(ct_dataset(vol_a[0], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **common), root / "y" / "scout.dcm")
+    save(ct_dataset(phantom(1, 16, 16)[0], position=(0, 0, 500.0), **common), root / "y" / "small.dcm")
+    save(ct_dataset(vol_a[0], position=None, **common), root / "y" / "nopos.dcm")
+    # B: same study, thicker and shorter -> not selected
+    write_series(root / "b", phantom(4, N, N, seed=2), study_uid=study_a, patient_id="PID-SECRET-A", spacing_z=5.0)
+    exp.update(vol_a=vol_a, study_a=study_a, series_a=series_a)
+    # C: non-square pixels (rows 0.5 mm, cols 1.0 mm): 16 mm x 32 mm field -> 16 rows padded to 32
+    vol_c = phantom(3, N, N, seed=3)
+    write_series(root / "c", vol_c, pixel_spacing=(0.5, 1.0), patient_id="PID-SECRET-C")
+    # D: row direction pointing to patient right (-x): stored flipped to the standard view
+    vol_d = phantom(3, N, N, seed=4)
+    write_series(root / "d", vol_d, orientation=(-1, 0, 0, 0, 1, 0), patient_id="PID-SECRET-D", syntax="explicit_be")
+    # E: enhanced multi-frame, one file
+    vol_e = phantom(5, N, N, seed=5)
+    save(enhanced_ct(vol_e, patient_id="PID-SECRET-E"), root / "e" / "multiframe.dcm")
+    # G: no positions anywhere -> InstanceNumber order (files named against it)
+    vol_g = phantom(4, N, N, seed=6)
+    gs, gst = generate_uid(), generate_uid()
+    for k in range(4):
+        save(ct_dataset(vol_g[k], position=None, instance_number=k + 1, series_uid=gs, study_uid=gst,
+                        patient_id="PID-SECRET-G"), root / "g" / f"{9 - k}.dcm", "implicit_le")
+    exp.update(vol_c=vol_c, vol_d=vol_d, vol_e=vol_e, vol_g=vol_g)
+    # bad files, one per reason
+    (root / "notes.txt").write_text("not dicom")
+    good = save(ct_dataset(vol_a[0], patient_id="PID-SECRET-Z"), root / "z" / "full.dcm")
+    (root / "z" / "truncated.dcm").write_bytes(good.read_bytes()[:-300])
+    good.unlink()
+    ds = ct_dataset(vol_a[0], patient_id="PID-SECRET-Z")
+    del ds.PixelData
+    save(ds, root / "z" / "nopixels.dcm")
+    save(ct_dataset(vol_a[0], modality="MR", patient_id="PID-SECRET-Z"), root / "z" / "mr.dcm")
+    nd = save(ct_dataset(vol_a[0], patient_id="PID-SECRET-Z"), root / "z" / "mpeg.dcm", "rle")
+    ds = pydicom.dcmread(nd)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.save_as(nd, enforce_file_format=True)
+    exp["errors"] = {"not_dicom": 1, "truncated": 1, "no_pixels": 1, "wrong_modality": 1, "no_decoder": 1,
+                     "localizer": 1, "inconsistent_shape": 1, "duplicate_sop": 1, "missing_position": 1,
+                     "series_not_selected": 4}
+    exp["series"] = {"A": 12, "C": 3, "D": 3, "E": 5, "G": 4}
+    return exp
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    src = root / "dicom"
+    exp = build_messy_folder(src)
+    summary = ingest(src, root / "store", IngestConfig(size=N, workers=2), progress=False)
+    return src, root / "store", exp, summary
+
+
+def _series_arrays(store: Path) -> list[tuple[int, np.ndarray]]:
+    with connect(store_paths(store).db, read_only=True) as con:
+        rows = con.execute("SELECT array_path, n_slices FROM series").fetchall()
+    return [(n, np.load(store / p)) for p, n in rows]
+
+
+def test_every_bad_kind_recorded_and_good_series_kept(messy):
+    src, store, exp, summary = messy
+    assert summary.errors_by_reason == exp["errors"]
+    assert summary.series == len(exp["series"]) and summary.slices == sum(exp["series"].values())
+    with connect(store_paths(store).db, read_only=True) as con:
+        errs = dict(con.execute("SELECT reason, count(*) FROM ingest_errors GROUP BY reason").fetchall())
+        named = dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
+        details = [r[0] for r in con.execute("SELECT detail FROM ingest_errors").fetchall()]
+        n_files = con.execute("SELECT count(*) FROM ingested_files").fetchone()[0]
+        ok = con.execute("SELECT count(*) FROM ingested_files WHERE status = 'ok'").fetchone()[0]
+    assert errs == exp["errors"]
+    assert named["notes.txt"] == "not_dicom" and named["z/truncated.dcm"] == "truncated"
+    assert named["z/mpeg.dcm"] == "no_decoder" and named["y/scout.dcm"] == "localizer"
+    assert named["y/small.dcm"] == "inconsistent_shape" and named["y/nopos.dcm"] == "missing_position"
+    assert all(len(d) > 40 for d in details)  # every row carries a sentence, not just a key
+    # every file found is accounted for exactly once: ingested, or recorded with a reason
+    assert n_files == len(find_files(src)) == ok + sum(exp["errors"].values())
+
+
+def test_slice_order_and_hu_round_trip(messy):
+    _, store, exp, _ = messy
+    found = _series_arrays(store)
+    arrays = {n: a for n, a in found if n != 3}
+    np.testing.assert_array_equal(arrays[12], exp["vol_a"])  # shuffled, renamed files back in z order, exact HU
+    np.testing.assert_array_equal(arrays[4], exp["vol_g"])   # InstanceNumber fallback
+    np.testing.assert_array_equal(arrays[5], exp["vol_e"])   # multi-frame frames in z order
+    # D is both big endian and mirrored (row direction -x): stored in the standard orientation
+    d = [a for n, a in found if n == 3]
+    assert any(np.array_equal(a, exp["vol_d"][..., ::-1]) for a in d)
+
+
+def test_non_square_pixels_keep_aspect(messy):
+    _, store, exp, _ = messy
+    with connect(store_paths(store).db, read_only=True) as con:
+        path, sp = con.execute("SELECT array_path, pixel_spacing_mm FROM series WHERE orig_rows = 32 AND "
+                               "pixel_spacing_mm > 0.9").fetchone()
+    a = np.load(store / path)
+    assert sp == pytest.approx(1.0)
+    assert (a[:, :8] == -1024).all() and (a[:, -8:] == -1024).all()  # 16 mm of rows centred in a 32 mm field
+    src = exp["vol_c"].astype(np.float32)
+    expect = src.reshape(3, 16, 2, N).mean(axis=2)  # rows halved (area), columns unchanged
+    np.testing.assert_allclose(a[:, 8:24], np.rint(expect), atol=1)
+
+
+def test_selection_rule_recorded(messy):
+    _, store, _, _ = messy
+    with connect(store_paths(store).db, read_only=True) as con:
+        rules = [r[0] for r in con.execute("SELECT selection_rule FROM series WHERE n_slices = 12").fetchall()]
+    assert len(rules) == 1 and "thinnest" in rules[0] and "2 axial series" in rules[0]
+
+
+def test_slice_ids_dense_and_catalog_consistent(messy):
+    _, store, exp, _ = messy
+    with connect(store_paths(store).db, read_only=True) as con:
+        ids = np.array([r[0] for r in con.execute("SELECT slice_id FROM slices ORDER BY slice_id").fetchall()])
+        per = dict(con.execute("SELECT series_key, count(*) FROM slices GROUP BY series_key").fetchall())
+        n = dict(con.execute("SELECT series_key, n_slices FROM series").fetchall())
+        zs = con.execute("SELECT z_mm FROM slices s JOIN series USING (series_key) WHERE n_slices = 12 "
+                         "ORDER BY idx").fetchall()
+    np.testing.assert_array_equal(ids, np.arange(sum(exp["series"].values())))
+    assert per == n
+    assert np.all(np.diff([z[0] for z in zs]) > 0)
+
+
+def test_no_identifier_leaks(messy):
+    src, store, exp, _ = messy
+    needles = SECRETS + [exp["study_a"], exp["series_a"]]
+    for f in find_files(src):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            needles.append(str(ds.SOPInstanceUID))
+        except Exception:  # noqa: BLE001 - the bad files
+            pass
+    blobs = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    with connect(store_paths(store).db, read_only=True) as con:
+        text = []
+        for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+            text.append(str(con.execute(f"SELECT * FROM {t}").fetchall()))
+    dump = "\n".join(text)
+    for s in needles:
+        assert s not in dump, s
+        assert not any(s.encode() in b for b in blobs), s
+
+
+def test_reingest_is_idempotent(messy):
+    src, store, exp, _ = messy
+
+    def counts():
+        with connect(store_paths(store).db, read_only=True) as con:
+            return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                    for t in ("patients", "studies", "series", "slices", "ingest_errors", "ingested_files")]
+
+    before = counts()
+    s = ingest(src, store, IngestConfig(size=N, workers=1), progress=False)
+    assert s.files_new == 0 and s.series == 0 and s.errors == 0
+    assert s.files_already_done == len(find_files(src))
+    assert counts() == before
+
+
+def test_interrupted_ingest_resumes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for k in range(3):
+        write_series(src / f"s{k}", phantom(4, 16, 16, seed=k), patient_id=f"P{k}")
+    (src / "junk.bin").write_bytes(b"\x00" * 10)
+    store = tmp_path / "store"
+    monkeypatch.setattr(ingest_mod, "COMMIT_SLICES", 1)
+    real = ingest_mod._commit
+    calls = {"n": 0}
+
+    def commit_then_die(*a, **k):
+        real(*a, **k)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_mod, "_commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(src, store, IngestConfig(size=16, workers=1), progress=False)
+    monkeypatch.setattr(ingest_mod, "_commit", real)
+    s = ingest(src, store, IngestConfig(size=16, workers=1), progress=False)
+    assert s.files_already_done == 4 + 1 and s.series == 2  # one series + the junk file were done before
+    with connect(store_paths(store).db, read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT slice_id FROM slices ORDER BY slice_id").fetchall()]
+        n_series = con.execute("SELECT count(*) FROM series").fetchone()[0]
+        n_err = con.execute("SELECT count(*) FROM ingest_errors").fetchone()[0]
+    assert ids == list(range(12)) and n_series == 3 and n_err == 1
+    assert not list((store / "slices").glob(".*tmp*"))  # no temp files left behind
+
+
+def test_bad_config_and_missing_folder(tmp_path):
+    with pytest.raises(ConfigError, match="between 16 and 2048"):
+        IngestConfig(size=4)
+    with pytest.raises(ConfigError, match="worker"):
+        IngestConfig(workers=0)
+    with pytest.raises(ConfigError, match="not a folder"):
+        ingest(tmp_path / "nope", tmp_path / "store", progress=False)
+    with pytest.raises(ConfigError, match="train.csv"):
+        ingest(tmp_path, tmp_path / "store", IngestConfig(format="rsna-pe"), progress=False)
+
+
+def test_cli_ingest_prints_summary(tmp_path, capsys):
+    from ctssl_core.cli import main
+
+    write_series(tmp_path / "src" / "a", phantom(3, 16, 16), patient_id="P1")
+    (tmp_path / "src" / "readme.txt").write_text("x")
+    rc = main(["ingest", str(tmp_path / "src"), "--store", str(tmp_path / "st"), "--size", "16", "--workers", "1",
+               "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "3 slices" in out and "slices/s" in out and "not_dicom" in out
+    assert main(["ingest", str(tmp_path / "missing"), "--store", str(tmp_path / "st")]) == 2
+    assert "not a folder" in capsys.readouterr().err
