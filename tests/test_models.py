@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctssl_core.config import ConfigError
-from ctssl_core.models import (ENCODERS, ClassifierHead, TaskModel, UNetDecoder, VQDecoderHead, build_dense_head,
+from ctssl_core.models import (ENCODERS, ClassifierHead, UNetDecoder, VQDecoderHead, build_dense_head,
                                build_encoder, dense_forward)
 from ctssl_core.models.vqvae import VectorQuantizer, count_params
 
@@ -144,12 +144,13 @@ def test_unet_decoder_rejects_mismatched_features():
         UNetDecoder([8, 16], [4, 2], 1)
 
 
-def test_task_model_wraps_task_forward():
-    from ctssl_core.pretext import make_pretext
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_encoder_identity_rebuilds_the_same_architecture(name):
+    from ctssl_core.checkpoint import encoder_identity
 
-    task = make_pretext("rotation")
-    enc = small("tiny").eval()
-    head = task.build_head(enc).eval()
-    batch = task.make_batch({"x": torch.rand(2, 1, 32, 32)}, torch.Generator().manual_seed(0))
-    model = TaskModel(task, enc, head)
-    assert torch.equal(model(batch), task.forward(enc, head, batch))
+    enc = small(name)
+    reg, kwargs = encoder_identity(enc)
+    assert reg == name
+    twin = build_encoder(reg, **kwargs)
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
+    twin.load_state_dict(enc.state_dict(), strict=True)

@@ -273,3 +273,16 @@ def test_bad_raw_batches_say_what_to_do():
         make_pretext("next_slice").make_batch({"x": torch.rand(2, 1, 8, 8)}, gen())
     with pytest.raises(ConfigError, match="square"):
         make_pretext("rotation").make_batch({"x": torch.rand(2, 1, 8, 12)}, gen())
+
+
+@pytest.mark.parametrize("enc_name", ["tiny", "paper"])
+def test_bf16_autocast_forward_and_float32_loss(enc_name):
+    task = make_pretext("composite", tasks=ALL_FIVE)
+    enc = encoder(enc_name)
+    head = task.build_head(enc)
+    batch = task.make_batch(raw_for(task, h=16), gen())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = task.loss(task.forward(enc, head, batch), batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert next(enc.parameters()).grad is not None

@@ -1,4 +1,4 @@
-"""Encoder registry and the encoder+head wrapper the training loop runs.
+"""Encoder registry.
 
 ``ENCODERS`` maps a registry key to a constructor; every encoder honours the
 contract in ``models/base.py`` (``forward_features``, ``feature_channels``,
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 from typing import Any, Callable
-
-from torch import nn
 
 from ctssl_core.config import ConfigError
 from ctssl_core.models.base import Encoder
@@ -48,24 +46,14 @@ def build_encoder(name: str, **kw: Any) -> Encoder:
     bad = sorted(set(kw) - valid)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for encoder {name!r}; valid: {sorted(valid)}")
-    return fn(**kw)
-
-
-class TaskModel(nn.Module):
-    """Encoder + head behind one ``forward(batch) -> pred``, so DDP / torch.compile can wrap
-    a single module and ``task.forward`` stays the only place that wires them."""
-
-    def __init__(self, task: Any, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.task = task
-        self.encoder = encoder
-        self.head = head
-
-    def forward(self, batch: Any) -> Any:
-        return self.task.forward(self.encoder, self.head, batch)
+    encoder = fn(**kw)
+    # identity read by checkpoint.encoder_identity: rebuild with build_encoder(registry_name, **kwargs)
+    encoder.registry_name = name
+    encoder.kwargs = dict(getattr(encoder, "config", None) or kw)
+    return encoder
 
 
 __all__ = [
-    "ENCODERS", "build_encoder", "Encoder", "TaskModel", "ClassifierHead", "UNetDecoder", "build_dense_head",
+    "ENCODERS", "build_encoder", "Encoder", "ClassifierHead", "UNetDecoder", "build_dense_head",
     "dense_forward", "VQDecoderHead", "VQVAEEncoder", "ResNetEncoder",
 ]
