@@ -47,6 +47,8 @@ class BenchmarkConfig:
     probes: bool = True                                      # demographics route (a): frozen-embedding probes
     bias: bool = True                                        # run bias.analyse_encoder on the embeddings
     cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
+    threads: int = 0                                         # torch CPU threads; 0 = torch's default. 1 is
+                                                             # far faster on a CPU shared with other jobs
 
     def __post_init__(self) -> None:
         from ctssl_core.downstream import DOWNSTREAM
@@ -124,6 +126,7 @@ def pretrain_encoder(cfg: dict) -> tuple[str, dict]:
 
 def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) -> Plan:
     from ctssl_core.paths import default_cohort
+    from ctssl_core.train import TrainConfig
 
     cfg = resolve_profile(profile, overrides)
     bench = build(BenchmarkConfig, cfg.get("benchmark") or {}, where="benchmark.")
@@ -144,6 +147,7 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
             for f in sorted(fracs):
                 for seed in bench.seeds_for(f):
                     fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc)  # validates early
+                    build(TrainConfig, fc.train, where=f"downstream.{task}.train.")
                     rid = f"ft-{bench_hash}-{task}-{init}-f{f:g}-s{seed}"
                     units.append(Unit("finetune", rid, task, init, f, seed, spec=to_dict(fc)))
     if bench.probes or bench.bias:
@@ -294,6 +298,10 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     t0 = time.perf_counter()
     root = Path(store_root) if store_root is not None else default_store()
     plan = make_plan(profile, overrides, root)
+    if plan.bench.threads:
+        import torch
+
+        torch.set_num_threads(plan.bench.threads)
     ensure_data(plan, root, log)
     rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
