@@ -412,3 +412,16 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
         if finish(store_root, r.job_id, state, error=reason if state == "failed" else "cancelled by user"):
             changed.append((r.job_id, reason))
     return changed
+
+
+def job_results(store_root: str | Path, job_id: str):
+    """``results`` rows written by the job's runs (what a finished job produced)."""
+    import pandas as pd
+
+    rids = job_run_ids(store_root, job_id)
+    if not rids:
+        return pd.DataFrame(columns=["run_id", "task", "init", "fraction", "split", "metric", "value",
+                                     "ci_low", "ci_high", "n"])
+    marks = ", ".join("?" for _ in rids)
+    return _read_df(store_root, f"""SELECT run_id, task, init, fraction, split, metric, value, ci_low, ci_high, n
+                                    FROM results WHERE run_id IN ({marks}) ORDER BY run_id, split, metric""", rids)
