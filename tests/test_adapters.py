@@ -1,0 +1,191 @@
+"""Real-data adapters on format-faithful synthetic files: RSNA-PE csv, LIDC XML reads, demographics CSV."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from ctssl_core.config import ConfigError
+from ctssl_core.data.adapters import lidc
+from ctssl_core.data.adapters.demographics import read_csv
+from ctssl_core.data.adapters.rsna_pe import EXAM_COLUMNS, weighted_log_loss
+from ctssl_core.data.ingest import IngestConfig, ingest
+from ctssl_core.data.pseudonym import Pseudonymiser
+from ctssl_core.data.synth import TINY, generate_cohort
+from ctssl_core.data.synth_writers import lidc_xml
+from ctssl_core.db import connect
+from ctssl_core.paths import store_paths
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """TINY synthetic cohort in the RSNA layout (train/<study>/<series>/<sop>.dcm) + LIDC XML + demographics."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = dataclasses.replace(TINY, layout="rsna-pe", workers=1)
+    generate_cohort(cfg, root / "cohort", progress=False)
+    summary = ingest(root / "cohort", root / "store", IngestConfig(size=64, workers=1), progress=False)
+    return root / "cohort", root / "store", summary
+
+
+def _key(store):
+    return Pseudonymiser.for_store(store_paths(store).secret)
+
+
+def test_rsna_csv_round_trips_to_same_labels(cohort):
+    src, store, summary = cohort
+    key = _key(store)
+    with connect(store_paths(store).db, read_only=True) as con:
+        pe = dict(con.execute("SELECT sop_key, pe FROM slices").fetchall())
+        exams = {k: (v, json.loads(j)) for k, v, j in
+                 con.execute("SELECT study_key, pe_exam, exam_labels FROM studies").fetchall()}
+    n = 0
+    with open(src / "train.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            assert pe[key("sop", row["SOPInstanceUID"])] == (row["pe_present_on_image"] == "1")
+            pe_exam, labels = exams[key("study", row["StudyInstanceUID"])]
+            assert labels == {c: int(row[c]) for c in EXAM_COLUMNS}
+            assert pe_exam == (row["negative_exam_for_pe"] == "0")
+            n += 1
+    assert n == len(pe) == summary.slices == summary.labelled_slices == 8 * 16
+
+
+def test_weighted_log_loss_properties():
+    y = np.array([1, 0, 0, 1, 1, 0])
+    ex = np.array([0, 0, 0, 1, 1, 1])
+    exam_true = {"negative_exam_for_pe": np.array([0, 0]), "central_pe": np.array([1, 0])}
+    perfect = weighted_log_loss(y, y, ex, {k: v.astype(float) for k, v in exam_true.items()}, exam_true)
+    coin = weighted_log_loss(np.full(6, 0.5), y, ex, {k: np.full(2, 0.5) for k in exam_true}, exam_true)
+    assert perfect < 1e-10 and coin == pytest.approx(np.log(2))
+    worse = weighted_log_loss(np.where(y == 1, 0.3, 0.7), y, ex, {k: np.full(2, 0.5) for k in exam_true}, exam_true)
+    assert worse > coin
+
+
+def _ellipse(h, w, cy, cx, ry, rx):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_lidc_contours_rasterise_to_generator_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    h = w = 64
+    sops = [f"1.2.3.{k}" for k in range(6)]
+    truth = np.zeros((6, h, w), bool)
+    slices = {}
+    for k in range(1, 5):
+        truth[k] = _ellipse(h, w, rng.uniform(20, 44), rng.uniform(20, 44), rng.uniform(2, 9), rng.uniform(2, 9))
+        slices[k] = truth[k]
+    xml = tmp_path / "s.xml"
+    xml.write_text(lidc_xml("9.9", "8.8", sops, np.arange(6) * 2.0,
+                            [{"reader": "r1", "nodules": [{"id": "n1", "texture": 5, "slices": slices}]}]))
+    uid, readers = lidc.parse_file(xml)
+    assert uid == "9.9" and len(readers) == 1
+    ks, masks = lidc.series_masks(readers, sops, list(np.arange(6) * 2.0), h, w)
+    assert list(ks) == [1, 2, 3, 4]
+    for i, k in enumerate(ks):
+        assert _dice(masks[0, i].astype(bool), truth[k]) >= 0.95
+
+
+@pytest.mark.parametrize("n_readers", [1, 2, 3, 4])
+def test_consensus_with_disagreeing_readers(tmp_path, n_readers):
+    h = w = 40
+    sops = ["a", "b"]
+    marks = [np.zeros((h, w), bool) for _ in range(n_readers)]
+    for r in range(n_readers):  # reader r outlines a square shifted right by 3r pixels; the last reader may miss it
+        if r == 3:
+            continue
+        marks[r][10:20, 5 + 3 * r:15 + 3 * r] = True
+    reads = [{"reader": f"r{r}", "nodules": ([{"id": "n", "texture": 5, "slices": {1: marks[r]}}] if marks[r].any() else [])}
+             for r in range(n_readers)]
+    xml = tmp_path / "c.xml"
+    xml.write_text(lidc_xml("7.7", "6.6", sops, np.array([0.0, 1.0]), reads))
+    readers = lidc.parse_reads([xml])["7.7"]
+    assert len(readers) == n_readers  # a reader who marked nothing still counts in the denominator
+    ks, masks = lidc.series_masks(readers, sops, [0.0, 1.0], h, w)
+    votes = np.sum(marks, axis=0)
+    for agreement in (0.25, 0.5, 0.75, 1.0):
+        need = max(1, int(np.ceil(agreement * n_readers)))
+        got = lidc.consensus(masks, n_readers, agreement)[0]
+        np.testing.assert_array_equal(got, votes >= need)
+
+
+def test_ingested_consensus_matches_nodule_truth(cohort):
+    src, store, summary = cohort
+    key = _key(store)
+    truth = json.loads((src / "truth.json").read_text())
+    with connect(store_paths(store).db, read_only=True) as con:
+        where = {sop: (path, idx) for sop, path, idx in con.execute(
+            "SELECT sop_key, mask_path, idx FROM slices JOIN series USING (series_key)").fetchall()}
+    sops_by_series = {}
+    with open(src / "train.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            sops_by_series.setdefault(row["SeriesInstanceUID"], []).append(row["SOPInstanceUID"])
+    inter = total = 0
+    dices = []
+    for p in truth["patients"]:
+        f = src / "nodule_masks" / f"{p['series_uid']}.npz"
+        if not f.exists():
+            continue
+        tmask = np.load(f)["mask"].astype(bool)  # (S, H, W) generator truth at DICOM resolution
+        got = np.zeros_like(tmask)
+        for k, sop in enumerate(sops_by_series[p["series_uid"]]):
+            path, idx = where[key("sop", sop)]
+            got[k] = np.load(store / path)[idx] > 0
+        inter += np.logical_and(got, tmask).sum()
+        total += got.sum() + tmask.sum()
+        dices.append(_dice(got, tmask))
+    assert summary.nodule_series == 8 and len(dices) >= 3
+    # readers jitter contours (~8%) and small nodules are sometimes missed: consensus still tracks the truth
+    assert 2 * inter / total >= 0.85 and min(dices) >= 0.75
+
+
+def test_demographics_csv_overrides_tags_and_reports_mismatches(cohort, tmp_path):
+    src, store, _ = cohort
+    rows = list(csv.DictReader(open(src / "demographics.csv", newline="")))
+    out = tmp_path / "demo.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["PatientID", "age", "sex", "race", "smoker"])
+        for r in rows[1:]:  # first patient left out on purpose
+            w.writerow([r["PatientID"], float(r["age"]) + 1, r["sex"], "Override", "yes"])
+        w.writerow(["NOT-A-PATIENT", 40, "F", "X", "no"])
+    s = ingest(src, store, IngestConfig(size=64, workers=1, demographics=str(out)), progress=False)
+    assert s.files_new == 0 and s.demographics_rows == len(rows)
+    assert s.demographics_unmatched_lines == [len(rows) + 1] and s.patients_without_demographics == 1
+    assert "matched no ingested patient" in s.table() and "NOT-A-PATIENT" not in s.table()
+    key = _key(store)
+    with connect(store_paths(store).db, read_only=True) as con:
+        got = {k: (a, r, json.loads(at)) for k, a, r, at in
+               con.execute("SELECT patient_key, age, race, attributes FROM patients").fetchall()}
+    for r in rows[1:]:
+        age, race, attrs = got[key("patient", r["PatientID"])]
+        assert race == "Override" and age == pytest.approx(float(r["age"]) + 1) and attrs["smoker"] == "yes"
+    age0, race0, _ = got[key("patient", rows[0]["PatientID"])]
+    assert race0 == rows[0]["race"] and race0 != "Override"  # untouched patient keeps the earlier values
+
+
+def test_demographics_keyed_by_study_and_bad_csv(cohort, tmp_path):
+    src, store, _ = cohort
+    truth = json.loads((src / "truth.json").read_text())
+    p0 = truth["patients"][0]
+    f = tmp_path / "by_study.csv"
+    f.write_text(f"StudyInstanceUID,race,site\n{p0['study_uid']},ByStudy,site_z\n")
+    ingest(src, store, IngestConfig(size=64, workers=1, demographics=str(f)), progress=False)
+    key = _key(store)
+    with connect(store_paths(store).db, read_only=True) as con:
+        race = con.execute("SELECT race FROM patients WHERE patient_key = ?", [key("patient", p0["patient_id"])]).fetchone()
+        site = con.execute("SELECT site FROM series WHERE study_key = ?", [key("study", p0["study_uid"])]).fetchone()
+    assert race == ("ByStudy",) and site == ("site_z",)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,age\nx,3\n")
+    with pytest.raises(ConfigError, match="PatientID or StudyInstanceUID"):
+        read_csv(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        ingest(src, store, IngestConfig(demographics=str(tmp_path / "missing.csv")), progress=False)
