@@ -379,9 +379,9 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
         bh = p.breast_mm * _bump(t, 0.25, 0.80)
         if bh > 1.0:
             for side in (-1.0, 1.0):
-                reg = cv.ellipse(side * a * 0.45, -b * 0.80, bh * 1.25 + 10.0, bh + 6.0)
+                reg = cv.ellipse(side * a * 0.42, -b * 0.78, bh * 1.5 + 12.0, bh * 0.75 + 5.0)
                 cv.paint(reg, p.fat_hu + 15)
-                cv.paint(cv.ellipse(side * a * 0.45, -b * 0.86, bh * 0.6 + 4.0, bh * 0.45 + 2.0), SOFT - 20)
+                cv.paint(cv.ellipse(side * a * 0.42, -b * 0.84, bh * 0.7 + 4.0, bh * 0.35 + 2.0), SOFT - 20)
     # muscle layer (thicker posteriorly: paraspinal muscles)
     ma, mb = a - p.fat_mm, b - p.fat_mm * 0.8
     cv.paint(cv.ellipse(0.0, 2.0, ma, mb), MUSCLE)
