@@ -374,3 +374,31 @@ def test_cli_synth(tmp_path, capsys):
     assert "reused" in capsys.readouterr().out
     assert main(["synth", "--out", str(out), "--set", "n_patients=0"]) == 2
     assert ">= 1" in capsys.readouterr().err
+
+
+def test_noise_is_spatially_correlated_with_the_site_level():
+    cfg = dataclasses.replace(TINY, image_size=96, slices_per_exam=6)
+    p = sample_patient(cfg, 0)
+    clean, _, _ = phantom_volume(dataclasses.replace(p, noise_hu=0.0), _rng(cfg, 0, STREAM_RENDER))
+    noisy, _, _ = phantom_volume(dataclasses.replace(p, noise_hu=40.0), _rng(cfg, 0, STREAM_RENDER))
+    noise = noisy.astype(np.float32) - clean  # same random stream: the difference is the noise alone
+    ok = (clean > -900) & (clean < 2000)  # away from the -1024 clip
+    both = ok[:, :, 1:] & ok[:, :, :-1]
+    a, b = noise[:, :, 1:][both], noise[:, :, :-1][both]
+    assert 34 < noise[ok].std() < 46
+    assert np.corrcoef(a, b)[0, 1] > 0.2  # CT-like texture, not i.i.d. pixel noise
+
+
+def test_phantom_imports_and_renders_without_pydicom():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pydicom'] = None\n"
+        "from ctssl_core.data.synth import TINY, sample_patient, _rng, STREAM_RENDER\n"
+        "from ctssl_core.data.phantom import phantom_volume\n"
+        "hu, m, pe = phantom_volume(sample_patient(TINY, 0), _rng(TINY, 0, STREAM_RENDER))\n"
+        "print(hu.dtype, hu.shape, m.dtype, pe.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["int16", "(16,", "64,", "64)", "uint8", "bool"]
