@@ -114,12 +114,15 @@ def square_mask(shape: tuple[int, int, int, int] | torch.Size, frac_side: float,
     _check_generator(generator, device)
     device = torch.device(device) if device is not None else torch.device(generator.device)
     side = mask_side(H, W, frac_side)
-    top = torch.randint(0, H - side + 1, (B, n_patches, 1, 1), generator=generator, device=device)
-    left = torch.randint(0, W - side + 1, (B, n_patches, 1, 1), generator=generator, device=device)
-    rows = torch.arange(H, device=device).view(1, 1, H, 1)
-    cols = torch.arange(W, device=device).view(1, 1, 1, W)
-    inside = ((rows >= top) & (rows < top + side)) & ((cols >= left) & (cols < left + side))  # (B, n, H, W)
-    return inside.any(dim=1, keepdim=True).float()               # (B, 1, H, W)
+    top = torch.randint(0, H - side + 1, (B, 1, n_patches), generator=generator, device=device)
+    left = torch.randint(0, W - side + 1, (B, n_patches, 1), generator=generator, device=device)
+    rows = torch.arange(H, device=device).view(1, H, 1)
+    cols = torch.arange(W, device=device).view(1, 1, W)
+    in_rows = ((rows >= top) & (rows < top + side)).float()      # (B, H, n)
+    in_cols = ((cols >= left) & (cols < left + side)).float()    # (B, n, W)
+    # patches covering each pixel, as one batched matmul: memory O(B*H*W), not O(B*n*H*W)
+    covered = torch.bmm(in_rows, in_cols)                        # (B, H, W)
+    return (covered > 0).float().unsqueeze(1)                    # (B, 1, H, W)
 
 
 def mask_side(H: int, W: int, frac_side: float) -> int:

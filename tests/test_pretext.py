@@ -224,6 +224,21 @@ def test_paper_loss_is_the_released_composite_with_vq_term():
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def test_vq_loss_travels_with_the_prediction_and_enters_every_dense_loss():
+    enc = encoder("paper")
+    for name in ("masked_region", "next_slice", "denoise"):
+        task = make_pretext(name, vq_weight=0.5)
+        head = task.build_head(enc)
+        batch = task.make_batch(raw_for(task), gen())
+        out = task.forward(enc, head, batch)
+        assert isinstance(out, tuple) and out[0].shape == (B, 1, H, H) and out[1].dim() == 0
+        loss, logs = task.loss(out, batch)
+        recon = logs["mse_masked"] if name == "masked_region" else logs["mse"]
+        assert loss.item() == pytest.approx(recon + 0.5 * logs["vq"], rel=1e-5)
+    with pytest.raises(ConfigError, match="pred, aux_loss"):
+        make_pretext("denoise").loss((out[0], out[1], out[1]), batch)
+
+
 def test_composite_logs_each_member_and_weights_the_sum():
     task = make_pretext("composite", **VARIANTS["composite"])
     enc = encoder("tiny")

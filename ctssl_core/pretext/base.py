@@ -52,7 +52,8 @@ class DenseTask(PretextBase):
     def build_head(self, encoder: nn.Module) -> nn.Module:
         return build_dense_head(encoder, self.out_ch)
 
-    def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
+    def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor | tuple[Tensor, Tensor]:
+        """``pred`` (B, 1, H, W), or ``(pred, vq_loss)`` when the head is the paper's VQ-VAE decoder."""
         feats = encoder.forward_features(batch.inputs)
         pred, aux = dense_forward(head, feats, batch.inputs.shape[-2:])    # (B, 1, H, W)
         return attach_aux_loss(pred, aux)

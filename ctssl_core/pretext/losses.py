@@ -1,5 +1,6 @@
 """Losses shared by the pretext tasks: reconstruction (plain MSE or the paper's composite)
-and classification, plus the seam that carries a VQ-VAE head's auxiliary loss.
+and classification, plus the seam that carries a VQ-VAE head's auxiliary loss
+(``attach_aux_loss`` / ``split_aux``).
 
 Log values are gathered into one tensor and read back with a single ``.tolist()``
 so a training step costs at most one device sync for its metrics.
@@ -22,20 +23,24 @@ PAPER_WEIGHTS = {"mse": 0.2, "mse_masked": 0.2, "vq": 0.8, "ssim": 0.1}
 LossKind = Literal["mse", "paper"]
 
 
-def attach_aux_loss(pred: Tensor, aux: Tensor | None) -> Tensor:
-    """Carry a head's auxiliary loss (the VQ codebook+commitment loss) on ``pred``.
+def attach_aux_loss(pred: Tensor, aux: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """What a dense task's ``forward`` returns: ``pred``, or ``(pred, aux)`` with a head's
+    auxiliary loss (the VQ-VAE codebook + commitment loss).
 
-    ``Task.forward`` must return a tensor and ``Task.loss`` sees only ``pred`` and the
-    batch, so the VQ loss rides along as the attribute ``pred.aux_loss``. Pass ``pred``
-    unchanged from ``forward`` to ``loss`` (no ``.float()`` in between).
+    ``Task.loss`` sees only the prediction and the batch, so the VQ loss travels with
+    the prediction. A tuple (not a tensor attribute) survives DDP's output wrapping
+    and torch.compile; the downstream nodule task uses the same convention.
     """
-    if aux is not None:
-        pred.aux_loss = aux  # type: ignore[attr-defined]
-    return pred
+    return (pred, aux) if aux is not None else pred
 
 
-def aux_loss_of(pred: Tensor) -> Tensor | None:
-    return getattr(pred, "aux_loss", None)
+def split_aux(pred: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`attach_aux_loss` -> ``(pred, aux or None)``."""
+    if isinstance(pred, (tuple, list)):
+        if len(pred) != 2:
+            raise ConfigError(f"a dense prediction is a tensor or (pred, aux_loss), got a sequence of {len(pred)}")
+        return pred[0], pred[1]
+    return pred, None
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -53,7 +58,7 @@ def to_logs(items: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(items.keys(), values))
 
 
-def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, kind: str = "mse",
+def reconstruction_loss(pred: Tensor | tuple[Tensor, Tensor], target: Tensor, mask: Tensor | None = None, kind: str = "mse",
                         masked_weight: float = 1.0, whole_weight: float = 1.0, vq_weight: float = 0.8,
                         data_range: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """Reconstruction loss for the dense pretext tasks.
@@ -62,10 +67,10 @@ def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None
     term only when ``mask`` is given) ``+ vq_weight * VQ`` when the head is a VQ-VAE.
     kind="paper": ``0.2*MSE(image) + 0.2*MSE(masked) + 0.8*VQ - 0.1*SSIM`` (the released code).
     """
+    pred, vq = split_aux(pred)
     if pred.shape != target.shape:
         raise ConfigError(f"prediction shape {tuple(pred.shape)} does not match target {tuple(target.shape)}; "
                           f"build the head with build_dense_head(encoder, out_ch={target.shape[1]})")
-    vq = aux_loss_of(pred)
     p, t = pred.float(), target.float()
     mse = F.mse_loss(p, t)
     items: dict[str, Tensor] = {"mse": mse}
