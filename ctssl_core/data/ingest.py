@@ -18,6 +18,7 @@ this process's memory; the catalog gets keyed pseudonyms (``pseudonym.py``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -121,6 +122,10 @@ def find_files(root: Path) -> list[Path]:
 
 
 def _scan_chunk(paths: list[str]) -> list[tuple[str, SliceHeader | None, tuple[str, str] | None]]:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="pydicom")  # malformed files are recorded as errors, not warned about
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     out = []
     for p in paths:
         try:
@@ -170,13 +175,17 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
             for h in hs:
                 err(h.path, "series_exists")
             continue
-        seen: set[str] = set()
-        keep: list[SliceHeader] = []
+        # duplicates: keep the copy that best fits the series (has a position, majority shape), then by name
+        shape0 = Counter((h.rows, h.cols) for h in hs).most_common(1)[0][0]
+        by_sop: dict[str, list[SliceHeader]] = defaultdict(list)
         for h in hs:
-            if h.sop_uid in seen:
+            by_sop[h.sop_uid].append(h)
+        keep: list[SliceHeader] = []
+        for sop, copies in by_sop.items():
+            copies.sort(key=lambda h: (h.positions is None, (h.rows, h.cols) != shape0, h.path))
+            for h in copies[1:]:
                 err(h.path, "duplicate_sop", "same SOPInstanceUID as another file in this folder.")
-                continue
-            seen.add(h.sop_uid)
+            h = copies[0]
             if not is_axial(h):
                 err(h.path, "localizer", "orientation is not axial (reformat or scout).")
                 continue
@@ -322,8 +331,12 @@ class BuiltSeries:
 def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
                  reads: list | None = None, agreement: float = 0.5) -> BuiltSeries:
     """Decode one planned series and write its arrays. Runs in a worker process."""
+    import warnings
+
     import torch
 
+    warnings.filterwarnings("ignore", module="pydicom")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     root = Path(store_root)
