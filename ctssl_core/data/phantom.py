@@ -153,6 +153,7 @@ class Canvas:
         self.y = coords - np.float32(body_offset[1])  # (H,) mm, + = posterior
         self._x0, self._y0 = float(self.x[0]), float(self.y[0])
         self.img = np.empty((n, n), np.float32)
+        self.psi: np.ndarray | None = None  # (H, W) angle around the rib cage, set per volume
 
     def window(self, cx: float, cy: float, rx: float, ry: float) -> tuple[slice, slice]:
         """Pixel rows/cols whose centres may lie within (cx +- rx, cy +- ry) mm."""
@@ -197,13 +198,13 @@ class Canvas:
         out[win][m] = True
         return out
 
-    def paint(self, region, value: float, where: np.ndarray | None = None) -> int:
-        """Set the region to ``value`` (optionally only where ``where`` is True); returns pixels painted."""
+    def paint(self, region, value: float, where: np.ndarray | None = None, count: bool = False) -> int:
+        """Set the region to ``value`` (optionally only where ``where`` is True); ``count``: return pixels painted."""
         win, m = region
         if where is not None:
             m = m & where[win]
         self.img[win][m] = value
-        return int(m.sum())
+        return int(m.sum()) if count else 0
 
 
 # ---------------------------------------------------------------- anatomy as functions of t
@@ -402,9 +403,7 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
     win, m_out = rib_outer
     m_in = cv.full(cav)[win]
     ring = m_out & ~m_in
-    dx = cv.x[win[1]][None, :]
-    dy = cv.y[win[0]][:, None] - cy0
-    psi = np.arccos(np.clip(dy / (np.sqrt(dx * dx + dy * dy) + 1e-3), -1, 1))  # 0 posterior .. pi anterior
+    psi = cv.psi[win]  # angle from the posterior midline: 0 posterior .. pi anterior
     phase = (z_mm / 24.0 + 3.5 * psi / math.pi + rib_phase) % 1.0  # ribs slope: several per side
     rib = ring & (phase < 0.38) & (psi < 0.86 * math.pi) & (psi > 0.10 * math.pi)
     cart = ring & (phase < 0.38) & (psi >= 0.86 * math.pi)
@@ -416,7 +415,7 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
     # lungs
     lungs = np.zeros((n, n), bool)
     for cx, cy, la, lb in lung_ellipses(p, t):
-        lungs |= cv.full(cv.ellipse(cx, cy, la, lb))
+        lungs |= cv.full(cv.ellipse(cx, cy, la, lb))  # (H, W)
     for side in (-1.0, 1.0):
         d = dome(p, t, side)
         if d is not None:
@@ -431,12 +430,13 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
     img[lungs] = lung_val[lungs]
 
     # peripheral vessels (only inside the lungs)
+    envelopes = lung_ellipses(p, t)
     for side, t0, t1, ex, ey, r0, hu in tracks:
         lo, hi = min(t0, t1), max(t0, t1)
         if not lo <= t <= hi:
             continue
         u = (t - t0) / (t1 - t0 + 1e-9)
-        lcx, lcy, la, lb = lung_ellipses(p, t)[0 if side < 0 else 1]
+        lcx, lcy, la, lb = envelopes[0 if side < 0 else 1]
         hx, hy = side * ca * 0.30, cb * 0.03
         x = hx + (lcx + side * ex * la - hx) * u
         y = hy + (lcy + ey * lb - hy) * u
@@ -584,6 +584,9 @@ def phantom_volume(
     rib_phase = float(rng.uniform(0, 1))
     zs, ts = slice_z(p), slice_t(p)
     background = _background(cv, p)
+    _, _, cy0 = cavity_axes(p, 0.5)
+    dy = cv.y[:, None] - np.float32(cy0)  # (H, 1)
+    cv.psi = np.arccos(np.clip(dy / (np.sqrt(cv.x[None, :] ** 2 + dy * dy) + 1e-3), -1, 1))  # (H, W)
     vol = np.empty((s, n, n), np.float32)  # (S, H, W)
     mask = np.zeros((s, n, n), np.uint8)
     pe = np.zeros(s, bool)
@@ -620,7 +623,7 @@ def phantom_volume(
             ang = d["angle"]
             r2 = max(r * 0.85, 0.75 * p.pixel_spacing_mm)
             n_px = cv.paint(cv.ellipse(vx + off * math.cos(ang), vy + off * math.sin(ang), r, r2, ang),
-                            CHRONIC_THROMBUS if d["chronic"] else THROMBUS)
+                            CHRONIC_THROMBUS if d["chronic"] else THROMBUS, count=True)
             pe[k] |= n_px > 0
         vol[k] = cv.img
     # slice thickness: thicker slices average neighbouring anatomy along z
@@ -638,13 +641,14 @@ def phantom_volume(
     # correlated noise drawn directly in the frequency domain: one inverse FFT, no forward one.
     # White noise of unit variance has rfft2 coefficients with E|X|^2 = n^2.
     shape = (s, n, n // 2 + 1)
-    spec = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+    spec = rng.standard_normal(shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]  # (S, H, W//2+1)
     spec *= _noise_filter(n, p.pixel_spacing_mm, p.noise_cutoff) * np.float32(p.noise_hu * n / math.sqrt(2.0))
-    vol += np.fft.irfft2(spec, s=(n, n)).astype(np.float32)
+    vol += np.fft.irfft2(spec, s=(n, n))
     # outside the reconstruction circle the scanner writes air
     rr = (np.arange(n) - (n - 1) / 2.0) ** 2
-    vol[:, (rr[:, None] + rr[None, :]) > (n / 2.0) ** 2] = -1024
-    hu = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
+    np.copyto(vol, np.float32(-1024), where=((rr[:, None] + rr[None, :]) > (n / 2.0) ** 2)[None])
+    np.rint(vol, out=vol)
+    hu = np.clip(vol, -1024, 3071, out=vol).astype(np.int16)
     return hu, mask, pe
 
 
