@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -79,7 +80,7 @@ def test_merge_pending_takes_only_whole_lines_and_resumes_after_crash(tmp_path):
 def test_logger_periodic_flush_merges_without_close(tmp_path):
     rid = "finetune-pe-random-2"
     W.start_run(tmp_path, rid, "finetune", "pe", "random", "tiny", {}, fraction=0.05)
-    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0)  # merge on every call
+    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0, background=False)  # merge on every call
     log({"step": 1, "epoch": 0.0, "train/loss": 0.5})
     assert _q(tmp_path, "SELECT step, name, value FROM metrics") == [(1, "train/loss", 0.5)]
     # wall_s filled automatically when the caller gives none
@@ -134,3 +135,19 @@ def test_results_summaries_benchmarks(tmp_path):
     with pytest.raises(ConfigError, match="no benchmark"):
         W.finish_benchmark(tmp_path, "nope")
     assert _q(tmp_path, "SELECT count(*) FROM results")[0][0] == 2  # bad rows added nothing
+
+
+def test_background_merge_happens_while_logging(tmp_path):
+    rid = "pretrain-bg-random-4"
+    W.start_run(tmp_path, rid, "pretrain", "bg", "random", "tiny", {})
+    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0)  # background thread merges
+    deadline = time.monotonic() + 60
+    s = 0
+    while _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 0:
+        assert time.monotonic() < deadline, "background merge never happened"
+        log({"step": s, "loss": float(s)})
+        s += 1
+        time.sleep(0.05)
+    log.close()
+    assert log._thread is not None and not log._thread.is_alive()
+    assert _q(tmp_path, "SELECT count(*), count(DISTINCT step) FROM metrics") == [(s, s)]

@@ -25,8 +25,7 @@ from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
-from ctssl_core.results.write import merge_pending, utcnow
-from ctssl_core.schema import ensure_schema
+from ctssl_core.results.write import ensure_schema_once, merge_pending, utcnow
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -70,7 +69,7 @@ def _con(store_root: str | Path, read_only: bool = False, timeout_s: float = 30.
             time.sleep(0.02)
     try:
         if not read_only:
-            ensure_schema(con)
+            ensure_schema_once(con, store_paths(store_root).db)
         yield con
     finally:
         cm.__exit__(None, None, None)

@@ -44,6 +44,23 @@ JOB_DIR_ENV = "CTSSL_JOB_DIR"
 _RESERVED = ("step", "epoch", "wall_s")
 
 
+_SCHEMA_DONE: set[tuple[str, int]] = set()
+
+
+def ensure_schema_once(con, db_path: str | Path) -> None:
+    """``ensure_schema`` once per process per store file: it costs ~30 statements, and a
+    20 Hz logger or a 1 s heartbeat must not pay that on every short connection."""
+    try:
+        key = (str(Path(db_path).resolve()), os.stat(db_path).st_ino)
+    except OSError:
+        key = None
+    if key is not None and key in _SCHEMA_DONE:
+        return
+    ensure_schema(con)
+    if key is not None:
+        _SCHEMA_DONE.add(key)
+
+
 def utcnow() -> _dt.datetime:
     """Naive UTC timestamp (DuckDB TIMESTAMP has no zone; every writer uses UTC)."""
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
@@ -198,7 +215,7 @@ def merge_pending(store_root: str | Path, run_id: str | None = None) -> int:
         return 0
     added = 0
     with connect(store_paths(root).db) as con:
-        ensure_schema(con)
+        ensure_schema_once(con, store_paths(root).db)
         for rid in ids:
             added += _merge_one(con, root, rid)
     return added
@@ -228,22 +245,30 @@ def tail_metrics(store_root: str | Path, run_id: str, max_bytes: int = 16384) ->
 class RunLogger:
     """``log(dict)`` callback for ``train.fit``: JSONL now, DuckDB every ``flush_every_s``.
 
-    The line is written and flushed to the OS immediately (a crash loses at
-    most the line being written); merges into DuckDB are rate-limited so a
-    20 Hz logger costs one short transaction every two seconds. A merge that
-    finds the store busy is skipped and retried at the next one: logging never
-    blocks training for long and never loses a line.
+    The line reaches the OS at once (line-buffered: a crash loses at most the
+    line being written). Merges into DuckDB are rate-limited and, by default,
+    done by a background thread, so a merge waiting for a busy store never
+    slows the training loop; a merge that finds the store busy is skipped and
+    retried at the next one, never losing a line. ``flush()`` merges now,
+    ``close()`` stops the thread and merges the rest.
     """
 
-    def __init__(self, store_root: str | Path, run_id: str, flush_every_s: float = 2.0):
+    def __init__(self, store_root: str | Path, run_id: str, flush_every_s: float = 2.0, background: bool = True):
+        import threading
+
         self.store_root = Path(store_root)
         self.run_id = check_run_id(run_id)
         self.flush_every_s = float(flush_every_s)
+        self.background = background
         self.path = store_paths(self.store_root).run_dir(run_id) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")  # line-buffered
         self._t0 = time.monotonic()
         self._last_merge = time.monotonic()
+        self._merge_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
         self.lines = 0
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
@@ -264,32 +289,66 @@ class RunLogger:
         self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
         self.lines += 1
         if time.monotonic() - self._last_merge >= self.flush_every_s:
-            self.flush()
+            self._last_merge = time.monotonic()
+            if self.background:
+                self._start_thread()
+                self._wake.set()
+            else:
+                self.flush()
+
+    def _start_thread(self) -> None:
+        import threading
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"RunLogger-{self.run_id}", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._merge(timeout_s=5.0)
+
+    def _merge(self, timeout_s: float) -> int:
+        with self._merge_lock:
+            try:
+                f = self._f
+                if f is not None:
+                    os.fsync(f.fileno())
+            except (OSError, ValueError):
+                pass  # closed meanwhile: close() merges the rest
+            try:
+                with connect(store_paths(self.store_root).db, timeout_s=timeout_s) as con:
+                    ensure_schema_once(con, store_paths(self.store_root).db)
+                    return _merge_one(con, self.store_root, self.run_id)
+            except StoreBusy:
+                return 0  # the next merge (or merge_pending after exit) picks the lines up
 
     def flush(self, merge: bool = True, timeout_s: float = 5.0) -> int:
-        """fsync the file; merge new lines into DuckDB (skipped, not lost, if the store stays busy)."""
+        """fsync the file and (by default) merge new lines into DuckDB now. Returns rows merged."""
         if self._f is not None:
             self._f.flush()
             os.fsync(self._f.fileno())
         self._last_merge = time.monotonic()
-        if not merge:
-            return 0
-        try:
-            with connect(store_paths(self.store_root).db, timeout_s=timeout_s) as con:
-                ensure_schema(con)
-                return _merge_one(con, self.store_root, self.run_id)
-        except StoreBusy:
-            return 0  # the next flush (or merge_pending after exit) picks the lines up
+        return self._merge(timeout_s) if merge else 0
 
     def close(self) -> None:
+        """Stop the merge thread, fsync, and merge everything left (waits for a busy store)."""
         if self._f is None:
             return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._merge_lock:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
         with connect(store_paths(self.store_root).db) as con:
-            ensure_schema(con)
+            ensure_schema_once(con, store_paths(self.store_root).db)
             _merge_one(con, self.store_root, self.run_id)
 
     def __enter__(self) -> "RunLogger":
