@@ -68,7 +68,8 @@ class BiasConfig:
     n_modes: int = 5                   # top PCA modes tested with KS
     n_age_bins: int = 3                # quantile bins of age for KS / separability / resampling
     knn_k: int = 10
-    n_perm: int = 500
+    n_perm: int = 500                  # permutations for the k-NN separability null
+    probe_perm: int = 30               # permutations (full CV reruns) for the probe p-values
     sep_dims: int = 50                 # PCA dims for the k-NN separability
     attributes: tuple[str, ...] = ATTRIBUTES
     min_group: int = 5                 # groups with fewer patients are left out of KS/separability
@@ -328,12 +329,17 @@ def _attr_name(attr: str) -> str:
     return _NAMES.get(attr, attr.replace("_", " ").capitalize())
 
 
-def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None, extra: str = "") -> str:
-    """One plain-language sentence pair for a probe result."""
+def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None, extra: str = "",
+                   present: bool | None = None) -> str:
+    """One plain-language sentence pair for a probe result.
+
+    ``present``: whether the permutation test detected the attribute (falls back
+    to the CI excluding chance when no test was run).
+    """
     name = _attr_name(attr)
     if metric in ("auroc", "macro_auroc"):
         label = "AUROC" if metric == "auroc" else "macro AUROC"
-        present = est.ci_low > 0.5
+        present = est.ci_low > 0.5 if present is None else present
         head = (f"{name} is predictable from this encoder's embeddings" if present
                 else f"{name} is not predictable beyond chance from this encoder's embeddings")
         s = f"{head} ({label} {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f})"
@@ -348,7 +354,7 @@ def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None
             s += f", {abs(delta.value):.1f} years {word} than random init (CI {delta.ci_low:+.1f} to {delta.ci_high:+.1f})"
         return s + "."
     if metric == "r2":
-        present = est.ci_low > 0
+        present = est.ci_low > 0 if present is None else present
         s = (f"A linear probe on this encoder's embeddings explains {'part' if present else 'no reliable part'} of the "
              f"variance of {name.lower()} (R² {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f})")
         if delta is not None:
@@ -426,13 +432,15 @@ def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.
     base = dict(emb_id=emb_id, reference_emb_id=reference_emb_id)
     attrs = [a for a in cfg.attributes if a in pt.columns and pt[a].notna().sum() >= 2]
 
-    # --- probes
+    # --- probes: detection by permutation test (Holm over attributes), CIs by bootstrap
+    probe_rows = []
     for attr in attrs:
         kind = _probe_kind(attr, pt[attr])
         say(f"probe {attr} ({kind})")
         kw = dict(n_splits=cfg.n_splits, n_boot=cfg.n_boot, seed=cfg.seed)
         try:
-            res = probe(Xp, _probe_target(kind, attr, pt[attr]), pt["patient_key"].to_numpy(), kind, **kw)
+            res = probe(Xp, _probe_target(kind, attr, pt[attr]), pt["patient_key"].to_numpy(), kind,
+                        n_perm=cfg.probe_perm, **kw)
             deltas = {}
             if ref_p is not None:
                 rres = probe(ref_p[0], _probe_target(kind, attr, ref_p[1][attr]), ref_p[1]["patient_key"].to_numpy(), kind, **kw)
@@ -440,14 +448,19 @@ def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.
         except ProbeError as e:
             rows.append(dict(base, analysis="probe", attribute=attr, metric="error", sentence=f"{_attr_name(attr)} probe skipped: {e}"))
             continue
+        probe_rows.append((attr, res, deltas))
+    p_raw = np.array([r.p_value if r.p_value is not None else np.nan for _, r, _ in probe_rows])
+    p_adj = adjust_pvalues(np.nan_to_num(p_raw, nan=1.0), "holm") if len(p_raw) else p_raw
+    for (attr, res, deltas), p, pa in zip(probe_rows, p_raw, p_adj):
+        detected = bool(pa < cfg.alpha) if np.isfinite(p) else None
         for metric, est in res.metrics.items():
             d = deltas.get(metric)
             extra = f"; R² {res.metrics['r2'].value:.2f}" if metric == "mae" else ""
-            flagged = (est.ci_low > CHANCE[metric]) if metric in CHANCE else None
             rows.append(dict(base, analysis="probe", attribute=attr, metric=metric, value=est.value, ci_low=est.ci_low,
                              ci_high=est.ci_high, delta=d.value if d else None, delta_ci_low=d.ci_low if d else None,
-                             delta_ci_high=d.ci_high if d else None, flagged=flagged, n=res.n_units,
-                             sentence=probe_sentence(attr, metric, est, d, extra)))
+                             delta_ci_high=d.ci_high if d else None, p_value=p if np.isfinite(p) else None,
+                             p_adjusted=pa if np.isfinite(p) else None, flagged=detected, n=res.n_units,
+                             sentence=probe_sentence(attr, metric, est, d, extra, detected)))
 
     # --- KS tests on top PCA modes (patient level)
     say("KS tests")

@@ -77,6 +77,8 @@ class ProbeResult:
     n_units: int = 0
     n_splits: int = 0
     boot: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> (n_boot,) replicates
+    p_value: float | None = None       # permutation p of the headline metric (n_perm > 0)
+    null: np.ndarray | None = None     # (n_perm,) headline metric on permuted targets
 
     @property
     def headline(self) -> str:
@@ -202,11 +204,19 @@ def _encode_classes(y: np.ndarray) -> tuple[np.ndarray, list]:
 
 
 def _folds(kind: str, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+    """Patient-grouped folds. With one row per patient (pooled) grouping is implicit, so the
+    equivalent and ~100x faster (Stratified)KFold is used instead of the Group variants."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
+    z = np.zeros(len(y))
+    one_row_each = len(np.unique(groups)) == len(groups)
     if kind == "regression":
-        return GroupKFold(n_splits=n_splits).split(np.zeros(len(y)), y, groups)
-    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+        if one_row_each:
+            return KFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z)
+        return GroupKFold(n_splits=n_splits).split(z, y, groups)
+    if one_row_each:
+        return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y)
+    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y, groups)
 
 
 def _model(kind: str, C: float, alpha: float):
@@ -217,6 +227,42 @@ def _model(kind: str, C: float, alpha: float):
     if kind == "regression":
         return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+
+def _cv_oof(X: np.ndarray, y: np.ndarray, cluster: np.ndarray, kind: str, n_splits: int, seed: int, C: float,
+            alpha: float, n_classes: int) -> np.ndarray:
+    """Out-of-fold predictions: (N,) score/prediction, or (N, K) class probabilities.
+
+    BLAS is held to one thread: patient-level probe problems are small, and on
+    a shared 2-core machine threaded BLAS made each fit ~5x slower (0.18 s vs
+    0.04 s for 240 x 16 under load).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _cv_oof_inner(X, y, cluster, kind, n_splits, seed, C, alpha, n_classes)
+
+
+def _cv_oof_inner(X, y, cluster, kind, n_splits, seed, C, alpha, n_classes) -> np.ndarray:
+    oof = np.zeros((len(y), n_classes)) if kind == "multiclass" else np.zeros(len(y))
+    for tr, te in _folds(kind, y, cluster, n_splits, seed):
+        model = _model(kind, C, alpha)
+        if kind != "regression" and len(np.unique(y[tr])) < 2:
+            oof[te] = np.mean(y[tr] == 1) if kind == "binary" else 1.0 / n_classes
+            continue
+        model.fit(X[tr], y[tr])
+        if kind == "regression":
+            oof[te] = model.predict(X[te])
+        else:
+            proba = model.predict_proba(X[te])           # (n_te, K_seen)
+            seen = model[-1].classes_
+            if kind == "binary":
+                oof[te] = proba[:, list(seen).index(1)] if 1 in seen else 0.0
+            else:
+                full = np.zeros((len(te), n_classes))
+                full[:, seen] = proba
+                oof[te] = full
+    return oof
 
 
 def probe(
@@ -231,6 +277,7 @@ def probe(
     seed: int = 0,
     C: float = 1.0,
     alpha: float = 10.0,
+    n_perm: int = 0,
 ) -> ProbeResult:
     """Cross-validated linear probe of ``y`` from ``X`` (rows grouped by patient ``groups``).
 
@@ -238,6 +285,14 @@ def probe(
     Rows with a missing target (NaN / None / '') are dropped. ``C`` (logistic) and
     ``alpha`` (ridge) are mild fixed regularisers: a probe measures what is
     linearly present, not what a tuned model can squeeze out.
+
+    ``n_perm > 0`` adds a permutation test of the headline metric: the whole
+    cross-validation is rerun on permuted targets (permuted between patients),
+    ``p_value`` from a Gaussian fitted to the null (``permutation_p``). Use it to decide
+    whether an attribute is *detected*: the bootstrap CI is conditional on the
+    fitted probes and misses the variability of fitting them; on pure noise
+    (240 patients, 16 dims) its lower bound exceeded 0.5 in 6 of 60 runs,
+    where the permutation test holds its level.
     """
     X = np.asarray(X)
     y = np.asarray(y, dtype=object if kind != "regression" else np.float64)
@@ -273,24 +328,7 @@ def probe(
         n_splits_eff = int(min(n_splits, n_units))
         if n_splits_eff < 2:
             raise ProbeError("the age probe needs at least 2 patients with a known age")
-    oof = np.zeros((len(y), len(classes))) if kind == "multiclass" else np.zeros(len(y))
-    for tr, te in _folds(kind, y, cluster, n_splits_eff, seed):
-        model = _model(kind, C, alpha)
-        if kind != "regression" and len(np.unique(y[tr])) < 2:
-            oof[te] = np.mean(y[tr] == 1) if kind == "binary" else 1.0 / len(classes)
-            continue
-        model.fit(X[tr], y[tr])
-        if kind == "regression":
-            oof[te] = model.predict(X[te])
-        else:
-            proba = model.predict_proba(X[te])           # (n_te, K_seen)
-            seen = model[-1].classes_
-            if kind == "binary":
-                oof[te] = proba[:, list(seen).index(1)] if 1 in seen else 0.0
-            else:
-                full = np.zeros((len(te), len(classes)))
-                full[:, seen] = proba
-                oof[te] = full
+    oof = _cv_oof(X, y, cluster, kind, n_splits_eff, seed, C, alpha, len(classes))
     res = ProbeResult(kind=kind, metrics={}, y=y, oof=oof, units=units, cluster=cluster,
                       classes=classes, n_units=n_units, n_splits=n_splits_eff)
     ident = np.arange(len(y))[None]
@@ -300,7 +338,46 @@ def probe(
         reps = metric_rows(kind, m, y, oof, bidx)
         res.boot[m] = reps
         res.metrics[m] = _estimate(point, reps)
+    if n_perm > 0:
+        rng = np.random.default_rng(seed + 1)
+        head = KIND_METRICS[kind][0]
+        null = np.empty(n_perm)
+        for i in range(n_perm):
+            yp = _permute_by_cluster(y, cluster, rng)
+            null[i] = metric_rows(kind, head, yp, _cv_oof(X, yp, cluster, kind, n_splits_eff, seed, C, alpha,
+                                                          len(classes)), ident)[0]
+        res.null, res.p_value = null, permutation_p(res.metrics[head].value, null, lower_is_better=head in LOWER_IS_BETTER)
     return res
+
+
+def permutation_p(obs: float, null: np.ndarray, lower_is_better: bool = False) -> float:
+    """One-sided p of ``obs`` against a permutation null, with a Gaussian tail.
+
+    A permutation rerun is a full cross-validation, so we can afford tens, not
+    thousands; the empirical p could then never drop below 1/(n+1) and would
+    not survive a multiple-comparison correction. The CV metric under the null
+    is close to Gaussian (an average over many patients), so we fit mean and sd
+    to the null and report the larger of the Gaussian tail and a floor of
+    1e-12; with a degenerate null we fall back to the empirical p.
+    """
+    from scipy.stats import norm
+
+    null = null[np.isfinite(null)]
+    if len(null) < 3:
+        return float("nan")
+    sd = null.std(ddof=1)
+    worse = (null <= obs) if lower_is_better else (null >= obs)
+    if not sd > 0:
+        return float((1 + worse.sum()) / (1 + len(null)))
+    z = (obs - null.mean()) / sd
+    p = norm.cdf(z) if lower_is_better else norm.sf(z)
+    return float(max(p, 1e-12))
+
+
+def _permute_by_cluster(y: np.ndarray, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permute targets between clusters (patients), keeping each cluster's rows on one target."""
+    uniq, first, inv = np.unique(cluster, return_index=True, return_inverse=True)
+    return y[first][rng.permutation(len(uniq))][inv]
 
 
 def paired_delta(result: ProbeResult, reference: ProbeResult, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:

@@ -1,0 +1,131 @@
+"""Linear probes: recover a planted signal, give chance on noise, group by patient, fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ctssl_core.probes import ProbeError, paired_delta, pool_by_group, probe
+
+
+def _binary(n=240, d=16, effect=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = rng.normal(size=(n, d))
+    X[:, 0] += effect * y
+    return X, y, np.arange(n)
+
+
+def test_binary_probe_recovers_planted_signal_and_matches_sklearn():
+    X, y, g = _binary()
+    r = probe(X, y, g, "binary", n_boot=300)
+    est = r.metrics["auroc"]
+    assert est.value > 0.8 and est.ci_low > 0.7 and est.ci_low <= est.value <= est.ci_high
+    assert est.value == pytest.approx(roc_auc_score(r.y, r.oof))
+    assert r.n_units == 240 and r.n_splits == 5
+
+
+def test_binary_probe_is_chance_on_noise():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(240, 16))
+    y = rng.integers(0, 2, 240)
+    est = probe(X, y, np.arange(240), "binary", n_boot=300).metrics["auroc"]
+    assert est.ci_low < 0.5 < est.ci_high
+    assert abs(est.value - 0.5) < 0.12
+
+
+def test_multiclass_macro_auroc_planted_and_matches_sklearn():
+    rng = np.random.default_rng(2)
+    y = rng.choice(["A", "B", "C"], 300)
+    X = rng.normal(size=(300, 8))
+    X[:, 0] += 2 * (y == "A")
+    X[:, 1] += 2 * (y == "B")
+    r = probe(X, y, np.arange(300), "multiclass", n_boot=200)
+    assert r.classes == ["A", "B", "C"]
+    assert r.metrics["macro_auroc"].ci_low > 0.75
+    assert r.metrics["macro_auroc"].value == pytest.approx(roc_auc_score(r.y, r.oof, multi_class="ovr", average="macro"))
+
+
+def test_regression_probe_mae_r2():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 8))
+    age = 55 + 10 * X[:, 0] + rng.normal(size=200)
+    r = probe(X, age, np.arange(200), "regression", n_boot=200)
+    assert r.metrics["r2"].ci_low > 0.9
+    assert r.metrics["mae"].value == pytest.approx(np.abs(r.oof - r.y).mean())
+    assert r.metrics["mae"].value < 2.0
+    noise = probe(rng.normal(size=(200, 8)), age, np.arange(200), "regression", n_boot=200).metrics["r2"]
+    assert noise.ci_low < 0.0
+
+
+def test_standardisation_makes_probe_scale_invariant():
+    X, y, g = _binary(seed=4)
+    Xs = X * np.array([1000.0] + [0.001] * 15)
+    a = probe(X, y, g, "binary", n_boot=10).metrics["auroc"].value
+    b = probe(Xs, y, g, "binary", n_boot=10).metrics["auroc"].value
+    assert a == pytest.approx(b, abs=0.01)
+
+
+def test_slices_of_one_patient_never_leak_across_folds():
+    # every patient has its own random vector and a random label, repeated over 6 slices:
+    # a probe that saw a patient's slices in training would "predict" its label.
+    rng = np.random.default_rng(5)
+    P, S = 60, 6
+    pat = rng.normal(size=(P, 40))
+    X = np.repeat(pat, S, 0) + 0.01 * rng.normal(size=(P * S, 40))
+    y = np.repeat(rng.integers(0, 2, P), S)
+    g = np.repeat(np.arange(P), S)
+    r = probe(X, y, g, "binary", pool=False, n_boot=300)
+    assert r.metrics["auroc"].ci_low < 0.5 < r.metrics["auroc"].ci_high
+    pooled = probe(X, y, g, "binary", pool=True, n_boot=50)
+    assert pooled.n_units == P and len(pooled.y) == P
+
+
+def test_paired_delta_signal_vs_noise_and_self():
+    X, y, g = _binary(seed=6)
+    noise = np.random.default_rng(7).normal(size=X.shape)
+    a = probe(X, y, g, "binary", n_boot=200)
+    b = probe(noise, y, g, "binary", n_boot=200)
+    d = paired_delta(a, b, n_boot=500)["auroc"]
+    assert d.value == pytest.approx(a.metrics["auroc"].value - b.metrics["auroc"].value)
+    assert d.ci_low > 0.15
+    same = paired_delta(a, a, n_boot=200)["auroc"]
+    assert same.value == 0 and same.ci_low == 0 and same.ci_high == 0
+
+
+def test_pool_by_group_means_and_order():
+    X = np.array([[1.0, 0], [3, 0], [10, 2], [5, 5]])
+    g = np.array(["b", "b", "a", "c"])
+    Xg, keys, y = pool_by_group(X, g, np.array([1, 1, 0, 1]))
+    assert list(keys) == ["b", "a", "c"]
+    np.testing.assert_allclose(Xg, [[2, 0], [10, 2], [5, 5]])
+    assert list(y) == [1, 0, 1]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(y=np.zeros(10)), "two classes"),
+    (dict(X=np.full((10, 3), np.nan)), "NaN"),
+    (dict(groups=np.arange(9)), "probe wants"),
+    (dict(kind="ordinal"), "unknown probe kind"),
+])
+def test_bad_input_gives_clear_error(bad, match):
+    rng = np.random.default_rng(8)
+    args = dict(X=rng.normal(size=(10, 3)), y=np.array([0, 1] * 5), groups=np.arange(10), kind="binary")
+    args.update(bad)
+    with pytest.raises(ProbeError, match=match):
+        probe(args["X"], args["y"], args["groups"], args["kind"], n_boot=10)
+
+
+def test_target_varying_within_patient_is_an_error():
+    X = np.zeros((4, 2))
+    with pytest.raises(ProbeError, match="varies within"):
+        probe(X, np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1]), "binary")
+
+
+def test_missing_targets_are_dropped_not_fatal():
+    X, y, g = _binary(n=120, seed=9)
+    yo = y.astype(object)
+    yo[:10] = None
+    r = probe(X, yo, g, "binary", n_boot=50)
+    assert r.n_units == 110
