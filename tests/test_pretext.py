@@ -28,6 +28,10 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def floats(logs: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items()}
+
+
 def task_of(name: str, variant: bool = False):
     return make_pretext(name, **(VARIANTS.get(name, {}) if variant else {}))
 
@@ -110,8 +114,10 @@ def test_loss_finite_and_gradients_reach_encoder(name, variant, enc_name):
     batch = task.make_batch(raw_for(task), gen())
     loss, logs = task.loss(task.forward(enc, head, batch), batch)
     assert loss.dim() == 0 and torch.isfinite(loss)
+    # metrics stay on the device as detached 0-d float32 tensors (no sync per step)
+    assert all(v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad for v in logs.values())
+    logs = floats(logs)
     assert logs["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert all(isinstance(v, float) for v in logs.values())
     loss.backward()
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
@@ -177,6 +183,7 @@ def test_masked_region_loss_counts_only_hidden_pixels_by_default():
     pred = batch.targets.clone()
     pred[~batch.mask.bool()] += 0.5          # wrong everywhere except the hidden squares
     loss, logs = task.loss(pred, batch)
+    logs = floats(logs)
     assert loss.item() == pytest.approx(0.0, abs=1e-7) and logs["mse"] > 0.1
     loss_w, _ = make_pretext("masked_region", frac_side=0.25, whole_weight=1.0).loss(pred, batch)
     assert loss_w.item() == pytest.approx(logs["mse"], rel=1e-5)
@@ -200,10 +207,12 @@ def test_next_slice_copying_the_neighbour_earns_no_credit():
     batch = task.make_batch(raw_for(task), gen())
     copy_pred = torch.zeros_like(batch.targets)       # residual of "slice n+gap == slice n"
     loss, logs = task.loss(copy_pred, batch)
+    logs = floats(logs)
     assert loss.item() == pytest.approx(logs["copy_mse"], rel=1e-6) and loss.item() > 0.05
     plain = make_pretext("next_slice", target="slice")
     pb = plain.make_batch(raw_for(plain), gen())
     loss_p, logs_p = plain.loss(pb.inputs.clone(), pb)   # copy the input slice
+    logs_p = floats(logs_p)
     assert loss_p.item() == pytest.approx(logs_p["copy_mse"], rel=1e-6)
 
 
@@ -228,6 +237,7 @@ def test_paper_loss_is_the_released_composite_with_vq_term():
     head = task.build_head(enc)
     batch = task.make_batch(raw_for(task), gen())
     loss, logs = task.loss(task.forward(enc, head, batch), batch)
+    logs = floats(logs)
     assert {"mse", "mse_masked", "vq", "ssim"} <= set(logs)
     expected = 0.2 * logs["mse"] + 0.2 * logs["mse_masked"] + 0.8 * logs["vq"] - 0.1 * logs["ssim"]
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
@@ -242,6 +252,7 @@ def test_vq_loss_travels_with_the_prediction_and_enters_every_dense_loss():
         out = task.forward(enc, head, batch)
         assert isinstance(out, tuple) and out[0].shape == (B, 1, H, H) and out[1].dim() == 0
         loss, logs = task.loss(out, batch)
+        logs = floats(logs)
         recon = logs["mse_masked"] if name == "masked_region" else logs["mse"]
         assert loss.item() == pytest.approx(recon + 0.5 * logs["vq"], rel=1e-5)
     with pytest.raises(ConfigError, match="pred, aux_loss"):
@@ -254,6 +265,7 @@ def test_composite_logs_each_member_and_weights_the_sum():
     head = task.build_head(enc)
     batch = task.make_batch(raw_for(task), gen())
     loss, logs = task.loss(task.forward(enc, head, batch), batch)
+    logs = floats(logs)
     assert {f"loss/{t}" for t in ALL_FIVE} <= set(logs)
     weights = dict(zip(ALL_FIVE, VARIANTS["composite"]["weights"]))
     expected = sum(weights[t] * logs[f"loss/{t}"] for t in ALL_FIVE)
@@ -307,6 +319,7 @@ def test_bf16_autocast_forward_and_float32_loss(enc_name):
     batch = task.make_batch(raw_for(task, h=16), gen())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logs = task.loss(task.forward(enc, head, batch), batch)
+        logs = floats(logs)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert next(enc.parameters()).grad is not None

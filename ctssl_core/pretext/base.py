@@ -70,7 +70,7 @@ class ClassifyTask(PretextBase):
     def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
         return head(encoder.embed(batch.inputs))                             # (B, n_classes)
 
-    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return classification_loss(pred, batch.targets, getattr(self, "label_smoothing", 0.0))
 
     def draw_labels(self, x: Tensor, generator: torch.Generator) -> Tensor:

@@ -94,10 +94,10 @@ class Composite(PretextBase):
         heads = getattr(head, "module", head)
         return {name: task.forward(encoder, heads[name], parts[name]) for name, task in self.members.items()}
 
-    def loss(self, pred: dict[str, Tensor], batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, pred: dict[str, Tensor], batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         parts = _parts_of(batch)
         total: Tensor | None = None
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor] = {}
         for name, task in self.members.items():
             loss_i, logs_i = task.loss(pred[name], parts[name])
             w = self.weight_of[name]

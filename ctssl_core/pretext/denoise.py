@@ -44,5 +44,5 @@ class Denoise(DenseTask):
             inputs = gaussian_noise(x, self.sigma, generator)
         return TaskBatch(inputs=inputs, targets=x, mask=None)
 
-    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return reconstruction_loss(pred, batch.targets, None, kind=self.loss_type, vq_weight=self.vq_weight)

@@ -2,8 +2,7 @@
 and classification, plus the seam that carries a VQ-VAE head's auxiliary loss
 (``attach_aux_loss`` / ``split_aux``).
 
-Log values are gathered into one tensor and read back with a single ``.tolist()``
-so a training step costs at most one device sync for its metrics.
+Metric values are detached 0-d tensors (see ``to_logs``): no device sync per step.
 """
 
 from __future__ import annotations
@@ -50,17 +49,19 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return err.sum() / w.sum().clamp_min(1.0)
 
 
-def to_logs(items: dict[str, Tensor]) -> dict[str, float]:
-    """Detached scalars -> floats with one device sync."""
-    if not items:
-        return {}
-    values = torch.stack([v.detach().float().reshape(()) for v in items.values()]).tolist()
-    return dict(zip(items.keys(), values))
+def to_logs(items: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached float32 0-d tensors for the metrics dict.
+
+    Kept on the device on purpose: ``train.fit`` accumulates them there and reads them
+    back only every ``log_every`` steps, so a step never waits on a device sync
+    (a ``.item()`` per step would stall the GPU queue). ``float(v)`` reads one.
+    """
+    return {k: v.detach().float().reshape(()) for k, v in items.items()}
 
 
 def reconstruction_loss(pred: Tensor | tuple[Tensor, Tensor], target: Tensor, mask: Tensor | None = None, kind: str = "mse",
                         masked_weight: float = 1.0, whole_weight: float = 1.0, vq_weight: float = 0.8,
-                        data_range: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+                        data_range: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Reconstruction loss for the dense pretext tasks.
 
     kind="mse": ``masked_weight * MSE(hidden pixels) + whole_weight * MSE(image)`` (the masked
@@ -98,7 +99,7 @@ def reconstruction_loss(pred: Tensor | tuple[Tensor, Tensor], target: Tensor, ma
     return loss, to_logs(items)
 
 
-def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy with accuracy logged alongside."""
     if logits.dim() != 2 or targets.shape != (logits.shape[0],):
         raise ConfigError(f"classification needs logits (B, K) and integer targets (B,), "

@@ -46,6 +46,6 @@ class MaskedRegion(DenseTask):
         inputs = torch.where(mask.bool(), torch.as_tensor(self.fill, dtype=x.dtype, device=x.device), x)
         return TaskBatch(inputs=inputs, targets=x, mask=mask)
 
-    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return reconstruction_loss(pred, batch.targets, batch.mask, kind=self.loss_type,
                                    whole_weight=self.whole_weight, vq_weight=self.vq_weight)

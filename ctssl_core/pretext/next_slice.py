@@ -42,7 +42,7 @@ class NextSlice(DenseTask):
         targets = nxt - inputs if self.target == "residual" else nxt
         return TaskBatch(inputs=inputs, targets=targets, mask=None)
 
-    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         data_range = 2.0 if self.target == "residual" else 1.0
         loss, logs = reconstruction_loss(pred, batch.targets, None, kind=self.loss_type,
                                          vq_weight=self.vq_weight, data_range=data_range)
