@@ -116,8 +116,7 @@ def test_loss_finite_and_gradients_reach_encoder(name, variant, enc_name):
     assert loss.dim() == 0 and torch.isfinite(loss)
     # metrics stay on the device as detached 0-d float32 tensors (no sync per step)
     assert all(v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad for v in logs.values())
-    logs = floats(logs)
-    assert logs["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert "loss" not in logs       # the loop logs the total as train/loss
     loss.backward()
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
@@ -274,9 +273,11 @@ def test_composite_logs_each_member_and_weights_the_sum():
 
 
 def test_composite_member_params_reach_the_members():
-    task = make_pretext("composite", tasks=["masked_region", "next_slice"],
-                        params={"masked_region": {"frac_side": 0.25}, "next_slice": {"gap": 3}})
+    kw = dict(tasks=["masked_region", "next_slice"], params={"masked_region": {"frac_side": 0.25}, "next_slice": {"gap": 3}})
+    task = make_pretext("composite", **kw)
     assert task.members["masked_region"].frac_side == 0.25 and task.gap == 3 and task.context == 2
+    twin = make_pretext("composite", **kw)
+    assert twin == task and hash(twin) == hash(task) and twin != make_pretext("composite")
 
 
 def test_unknown_names_keys_and_values_raise_config_errors():

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from ctssl_core.config import ConfigError
 from ctssl_core.pretext.base import PretextBase
-from ctssl_core.pretext.losses import to_logs
 from ctssl_core.tasks import TaskBatch
 
 
@@ -60,6 +59,9 @@ class Composite(PretextBase):
             raise ConfigError(f"composite.params names task(s) {extra} not in composite.tasks {list(self.tasks)}")
         subs = {t: make_pretext(t, **dict(self.params.get(t, {}))) for t in self.tasks}
         object.__setattr__(self, "_members", subs)
+
+    def __hash__(self) -> int:  # the params dict is not hashable; its repr is
+        return hash((self.tasks, self.weights, repr(sorted(self.params.items()))))
 
     @property
     def members(self) -> dict[str, Any]:
@@ -102,10 +104,9 @@ class Composite(PretextBase):
             loss_i, logs_i = task.loss(pred[name], parts[name])
             w = self.weight_of[name]
             total = w * loss_i if total is None else total + w * loss_i
-            logs[f"loss/{name}"] = logs_i.pop("loss")
+            logs[f"loss/{name}"] = loss_i.detach().float()
             logs.update({f"{name}/{k}": v for k, v in logs_i.items()})
         assert total is not None
-        logs = {**to_logs({"loss": total}), **logs}
         return total, logs
 
 

@@ -52,6 +52,7 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 def to_logs(items: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached float32 0-d tensors for the metrics dict.
 
+    The total loss itself is not repeated here: the training loop logs it as ``train/loss``.
     Kept on the device on purpose: ``train.fit`` accumulates them there and reads them
     back only every ``log_every`` steps, so a step never waits on a device sync
     (a ``.item()`` per step would stall the GPU queue). ``float(v)`` reads one.
@@ -95,7 +96,6 @@ def reconstruction_loss(pred: Tensor | tuple[Tensor, Tensor], target: Tensor, ma
             loss = loss + PAPER_WEIGHTS["vq"] * items["vq"]
     else:
         raise ConfigError(f"unknown reconstruction loss {kind!r}; choose 'mse' or 'paper'")
-    items = {"loss": loss, **items}
     return loss, to_logs(items)
 
 
@@ -106,4 +106,4 @@ def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float 
                           f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
     loss = F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
     acc = (logits.argmax(1) == targets).float().mean()
-    return loss, to_logs({"loss": loss, "acc": acc})
+    return loss, to_logs({"acc": acc})
