@@ -27,12 +27,20 @@ def test_binary_probe_recovers_planted_signal_and_matches_sklearn():
 
 
 def test_binary_probe_is_chance_on_noise():
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(240, 16))
-    y = rng.integers(0, 2, 240)
-    est = probe(X, y, np.arange(240), "binary", n_boot=300).metrics["auroc"]
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(160, 8))
+    y = rng.integers(0, 2, 160)
+    r = probe(X, y, np.arange(160), "binary", n_boot=300, n_perm=15)
+    est = r.metrics["auroc"]
     assert est.ci_low < 0.5 < est.ci_high
     assert abs(est.value - 0.5) < 0.12
+    assert r.p_value > 0.05 and len(r.null) == 15 and abs(r.null.mean() - 0.5) < 0.1
+
+
+def test_permutation_p_detects_planted_signal():
+    X, y, g = _binary(n=120, d=8, effect=1.5, seed=12)
+    r = probe(X, y, g, "binary", n_boot=50, n_perm=15)
+    assert r.p_value < 0.01
 
 
 def test_multiclass_macro_auroc_planted_and_matches_sklearn():
