@@ -169,8 +169,15 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window_size: int = 11, s
     _check_image(a, "a")
     if a.shape != b.shape:
         raise ConfigError(f"ssim needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a = a.float()
-    b = b.float()
+    if reduction not in ("mean", "none"):
+        raise ConfigError(f"ssim reduction must be 'mean' or 'none', got {reduction!r}")
+    # variances as E[x^2] - E[x]^2 cancel badly in bf16: keep the blurs in float32 under autocast
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        per_image = _ssim_per_image(a.float(), b.float(), data_range, window_size, sigma)
+    return per_image.mean() if reduction == "mean" else per_image
+
+
+def _ssim_per_image(a: Tensor, b: Tensor, data_range: float, window_size: int, sigma: float) -> Tensor:
     C = a.shape[1]
     size = min(window_size, a.shape[-1], a.shape[-2])
     if size % 2 == 0:
@@ -190,12 +197,7 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window_size: int = 11, s
     s_ab = blur(a * b) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2)
     den = (mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2)
-    per_image = (num / den).flatten(1).mean(1)                   # (B,)
-    if reduction == "none":
-        return per_image
-    if reduction == "mean":
-        return per_image.mean()
-    raise ConfigError(f"ssim reduction must be 'mean' or 'none', got {reduction!r}")
+    return (num / den).flatten(1).mean(1)                        # (B,)
 
 
 def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:

@@ -154,3 +154,15 @@ def test_encoder_identity_rebuilds_the_same_architecture(name):
     twin = build_encoder(reg, **kwargs)
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
     twin.load_state_dict(enc.state_dict(), strict=True)
+
+
+def test_vector_quantizer_picks_the_same_codes_under_bf16_autocast():
+    torch.manual_seed(1)
+    vq = VectorQuantizer(n_codes=512, dim=64)
+    with torch.no_grad():
+        vq.codebook.normal_()
+    z = torch.randn(8, 64, 8, 8) + 3.0        # large norms: bf16 distances would mis-assign ~1% of vectors
+    ref, ref_loss = vq(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, loss = vq(z)
+    assert torch.equal(out, ref) and loss.dtype == torch.float32 and loss.item() == pytest.approx(ref_loss.item())

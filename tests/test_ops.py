@@ -139,3 +139,14 @@ def test_resize_shapes_and_constant_preserved():
     assert ops.resize(x, 32) is x
     with pytest.raises(ConfigError, match="size"):
         ops.resize(x, 0)
+
+
+def test_ssim_stays_float32_under_bf16_autocast():
+    a = torch.rand(2, 1, 16, 16, generator=gen(9))
+    b = (a + 0.05 * torch.randn(2, 1, 16, 16, generator=gen(10))).clamp(0, 1)
+    ref = ops.ssim(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.ssim(a, b)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), abs=1e-6)
+    with pytest.raises(ConfigError, match="reduction"):
+        ops.ssim(a, b, reduction="sum")

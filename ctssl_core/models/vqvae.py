@@ -49,6 +49,11 @@ class VectorQuantizer(nn.Module):
         self.beta = beta
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        # distances in bf16 would pick wrong codewords: quantise in float32 even under autocast
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._quantize(z)
+
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()                     # (B*H*W, D)
         e = self.codebook.float()                                        # (K, D)
