@@ -324,3 +324,16 @@ def test_bf16_autocast_forward_and_float32_loss(enc_name):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert next(enc.parameters()).grad is not None
+
+
+def test_model_and_pretext_modules_import_only_torch_numpy_stdlib():
+    """They must run on a bare GPU machine with torch alone (plus ctssl_core's own config/tasks)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ctssl_core.ops, ctssl_core.models, ctssl_core.pretext; "
+            "print(sorted(m for m in ('yaml', 'pandas', 'duckdb', 'scipy', 'sklearn', 'streamlit', 'pydicom') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
