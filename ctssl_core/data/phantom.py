@@ -154,6 +154,7 @@ class Canvas:
         self._x0, self._y0 = float(self.x[0]), float(self.y[0])
         self.img = np.empty((n, n), np.float32)
         self.psi: np.ndarray | None = None  # (H, W) angle around the rib cage, set per volume
+        self._cache: dict[tuple, Any] = {}
 
     def window(self, cx: float, cy: float, rx: float, ry: float) -> tuple[slice, slice]:
         """Pixel rows/cols whose centres may lie within (cx +- rx, cy +- ry) mm."""
@@ -165,7 +166,30 @@ class Canvas:
         return slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
 
     def ellipse(self, cx: float, cy: float, a: float, b: float, rot: float = 0.0):
-        """Region (window, bool mask in the window) of pixels whose centres lie inside the ellipse."""
+        """Region (window, bool mask in the window) of pixels whose centres lie inside the ellipse.
+
+        Memoised per volume: much of the anatomy (body below the inlet, spine, aorta...) is the same
+        ellipse on many slices. Regions are never mutated by their users.
+        """
+        key = (cx, cy, a, b, rot)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._ellipse(cx, cy, a, b, rot)
+            if len(self._cache) < 512:
+                self._cache[key] = hit
+        return hit
+
+    def full_ellipse(self, cx: float, cy: float, a: float, b: float, rot: float = 0.0) -> np.ndarray:
+        """Full-size bool (H, W) mask of an ellipse, memoised like :meth:`ellipse`."""
+        key = ("full", cx, cy, a, b, rot)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self.full(self.ellipse(cx, cy, a, b, rot))
+            if len(self._cache) < 512:
+                self._cache[key] = hit
+        return hit
+
+    def _ellipse(self, cx: float, cy: float, a: float, b: float, rot: float = 0.0):
         a, b = max(a, 1e-3), max(b, 1e-3)
         r = max(a, b)
         win = self.window(cx, cy, r, r)
@@ -191,6 +215,26 @@ class Canvas:
         u = np.clip(((px - x0) * vx + (py - y0) * vy) / ll, 0.0, 1.0)  # (h, w)
         m = (px - (x0 + u * vx)) ** 2 + (py - (y0 + u * vy)) ** 2 <= r * r
         return win, m
+
+    def paint_disks(self, xs: np.ndarray, ys: np.ndarray, rs: np.ndarray, values: np.ndarray,
+                    where: np.ndarray | None = None) -> None:
+        """Paint K small disks at once (later disks win where they overlap); xs, ys, rs in mm, (K,)."""
+        n, ps = self.n, self.ps
+        rad = int(math.ceil(float(rs.max()) / ps)) + 1
+        off = np.arange(-rad, rad + 1)
+        ci = np.rint((xs - self._x0) / ps).astype(np.int64)
+        ri = np.rint((ys - self._y0) / ps).astype(np.int64)
+        cols = ci[:, None, None] + off[None, None, :]  # (K, 1, P)
+        rows = ri[:, None, None] + off[None, :, None]  # (K, P, 1)
+        dx = self._x0 + cols * ps - xs[:, None, None]
+        dy = self._y0 + rows * ps - ys[:, None, None]
+        m = (dx * dx + dy * dy <= (rs * rs)[:, None, None]) & (cols >= 0) & (cols < n) & (rows >= 0) & (rows < n)
+        k, a, b = np.nonzero(m)  # (K, P, P) -> pixel list
+        rr, cc = rows[k, a, 0], cols[k, 0, b]
+        if where is not None:
+            keep = where[rr, cc]
+            rr, cc, k = rr[keep], cc[keep], k[keep]
+        self.img[rr, cc] = values[k]
 
     def full(self, region) -> np.ndarray:
         win, m = region
@@ -335,8 +379,12 @@ def _smooth_field(rng: np.random.Generator, n: int, scale_px: float) -> np.ndarr
     return out / (out.std() + 1e-6)
 
 
-def _vessel_tracks(p: PatientParams, rng: np.random.Generator, per_lung: int) -> list[tuple]:
-    """Peripheral pulmonary vessels: tracks from the hilum to a point in the lung, tapering."""
+def _vessel_tracks(p: PatientParams, rng: np.random.Generator, per_lung: int) -> np.ndarray:
+    """Peripheral pulmonary vessels: tracks from the hilum to a point in the lung, tapering.
+
+    Returns (K, 7): side (-1 right, +1 left), t0, t1, end x and y (fractions of the lung
+    envelope), start radius (mm), HU (contrast-filled artery or vein).
+    """
     tracks = []
     for side in (-1.0, 1.0):
         for _ in range(per_lung):
@@ -346,7 +394,7 @@ def _vessel_tracks(p: PatientParams, rng: np.random.Generator, per_lung: int) ->
             r0 = float(rng.uniform(2.0, 4.0))
             hu = BLOOD_CONTRAST_PA * 0.8 if rng.random() < 0.5 else 110.0  # arteries vs veins
             tracks.append((side, t0, t1, ex, ey, r0, hu))
-    return tracks
+    return np.array(tracks, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- painting
@@ -363,7 +411,7 @@ def _background(cv: Canvas, p: PatientParams) -> np.ndarray:
     return cv.img.copy()
 
 
-def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.ndarray, tracks: list[tuple],
+def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.ndarray, tracks: np.ndarray,
                  rib_phase: float, background: np.ndarray) -> dict[str, Any]:
     """Paint the noise-free anatomy of one slice into ``cv.img``; returns masks needed later."""
     img = cv.img
@@ -401,7 +449,7 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
     rib_outer = cv.ellipse(0.0, cy0, ca + 8.0, cb + 8.0)
     cav = cv.ellipse(0.0, cy0, ca, cb)
     win, m_out = rib_outer
-    m_in = cv.full(cav)[win]
+    m_in = cv.full_ellipse(0.0, cy0, ca, cb)[win]
     ring = m_out & ~m_in
     psi = cv.psi[win]  # angle from the posterior midline: 0 posterior .. pi anterior
     phase = (z_mm / 24.0 + 3.5 * psi / math.pi + rib_phase) % 1.0  # ribs slope: several per side
@@ -415,33 +463,33 @@ def _paint_slice(cv: Canvas, p: PatientParams, t: float, z_mm: float, tex: np.nd
     # lungs
     lungs = np.zeros((n, n), bool)
     for cx, cy, la, lb in lung_ellipses(p, t):
-        lungs |= cv.full(cv.ellipse(cx, cy, la, lb))  # (H, W)
+        lungs |= cv.full_ellipse(cx, cy, la, lb)  # (H, W)
     for side in (-1.0, 1.0):
         d = dome(p, t, side)
         if d is not None:
-            lungs &= ~cv.full(cv.ellipse(d[0], d[1], d[2], d[2] * 0.95))
+            lungs &= ~cv.full_ellipse(d[0], d[1], d[2], d[2] * 0.95)
     hg = heart_geometry(p, t)
     if hg is not None:
-        lungs &= ~cv.full(cv.ellipse(hg[0], hg[1], hg[2] + 6.0, hg[3] + 6.0, hg[4]))
-    lungs &= ~cv.full(cv.ellipse(0.0, cb * 0.55 + cy0, 26.0, 30.0))  # spine and paraspinal gutter
-    lungs &= ~cv.full(cv.ellipse(-3.0, -cb * 0.05, 14.0, cb * 0.95))  # mediastinal midline
+        lungs &= ~cv.full_ellipse(hg[0], hg[1], hg[2] + 6.0, hg[3] + 6.0, hg[4])
+    lungs &= ~cv.full_ellipse(0.0, cb * 0.55 + cy0, 26.0, 30.0)  # spine and paraspinal gutter
+    lungs &= ~cv.full_ellipse(-3.0, -cb * 0.05, 14.0, cb * 0.95)  # mediastinal midline
     grav = (cv.y[:, None] / (cb + 1.0)).astype(np.float32)  # (H, 1) dependent lung is denser
     lung_val = p.lung_hu + 45.0 * grav + 18.0 * tex  # (H, W)
     img[lungs] = lung_val[lungs]
 
-    # peripheral vessels (only inside the lungs)
-    envelopes = lung_ellipses(p, t)
-    for side, t0, t1, ex, ey, r0, hu in tracks:
-        lo, hi = min(t0, t1), max(t0, t1)
-        if not lo <= t <= hi:
-            continue
+    # peripheral vessels (only inside the lungs), all tracks of this slice at once
+    # tracks: (K, 7) side, t0, t1, ex, ey, r0, hu
+    side, t0, t1, ex, ey, r0, hu = tracks.T
+    act = (np.minimum(t0, t1) <= t) & (t <= np.maximum(t0, t1))
+    if act.any():
+        side, t0, t1, ex, ey, r0, hu = (v[act] for v in (side, t0, t1, ex, ey, r0, hu))
         u = (t - t0) / (t1 - t0 + 1e-9)
-        lcx, lcy, la, lb = envelopes[0 if side < 0 else 1]
+        env = np.array(lung_ellipses(p, t))  # (2, 4) right, left
+        lcx, lcy, la, lb = env[(side > 0).astype(int)].T
         hx, hy = side * ca * 0.30, cb * 0.03
         x = hx + (lcx + side * ex * la - hx) * u
         y = hy + (lcy + ey * lb - hy) * u
-        r = max(r0 * (1.0 - 0.75 * u), 0.6)
-        cv.paint(cv.ellipse(x, y, r, r), hu, where=lungs)
+        cv.paint_disks(x, y, np.maximum(r0 * (1.0 - 0.75 * u), 0.6), hu, where=lungs)
 
     # airways
     if t <= p.t_carina:
