@@ -17,7 +17,6 @@ from pages.common import current_store
 
 REFRESH_S = 2.0
 ACTIVE = ("queued", "running")
-STATE_ICON = {"queued": "⏳", "running": "▶️", "succeeded": "✅", "failed": "❌", "cancelled": "⏹️"}
 
 st.title("Jobs")
 store = current_store()
@@ -35,15 +34,6 @@ def _safe(fn, *args, default=None, **kwargs):
         st.warning(f"The store at {store} could not be read just now ({type(e).__name__}); it retries.")
     return default
 
-
-# --------------------------------------------------------------------------- worker
-wcol1, wcol2 = st.columns([4, 1])
-worker_pid = _safe(jobs.worker_running, store)
-wcol1.caption(f"Worker: running (pid {worker_pid})" if worker_pid else
-              "Worker: not running — it starts when you queue a job, or run `ctssl worker` in a terminal.")
-if not worker_pid and wcol2.button("Start worker", key="jobs_start_worker"):
-    pid = _safe(jobs.ensure_worker, store)
-    st.toast(f"worker started (pid {pid})" if pid else "a worker is already running")
 
 # --------------------------------------------------------------------------- launch form
 st.subheader("Launch a job")
@@ -92,7 +82,7 @@ def _details(job: dict) -> None:
     prog = float(job["progress"] or 0.0)
     step, total = job.get("step"), job.get("total")
     steps_txt = f" (step {int(step)}/{int(total)})" if step is not None and total else ""
-    st.progress(min(max(prog, 0.0), 1.0), text=f"{STATE_ICON.get(state, '')} {jid} · {state} · "
+    st.progress(min(max(prog, 0.0), 1.0), text=f"{jid} · {state} · "
                                                 f"{100 * prog:.0f}%{steps_txt}")
     params = (job.get("spec") or {}).get("params") or {}
     st.caption(f"{job['kind']} · " + " · ".join(f"{k}={v}" for k, v in params.items())
@@ -127,8 +117,19 @@ def _details(job: dict) -> None:
         st.code(_safe(jobs.log_tail, store, jid, 30, default="") or "(no output yet)", language=None)
 
 
+def _worker_status() -> None:
+    wcol1, wcol2 = st.columns([4, 1])
+    worker_pid = _safe(jobs.worker_running, store)
+    wcol1.caption(f"Worker: running (pid {worker_pid})" if worker_pid else
+                  "Worker: not running — it starts when you queue a job, or run `ctssl worker` in a terminal.")
+    if not worker_pid and wcol2.button("Start worker", key="jobs_start_worker"):
+        pid = _safe(jobs.ensure_worker, store)
+        st.toast(f"worker started (pid {pid})" if pid else "a worker is already running")
+
+
 @st.fragment(run_every=REFRESH_S)
 def live_jobs() -> None:
+    _worker_status()
     _safe(jobs.reconcile, store)  # a job whose process died shows as failed at once
     df = _safe(jobs.list_jobs, store, default=None)
     if df is None:
@@ -139,7 +140,6 @@ def live_jobs() -> None:
     n_active = int(df["state"].isin(ACTIVE).sum())
     st.subheader(f"Jobs ({n_active} active)")
     view = df.assign(
-        state=df["state"].map(lambda s: f"{STATE_ICON.get(s, '')} {s}"),
         progress=(df["progress"].fillna(0.0) * 100).round(1),
         current=df["current"].map(_fmt_current),
     )[["job_id", "kind", "state", "progress", "current", "created_at", "ended_at", "run_id"]]

@@ -344,3 +344,24 @@ def test_two_jobs_at_20hz_and_a_polling_reader_no_lock_errors_exact_rows(store):
         assert q(store, "SELECT count(*), count(DISTINCT step) FROM metrics WHERE run_id=?", [job["run_id"]]) == [
             (2 * steps, steps)]
     assert q(store, "SELECT count(*) FROM metrics") == [(2 * 2 * steps,)]
+
+
+# --------------------------------------------------------------------------- real kinds
+
+
+def test_real_pretrain_job_on_tiny_store_feeds_the_finetune_form(store_copy):
+    """`ctssl pretrain` through the queue; its checkpoint then becomes a fine-tuning choice whose
+    argv names it (running the fine-tuning too would double this test's time on 2 cores)."""
+    store = store_copy
+    pre = jobs.submit(store, "pretrain", {"task": "rotation", "steps": 3, "profile": "smoke", "device": "cpu"})
+    jobs.Worker(store, poll_s=0.2).run(once=True)
+    job = jobs.get_job(store, pre)
+    assert job["state"] == "succeeded", jobs.log_tail(store, pre)
+    assert job["progress"] == 1.0 and job["step"] == 3 and job["run_id"].startswith("pretrain-rotation-")
+    assert q(store, "SELECT kind, status FROM runs WHERE run_id=?", [job["run_id"]]) == [("pretrain", "succeeded")]
+    assert q(store, "SELECT count(*) FROM metrics WHERE run_id=? AND name='train/loss'", [job["run_id"]])[0][0] > 0
+    choices = jobs.field_choices("finetune", store)["init"]
+    assert "rotation" in choices and job["run_id"] in choices
+    spec = jobs.validate_spec("finetune", {"task": "pe", "init": job["run_id"], "steps": 3, "device": "cpu"}, store)
+    argv = jobs.build_argv("finetune", spec, store)
+    assert argv[argv.index("--init") + 1] == job["run_id"] and "downstream.train.steps=3" in argv

@@ -130,14 +130,12 @@ class FinetuneSpec:
 @dataclass(frozen=True)
 class EmbedSpec:
     checkpoint: str = field(default="random", metadata=_choices(checkpoint_choices))
-    split: str = field(default="test", metadata={"choices": lambda _r: ["train", "val", "test"]})
-    device: str = field(default="auto", metadata={"choices": lambda _r: list(DEVICES)})
+    split: str = field(default="test", metadata={"choices": lambda _r: ["test", "val", "train", "all"]})
 
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
     profile: str = field(default="smoke", metadata=_choices(profile_choices))
-    device: str = field(default="auto", metadata={"choices": lambda _r: list(DEVICES)})
 
 
 def cli(*args: Any) -> list[str]:
@@ -145,23 +143,20 @@ def cli(*args: Any) -> list[str]:
     return [sys.executable, "-m", "ctssl_core.cli", *map(str, args)]
 
 
-def _device_set(spec) -> list[str]:
-    return [] if spec.device == "auto" else ["--set", f"train.device={spec.device}"]
-
-
 def _pretrain_argv(spec: PretrainSpec, store: Path, resume_run: str | None) -> list[str]:
-    argv = cli("pretrain", "--task", spec.task, "--profile", spec.profile, "--store", store,
-               "--set", f"train.steps={spec.steps}", "--set", f"train.seed={spec.seed}", *_device_set(spec))
-    return argv + (["--resume", resume_run] if resume_run else [])
+    if resume_run:  # the run's saved config (task, steps, device) is the truth on resume
+        return cli("pretrain", "--resume", resume_run, "--store", store, "--no-progress")
+    device = [] if spec.device == "auto" else ["--set", f"train.device={spec.device}"]
+    return cli("pretrain", "--task", spec.task, "--profile", spec.profile, "--store", store,
+               "--set", f"train.steps={spec.steps}", "--set", f"train.seed={spec.seed}", *device, "--no-progress")
 
 
 def _finetune_argv(spec: FinetuneSpec, store: Path, resume_run: str | None, probe: bool = False) -> list[str]:
+    device = [] if spec.device == "auto" else ["--set", f"downstream.train.device={spec.device}"]
     argv = cli("finetune", "--task", spec.task, "--init", spec.init, "--fraction", spec.fraction,
                "--seed", spec.seed, "--profile", spec.profile, "--store", store,
-               "--set", f"train.steps={spec.steps}", *_device_set(spec))
-    if probe:
-        argv += ["--probe"]
-    return argv + (["--resume", resume_run] if resume_run else [])
+               "--set", f"downstream.train.steps={spec.steps}", *device, "--quiet")
+    return argv + (["--set", "downstream.freeze_encoder=true"] if probe else [])
 
 
 def _embed_argv(spec: EmbedSpec, store: Path, resume_run: str | None) -> list[str]:
@@ -169,7 +164,7 @@ def _embed_argv(spec: EmbedSpec, store: Path, resume_run: str | None) -> list[st
 
 
 def _benchmark_argv(spec: BenchmarkSpec, store: Path, resume_run: str | None) -> list[str]:
-    return cli("benchmark", "--profile", spec.profile, "--store", store)
+    return cli("benchmark", "--profile", spec.profile, "--store", store, "--quiet")
 
 
 @dataclass(frozen=True)
@@ -189,9 +184,10 @@ class JobKind:
 
 JOB_KINDS: dict[str, JobKind] = {
     "pretrain": JobKind(PretrainSpec, _pretrain_argv, "Pretrain an encoder with a pretext task", True),
-    "finetune": JobKind(FinetuneSpec, _finetune_argv, "Fine-tune on a downstream task", True),
+    # `ctssl finetune` has no --resume: resuming a finetune job runs it again from the start
+    "finetune": JobKind(FinetuneSpec, _finetune_argv, "Fine-tune on a downstream task"),
     "probe": JobKind(FinetuneSpec, lambda s, r, rr: _finetune_argv(s, r, rr, probe=True),
-                     "Linear probe on a frozen encoder", True),
+                     "Linear probe on a frozen encoder"),
     "embed": JobKind(EmbedSpec, _embed_argv, "Embeddings + projections + bias analysis"),
     "benchmark": JobKind(BenchmarkSpec, _benchmark_argv, "Whole benchmark for a profile"),
 }
@@ -270,7 +266,7 @@ def build_argv(kind: str, spec: Any, store_root: Path, resume_run: str | None = 
 
 def resource_of(spec: Any) -> str:
     """'gpu' or 'cpu': the slot the job needs. ``auto`` means the GPU when this machine has one."""
-    device = getattr(spec, "device", "cpu")
+    device = getattr(spec, "device", "auto")  # kinds without a device knob use the GPU when there is one
     if device == "cuda":
         return "gpu"
     if device == "auto" and has_gpu():
