@@ -378,3 +378,30 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
         compute_projections(store_root, emb_id, cfg, log=say)
         ids[level] = emb_id
     return ids
+
+
+# tissue HU ranges of the raw-HU baseline features (lung, fat, cancellous bone, cortical bone)
+TISSUE_RANGES: dict[str, tuple[float, float]] = {
+    "lung": (-950.0, -600.0), "fat": (-200.0, -40.0), "cancellous": (120.0, 400.0), "cortical": (400.0, 1500.0)}
+
+
+def hu_features(hu: np.ndarray) -> np.ndarray:
+    """A hand-crafted, encoder-free baseline "embedding" of int16 HU slices (B, H, W) -> (B, 6).
+
+    Mean HU inside each tissue range of ``TISSUE_RANGES``, the body fraction
+    (HU > -300) and the body's width fraction along the widest row. It exists
+    to validate the bias analysis: on the synthetic cohort these raw features
+    carry the planted age (lung/bone HU), sex (body size) and race (fat/bone HU)
+    correlates, so the analysis must find them, and nothing for control_group.
+    """
+    x = np.asarray(hu, dtype=np.float32)                                   # (B, H, W)
+    out = []
+    for lo, hi in TISSUE_RANGES.values():
+        m = (x > lo) & (x < hi)
+        s = (x * m).sum((1, 2))
+        n = m.sum((1, 2))
+        out.append(np.where(n > 0, s / np.maximum(n, 1), (lo + hi) / 2))
+    body = x > -300
+    out.append(body.mean((1, 2)))
+    out.append(body.sum(2).max(1) / x.shape[2])                            # widest row of body pixels
+    return np.stack(out, 1).astype(np.float32)                             # (B, 6)
