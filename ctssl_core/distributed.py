@@ -87,6 +87,15 @@ def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return v / info.world_size
 
 
+def any_across(flag: torch.Tensor, info: DistInfo) -> bool:
+    """True if ``flag`` (a bool/0-1 scalar tensor) is set on any rank. Every rank must call it."""
+    if not info.enabled:
+        return bool(flag.item())
+    v = flag.detach().to(torch.int32).reshape(1).clone()
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return bool(v.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

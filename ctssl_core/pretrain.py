@@ -159,9 +159,13 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     cfg = resolve_config(task, profile, config_path, overrides, base=base)
     pretext = make_pretext(cfg.task, **dict(cfg.tasks.get(cfg.task, {}) or {}))
 
-    store = SliceStore.open(root)  # StoreMissing with the ingest command if there is none
-    ids = train_positions(store, root, cfg)
     info = distributed.init_from_env(cfg.train.device)
+    store = SliceStore.open(root)  # StoreMissing with the ingest command if there is none
+    if info.enabled and not info.is_main:
+        distributed.barrier(info)  # rank 0 writes the splits table first (one writer)
+    ids = train_positions(store, root, cfg)
+    if info.enabled and info.is_main:
+        distributed.barrier(info)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)

@@ -302,7 +302,8 @@ def fit(
     last_good: Path | None = last_path if (last_path is not None and last_path.is_file()) else None
 
     def check_finite(step: int) -> None:
-        if bool(bad.item()):
+        # under DDP every rank must take the same decision at the same step (else one hangs in a collective)
+        if bool(dist_mod.any_across(bad, info)):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
             raise TrainingDiverged(
                 f"loss became NaN/inf by step {step}; stopped ({where}). Lower train.lr, raise "
@@ -374,7 +375,11 @@ def fit(
                     if metrics:
                         log({"step": step, "epoch": epoch_of(step), "wall_s": time.perf_counter() - t0, **metrics})
 
-                stop_now = stop.set
+                if info.enabled:  # agree across ranks, only at boundaries every rank reaches together
+                    at_boundary = step % cfg.log_every == 0 or is_last
+                    stop_now = at_boundary and dist_mod.any_across(torch.tensor(stop.set, device=device), info)
+                else:
+                    stop_now = stop.set
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last or stop_now:
                     check_finite(step)
                     p = save(step)
