@@ -194,6 +194,13 @@ def scan(path: str | Path) -> SliceHeader:
         size = Path(path).stat().st_size
     except OSError as e:
         raise DicomIssue("not_dicom", f"cannot read the file ({e.strerror}).") from None
+    fast = _walk_elements(path, size)
+    if fast is not None:
+        elements, syntax, present, offset = fast
+        try:
+            return header_fast(elements, path, syntax, present, offset)
+        except _SlowPath:
+            pass
     try:
         with open(path, "rb") as f:
             try:
@@ -220,7 +227,7 @@ def scan(path: str | Path) -> SliceHeader:
         raise DicomIssue("no_decoder", f"transfer syntax {syntax}.")
     if not _needs_full_parse(ds):
         try:
-            return header_fast(ds, path, syntax, present, offset)
+            return header_fast(ds._dict, path, syntax, present, offset)
         except _SlowPath:
             pass
     return header_from_dataset(ds, path, syntax, present, offset)
@@ -252,11 +259,119 @@ def _needs_full_parse(ds) -> bool:
     return 0x52009229 in d or 0x52009230 in d or 0x00280008 in d
 
 
+class _El:
+    """A raw element value as our byte walker found it (duck-types pydicom's RawDataElement)."""
+
+    __slots__ = ("value", "is_little_endian")
+
+    def __init__(self, value: bytes, is_little_endian: bool):
+        self.value = value
+        self.is_little_endian = is_little_endian
+
+
+WANTED = frozenset(T.values())
+UNDEFINED = 0xFFFFFFFF
+ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+def _walk_elements(path: str, size: int):
+    """Walk a native-syntax Part-10 file's top-level elements with ``struct`` up to PixelData.
+
+    Why not pydicom here: its parse plus per-element conversion costs more than the whole
+    pixel read, and ingest must keep up with a plain ``dcmread`` loop. Returns
+    (elements, syntax, pixel data present, pixel offset) or None for anything unusual
+    (no preamble, compressed/deflated syntax, multi-frame, odd lengths), which then
+    goes through pydicom and gets its proper classification.
+    """
+    try:
+        with open(path, "rb") as f:
+            buf = f.read(min(size, 8192))
+            if len(buf) < 144 or buf[128:132] != b"DICM":
+                return None
+            # file meta: always explicit VR little endian
+            pos, syntax = 132, None
+            while pos + 8 <= len(buf):
+                group, elem = struct.unpack_from("<HH", buf, pos)
+                if group != 2:
+                    break
+                vr = buf[pos + 4:pos + 6]
+                if vr in LONG_VRS:
+                    (ln,) = struct.unpack_from("<I", buf, pos + 8)
+                    hdr = 12
+                else:
+                    (ln,) = struct.unpack_from("<H", buf, pos + 6)
+                    hdr = 8
+                if ln == UNDEFINED:
+                    return None
+                if elem == 0x0010:
+                    syntax = buf[pos + hdr:pos + hdr + ln].decode("ascii", "replace").strip("\x00 ")
+                pos += hdr + ln
+            if syntax not in NATIVE_SYNTAXES:
+                return None
+            endian, explicit = NATIVE_SYNTAXES[syntax]
+            little = endian == "<"
+            fmt_tag, fmt_s, fmt_i = endian + "HH", endian + "H", endian + "I"
+            base = 0  # file offset of buf[0]
+
+            def window(a: int, b: int) -> bool:
+                """Make file bytes [a, b) available in buf (re-reading from a if needed)."""
+                nonlocal buf, base
+                if a >= base and b <= base + len(buf):
+                    return True
+                f.seek(a)
+                buf, base = f.read(max(b - a, 8192)), a
+                return len(buf) >= b - a
+
+            elements: dict[int, _El] = {}
+            while True:
+                if not window(pos, pos + 12):
+                    if window(pos, pos + 8):
+                        pass  # a short element at the very end is still parseable below
+                    else:
+                        return None  # ended before PixelData: pydicom decides between no_pixels and truncated
+                r = pos - base
+                group, elem = struct.unpack_from(fmt_tag, buf, r)
+                tag = (group << 16) | elem
+                if explicit:
+                    vr = buf[r + 4:r + 6]
+                    if vr in LONG_VRS:
+                        if len(buf) < r + 12:
+                            return None
+                        (ln,) = struct.unpack_from(fmt_i, buf, r + 8)
+                        hdr = 12
+                    else:
+                        (ln,) = struct.unpack_from(fmt_s, buf, r + 6)
+                        hdr = 8
+                else:
+                    (ln,) = struct.unpack_from(fmt_i, buf, r + 4)
+                    hdr = 8
+                if tag == 0x7FE00010:
+                    if ln == UNDEFINED or (explicit and hdr != 12):
+                        return None
+                    return elements, syntax, True, (pos + hdr, ln)
+                if tag > 0x7FE00010:
+                    return elements, syntax, False, None
+                if ln == UNDEFINED:
+                    return None  # undefined-length sequence: let pydicom walk it
+                if tag in WANTED:
+                    if not window(pos + hdr, pos + hdr + ln):
+                        return None
+                    r = pos - base
+                    elements[tag] = _El(bytes(buf[r + hdr:r + hdr + ln]), little)
+                    if tag == 0x00280008:
+                        return None  # multi-frame: per-frame functional groups need pydicom
+                pos += hdr + ln
+                if pos > size:
+                    return None
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+
+
 class _Raw:
     """Values of raw elements, decoded without pydicom's per-element machinery."""
 
-    def __init__(self, ds):
-        self.d = ds._dict
+    def __init__(self, elements):
+        self.d = elements
 
     def el(self, name):
         return self.d.get(T[name])
@@ -320,9 +435,12 @@ class _Raw:
             raise _SlowPath from None
 
 
-def header_fast(ds, path: str, syntax: str, present: bool, offset: int | None) -> SliceHeader:
-    """Single-frame header from raw elements; same checks and result as ``header_from_dataset``."""
-    r = _Raw(ds)
+def header_fast(elements, path: str, syntax: str, present: bool, offset) -> SliceHeader:
+    """Single-frame header from raw elements; same checks and result as ``header_from_dataset``.
+
+    ``offset`` is the pixel byte offset, or (offset, length) from the byte walker (checked here).
+    """
+    r = _Raw(elements)
     modality = (r.text("Modality") or "").upper()
     sop_class = r.text("SOPClassUID") or ""
     if modality and modality != "CT":
@@ -364,6 +482,15 @@ def header_fast(ds, path: str, syntax: str, present: bool, offset: int | None) -
     pr = r.us("PixelRepresentation") or 0
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
     bits_stored = r.us("BitsStored") or bits
+    if isinstance(offset, tuple):
+        off, length = offset
+        expected = rows * cols * (bits // 8)
+        size = Path(path).stat().st_size
+        if off + min(length, expected) > size:
+            raise DicomIssue("truncated", f"pixel data needs {expected} bytes but only {size - off} remain.")
+        if length < expected:
+            raise DicomIssue("bad_header", f"PixelData holds {length} bytes but Rows x Columns needs {expected}.")
+        offset = off
     if bits_stored < bits and pr == 1:
         offset = None
     inst = r.num("InstanceNumber")

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 
 from ctssl_core.config import ConfigError
-from ctssl_core.data.dicom import REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan, to_hu
+from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan
 
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
@@ -270,33 +270,61 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
 
 # ---------------------------------------------------------------- stage 3: build
 
-def fit_square(x: np.ndarray, spacing: tuple[float, float] | None, size: int, fill: float,
-               mode: str = "image") -> tuple[np.ndarray, float | None]:
-    """Resample (S, H, W) to (S, size, size) keeping the physical aspect ratio (pad with ``fill``).
+def resize_square_pixels(t, spacing: tuple[float, float] | None, size: int):
+    """Resize (C, H, W) float tensor so the longer physical side spans ``size`` pixels with square pixels.
 
-    Non-square pixels are made square first; the longer physical side becomes ``size``.
-    Returns the array and the stored in-plane spacing in mm.
+    Shrinking uses box averaging ("area": anti-aliased, ~5x cheaper than bilinear+antialias);
+    enlarging uses bilinear. Returns (tensor (C, nh, nw), stored spacing in mm or None).
     """
-    import torch
     import torch.nn.functional as F
 
-    s, h, w = x.shape
+    _, h, w = t.shape
     sy, sx = spacing if spacing else (1.0, 1.0)
     ph, pw = h * sy, w * sx
     scale = size / max(ph, pw)
     nh, nw = max(1, min(size, round(ph * scale))), max(1, min(size, round(pw * scale)))
     out_spacing = (max(ph, pw) / size) if spacing else None
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]  # (S, 1, H, W)
-    if (nh, nw) != (h, w):
-        if nh <= h and nw <= w:  # shrinking: box average ("area") is anti-aliased and ~5x cheaper than bilinear+aa
-            t = F.interpolate(t, size=(nh, nw), mode="area")
-        else:
-            t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)
-    t = t[:, 0]  # (S, nh, nw)
-    if (nh, nw) != (size, size):
-        top, left = (size - nh) // 2, (size - nw) // 2
-        t = F.pad(t, (left, size - nw - left, top, size - nh - top), value=fill)
-    return t.numpy(), out_spacing
+    x = t[:, None]  # (C, 1, H, W)
+    # exact 2x2 box averages while at least 2x too big: bilinear at exactly half size samples the
+    # centre of each 2x2 block, which is their mean, and runs ~3x faster than "area" or antialias.
+    while True:
+        hh, ww = x.shape[2], x.shape[3]
+        half_h, half_w = hh >= 2 * nh and hh % 2 == 0, ww >= 2 * nw and ww % 2 == 0
+        if not (half_h or half_w):
+            break
+        x = F.interpolate(x, size=(hh // 2 if half_h else hh, ww // 2 if half_w else ww), mode="bilinear",
+                          align_corners=False)
+    if tuple(x.shape[2:]) != (nh, nw):
+        down = nh < x.shape[2] or nw < x.shape[3]
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=down)
+    return x[:, 0], out_spacing
+
+
+def pad_square(t, size: int, fill: float):
+    """Centre (C, nh, nw) in (C, size, size), filling with ``fill``."""
+    import torch.nn.functional as F
+
+    _, nh, nw = t.shape
+    if (nh, nw) == (size, size):
+        return t
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return F.pad(t, (left, size - nw - left, top, size - nh - top), value=fill)
+
+
+def fit_square(x: np.ndarray, spacing: tuple[float, float] | None, size: int, fill: float) -> tuple[np.ndarray, float | None]:
+    """Resample (S, H, W) to (S, size, size) keeping the physical aspect ratio (pad with ``fill``)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t, out_spacing = resize_square_pixels(t, spacing, size)
+    return pad_square(t, size, fill).numpy(), out_spacing
+
+
+def _flip_dims(orientation) -> tuple[int, ...]:
+    """Tensor dims (of (C, H, W)) to flip for the standard axial view; see ``_orient``."""
+    if orientation is None:
+        return ()
+    return tuple(d for d, neg in ((2, orientation[0] < 0), (1, orientation[4] < 0)) if neg)
 
 
 def _orient(x: np.ndarray, orientation) -> np.ndarray:
@@ -350,9 +378,12 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
     failed_files: set[str] = set()
     cache: dict[str, np.ndarray] = {}
     out_spacing = None
+    flip_dims = _flip_dims(first.orientation)
     for c0 in range(0, n, SLICE_CHUNK):
         chunk = plan.units[c0:c0 + SLICE_CHUNK]
-        hu = np.empty((len(chunk), first.rows, first.cols), np.float32)  # (C, H, W); failed rows dropped later
+        raw = np.zeros((len(chunk), first.rows, first.cols), np.float32)  # (C, H, W) stored values
+        slope = np.ones(len(chunk), np.float32)
+        icpt = np.zeros(len(chunk), np.float32)
         for j, (path, frame) in enumerate(chunk):
             h = plan.headers[path]
             if path in failed_files:
@@ -363,19 +394,30 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
                     if path not in cache:
                         cache.clear()
                         cache[path] = read_stored(h)
-                    stored = cache[path][frame:frame + 1]
-                    sl, ic = [h.slopes[frame if len(h.slopes) > frame else 0]], [h.intercepts[frame if len(h.intercepts) > frame else 0]]
+                    raw[j] = cache[path][frame]
                 else:
-                    stored = read_stored(h)
-                    sl, ic = h.slopes, h.intercepts
-                hu[j] = to_hu(stored, sl, ic)[0]
+                    raw[j] = read_stored(h)[0]  # converts to float32 while copying
+                slope[j] = h.slopes[frame] if len(h.slopes) > frame else h.slopes[0]
+                icpt[j] = h.intercepts[frame] if len(h.intercepts) > frame else h.intercepts[0]
             except DicomIssue as e:
                 errors.append((path, e.reason, e.detail))
                 failed_files.add(path)
                 ok[c0 + j] = False
-        hu = _orient(hu, first.orientation)
-        res, out_spacing = fit_square(hu, first.spacing, size, fill=-1024.0)
-        out[c0:c0 + len(chunk)] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
+        # HU = slope * stored + intercept is affine, so it commutes with resampling: clamp padding below air
+        # in stored units first, resample the stored values, then rescale the (4x smaller) result.
+        t = torch.from_numpy(raw)
+        s_t, i_t = torch.from_numpy(slope)[:, None, None], torch.from_numpy(icpt)[:, None, None]
+        lo = (HU_MIN - icpt) / slope  # (C,) air in stored units
+        if (slope > 0).all() and np.all(lo == lo[0]):
+            t.clamp_min_(float(lo[0]))
+        else:
+            for j in range(len(chunk)):
+                t[j] = t[j].clamp_min(float(lo[j])) if slope[j] > 0 else t[j].clamp_max(float(lo[j]))
+        if flip_dims:
+            t = torch.flip(t, flip_dims)
+        t, out_spacing = resize_square_pixels(t, first.spacing, size)
+        t = (t * s_t + i_t).round_().clamp_(HU_MIN, HU_MAX)
+        out[c0:c0 + len(chunk)] = pad_square(t, size, float(HU_MIN)).to(torch.int16).numpy()
     if not ok.any():  # every file failed: nothing to store, only the errors to record
         return BuiltSeries(plan.series_uid, "", None, [], [], None, [], errors, size, size,
                            first.rows, first.cols, out_spacing, time.perf_counter() - t0)
@@ -500,7 +542,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     paths.slices.mkdir(parents=True, exist_ok=True)
 
     with connect(paths.db) as con:
-        ensure_schema(con)
+        _ensure_schema_once(con, ensure_schema)
         done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
@@ -600,6 +642,18 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     summary.seconds = time.perf_counter() - t0
     summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
     return summary
+
+
+def _ensure_schema_once(con, ensure_schema) -> None:
+    """ensure_schema costs ~40 catalog queries; skip it when the store already has this schema version."""
+    from ctssl_core.schema import SCHEMA_VERSION
+
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except Exception:  # noqa: BLE001 - no meta table yet: a new store
+        row = None
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        ensure_schema(con)
 
 
 def _unordered(fn, jobs: list, workers: int) -> Iterator:
