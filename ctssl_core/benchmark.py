@@ -391,7 +391,7 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
     table: dict[str, dict[str, str]] = {i: {} for i in inits}
     for task in bench.tasks:
         tcls = DOWNSTREAM[task]
-        metrics = tcls().metric_fns() if task != "demographics" else tcls().metric_fns()
+        metrics = tcls().metric_fns()
         boots = {(u.init, u.fraction, u.seed): _unit_boot(root, u) for u in ft if u.task == task}
         full = max(bench.demographics_fractions) if task == "demographics" else 1.0
 
@@ -431,9 +431,14 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 need_reps = np.array([ev.labels_needed(fr, c, t, higher) for c, t in zip(curve_reps, target_reps)])
                 lo, hi = _quantile_ci(need_reps)
                 reached = np.isfinite(need)
-                note = (f"reaches random init's full-label {head} with {need * PERCENT:.0f}% of the labels"
-                        if reached else f"does not reach random init's full-label {head} ({target_pt:.3f}) "
-                                        f"even with 100% of the labels")
+                if np.isnan(need):
+                    note = (f"undefined: {head} is undefined for random init or {init} on this test set "
+                            f"(too few patients of one class?)")
+                elif reached:
+                    note = f"reaches random init's full-label {head} with {need * PERCENT:.0f}% of the labels"
+                else:
+                    note = (f"does not reach random init's full-label {head} ({target_pt:.3f}) "
+                            f"even with 100% of the labels")
                 if reached and need <= fr[0]:
                     note += f" (already at the smallest fraction, {fr[0] * PERCENT:g}%: an upper bound)"
                 rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": "labels_needed",
@@ -443,7 +448,7 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                              "ci_low": _n(1 - hi) if np.isfinite(hi) else None,
                              "ci_high": _n(1 - lo) if np.isfinite(lo) else None, "note": note})
                 table[init][f"{task} labels saved"] = (f"{(1 - need) * PERCENT:.0f}% [{_pct(1 - hi)}, {_pct(1 - lo)}]"
-                                                        if reached else "not reached")
+                                                        if reached else "n/a" if np.isnan(need) else "not reached")
         if task == "nodule":
             def curve(init):
                 u = next((x for x in ft if x.task == task and x.init == init and x.fraction == 1.0), None)
@@ -525,9 +530,30 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> None:
 
     mapping = dict(plan.config.get("bias") or {})
     bcfg = build(bias.BiasConfig, mapping, where="bias.")
+    import pandas as pd
+
+    from ctssl_core.finetune import EXAM_SCORES
+    from ctssl_core.paths import store_paths
+
     ref = embeddings.get("random", {}).get("slice")
     for init, ids in embeddings.items():
-        bias.analyse_encoder(root, ids["slice"], None if init == "random" else ref, bcfg)
+        # subgroup performance of this init's full-label PE model (first seed), when there is one
+        pe_units = sorted((u for u in plan.units if u.kind == "finetune" and u.task == "pe" and u.init == init
+                           and u.fraction == 1.0), key=lambda u: u.seed)
+        scores = None
+        if pe_units:
+            p = store_paths(root).run_dir(pe_units[0].run_id) / EXAM_SCORES
+            if p.exists():
+                scores = pd.read_parquet(p)[["patient_key", "score", "label"]]
+        reference = None if init == "random" else ref
+        try:
+            bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores)
+        except bias.BiasError as e:
+            if scores is None:
+                raise
+            # the subgroup part needs enough test patients per group; keep the embedding analysis
+            log(f"bias: subgroup analysis of the {init} PE model skipped ({e})")
+            bias.analyse_encoder(root, ids["slice"], reference, bcfg)
 
 
 def _pct(v: float) -> str:

@@ -34,6 +34,7 @@ from ctssl_core.config import ConfigError, to_dict
 BOOT_SEED = 12345          # every run draws the same bootstrap patients -> paired comparisons
 BOOT_FILE = "boot.npz"
 CURVE_FILE = "curve.jsonl"
+EXAM_SCORES = "exam_scores.parquet"
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,8 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         out = collect_outputs(task, encoder.to(device), head, store, test_ids, cfg.eval_batch_size, device,
                               tcfg.image_size)
         cis, samples = score_outputs(task, out, cfg.n_boot)
+        if cfg.task == "pe":
+            save_exam_scores(task, out, store, run_dir)
         np.savez(run_dir / BOOT_FILE, **{k: v for k, v in samples.items()},
                  **{f"point/{k}": np.float64(c.value) for k, c in cis.items()})
         n_pat = int(len(np.unique(out["patient"])))
@@ -379,6 +382,21 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         raise
     return FinetuneResult(run_id, init_label, cis, read_curve(run_dir), int(train_pat.size), int(train_ids.size),
                           time.perf_counter() - t0)
+
+
+def save_exam_scores(task, out: dict[str, np.ndarray], store, run_dir: Path) -> None:
+    """Per-exam PE scores of the test split (patient_key, exam, score, label) for the subgroup
+    analysis of ``bias.analyse_encoder``. Keys are the store's pseudonyms, never patient identifiers."""
+    import pandas as pd
+
+    from ctssl_core import evaluate as ev
+
+    exams, score = ev.aggregate_exam(out["exam"], out["prob"], task.exam_agg, task.topk)
+    _, label = ev.aggregate_exam(out["exam"], out["target"], "max")
+    first = {e: p for e, p in zip(out["exam"][::-1], out["patient"][::-1])}
+    keys = patient_keys(store)
+    pd.DataFrame({"patient_key": [keys[first[e]] for e in exams], "exam": exams.astype(np.int64),
+                  "score": score, "label": label.astype(np.int64)}).to_parquet(Path(run_dir) / EXAM_SCORES)
 
 
 def read_curve(run_dir: Path) -> list[dict[str, float]]:

@@ -123,3 +123,12 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
     finally:
         con.close()
     assert np.isfinite(res2["wall_s"])
+
+    # `ctssl finetune` on the same store: init by pretext key picks that strategy's finished pretraining
+    assert main(["finetune", "--task", "pe", "--init", "rotation", "--fraction", "0.5", "--seed", "1",
+                 "--profile", "smoke", "--store", str(store), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pe from rotation" in out and "exam_auroc" in out
+    assert main(["finetune", "--task", "pe", "--init", "no_such_run", "--profile", "smoke",
+                 "--store", str(store), "--quiet"]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err

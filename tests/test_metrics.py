@@ -173,6 +173,9 @@ def test_labels_needed_interpolates_in_log_fraction():
     # several seeds per fraction are averaged first
     assert ev.labels_needed([0.05, 0.05, 0.25], [0.6, 0.8, 0.9], 0.8) == pytest.approx(
         math.exp(math.log(0.05) + 0.5 * (math.log(0.25) - math.log(0.05))))
+    # undefined metric (e.g. AUROC on a one-class test set) -> nan, not "not reached"
+    assert math.isnan(ev.labels_needed(f, v, float("nan")))
+    assert math.isnan(ev.labels_needed(f, [float("nan")] * 4, 0.5))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         ev.labels_needed([0.0, 1.0], [0.5, 0.6], 0.55)
 
@@ -188,3 +191,36 @@ def test_speed_ratio_on_synthetic_curves():
     never = np.full_like(steps, 0.1, dtype=float)
     assert ev.speed_ratio(steps, random_curve, steps, never)[0] == 0.0
     assert ev.steps_to_reach([0, 10, 20], [0.0, 0.5, 1.0], 0.75) == pytest.approx(15.0)
+
+
+def test_weighted_ranking_metrics_equal_metrics_on_duplicated_rows():
+    y, s = _problem(5, n=120, ties=True)
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 3, size=(4, y.size)).astype(float)
+    got = ev.weighted_ranking_metrics(y, s, np.vstack([np.ones(y.size), w]))
+    assert got["auroc"][0] == pytest.approx(skm.roc_auc_score(y, s))
+    assert got["auprc"][0] == pytest.approx(skm.average_precision_score(y, s))
+    for r in range(4):
+        rows = np.repeat(np.arange(y.size), w[r].astype(int))       # the resample, written out
+        assert got["auroc"][r + 1] == pytest.approx(ev.auroc(y[rows], s[rows]))
+        assert got["auprc"][r + 1] == pytest.approx(ev.auprc(y[rows], s[rows]))
+        assert got["sens_at_spec"][r + 1] == pytest.approx(ev.sensitivity_at_specificity(y[rows], s[rows]))
+    one_class = ev.weighted_ranking_metrics(y, s, (y == 0)[None].astype(float))
+    assert np.isnan(one_class["auroc"][0]) and np.isnan(one_class["auprc"][0])
+
+
+def test_bootstrap_multi_batch_path_matches_per_draw_path():
+    from ctssl_core.downstream import make_downstream
+
+    rng = np.random.default_rng(2)
+    patient = np.repeat(np.arange(20), 5)
+    y = ((patient % 3 == 0) & (rng.random(100) < 0.6)).astype(float)
+    out = {"prob": np.clip(0.4 * y + 0.6 * rng.random(100), 0, 1), "target": y, "exam": patient * 7,
+           "patient": patient}
+    stat = make_downstream("pe").stat_fn(out)
+    fast, fs = ev.bootstrap_multi(stat, 20, n_boot=60, seed=3)
+    plain = lambda d: stat(d)                                       # noqa: E731 - hides .batch
+    slow, ss = ev.bootstrap_multi(plain, 20, n_boot=60, seed=3)
+    for m in fast:
+        np.testing.assert_allclose(fs[m], ss[m], equal_nan=True)
+        assert fast[m].value == pytest.approx(slow[m].value)

@@ -90,30 +90,40 @@ class PETask:
         ``out`` has per-slice ``prob``, ``target``, ``exam`` (series key) and
         ``patient``. Exam label = any positive slice; the RSNA log loss uses the
         image labels plus ``negative_exam_for_pe`` (1 - exam score), the labels
-        our slice model predicts.
+        our slice model predicts. Exams are resampled whole with their patient,
+        so each exam's score and log-loss terms are computed once; a replicate
+        only reweights them (``stat.batch`` does all replicates at once).
         """
-        patients = np.unique(out["patient"])
-        idx = ev.RowIndex(out["patient"], patients)
-        prob, y = out["prob"], out["target"]
-        exam_code = np.unique(out["exam"], return_inverse=True)[1].astype(np.int64)
-        n_exam = int(exam_code.max()) + 1 if exam_code.size else 1
+        patients, slice_pat = np.unique(out["patient"], return_inverse=True)
+        prob, y = np.asarray(out["prob"], np.float64), np.asarray(out["target"], np.float64)
+        exams, escore = ev.aggregate_exam(out["exam"], prob, self.exam_agg, self.topk)
+        _, elabel = ev.aggregate_exam(out["exam"], y, "max")
+        exam_pos = {e: i for i, e in enumerate(exams)}
+        slice_exam = np.array([exam_pos[e] for e in out["exam"]], dtype=np.int64)
+        exam_pat = np.zeros(exams.size, dtype=np.int64)
+        exam_pat[slice_exam] = slice_pat
+        # RSNA weighted log loss, split into per-exam numerator/denominator terms (see rsna_weighted_log_loss)
+        n_img = np.bincount(slice_exam, minlength=exams.size).astype(np.float64)
+        n_pos = np.bincount(slice_exam, weights=(y > 0.5).astype(np.float64), minlength=exams.size)
+        q = n_pos / n_img
+        bce_img = np.bincount(slice_exam, weights=ev.metrics._bce(y, prob), minlength=exams.size)
+        we = ev.RSNA_EXAM_WEIGHTS["negative_exam_for_pe"]
+        num = ev.RSNA_IMAGE_WEIGHT * q * bce_img + we * ev.metrics._bce(1.0 - elabel, 1.0 - escore)
+        den = ev.RSNA_IMAGE_WEIGHT * q * n_img + we
+
+        def batch(counts: np.ndarray) -> dict[str, np.ndarray]:
+            ws = counts[:, slice_pat]                               # (R, N) slice weights
+            we_ = counts[:, exam_pat]                               # (R, E) exam weights
+            sl = ev.weighted_ranking_metrics(y, prob, ws, 0.9)
+            ex = ev.weighted_ranking_metrics(elabel, escore, we_, 0.9)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                wll = (we_ @ num) / (we_ @ den)
+            return {"slice_auroc": sl["auroc"], "exam_auroc": ex["auroc"], "auprc": sl["auprc"],
+                    "sens_at_90spec": sl["sens_at_spec"], "rsna_wll": wll}
 
         def stat(drawn: np.ndarray) -> dict[str, float]:
-            r = idx.rows(drawn)
-            # a patient drawn twice must count as two exams: make exam ids unique per draw copy
-            copy = np.repeat(np.arange(drawn.size), idx.counts[drawn])
-            ex = copy * n_exam + exam_code[r]
-            p, t = prob[r], y[r]
-            ids, escore = ev.aggregate_exam(ex, p, self.exam_agg, self.topk)
-            _, elabel = ev.aggregate_exam(ex, t, "max")
-            res = {
-                "slice_auroc": ev.auroc(t, p),
-                "exam_auroc": ev.auroc(elabel, escore),
-                "auprc": ev.auprc(t, p),
-                "sens_at_90spec": ev.sensitivity_at_specificity(t, p, 0.9),
-                "rsna_wll": ev.rsna_weighted_log_loss(
-                    ex, t, p, {"negative_exam_for_pe": 1.0 - elabel}, {"negative_exam_for_pe": 1.0 - escore}),
-            }
-            return res
+            counts = np.bincount(drawn, minlength=patients.size)[None].astype(np.float64)
+            return {k: float(v[0]) for k, v in batch(counts).items()}
 
+        stat.batch = batch
         return stat

@@ -31,6 +31,7 @@ from ctssl_core.evaluate.metrics import (
     r2,
     rsna_weighted_log_loss,
     sensitivity_at_specificity,
+    weighted_ranking_metrics,
 )
 
 __all__ = [
@@ -38,5 +39,5 @@ __all__ = [
     "NOT_REACHED", "fraction_curve", "labels_needed", "speed_ratio", "steps_to_reach",
     "RSNA_EXAM_WEIGHTS", "RSNA_IMAGE_WEIGHT", "aggregate_exam", "auprc", "auroc", "dice",
     "dice_iou_per_slice", "iou", "macro_ovr_auroc", "mae", "per_nodule_dice", "r2",
-    "rsna_weighted_log_loss", "sensitivity_at_specificity",
+    "rsna_weighted_log_loss", "sensitivity_at_specificity", "weighted_ranking_metrics",
 ]

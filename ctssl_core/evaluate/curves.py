@@ -42,7 +42,7 @@ def labels_needed(fractions, values, target: float, higher_is_better: bool = Tru
     there (a bound: "at most that"), and ``inf`` when it never gets there.
     """
     f, v = fraction_curve(fractions, values)
-    if not np.isfinite(target):
+    if not np.isfinite(target) or np.all(np.isnan(v)):
         return float("nan")
     sign = 1.0 if higher_is_better else -1.0
     gap = sign * (v - target)                 # >= 0 means reached

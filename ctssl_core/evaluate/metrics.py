@@ -251,3 +251,40 @@ def aggregate_exam(exam_of_slice, slice_probs, how: str = "topk", k: int = 3) ->
     rank = np.arange(p_s.size) - np.repeat(starts, np.diff(np.r_[starts, p_s.size]))
     keep = rank < kk
     return exams, np.bincount(inv_s[keep], weights=p_s[keep]) / np.bincount(inv_s[keep])
+
+
+def weighted_ranking_metrics(y_true, y_score, weights, specificity: float = 0.9) -> dict[str, np.ndarray]:
+    """AUROC, average precision and sensitivity at ``specificity`` for many weightings at once.
+
+    ``weights`` (R, N) holds, per bootstrap replicate, how often each row was
+    drawn (0, 1, 2 ...). Sorting the scores once and taking weighted cumulative
+    sums gives every replicate's ROC/PR curve in one vectorised pass: a
+    patient bootstrap of 1,000 replicates costs one matrix cumsum instead of
+    1,000 sorts. With all weights 1 the values equal :func:`auroc`,
+    :func:`auprc` and :func:`sensitivity_at_specificity` (and scikit-learn):
+    the trapezoid over tied-score steps is the Mann-Whitney 1/2 tie rule.
+    Returns arrays of shape (R,); ``nan`` where a replicate lacks a class.
+    """
+    y, s = _binary(y_true, y_score)
+    y = (y > 0.5).astype(np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if w.shape[1] != y.size:
+        raise ValueError(f"weights must be (R, {y.size}), got {w.shape}")
+    order = np.argsort(-s, kind="mergesort")
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s[order])), y.size - 1]
+    ws = w[:, order]                                            # (R, N) in descending-score order
+    tp = np.cumsum(ws * y[order], axis=1)[:, last_of_tie]       # (R, T) weighted true positives
+    fp = np.cumsum(ws * (1 - y[order]), axis=1)[:, last_of_tie]
+    P, N = tp[:, -1:], fp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.concatenate([np.zeros_like(P), tp / P], 1)     # (R, T + 1)
+        fpr = np.concatenate([np.zeros_like(N), fp / N], 1)
+        auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
+        prec = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0.0)
+        ap = np.sum(np.diff(tpr, axis=1) * prec, axis=1)
+        sens = np.max(np.where(fpr <= (1.0 - specificity) + 1e-12, tpr, -np.inf), axis=1)
+    bad = (P[:, 0] <= 0) | (N[:, 0] <= 0)
+    auc[bad] = np.nan
+    sens[bad] = np.nan
+    ap[P[:, 0] <= 0] = np.nan
+    return {"auroc": auc, "auprc": ap, "sens_at_spec": sens}
