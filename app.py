@@ -18,6 +18,7 @@ st.set_page_config(page_title="ctssl — SSL for chest CT", layout="wide")
 if "ctssl_store" not in st.session_state:
     st.session_state["ctssl_store"] = str(default_store())
 
+# URL paths equal the file stems, so /compare etc. also work on a fresh server (see pages/common.py).
 pages = [
     st.Page(str(ROOT / "pages" / "overview.py"), title="Overview", url_path="overview", default=True),
     st.Page(str(ROOT / "pages" / "compare.py"), title="Compare strategies", url_path="compare"),

@@ -23,7 +23,8 @@ WINDOWS = {"mediastinum": (40, 400), "lung": (-600, 1500), "bone": (400, 1800), 
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height, margin=dict(l=40, r=20, t=50, b=40),
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), xaxis_title=x, yaxis_title=y, height=height,
+                      margin=dict(l=40, r=20, t=90, b=40),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template="plotly_white")
     return fig
 
@@ -51,7 +52,7 @@ def fraction_curves_fig(df: pd.DataFrame, task: str, metric: str, log_x: bool = 
         c = colors[init]
         if g.ci_low.notna().all():
             fig.add_trace(go.Scatter(x=np.r_[g.fraction, g.fraction[::-1]], y=np.r_[g.ci_high, g.ci_low[::-1]],
-                                     fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0),
+                                     mode="lines", fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0),
                                      hoverinfo="skip", showlegend=False, name=f"{init} CI", legendgroup=init))
         fig.add_trace(go.Scatter(x=g.fraction, y=g.value, mode="lines+markers", name=init, legendgroup=init,
                                  line=dict(color=c, width=3 if init != "random" else 2,

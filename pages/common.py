@@ -15,6 +15,29 @@ from ctssl_core.paths import default_store
 from ctssl_core.results import read
 
 
+def _leave_directory_mode() -> None:
+    """Make a page URL opened on a fresh server go through app.py's router.
+
+    Because a ``pages/`` folder sits beside app.py, Streamlit starts each new
+    server process in its old directory-based multipage mode until some run
+    calls ``st.navigation``. If the very first visit is ``/compare``, it runs
+    pages/compare.py alone: no router, no sidebar store setting, every file in
+    pages/ listed as a page. We switch that mode off and rerun, which executes
+    app.py and resolves the same URL path. Uses Streamlit's PagesManager flag
+    (the one ``st.navigation`` itself clears); a no-op once app.py has run.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a future Streamlit without the flag has no directory mode to leave
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_leave_directory_mode()
+
+
 def current_store() -> str:
     """The store chosen in the sidebar (defaults to $CTSSL_STORE / data/store)."""
     return str(st.session_state.get("ctssl_store") or default_store()).strip()

@@ -112,20 +112,26 @@ def streamlit_app(store: str | Path | None, port: int | None = None, app: str | 
                 proc.wait()
 
 
-def wait_script_done(page, timeout_ms: float = 30_000) -> None:
-    """Wait until the app is mounted and no script run is in progress.
+# app.py's URL path per page name (equal today; kept so a rename touches one place)
+URL_PATHS = {"overview": "overview", "compare": "compare", "curves": "curves",
+             "embeddings": "embeddings", "data": "data", "jobs": "jobs"}
 
-    Streamlit shows ``stStatusWidget`` ("Running...") while the script runs; we
-    wait for it to be gone, twice in a row, because a widget change can start a
-    new run right after the first finishes.
+
+def wait_script_done(page, timeout_ms: float = 30_000) -> None:
+    """Wait until the app has rendered something and no script run is in progress.
+
+    Streamlit shows ``stStatusWidget`` (a "Stop" / "Running..." control) only
+    while the script runs; we wait for it to be absent three polls in a row,
+    because a widget change can start a new run right after one finishes.
     """
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
     deadline = time.monotonic() + timeout_ms / 1000
     quiet = 0
     while time.monotonic() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').filter(has_text="Running").count()
+        running = page.locator('[data-testid="stStatusWidget"]').count()
         skeleton = page.locator('[data-testid="stAppSkeleton"], [data-testid="stSkeleton"]').count()
-        quiet = quiet + 1 if (running == 0 and skeleton == 0) else 0
+        rendered = page.locator('[data-testid="stMain"] [data-testid="stElementContainer"]').count()
+        quiet = quiet + 1 if (running == 0 and skeleton == 0 and rendered > 0) else 0
         if quiet >= 3:
             return
         page.wait_for_timeout(150)
@@ -133,7 +139,8 @@ def wait_script_done(page, timeout_ms: float = 30_000) -> None:
 
 
 def goto_page(page, base_url: str, url_path: str = "", timeout_ms: float = 60_000) -> None:
-    """Open ``base_url/url_path`` and wait for the script run to finish."""
+    """Open a page by name ("jobs", "curves"...; see URL_PATHS) or URL path, then wait for the script run."""
+    url_path = URL_PATHS.get(url_path, url_path)
     page.goto(f"{base_url}/{url_path}".rstrip("/"), timeout=timeout_ms)
     wait_script_done(page, timeout_ms)
 
