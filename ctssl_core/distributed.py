@@ -96,6 +96,15 @@ def any_across(flag: torch.Tensor, info: DistInfo) -> bool:
     return bool(v.item())
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (e.g. the run id)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -178,7 +178,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         image_size=cfg.train.image_size or None, rank=info.rank, world_size=info.world_size,
         wants_hu=bool(getattr(pretext, "wants_hu", False)),
     )
-    run_id = resume_run_id or new_run_id("pretrain", cfg.task, "random")
+    run_id = distributed.broadcast_object(resume_run_id or new_run_id("pretrain", cfg.task, "random"), info)
     run_cfg = {"kind": "pretrain", "task": cfg.task, "encoder": cfg.encoder, "encoder_params": dict(cfg.encoder_params),
                "task_params": dataclasses.asdict(pretext) if dataclasses.is_dataclass(pretext) else {},
                "pretrain": to_dict(cfg), "profile": profile, "store": str(root),

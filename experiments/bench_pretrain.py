@@ -296,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     p.add_argument("--no-baseline", action="store_true", help="skip (c)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--corpus-slices", type=float, default=15e6, help="estimate one epoch over this many slices (paper: ~15M)")
+    p.add_argument("--gpus", default="1,8,32", help="device counts for the epoch-time estimate")
     args = p.parse_args(argv)
     if args.workers < 0:
         args.workers = max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -343,6 +345,14 @@ def run(args: argparse.Namespace, echo=print) -> dict:
                "mean_b_over_a": float(np.mean([r["b_over_a"] for r in ok])) if ok else None,
                "mean_b_over_c": float(np.mean([r["b_over_c"] for r in ok if "b_over_c" in r])) if any("b_over_c" in r for r in ok) else None}
     echo(f"# (b)/(a): min {summary['min_b_over_a']}, mean {summary['mean_b_over_a']}; (b)/(c) mean {summary['mean_b_over_c']}")
+    # wall time of one epoch over the corpus on N devices from (b), assuming linear DDP scaling
+    # (an upper bound on speed: real scaling on one node is typically 0.9-0.95 per doubling)
+    gpus = [int(g) for g in str(args.gpus).split(",") if g]
+    est = {r["task"]: {n: args.corpus_slices / (r["b_img_s"] * n) / 3600 for n in gpus} for r in ok}
+    if est:
+        echo(f"# one epoch over {args.corpus_slices:.3g} slices (hours, linear scaling from (b)): "
+             + "; ".join(f"{t}: " + ", ".join(f"{n}x {h:.1f}h" for n, h in e.items()) for t, e in est.items()))
+    summary["epoch_hours"] = est
     result = {"info": info, "rows": rows, "summary": summary}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

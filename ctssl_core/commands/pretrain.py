@@ -28,5 +28,8 @@ def run(args) -> int:
         raise ConfigError(f"give --task (one of {sorted(PRETEXT)}) or --resume RUN_ID")
     res = run_pretrain(args.task, store_root=args.store, profile=args.profile, config_path=args.config,
                        overrides=args.overrides, resume_run_id=args.resume, progress=not args.no_progress)
-    print(res.run_id)
+    from ctssl_core.distributed import env_world
+
+    if env_world()[0] == 0:  # under torchrun only rank 0 prints the run id
+        print(res.run_id)
     return 0 if res.status in ("succeeded", "cancelled") else 1
