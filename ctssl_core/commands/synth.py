@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"ctssl synth: {state} {out}")
     print(f"  patients {m.n_patients}, slices {m.n_slices}, PE-positive exams {m.n_pe_exams}, "
           f"exams with nodules {m.n_nodule_exams}, {m.seconds:.1f} s to generate"
-          f"{' (earlier run)' if m.reused else f' with {cfg.workers} worker(s)'}")
+          f"{' (earlier run)' if m.reused else f' with {cfg.workers} worker(s)'} ({m.cpu_seconds:.1f} CPU-s of rendering)")
     print(f"  {SYNTHETIC_NOTICE}")
     return 0

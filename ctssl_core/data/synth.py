@@ -338,6 +338,7 @@ def render_patient(cfg: SynthConfig, index: int, out_dir: str | Path) -> dict[st
         write_series_dicom,
     )
 
+    cpu0 = time.process_time()
     out_dir = Path(out_dir)
     p = sample_patient(cfg, index)
     hu, mask, pe = phantom_volume(p, _rng(cfg, index, STREAM_RENDER))
@@ -399,7 +400,8 @@ def render_patient(cfg: SynthConfig, index: int, out_dir: str | Path) -> dict[st
         "params": dataclasses.asdict(p),
     }
     demo = [p.patient_id, f"{p.age:.1f}", p.sex, p.race, p.control_group, site.name]
-    return {"index": index, "rows": rows, "demographics": demo, "truth": truth, "n_slices": p.n_slices}
+    return {"index": index, "rows": rows, "demographics": demo, "truth": truth, "n_slices": p.n_slices,
+            "cpu_s": time.process_time() - cpu0}
 
 
 # ---------------------------------------------------------------- the cohort
@@ -416,6 +418,7 @@ class CohortManifest:
     n_pe_exams: int
     n_nodule_exams: int
     seconds: float
+    cpu_seconds: float = 0.0  # summed over workers: what the cohort costs on idle cores
     reused: bool = False
     files: dict[str, str] = field(default_factory=dict)
 
@@ -529,6 +532,7 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, progress: bool = True
         n_pe_exams=sum(1 for r in results if r["truth"]["pe_slices"]),
         n_nodule_exams=sum(1 for r in results if r["truth"]["params"]["nodules"]),
         seconds=round(time.perf_counter() - t0, 2),
+        cpu_seconds=round(sum(r["cpu_s"] for r in results), 2),
         files={"dicom": "train" if cfg.layout == "rsna-pe" else "dicom", "train_csv": "train.csv",
                "lidc_xml": "lidc_xml", "nodule_masks": "nodule_masks", "demographics": "demographics.csv",
                "truth": "truth.json"},
