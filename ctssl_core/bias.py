@@ -517,6 +517,8 @@ def subgroup_rows(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: BiasConfig | N
     need = {"patient_key", "score", "label"}
     if not need <= set(scores.columns):
         raise BiasError(f"scores table needs columns {sorted(need)}; got {list(scores.columns)}")
+    scores = scores[np.isfinite(pd.to_numeric(scores["score"], errors="coerce"))
+                    & np.isfinite(pd.to_numeric(scores["label"], errors="coerce"))]
     df = scores.merge(attrs.drop_duplicates("patient_key"), on="patient_key", how="left", suffixes=("", "_attr"))
     rows = []
     analysis = "subgroup_resampled" if resample else "subgroup"
@@ -604,7 +606,7 @@ def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str |
 
     ``reference_emb_id=None`` looks up the newest random-init embedding of the
     same split/level/encoder; none found -> no deltas. ``pe_scores`` (columns
-    patient_key, score, label) adds subgroup-performance rows, raw and
+    patient_key or series_key, score, label; one row per exam or slice) adds subgroup-performance rows, raw and
     resampled. Writes the rows to ``bias_results`` and returns them.
     """
     from ctssl_core.embed import load_embeddings
@@ -620,6 +622,9 @@ def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str |
     df = analyse_arrays(E, keys, ref, cfg, emb_id=emb_id, reference_emb_id=reference_emb_id, progress=progress)
     if pe_scores is not None:
         attrs = keys.drop_duplicates("patient_key")[["patient_key"] + [a for a in cfg.attributes if a in keys.columns]]
+        if "patient_key" not in pe_scores.columns and "series_key" in pe_scores.columns and "series_key" in keys.columns:
+            series_patient = keys.drop_duplicates("series_key").set_index("series_key")["patient_key"]
+            pe_scores = pe_scores.assign(patient_key=pe_scores["series_key"].map(series_patient))
         pe_attrs = pe_scores.drop(columns=[c for c in pe_scores.columns if c in attrs.columns and c != "patient_key"])
         df = pd.concat([df, subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id),
                         subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id, resample=True)], ignore_index=True)
