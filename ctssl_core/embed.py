@@ -220,11 +220,14 @@ def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
     """Keep ``k`` evenly spaced slices of each series (all when ``k <= 0`` or the series is shorter)."""
     if k <= 0:
         return keys
-    def pick(g: pd.DataFrame) -> pd.DataFrame:
-        if len(g) <= k:
-            return g
-        return g.iloc[np.unique(np.linspace(0, len(g) - 1, k).round().astype(int))]
-    return keys.groupby("series_key", sort=False, group_keys=False).apply(pick).sort_values("slice_id").reset_index(drop=True)
+    pos = keys.groupby("series_key", sort=False).cumcount().to_numpy()            # position in its series
+    size = keys.groupby("series_key", sort=False)["series_key"].transform("size").to_numpy()
+    keep = np.zeros(len(keys), bool)
+    for n in np.unique(size):
+        wanted = np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))  # evenly spaced positions
+        rows = size == n
+        keep[rows] = np.isin(pos[rows], wanted)
+    return keys[keep].reset_index(drop=True)
 
 
 def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd.DataFrame, *, run_id: str | None,

@@ -164,3 +164,11 @@ def test_run_embed_and_cli_end_to_end(store_copy, capsys):
     # bias on a missing embedding: clear message, exit 2, no traceback
     assert main(["bias", "--emb", "nope", "--store", str(store_copy)]) == 2
     assert "ctssl embed" in capsys.readouterr().err
+
+
+def test_even_per_series_keeps_k_spread_slices():
+    keys = pd.DataFrame({"slice_id": np.arange(13), "series_key": ["a"] * 10 + ["b"] * 3, "idx": list(range(10)) + [0, 1, 2]})
+    sub = embed.even_per_series(keys, 4)
+    assert list(sub.loc[sub.series_key == "a", "idx"]) == [0, 3, 6, 9]
+    assert list(sub.loc[sub.series_key == "b", "idx"]) == [0, 1, 2]
+    assert embed.even_per_series(keys, 0) is keys
