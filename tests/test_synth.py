@@ -123,6 +123,8 @@ def test_foreign_folder_is_never_overwritten(tmp_path):
     with pytest.raises(ConfigError, match="not written by `ctssl synth`"):
         generate_cohort(dataclasses.replace(TINY, n_patients=1), tmp_path, progress=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="is a file"):
+        generate_cohort(dataclasses.replace(TINY, n_patients=1), tmp_path / "precious.txt", progress=False)
 
 
 # ------------------------------------------------------------------ anatomy

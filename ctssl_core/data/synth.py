@@ -448,6 +448,8 @@ OWNED = ("dicom", "train", "lidc_xml", "nodule_masks", "train.csv", "demographic
 def _prepare_out_dir(out_dir: Path, overwrite: bool, cfg_out: dict[str, Any]) -> CohortManifest | None:
     """Reuse a complete cohort with the same config (unless ``overwrite``); otherwise clear our own earlier
     output (partial, or made with another config) and regenerate; never touch a folder we did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; pass a folder as --out")
     existing = CohortManifest.load(out_dir)
     if existing is not None and existing.config == cfg_out and not overwrite:
         return existing
