@@ -6,7 +6,9 @@ against ~555 slices/s per CPU core for the same transforms in NumPy (DESIGN.md),
 so the data path copies int16 slices once and builds every pretext batch here.
 
 Rules every function keeps:
-- the output lives on the input's device; nothing is hard-coded to a device;
+- the output lives on the input's device; nothing is hard-coded to a device, and no
+  host->device copy happens inside (it would stall the GPU stream: no ``torch.tensor(list,
+  device=...)``, scalars enter through ``masked_fill``/``where``);
 - randomness comes only from an explicit ``torch.Generator`` that lives on the
   input's device (no global RNG), so a fixed generator gives a fixed batch;
 - no Python loop over the samples of a batch.
@@ -89,11 +91,10 @@ def rot90_batch(x: Tensor, k: Tensor) -> Tensor:
                           f"resize or crop the slices to a square first")
     if k.shape != (x.shape[0],):
         raise ConfigError(f"k must have shape ({x.shape[0]},), got {tuple(k.shape)}")
-    k = k.to(x.device).long() % 4                                 # (B,)
-    odd = (k % 2 == 1).view(-1, 1, 1, 1)
-    xt = torch.where(odd, x.transpose(-2, -1), x)                 # (B, C, H, W)
-    flip_code = torch.tensor([0, 2, 3, 1], device=x.device)[k]    # k -> flip code
-    return flip_batch(xt, flip_code)
+    k = k.to(x.device).long().view(-1, 1, 1, 1) % 4              # (B, 1, 1, 1)
+    y = torch.where(k % 2 == 1, x.transpose(-2, -1), x)          # transpose for k = 1, 3
+    y = torch.where((k == 1) | (k == 2), y.flip(-2), y)          # up-down for k = 1, 2
+    return torch.where(k >= 2, y.flip(-1), y)                    # left-right for k = 2, 3
 
 
 def square_mask(shape: tuple[int, int, int, int] | torch.Size, frac_side: float, n_patches: int,
@@ -137,8 +138,8 @@ def salt_pepper(x: Tensor, amount: float, generator: torch.Generator,
         raise ConfigError(f"salt-and-pepper amount must be in [0, 1], got {amount}")
     _check_generator(generator, x.device)
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    y = torch.where(u < amount / 2, torch.as_tensor(low, dtype=x.dtype, device=x.device), x)
-    return torch.where((u >= amount / 2) & (u < amount), torch.as_tensor(high, dtype=x.dtype, device=x.device), y)
+    # masked_fill with Python scalars: no host->device copy, so no stream sync on a GPU
+    return x.masked_fill(u < amount / 2, low).masked_fill((u >= amount / 2) & (u < amount), high)
 
 
 def gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator,

@@ -43,7 +43,7 @@ class MaskedRegion(DenseTask):
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
         x = raw_x(raw, 1, self.name)[:, :1]                                  # (B, 1, H, W)
         mask = square_mask(x.shape, self.frac_side, self.n_patches, generator, x.device)  # (B, 1, H, W)
-        inputs = torch.where(mask.bool(), torch.as_tensor(self.fill, dtype=x.dtype, device=x.device), x)
+        inputs = x.masked_fill(mask.bool(), self.fill)                     # hidden squares := fill
         return TaskBatch(inputs=inputs, targets=x, mask=mask)
 
     def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
