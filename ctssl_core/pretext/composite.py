@@ -81,10 +81,9 @@ class Composite(PretextBase):
         return dict(zip(self.tasks, (float(v) for v in w)))
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> CompositeBatch:
-        parts: dict[str, TaskBatch] = {}
-        for name, task in self.members.items():
-            sub_raw = raw if task.context > 1 else {**raw, "x": raw["x"][:, : task.context]} if "x" in raw else raw
-            parts[name] = task.make_batch(sub_raw, generator)
+        # every member reads what it needs from the same raw batch (single-slice members take
+        # x[:, :1], slice n); the one generator advances member by member, so it stays deterministic
+        parts = {name: task.make_batch(raw, generator) for name, task in self.members.items()}
         first = parts[self.tasks[0]]
         return CompositeBatch(inputs=first.inputs, targets=first.targets, mask=first.mask, parts=parts)
 
