@@ -22,11 +22,35 @@ REFERENCE_COLOR = "#7f7f7f"  # random init is always grey: the reference
 WINDOWS = {"mediastinum": (40, 400), "lung": (-600, 1500), "bone": (400, 1800), "soft tissue (paper)": (50, 350)}
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.Figure:
-    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), xaxis_title=x, yaxis_title=y, height=height,
-                      margin=dict(l=40, r=20, t=90, b=40),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template="plotly_white")
-    return fig
+# A tiny template: the full "plotly_white" one is deep-copied and validated on every figure (~0.1 s each),
+# and Streamlit's own chart theme restyles the figure in the browser anyway.
+_TEMPLATE = {"layout": {"colorway": PALETTE, "plot_bgcolor": "white", "paper_bgcolor": "white",
+                        "xaxis": {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8"},
+                        "yaxis": {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8"}}}
+
+
+def _figure(traces: list[dict], title: str, x: str, y: str, height: int = 420, **layout) -> go.Figure:
+    """Build the figure in one go from plain dicts.
+
+    Why: plotly's incremental API (add_trace / update_layout / add_hline)
+    validates every path on every call, ~10x slower than one ``go.Figure(dict)``;
+    that difference is most of a warm page rerun.
+    """
+    lay = dict(title=dict(text=title, y=0.98, yanchor="top"), height=height, margin=dict(l=40, r=20, t=90, b=40),
+               legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template=_TEMPLATE)
+    lay["xaxis"] = {"title": {"text": x}, **layout.pop("xaxis", {})}
+    lay["yaxis"] = {"title": {"text": y}, **layout.pop("yaxis", {})}
+    lay.update(layout)
+    return go.Figure(dict(data=traces, layout=lay))
+
+
+def _hline(y: float) -> dict:
+    return dict(type="line", xref="paper", x0=0, x1=1, y0=y, y1=y, line=dict(color=REFERENCE_COLOR, dash="dot"))
+
+
+def _err(d: pd.DataFrame, value: str = "value") -> dict:
+    return dict(type="data", symmetric=False, array=(d.ci_high - d[value]).fillna(0).to_numpy(),
+                arrayminus=(d[value] - d.ci_low).fillna(0).to_numpy())
 
 
 def init_colors(inits) -> dict[str, str]:
@@ -45,57 +69,50 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 def fraction_curves_fig(df: pd.DataFrame, task: str, metric: str, log_x: bool = True) -> go.Figure:
     """Metric vs label fraction, one line per init with a shaded 95% CI band."""
-    fig = go.Figure()
+    traces = []
     colors = init_colors(df.init)
     for init, g in df.groupby("init", sort=False):
         g = g.sort_values("fraction")
         c = colors[init]
+        f = g.fraction.to_numpy()
         if g.ci_low.notna().all():
-            fig.add_trace(go.Scatter(x=np.r_[g.fraction, g.fraction[::-1]], y=np.r_[g.ci_high, g.ci_low[::-1]],
-                                     mode="lines", fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0),
-                                     hoverinfo="skip", showlegend=False, name=f"{init} CI", legendgroup=init))
-        fig.add_trace(go.Scatter(x=g.fraction, y=g.value, mode="lines+markers", name=init, legendgroup=init,
-                                 line=dict(color=c, width=3 if init != "random" else 2,
-                                           dash="dash" if init == "random" else "solid"),
-                                 customdata=np.c_[g.ci_low, g.ci_high],
-                                 hovertemplate=f"{init}<br>fraction %{{x}}<br>{metric} %{{y:.3f}}"
-                                               "<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"))
-    fig = _layout(fig, f"{task}: {metric} vs label fraction", "label fraction", metric)
-    if log_x:
-        fig.update_xaxes(type="log")
-    return fig
+            traces.append(dict(type="scatter", x=np.r_[f, f[::-1]], y=np.r_[g.ci_high, g.ci_low.to_numpy()[::-1]],
+                               mode="lines", fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0),
+                               hoverinfo="skip", showlegend=False, name=f"{init} CI", legendgroup=init))
+        traces.append(dict(type="scatter", x=f, y=g.value.to_numpy(), mode="lines+markers", name=init,
+                           legendgroup=init,
+                           line=dict(color=c, width=3 if init != "random" else 2,
+                                     dash="dash" if init == "random" else "solid"),
+                           customdata=np.c_[g.ci_low, g.ci_high],
+                           hovertemplate=f"{init}<br>fraction %{{x}}<br>{metric} %{{y:.3f}}"
+                                         "<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"))
+    return _figure(traces, f"{task}: {metric} vs label fraction", "label fraction", metric,
+                   xaxis={"type": "log"} if log_x else {})
 
 
 def bars_fig(df: pd.DataFrame, title: str, metric: str, reference: float | None = None) -> go.Figure:
     """One bar per init with 95% CI error bars; random init grey; optional reference line."""
     from ctssl_core.results.read import init_order
 
-    order = init_order(df.init)
-    d = df.set_index("init").loc[order].reset_index()
+    d = df.set_index("init").loc[init_order(df.init)].reset_index()
     colors = init_colors(d.init)
-    err = dict(type="data", symmetric=False, array=(d.ci_high - d.value).fillna(0),
-               arrayminus=(d.value - d.ci_low).fillna(0))
-    fig = go.Figure(go.Bar(x=d.init, y=d.value, error_y=err, marker_color=[colors[i] for i in d.init],
-                           text=[f"{v:.3f}" for v in d.value], textposition="outside",
-                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
-    if reference is not None:
-        fig.add_hline(y=reference, line_dash="dot", line_color=REFERENCE_COLOR)
-    lo = np.nanmin(d.ci_low.fillna(d.value))
-    hi = np.nanmax(d.ci_high.fillna(d.value))
+    trace = dict(type="bar", x=d.init.tolist(), y=d.value.to_numpy(), error_y=_err(d),
+                 marker=dict(color=[colors[i] for i in d.init]), text=[f"{v:.3f}" for v in d.value],
+                 textposition="outside", hovertemplate="%{x}: %{y:.3f}<extra></extra>")
+    lo = float(np.nanmin(d.ci_low.fillna(d.value)))
+    hi = float(np.nanmax(d.ci_high.fillna(d.value)))
     pad = (hi - lo) * 0.3 + 1e-6
-    fig.update_yaxes(range=[lo - pad, hi + pad])
-    return _layout(fig, title, "strategy", metric, height=360)
+    return _figure([trace], title, "strategy", metric, height=360, yaxis={"range": [lo - pad, hi + pad]},
+                   shapes=[_hline(reference)] if reference is not None else [])
 
 
 def pairwise_fig(df: pd.DataFrame, a: str, b: str, metric: str) -> go.Figure:
     """A − B per label fraction with CI bars and a zero line."""
-    fig = go.Figure(go.Scatter(
-        x=df.fraction, y=df["diff"], mode="markers+lines",
-        error_y=dict(type="data", symmetric=False, array=df.ci_high - df["diff"], arrayminus=df["diff"] - df.ci_low),
-        hovertemplate="fraction %{x}<br>difference %{y:+.3f}<extra></extra>", name=f"{a} − {b}"))
-    fig.add_hline(y=0, line_color=REFERENCE_COLOR, line_dash="dot")
-    fig.update_xaxes(type="log")
-    return _layout(fig, f"{a} − {b}: {metric} difference (95% CI)", "label fraction", f"Δ {metric}", height=340)
+    trace = dict(type="scatter", x=df.fraction.to_numpy(), y=df["diff"].to_numpy(), mode="markers+lines",
+                 error_y=_err(df, "diff"), name=f"{a} − {b}",
+                 hovertemplate="fraction %{x}<br>difference %{y:+.3f}<extra></extra>")
+    return _figure([trace], f"{a} − {b}: {metric} difference (95% CI)", "label fraction", f"Δ {metric}",
+                   height=340, xaxis={"type": "log"}, shapes=[_hline(0.0)])
 
 
 def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smoothing: float = 0.0,
@@ -105,23 +122,20 @@ def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smo
     With smoothing > 0 the raw (already downsampled) line is drawn faint and
     the EMA on top, so spikes stay visible.
     """
-    fig = go.Figure()
+    traces = []
     labels = labels or {}
-    groups = list(df.groupby(["run_id", "name"], sort=True))
-    for k, ((run, name), g) in enumerate(groups):
+    for k, ((run, name), g) in enumerate(df.groupby(["run_id", "name"], sort=True)):
         c = PALETTE[k % len(PALETTE)]
         label = f"{labels.get(run, run)} · {name}"
+        x, y = g.x.to_numpy(), g.y.to_numpy()
         if smoothing > 0:
-            fig.add_trace(go.Scattergl(x=g.x, y=g.y, mode="lines", line=dict(color=_rgba(c, 0.25), width=1),
-                                       showlegend=False, hoverinfo="skip", name=label + " (raw)"))
-            fig.add_trace(go.Scattergl(x=g.x, y=smooth_ema(g.y.to_numpy(), smoothing), mode="lines",
-                                       line=dict(color=c, width=2), name=label))
+            traces.append(dict(type="scattergl", x=x, y=y, mode="lines", line=dict(color=_rgba(c, 0.25), width=1),
+                               showlegend=False, hoverinfo="skip", name=label + " (raw)"))
+            traces.append(dict(type="scattergl", x=x, y=smooth_ema(y, smoothing), mode="lines",
+                               line=dict(color=c, width=2), name=label))
         else:
-            fig.add_trace(go.Scattergl(x=g.x, y=g.y, mode="lines", line=dict(color=c, width=1.5), name=label))
-    fig = _layout(fig, "learning curves", x_label, "value", height=480)
-    if log_y:
-        fig.update_yaxes(type="log")
-    return fig
+            traces.append(dict(type="scattergl", x=x, y=y, mode="lines", line=dict(color=c, width=1.5), name=label))
+    return _figure(traces, "learning curves", x_label, "value", height=480, yaxis={"type": "log"} if log_y else {})
 
 
 CONTINUOUS = {"age"}
@@ -132,77 +146,72 @@ def scatter_fig(points: pd.DataFrame, color_by: str, title: str, hover: list[str
     hover = [h for h in (hover or ["slice_id", "age", "sex", "race", "site"]) if h in points.columns]
     custom = points[hover].astype(str).to_numpy() if hover else None
     tmpl = "<br>".join(f"{h}: %{{customdata[{i}]}}" for i, h in enumerate(hover)) + "<extra></extra>"
-    fig = go.Figure()
+    x, y = points.x.to_numpy(), points.y.to_numpy()
+    traces = []
     if color_by not in points.columns:
-        fig.add_trace(go.Scattergl(x=points.x, y=points.y, mode="markers", marker=dict(size=4), name="points"))
+        traces.append(dict(type="scattergl", x=x, y=y, mode="markers", marker=dict(size=4), name="points"))
     elif color_by in CONTINUOUS or (pd.api.types.is_float_dtype(points[color_by]) and points[color_by].nunique() > 12):
-        fig.add_trace(go.Scattergl(x=points.x, y=points.y, mode="markers", name=color_by, customdata=custom,
-                                   hovertemplate=tmpl,
-                                   marker=dict(size=4, color=points[color_by], colorscale="Viridis",
-                                               colorbar=dict(title=color_by), opacity=0.8)))
+        traces.append(dict(type="scattergl", x=x, y=y, mode="markers", name=color_by, customdata=custom,
+                           hovertemplate=tmpl,
+                           marker=dict(size=4, color=points[color_by].to_numpy(), colorscale="Viridis",
+                                       colorbar=dict(title=dict(text=color_by)), opacity=0.8)))
     else:
-        vals = points[color_by].astype(str).where(points[color_by].notna(), "unknown")
-        for k, v in enumerate(sorted(vals.unique())):
-            m = (vals == v).to_numpy()
-            fig.add_trace(go.Scattergl(x=points.x[m], y=points.y[m], mode="markers", name=v,
-                                       customdata=custom[m] if custom is not None else None, hovertemplate=tmpl,
-                                       marker=dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.75)))
-    fig = _layout(fig, title, "dim 1", "dim 2", height=440)
-    return fig
+        vals = points[color_by].astype(str).where(points[color_by].notna(), "unknown").to_numpy()
+        for k, v in enumerate(sorted(set(vals))):
+            m = vals == v
+            traces.append(dict(type="scattergl", x=x[m], y=y[m], mode="markers", name=v,
+                               customdata=custom[m] if custom is not None else None, hovertemplate=tmpl,
+                               marker=dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.75)))
+    return _figure(traces, title, "dim 1", "dim 2", height=440)
 
 
 def probe_fig(probes: pd.DataFrame) -> go.Figure:
     """Probe score per attribute: this encoder vs random init (value − delta), with CIs."""
     d = probes.sort_values("attribute")
-    ref = d.value - d.delta
-    fig = go.Figure([
-        go.Bar(name="random init", x=d.attribute + " (" + d.metric + ")", y=ref, marker_color=REFERENCE_COLOR),
-        go.Bar(name="this encoder", x=d.attribute + " (" + d.metric + ")", y=d.value, marker_color=PALETTE[0],
-               error_y=dict(type="data", symmetric=False, array=(d.ci_high - d.value).fillna(0),
-                            arrayminus=(d.value - d.ci_low).fillna(0))),
-    ])
-    fig.update_layout(barmode="group")
-    return _layout(fig, "linear probes on frozen embeddings", "attribute (metric)", "probe score", height=360)
+    labels = (d.attribute + " (" + d.metric + ")").tolist()
+    traces = [dict(type="bar", name="random init", x=labels, y=(d.value - d.delta).to_numpy(),
+                   marker=dict(color=REFERENCE_COLOR)),
+              dict(type="bar", name="this encoder", x=labels, y=d.value.to_numpy(), marker=dict(color=PALETTE[0]),
+                   error_y=_err(d))]
+    return _figure(traces, "linear probes on frozen embeddings", "attribute (metric)", "probe score", height=360,
+                   barmode="group")
 
 
 def ks_fig(ks: pd.DataFrame) -> go.Figure:
-    """KS statistic per PCA mode and group pair; flagged (adjusted p < 0.05) pairs in red."""
+    """KS statistic per PCA mode and group pair; flagged (adjusted p < 0.05) pairs outlined in red."""
     d = ks.assign(pair=ks.attribute + ": " + ks.group_a.astype(str) + " vs " + ks.group_b.astype(str))
-    fig = go.Figure()
-    for pair, g in d.groupby("pair", sort=True):
-        fig.add_trace(go.Bar(x=g.metric, y=g.value, name=pair,
-                             marker_line=dict(width=[2 if f else 0 for f in g.flagged.fillna(False)], color="red"),
-                             hovertemplate="%{x}: KS %{y:.3f}<extra>" + pair + "</extra>"))
-    fig.update_layout(barmode="group")
-    return _layout(fig, "Kolmogorov–Smirnov statistic per PCA mode", "PCA mode", "KS statistic", height=340)
+    traces = [dict(type="bar", x=g.metric.tolist(), y=g.value.to_numpy(), name=pair,
+                   marker=dict(line=dict(width=[2 if f else 0 for f in g.flagged.fillna(False)], color="red")),
+                   hovertemplate="%{x}: KS %{y:.3f}<extra>" + pair + "</extra>")
+              for pair, g in d.groupby("pair", sort=True)]
+    return _figure(traces, "Kolmogorov–Smirnov statistic per PCA mode", "PCA mode", "KS statistic", height=340,
+                   barmode="group")
 
 
 def subgroup_fig(sub: pd.DataFrame, metric: str) -> go.Figure:
-    d = sub[sub.metric == metric].assign(group=lambda t: t.attribute + "=" + t.group_a.astype(str))
-    fig = go.Figure(go.Bar(x=d.group, y=d.value, marker_color=PALETTE[2],
-                           error_y=dict(type="data", symmetric=False, array=(d.ci_high - d.value).fillna(0),
-                                        arrayminus=(d.value - d.ci_low).fillna(0))))
-    return _layout(fig, f"PE model {metric.upper()} per subgroup", "subgroup", metric, height=320)
+    d = sub[sub.metric == metric]
+    groups = (d.attribute + "=" + d.group_a.astype(str)).tolist()
+    trace = dict(type="bar", x=groups, y=d.value.to_numpy(), marker=dict(color=PALETTE[2]), error_y=_err(d))
+    return _figure([trace], f"PE model {metric.upper()} per subgroup", "subgroup", metric, height=320)
 
 
 def histogram_fig(values: pd.Series, title: str, nbins: int | None = None) -> go.Figure:
     v = values.dropna()
     if pd.api.types.is_numeric_dtype(v):
-        fig = go.Figure(go.Histogram(x=v, nbinsx=nbins or 20, marker_color=PALETTE[0]))
+        trace = dict(type="histogram", x=v.to_numpy(), nbinsx=nbins or 20, marker=dict(color=PALETTE[0]))
     else:
         counts = v.astype(str).value_counts().sort_index()
-        fig = go.Figure(go.Bar(x=counts.index, y=counts.values, marker_color=PALETTE[0]))
-    return _layout(fig, title, values.name or "", "patients", height=260)
+        trace = dict(type="bar", x=counts.index.tolist(), y=counts.to_numpy(), marker=dict(color=PALETTE[0]))
+    return _figure([trace], title, values.name or "", "patients", height=260)
 
 
 def prevalence_fig(prev: pd.DataFrame) -> go.Figure:
-    fig = go.Figure(go.Bar(x=prev.label, y=prev.prevalence, marker_color=PALETTE[1],
-                           text=[f"{p:.1%}" if np.isfinite(p) else "–" for p in prev.prevalence],
-                           textposition="outside",
-                           customdata=np.c_[prev.positive, prev.known],
-                           hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]}<extra></extra>"))
-    fig.update_yaxes(tickformat=".0%")
-    return _layout(fig, "label prevalence", "label", "positive fraction", height=300)
+    trace = dict(type="bar", x=prev.label.tolist(), y=prev.prevalence.to_numpy(), marker=dict(color=PALETTE[1]),
+                 text=[f"{p:.1%}" if np.isfinite(p) else "–" for p in prev.prevalence], textposition="outside",
+                 customdata=np.c_[prev.positive, prev.known],
+                 hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]}<extra></extra>")
+    return _figure([trace], "label prevalence", "label", "positive fraction", height=300,
+                   yaxis={"tickformat": ".0%"})
 
 
 def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
