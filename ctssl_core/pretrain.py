@@ -39,6 +39,8 @@ class PretrainConfig:
     split: Literal["train", "all"] = "train"          # pretrain on train-split patients (default) or all
     split_seed: int = 0
     max_slices: int = 0                               # cap on the slices used (0 = all), for quick runs
+    probe_every: int = 0                              # online linear probe (PE AUROC on held-out slices) every N steps; 0 = off
+    probe_slices: int = 256                           # held-out labelled slices the probe embeds
 
 
 @dataclass
@@ -128,6 +130,90 @@ def train_positions(store: Any, root: Path, cfg: PretrainConfig) -> np.ndarray:
     return ids
 
 
+def heldout_pe_ids(store: Any, root: Path, cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(slice ids, pe labels) of labelled slices of val+test patients, at most ``probe_slices``, both classes."""
+    if getattr(store, "patients", None) is None or "patient_key" not in store.patients:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    from ctssl_core.data.splits import get_or_create_splits
+
+    split_of = get_or_create_splits(root, cfg.split_seed)
+    keys = store.patients["patient_key"].to_numpy()
+    held = np.array([split_of.get(k) in ("val", "test") for k in keys], dtype=bool)[np.asarray(store.patient_idx)]
+    pe = np.asarray(store.labels("pe"), dtype=np.float64)
+    ok = held & np.isfinite(pe)
+    ids = np.asarray(store.slice_ids, dtype=np.int64)[ok]
+    y = pe[ok]
+    if len(ids) > cfg.probe_slices:
+        pick = np.sort(np.random.default_rng(cfg.split_seed).choice(len(ids), cfg.probe_slices, replace=False))
+        ids, y = ids[pick], y[pick]
+    return ids, y.astype(np.float32)
+
+
+def auroc(scores: "torch.Tensor", y: "torch.Tensor") -> float:
+    """Mann-Whitney AUROC (ties count half)."""
+    import torch
+
+    pos, neg = scores[y > 0.5], scores[y <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]  # (P, N)
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: np.ndarray, image_size: int | None,
+                      device: Any) -> Callable[[Any, int], dict[str, float]]:
+    """A cheap linear probe: embed the held-out slices, fit logistic regression on half the patients,
+    AUROC on the other half. Cost: one no-grad pass over ``len(ids)`` slices + 200 tiny Adam steps."""
+    import torch
+
+    from ctssl_core.data.loader import window_hu
+
+    hu = torch.from_numpy(np.ascontiguousarray(store.read(ids)))[:, None]  # (N, 1, H, W) int16, read once
+    target = torch.from_numpy(y)
+    # two halves by patient (alternating over the held-out patients) so a patient never is in both;
+    # if that leaves a half with one class (tiny stores), slices alternate within each class instead
+    order = np.unique(patient_idx, return_inverse=True)[1]
+    fold_np = (order % 2).astype(np.int64)
+    if any(len(set(y[fold_np == k].tolist())) < 2 for k in (0, 1)):
+        fold_np = np.zeros(len(y), np.int64)
+        for cls in (0.0, 1.0):
+            at = np.flatnonzero(y == cls)
+            fold_np[at] = np.arange(len(at)) % 2
+    fold = torch.from_numpy(fold_np)
+
+    def probe(encoder: Any, step: int) -> dict[str, float]:
+        encoder.eval()
+        feats = []
+        with torch.no_grad():
+            for i in range(0, len(hu), 64):
+                x = window_hu(hu[i:i + 64].to(device))  # (b, 1, H, W)
+                if image_size and x.shape[-1] != image_size:
+                    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+                feats.append(encoder.embed(x).float().cpu())
+        z = torch.cat(feats)  # (N, D)
+        z = (z - z.mean(0)) / (z.std(0) + 1e-6)
+        out: dict[str, float] = {}
+        aucs = []
+        for k in (0, 1):  # train on one half of the patients, score the other, both ways
+            tr, te = fold != k, fold == k
+            if len(set(target[tr].tolist())) < 2 or len(set(target[te].tolist())) < 2:
+                continue
+            lin = torch.nn.Linear(z.shape[1], 1)
+            opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-3)
+            for _ in range(200):
+                opt.zero_grad()
+                torch.nn.functional.binary_cross_entropy_with_logits(lin(z[tr]).squeeze(1), target[tr]).backward()
+                opt.step()
+            with torch.no_grad():
+                aucs.append(auroc(lin(z[te]).squeeze(1), target[te]))
+        if aucs:
+            out["probe/pe_auroc"] = float(np.mean(aucs))
+            out["probe/n"] = float(len(target))
+        return out
+
+    return probe
+
+
 def run_pretrain(task: str | None, store_root: str | Path | None = None, profile: str | None = None,
                  config_path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
                  resume_run_id: str | None = None, progress: bool = True,
@@ -192,6 +278,17 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         logger = RunLogger(root, run_id)
         echo(f"run {run_id}: {cfg.task} on {cfg.encoder}, {len(ids)} slices, {cfg.train.steps} steps, device {device}")
 
+    eval_fn = None
+    if cfg.probe_every and info.is_main:
+        p_ids, p_y = heldout_pe_ids(store, root, cfg)
+        if len(p_ids) >= 16 and 2 <= p_y.sum() <= len(p_y) - 2:
+            from ctssl_core.data.loader import _positions_of
+
+            p_pat = np.asarray(store.patient_idx)[_positions_of(store, p_ids)]
+            eval_fn = make_online_probe(store, p_ids, p_y, p_pat, cfg.train.image_size or None, device)
+        else:
+            echo(f"online probe off: {len(p_ids)} labelled held-out slices (need >= 16 with >= 2 of each PE class)")
+
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -210,8 +307,11 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
 
     status, error = "failed", None
     try:
-        res = fit(pretext, encoder, batches, cfg.train, log=log, run_dir=run_dir, resume=bool(resume_run_id),
-                  run_config=run_cfg, progress=tick)
+        train_cfg = cfg.train
+        if eval_fn is not None:
+            train_cfg = dataclasses.replace(cfg.train, eval_every=cfg.probe_every)
+        res = fit(pretext, encoder, batches, train_cfg, log=log, run_dir=run_dir, resume=bool(resume_run_id),
+                  run_config=run_cfg, progress=tick, eval_fn=eval_fn)
         status = "cancelled" if res.stopped == "signal" else "succeeded"
         if status == "cancelled":
             error = f"stopped by SIGTERM at step {res.step}; resume with `ctssl pretrain --resume {run_id}`"

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_store):
 
     store = tmp_path_factory.mktemp("pre") / "store"
     shutil.copytree(tiny_store, store)
-    assert pretrain(store, "--task", "masked_region", "--set", "steps=16") == 0
+    assert pretrain(store, "--task", "masked_region", "--set", "steps=16", "--set", "probe_every=8") == 0
     (rid,) = run_ids(store)
     return store, rid
 
@@ -51,6 +51,10 @@ def test_pretrain_writes_run_metrics_checkpoint_and_loss_falls(trained):
     assert code and wall > 0 and ckpt.endswith("checkpoints/last.pt")
     assert json.loads(cfg)["pretrain"]["train"]["steps"] == 16
     assert {"lr", "grad_norm", "throughput"} <= names
+    with connect(store_paths(store).db, read_only=True) as con:
+        probe = con.execute("SELECT step, value FROM metrics WHERE run_id = ? AND name = 'probe/pe_auroc' ORDER BY step",
+                            [rid]).fetchall()
+    assert [s for s, _ in probe] == [8, 16] and all(0.0 <= v <= 1.0 for _, v in probe)  # online probe on held-out slices
     steps = [s for s, _ in loss]
     assert steps[0] == 1 and steps[-1] == 16
     assert loss[-1][1] < loss[0][1]  # the reconstruction loss falls
