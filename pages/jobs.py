@@ -103,8 +103,7 @@ def _details(job: dict) -> None:
             _safe(jobs.ensure_worker, store)
             st.toast(f"queued {new_id}")
     if job.get("run_id") and b3.button("Learning curves", key=f"jobs_curves_{jid}"):
-        st.session_state["lc_runs"] = [job["run_id"]]
-        st.session_state["lc_text"] = job["run_id"]
+        st.session_state["lc_text"] = job["run_id"]  # the curves page filters to this run and plots it
         st.switch_page("pages/curves.py")
     if state == "succeeded":
         res = _safe(jobs.job_results, store, jid)

@@ -215,6 +215,26 @@ def test_cancel_running_job_kills_group_no_zombie(store, worker):
     assert jobs.cancel(store, queued) == "cancelled"
 
 
+def test_cancel_escalates_to_sigkill_after_grace(store):
+    """A command that does not stop on SIGTERM (here: mid-way through a 5 s sleep) is killed after the grace."""
+    w = jobs.Worker(store, poll_s=0.1, backend=jobs.LocalBackend(grace_s=1.0))
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, kwargs={"stop": stop}, daemon=True)
+    t.start()
+    try:
+        job_id = jobs.submit(store, "tick", {"steps": 100, "interval_s": 5.0})
+        job = wait_for(lambda: (j := jobs.get_job(store, job_id))["run_id"] and j["step"] is not None and j,
+                       what="job logging")
+        assert jobs.cancel(store, job_id) == "running"  # asynchronous: the runner finishes the job
+        wait_for(lambda: job_state(store, job_id) == "cancelled", 30, what="cancelled")
+        wait_for(lambda: not procs.group_members(job["pgid"], include_zombies=True), 15, what="group gone")
+        log = jobs.log_tail(store, job_id)
+        assert "SIGKILL" in log and "SIGTERM: checkpoint" not in log
+    finally:
+        stop.set()
+        t.join(timeout=10)
+
+
 def test_kill9_marked_failed_metrics_kept_then_resumed_to_completion(store, worker):
     worker()
     job_id = jobs.submit(store, "tick", {"steps": 50, "interval_s": 0.05})
@@ -304,6 +324,7 @@ def test_cli_parity_submit_list_cancel_resume_logs(store, capsys, monkeypatch):
 # --------------------------------------------------------------------------- concurrency (the one long test)
 
 
+@pytest.mark.slow
 def test_two_jobs_at_20hz_and_a_polling_reader_no_lock_errors_exact_rows(store):
     """Two jobs log 600 lines each at ~20/s (2 metrics a line) while this process polls every second,
     as the dashboard does. The worker is its own process, like in production."""
@@ -347,6 +368,7 @@ def test_two_jobs_at_20hz_and_a_polling_reader_no_lock_errors_exact_rows(store):
 # --------------------------------------------------------------------------- real kinds
 
 
+@pytest.mark.slow
 def test_real_pretrain_job_on_tiny_store_feeds_the_finetune_form(store_copy):
     """`ctssl pretrain` through the queue; its checkpoint then becomes a fine-tuning choice whose
     argv names it (running the fine-tuning too would double this test's time on 2 cores)."""

@@ -134,3 +134,20 @@ def test_reruns_during_a_running_job_neither_kill_nor_duplicate_it_and_cancel_wo
         t.join(timeout=10)
         for h, _ in list(w.handles.values()):
             procs.kill_group(h.pgid)
+
+
+def test_finished_job_shows_result_log_and_links_to_its_learning_curves(store):
+    job_id = jobs.submit(store, "tick", {"steps": 4, "interval_s": 0.0})
+    jobs.Worker(store, poll_s=0.1).run(once=True)
+    run_id = jobs.get_job(store, job_id)["run_id"]
+    at = open_jobs_page(store)
+    bar = at.get("progress")[0].proto
+    assert bar.value == 100 and f"{job_id} · succeeded · 100% (step 3/4)" in bar.text
+    table = at.table[0].value
+    assert table["metric"].tolist() == ["final_loss"] and table["value"].tolist() == [pytest.approx(0.25)]
+    assert any("done" in c.value for c in at.code)  # the log tail
+    at.button(key=f"jobs_curves_{job_id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Learning curves"
+    assert at.text_input(key="lc_text").value == run_id
+    assert at.multiselect(key="lc_runs").value == [run_id]

@@ -145,7 +145,11 @@ class Worker:
             queue.finish(self.store_root, job_id, "failed", error=f"invalid spec: {e}")
             return
         total = getattr(params, "steps", None)
-        h = self.backend.start(self.store_root, job_id, argv, total)
+        try:
+            h = self.backend.start(self.store_root, job_id, argv, total)
+        except OSError as e:  # fork/exec failed (out of processes or memory): say so now, not after a timeout
+            queue.finish(self.store_root, job_id, "failed", error=f"could not start the job process: {e}")
+            return
         self.handles[job_id] = (h, spec.get("resource") if spec.get("resource") in self.slots else "cpu")
         if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name):
             self.backend.cancel(h)  # cancelled between claim and start
@@ -158,7 +162,11 @@ class Worker:
         try:
             idle_since = time.monotonic()
             while stop is None or not stop.is_set():
-                started = self.step()
+                try:
+                    started = self.step()
+                except StoreError as e:  # a store busy for a long time: keep serving, try again
+                    print(f"worker: {e}", file=sys.stderr, flush=True)
+                    started = 0
                 if started or self.handles:
                     idle_since = time.monotonic()
                 elif once:
