@@ -22,7 +22,7 @@ import ctssl_core.jobs.testing  # noqa: F401 - registers the "tick" kind
 from ctssl_core import jobs
 from ctssl_core.cli import main
 from ctssl_core.db import connect
-from ctssl_core.jobs import procs, queue
+from ctssl_core.jobs import kinds, procs, queue
 from ctssl_core.paths import REPO_ROOT, store_paths
 from ctssl_core.results import write as W
 
@@ -165,7 +165,7 @@ def test_checkpoints_in_store_become_valid_choices(store):
     assert len(jobs.list_jobs(store)) == 3
 
 
-def test_claim_is_exactly_once_across_threads_and_respects_slots(store):
+def test_claim_is_exactly_once_across_threads_and_respects_slots(store, monkeypatch):
     ids = {jobs.submit(store, "tick", {"steps": 1}) for _ in range(6)}
     got: list[str] = []
     lock = threading.Lock()
@@ -184,6 +184,10 @@ def test_claim_is_exactly_once_across_threads_and_respects_slots(store):
     for t in threads:
         t.join(timeout=60)
     assert sorted(got) == sorted(ids)  # every job claimed, none twice
+    if not kinds.has_gpu():
+        with pytest.raises(jobs.JobSpecError, match="no GPU"):
+            queue.submit(store, "finetune", {"task": "pe", "device": "cuda"})
+        monkeypatch.setattr(kinds, "has_gpu", lambda: True)
     gpu_job = queue.submit(store, "finetune", {"task": "pe", "device": "cuda"})
     assert queue.claim(store, "w", ("cpu",)) is None  # a GPU job waits for a GPU slot
     assert queue.claim(store, "w", ("gpu",))["job_id"] == gpu_job

@@ -251,6 +251,9 @@ def validate_spec(kind: str, params: Mapping[str, Any] | None, store_root: Path 
                     raise JobSpecError(f"unknown {what} {value!r}: choose one of {shown}"
                                        + (" (train one with a pretrain job first)"
                                           if what == "checkpoint" else ""))
+    if getattr(spec, "device", None) == "cuda" and not has_gpu():
+        raise JobSpecError("device 'cuda': this machine has no GPU that the local worker could use; "
+                           "choose 'cpu' or 'auto'")
     return spec
 
 
