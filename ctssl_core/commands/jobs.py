@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 HELP = "Queue, list, cancel and resume background jobs (pretrain, finetune, probe, embed, benchmark)."
 
 
@@ -29,6 +31,8 @@ def add_arguments(p) -> None:
     lg.add_argument("job_id")
     lg.add_argument("-n", "--lines", type=int, default=40)
     sub.add_parser("reconcile", help="mark jobs whose process died as failed (the worker does this too)")
+    for action in sub.choices.values():  # `--store` also after the action: `ctssl jobs list --store S`
+        action.add_argument("--store", default=argparse.SUPPRESS, help="store folder")
 
 
 def _fmt_job_row(r) -> str:
@@ -60,7 +64,9 @@ def run(args) -> int:
             print(f"{name}: {jk.label}")
             choices = jobs.field_choices(name, store)
             for f in dataclasses.fields(jk.spec):
-                lim = [f"{k}={v}" for k, v in f.metadata.items() if k in ("min", "max") and v is not None]
+                m = f.metadata
+                lim = ([f"min{'>' if m.get('min_open') else '='}{m['min']}"] if m.get("min") is not None else []) + \
+                      ([f"max={m['max']}"] if m.get("max") is not None else [])
                 ch = f" one of {choices[f.name][:8]}" if f.name in choices else ""
                 print(f"    {f.name} (default {f.default!r}){' ' + ' '.join(lim) if lim else ''}{ch}")
         return 0
