@@ -46,7 +46,7 @@ def choose_radio(page, label: str, option: str) -> None:
 
 def test_overview(app_url, page):
     url, seeded = app_url
-    goto_page(page, url, "overview")
+    goto_page(page, url, "overview", timeout_ms=TIMEOUT)
     visible(page, "Which pretraining strategy should I use?")
     visible(page, "Verdict per task")
     best = read.pivot_headline(read.headline_table(seeded.root))[1]["pe · slice_auroc"]
@@ -59,7 +59,7 @@ def test_overview(app_url, page):
 
 def test_compare(app_url, page):
     url, _ = app_url
-    goto_page(page, url, "compare")
+    goto_page(page, url, "compare", timeout_ms=TIMEOUT)
     visible(page, "pe: slice_auroc vs label fraction")
     pick(page, "Task · metric", "nodule · dice")
     visible(page, "nodule: dice vs label fraction")
@@ -70,7 +70,7 @@ def test_compare(app_url, page):
 
 def test_learning_curves(app_url, page):
     url, _ = app_url
-    goto_page(page, url, "curves")
+    goto_page(page, url, "curves", timeout_ms=TIMEOUT)
     visible(page, "Still running")
     visible(page, "points drawn, at most")
     choose_radio(page, "x axis", "epoch")
@@ -81,7 +81,7 @@ def test_learning_curves(app_url, page):
 
 def test_embeddings(app_url, page):
     url, _ = app_url
-    goto_page(page, url, "embeddings")
+    goto_page(page, url, "embeddings", timeout_ms=TIMEOUT)
     visible(page, "not that a downstream model")
     page.locator(".gtitle").filter(has_text="UMAP").first.wait_for(timeout=TIMEOUT)
     choose_radio(page, "Projection", "pca")
@@ -93,7 +93,7 @@ def test_embeddings(app_url, page):
 
 def test_data(app_url, page):
     url, _ = app_url
-    goto_page(page, url, "data")
+    goto_page(page, url, "data", timeout_ms=TIMEOUT)
     visible(page, "Slice viewer")
     # the ingest-errors grid draws on a canvas; its cells exist (hidden) in the accessibility DOM
     page.get_by_text("incoming/p9/broken.dcm").first.wait_for(state="attached", timeout=TIMEOUT)
@@ -105,8 +105,14 @@ def test_data(app_url, page):
 
 def test_sidebar_store_switch_to_missing_store(app_url, page, tmp_path):
     url, _ = app_url
-    goto_page(page, url, "overview")
-    box = page.get_by_label("Store")
+    goto_page(page, url, "overview", timeout_ms=TIMEOUT)
+    dialog = page.get_by_role("dialog")
+    if dialog.count():  # make a stray modal visible in the report instead of an opaque "element is inert"
+        import warnings
+
+        warnings.warn(f"modal open on the overview page: {dialog.first.inner_text()!r}")
+        page.keyboard.press("Escape")
+    box = page.get_by_role("textbox", name="Store")
     box.fill(str(tmp_path / "nowhere"))
     box.press("Enter")
     wait_script_done(page, TIMEOUT)

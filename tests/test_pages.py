@@ -182,3 +182,16 @@ def test_deleted_projection_and_slice_files_warn_but_render(seeded, tmp_path):
     at.switch_page("pages/data.py").run()
     assert not at.exception
     assert "re-run `ctssl ingest`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
+
+
+def test_dashboard_command_binds_localhost_and_rejects_bad_port(tmp_path, capsys):
+    from ctssl_core.cli import main
+    from ctssl_core.commands.dashboard import build_command
+
+    cmd = build_command("app.py", 8600)
+    assert cmd[cmd.index("--server.port") + 1] == "8600"
+    i = cmd.index("--server.address")
+    assert cmd[i + 1] == "127.0.0.1" and cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+    assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[cmd.index("run") + 1] == "app.py"
+    assert main(["dashboard", "--store", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
