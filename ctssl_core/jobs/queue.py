@@ -296,8 +296,9 @@ def close_runs(store_root: str | Path, job_id: str, status: str, error: str | No
     for rid in job_run_ids(store_root, job_id):
         try:
             merge_pending(store_root, rid)
-            df = _read_df(store_root, "SELECT status FROM runs WHERE run_id = ?", [rid])
-            if not df.empty and df["status"].iloc[0] == "running":
+            got = _write(store_root, lambda con: con.execute(
+                "SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall())
+            if got and got[0][0] == "running":
                 finish_run(store_root, rid, status, error=error)
         except (StoreBusy, ConfigError):
             continue

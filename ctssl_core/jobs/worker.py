@@ -91,12 +91,18 @@ class Worker:
         path = lock_path(self.store_root)
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise WorkerBusy(f"a worker (pid {worker_running(self.store_root)}) already serves "
-                             f"{self.store_root}; it will run the queued jobs") from None
+        deadline = time.monotonic() + 2.0  # a worker_running() probe holds the lock for microseconds
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                f.close()
+                raise WorkerBusy(f"a worker (pid {worker_running(self.store_root)}) already serves "
+                                 f"{self.store_root}; it will run the queued jobs") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
