@@ -343,3 +343,21 @@ def test_figures_carry_the_data(seeded):
     assert sorted(t.name for t in s.data) == sorted(pts.race.unique()) and sum(len(t.x) for t in s.data) == 200
     a = charts.scatter_fig(pts, "age", "t")
     assert len(a.data) == 1 and np.allclose(a.data[0].marker.color, pts.age)
+
+
+def test_reads_what_the_real_writer_wrote(tmp_path):
+    """Contract check against results/write.py: a running run's merged metrics show up, NaN values are skipped."""
+    from ctssl_core.results import write
+
+    write.start_run(tmp_path, "ft-pe-rotation-1", "finetune", "pe", "rotation", "tiny", {"lr": 1e-3},
+                    fraction=0.1, seed=0)
+    with write.RunLogger(tmp_path, "ft-pe-rotation-1", background=False) as log:
+        for step in range(30):
+            log({"step": step, "epoch": step / 10, "train/loss": 1.0 / (step + 1) if step != 7 else float("nan")})
+        log.flush()
+    runs = read.run_table(tmp_path)
+    assert runs.run_id.tolist() == ["ft-pe-rotation-1"] and runs.status.iloc[0] == "running"
+    assert read.metric_names(tmp_path, ["ft-pe-rotation-1"]) == ["train/loss"]
+    df = read.curves(tmp_path, ["ft-pe-rotation-1"], ["train/loss"], "epoch")
+    assert len(df) == 29 and 0.7 not in df.x.round(6).tolist()  # the NaN at step 7 is not drawn
+    assert np.allclose(df.y.to_numpy(), [1.0 / (s + 1) for s in range(30) if s != 7])
