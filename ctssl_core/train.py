@@ -177,6 +177,28 @@ def _scalar(v: Any) -> float:
     return float(v.detach().float().item()) if isinstance(v, Tensor) else float(v)
 
 
+def train_step(model: nn.Module, task: Task, batch: TaskBatch, optimizer: torch.optim.Optimizer, sched: Any,
+               params: list[nn.Parameter], cfg: TrainConfig, amp: str) -> tuple[Tensor, dict[str, Any], Tensor]:
+    """One optimiser step on a ready TaskBatch: (loss, loss parts, grad norm). No host sync.
+
+    Shared by ``fit`` and ``experiments/bench_pretrain.py`` so the benchmark's
+    ceiling times exactly the step the loop runs.
+    """
+    if cfg.channels_last and batch.inputs.dim() == 4:
+        batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        # the loss too: autocast runs mse / cross-entropy in float32
+        pred = model(batch)
+        loss, parts = task.loss(pred, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    if sched is not None:
+        sched.step()
+    return loss, parts, grad_norm
+
+
 def fit(
     task: Task,
     encoder: nn.Module,
@@ -291,7 +313,6 @@ def fit(
         return step / n if n else 0.0
 
     result = FitResult(start, start, None, None, amp=amp, device=str(device), head=head)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16" else _null_ctx()
     loss_sum = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     parts_sum: dict[str, Any] = {}
@@ -318,17 +339,8 @@ def fit(
             while step < cfg.steps:
                 raw = next(it)
                 batch = task.make_batch(raw, generator)
-                if cfg.channels_last and batch.inputs.dim() == 4:
-                    batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
                 inputs = batch.inputs
-                with autocast:  # losses too: autocast runs mse/cross-entropy in float32
-                    pred = train_model(batch)
-                    loss, parts = task.loss(pred, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                sched.step()
+                loss, parts, grad_norm = train_step(train_model, task, batch, optimizer, sched, params, cfg, amp)
                 step += 1
                 ld = loss.detach().float()
                 bad |= ~torch.isfinite(ld)
@@ -404,11 +416,3 @@ def fit(
     if result.checkpoint is None:
         result.checkpoint = last_good
     return result
-
-
-class _null_ctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -7,10 +7,12 @@ For one encoder / input size / batch / device it prints, per pretext task:
                 (forward, loss, backward, grad clip, optimiser step: the same step fit() runs)
   (b) pipeline  steps/s of the real path: SliceStore over .npy memory maps in a temp dir ->
                 SliceBatcher (prefetch thread, int16 copy, windowing on the device) ->
-                task.make_batch (on the device) -> train.fit
+                task.make_batch (on the device) -> train.train_step (fit()'s step)
   (c) baseline  steps/s with a conventional torch DataLoader: per-sample reads, NumPy
                 windowing and the task's transform per sample (rot90 / flip / square mask /
                 salt-and-pepper / next-slice residual), default collate, then the same step
+  All three drive the SAME model and step, in interleaved rounds (median reported), so
+  load drift on a shared machine hits them alike;
   and the ratios (b)/(a) (target >= 0.90 on CPU with the quick model, >= 0.95 on a GPU)
   and (b)/(c).
 
@@ -45,7 +47,7 @@ from ctssl_core.data.store import SliceStore  # noqa: E402
 from ctssl_core.models import build_encoder  # noqa: E402
 from ctssl_core.pretext import make_pretext  # noqa: E402
 from ctssl_core.tasks import TaskBatch  # noqa: E402
-from ctssl_core.train import TaskModel, TrainConfig, fit, make_optimizer, resolve_amp, resolve_device  # noqa: E402
+from ctssl_core.train import TaskModel, TrainConfig, make_optimizer, resolve_amp, resolve_device, train_step  # noqa: E402
 
 FIVE = ("masked_region", "next_slice", "rotation", "flip", "denoise")
 
@@ -173,35 +175,25 @@ def _free(device: torch.device) -> None:
 
 
 def make_step(task: Any, encoder: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """The same step fit() runs (TaskModel, autocast, loss, backward, clip, optimiser), without the data path."""
+    """fit()'s own step (train.train_step: TaskModel, autocast, loss, backward, clip, optimiser, schedule)."""
     head = task.build_head(encoder)
     model = TaskModel(task, encoder, head).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     run_model = torch.compile(model) if cfg.compile else model
     amp = resolve_amp(cfg.amp, device)
 
     def step(batch: TaskBatch) -> None:
-        if cfg.channels_last and batch.inputs.dim() == 4:
-            batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
-            pred = run_model(batch)
-            loss, _ = task.loss(pred, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
+        train_step(run_model, task, batch, opt, sched, params, cfg, amp)
 
     return step
 
 
-def time_steps(step, batches, warm: int, n: int, device: torch.device) -> float:
-    """steps/s over ``n`` steps after ``warm`` warm-up steps (compile, cudnn autotune, allocator)."""
-    it = iter(batches)
-    for _ in range(warm):
-        step(next(it))
+def time_steps(step, it, n: int, device: torch.device) -> float:
+    """steps/s over ``n`` steps drawn from iterator ``it``."""
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -210,62 +202,58 @@ def time_steps(step, batches, warm: int, n: int, device: torch.device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def pipeline_batches(task: Any, batcher: SliceBatcher, device: torch.device):
+    """(b)'s feed: SliceBatcher raw batches -> task.make_batch on the device, as in fit()."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for raw in batcher:
+        yield task.make_batch(raw, gen)
+
+
 def bench_task(name: str, args: argparse.Namespace, store: SliceStore, paths: list[Path], device: torch.device) -> dict:
+    """Interleaved rounds of (a), (b), (c) on ONE model, median rate per feed: robust to load drift
+    on a shared machine, and the three differ only in where the batches come from."""
     task = make_pretext(name)
     enc_kw = json.loads(args.encoder_kwargs) if args.encoder_kwargs else {}
-    cfg = TrainConfig(steps=args.warm + args.steps, batch_size=args.batch, lr=1e-4, warmup_steps=0, amp=args.amp,
-                      channels_last=args.channels_last, compile=args.compile, ckpt_every=0,
-                      log_every=args.warm + args.steps, device=str(device.type), seed=0)
+    cfg = TrainConfig(steps=10**9, batch_size=args.batch, lr=1e-4, warmup_steps=0, amp=args.amp,
+                      channels_last=args.channels_last, compile=args.compile, ckpt_every=0, device=str(device.type))
     gap = int(getattr(task, "gap", 1) or 1)
-    out: dict[str, Any] = {"task": name}
-
-    # (a) ceiling: one fixed batch already on the device
+    wants_hu = bool(getattr(task, "wants_hu", False))
     torch.manual_seed(0)
+    step = make_step(task, build_encoder(args.encoder, **enc_kw), cfg, device)
+
     raw = next(iter(SliceBatcher(store, None, args.batch, context=task.context, gap=gap, device=device, seed=0,
-                                 prefetch=False, wants_hu=bool(getattr(task, "wants_hu", False)))))
+                                 prefetch=False, wants_hu=wants_hu)))
     fixed = task.make_batch(raw, torch.Generator(device=device).manual_seed(0))
 
-    class Fixed:
-        def __iter__(self):
-            while True:
-                yield fixed
+    def fixed_feed():
+        while True:
+            yield fixed
 
-    step = make_step(task, build_encoder(args.encoder, **enc_kw), cfg, device)
-    out["a_steps_s"] = time_steps(step, Fixed(), args.warm, args.steps, device)
-    del step, fixed, raw  # free the ceiling model before the next one (GPU memory)
-    _free(device)
-
-    # (b) the real pipeline through fit()
-    torch.manual_seed(0)
-    batches = SliceBatcher(store, None, args.batch, context=task.context, gap=gap, device=device, seed=0,
-                           wants_hu=bool(getattr(task, "wants_hu", False)))
-    marks: dict[int, float] = {}
-
-    def tick(s: int) -> None:
-        if s in (args.warm, args.warm + args.steps):
-            _sync(device)
-            marks[s] = time.perf_counter()
-
-    res = fit(task, build_encoder(args.encoder, **enc_kw), batches, cfg, progress=tick)
-    out["b_steps_s"] = args.steps / (marks[args.warm + args.steps] - marks[args.warm])
-    out["loss_first"], out["loss_last"] = res.first_loss, res.final_loss
-    del res, batches
-    _free(device)
-
-    # (c) conventional DataLoader with per-sample NumPy transforms
-    if not args.no_baseline:
-        step_c = make_step(task, build_encoder(args.encoder, **enc_kw), cfg, device)
-        loader = conventional_loader(paths, name, task, args.batch, args.workers, device)
-        out["c_steps_s"] = time_steps(step_c, _Iter(loader), args.warm, args.steps, device)
-        loader.close()
-        del step_c
-        _free(device)
+    feeds = {"a": fixed_feed(),
+             "b": pipeline_batches(task, SliceBatcher(store, None, args.batch, context=task.context, gap=gap,
+                                                      device=device, seed=0, wants_hu=wants_hu), device)}
+    if not args.no_baseline and name in FIVE:  # composite has no single NumPy transform
+        feeds["c"] = conventional_loader(paths, name, task, args.batch, args.workers, device)
+    for it in feeds.values():  # warm-up: compile, cudnn autotune, allocator, worker start-up
+        for _ in range(args.warm):
+            step(next(it))
+    rates: dict[str, list[float]] = {k: [] for k in feeds}
+    per_round = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for k, it in feeds.items():
+            rates[k].append(time_steps(step, it, per_round, device))
+    for it in feeds.values():
+        it.close()
+    out: dict[str, Any] = {"task": name, "rounds": args.rounds, "steps_per_round": per_round}
+    for k, r in rates.items():
+        out[f"{k}_steps_s"] = float(np.median(r))
+        out[f"{k}_img_s"] = out[f"{k}_steps_s"] * args.batch
+        out[f"{k}_rounds"] = [round(x, 3) for x in r]
     out["b_over_a"] = out["b_steps_s"] / out["a_steps_s"]
     if "c_steps_s" in out:
         out["b_over_c"] = out["b_steps_s"] / out["c_steps_s"]
-    for k in ("a", "b", "c"):
-        if f"{k}_steps_s" in out:
-            out[f"{k}_img_s"] = out[f"{k}_steps_s"] * args.batch
+    del step, fixed, raw, feeds
+    _free(device)
     return out
 
 
@@ -289,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--tasks", default=",".join(FIVE), help="comma-separated pretext keys")
     p.add_argument("--warm", type=int, default=3, help="warm-up steps before timing")
-    p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per feed (split over --rounds)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median is reported")
     p.add_argument("--series", type=int, default=6, help="series in the temp store")
     p.add_argument("--slices", type=int, default=48, help="slices per series")
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers for (c); -1 = cores - 1")
