@@ -356,7 +356,7 @@ def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None
     if metric == "r2":
         present = est.ci_low > 0 if present is None else present
         s = (f"A linear probe on this encoder's embeddings explains {'part' if present else 'no reliable part'} of the "
-             f"variance of {name.lower()} (R² {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f})")
+             f"variance of {name.lower()} (R² {est.value:.2f}, CI {est.ci_low:.2f} to {est.ci_high:.2f})")
         if delta is not None:
             s += f", {delta.value:+.2f} vs random init (CI {delta.ci_low:+.2f} to {delta.ci_high:+.2f})"
         return s + "." + (f" {_PRESENT}" if present else "")
