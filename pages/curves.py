@@ -16,13 +16,15 @@ if runs.empty:
     st.info("No runs yet. Start one with `ctssl pretrain --task rotation` or `ctssl benchmark --profile smoke`.")
     st.stop()
 
-f1, f2, f3, f4 = st.columns(4)
+f1, f2, f3, f4, f5, f6 = st.columns(6)
 kinds = f1.multiselect("Kind", sorted(runs.kind.dropna().unique()), key="lc_kind")
 tasks = f2.multiselect("Task", sorted(runs.task.dropna().unique()), key="lc_task")
 inits = f3.multiselect("Init", sorted(runs.init.dropna().unique()), key="lc_init")
-text = f4.text_input("Run id contains", key="lc_text")
+fractions = f4.multiselect("Label fraction", sorted(runs.fraction.dropna().unique()), key="lc_fraction")
+seeds = f5.multiselect("Seed", sorted(runs.seed.dropna().unique()), key="lc_seed")
+text = f6.text_input("Run id contains", key="lc_text")
 shown = runs
-for col, vals in [("kind", kinds), ("task", tasks), ("init", inits)]:
+for col, vals in [("kind", kinds), ("task", tasks), ("init", inits), ("fraction", fractions), ("seed", seeds)]:
     if vals:
         shown = shown[shown[col].isin(vals)]
 if text:

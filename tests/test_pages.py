@@ -108,8 +108,9 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.checkbox(key="lc_log").check().run()
     assert specs(at)[0]["layout"]["yaxis"]["type"] == "log"
     at.multiselect(key="lc_init").set_value(["random"]).run()
+    at.multiselect(key="lc_fraction").set_value([0.1]).run()
     assert set(at.multiselect(key="lc_runs").options) == set(
-        read.run_table(seeded.root).query("init == 'random'").run_id)
+        read.run_table(seeded.root).query("init == 'random' and fraction == 0.1").run_id)
 
 
 def test_embeddings_scatter_pair_probes_and_caveat(seeded):
