@@ -429,7 +429,15 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
         if flip_dims:
             t = torch.flip(t, flip_dims)
         t, out_spacing = resize_square_pixels(t, first.spacing, size)
-        t = (t * s_t + i_t).round_().clamp_(HU_MIN, HU_MAX)
+        if t.data_ptr() == raw.ctypes.data:
+            t = t.clone()  # no resize happened: don't rescale the reused buffer in place
+        if np.all(slope == slope[0]) and np.all(icpt == icpt[0]):  # usual case: scalar in-place ops
+            if slope[0] != 1.0:
+                t.mul_(float(slope[0]))
+            t.add_(float(icpt[0]))
+        else:
+            t.mul_(s_t).add_(i_t)
+        t = t.round_().clamp_(HU_MIN, HU_MAX)
         out[c0:c0 + len(chunk)] = pad_square(t, size, float(HU_MIN)).to(torch.int16).numpy()
     if not ok.any():  # every file failed: nothing to store, only the errors to record
         return BuiltSeries(plan.series_uid, "", None, [], [], None, [], errors, size, size,
