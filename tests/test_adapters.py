@@ -15,6 +15,7 @@ from ctssl_core.data.adapters.demographics import read_csv
 from ctssl_core.data.adapters.rsna_pe import EXAM_COLUMNS, weighted_log_loss
 from ctssl_core.data.ingest import IngestConfig, ingest
 from ctssl_core.data.pseudonym import Pseudonymiser
+from ctssl_core.data.store import SliceStore
 from ctssl_core.data.synth import TINY, generate_cohort
 from ctssl_core.data.synth_writers import lidc_xml
 from ctssl_core.db import connect
@@ -169,6 +170,9 @@ def test_demographics_csv_overrides_tags_and_reports_mismatches(cohort, tmp_path
         assert race == "Override" and age == pytest.approx(float(r["age"]) + 1) and attrs["smoker"] == "yes"
     age0, race0, _ = got[key("patient", rows[0]["PatientID"])]
     assert race0 == rows[0]["race"] and race0 != "Override"  # untouched patient keeps the earlier values
+    pats = SliceStore.open(store).patients  # extra CSV columns become patient columns for the analyses
+    assert {"smoker", "control_group", "site"} <= set(pats.columns)
+    assert (pats.set_index("patient_key").loc[key("patient", rows[1]["PatientID"]), "smoker"]) == "yes"
 
 
 def test_demographics_keyed_by_study_and_bad_csv(cohort, tmp_path):

@@ -46,8 +46,7 @@ def test_bad_fractions():
 def _add_patients(store, keys, sex="F"):
     with connect(store_paths(store).db) as con:
         ensure_schema(con)
-        for k in keys:
-            con.execute("INSERT INTO patients VALUES (?, 50, ?, NULL, '{}')", [k, sex])
+        con.execute("INSERT INTO patients SELECT unnest(?::TEXT[]), 50, ?, NULL, '{}'", [list(keys), sex])
 
 
 def test_stored_and_stable_when_store_grows(tmp_path):

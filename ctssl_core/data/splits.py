@@ -61,7 +61,9 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15
     if not paths.db.exists():
         raise StoreMissing(f"no ctssl store at {paths.root}; run `ctssl ingest DIR --store {paths.root}` first")
     with connect(paths.db) as con:
-        ensure_schema(con)
+        from ctssl_core.data.ingest import _ensure_schema_once
+
+        _ensure_schema_once(con, ensure_schema)
         rows = con.execute(
             "SELECT p.patient_key, coalesce(p.sex, '?') || '/' || coalesce(CAST(bool_or(s.pe_exam) AS TEXT), '?') "
             "FROM patients p LEFT JOIN studies s USING (patient_key) GROUP BY p.patient_key, p.sex").fetchall()
@@ -72,8 +74,11 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15
         if new:
             strata = {k: s for k, s in rows if k in set(new)}
             assigned = make_splits(new, seed, fractions, strata)
+            from ctssl_core.data.ingest import insert_columns
+
             con.execute("BEGIN")
-            con.executemany("INSERT INTO splits VALUES (?, ?, ?)", [(k, seed, v) for k, v in assigned.items()])
+            insert_columns(con, "INSERT INTO splits", [("TEXT", list(assigned)), ("INTEGER", [seed] * len(assigned)),
+                                                        ("TEXT", list(assigned.values()))])
             con.execute("COMMIT")
             have.update(assigned)
     return have

@@ -70,7 +70,7 @@ class SliceStore:
                                  "USING (patient_key) ORDER BY (SELECT min(slice_id) FROM slices x "
                                  "WHERE x.series_key = s.series_key)").df()
             slices = con.execute("SELECT * FROM slices ORDER BY slice_id").df()
-            patients = con.execute("SELECT * FROM patients ORDER BY patient_key").df()
+            patients = _expand_attributes(con.execute("SELECT * FROM patients ORDER BY patient_key").df())
         if series.empty or slices.empty:
             raise StoreMissing(f"the store at {paths.root} holds no slices; run `ctssl ingest DIR --store {paths.root}`")
         arrays, masks = [], []
@@ -191,6 +191,17 @@ class SliceStore:
 
     def __repr__(self) -> str:
         return f"SliceStore({len(self.arrays)} series, {self.n_slices} slices, {self.height}x{self.width})"
+
+
+def _expand_attributes(patients):
+    """Add each key of the ``attributes`` JSON (control_group, site, ...) as its own column."""
+    import json
+
+    parsed = [json.loads(a) if isinstance(a, str) and a else {} for a in patients.get("attributes", [])]
+    for k in sorted({k for d in parsed for k in d}):
+        if k not in patients.columns:
+            patients[k] = [d.get(k) for d in parsed]
+    return patients
 
 
 def _positions(slice_ids: np.ndarray):
