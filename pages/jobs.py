@@ -48,7 +48,9 @@ with st.form(f"jobs_form_{kind}"):
         col = cols[i % 3]
         key = f"jobs_f_{kind}_{f.name}"
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        hint = f"between {lo} and {hi}" if lo is not None and hi is not None else None
+        hint = None
+        if lo is not None and hi is not None:
+            hint = f"greater than {lo}, at most {hi}" if f.metadata.get("min_open") else f"from {lo} to {hi}"
         if f.name in choices:
             opts = list(choices[f.name])
             params[f.name] = col.selectbox(f.name, opts, index=opts.index(f.default) if f.default in opts else 0,

@@ -52,7 +52,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, grace_s: float = 10.0, heartbeat_s: float = 1.0):
+    def __init__(self, grace_s: float = 10.0, heartbeat_s: float = 3.0):
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
 

@@ -25,7 +25,7 @@ from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
-from ctssl_core.results.write import ensure_schema_once, merge_pending, utcnow
+from ctssl_core.results.write import ensure_schema_once, merge_pending, tail_metrics, utcnow
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -127,8 +127,12 @@ JOB_COLUMNS = ["job_id", "kind", "spec", "state", "backend", "created_at", "star
                "log_path", "run_id", "error", "attempts", "cancel_requested"]
 
 
-def list_jobs(store_root: str | Path, limit: int = 200, states: tuple[str, ...] | None = None):
-    """Jobs, newest first, as a DataFrame (``spec``/``current`` parsed to dicts)."""
+def list_jobs(store_root: str | Path, limit: int = 200, states: tuple[str, ...] | None = None,
+              live: bool = True):
+    """Jobs, newest first, as a DataFrame (``spec``/``current`` parsed to dicts).
+
+    ``live``: running jobs' step/progress/current come from their metrics files (fresher than
+    the last heartbeat)."""
     import pandas as pd
 
     where, params = "", []
@@ -140,10 +144,37 @@ def list_jobs(store_root: str | Path, limit: int = 200, states: tuple[str, ...] 
         return pd.DataFrame(columns=JOB_COLUMNS)
     for col in ("spec", "current"):
         df[col] = df[col].map(lambda s: json.loads(s) if isinstance(s, str) else (s or {}))
+    if live:
+        for i in df.index[df["state"] == "running"]:
+            got = live_progress(store_root, df.at[i, "job_id"], df.at[i, "total"])
+            if got:
+                for k, v in got.items():
+                    df.at[i, k] = v
     return df
 
 
-def get_job(store_root: str | Path, job_id: str) -> dict[str, Any]:
+def live_progress(store_root: str | Path, job_id: str, total: Any = None) -> dict[str, Any] | None:
+    """Step, progress and current metrics of a running job from its files (no DuckDB).
+
+    Why: the freshest progress is the last line of the run's metrics.jsonl, and
+    reading it costs no store lock, so the runner can heartbeat rarely and the
+    dashboard still moves every refresh.
+    """
+    import pandas as pd
+
+    rids = job_run_ids(store_root, job_id)
+    rec = tail_metrics(store_root, rids[-1]) if rids else None
+    if not rec or rec.get("step") is None:
+        return None
+    step = int(rec["step"])
+    out: dict[str, Any] = {"step": step, "run_id": rids[-1],
+                           "current": {k: v for k, v in rec.items() if k not in ("step", "epoch")}}
+    if total is not None and not pd.isna(total) and total:
+        out["progress"] = max(0.0, min(1.0, step / float(total)))
+    return out
+
+
+def get_job(store_root: str | Path, job_id: str, live: bool = True) -> dict[str, Any]:
     check_token("job_id", job_id)
     df = _read_df(store_root, "SELECT * FROM jobs WHERE job_id = ?", [job_id])
     if df.empty:
@@ -159,6 +190,8 @@ def get_job(store_root: str | Path, job_id: str) -> dict[str, Any]:
                     row[k] = None
             except (TypeError, ValueError):
                 pass
+    if live and row["state"] == "running":
+        row.update(live_progress(store_root, job_id, row.get("total")) or {})
     return row
 
 

@@ -39,7 +39,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--job", required=True)
     p.add_argument("--total", type=int, default=None)
     p.add_argument("--grace", type=float, default=10.0)
-    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--heartbeat", type=float, default=3.0)
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command and args.command[0] == "--":
