@@ -63,30 +63,31 @@ def build_store(root: Path, runs: int, steps: int, emb: int) -> dict:
     return dict(seed_s=seed_s, summary=s)
 
 
-def page_work(store: str, load, s) -> dict:
-    """One rerun's data + figures per page, mirroring pages/*.py. Returns {page: callable -> max points/trace}."""
+def page_work(store: str, load, load_many, s) -> dict:
+    """One rerun's data + figures per page, mirroring pages/*.py (same batched, cached loaders)."""
     v = read.store_version(store)
 
     def q(fn, *args, **kw):
         return load(fn, store, v, args, tuple(sorted(kw.items())))
 
+    def many(*calls):
+        return load_many(store, v, tuple(calls))
+
     def overview():
-        t = q("headline_table")
-        q("benchmarks")
+        _, t, _, _ = many(("store_info",), ("headline_table",), ("benchmarks",), ("run_overview",))
         read.verdicts(t)
         read.pivot_headline(t)
         return 0
 
     def compare():
-        q("task_metrics")
+        _, _, t, speed, _ = many(("store_info",), ("task_metrics",), ("headline_table",),
+                                 ("derived", "speed_ratio"), ("derived", "labels_saved"))
         c = q("fraction_curves", "pe", "slice_auroc")
         figs = [charts.fraction_curves_fig(c, "pe", "slice_auroc")]
-        t = q("headline_table")
         for task, g in t.groupby("task"):
             g = g[g.metric == g.metric.iloc[0]]
             figs.append(charts.bars_fig(g, task, g.metric.iloc[0]))
-        figs.append(charts.bars_fig(q("derived", "speed_ratio"), "speed", "ratio", 1.0))
-        q("derived", "labels_saved")
+        figs.append(charts.bars_fig(speed, "speed", "ratio", 1.0))
         figs.append(charts.pairwise_fig(q("pairwise", "pe", "slice_auroc", "masked_region", "random"),
                                         "masked_region", "random", "slice_auroc"))
         return max(charts.max_points_per_trace(f) for f in figs)
@@ -94,35 +95,29 @@ def page_work(store: str, load, s) -> dict:
     sel = tuple(s.run_ids[:3])
 
     def curves():
-        runs = q("run_table")
-        assert len(runs) >= 1000 or len(runs) == len(s.run_ids) + 2
+        _, runs = many(("store_info",), ("run_table",))
         names = q("metric_names", sel)
         data = q("curves", sel, tuple(n for n in names if "loss" in n), "step", CURVE_POINTS)
         fig = charts.curves_fig(data, "step", False, 0.6)
         return charts.max_points_per_trace(fig)
 
     def embeddings():
-        emb = q("embeddings")
+        _, emb = many(("store_info",), ("embeddings",))
         e = emb[emb.init != "random"].emb_id.iloc[0]
-        ref = q("reference_for", e)
-        figs = []
-        for eid in (e, ref):
-            pts, total = q("projection", eid, "umap", EMB_POINTS)
-            figs.append(charts.scatter_fig(pts, "race", eid))
-        b = q("bias_results", e)
+        view = q("embedding_view", e, "umap", EMB_POINTS)
+        figs = [charts.scatter_fig(view["points"], "race", e), charts.scatter_fig(view["ref_points"], "race", "ref")]
+        b = view["bias"]
         figs += [charts.probe_fig(b[b.analysis == "probe"]), charts.ks_fig(b[b.analysis == "ks"]),
                  charts.subgroup_fig(b[b.analysis == "subgroup"], "auroc")]
         return max(charts.max_points_per_trace(f) for f in figs)
 
     def data():
-        q("cohort_summary")
-        demo = q("demographics")
+        _, _, demo, prev, series, _ = many(("store_info",), ("cohort_summary",), ("demographics",),
+                                           ("label_prevalence",), ("series_list",), ("ingest_errors",))
         figs = [charts.histogram_fig(demo[a], a) for a in ["age", "sex", "race", "site", "control_group"]]
-        figs.append(charts.prevalence_fig(q("label_prevalence")))
-        series = q("series_list")
+        figs.append(charts.prevalence_fig(prev))
         view = q("load_slice", series.series_key.iloc[0], 2)
         charts.overlay(charts.apply_window(view.hu, -600, 1500), view.mask)
-        q("ingest_errors")
         return max(charts.max_points_per_trace(f) for f in figs)
 
     return dict(overview=overview, compare=compare, curves=curves, embeddings=embeddings, data=data)
@@ -181,10 +176,10 @@ def main() -> int:
         n_points = con.execute("SELECT count(*) FROM metrics").fetchone()[0]
     print(f"metrics rows: {n_points:,}")
 
-    from pages.common import _load  # st.cache_data-wrapped read.<fn>: the pages' own cache
+    from pages.common import _load, _load_many  # the pages' own st.cache_data loaders
 
     store = str(root)
-    work = page_work(store, _load, s)
+    work = page_work(store, _load, _load_many, s)
     rows = []
     for page, fn in work.items():
         cold, pts = timed(fn)

@@ -49,6 +49,19 @@ def _load(fn: str, store: str, version: int, args: tuple, kwargs: tuple):
     return getattr(read, fn)(store, *args, **dict(kwargs))
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _load_many(store: str, version: int, calls: tuple) -> list:
+    """Cached batch of read.py calls on one connection (see ``read.session``)."""
+    with read.session(store):
+        return [getattr(read, fn)(store, *args) for fn, *args in calls]
+
+
+def query_many(*calls: tuple) -> list:
+    """``query_many(("run_table",), ("derived", "speed_ratio"))`` -> [DataFrame, DataFrame]: one connection."""
+    store = current_store()
+    return _guard(store, lambda: _load_many(store, read.store_version(store), tuple(calls)))
+
+
 def query(fn: str, *args, missing_ok: bool = False, **kwargs):
     """Run a read.py query for the current store, turning store problems into messages.
 
@@ -57,8 +70,13 @@ def query(fn: str, *args, missing_ok: bool = False, **kwargs):
     ``missing_ok`` so that the rest of the page still renders.
     """
     store = current_store()
+    return _guard(store, lambda: _load(fn, store, read.store_version(store), args, tuple(sorted(kwargs.items()))),
+                  missing_ok)
+
+
+def _guard(store: str, thunk, missing_ok: bool = False):
     try:
-        return _load(fn, store, read.store_version(store), args, tuple(sorted(kwargs.items())))
+        return thunk()
     except read.ResultFileMissing as e:
         if missing_ok:
             st.warning(str(e))
@@ -98,9 +116,9 @@ def sidebar_status() -> None:
         st.caption("⚠️ older store format — some views are limited.")
 
 
-def show_outdated_note() -> None:
+def show_outdated_note(info: "read.StoreInfo | None" = None) -> None:
     """Say once per page when the store is from an older schema (what is missing, how to upgrade)."""
-    info = query("store_info")
+    info = info if info is not None else query("store_info")
     msg = info.message()
     if msg:
         with st.expander("This store is from an older ctssl version", expanded=False):

@@ -4,12 +4,13 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import HEADLINE, init_order
-from pages.common import query, show_outdated_note
+from pages.common import query, query_many, show_outdated_note
 
 st.title("Compare pretraining strategies")
-show_outdated_note()
+info, tm, table, speed, saved = query_many(("store_info",), ("task_metrics",), ("headline_table",),
+                                          ("derived", "speed_ratio"), ("derived", "labels_saved"))
+show_outdated_note(info)
 
-tm = query("task_metrics")
 if tm.empty:
     st.info("No label-fraction results yet. Run `ctssl benchmark --profile quick` to fine-tune every "
             "strategy at several label fractions.")
@@ -26,7 +27,6 @@ st.plotly_chart(charts.fraction_curves_fig(curves, task, metric), width="stretch
 st.caption("Mean over seeds; bands are 95% CIs. Random init (grey, dashed) is the reference.")
 
 st.subheader("At full labels")
-table = query("headline_table")
 cols = st.columns(max(1, min(3, table.task.nunique())))
 for k, (t, g) in enumerate(table.groupby("task")):
     m = next((x for x in HEADLINE.get(t, []) if x in set(g.metric)), sorted(g.metric)[0])
@@ -39,7 +39,6 @@ for k, (t, g) in enumerate(table.groupby("task")):
 c1, c2 = st.columns(2)
 with c1:
     st.subheader("Segmentation learning speed")
-    speed = query("derived", "speed_ratio")
     if speed.empty:
         st.info("No speed ratio recorded yet (the benchmark writes it after the nodule runs).")
     else:
@@ -49,7 +48,6 @@ with c1:
         st.caption(speed.note.dropna().iloc[0] if speed.note.notna().any() else "")
 with c2:
     st.subheader("Labels saved")
-    saved = query("derived", "labels_saved")
     if saved.empty:
         st.info("No label-saving estimate recorded yet.")
     else:

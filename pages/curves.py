@@ -4,14 +4,14 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import X_AXES
-from pages.common import query, show_outdated_note
+from pages.common import query, query_many, show_outdated_note
 
 MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
 
 st.title("Learning curves")
-show_outdated_note()
+info, runs = query_many(("store_info",), ("run_table",))
+show_outdated_note(info)
 
-runs = query("run_table")
 if runs.empty:
     st.info("No runs yet. Start one with `ctssl pretrain --task rotation` or `ctssl benchmark --profile smoke`.")
     st.stop()

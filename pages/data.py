@@ -3,12 +3,14 @@
 import streamlit as st
 
 from ctssl_core import charts
-from pages.common import query, show_outdated_note
+from pages.common import query, query_many, show_outdated_note
 
 st.title("Data")
-show_outdated_note()
+info, summary, demo, prev, series, errors = query_many(
+    ("store_info",), ("cohort_summary",), ("demographics",), ("label_prevalence",), ("series_list",),
+    ("ingest_errors",))
+show_outdated_note(info)
 
-summary = query("cohort_summary")
 if summary["patients"] == 0 and summary["slices"] == 0:
     st.info("This store has no cohort yet. Generate and ingest one with `ctssl synth` then `ctssl ingest`, "
             "or ingest your own DICOM folder with `ctssl ingest <folder>`.")
@@ -22,14 +24,12 @@ if summary["datasets"]:
     st.caption("Datasets: " + ", ".join(summary["datasets"]))
 
 st.subheader("Demographics")
-demo = query("demographics")
 attrs = [a for a in ["age", "sex", "race", "site", "control_group"] if a in demo.columns and demo[a].notna().any()]
 hcols = st.columns(max(1, len(attrs)))
 for c, a in zip(hcols, attrs):
     with c:
         st.plotly_chart(charts.histogram_fig(demo[a], a), width="stretch", key=f"data_hist_{a}")
 
-prev = query("label_prevalence")
 if len(prev):
     st.subheader("Labels")
     p1, p2 = st.columns([2, 1])
@@ -37,7 +37,6 @@ if len(prev):
     p2.dataframe(prev, hide_index=True, width="stretch")
 
 st.subheader("Slice viewer")
-series = query("series_list")
 if series.empty:
     st.info("No series arrays in this store (older store or empty ingest).")
 else:
@@ -61,7 +60,6 @@ else:
                  width="stretch")
 
 st.subheader("Ingest errors")
-errors = query("ingest_errors")
 if errors.empty:
     st.success("No files failed to ingest.")
 else:

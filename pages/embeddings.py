@@ -3,15 +3,15 @@
 import streamlit as st
 
 from ctssl_core import charts
-from pages.common import query, show_outdated_note
+from pages.common import query, query_many, show_outdated_note
 
 COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
 MAX_POINTS = 5000
 
 st.title("Embeddings & bias")
-show_outdated_note()
+info, emb = query_many(("store_info",), ("embeddings",))
+show_outdated_note(info)
 
-emb = query("embeddings")
 if emb.empty:
     st.info("No embeddings yet. Compute them with `ctssl embed` (PCA + UMAP of slice embeddings per "
             "strategy) and the bias analysis with `ctssl bias`.")
@@ -31,23 +31,26 @@ methods = sorted(row.methods or ["umap", "pca"], key=lambda m: m != "umap")  # U
 method = c2.radio("Projection", methods, horizontal=True, key="emb_method")
 color_by = c3.selectbox("Colour by", COLOR_BY, key="emb_color")
 
-ref_id = query("reference_for", emb_id)
+view = query("embedding_view", emb_id, method, MAX_POINTS)
+ref_id = view["ref_id"]
+for msg in view["missing"]:
+    st.warning(msg)
 left, right = st.columns(2)
-for col, eid, title in [(left, emb_id, labels.get(emb_id, emb_id)),
-                        (right, ref_id, f"random init · {labels.get(ref_id, ref_id)}" if ref_id else None)]:
+for col, eid, title, pts, total in [
+        (left, emb_id, labels.get(emb_id, emb_id), view["points"], view["total"]),
+        (right, ref_id, f"random init · {labels.get(ref_id, ref_id)}" if ref_id else None, view["ref_points"],
+         view["ref_total"])]:
     with col:
         if eid is None:
             st.info("No random-init embedding to compare with; `ctssl embed --init random` computes one.")
             continue
-        got = query("projection", eid, method, MAX_POINTS, missing_ok=True)
-        if got is None:
+        if pts is None:
             continue
-        pts, total = got
         st.plotly_chart(charts.scatter_fig(pts, color_by, f"{method.upper()}: {title}"), width="stretch",
                         key=f"emb_scatter_{eid}")
         st.caption(f"{len(pts):,} of {total:,} points" + (" (seeded random sample)" if total > len(pts) else ""))
 
-bias = query("bias_results", emb_id)
+bias = view["bias"]
 if bias.empty:
     st.info("No bias analysis for this embedding yet: run `ctssl bias`.")
     st.stop()

@@ -3,28 +3,26 @@
 import streamlit as st
 
 from ctssl_core.results.read import fmt_ci, pivot_headline, verdicts
-from pages.common import query, show_outdated_note
+from pages.common import query_many, show_outdated_note
 
 st.title("Which pretraining strategy should I use?")
-show_outdated_note()
+info_store, table, bench, info = query_many(("store_info",), ("headline_table",), ("benchmarks",),
+                                           ("run_overview",))
+show_outdated_note(info_store)
 
-table = query("headline_table")
 if table.empty:
-    info = query("run_overview")
     st.info("No benchmark results in this store yet. Fill it with `ctssl benchmark --profile quick` "
             "(about 10 minutes on a CPU; `--profile smoke` takes one), or fine-tune single runs with "
             "`ctssl finetune`." + (f" {info['n_runs']} runs are recorded so far ({info['running']} running) — "
                                    "see **Learning curves**." if info["n_runs"] else ""))
     st.stop()
 
-bench = query("benchmarks")
 if len(bench):
     b = bench.iloc[0]
     when = b.ended_at if b.ended_at is not None and str(b.ended_at) != "NaT" else b.started_at
     st.caption(f"Benchmark **{b.benchmark_id}** · dataset **{b.dataset}** · profile {b.profile} · "
                f"status {b.status} · {str(when)[:16]}")
 else:
-    info = query("run_overview")
     st.caption(f"Dataset {', '.join(info['datasets']) or 'unknown'} · {info['n_runs']} runs · "
                f"last finished {str(info['last'])[:16]}")
 

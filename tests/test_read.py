@@ -361,3 +361,16 @@ def test_reads_what_the_real_writer_wrote(tmp_path):
     df = read.curves(tmp_path, ["ft-pe-rotation-1"], ["train/loss"], "epoch")
     assert len(df) == 29 and 0.7 not in df.x.round(6).tolist()  # the NaN at step 7 is not drawn
     assert np.allclose(df.y.to_numpy(), [1.0 / (s + 1) for s in range(30) if s != 7])
+
+
+def test_session_shares_one_connection_and_gives_the_same_answers(seeded):
+    alone = read.headline_table(seeded.root), read.run_table(seeded.root)
+    with read.session(seeded.root):
+        with read._read(seeded.root) as a, read._read(seeded.root) as b:
+            assert a is b
+        shared = read.headline_table(seeded.root), read.run_table(seeded.root)
+    pd.testing.assert_frame_equal(alone[0], shared[0])
+    pd.testing.assert_frame_equal(alone[1], shared[1])
+    with pytest.raises(StoreMissing):
+        with read.session(seeded.root / "nowhere"):
+            pass

@@ -16,6 +16,7 @@ Robustness contract (the dashboard must never show a stack trace):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 from dataclasses import dataclass, field
@@ -49,8 +50,35 @@ def lower_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- plumbing
+# (store, connection, schema columns) shared by the queries inside one `session()`
+_SESSION: contextvars.ContextVar = contextvars.ContextVar("ctssl_read_session", default=None)
+
+
+@contextlib.contextmanager
+def session(store: str | Path, timeout_s: float = 10.0) -> Iterator[None]:
+    """Run several queries on ONE short read-only connection (a page's batch of loads).
+
+    Why: opening the DuckDB file costs 20-150 ms on the 2-core machine, more
+    than most of our queries; a page that runs six queries would pay it six
+    times. The connection still lives only as long as the batch.
+    """
+    if _SESSION.get() is not None:
+        yield
+        return
+    with connect(store_paths(store).db, read_only=True, timeout_s=timeout_s) as con:
+        token = _SESSION.set((str(Path(store)), con, _query_columns(con)))
+        try:
+            yield
+        finally:
+            _SESSION.reset(token)
+
+
 @contextlib.contextmanager
 def _read(store: str | Path, timeout_s: float = 10.0) -> Iterator:
+    shared = _SESSION.get()
+    if shared is not None and shared[0] == str(Path(store)):
+        yield shared[1]
+        return
     with connect(store_paths(store).db, read_only=True, timeout_s=timeout_s) as con:
         yield con
 
@@ -69,6 +97,13 @@ def store_version(store: str | Path) -> int:
 
 
 def _schema_columns(con) -> dict[str, list[str]]:
+    shared = _SESSION.get()
+    if shared is not None and shared[1] is con:
+        return shared[2]
+    return _query_columns(con)
+
+
+def _query_columns(con) -> dict[str, list[str]]:
     rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
                        "WHERE table_schema = 'main' ORDER BY ordinal_position").fetchall()
     out: dict[str, list[str]] = {}
@@ -465,6 +500,28 @@ def projection(store: str | Path, emb_id: str, method: str, max_points: int = 50
         keys = keys.drop(columns=[c for c in ("x", "y") if c in keys.columns])
         pts = pts.merge(keys, on="row", how="left")
     return pts.reset_index(drop=True), total
+
+
+def embedding_view(store: str | Path, emb_id: str, method: str, max_points: int = 5000) -> dict:
+    """Everything the Embeddings page shows for one embedding, in one connection.
+
+    Returns {ref_id, points, total, ref_points, ref_total, missing: [messages], bias}.
+    A deleted projection file becomes a message in ``missing``, not an error, so
+    the rest of the page still renders.
+    """
+    out: dict = {"missing": []}
+    with session(store):
+        out["ref_id"] = reference_for(store, emb_id)
+        for key, eid in (("", emb_id), ("ref_", out["ref_id"])):
+            out[f"{key}points"], out[f"{key}total"] = None, 0
+            if eid is None:
+                continue
+            try:
+                out[f"{key}points"], out[f"{key}total"] = projection(store, eid, method, max_points)
+            except ResultFileMissing as e:
+                out["missing"].append(str(e))
+        out["bias"] = bias_results(store, emb_id)
+    return out
 
 
 def bias_results(store: str | Path, emb_id: str, analysis: str | None = None) -> pd.DataFrame:
