@@ -34,6 +34,7 @@ from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHead
 
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
+SCAN_POOL_MIN_FILES = 4000
 SLICE_CHUNK = 32  # slices decoded and resampled at once inside a series (bounds memory)
 COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
 COMMIT_SECONDS = 2.0  # ... or this long after the last commit (short transactions, bounded loss on interrupt)
@@ -592,7 +593,9 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     headers: list[SliceHeader] = []
     errors: list[tuple[str, str, str]] = []
     bar = _bar(progress, len(todo), "scan headers")
-    for res in _imap(_scan_chunk, chunks, cfg.workers if len(chunks) > 1 else 1):
+    # header scans cost ~0.3 ms a file: below a few thousand files a process pool costs more than it saves
+    scan_workers = cfg.workers if len(todo) >= SCAN_POOL_MIN_FILES else 1
+    for res in _imap(_scan_chunk, chunks, scan_workers):
         for p, h, e in res:
             if h is not None:
                 headers.append(h)
