@@ -144,8 +144,15 @@ CONTINUOUS = {"age"}
 def scatter_fig(points: pd.DataFrame, color_by: str, title: str, hover: list[str] | None = None) -> go.Figure:
     """2-D embedding scatter coloured by a patient attribute (categorical: one trace per group)."""
     hover = [h for h in (hover or ["slice_id", "age", "sex", "race", "site"]) if h in points.columns]
-    custom = points[hover].astype(str).to_numpy() if hover else None
-    tmpl = "<br>".join(f"{h}: %{{customdata[{i}]}}" for i, h in enumerate(hover)) + "<extra></extra>"
+    # one pre-joined hover string per point: plotly deep-copies object arrays element by element,
+    # so one string column is ~5x cheaper than a 5-column customdata
+    text = None
+    if hover:
+        joined = f"{hover[0]}: " + points[hover[0]].astype(str)
+        for h in hover[1:]:
+            joined = joined + f"<br>{h}: " + points[h].astype(str)
+        text = joined.to_numpy(dtype=object)
+    custom, tmpl = text, "%{customdata}<extra></extra>"
     x, y = points.x.to_numpy(), points.y.to_numpy()
     traces = []
     if color_by not in points.columns:
