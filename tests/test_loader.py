@@ -133,3 +133,18 @@ def test_bad_inputs_say_what_to_do(store):
         SliceBatcher(store, None, 2, context=3)
     with pytest.raises(ConfigError, match="label"):
         SliceBatcher(store, None, 2, label_keys=("nodule_volume",))
+
+
+def test_non_dense_store_ids_map_to_the_right_slices():
+    from ctssl_core.data.store import SliceStore
+
+    arrays = make_arrays(n_series=2, n_slices=8, size=16)
+    store = SliceStore(arrays, slice_ids=np.arange(16, dtype=np.int64) + 1000)
+    b = SliceBatcher(store, np.arange(1004, 1012), 4, context=2, gap=2, seed=0, prefetch=False)
+    for raw in take(b, 3):
+        ids = raw["slice_id"].numpy()
+        assert set(ids) <= {1004, 1005, 1008, 1009, 1010, 1011}  # series 0 idx 6, 7 have no slice n+2
+        h = hu_of(raw)
+        assert torch.equal(h[:, 0], torch.from_numpy(100 * ((ids - 1000) // 8) + (ids - 1000) % 8))
+    with pytest.raises(ConfigError, match="not in the store"):
+        SliceBatcher(store, np.array([5]), 1)
