@@ -110,13 +110,24 @@ class IngestSummary:
 
 # ---------------------------------------------------------------- stage 1: scan
 
-def find_files(root: Path) -> list[Path]:
-    """Every candidate file under ``root`` (any name, with or without .dcm), sidecars and hidden files excluded."""
+def find_files(root: Path, xml_out: list | None = None) -> list[Path]:
+    """Every candidate file under ``root`` (any name, with or without .dcm), sidecars and hidden files excluded.
+
+    XML files met on the way (LIDC reads may sit beside each case's DICOM) are appended to
+    ``xml_out`` so the tree is walked once.
+    """
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lidc_xml")
+        if xml_out is not None and os.path.basename(dirpath) == "lidc_xml":
+            xml_out.extend(os.path.join(dirpath, n) for n in sorted(filenames) if n.lower().endswith(".xml"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES:
+            ext = os.path.splitext(name)[1].lower()
+            if name.startswith(".") or ext in SIDECAR_SUFFIXES:
+                if ext == ".xml" and xml_out is not None and os.path.basename(dirpath) != "lidc_xml":
+                    xml_out.append(os.path.join(dirpath, name))
+                continue
+            if "lidc_xml" in os.path.relpath(dirpath, root).split(os.sep):
                 continue
             out.append(os.path.join(dirpath, name))
     return [Path(p) for p in out] if len(out) < 10_000 else out  # strings for big trees (pathlib is slow)
@@ -517,20 +528,21 @@ def _now():
     return dt.datetime.now()
 
 
-def detect_sidecars(root: Path, cfg: IngestConfig) -> dict[str, Any]:
-    """Find label files in ``root``: train.csv (RSNA-PE), lidc_xml/ or *.xml (LIDC), demographics.csv."""
+def detect_sidecars(root: Path, cfg: IngestConfig, xmls: list | None = None) -> dict[str, Any]:
+    """Label files in ``root``: train.csv (RSNA-PE), XML reads (LIDC; found by ``find_files``), demographics.csv."""
     found: dict[str, Any] = {}
     csv = root / "train.csv"
     if cfg.format == "rsna-pe" and not csv.exists():
         raise ConfigError(f"--format rsna-pe needs {csv} (the competition's train.csv); put it beside the train/ folder")
     if csv.exists() and cfg.format in ("auto", "rsna-pe"):
         found["rsna_csv"] = csv
-    xmls = sorted((root / "lidc_xml").glob("*.xml")) if (root / "lidc_xml").is_dir() else []
-    xmls += sorted(p for p in root.rglob("*.xml") if "lidc_xml" not in p.parts)
+    if xmls is None:
+        xmls = []
+        find_files(root, xmls)
     if cfg.format == "lidc" and not xmls:
         raise ConfigError(f"--format lidc found no XML reads under {root} (expected lidc_xml/*.xml or *.xml)")
     if xmls and cfg.format in ("auto", "lidc"):
-        found["lidc_xml"] = xmls
+        found["lidc_xml"] = sorted(xmls)
     demo = Path(cfg.demographics) if cfg.demographics else root / "demographics.csv"
     if cfg.demographics and not demo.exists():
         raise ConfigError(f"--demographics {demo}: file not found")
@@ -554,7 +566,9 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     paths = store_paths(store_root)
     t0 = time.perf_counter()
     summary = IngestSummary()
-    side = detect_sidecars(root, cfg)
+    xmls: list[str] = []
+    files = find_files(root, xmls)
+    side = detect_sidecars(root, cfg, xmls)
     summary.sidecars = [k for k in side]
     summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
                        else "lidc" if "lidc_xml" in side else "generic")
@@ -569,7 +583,6 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
 
-    files = find_files(root)
     summary.files_found = len(files)
     todo: list[str] = []
     stat: dict[str, tuple[int, float]] = {}
