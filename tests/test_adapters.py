@@ -193,3 +193,26 @@ def test_demographics_keyed_by_study_and_bad_csv(cohort, tmp_path):
         read_csv(bad)
     with pytest.raises(ConfigError, match="not found"):
         ingest(src, store, IngestConfig(demographics=str(tmp_path / "missing.csv")), progress=False)
+
+
+def test_lidc_layout_xml_beside_dicom(tmp_path):
+    """Real LIDC-IDRI keeps an arbitrarily named XML inside each case folder; --format lidc finds it."""
+    import pydicom
+    from dicom_fixtures import phantom, write_series
+
+    case = tmp_path / "LIDC-IDRI-0001" / "study" / "series"
+    paths = write_series(case, phantom(5, 32, 32), patient_id="LIDC-0001", pixel_spacing=(1.0, 1.0))
+    dss = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    blob = _ellipse(32, 32, 16, 12, 4, 6)
+    reads = [{"reader": f"r{r}", "nodules": [{"id": "n1", "texture": 5, "slices": {2: blob}}]} for r in range(2)]
+    (case / "069.xml").write_text(lidc_xml(str(dss[0].SeriesInstanceUID), str(dss[0].StudyInstanceUID),
+                                           [str(d.SOPInstanceUID) for d in dss],
+                                           np.array([float(d.ImagePositionPatient[2]) for d in dss]), reads))
+    s = ingest(tmp_path, tmp_path / "store", IngestConfig(size=32, workers=1, format="lidc"), progress=False)
+    assert s.dataset == "lidc" and s.nodule_series == 1 and s.errors == 0  # the XML is not a bad DICOM file
+    st = SliceStore.open(tmp_path / "store")
+    np.testing.assert_array_equal(st.labels("nodule_px"), [0, 0, blob.sum(), 0, 0])
+    np.testing.assert_array_equal(st.read_mask([2])[0].astype(bool), blob)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no XML reads"):
+        ingest(tmp_path / "empty", tmp_path / "s2", IngestConfig(format="lidc"), progress=False)
