@@ -243,3 +243,14 @@ def test_cli_ingest_prints_summary(tmp_path, capsys):
     assert rc == 0 and "3 slices" in out and "slices/s" in out and "not_dicom" in out
     assert main(["ingest", str(tmp_path / "missing"), "--store", str(tmp_path / "st")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_gantry_tilt_recorded_in_selection_rule(tmp_path):
+    t = np.deg2rad(12.0)
+    write_series(tmp_path / "src", phantom(3, 16, 16), gantry_tilt=12.0,
+                 orientation=(1, 0, 0, 0, float(np.cos(t)), float(-np.sin(t))), patient_id="P-TILT")
+    s = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(size=16, workers=1), progress=False)
+    assert s.slices == 3 and s.errors == 0  # tilted but axial: kept
+    with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
+        rule = con.execute("SELECT selection_rule FROM series").fetchone()[0]
+    assert "gantry tilt 12.0 deg" in rule
