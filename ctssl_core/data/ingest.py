@@ -576,6 +576,8 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         summary.dataset = cfg.format
     key = Pseudonymiser.for_store(paths.secret)
     paths.slices.mkdir(parents=True, exist_ok=True)
+    for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
+        stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
 
     with connect(paths.db) as con:
         _ensure_schema_once(con, ensure_schema)

@@ -65,10 +65,12 @@ class SliceStore:
             tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
             if "series" not in tables:
                 raise StoreMissing(f"the store at {paths.root} has no catalog; run `ctssl ingest DIR --store {paths.root}`")
-            series = con.execute("SELECT s.*, p.rowid_p FROM series s JOIN (SELECT patient_key, "
-                                 "row_number() OVER (ORDER BY patient_key) - 1 AS rowid_p FROM patients) p "
-                                 "USING (patient_key) ORDER BY (SELECT min(slice_id) FROM slices x "
-                                 "WHERE x.series_key = s.series_key)").df()
+            series = con.execute(
+                "SELECT s.*, p.rowid_p FROM series s "
+                "JOIN (SELECT patient_key, row_number() OVER (ORDER BY patient_key) - 1 AS rowid_p FROM patients) p "
+                "USING (patient_key) "
+                "JOIN (SELECT series_key, min(slice_id) AS first_id FROM slices GROUP BY series_key) f "
+                "USING (series_key) ORDER BY f.first_id").df().drop(columns=["first_id"], errors="ignore")
             slices = con.execute("SELECT * FROM slices ORDER BY slice_id").df()
             patients = _expand_attributes(con.execute("SELECT * FROM patients ORDER BY patient_key").df())
         if series.empty or slices.empty:
