@@ -50,6 +50,7 @@ def test_every_task_trains_one_step_on_a_tiny_encoder(name):
     assert prob.shape[0] == 4 and torch.isfinite(prob).all()
     if name == "nodule":
         assert prob.shape == (4, 32, 32) and prob.min() >= 0 and prob.max() <= 1
+        assert prob.mean() < 0.1        # output bias starts at the foreground prior, not at p = 0.5
 
 
 def test_pe_flip_keeps_labels_and_pos_weight_raises_positive_loss():

@@ -31,6 +31,22 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1.0 - (2.0 * inter + eps) / (p.sum() + target.sum() + eps)
 
 
+def init_output_bias(head: nn.Module, prior: float) -> None:
+    """Start the last 1-channel conv at ``logit(prior)`` (Lin et al. 2017, focal-loss prior).
+
+    With a zero bias every pixel starts at p = 0.5, so the thresholded mask is
+    the whole image and Dice is ~0 until BCE has pushed millions of background
+    pixels down; starting near the true foreground rate lets the first steps
+    learn where nodules are instead. Same for every init, so it favours none.
+    """
+    if not prior:
+        return
+    last = [m for m in head.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 1 and m.bias is not None]
+    if last:
+        with torch.no_grad():
+            last[-1].bias.fill_(float(np.log(prior / (1 - prior))))
+
+
 @dataclass(frozen=True)
 class NoduleTask:
     name: ClassVar[str] = "nodule"
@@ -42,6 +58,7 @@ class NoduleTask:
     bce_weight: float = 1.0
     hflip: bool = True
     threshold: float = 0.5
+    prior: float = 0.01            # initial foreground probability of the output layer (0 = leave it)
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
         x, m = raw["x"][:, :1], raw["nodule"].float()               # (B, 1, H, W) each
@@ -55,7 +72,9 @@ class NoduleTask:
     def build_head(self, encoder: nn.Module) -> nn.Module:
         from ctssl_core.models.heads import build_dense_head
 
-        return build_dense_head(encoder, 1)
+        head = build_dense_head(encoder, 1)
+        init_output_bias(head, self.prior)
+        return head
 
     def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch):
         from ctssl_core.models.heads import dense_forward
