@@ -216,3 +216,18 @@ def test_lidc_layout_xml_beside_dicom(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no XML reads"):
         ingest(tmp_path / "empty", tmp_path / "s2", IngestConfig(format="lidc"), progress=False)
+
+
+def test_rsna_csv_without_key_columns_is_refused(tmp_path):
+    from ctssl_core.data.adapters.rsna_pe import load_labels
+
+    (tmp_path / "train.csv").write_text("StudyInstanceUID,SOPInstanceUID\n1.2,1.2.3\n")
+    with pytest.raises(ConfigError, match="pe_present_on_image.*--format generic"):
+        load_labels(tmp_path / "train.csv")
+    ok = tmp_path / "ok.csv"
+    ok.write_text("StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,pe_present_on_image,negative_exam_for_pe\n"
+                  "1.2,1.3,1.2.3.1,1,0\n1.2,1.3,1.2.3.2,0,0\n")
+    lab = load_labels(ok)
+    assert lab.pe_of(["1.2.3.1", "1.2.3.2", "9.9"]) == {"1.2.3.1": True, "1.2.3.2": False}
+    assert lab.exams_of(["1.2"]) == {"1.2": {"negative_exam_for_pe": 0}}
+    lab.close()

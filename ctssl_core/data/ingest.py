@@ -629,8 +629,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     if "rsna_csv" in side and plans:
         from ctssl_core.data.adapters.rsna_pe import load_labels
 
-        rsna = load_labels(side["rsna_csv"], {h.sop_uid for p in plans for h in p.headers.values()},
-                           {p.study_uid for p in plans})
+        rsna = load_labels(side["rsna_csv"])
     lidc = None
     if "lidc_xml" in side and plans:
         from ctssl_core.data.adapters.lidc import parse_reads
@@ -671,6 +670,8 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
             flush()
     flush()
     bar.close()
+    if rsna is not None:
+        rsna.close()
     summary.stage_seconds["build"] = time.perf_counter() - t3
 
     if "demographics" in side:
@@ -790,12 +791,16 @@ def _record_errors(db, errors: list[tuple[str, str, str]], relp, stat, summary: 
 
 
 def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, summary: IngestSummary,
-            rsna, relp, stat) -> None:
+            rsna, relp, stat) -> None:  # rsna: adapters.rsna_pe.RsnaLabels or None
     """Catalog rows for finished series (arrays already renamed into place), one transaction."""
     from ctssl_core.db import connect
 
     now = _now()
     patients, studies, series, slices, files, errs = {}, {}, [], [], [], []
+    pe_of, exam_of = {}, {}
+    if rsna is not None:
+        pe_of = rsna.pe_of([sop.split("#")[0] for b in built for sop in b.sop_uids])
+        exam_of = rsna.exams_of(sorted({plans[b.series_uid].study_uid for b in built}))
     for b in built:
         p = plans[b.series_uid]
         h0 = p.headers[p.files[0]]
@@ -810,8 +815,8 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
         pk, stk, sk = key("patient", p.patient_id), key("study", p.study_uid), key("series", p.series_uid)
         patients.setdefault(pk, (pk, h0.age, h0.sex, h0.race, json.dumps({})))
         pe_exam, exam = None, None
-        if rsna is not None and p.study_uid in rsna.exams:
-            exam = rsna.exams[p.study_uid]
+        if p.study_uid in exam_of:
+            exam = exam_of[p.study_uid]
             neg = exam.get("negative_exam_for_pe")
             pe_exam = None if neg is None else (not bool(neg))
         studies.setdefault(stk, (stk, pk, summary.dataset, pe_exam, json.dumps(exam) if exam else None))
@@ -822,7 +827,7 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
             site=None, manufacturer=h0.manufacturer, model=h0.model, kernel=h0.kernel,
             selection_rule=p.selection_rule, ingested_at=now))
         for i, (sop, z) in enumerate(zip(b.sop_uids, b.z)):
-            pe = rsna.pe.get(sop.split("#")[0]) if rsna is not None else None
+            pe = pe_of.get(sop.split("#")[0])
             slices.append((sk, i, key("sop", sop), z, pe, b.nodule_px[i] if b.nodule_px is not None else None))
         for f in b.files_ok:
             size, mtime = stat.get(f, (0, 0.0))

@@ -2,15 +2,13 @@
 
 One row per image: StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,
 pe_present_on_image, then 13 exam-level columns repeated on every row. The real
-file has 1.8M rows, so it is read row by row and only the SOPs and studies being
-ingested are kept. Also the competition's weighted log loss (Kaggle 2020), which
+file has 1.8M rows, so it goes into an in-memory DuckDB table and is queried per
+batch of committed slices; no Python object per row. Also the competition's weighted log loss (Kaggle 2020), which
 the ``pe`` task can report next to AUROC.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,41 +28,66 @@ EXAM_WEIGHTS = {
 IMAGE_WEIGHT = 0.07361963
 
 
-@dataclass
 class RsnaLabels:
-    pe: dict[str, bool] = field(default_factory=dict)            # SOPInstanceUID -> pe_present_on_image
-    exams: dict[str, dict[str, int]] = field(default_factory=dict)  # StudyInstanceUID -> exam columns
-    rows: int = 0
+    """``train.csv`` loaded into an in-memory DuckDB (columnar, ~100 MB for the full 1.8M rows)
+    and queried per commit batch, so no Python object per row is ever held.
+    Raw UIDs live only in this process's memory, never in the store."""
 
+    def __init__(self, csv_path: str | Path):
+        import csv
 
-def load_labels(csv_path: str | Path, sops: set[str], studies: set[str]) -> RsnaLabels:
-    """Stream ``train.csv``; keep labels only for ``sops``/``studies`` (those being ingested)."""
-    from ctssl_core.config import ConfigError
+        from ctssl_core.config import ConfigError
 
-    out = RsnaLabels()
-    with open(csv_path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ConfigError(f"{csv_path} is empty; expected the RSNA-PE train.csv with columns {', '.join(KEY_COLUMNS)}")
-        col = {name.strip(): i for i, name in enumerate(header)}
-        missing = [c for c in KEY_COLUMNS if c not in col]
+        self.path = Path(csv_path)
+        with open(self.path, newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if not header:
+            raise ConfigError(f"{self.path} is empty; expected the RSNA-PE train.csv with columns {', '.join(KEY_COLUMNS)}")
+        cols = [c.strip() for c in header]
+        missing = [c for c in KEY_COLUMNS if c not in cols]
         if missing:
-            raise ConfigError(f"{csv_path} lacks column(s) {', '.join(missing)}; is it the RSNA-PE train.csv? "
+            raise ConfigError(f"{self.path} lacks column(s) {', '.join(missing)}; is it the RSNA-PE train.csv? "
                               f"Use --format generic to ingest without it.")
-        i_sop, i_study, i_pe = col["SOPInstanceUID"], col["StudyInstanceUID"], col["pe_present_on_image"]
-        exam_idx = [(c, col[c]) for c in EXAM_COLUMNS if c in col]
-        for row in reader:
-            out.rows += 1
-            if len(row) <= max(i_sop, i_study, i_pe):
-                continue
-            sop = row[i_sop].strip()
-            if sop in sops:
-                out.pe[sop] = _flag(row[i_pe])
-            study = row[i_study].strip()
-            if study in studies and study not in out.exams:
-                out.exams[study] = {c: int(_flag(row[i])) for c, i in exam_idx if i < len(row) and row[i].strip() != ""}
-    return out
+        self.exam_columns = [c for c in EXAM_COLUMNS if c in cols]
+        self.con = None  # loaded on first lookup: after ingest's worker processes have forked
+
+    def _load(self):
+        import duckdb
+
+        src = "read_csv('" + str(self.path).replace("'", "''") + "', header=true, all_varchar=true)"
+        self.con = duckdb.connect(":memory:")
+        flag = "(lower(trim({0})) IN ('1', '1.0', 'true', 'yes'))"
+        self.con.execute(f"CREATE TABLE img AS SELECT trim(SOPInstanceUID) AS sop, "
+                         f"{flag.format('pe_present_on_image')} AS pe FROM {src}")
+        exam_sel = ", ".join(f"CAST({flag.format(c)} AS INTEGER) AS {c}" for c in self.exam_columns)
+        self.con.execute(f"CREATE TABLE exam AS SELECT DISTINCT ON (trim(StudyInstanceUID)) trim(StudyInstanceUID) AS study"
+                         f"{', ' + exam_sel if exam_sel else ''} FROM {src}")
+        return self.con
+
+    def pe_of(self, sops: list[str]) -> dict[str, bool]:
+        """SOPInstanceUID -> pe_present_on_image, for the given SOPs that are in the csv."""
+        if not sops:
+            return {}
+        return dict((self.con or self._load()).execute("SELECT sop, pe FROM img WHERE sop IN (SELECT unnest(?::TEXT[]))",
+                                     [list(sops)]).fetchall())
+
+    def exams_of(self, studies: list[str]) -> dict[str, dict[str, int]]:
+        """StudyInstanceUID -> exam-level columns."""
+        if not studies:
+            return {}
+        rows = (self.con or self._load()).execute("SELECT * FROM exam WHERE study IN (SELECT unnest(?::TEXT[]))",
+                                [list(studies)]).fetchall()
+        return {r[0]: dict(zip(self.exam_columns, r[1:])) for r in rows}
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+
+def load_labels(csv_path: str | Path) -> RsnaLabels:
+    """Open ``train.csv`` for per-batch label lookups (see :class:`RsnaLabels`)."""
+    return RsnaLabels(csv_path)
 
 
 def _flag(v: str) -> bool:
