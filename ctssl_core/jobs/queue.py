@@ -440,7 +440,7 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
         if reason is None:
             continue
         procs.kill_group(pgid)
-        state = "cancelled" if bool(r.cancel_requested) else "failed"
+        state = "cancelled" if (not pd.isna(r.cancel_requested) and bool(r.cancel_requested)) else "failed"
         close_runs(store_root, r.job_id, state, reason)  # metrics first: a 'failed' row means all merged
         if finish(store_root, r.job_id, state, error=reason if state == "failed" else "cancelled by user"):
             changed.append((r.job_id, reason))

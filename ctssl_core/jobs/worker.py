@@ -164,14 +164,16 @@ class Worker:
     def run(self, once: bool = False, idle_exit_s: float | None = None, stop=None) -> None:
         """Serve the queue. ``once``: return when nothing is queued or running.
         ``idle_exit_s``: return after that long with nothing to do. ``stop``: a threading.Event."""
+        import duckdb
+
         self.acquire()
         try:
             idle_since = time.monotonic()
             while stop is None or not stop.is_set():
                 try:
                     started = self.step()
-                except StoreError as e:  # a store busy for a long time: keep serving, try again
-                    print(f"worker: {e}", file=sys.stderr, flush=True)
+                except (StoreError, duckdb.Error) as e:  # a store busy for long, a transient conflict: retry
+                    print(f"worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     started = 0
                 if started or self.handles:
                     idle_since = time.monotonic()

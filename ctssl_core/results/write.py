@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -45,6 +46,7 @@ _RESERVED = ("step", "epoch", "wall_s")
 
 
 _SCHEMA_DONE: set[tuple[str, int]] = set()
+_SCHEMA_LOCK = threading.Lock()  # threads of one process share a DuckDB instance: one creates the schema
 
 
 def ensure_schema_once(con, db_path: str | Path) -> None:
@@ -56,15 +58,16 @@ def ensure_schema_once(con, db_path: str | Path) -> None:
         key = None
     if key is not None and key in _SCHEMA_DONE:
         return
-    try:  # a store already at this schema version needs one cheap query, not ~30 statements
-        got = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-        current = bool(got) and got[0][0] == str(SCHEMA_VERSION)
-    except Exception:  # noqa: BLE001 - no meta table yet: a new store
-        current = False
-    if not current:
-        ensure_schema(con)
-    if key is not None:
-        _SCHEMA_DONE.add(key)
+    with _SCHEMA_LOCK:
+        try:  # a store already at this schema version needs one cheap query, not ~30 statements
+            got = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            current = bool(got) and got[0][0] == str(SCHEMA_VERSION)
+        except Exception:  # noqa: BLE001 - no meta table yet: a new store
+            current = False
+        if not current:
+            ensure_schema(con)
+        if key is not None:
+            _SCHEMA_DONE.add(key)
 
 
 def utcnow() -> _dt.datetime:
