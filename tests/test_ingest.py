@@ -254,3 +254,18 @@ def test_gantry_tilt_recorded_in_selection_rule(tmp_path):
     with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
         rule = con.execute("SELECT selection_rule FROM series").fetchone()[0]
     assert "gantry tilt 12.0 deg" in rule
+
+
+def test_batched_ingest_matches_single_pass(tmp_path, monkeypatch):
+    """Very large ingests run in batches of whole studies; the result must not change."""
+    exp = build_messy_folder(tmp_path / "src")
+    monkeypatch.setattr(ingest_mod, "BATCH_FILES", 8)  # forces several batches on this small folder
+    s = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(size=N, workers=1), progress=False)
+    assert s.errors_by_reason == exp["errors"]
+    assert s.series == len(exp["series"]) and s.slices == sum(exp["series"].values())
+    found = dict((n, a) for n, a in _series_arrays(tmp_path / "store") if n != 3)
+    np.testing.assert_array_equal(found[12], exp["vol_a"])
+    with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
+        n_files = con.execute("SELECT count(*) FROM ingested_files").fetchone()[0]
+        ids = [r[0] for r in con.execute("SELECT slice_id FROM slices ORDER BY 1").fetchall()]
+    assert n_files == len(find_files(tmp_path / "src")) and ids == list(range(s.slices))

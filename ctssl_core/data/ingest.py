@@ -35,6 +35,7 @@ from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHead
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
 SCAN_POOL_MIN_FILES = 4000
+BATCH_FILES = 50_000  # larger ingests run in batches of whole studies (bounded memory), see _study_batches
 SLICE_CHUNK = 32  # slices decoded and resampled at once inside a series (bounds memory)
 COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
 COMMIT_SECONDS = 2.0  # ... or this long after the last commit (short transactions, bounded loss on interrupt)
@@ -603,42 +604,100 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     def relp(p: str) -> str:
         return p[prefix:].replace(os.sep, "/")
 
-    # ---- stage 1
-    chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
-    headers: list[SliceHeader] = []
-    errors: list[tuple[str, str, str]] = []
-    bar = _bar(progress, len(todo), "scan headers")
-    # header scans cost ~0.3 ms a file: below a few thousand files a process pool costs more than it saves
-    scan_workers = cfg.workers if len(todo) >= SCAN_POOL_MIN_FILES else 1
-    for res in _imap(_scan_chunk, chunks, scan_workers):
-        for p, h, e in res:
-            if h is not None:
-                headers.append(h)
-            else:
-                errors.append((p, e[0], e[1]))
-        bar.update(len(res))
-    bar.close()
-    summary.stage_seconds["scan"] = time.perf_counter() - t0
-
-    # ---- stage 2
-    plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
-    errors += plan_errors
-    _record_errors(paths.db, errors, relp, stat, summary)
-
     rsna = None
-    if "rsna_csv" in side and plans:
+    if "rsna_csv" in side and todo:
         from ctssl_core.data.adapters.rsna_pe import load_labels
 
-        rsna = load_labels(side["rsna_csv"])
-    lidc = None
-    if "lidc_xml" in side and plans:
-        from ctssl_core.data.adapters.lidc import parse_reads
+        rsna = load_labels(side["rsna_csv"])  # validates the header now; loads the table on first lookup
+    batches = _study_batches(todo, cfg, progress) if len(todo) > BATCH_FILES else [todo]
+    for n_batch, batch in enumerate(batches):
+        t_batch = time.perf_counter()
+        # ---- stage 1
+        chunks = [batch[i:i + SCAN_CHUNK] for i in range(0, len(batch), SCAN_CHUNK)]
+        headers: list[SliceHeader] = []
+        errors: list[tuple[str, str, str]] = []
+        label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
+        bar = _bar(progress, len(batch), label)
+        # header scans cost ~0.3 ms a file: below a few thousand files a process pool costs more than it saves
+        scan_workers = cfg.workers if len(batch) >= SCAN_POOL_MIN_FILES else 1
+        for res in _imap(_scan_chunk, chunks, scan_workers):
+            for p, h, e in res:
+                if h is not None:
+                    headers.append(h)
+                else:
+                    errors.append((p, e[0], e[1]))
+            bar.update(len(res))
+        bar.close()
+        t2 = time.perf_counter()
+        _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
 
-        lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
+        # ---- stage 2
+        plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
+        del headers
+        errors += plan_errors
+        _record_errors(paths.db, errors, relp, stat, summary)
+        lidc = None
+        if "lidc_xml" in side and plans:
+            from ctssl_core.data.adapters.lidc import parse_reads
 
-    # ---- stage 3
-    t3 = time.perf_counter()
-    summary.stage_seconds["plan"] = t3 - t0 - summary.stage_seconds["scan"]
+            lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
+        t3 = time.perf_counter()
+        _add_stage(summary, "plan", t3 - t2)
+
+        # ---- stage 3
+        _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress)
+        existing_series |= {key("series", p.series_uid) for p in plans}
+        existing_studies |= {key("study", p.study_uid) for p in plans}
+        _add_stage(summary, "build", time.perf_counter() - t3)
+    if rsna is not None:
+        rsna.close()
+
+    if "demographics" in side:
+        from ctssl_core.data.adapters.demographics import apply_demographics
+
+        apply_demographics(paths.db, side["demographics"], key, summary)
+
+    summary.seconds = time.perf_counter() - t0
+    summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _add_stage(summary: IngestSummary, name: str, seconds: float) -> None:
+    summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + seconds
+
+
+def _study_batches(todo: list[str], cfg: IngestConfig, progress: bool) -> list[list[str]]:
+    """Split a very large ingest into batches of whole studies (about BATCH_FILES files each).
+
+    Why: planning needs a header per file in memory (~1.6 KB each; ~3 GB for RSNA-PE's 1.8M
+    slices). A first cheap pass keeps only each file's (interned) StudyInstanceUID; every study
+    lands whole in one batch, so series selection per study is unchanged. Costs one extra header
+    scan per file (~0.3 ms). Unreadable files go in the first batch and are recorded there.
+    """
+    import sys
+
+    by_study: dict[str, list[str]] = {}
+    bad: list[str] = []
+    chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    bar = _bar(progress, len(todo), "group studies")
+    for res in _imap(_scan_chunk, chunks, cfg.workers):
+        for p, h, _ in res:
+            if h is None:
+                bad.append(p)
+            else:
+                by_study.setdefault(sys.intern(h.study_uid), []).append(p)
+        bar.update(len(res))
+    bar.close()
+    batches: list[list[str]] = [bad]
+    for files in by_study.values():
+        if len(batches[-1]) + len(files) > BATCH_FILES and batches[-1]:
+            batches.append([])
+        batches[-1].extend(files)
+    return [b for b in batches if b]
+
+
+def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress) -> None:
+    """Stage 3: build each planned series in the workers; commit finished series in short transactions."""
     jobs = [(p, str(paths.root), key("series", p.series_uid), cfg.size,
              (lidc.get(p.series_uid) if lidc is not None else None), cfg.agreement) for p in plans]
     plan_by_uid = {p.series_uid: p for p in plans}
@@ -648,14 +707,6 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     bar = _bar(progress, sum(len(p.units) for p in plans), "decode series")
     pending: list[BuiltSeries] = []
     last_commit = time.perf_counter()
-
-    def flush():
-        nonlocal pending, last_commit
-        if pending:
-            _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
-            pending = []
-        last_commit = time.perf_counter()
-
     for built in _unordered(_build_job, jobs, cfg.workers):
         if isinstance(built, tuple):
             uid, msg = built
@@ -667,21 +718,11 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         pending.append(built)
         bar.update(len(plan_by_uid[built.series_uid].units))
         if sum(len(b.sop_uids) for b in pending) >= COMMIT_SLICES or time.perf_counter() - last_commit > COMMIT_SECONDS:
-            flush()
-    flush()
+            _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
+            pending, last_commit = [], time.perf_counter()
+    if pending:
+        _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
     bar.close()
-    if rsna is not None:
-        rsna.close()
-    summary.stage_seconds["build"] = time.perf_counter() - t3
-
-    if "demographics" in side:
-        from ctssl_core.data.adapters.demographics import apply_demographics
-
-        apply_demographics(paths.db, side["demographics"], key, summary)
-
-    summary.seconds = time.perf_counter() - t0
-    summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
-    return summary
 
 
 def _ensure_schema_once(con, ensure_schema) -> None:
