@@ -522,17 +522,19 @@ def subgroup_rows(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: BiasConfig | N
     df = scores.merge(attrs.drop_duplicates("patient_key"), on="patient_key", how="left", suffixes=("", "_attr"))
     rows = []
     analysis = "subgroup_resampled" if resample else "subgroup"
+    if df["label"].nunique() < 2:
+        raise BiasError("subgroup performance needs both positive and negative labels among the scored exams")
     thr = youden_threshold(df["label"].to_numpy().astype(int), df["score"].to_numpy())
     for attr in [a for a in cfg.attributes if a in df.columns]:
         lab = _group_labels(attr, df[attr], cfg.n_age_bins)
         d = df
-        if resample:
-            ok = np.array([x is not None for x in lab])
-            idx = resample_balanced(df["label"].to_numpy()[ok], lab[ok],
-                                    df["age"].to_numpy()[ok] if "age" in df and attr != "age" else None,
-                                    cfg.n_age_bins, cfg.seed)
-            d, lab = df[ok].iloc[idx].reset_index(drop=True), lab[ok][idx]
         try:
+            if resample:
+                ok = np.array([x is not None for x in lab])
+                idx = resample_balanced(df["label"].to_numpy()[ok], lab[ok],
+                                        df["age"].to_numpy()[ok] if "age" in df and attr != "age" else None,
+                                        cfg.n_age_bins, cfg.seed)
+                d, lab = df[ok].iloc[idx].reset_index(drop=True), lab[ok][idx]
             res = subgroup_performance(d["score"].to_numpy(), d["label"].to_numpy(), lab, d["patient_key"].to_numpy(),
                                        threshold=thr, n_boot=cfg.n_boot, seed=cfg.seed)
         except BiasError as e:

@@ -209,6 +209,13 @@ def test_subgroup_rows_flag_planted_gap_and_resampled_variant():
     assert set(dr["analysis"]) == {"subgroup_resampled"}
     with pytest.raises(BiasError, match="patient_key"):
         bias.subgroup_rows(scores.drop(columns=["label"]), attrs)
+    with pytest.raises(BiasError, match="both positive and negative"):
+        bias.subgroup_rows(scores.assign(label=0), attrs)
+    # a group without positives cannot have a TPR or AUROC: NaN with a sentence, not a crash
+    one_sided = scores.assign(label=np.where(g == "F", 0, scores["label"]))
+    d1 = bias.subgroup_rows(one_sided, attrs, BiasConfig(n_boot=20, attributes=("sex",)))
+    f_auc = d1[(d1.metric == "auroc") & (d1.group_a == "F")].iloc[0]
+    assert np.isnan(f_auc["value"]) and d1[(d1.metric == "auroc") & (d1.group_a == "M")]["value"].notna().all()
 
 
 # ------------------------------------------------------------------ the synthetic cohort's planted ground truth
