@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -905,14 +905,3 @@ def _existing(con, table: str, col: str, keys: list[str]) -> set[str]:
         return set()
     q = f"SELECT {col} FROM {table} WHERE {col} IN ({', '.join('?' * len(keys))})"
     return {r[0] for r in con.execute(q, keys).fetchall()}
-
-
-def iter_chunks(items: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for x in items:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
