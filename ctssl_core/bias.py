@@ -74,6 +74,16 @@ class BiasConfig:
     attributes: tuple[str, ...] = ATTRIBUTES
     min_group: int = 5                 # groups with fewer patients are left out of KS/separability
 
+    def __post_init__(self) -> None:
+        if self.correction not in ("bh", "holm"):
+            raise BiasError(f"bias.correction must be 'bh' or 'holm' (got {self.correction!r})")
+        if not 0 < self.alpha < 1:
+            raise BiasError(f"bias.alpha must be between 0 and 1 (got {self.alpha})")
+        for name, low in (("n_splits", 2), ("n_boot", 1), ("n_modes", 1), ("knn_k", 1), ("n_perm", 1),
+                          ("probe_perm", 0), ("n_age_bins", 2), ("sep_dims", 1), ("min_group", 1)):
+            if getattr(self, name) < low:
+                raise BiasError(f"bias.{name} must be >= {low} (got {getattr(self, name)})")
+
 
 # ---------------------------------------------------------------- helpers
 

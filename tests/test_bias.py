@@ -250,3 +250,13 @@ def test_synthetic_cohort_planted_effects_detected_control_not_and_race_off_is_c
     r0 = df0[(df0.analysis == "probe") & (df0.attribute == "race")].iloc[0]
     assert not r0["flagged"] and r0["ci_low"] < 0.5 < r0["ci_high"]
     assert not _flags(df0, "ks")["race"]
+
+
+@pytest.mark.parametrize("bad", [dict(correction="bonferroni"), dict(alpha=1.5), dict(n_splits=1), dict(n_age_bins=1)])
+def test_bias_config_rejects_bad_values(bad):
+    from ctssl_core.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="bias\\."):
+        build(BiasConfig, bad)
+    with pytest.raises(BiasError):
+        BiasConfig(**bad)

@@ -12,6 +12,7 @@ def add_arguments(p) -> None:
     p.add_argument("--scores", default=None, metavar="PATH",
                    help="parquet/csv of downstream PE scores (patient_key, score, label) for subgroup performance")
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
+    p.add_argument("--profile", default=None, help="profile whose `bias` section sets defaults (smoke, quick, paper)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a BiasConfig field, e.g. --set n_boot=200 --set correction=holm")
 
@@ -22,10 +23,11 @@ def run(args) -> int:
     import pandas as pd
 
     from ctssl_core.bias import BiasConfig, analyse_encoder
-    from ctssl_core.config import ConfigError, build
+    from ctssl_core.config import ConfigError, build, load_profile
     from ctssl_core.paths import store_paths
 
-    cfg = build(BiasConfig, {}, args.overrides)
+    base = dict(load_profile(args.profile).get("bias") or {}) if args.profile else {}
+    cfg = build(BiasConfig, base, args.overrides, where="bias.")
     scores = None
     if args.scores:
         path = Path(args.scores)
