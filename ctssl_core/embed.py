@@ -63,6 +63,16 @@ class EmbedConfig:
     umap_min_dist: float = 0.1
     random_state: int = 0
 
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"embed.split must be train, val, test or all (got {self.split!r})")
+        if self.window_width <= 0:
+            raise ConfigError(f"embed.window_width must be > 0 HU (got {self.window_width})")
+        for name, low in (("batch_size", 1), ("max_per_series", 0), ("max_points", 3), ("umap_pca_dims", 2),
+                          ("umap_neighbors", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"embed.{name} must be >= {low} (got {getattr(self, name)})")
+
 
 # ---------------------------------------------------------------- pure pieces
 

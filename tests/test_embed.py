@@ -172,3 +172,11 @@ def test_even_per_series_keeps_k_spread_slices():
     assert list(sub.loc[sub.series_key == "a", "idx"]) == [0, 3, 6, 9]
     assert list(sub.loc[sub.series_key == "b", "idx"]) == [0, 1, 2]
     assert embed.even_per_series(keys, 0) is keys
+
+
+@pytest.mark.parametrize("bad", [dict(split="holdout"), dict(batch_size=0), dict(window_width=0)])
+def test_embed_config_rejects_bad_values(bad):
+    from ctssl_core.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="embed\\."):
+        build(EmbedConfig, bad)
