@@ -246,7 +246,8 @@ def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path) -> str:
     path.write_text(yaml.safe_dump({"pretrain": pretrain_section(plan, unit.task)}))
     res = pre_mod.run_pretrain(unit.task, store_root, config_path=path, progress=False, echo=lambda m: None)
     if res.status != "succeeded":
-        raise ConfigError(f"pretraining {unit.task} ended {res.status}; re-run the benchmark to resume")
+        raise ConfigError(f"pretraining {unit.task} ended {res.status}; re-run the same command: finished units "
+                          f"are reused and this pretraining starts again")
     return res.run_id
 
 

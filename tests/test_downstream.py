@@ -127,9 +127,12 @@ def test_nodule_and_demographics_scoring():
     # demographics: per-patient mean of slice predictions
     prob = np.array([[40, 0.9, 0.8, 0.1, 0.1], [50, 0.7, 0.6, 0.2, 0.2],
                      [70, 0.1, 0.1, 0.8, 0.1], [60, 0.3, 0.1, 0.1, 0.8]], float)
-    tgt = np.array([[44, 1, 0], [44, 1, 0], [66, 0, 1], [55, 0, 2]], float)
+    years = np.array([44, 44, 66, 55], float)
+    task = make_downstream("demographics", n_race=3, age_mean=50.0, age_std=10.0)
+    # targets arrive as the task's eval_batch makes them: age standardised
+    tgt = np.stack([(years - 50.0) / 10.0, [1, 1, 0, 0], [0, 0, 1, 2]], 1)
     out = {"prob": prob, "target": tgt, "patient": np.array([0, 0, 1, 2])}
-    d = make_downstream("demographics", n_race=3).stat_fn(out)(np.arange(3))
+    d = task.stat_fn(out)(np.arange(3))
     assert d["age_mae"] == pytest.approx((1 + 4 + 5) / 3)
     assert d["sex_auroc"] == pytest.approx(1.0)
     assert d["race_auroc"] == pytest.approx(1.0)

@@ -87,7 +87,8 @@ class DemographicsTask:
                            for k in range(out["prob"].shape[1])], 1)            # (P, 2 + K)
         first = np.zeros(len(patients), dtype=np.int64)
         first[inv[::-1]] = np.arange(len(inv))[::-1]
-        tgt = out["target"][first]                                              # (P, 3) age, sex, race
+        tgt = np.array(out["target"][first], dtype=np.float64)                 # (P, 3) age (z), sex, race
+        tgt[:, 0] = tgt[:, 0] * self.age_std + self.age_mean                    # targets are standardised: years
 
         def stat(d: np.ndarray) -> dict[str, float]:
             p, t = pooled[d], tgt[d]
