@@ -231,3 +231,18 @@ def test_rsna_csv_without_key_columns_is_refused(tmp_path):
     assert lab.pe_of(["1.2.3.1", "1.2.3.2", "9.9"]) == {"1.2.3.1": True, "1.2.3.2": False}
     assert lab.exams_of(["1.2"]) == {"1.2": {"negative_exam_for_pe": 0}}
     lab.close()
+
+
+def test_no_uid_or_patient_id_in_store_for_rsna_layout(cohort):
+    """RSNA names folders and files after UIDs: none of them may reach the catalog or any stored file."""
+    src, store, _ = cohort
+    rows = list(csv.DictReader(open(src / "train.csv", newline="")))
+    demo = list(csv.DictReader(open(src / "demographics.csv", newline="")))
+    needles = {r["SOPInstanceUID"] for r in rows[:20]} | {r["StudyInstanceUID"] for r in rows}
+    needles |= {r["SeriesInstanceUID"] for r in rows} | {d["PatientID"] for d in demo}
+    with connect(store_paths(store).db, read_only=True) as con:
+        dump = "\n".join(str(con.execute(f"SELECT * FROM {t}").fetchall())
+                         for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
+    blobs = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    for s in needles:
+        assert s not in dump and not any(s.encode() in b for b in blobs), s

@@ -99,11 +99,13 @@ def test_every_bad_kind_recorded_and_good_series_kept(messy):
     assert summary.series == len(exp["series"]) and summary.slices == sum(exp["series"].values())
     with connect(store_paths(store).db, read_only=True) as con:
         errs = dict(con.execute("SELECT reason, count(*) FROM ingest_errors GROUP BY reason").fetchall())
-        named = dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
         details = [r[0] for r in con.execute("SELECT detail FROM ingest_errors").fetchall()]
         n_files = con.execute("SELECT count(*) FROM ingested_files").fetchone()[0]
         ok = con.execute("SELECT count(*) FROM ingested_files WHERE status = 'ok'").fetchone()[0]
     assert errs == exp["errors"]
+    from ctssl_core.commands.ingest import list_errors
+
+    named = dict(list_errors(src, store))  # catalog keys mapped back to paths under the user's folder
     assert named["notes.txt"] == "not_dicom" and named["z/truncated.dcm"] == "truncated"
     assert named["z/mpeg.dcm"] == "no_decoder" and named["y/scout.dcm"] == "localizer"
     assert named["y/small.dcm"] == "inconsistent_shape" and named["y/nopos.dcm"] == "missing_position"
@@ -159,7 +161,7 @@ def test_slice_ids_dense_and_catalog_consistent(messy):
 
 def test_no_identifier_leaks(messy):
     src, store, exp, _ = messy
-    needles = SECRETS + [exp["study_a"], exp["series_a"]]
+    needles = SECRETS + [exp["study_a"], exp["series_a"], "copy_of_slice", "nopos.dcm"]  # file names too
     for f in find_files(src):
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -241,6 +243,9 @@ def test_cli_ingest_prints_summary(tmp_path, capsys):
                "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0 and "3 slices" in out and "slices/s" in out and "not_dicom" in out
+    assert main(["ingest", str(tmp_path / "src"), "--store", str(tmp_path / "st"), "--quiet", "--list-errors"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "not_dicom" in last and last.endswith("readme.txt")
     assert main(["ingest", str(tmp_path / "missing"), "--store", str(tmp_path / "st")]) == 2
     assert "not a folder" in capsys.readouterr().err
 

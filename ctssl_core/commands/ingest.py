@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode processes (default 2)")
     p.add_argument("--agreement", type=float, default=None, help="LIDC consensus agreement fraction (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list-errors", action="store_true",
+                   help="print the path and reason of every file under DIR that was not ingested (paths are shown "
+                        "here only; the catalog stores keyed hashes of them)")
 
 
 def run(args) -> int:
@@ -31,4 +34,30 @@ def run(args) -> int:
     summary = ingest(args.dir, store, cfg, progress=not args.quiet)
     print(f"store: {store}")
     print(summary.table())
+    if args.list_errors:
+        for rel, reason in list_errors(args.dir, store):
+            print(f"{reason:<22} {rel}")
     return 0
+
+
+def list_errors(root, store) -> list[tuple[str, str]]:
+    """(relative path, reason) of the files under ``root`` recorded in ``ingest_errors``."""
+    from pathlib import Path
+
+    from ctssl_core.data.ingest import find_files, path_key
+    from ctssl_core.data.pseudonym import Pseudonymiser
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    paths = store_paths(store)
+    key = Pseudonymiser.for_store(paths.secret)
+    with connect(paths.db, read_only=True) as con:
+        reason_of = dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
+    root = Path(root).resolve()
+    out = []
+    for f in find_files(root):
+        rel = Path(f).relative_to(root).as_posix()
+        k = path_key(key, rel)
+        if k in reason_of:
+            out.append((rel, reason_of[k]))
+    return sorted(out, key=lambda t: (t[1], t[0]))

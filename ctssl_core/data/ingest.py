@@ -592,17 +592,16 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     prefix = len(str(root)) + 1
     for f in map(str, files):
         st = os.stat(f)
-        rel = f[prefix:].replace(os.sep, "/")
         stat[f] = (st.st_size, st.st_mtime)
-        prev = done.get(rel)
+        prev = done.get(path_key(key, f[prefix:]))
         if prev is not None and prev[0] == st.st_size and abs(prev[1] - st.st_mtime) < 1e-3:
             summary.files_already_done += 1
             continue
         todo.append(f)
     summary.files_new = len(todo)
 
-    def relp(p: str) -> str:
-        return p[prefix:].replace(os.sep, "/")
+    def relp(p: str) -> str:  # what the catalog stores for a file: a keyed hash of its relative path
+        return path_key(key, p[prefix:])
 
     rsna = None
     if "rsna_csv" in side and todo:
@@ -660,6 +659,16 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     summary.seconds = time.perf_counter() - t0
     summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
     return summary
+
+
+def path_key(key, rel: str) -> str:
+    """Catalog key of a file: keyed hash of its path relative to the ingest root.
+
+    Why not the path itself: exports name folders and files after patients and UIDs
+    (RSNA: train/<StudyUID>/<SeriesUID>/<SOPUID>.dcm), and nothing identifying may be stored.
+    ``ctssl ingest DIR --list-errors`` maps the keys back to paths on the user's own terminal.
+    """
+    return key("path", rel.replace(os.sep, "/"))
 
 
 def _add_stage(summary: IngestSummary, name: str, seconds: float) -> None:
