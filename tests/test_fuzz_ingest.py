@@ -64,6 +64,11 @@ def test_corrupted_copies_never_crash_and_all_files_accounted(tmp_path):
     with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
         stored = [r[0] for r in con.execute("SELECT sop_key FROM slices").fetchall()]
     assert all(stored.count(s) == 1 for s in sops)
+    # error sentences quote pydicom's messages: identifiers must have been scrubbed from them
+    raw_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in good]
+    with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
+        details = " ".join(r[0] for r in con.execute("SELECT detail FROM ingest_errors").fetchall())
+    assert "P-FUZZ" not in details and not any(u in details for u in raw_uids)
     assert summary.errors == n_err and summary.slices == n_slices
     st = SliceStore.open(tmp_path / "store")  # what was stored is readable
     x = st.read(np.arange(st.n_slices))

@@ -14,6 +14,7 @@ Every problem becomes a :class:`DicomIssue` with a short ``reason`` key (the
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,17 @@ REASONS = {
     "series_not_selected": "Another series of the same study was chosen by the selection rule (axial, thinnest, most slices); not an error.",
     "series_exists": "The series is already in the store; to rebuild it, ingest into a new store.",
 }
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_UIDLIKE = re.compile(r"\d+(?:\.\d+){3,}")
+_PATHLIKE = re.compile(r"\S*[/\\]\S*")
+
+
+def scrub(msg: str, limit: int = 120) -> str:
+    """An exception message safe to store: quoted values, UIDs and paths removed (they can identify patients)."""
+    msg = _PATHLIKE.sub("<path>", _UIDLIKE.sub("<uid>", _QUOTED.sub("'…'", str(msg))))
+    return msg[:limit]
 
 
 class DicomIssue(Exception):
@@ -219,10 +231,10 @@ def scan(path: str | Path) -> SliceHeader:
     except DicomIssue:
         raise
     except (EOFError, struct.error) as e:
-        raise DicomIssue("truncated", f"the header ends early ({e}).") from None
+        raise DicomIssue("truncated", f"the header ends early ({scrub(e)}).") from None
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; all mean "unreadable"
         kind = "truncated" if "end of file" in str(e).lower() or "eof" in str(e).lower() else "not_dicom"
-        raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {str(e)[:120]}).") from None
+        raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {scrub(e)}).") from None
     if present and syntax not in NATIVE_SYNTAXES and not decoder_available(syntax):
         raise DicomIssue("no_decoder", f"transfer syntax {syntax}.")
     if not _needs_full_parse(ds):
@@ -539,7 +551,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         rows, cols = int(ds.Rows), int(ds.Columns)
         sop, series, study = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
     except (AttributeError, TypeError, ValueError) as e:
-        raise DicomIssue("bad_header", f"{e}.") from None
+        raise DicomIssue("bad_header", f"{scrub(e)}.") from None
     if rows <= 0 or cols <= 0 or not sop or not series:
         raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}.")
     if rows * cols > MAX_PIXELS:
@@ -665,10 +677,10 @@ def _decode_with_pydicom(h: SliceHeader) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001
         reason = "decode_failed" if h.transfer_syntax not in NATIVE_SYNTAXES else "truncated"
-        msg = str(e)
+        msg = scrub(e)
         if "no" in msg.lower() and ("plugin" in msg.lower() or "decoder" in msg.lower() or "handler" in msg.lower()):
             reason = "no_decoder"
-        raise DicomIssue(reason, f"pixel decode failed ({type(e).__name__}: {msg[:120]}).") from None
+        raise DicomIssue(reason, f"pixel decode failed ({type(e).__name__}: {msg}).") from None
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]

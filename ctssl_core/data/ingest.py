@@ -30,7 +30,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from ctssl_core.config import ConfigError
-from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan
+from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan, scrub
 
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
@@ -146,7 +146,7 @@ def _scan_chunk(paths: list[str]) -> list[tuple[str, SliceHeader | None, tuple[s
         except DicomIssue as e:
             out.append((p, None, (e.reason, e.detail)))
         except Exception as e:  # noqa: BLE001 - a parser crash on garbage must not stop ingest
-            out.append((p, None, ("not_dicom", f"unreadable ({type(e).__name__}: {str(e)[:100]}). {REASONS['not_dicom']}")))
+            out.append((p, None, ("not_dicom", f"unreadable ({type(e).__name__}: {scrub(e)}). {REASONS['not_dicom']}")))
     return out
 
 
@@ -501,7 +501,7 @@ def _build_job(args) -> BuiltSeries | tuple[str, str]:
     try:
         return build_series(*args)
     except Exception as e:  # noqa: BLE001 - report per series; the rest goes on
-        return (plan.series_uid, f"{type(e).__name__}: {e}")
+        return (plan.series_uid, f"{type(e).__name__}: {scrub(e)}")
 
 
 # ---------------------------------------------------------------- driver
