@@ -174,8 +174,8 @@ def project_umap(E: np.ndarray, pca_dims: int = 50, n_neighbors: int = 15, min_d
     if E.shape[1] > pca_dims and E.shape[0] > pca_dims:
         X = project_pca(E, n_components=pca_dims, random_state=random_state)[0].transform(E)   # (N, pca_dims)
     nn = int(min(n_neighbors, len(E) - 1))
-    if nn < 2:
-        raise EmbedError(f"UMAP needs at least 3 points; got {len(E)}")
+    if len(E) < 5:   # UMAP's spectral initialisation needs more points than 2 + 2 components
+        raise EmbedError(f"UMAP needs at least 5 points; got {len(E)}. Embed more exams or use PCA only")
     X = np.ascontiguousarray(X, dtype=np.float32)
     dist, idx = NearestNeighbors(n_neighbors=nn).fit(X).kneighbors(X)      # (N, nn) incl. self at column 0
     reducer = umap.UMAP(n_neighbors=nn, min_dist=min_dist, n_components=2, random_state=random_state,
@@ -323,8 +323,12 @@ def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | 
             params = dict(n_components=2, fit_n=int(len(E)), explained_variance_ratio=[float(v) for v in evr],
                           random_state=cfg.random_state)
         else:
-            xy, params, _ = project_umap(E[rows_idx], cfg.umap_pca_dims, cfg.umap_neighbors, cfg.umap_min_dist,
-                                         cfg.random_state)
+            try:
+                xy, params, _ = project_umap(E[rows_idx], cfg.umap_pca_dims, cfg.umap_neighbors, cfg.umap_min_dist,
+                                             cfg.random_state)
+            except EmbedError as e:
+                say(f"umap of {emb_id} skipped: {e}")
+                continue
         secs = time.perf_counter() - t0
         if sampled:
             params["sample"] = f"stratified by sex and race, {len(rows_idx)} of {len(E)} rows"

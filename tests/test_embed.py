@@ -180,3 +180,8 @@ def test_embed_config_rejects_bad_values(bad):
 
     with pytest.raises(ConfigError, match="embed\\."):
         build(EmbedConfig, bad)
+
+
+def test_umap_too_few_points_is_a_clear_error():
+    with pytest.raises(EmbedError, match="at least 5 points"):
+        embed.project_umap(np.zeros((3, 8), np.float32))
