@@ -236,22 +236,27 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         if not saved.is_file():
             raise ConfigError(f"cannot resume {resume_run_id!r}: no {saved}. List runs in the dashboard or "
                               f"start a new run without --resume")
-        base = json.loads(saved.read_text()).get("pretrain")
+        saved_cfg = json.loads(saved.read_text())
+        base = saved_cfg.get("pretrain")
         if task and base and task != base.get("task"):
             raise ConfigError(f"run {resume_run_id} pretrained {base.get('task')!r}, not {task!r}; drop --task or start a new run")
-        task, profile, config_path = None, None, None
+        task, profile, config_path = None, saved_cfg.get("profile"), None
     elif profile is None and config_path is None:
         profile = default_profile()
-    cfg = resolve_config(task, profile, config_path, overrides, base=base)
+    cfg = resolve_config(task, None if resume_run_id else profile, config_path, overrides, base=base)
     pretext = make_pretext(cfg.task, **dict(cfg.tasks.get(cfg.task, {}) or {}))
 
     info = distributed.init_from_env(cfg.train.device)
     store = SliceStore.open(root)  # StoreMissing with the ingest command if there is none
     if info.enabled and not info.is_main:
         distributed.barrier(info)  # rank 0 writes the splits table first (one writer)
-    ids = train_positions(store, root, cfg)
-    if info.enabled and info.is_main:
-        distributed.barrier(info)
+        ids = train_positions(store, root, cfg)
+    else:
+        try:
+            ids = train_positions(store, root, cfg)
+        finally:  # release the other ranks even on error (they then hit the same error themselves)
+            if info.enabled:
+                distributed.barrier(info)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
