@@ -340,7 +340,7 @@ def _attr_name(attr: str) -> str:
 
 
 def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None, extra: str = "",
-                   present: bool | None = None) -> str:
+                   present: bool | None = None, p_adj: float | None = None) -> str:
     """One plain-language sentence pair for a probe result.
 
     ``present``: whether the permutation test detected the attribute (falls back
@@ -351,8 +351,9 @@ def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None
         label = "AUROC" if metric == "auroc" else "macro AUROC"
         present = est.ci_low > 0.5 if present is None else present
         head = (f"{name} is predictable from this encoder's embeddings" if present
-                else f"{name} is not predictable beyond chance from this encoder's embeddings")
-        s = f"{head} ({label} {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f})"
+                else f"{name} is not detectably predictable from this encoder's embeddings")
+        ptxt = f"; permutation p {p_adj:.2g} after correction" if p_adj is not None and np.isfinite(p_adj) else ""
+        s = f"{head} ({label} {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f}{ptxt})"
         if delta is not None:
             word = "higher" if delta.value >= 0 else "lower"
             s += f", {abs(delta.value):.2f} {word} than random init (CI {delta.ci_low:+.2f} to {delta.ci_high:+.2f})"
@@ -470,7 +471,8 @@ def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.
                              ci_high=est.ci_high, delta=d.value if d else None, delta_ci_low=d.ci_low if d else None,
                              delta_ci_high=d.ci_high if d else None, p_value=p if np.isfinite(p) else None,
                              p_adjusted=pa if np.isfinite(p) else None, flagged=detected, n=res.n_units,
-                             sentence=probe_sentence(attr, metric, est, d, extra, detected)))
+                             sentence=probe_sentence(attr, metric, est, d, extra, detected,
+                                                     pa if np.isfinite(p) else None)))
 
     # --- KS tests on top PCA modes (patient level)
     say("KS tests")
