@@ -64,13 +64,14 @@ TABLES: dict[str, str] = {
         nodule_px INTEGER               -- nodule pixels on this slice in the stored mask; NULL = unknown
     """,
     "ingest_errors": """
-        path TEXT,                      -- relative to the ingest root
+        path TEXT,                      -- keyed hash of the path relative to the ingest root
+                                        -- (`ctssl ingest DIR --list-errors` shows real paths locally)
         reason TEXT,                    -- short machine key: not_dicom, truncated, no_pixels, ...
         detail TEXT,                    -- human sentence: what happened and what to do
         logged_at TIMESTAMP
     """,
     "ingested_files": """
-        path TEXT PRIMARY KEY,          -- relative to the ingest root
+        path TEXT PRIMARY KEY,          -- keyed hash of the path relative to the ingest root
         size BIGINT,
         mtime DOUBLE,
         status TEXT                     -- 'ok' | 'error' | 'skipped'
@@ -174,7 +175,7 @@ TABLES: dict[str, str] = {
     "bias_results": """
         emb_id TEXT,
         reference_emb_id TEXT,          -- random-init embedding it is compared with
-        analysis TEXT,                  -- 'probe' | 'ks' | 'separability' | 'subgroup'
+        analysis TEXT,                  -- 'probe' | 'ks' | 'separability' | 'subgroup' | 'subgroup_resampled'
         attribute TEXT,                 -- 'age' | 'sex' | 'race' | 'control_group' | ...
         group_a TEXT,
         group_b TEXT,
