@@ -370,6 +370,15 @@ def _quantile_ci(samples: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+# Below these, random init has not learned the task at all: "labels saved" and "learns N x faster"
+# relative to it would be artefacts of noise (0 >= 0 is "reached" at the first fraction and step).
+LEARNED_FLOOR = {"dice": 0.05, "exam_auroc": 0.55, "race_auroc": 0.55}
+
+
+def _learned(metric: str, value: float) -> bool:
+    return bool(np.isfinite(value)) and value >= LEARNED_FLOOR.get(metric, -np.inf)
+
+
 def _n(v: float) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 
@@ -431,8 +440,13 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 curve_reps = np.stack([mean_over_seeds(init, f, head) for f in fr], 1)   # (n_boot, F)
                 need_reps = np.array([ev.labels_needed(fr, c, t, higher) for c, t in zip(curve_reps, target_reps)])
                 lo, hi = _quantile_ci(need_reps)
+                if not _learned(head, target_pt):
+                    need = lo = hi = float("nan")
                 reached = np.isfinite(need)
-                if np.isnan(need):
+                if not _learned(head, target_pt):
+                    note = (f"undefined: random init did not learn {task} (full-label {head} {target_pt:.3f} < "
+                            f"{LEARNED_FLOOR[head]}); train longer or at a higher resolution")
+                elif np.isnan(need):
                     note = (f"undefined: {head} is undefined for random init or {init} on this test set "
                             f"(too few patients of one class?)")
                 elif reached:
@@ -461,6 +475,9 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 s_i, v_i = curve(init)
                 if len(rs) < 2 or len(s_i) < 2 or not np.isfinite(np.nanmax(rv)):
                     note, ratio = "no validation curve (set downstream.nodule.train.eval_every > 0)", None
+                elif not _learned("dice", float(np.nanmax(rv))):
+                    note, ratio = (f"undefined: random init's best val Dice is {np.nanmax(rv):.3f} "
+                                   f"(< {LEARNED_FLOOR['dice']}), it did not learn; train longer"), None
                 else:
                     ratio, t_r, t_i = ev.speed_ratio(rs, rv, s_i, v_i, bench.speed_frac)
                     note = (f"steps to {bench.speed_frac:g} x random init's best val Dice: random {t_r:.0f}, "
@@ -469,7 +486,8 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": "speed_ratio",
                              "value": _n(ratio) if ratio is not None else None, "ci_low": None, "ci_high": None,
                              "note": note})
-                table[init]["nodule speed"] = f"{ratio:.2f}x" if ratio else "not reached"
+                table[init]["nodule speed"] = (f"{ratio:.2f}x" if ratio else
+                                               "n/a" if note.startswith(("undefined", "no validation")) else "not reached")
     rows += probe_rows(plan, root, embeddings, table, log)
     rw.write_summaries(root, rows)
     if bench.bias and embeddings:

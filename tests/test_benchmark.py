@@ -84,8 +84,9 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
                 need, saved = got.loc["labels_needed", "value"], got.loc["labels_saved", "value"]
                 if need == need and saved == saved:
                     assert saved == pytest.approx(1 - need)
-                else:
-                    assert "not reach" in got.loc["labels_saved", "note"]
+                else:   # not reached, or random init itself learned nothing in 4 steps (undefined)
+                    assert "not reach" in got.loc["labels_saved", "note"] or \
+                        got.loc["labels_saved", "note"].startswith("undefined")
             assert "speed_ratio" in set(summ[(summ.task == "nodule") & (summ.init == init)].metric)
             assert "delta_exam_auroc" in set(summ[(summ.task == "pe") & (summ.init == init)].metric)
         assert summ.metric.str.startswith("probe_").any()
