@@ -241,7 +241,7 @@ def test_cancel_escalates_to_sigkill_after_grace(store):
 
 def test_kill9_marked_failed_metrics_kept_then_resumed_to_completion(store, worker):
     worker()
-    job_id = jobs.submit(store, "tick", {"steps": 50, "interval_s": 0.05})
+    job_id = jobs.submit(store, "tick", {"steps": 50, "interval_s": 0.2})  # ~10 s: still running when killed
     job = wait_for(lambda: (j := jobs.get_job(store, job_id))["run_id"] and (j["step"] or 0) >= 15 and j,
                    what="job past step 15")
     rid = job["run_id"]
