@@ -12,6 +12,10 @@ import shutil
 
 import pytest
 
+# One Chromium per session for every browser test module: a session fixture imported into two
+# modules separately would be two fixtures, and Playwright refuses a second sync instance.
+from browser_harness import browser, page  # noqa: E402,F401
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

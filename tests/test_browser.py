@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser_harness import browser, exceptions_on_page, goto_page, page, shot, start_dashboard_module, wait_script_done  # noqa: F401
+from browser_harness import exceptions_on_page, goto_page, shot, start_dashboard_module, wait_script_done  # noqa: F401
 from ctssl_core.results import read
 from ctssl_core.results.seed import SeedConfig, seed_store
 

@@ -214,8 +214,8 @@ def test_cancel_running_job_kills_group_no_zombie(store, worker):
     assert q(store, "SELECT status FROM runs WHERE run_id=?", [final["run_id"]]) == [("cancelled",)]
     assert jobs.cancel(store, job_id) == "cancelled"  # idempotent
     # a queued job cancels without a process
+    w.slots["cpu"] = 0  # nothing gets claimed now (set before submitting: the worker polls)
     queued = jobs.submit(store, "tick", {"steps": 1, "fail_at": 0})
-    w.slots["cpu"] = 0  # nothing gets claimed now
     assert jobs.cancel(store, queued) == "cancelled"
 
 

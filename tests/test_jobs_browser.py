@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from browser_harness import browser, exceptions_on_page, goto_page, page, shot, start_dashboard, wait_script_done  # noqa: F401
+from browser_harness import exceptions_on_page, goto_page, shot, start_dashboard, wait_script_done  # noqa: F401
 from ctssl_core import jobs
 from ctssl_core.jobs import procs
 

@@ -51,7 +51,7 @@ def make_splits(patient_keys: Iterable[str], seed: int, fractions=(0.7, 0.15, 0.
 def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15, 0.15)) -> dict[str, str]:
     """Splits for ``seed`` from the store's ``splits`` table; patients not yet assigned get a split now.
 
-    Existing assignments never change. Stratified by sex and exam-level PE where known.
+    Existing assignments never change. Stratified by sex, exam-level PE and nodule presence where known.
     """
     from ctssl_core.db import StoreMissing, connect
     from ctssl_core.paths import store_paths
@@ -64,9 +64,15 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15
         from ctssl_core.data.ingest import _ensure_schema_once
 
         _ensure_schema_once(con, ensure_schema)
+        # strata: sex / exam PE / any nodule, so small cohorts still put PE and nodule patients in
+        # every split (a val split without nodules has no Dice to select on)
         rows = con.execute(
             "SELECT p.patient_key, coalesce(p.sex, '?') || '/' || coalesce(CAST(bool_or(s.pe_exam) AS TEXT), '?') "
-            "FROM patients p LEFT JOIN studies s USING (patient_key) GROUP BY p.patient_key, p.sex").fetchall()
+            "  || '/' || coalesce(CAST(bool_or(n.has_nodule) AS TEXT), '?') "
+            "FROM patients p LEFT JOIN studies s USING (patient_key) "
+            "LEFT JOIN (SELECT se.patient_key, max(sl.nodule_px) > 0 AS has_nodule FROM series se "
+            "           JOIN slices sl USING (series_key) GROUP BY se.patient_key) n USING (patient_key) "
+            "GROUP BY p.patient_key, p.sex").fetchall()
         if not rows:
             raise StoreMissing(f"the store at {paths.root} has no patients; run `ctssl ingest DIR --store {paths.root}`")
         have = dict(con.execute("SELECT patient_key, split FROM splits WHERE seed = ?", [seed]).fetchall())
