@@ -60,6 +60,19 @@ _UIDLIKE = re.compile(r"\d+(?:\.\d+){3,}")
 _PATHLIKE = re.compile(r"\S*[/\\]\S*")
 
 
+
+def _fixed_spacing(spacing_raw, notes: list[str]) -> tuple[float, float] | None:
+    """Row/column spacing made usable: negative values (seen from some vendors) become absolute,
+    zero means unknown. Every fix is noted so the catalog says what was assumed."""
+    if spacing_raw is None:
+        return None
+    spacing = (abs(spacing_raw[0]), abs(spacing_raw[1]))
+    if spacing_raw[0] <= 0 or spacing_raw[1] <= 0:
+        notes.append(f"PixelSpacing {spacing_raw} not positive: used absolute values")
+    if spacing[0] == 0 or spacing[1] == 0:
+        return None
+    return spacing
+
 def scrub(msg: str, limit: int = 120) -> str:
     """An exception message safe to store: quoted values, UIDs and paths removed (they can identify patients)."""
     msg = _PATHLIKE.sub("<path>", _UIDLIKE.sub("<uid>", _QUOTED.sub("'…'", str(msg))))
@@ -483,13 +496,7 @@ def header_fast(elements, path: str, syntax: str, present: bool, offset) -> Slic
         notes.append("RescaleIntercept missing: used 0")
         icpt = 0.0
     spacing_raw = r.vec("PixelSpacing", 2)
-    spacing = None
-    if spacing_raw is not None:
-        spacing = (abs(spacing_raw[0]), abs(spacing_raw[1]))
-        if spacing_raw[0] <= 0 or spacing_raw[1] <= 0:
-            notes.append(f"PixelSpacing {spacing_raw} not positive: used absolute values")
-        if spacing[0] == 0 or spacing[1] == 0:
-            spacing = None
+    spacing = _fixed_spacing(spacing_raw, notes)
     pos = r.vec("ImagePositionPatient", 3)
     pr = r.us("PixelRepresentation") or 0
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
@@ -608,13 +615,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         notes.append("RescaleSlope missing or zero: used 1")
     if any(i is None for i in intercepts):
         notes.append("RescaleIntercept missing: used 0")
-    spacing = None
-    if spacing_raw is not None:
-        spacing = (abs(spacing_raw[0]), abs(spacing_raw[1]))
-        if spacing_raw[0] <= 0 or spacing_raw[1] <= 0:
-            notes.append(f"PixelSpacing {spacing_raw} not positive: used absolute values")
-        if spacing[0] == 0 or spacing[1] == 0:
-            spacing = None
+    spacing = _fixed_spacing(spacing_raw, notes)
     tilt = _num(ds, "GantryDetectorTilt")
     pr = int(ds.get("PixelRepresentation", 0) or 0)
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
