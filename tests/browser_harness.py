@@ -112,8 +112,9 @@ def streamlit_app(store: str | Path | None, port: int | None = None, app: str | 
                 proc.wait()
 
 
-# app.py's URL path per page name (equal today; kept so a rename touches one place)
-URL_PATHS = {"overview": "overview", "compare": "compare", "curves": "curves",
+# app.py's URL path per page name (kept in one place so a rename touches one line)
+URL_PATHS = {"overview": "",  # the default page is served at the root URL
+             "compare": "compare", "curves": "curves",
              "embeddings": "embeddings", "data": "data", "jobs": "jobs"}
 
 
