@@ -239,3 +239,14 @@ def ensure_schema(con) -> None:
             if name not in have:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+
+def ensure_schema_current(con) -> None:
+    """``ensure_schema`` only when needed: a store already at SCHEMA_VERSION costs one query
+    instead of ~40 catalog statements (ingest batches, 20 Hz metric merges, 1 s heartbeats)."""
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except Exception:  # noqa: BLE001 - no meta table yet: a new store
+        row = None
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        ensure_schema(con)

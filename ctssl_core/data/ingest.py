@@ -558,7 +558,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     from ctssl_core.data.pseudonym import Pseudonymiser
     from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
-    from ctssl_core.schema import ensure_schema
+    from ctssl_core.schema import ensure_schema_current
 
     cfg = cfg or IngestConfig()
     root = Path(root).resolve()
@@ -581,7 +581,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
 
     with connect(paths.db) as con:
-        _ensure_schema_once(con, ensure_schema)
+        ensure_schema_current(con)
         done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
@@ -732,18 +732,6 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
     if pending:
         _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
     bar.close()
-
-
-def _ensure_schema_once(con, ensure_schema) -> None:
-    """ensure_schema costs ~40 catalog queries; skip it when the store already has this schema version."""
-    from ctssl_core.schema import SCHEMA_VERSION
-
-    try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except Exception:  # noqa: BLE001 - no meta table yet: a new store
-        row = None
-    if row is None or row[0] != str(SCHEMA_VERSION):
-        ensure_schema(con)
 
 
 def _unordered(fn, jobs: list, workers: int) -> Iterator:

@@ -55,15 +55,13 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=(0.7, 0.15
     """
     from ctssl_core.db import StoreMissing, connect
     from ctssl_core.paths import store_paths
-    from ctssl_core.schema import ensure_schema
+    from ctssl_core.schema import ensure_schema_current
 
     paths = store_paths(store_root)
     if not paths.db.exists():
         raise StoreMissing(f"no ctssl store at {paths.root}; run `ctssl ingest DIR --store {paths.root}` first")
     with connect(paths.db) as con:
-        from ctssl_core.data.ingest import _ensure_schema_once
-
-        _ensure_schema_once(con, ensure_schema)
+        ensure_schema_current(con)
         # strata: sex / exam PE / any nodule, so small cohorts still put PE and nodule patients in
         # every split (a val split without nodules has no Dice to select on)
         rows = con.execute(

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 from ctssl_core.config import ConfigError
 from ctssl_core.db import StoreBusy, connect
 from ctssl_core.paths import REPO_ROOT, store_paths
-from ctssl_core.schema import SCHEMA_VERSION, TABLES, _columns, ensure_schema
+from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 METRICS_FILE = "metrics.jsonl"
@@ -59,13 +59,7 @@ def ensure_schema_once(con, db_path: str | Path) -> None:
     if key is not None and key in _SCHEMA_DONE:
         return
     with _SCHEMA_LOCK:
-        try:  # a store already at this schema version needs one cheap query, not ~30 statements
-            got = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            current = bool(got) and got[0][0] == str(SCHEMA_VERSION)
-        except Exception:  # noqa: BLE001 - no meta table yet: a new store
-            current = False
-        if not current:
-            ensure_schema(con)
+        ensure_schema_current(con)
         if key is not None:
             _SCHEMA_DONE.add(key)
 
