@@ -57,7 +57,9 @@ def test_pretrain_writes_run_metrics_checkpoint_and_loss_falls(trained):
     assert [s for s, _ in probe] == [8, 16] and all(0.0 <= v <= 1.0 for _, v in probe)  # online probe on held-out slices
     steps = [s for s, _ in loss]
     assert steps[0] == 1 and steps[-1] == 16
-    assert loss[-1][1] < loss[0][1]  # the reconstruction loss falls
+    vals = [v for _, v in loss]
+    # the reconstruction loss falls: compare averages, one logged batch of a 5% square is noisy
+    assert sum(vals[-4:]) / 4 < sum(vals[:4]) / 4
     ck = read_checkpoint(rid, store)
     assert ck["step"] == 16 and ck["config"]["task"] == "masked_region"
     assert ck["loader"]["position"] >= 1
