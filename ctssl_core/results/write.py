@@ -418,15 +418,26 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
             ckpt = p.resolve().relative_to(root.resolve()).as_posix() if p.is_absolute() else p.as_posix()
         except ValueError:
             ckpt = p.as_posix()
+    import duckdb
+
     now = utcnow()
-    with connect(store_paths(root).db) as con:
-        ensure_schema(con)
-        _merge_one(con, root, run_id)
-        got = con.execute(
-            """UPDATE runs SET status = ?, ended_at = ?, checkpoint = coalesce(?, checkpoint), error = ?,
-                   wall_s = epoch(CAST(? AS TIMESTAMP)) - epoch(created_at)
-               WHERE run_id = ? RETURNING run_id""",
-            [status, now, ckpt, error, now, run_id]).fetchall()
+    for attempt in range(20):
+        try:
+            with connect(store_paths(root).db) as con:
+                ensure_schema(con)
+                _merge_one(con, root, run_id)
+                got = con.execute(
+                    """UPDATE runs SET status = ?, ended_at = ?, checkpoint = coalesce(?, checkpoint), error = ?,
+                           wall_s = epoch(CAST(? AS TIMESTAMP)) - epoch(created_at)
+                       WHERE run_id = ? RETURNING run_id""",
+                    [status, now, ckpt, error, now, run_id]).fetchall()
+            break
+        except duckdb.TransactionException as e:
+            # Two threads of one process (a worker's reconcile and a caller's) finishing the same run
+            # share one DuckDB instance and conflict on the row; the update is idempotent, so retry.
+            if "Conflict" not in str(e) or attempt == 19:
+                raise
+            time.sleep(0.05 * (attempt + 1))
     if not got:
         raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
 
