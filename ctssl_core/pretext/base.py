@@ -7,6 +7,7 @@ Each task module stays a small frozen dataclass of its hyperparameters that says
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -59,19 +60,27 @@ class DenseTask(PretextBase):
         return attach_aux_loss(pred, aux)
 
 
+@dataclass(frozen=True)
 class ClassifyTask(PretextBase):
     """Classify a transform: a ``ClassifierHead`` on the pooled embedding, cross-entropy loss."""
 
+    hidden: int = 0                  # >0: an MLP head with this many hidden units instead of a linear one
+    label_smoothing: float = 0.0
+
     n_classes: ClassVar[int] = 4
 
+    def __post_init__(self) -> None:
+        check_range(self.name, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        check_range(self.name, "hidden", self.hidden, 0, 1 << 20)
+
     def build_head(self, encoder: nn.Module) -> nn.Module:
-        return ClassifierHead(encoder.embed_dim, self.n_classes, hidden=getattr(self, "hidden", 0))
+        return ClassifierHead(encoder.embed_dim, self.n_classes, hidden=self.hidden)
 
     def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
         return head(encoder.embed(batch.inputs))                             # (B, n_classes)
 
     def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        return classification_loss(pred, batch.targets, getattr(self, "label_smoothing", 0.0))
+        return classification_loss(pred, batch.targets, self.label_smoothing)
 
     def draw_labels(self, x: Tensor, generator: torch.Generator) -> Tensor:
         return torch.randint(0, self.n_classes, (x.shape[0],), generator=generator, device=x.device)

@@ -15,20 +15,13 @@ import torch
 from torch import Tensor
 
 from ctssl_core.ops import flip_batch
-from ctssl_core.pretext.base import ClassifyTask, check_range, raw_x
+from ctssl_core.pretext.base import ClassifyTask, raw_x
 from ctssl_core.tasks import TaskBatch
 
 
 @dataclass(frozen=True)
 class Flip(ClassifyTask):
-    hidden: int = 0
-    label_smoothing: float = 0.0
-
     name: ClassVar[str] = "flip"
-
-    def __post_init__(self) -> None:
-        check_range(self.name, "label_smoothing", self.label_smoothing, 0.0, 1.0)
-        check_range(self.name, "hidden", self.hidden, 0, 1 << 20)
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
         x = raw_x(raw, 1, self.name)[:, :1]                                  # (B, 1, H, W)
