@@ -283,6 +283,85 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
 
 # ---------------------------------------------------------------- stage 3: build
 
+def square_geometry(h: int, w: int, spacing: tuple[float, float] | None, size: int
+                    ) -> tuple[int, int, float | None]:
+    """(nh, nw, stored spacing mm or None): the in-plane size an (h, w) image with ``spacing``
+    gets so that its longer physical side spans ``size`` pixels with square pixels."""
+    sy, sx = spacing if spacing else (1.0, 1.0)
+    ph, pw = h * sy, w * sx
+    scale = size / max(ph, pw)
+    nh, nw = max(1, min(size, round(ph * scale))), max(1, min(size, round(pw * scale)))
+    return nh, nw, ((max(ph, pw) / size) if spacing else None)
+
+
+def box_factors(h: int, w: int, spacing: tuple[float, float] | None, size: int) -> tuple[int, int] | None:
+    """(fy, fx) when ``resize_square_pixels`` reduces to exact fy x fx box averages, else None.
+
+    That is the case when its 2x halving steps alone reach the target size (512 -> 256 and
+    other power-of-two ratios, or no resize at all). Then ``build_series`` sums blocks of the
+    stored integers exactly in numpy instead (same values, a fraction of the cost). Capped at
+    64 pixels per block so every block sum stays exact in float32.
+    """
+    nh, nw, _ = square_geometry(h, w, spacing, size)
+    hh, ww = h, w
+    while True:  # the same halving rule as resize_square_pixels
+        half_h, half_w = hh >= 2 * nh and hh % 2 == 0, ww >= 2 * nw and ww % 2 == 0
+        if not (half_h or half_w):
+            break
+        hh, ww = (hh // 2 if half_h else hh), (ww // 2 if half_w else ww)
+    if (hh, ww) != (nh, nw) or (h // hh) * (w // ww) > 64:
+        return None
+    return h // hh, w // ww
+
+
+def box_sum(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """Exact int32 sums over fy x fx blocks of a 2-D integer image (fy, fx powers of two, fy*fx <= 64).
+
+    Pairs of rows first: in a C-contiguous image rows 2i and 2i+1 are the two contiguous
+    halves of one row of the (H/2, 2W) view, so that add streams memory; columns after, on
+    half the data. ~3x cheaper than torch's float bilinear halving, and exact.
+    """
+    s = np.ascontiguousarray(a)
+    while fy > 1:
+        hh, w = s.shape[0] // 2, s.shape[1]
+        r = s.reshape(hh, 2 * w)
+        s = np.add(r[:, :w], r[:, w:], dtype=np.int32)
+        fy //= 2
+    while fx > 1:
+        r = s.reshape(s.shape[0], s.shape[1] // 2, 2)
+        s = np.add(r[..., 0], r[..., 1], dtype=np.int32)
+        fx //= 2
+    return s
+
+
+def hu_box(a: np.ndarray, slope: float, intercept: float, fy: int, fx: int) -> np.ndarray | None:
+    """One slice's stored integers (H, W) -> float32 HU (H/fy, W/fx), rounded and clipped; None
+    where only the float path (``_hu_chunk_torch``) reproduces the result exactly.
+
+    Same arithmetic as the torch path, bit for bit: clamp padding below air in stored units,
+    block mean (an exact integer sum times 1/(fy*fx), a power of two), then slope and intercept
+    in float32. The clamp is done on the integers, so it must be at an integer value.
+    """
+    if a.dtype.kind not in "iu":
+        return None
+    s32, i32 = np.float32(slope), np.float32(intercept)
+    if not s32 > 0:
+        return None
+    lo = (np.float32(HU_MIN) - i32) / s32  # air in stored units (float32, as the torch path computes it)
+    info = np.iinfo(a.dtype)
+    if lo > info.min:
+        if not (float(lo).is_integer() and lo <= info.max):
+            return None
+        a = np.maximum(a, a.dtype.type(int(lo)))
+    f = box_sum(a, fy, fx).astype(np.float32)  # exact: |sum| < 2^24
+    scale = np.float32(float(s32) / (fy * fx))
+    if scale != 1:
+        f *= scale
+    f += i32
+    np.rint(f, out=f)
+    return np.clip(f, HU_MIN, HU_MAX, out=f)
+
+
 def resize_square_pixels(t, spacing: tuple[float, float] | None, size: int):
     """Resize (C, H, W) float tensor so the longer physical side spans ``size`` pixels with square pixels.
 
@@ -292,11 +371,7 @@ def resize_square_pixels(t, spacing: tuple[float, float] | None, size: int):
     import torch.nn.functional as F
 
     _, h, w = t.shape
-    sy, sx = spacing if spacing else (1.0, 1.0)
-    ph, pw = h * sy, w * sx
-    scale = size / max(ph, pw)
-    nh, nw = max(1, min(size, round(ph * scale))), max(1, min(size, round(pw * scale)))
-    out_spacing = (max(ph, pw) / size) if spacing else None
+    nh, nw, out_spacing = square_geometry(h, w, spacing, size)
     x = t[:, None]  # (C, 1, H, W)
     # exact 2x2 box averages while at least 2x too big: bilinear at exactly half size samples the
     # centre of each 2x2 block, which is their mean, and runs ~3x faster than "area" or antialias.
@@ -337,12 +412,15 @@ _BUFFERS: dict[tuple[int, ...], np.ndarray] = {}
 
 
 def _buffer(shape: tuple[int, int, int]) -> np.ndarray:
-    """A reused float32 chunk buffer (fresh 32 MB allocations page-fault on every chunk), zero-filled."""
+    """A reused float32 chunk buffer (fresh 32 MB allocations page-fault on every chunk).
+
+    Not zero-filled (that cost ~0.2 ms a slice): callers overwrite every row they use, and
+    zero the rows of slices that failed.
+    """
     buf = _BUFFERS.get(shape)
     if buf is None:
         _BUFFERS.clear()
         buf = _BUFFERS[shape] = np.empty(shape, np.float32)
-    buf.fill(0.0)
     return buf
 
 
@@ -382,16 +460,94 @@ class BuiltSeries:
     seconds: float = 0.0
 
 
+def _build_box(stored, n: int, factors: tuple[int, int], first: SliceHeader, size: int, out: np.ndarray) -> list[int]:
+    """Fill ``out`` slice by slice with ``hu_box`` (exact block means); returns the units it
+    could not do exactly (odd rescale values), for ``_build_torch``.
+
+    Slice by slice, straight from the read to the stored int16 row: no chunk buffer to fill
+    and no float copy of the full-resolution slice.
+    """
+    fy, fx = factors
+    nh, nw = first.rows // fy, first.cols // fx
+    top, left = (size - nh) // 2, (size - nw) // 2
+    if (nh, nw) != (size, size):
+        out.fill(HU_MIN)  # padding is air
+    slow: list[int] = []
+    for i in range(n):
+        got = stored(i)
+        if got is None:
+            continue
+        hu = hu_box(got[0], got[1], got[2], fy, fx)
+        if hu is None:
+            slow.append(i)
+            continue
+        out[i, top:top + nh, left:left + nw] = _orient(hu, first.orientation)
+    return slow
+
+
+def _build_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
+    """Fill ``out[units]`` through torch (any resize ratio, any rescale), SLICE_CHUNK slices at a time."""
+    if not units:
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    flip_dims = _flip_dims(first.orientation)
+    for c0 in range(0, len(units), SLICE_CHUNK):
+        chunk = units[c0:c0 + SLICE_CHUNK]
+        raw = _buffer((SLICE_CHUNK, first.rows, first.cols))[:len(chunk)]  # (C, H, W) stored values
+        slope = np.ones(len(chunk), np.float32)
+        icpt = np.zeros(len(chunk), np.float32)
+        for j, i in enumerate(chunk):
+            got = stored(i)
+            if got is None:
+                raw[j] = 0.0  # a failed slice's row is dropped later; keep it finite meanwhile
+                continue
+            raw[j] = got[0]  # converts to float32 while copying
+            slope[j], icpt[j] = got[1], got[2]
+        out[chunk] = _hu_chunk_torch(raw, slope, icpt, flip_dims, first.spacing, size)
+
+
+def _hu_chunk_torch(raw: np.ndarray, slope: np.ndarray, icpt: np.ndarray, flip_dims, spacing, size: int
+                    ) -> np.ndarray:
+    """Stored values (C, H, W) float32 -> int16 HU (C, size, size): the general resample path.
+
+    ``raw`` may be modified (it is the reused chunk buffer).
+    """
+    import torch
+
+    # HU = slope * stored + intercept is affine, so it commutes with resampling: clamp padding below air
+    # in stored units first, resample the stored values, then rescale the (4x smaller) result.
+    t = torch.from_numpy(raw)
+    s_t, i_t = torch.from_numpy(slope)[:, None, None], torch.from_numpy(icpt)[:, None, None]
+    lo = (HU_MIN - icpt) / slope  # (C,) air in stored units
+    if (slope > 0).all() and np.all(lo == lo[0]):
+        t.clamp_min_(float(lo[0]))
+    else:
+        for j in range(len(slope)):
+            t[j] = t[j].clamp_min(float(lo[j])) if slope[j] > 0 else t[j].clamp_max(float(lo[j]))
+    if flip_dims:
+        t = torch.flip(t, flip_dims)
+    t, _ = resize_square_pixels(t, spacing, size)
+    if t.data_ptr() == raw.ctypes.data:
+        t = t.clone()  # no resize happened: don't rescale the reused buffer in place
+    if np.all(slope == slope[0]) and np.all(icpt == icpt[0]):  # usual case: scalar in-place ops
+        if slope[0] != 1.0:
+            t.mul_(float(slope[0]))
+        t.add_(float(icpt[0]))
+    else:
+        t.mul_(s_t).add_(i_t)
+    t = t.round_().clamp_(HU_MIN, HU_MAX)
+    return pad_square(t, size, float(HU_MIN)).to(torch.int16).numpy()
+
+
 def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
                  reads: list | None = None, agreement: float = 0.5) -> BuiltSeries:
     """Decode one planned series and write its arrays. Runs in a worker process."""
     import warnings
 
-    import torch
-
     warnings.filterwarnings("ignore", module="pydicom")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     root = Path(store_root)
     (root / "slices").mkdir(parents=True, exist_ok=True)
@@ -403,55 +559,35 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
     errors: list[tuple[str, str, str]] = []
     failed_files: set[str] = set()
     cache: dict[str, np.ndarray] = {}
-    out_spacing = None
-    flip_dims = _flip_dims(first.orientation)
-    for c0 in range(0, n, SLICE_CHUNK):
-        chunk = plan.units[c0:c0 + SLICE_CHUNK]
-        raw = _buffer((len(chunk), first.rows, first.cols))  # (C, H, W) stored values
-        slope = np.ones(len(chunk), np.float32)
-        icpt = np.zeros(len(chunk), np.float32)
-        for j, (path, frame) in enumerate(chunk):
-            h = plan.headers[path]
-            if path in failed_files:
-                ok[c0 + j] = False
-                continue
-            try:
-                if h.n_frames > 1:
-                    if path not in cache:
-                        cache.clear()
-                        cache[path] = read_stored(h)
-                    raw[j] = cache[path][frame]
-                else:
-                    raw[j] = read_stored(h)[0]  # converts to float32 while copying
-                slope[j] = h.slopes[frame] if len(h.slopes) > frame else h.slopes[0]
-                icpt[j] = h.intercepts[frame] if len(h.intercepts) > frame else h.intercepts[0]
-            except DicomIssue as e:
-                errors.append((path, e.reason, e.detail))
-                failed_files.add(path)
-                ok[c0 + j] = False
-        # HU = slope * stored + intercept is affine, so it commutes with resampling: clamp padding below air
-        # in stored units first, resample the stored values, then rescale the (4x smaller) result.
-        t = torch.from_numpy(raw)
-        s_t, i_t = torch.from_numpy(slope)[:, None, None], torch.from_numpy(icpt)[:, None, None]
-        lo = (HU_MIN - icpt) / slope  # (C,) air in stored units
-        if (slope > 0).all() and np.all(lo == lo[0]):
-            t.clamp_min_(float(lo[0]))
-        else:
-            for j in range(len(chunk)):
-                t[j] = t[j].clamp_min(float(lo[j])) if slope[j] > 0 else t[j].clamp_max(float(lo[j]))
-        if flip_dims:
-            t = torch.flip(t, flip_dims)
-        t, out_spacing = resize_square_pixels(t, first.spacing, size)
-        if t.data_ptr() == raw.ctypes.data:
-            t = t.clone()  # no resize happened: don't rescale the reused buffer in place
-        if np.all(slope == slope[0]) and np.all(icpt == icpt[0]):  # usual case: scalar in-place ops
-            if slope[0] != 1.0:
-                t.mul_(float(slope[0]))
-            t.add_(float(icpt[0]))
-        else:
-            t.mul_(s_t).add_(i_t)
-        t = t.round_().clamp_(HU_MIN, HU_MAX)
-        out[c0:c0 + len(chunk)] = pad_square(t, size, float(HU_MIN)).to(torch.int16).numpy()
+    _, _, out_spacing = square_geometry(first.rows, first.cols, first.spacing, size)
+
+    def stored(i: int) -> tuple[np.ndarray, float, float] | None:
+        """Unit i's stored values (rows, cols) with its slope and intercept; None (recorded) if it fails."""
+        path, frame = plan.units[i]
+        h = plan.headers[path]
+        if path in failed_files:
+            ok[i] = False
+            return None
+        try:
+            if h.n_frames > 1:
+                if path not in cache:
+                    cache.clear()
+                    cache[path] = read_stored(h)
+                a = cache[path][frame]
+            else:
+                a = read_stored(h)[0]
+        except DicomIssue as e:
+            errors.append((path, e.reason, e.detail))
+            failed_files.add(path)
+            ok[i] = False
+            return None
+        slope = h.slopes[frame] if len(h.slopes) > frame else h.slopes[0]
+        icpt = h.intercepts[frame] if len(h.intercepts) > frame else h.intercepts[0]
+        return a, slope, icpt
+
+    factors = box_factors(first.rows, first.cols, first.spacing, size)
+    slow = list(range(n)) if factors is None else _build_box(stored, n, factors, first, size, out)
+    _build_torch(stored, slow, first, size, out)
     if not ok.any():  # every file failed: nothing to store, only the errors to record
         return BuiltSeries(plan.series_uid, "", None, [], [], None, [], errors, size, size,
                            first.rows, first.cols, out_spacing, time.perf_counter() - t0)
