@@ -214,7 +214,69 @@ def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
                          align_corners=False, antialias=shrink)
 
 
+def crop(x: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
+    """Per-sample square crops: ``x[b, :, top[b]:top[b]+size, left[b]:left[b]+size]``.
+
+    Gather by index rather than a Python loop so it stays one kernel on the
+    device; ``top``/``left`` are integer tensors (B,) that keep the crop inside
+    the image (``crop_offsets`` makes them).
+    """
+    _check_image(x)
+    B, C, H, W = x.shape
+    if not 1 <= size <= min(H, W):
+        raise ConfigError(f"crop size must be in [1, {min(H, W)}] for {H}x{W} slices, got {size}")
+    ar = torch.arange(size, device=x.device)
+    rows = (top.to(x.device).long().view(B, 1) + ar).clamp_(0, H - 1)      # (B, size)
+    cols = (left.to(x.device).long().view(B, 1) + ar).clamp_(0, W - 1)     # (B, size)
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]     # (B, size, size, C)
+    return out.permute(0, 3, 1, 2).contiguous()                              # (B, C, size, size)
+
+
+def crop_offsets(shape: tuple[int, int, int, int] | torch.Size, size: int, generator: torch.Generator,
+                 focus: Tensor | None = None, focus_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Top-left corners (B,) of random ``size`` crops of ``(B, C, H, W)`` slices.
+
+    Uniform over valid positions, except that a sample whose ``focus`` mask
+    (B, 1, H, W) has a foreground pixel is, with probability ``focus_prob``,
+    cropped around one of those pixels (picked uniformly, placed uniformly in
+    the crop's middle half). Why: a nodule covers <1% of a slice, so uniform
+    crops would show a segmentation decoder almost nothing to segment; the
+    uniform crops that remain keep it honest about the background.
+    """
+    B, _, H, W = shape
+    if not 1 <= size <= min(H, W):
+        raise ConfigError(f"crop size must be in [1, {min(H, W)}] for {H}x{W} slices, got {size}")
+    if not 0.0 <= focus_prob <= 1.0:
+        raise ConfigError(f"focus_prob must be in [0, 1], got {focus_prob}")
+    dev = generator.device
+    top = torch.randint(0, H - size + 1, (B,), generator=generator, device=dev)
+    left = torch.randint(0, W - size + 1, (B,), generator=generator, device=dev)
+    if focus is None or focus_prob == 0.0:
+        return top, left
+    fg = (focus.reshape(B, H * W) > 0.5).float()                           # (B, H*W)
+    has = fg.sum(1) > 0
+    pick = torch.multinomial(fg + (~has).float()[:, None], 1, generator=generator).squeeze(1)  # (B,) pixel
+    py, px = pick // W, pick % W
+    u = torch.rand(3, B, generator=generator, device=dev)
+    # the picked pixel lands in the middle half of the crop: offset in [size/4, 3*size/4)
+    ft = (py - size // 4 - (u[0] * (size // 2)).long()).clamp(0, H - size)
+    fl = (px - size // 4 - (u[1] * (size // 2)).long()).clamp(0, W - size)
+    use = has & (u[2] < focus_prob)
+    return torch.where(use, ft, top), torch.where(use, fl, left)
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` square of ``(B, C, H, W)``; ``size`` >= the image returns it whole."""
+    _check_image(x)
+    H, W = x.shape[-2:]
+    if size <= 0 or size >= min(H, W):
+        return x
+    t, l = (H - size) // 2, (W - size) // 2
+    return x[..., t:t + size, l:l + size]
+
+
 __all__ = [
     "PAPER_LEVEL", "PAPER_WIDTH", "window", "flip_batch", "rot90_batch", "square_mask", "mask_side",
-    "salt_pepper", "gaussian_noise", "ssim", "resize",
+    "salt_pepper", "gaussian_noise", "ssim", "resize", "crop", "crop_offsets", "center_crop",
 ]

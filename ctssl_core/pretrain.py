@@ -266,7 +266,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     batches = SliceBatcher(
         store, ids, cfg.train.batch_size, context=pretext.context, gap=int(getattr(pretext, "gap", 1) or 1),
         label_keys=tuple(pretext.label_keys), device=device, seed=cfg.train.seed,
-        image_size=cfg.train.image_size or None, rank=info.rank, world_size=info.world_size,
+        image_size=cfg.train.image_size or None, crop=cfg.train.crop or None, rank=info.rank, world_size=info.world_size,
         wants_hu=bool(getattr(pretext, "wants_hu", False)),
     )
     run_id = distributed.broadcast_object(resume_run_id or new_run_id("pretrain", cfg.task, "random"), info)

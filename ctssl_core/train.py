@@ -64,6 +64,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = 0                  # resize slices on the device to this; 0 = keep the store's size
+    crop: int = 0                        # random crop x crop square of each training slice (after image_size);
+                                         # 0 = whole slice. Pretraining only: downstream tasks crop in the task
     log_every: int = 10
     sync_bn: bool = True                 # SyncBatchNorm under multi-GPU DDP
 
@@ -71,7 +73,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "eval_every", "image_size"):
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "image_size", "crop"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

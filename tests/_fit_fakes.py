@@ -33,6 +33,7 @@ class ArrayStore:
 
     def __init__(self, arrays: list[np.ndarray], pe: list[np.ndarray] | None = None, patient_idx: list[int] | None = None):
         self.arrays = arrays
+        self.height, self.width = arrays[0].shape[1:]
         lens = [len(a) for a in arrays]
         self.n_slices = int(sum(lens))
         self.slice_ids = np.arange(self.n_slices, dtype=np.int64)

@@ -115,6 +115,31 @@ def test_resize_on_device_and_subset_ids(store):
         assert set(r["slice_id"].tolist()) <= set(subset.tolist())
 
 
+def test_random_crops_are_windows_of_the_slice_shared_by_pair_and_mask(store):
+    """A crop is a true sub-square of the whole slice, the same square for both slices of a
+    next-slice pair and for the mask, varies across batches, and repeats on resume."""
+    whole = SliceBatcher(store, None, 4, context=2, seed=3, label_keys=("nodule",))
+    cropped = SliceBatcher(store, None, 4, context=2, seed=3, label_keys=("nodule",), crop=12)
+    tops, cs = set(), take(cropped, 3)
+    for w, c in zip(take(whole, 3), cs):
+        assert c["x"].shape == (4, 2, 12, 12) and c["nodule"].shape == (4, 1, 12, 12)
+        assert torch.equal(w["slice_id"], c["slice_id"])
+        for i in range(4):
+            full, sub = w["x"][i], c["x"][i]                       # (2, 32, 32), (2, 12, 12)
+            hits = [(t, l) for t in range(21) for l in range(21) if torch.equal(full[:, t:t + 12, l:l + 12], sub)]
+            assert hits, "the crop is not a window of its slice pair"
+            t, l = hits[0]
+            tops.add(t)
+            assert torch.equal(w["nodule"][i, :, t:t + 12, l:l + 12], c["nodule"][i])
+    assert len(tops) > 1
+    again = SliceBatcher(store, None, 4, context=2, seed=3, label_keys=("nodule",), crop=12)
+    again.load_state_dict({"epoch": 0, "position": 2, "seed": 3})
+    assert torch.equal(take(again, 1)[0]["x"], cs[2]["x"])
+    with pytest.raises(ConfigError, match="does not fit"):
+        SliceBatcher(store, None, 4, crop=40)
+    assert SliceBatcher(store, None, 4, crop=32).crop == 0          # whole-slice crop = no crop
+
+
 def test_no_prefetch_gives_same_batches(store):
     a = take(SliceBatcher(store, None, 4, seed=2, prefetch=False), 5)
     b = take(SliceBatcher(store, None, 4, seed=2, prefetch=True), 5)

@@ -150,3 +150,42 @@ def test_ssim_stays_float32_under_bf16_autocast():
     assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), abs=1e-6)
     with pytest.raises(ConfigError, match="reduction"):
         ops.ssim(a, b, reduction="sum")
+
+
+def test_crop_takes_each_samples_own_window():
+    x = torch.arange(2 * 2 * 8 * 8, dtype=torch.float32).view(2, 2, 8, 8)
+    out = ops.crop(x, torch.tensor([0, 4]), torch.tensor([1, 2]), 4)
+    assert out.shape == (2, 2, 4, 4)
+    assert torch.equal(out[0], x[0, :, 0:4, 1:5]) and torch.equal(out[1], x[1, :, 4:8, 2:6])
+    with pytest.raises(ConfigError, match="crop size"):
+        ops.crop(x, torch.tensor([0, 0]), torch.tensor([0, 0]), 9)
+
+
+def test_crop_offsets_stay_inside_and_focus_lands_on_the_mask():
+    B, H = 64, 40
+    m = torch.zeros(B, 1, H, H)
+    ys, xs = torch.randint(0, H, (B,), generator=gen(1)), torch.randint(0, H, (B,), generator=gen(2))
+    m[torch.arange(B), 0, ys, xs] = 1.0                       # one foreground pixel per sample
+    m[-8:] = 0                                                 # ... except the last eight (empty slices)
+    top, left = ops.crop_offsets(m.shape, 16, gen(3), focus=m, focus_prob=1.0)
+    assert ((top >= 0) & (top <= H - 16) & (left >= 0) & (left <= H - 16)).all()
+    crops = ops.crop(m, top, left, 16)
+    assert (crops[:-8].flatten(1).sum(1) == 1).all()           # every focused crop holds its pixel
+    # without focus the pixel is mostly outside a 16-px window of a 40-px slice
+    top0, left0 = ops.crop_offsets(m.shape, 16, gen(3))
+    assert ops.crop(m, top0, left0, 16)[:-8].flatten(1).sum(1).mean() < 0.5
+    # same generator seed -> same corners; focus_prob 0.5 focuses about half
+    again = ops.crop_offsets(m.shape, 16, gen(3), focus=m, focus_prob=1.0)
+    assert torch.equal(again[0], top) and torch.equal(again[1], left)
+    many = torch.zeros(2000, 1, H, H)
+    many[:, 0, 0, 0] = 1
+    t, l = ops.crop_offsets(many.shape, 16, gen(4), focus=many, focus_prob=0.5)
+    assert 0.4 < ((t == 0) & (l == 0)).float().mean().item() < 0.6
+    with pytest.raises(ConfigError, match="focus_prob"):
+        ops.crop_offsets(m.shape, 16, gen(0), focus=m, focus_prob=1.5)
+
+
+def test_center_crop_and_whole_slice_passthrough():
+    x = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    assert torch.equal(ops.center_crop(x, 4), x[..., 2:6, 2:6])
+    assert ops.center_crop(x, 0) is x and ops.center_crop(x, 8) is x

@@ -122,6 +122,10 @@ class SliceBatcher:
         device: where batches land; pinned host memory + non_blocking copy on CUDA.
         seed: seeds the epoch permutations.
         image_size: resize on the device to (image_size, image_size) if the store differs.
+        crop: a random ``crop`` x ``crop`` square of each slice (after the resize; the same square
+            for every slice of a context pair and its mask), drawn from (seed, epoch, position) so
+            a resumed run sees the same crops. 0/None = the whole slice. Lets pretraining work at
+            the store's full resolution for the cost of a small image.
         rank / world_size: DDP sharding.
         wants_hu: also return the raw int16 ``"hu"`` tensor.
         prefetch: read the next host batch in a background thread. None = on CUDA only: there the
@@ -145,6 +149,7 @@ class SliceBatcher:
         wants_hu: bool = False,
         window: tuple[float, float] = DEFAULT_WINDOW,
         prefetch: bool | None = None,
+        crop: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -176,6 +181,12 @@ class SliceBatcher:
         self.device = torch.device(device)
         self.seed = int(seed)
         self.image_size = image_size
+        self.crop = 0
+        if crop:
+            side = int(image_size or min(store.height, store.width))
+            if not 1 <= int(crop) <= side:
+                raise ConfigError(f"crop {crop} does not fit {side}x{side} slices; use 0 (whole slice) or 1..{side}")
+            self.crop = int(crop) if int(crop) < side else 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.wants_hu = wants_hu or "hu" in self.label_keys
         self.window = window
@@ -205,6 +216,15 @@ class SliceBatcher:
         ids = self._epoch_ids(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
         return ids, epoch, pos + 1
 
+    def _crop_corners(self, n: int, epoch: int, pos: int) -> dict[str, Tensor]:
+        """Top-left corners of this batch's random crops (host, seeded by seed/epoch/position/rank)."""
+        if not self.crop:
+            return {}
+        side = int(self.image_size or self.store.height), int(self.image_size or self.store.width)
+        rng = np.random.default_rng([self.seed, epoch, pos, self.rank, 31])
+        return {"crop_top": torch.from_numpy(rng.integers(0, side[0] - self.crop + 1, n)),
+                "crop_left": torch.from_numpy(rng.integers(0, side[1] - self.crop + 1, n))}
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "position": self._pos, "seed": self.seed}
 
@@ -221,8 +241,11 @@ class SliceBatcher:
         return self.batches_per_epoch
 
     # ---------------- host side ----------------
-    def _read_host(self, pos: np.ndarray) -> dict[str, Tensor]:
-        """Gather int16 pixels and labels for store positions ``pos`` (host tensors, pinned on CUDA)."""
+    def _read_host(self, pos: np.ndarray, corner_key: tuple[int, int] = (0, 0)) -> dict[str, Tensor]:
+        """Gather int16 pixels and labels for store positions ``pos`` (host tensors, pinned on CUDA).
+
+        ``corner_key`` = (epoch, position) of the batch: seeds its random crops.
+        """
         gid = self._global[pos] if self._global is not None else pos  # (B,) global slice ids
         if self.context == 2:
             hu = self.store.read_context(gid, self.gap)  # (B, 2, H, W) int16
@@ -235,6 +258,7 @@ class SliceBatcher:
             host[key] = torch.from_numpy(np.ascontiguousarray(arr[pos]))
         host["slice_id"] = torch.from_numpy(np.asarray(gid, dtype=np.int64).copy())
         host["patient_idx"] = torch.from_numpy(self._patient_idx[pos])
+        host.update(self._crop_corners(len(gid), *corner_key))
         if self._pin:
             host = {k: v.pin_memory() for k, v in host.items()}
         return host
@@ -251,6 +275,15 @@ class SliceBatcher:
                 dev["nodule"] = F.interpolate(dev["nodule"].float(), size=(size, size), mode="nearest")
             if self.wants_hu:
                 hu = F.interpolate(hu.float(), size=(size, size), mode="nearest").to(torch.int16)
+        if self.crop:
+            from ctssl_core.ops import crop
+
+            top, left = dev.pop("crop_top"), dev.pop("crop_left")
+            x = crop(x, top, left, self.crop)                                # (B, S, crop, crop)
+            if "nodule" in dev:
+                dev["nodule"] = crop(dev["nodule"], top, left, self.crop)
+            if self.wants_hu:
+                hu = crop(hu, top, left, self.crop)
         raw: dict[str, Tensor] = {"x": x}
         if self.wants_hu:
             raw["hu"] = hu
@@ -266,7 +299,7 @@ class SliceBatcher:
         if not self.prefetch:
             while True:
                 ids, e, p = self._ids_at(self._epoch, self._pos)
-                raw = self._to_device(self._read_host(ids))
+                raw = self._to_device(self._read_host(ids, (e, p)))
                 self._epoch, self._pos = e, p
                 yield raw
         q: queue.Queue = queue.Queue(maxsize=2)
@@ -276,7 +309,7 @@ class SliceBatcher:
             try:
                 while not stop.is_set():
                     ids, epoch, pos = self._ids_at(epoch, pos)
-                    item = (self._read_host(ids), epoch, pos)
+                    item = (self._read_host(ids, (epoch, pos)), epoch, pos)
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)
