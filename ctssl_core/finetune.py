@@ -64,6 +64,10 @@ class FinetuneConfig:
             raise ConfigError(f"unknown downstream task {self.task!r}; choose one of {sorted(DOWNSTREAM)}")
         if self.n_boot < 10:
             raise ConfigError(f"n_boot must be >= 10, got {self.n_boot}")
+        if (self.train or {}).get("crop"):
+            raise ConfigError("train.crop is for pretraining: slice labels (pe, demographics) do not survive a "
+                              "random crop. Downstream tasks crop in the task: nodule crop/focus, pe roi "
+                              "(task_params)")
 
 
 @dataclass

@@ -168,3 +168,67 @@ def test_bad_configs_are_refused():
         make_downstream("liver")
     with pytest.raises(ConfigError, match="unknown config key"):
         make_downstream("pe", pos_wieght=3.0)
+
+
+def test_nodule_crops_follow_the_mask_and_scoring_sees_whole_slices():
+    task = make_downstream("nodule", crop=16, focus=1.0, hflip=False)
+    raw = _raw(H=48)
+    raw["x"][0] = raw["nodule"][0]                     # image == mask on sample 0 (the one with a nodule)
+    b = task.make_batch(raw, torch.Generator().manual_seed(0))
+    assert b.inputs.shape == (4, 1, 16, 16) and b.targets.shape == (4, 1, 16, 16)
+    assert b.targets[0].sum().item() == 16             # the whole 4x4 nodule is inside the focused crop
+    torch.testing.assert_close(b.inputs[0], b.targets[0])
+    assert task.eval_batch(raw).inputs.shape == (4, 1, 48, 48)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        make_downstream("nodule", crop=20)
+    with pytest.raises(ConfigError, match="focus"):
+        make_downstream("nodule", crop=16, focus=2.0)
+
+
+def test_pe_roi_is_the_central_square_in_training_and_scoring():
+    task = make_downstream("pe", roi=16, hflip=False)
+    raw = _raw(H=32)
+    b = task.make_batch(raw, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(b.inputs, raw["x"][..., 8:24, 8:24])
+    torch.testing.assert_close(task.eval_batch(raw).inputs, raw["x"][..., 8:24, 8:24])
+    with pytest.raises(ConfigError, match="roi"):
+        make_downstream("pe", roi=-1)
+
+
+def test_quick_profile_pe_roi_holds_every_planted_embolus():
+    """The quick profile scores PE on the central `roi` px: every defect pixel of its cohort must lie
+    inside, or the ROI would hide positives (checked on the sampled geometry, no rendering)."""
+    import math
+
+    from ctssl_core.config import build, load_profile
+    from ctssl_core.data import synth
+    from ctssl_core.data.phantom import vessel_at
+
+    prof = load_profile("quick")
+    cfg = build(synth.SynthConfig, prof["synth"])
+    roi = prof["downstream"]["pe"]["task_params"]["roi"]
+    assert prof["ingest"]["size"] == cfg.image_size            # stored at the rendered size
+    reach, n = 0.0, 0
+    for i in range(cfg.n_patients):
+        p = synth.sample_patient(cfg, i)
+        c = (p.image_size - 1) / 2
+        for d in p.pe_defects:
+            for t in synth.slice_t(p):
+                v = vessel_at(p, d["vessel"], float(t)) if d["t0"] <= t <= d["t1"] else None
+                if v is None:
+                    continue
+                col = (v[0] + p.body_offset_mm[0]) / p.pixel_spacing_mm + c
+                row = (v[1] + p.body_offset_mm[1]) / p.pixel_spacing_mm + c
+                r = max(d["radius_mm"], v[2]) / p.pixel_spacing_mm    # the whole vessel, not just the clot
+                reach = max(reach, max(abs(col - c), abs(row - c)) + r)
+                n += 1
+    assert n > 100
+    assert reach < roi / 2, f"a defect reaches {reach:.1f} px from the centre; the ROI half-width is {roi / 2}"
+    assert math.isfinite(reach)
+
+
+def test_finetune_refuses_a_training_crop():
+    from ctssl_core.finetune import finetune
+
+    with pytest.raises(ConfigError, match="pretraining"):
+        finetune(FinetuneConfig(task="pe", train={"crop": 16}), "/nonexistent-store")
