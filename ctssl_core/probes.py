@@ -7,7 +7,9 @@ same thing everywhere. Method after Gichoya et al. 2022 and Glocker et al. 2023:
 * scikit-learn linear models on frozen embeddings -- ``LogisticRegression`` for
   sex (AUROC) and race (macro one-vs-rest AUROC), ``Ridge`` for age (MAE, R²);
 * standardisation is fitted inside each training fold (a ``Pipeline``), so the
-  held-out fold never leaks into the scaler;
+  held-out fold never leaks into the scaler; features that are flat in the
+  training fold are dropped first (``drop_flat_features``: dead channels of a
+  random encoder otherwise blow up under standardisation);
 * cross-validation groups by patient (``GroupKFold``; ``StratifiedGroupKFold``
   for classes), so no patient is in train and test at once;
 * **scoring unit = patient.** Slice embeddings are mean-pooled per patient
@@ -219,6 +221,24 @@ def _folds(kind: str, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: in
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y, groups)
 
 
+# a feature whose training-fold std is below this fraction of the median feature std is dropped
+FLAT_REL_STD = 1e-3
+
+
+def drop_flat_features(X_train: np.ndarray, rel: float = FLAT_REL_STD) -> np.ndarray:
+    """Column mask of features that vary in the training fold (std > rel x the median std).
+
+    Why: a randomly initialised encoder has near-dead channels (std ~1e-7). Standardising
+    divides by that std, so a test-fold wobble of 1e-5 becomes a 100-sigma input and the
+    probe's predictions explode (R^2 of -30 and an age MAE of 37 years were seen). Dropping
+    them changes nothing for a healthy embedding and makes the probe measure what is there.
+    """
+    sd = np.asarray(X_train, dtype=np.float64).std(axis=0)
+    ref = np.median(sd[sd > 0]) if (sd > 0).any() else 0.0
+    keep = sd > rel * ref
+    return keep if keep.any() else np.ones_like(keep)
+
+
 def _model(kind: str, C: float, alpha: float):
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
@@ -250,11 +270,12 @@ def _cv_oof_inner(X, y, cluster, kind, n_splits, seed, C, alpha, n_classes) -> n
         if kind != "regression" and len(np.unique(y[tr])) < 2:
             oof[te] = np.mean(y[tr] == 1) if kind == "binary" else 1.0 / n_classes
             continue
-        model.fit(X[tr], y[tr])
+        cols = drop_flat_features(X[tr])                 # fitted on the training fold only
+        model.fit(X[tr][:, cols], y[tr])
         if kind == "regression":
-            oof[te] = model.predict(X[te])
+            oof[te] = model.predict(X[te][:, cols])
         else:
-            proba = model.predict_proba(X[te])           # (n_te, K_seen)
+            proba = model.predict_proba(X[te][:, cols])  # (n_te, K_seen)
             seen = model[-1].classes_
             if kind == "binary":
                 oof[te] = proba[:, list(seen).index(1)] if 1 in seen else 0.0

@@ -67,6 +67,26 @@ def test_regression_probe_mae_r2():
     assert noise.ci_low < 0.0
 
 
+def test_near_dead_channels_do_not_blow_up_the_age_probe():
+    """A random encoder's dead channels (std ~1e-8 with rare wobbles) used to become 100-sigma
+    inputs after standardisation: R^2 of -30 and an MAE of decades. They are dropped per fold."""
+    from ctssl_core.probes import drop_flat_features
+
+    rng = np.random.default_rng(5)
+    n = 200
+    X = rng.normal(size=(n, 8))
+    age = 55 + 10 * X[:, 0] + rng.normal(size=n)
+    dead = np.full((n, 4), 0.3) + 1e-9 * rng.normal(size=(n, 4))
+    for j in range(4):                                          # one wobble per channel: the training
+        dead[rng.integers(n), j] += 1e-5                        # fold without it has std ~1e-9
+    Xd = np.hstack([X, dead])
+    r = probe(Xd, age, np.arange(n), "regression", n_boot=100)
+    assert r.metrics["r2"].value > 0.9 and r.metrics["mae"].value < 2.0
+    keep = drop_flat_features(Xd)
+    assert keep[:8].all() and not keep[8:].any()
+    assert drop_flat_features(np.zeros((5, 3))).all()             # nothing varies: keep all, don't crash
+
+
 def test_standardisation_makes_probe_scale_invariant():
     X, y, g = _binary(seed=4)
     Xs = X * np.array([1000.0] + [0.001] * 15)
