@@ -125,6 +125,9 @@ def test_pivot_puts_random_first_and_finds_best_per_column(seeded):
     t = read.headline_table(seeded.root)
     wide, best = read.pivot_headline(t)
     assert wide.index[0] == "random"
+    tasks = [c.split(" · ")[0] for c in wide.columns]
+    # study order: the paper's tasks first, demographics last; each task's columns together
+    assert tasks == sorted(tasks, key=["pe", "nodule", "demographics"].index)
     for col, init in best.items():
         task, metric = col.split(" · ")
         g = t[(t.task == task) & (t.metric == metric)]
@@ -132,6 +135,16 @@ def test_pivot_puts_random_first_and_finds_best_per_column(seeded):
         cell = wide.loc[init, col]
         v = g[g.init == init].value.iloc[0]
         assert cell.startswith(f"{v:.3f} [")
+
+
+def test_pivot_orders_columns_by_task_then_headline_metric():
+    rows = [("demographics", "age_mae"), ("nodule", "dice"), ("pe", "exam_auroc"), ("pe", "slice_auroc"),
+            ("demographics", "race_auroc"), ("pe", "zz_custom")]
+    t = pd.DataFrame({"task": [r[0] for r in rows], "metric": [r[1] for r in rows], "init": "random",
+                      "value": 0.5, "ci_low": 0.4, "ci_high": 0.6})
+    wide, _ = read.pivot_headline(t)
+    assert list(wide.columns) == ["pe · slice_auroc", "pe · exam_auroc", "pe · zz_custom", "nodule · dice",
+                                  "demographics · race_auroc", "demographics · age_mae"]
 
 
 def test_lower_is_better_metrics_pick_the_minimum():

@@ -293,6 +293,16 @@ def fmt_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _column_rank(column: str) -> tuple:
+    """'task · metric' columns in study order: the paper's tasks (pe, nodule) before demographics,
+    each task's headline metrics in HEADLINE order; anything else after, alphabetically."""
+    task, _, metric = column.partition(" · ")
+    tasks = list(HEADLINE)
+    t = tasks.index(task) if task in tasks else len(tasks)
+    ms = HEADLINE.get(task, [])
+    return (t, ms.index(metric) if metric in ms else len(ms), column)
+
+
 def pivot_headline(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     """Strategy x (task · metric) text table and the best init per column.
 
@@ -303,6 +313,7 @@ def pivot_headline(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     table = table.assign(column=table.task + " · " + table.metric)
     text = table.assign(text=[fmt_ci(v, lo, hi) for v, lo, hi in zip(table.value, table.ci_low, table.ci_high)])
     wide = text.pivot(index="init", columns="column", values="text").reindex(init_order(table.init)).fillna("–")
+    wide = wide[sorted(wide.columns, key=_column_rank)]
     best = {}
     for col, g in table.groupby("column"):
         g = g.dropna(subset=["value"])
