@@ -49,6 +49,8 @@ class BenchmarkConfig:
     cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
     threads: int = 0                                         # torch CPU threads; 0 = torch's default. 1 is
                                                              # far faster on a CPU shared with other jobs
+    workers: int = 1                                         # units run in this many processes at once
+                                                             # (each with `threads` threads); 1 = in-process
 
     def __post_init__(self) -> None:
         from ctssl_core.downstream import DOWNSTREAM
@@ -63,6 +65,9 @@ class BenchmarkConfig:
         for f in (*self.fractions, *self.demographics_fractions):
             if not 0 < f <= 1:
                 raise ConfigError(f"benchmark fractions must lie in (0, 1], got {f}")
+        if self.workers < 1 or self.threads < 0:
+            raise ConfigError(f"benchmark.workers must be >= 1 and benchmark.threads >= 0, got "
+                              f"{self.workers} and {self.threads}")
         if 1.0 not in self.fractions:
             raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
                               "random init trained on all labels")
@@ -105,6 +110,19 @@ def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
+# execution settings: they change how fast a benchmark runs, not what it computes
+EXECUTION_KEYS = ("workers", "threads")
+
+
+def result_config(cfg: dict) -> dict:
+    """The profile minus its name and execution settings: what the benchmark id hashes, so a
+    benchmark resumed with another ``workers``/``threads`` reuses its finished units."""
+    out = {k: v for k, v in cfg.items() if k != "profile"}
+    if isinstance(out.get("benchmark"), dict):
+        out["benchmark"] = {k: v for k, v in out["benchmark"].items() if k not in EXECUTION_KEYS}
+    return out
+
+
 def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
                     pre_encoder: tuple[str, dict]):
     """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys."""
@@ -134,7 +152,7 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
     data_hash = config_hash({"synth": cfg.get("synth"), "ingest": cfg.get("ingest")})
     cohort = Path(bench.cohort) if bench.cohort else default_cohort(f"{name}-{data_hash}")
     pre_hash = config_hash({"data": data_hash, "pretrain": cfg.get("pretrain"), "split": bench.split_seed})
-    bench_hash = config_hash({k: v for k, v in cfg.items() if k != "profile"})
+    bench_hash = config_hash(result_config(cfg))
     benchmark_id = f"bench-{name}-{bench_hash}"
     enc = pretrain_encoder(cfg)
     units: list[Unit] = []
@@ -193,8 +211,16 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> Non
     from ctssl_core.data.ingest import IngestConfig, ingest
     from ctssl_core.data.synth import SynthConfig, generate_cohort
 
+    from ctssl_core.data.pseudonym import create_secret
+    from ctssl_core.paths import store_paths
+
     say(f"synthetic cohort -> {plan.cohort} (reused when its config matches)")
-    generate_cohort(build(SynthConfig, plan.config.get("synth") or {}, where="synth."), plan.cohort, progress=False)
+    synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
+    generate_cohort(synth_cfg, plan.cohort, progress=False)
+    # synthetic patients have no real identity: a key derived from the cohort config makes the
+    # seeded patient splits (and so every result) the same in any store built from this cohort
+    create_secret(store_paths(store_root).secret,
+                  hashlib.sha256(f"ctssl-synthetic-cohort:{config_hash(to_dict(synth_cfg), 64)}".encode()).digest())
     say(f"ingesting {plan.cohort} -> {store_root}")
     ingest(plan.cohort, store_root, build(IngestConfig, plan.config.get("ingest") or {}, where="ingest."),
            progress=False)
@@ -317,27 +343,22 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
                 done[u.run_id] = found
     todo = [u for u in plan.units if u.run_id not in done]
     log(f"benchmark {plan.benchmark_id}: {len(plan.units)} units, {len(plan.units) - len(todo)} already done")
-    store = None
     bar = tqdm(total=len(plan.units), initial=len(plan.units) - len(todo), disable=not progress,
                desc="benchmark", unit="run", dynamic_ncols=True)
     embeddings: dict[str, dict[str, str]] = {}
+    for u in plan.units:
+        if u.run_id in done and u.kind == "embed":
+            p = store_paths(root).run_dir(u.run_id) / "embeddings.json"
+            if p.exists():
+                embeddings[u.init] = json.loads(p.read_text())
     status = "failed"
     try:
-        for u in plan.units:
-            if u.run_id in done:
-                if u.kind == "embed":
-                    p = store_paths(root).run_dir(u.run_id) / "embeddings.json"
-                    if p.exists():
-                        embeddings[u.init] = json.loads(p.read_text())
-                continue
-            bar.set_postfix_str(f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else ""))
+        runner = _run_serial if plan.bench.workers == 1 or len(todo) <= 1 else _run_parallel
+        for u, result in runner(plan, todo, root, pretrain_ids, bar):
             if u.kind == "pretrain":
-                pretrain_ids[u.task] = run_pretrain_unit(plan, u, root)
-            elif u.kind == "finetune":
-                store = store or SliceStore.open(root)
-                run_finetune_unit(plan, u, root, store, pretrain_ids)
-            else:
-                embeddings[u.init] = run_embed_unit(plan, u, root, pretrain_ids)
+                pretrain_ids[u.task] = result
+            elif u.kind == "embed":
+                embeddings[u.init] = result
             bar.update(1)
         bar.close()
         table = summarise(plan, root, embeddings, log)
@@ -348,6 +369,100 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
         rw.finish_run(root, plan.benchmark_id, status)
     return {"benchmark_id": plan.benchmark_id, "table": table, "wall_s": time.perf_counter() - t0,
             "ran": len(todo), "skipped": len(plan.units) - len(todo)}
+
+
+def _label(u: Unit) -> str:
+    return f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else "")
+
+
+def run_unit(plan: Plan, u: Unit, root: Path, pretrain_ids: dict[str, str], store=None):
+    """Run one unit; returns the pretraining run id, the embedding ids, or None (fine-tuning)."""
+    if u.kind == "pretrain":
+        return run_pretrain_unit(plan, u, root)
+    if u.kind == "finetune":
+        run_finetune_unit(plan, u, root, store, pretrain_ids)
+        return None
+    return run_embed_unit(plan, u, root, pretrain_ids)
+
+
+def _run_serial(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
+    from ctssl_core.data.store import SliceStore
+
+    store = None
+    for u in todo:
+        bar.set_postfix_str(_label(u))
+        if u.kind == "finetune":
+            store = store or SliceStore.open(root)
+        yield u, run_unit(plan, u, root, pretrain_ids, store)
+
+
+_WORKER_STORE: dict[str, Any] = {}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _worker_unit(plan: Plan, u: Unit, root: str, pretrain_ids: dict[str, str]):
+    """Child-process entry: one unit, with this process's memory-mapped store reused across its units."""
+    from ctssl_core.data.store import SliceStore
+
+    store = None
+    if u.kind == "finetune":
+        store = _WORKER_STORE.get(root) or _WORKER_STORE.setdefault(root, SliceStore.open(Path(root)))
+    return run_unit(plan, u, Path(root), pretrain_ids, store)
+
+
+def _run_parallel(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
+    """Run units in ``plan.bench.workers`` spawned processes, each once its pretraining exists.
+
+    A unit that needs a strategy's encoder waits for that pretraining; the rest
+    start in plan order (pretrainings first, so they unblock the others soonest).
+    Each process writes its own runs and results through the store's short,
+    lock-retrying DuckDB connections. The first failure stops new starts, lets
+    the running units finish (their results are kept), and is raised.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(todo)
+    ids = dict(pretrain_ids)
+    failed: BaseException | None = None
+    ex = ProcessPoolExecutor(plan.bench.workers, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(plan.bench.threads,))
+    running: dict[Any, Unit] = {}
+    try:
+        while pending or running:
+            while failed is None and len(running) < plan.bench.workers:
+                ready = next((u for u in pending if u.kind == "pretrain" or u.init == "random" or u.init in ids), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                running[ex.submit(_worker_unit, plan, ready, str(root), dict(ids))] = ready
+            if not running:
+                if failed is None:
+                    missing = sorted({u.init for u in pending})
+                    failed = ConfigError(f"units wait for pretraining(s) that never ran: {missing}")
+                break
+            bar.set_postfix_str(" | ".join(_label(u) for u in running.values()))
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                u = running.pop(fut)
+                try:
+                    result = fut.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised once the running units end
+                    failed = failed or e
+                    continue
+                if u.kind == "pretrain":
+                    ids[u.task] = result
+                yield u, result
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    if failed is not None:
+        raise failed
 
 
 # ------------------------------------------------------------------ summaries

@@ -47,8 +47,10 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
     from ctssl_core.paths import store_paths
 
     store = tmp_path / "store"
+    # two worker processes here; the resume below runs in-process (workers = 1) and must find
+    # the same benchmark id: execution settings do not change what a benchmark computes
     args = ["benchmark", "--profile", "smoke", "--store", str(store), "--quiet",
-            "--set", f"benchmark.cohort={tmp_path / 'cohort'}"]
+            "--set", f"benchmark.cohort={tmp_path / 'cohort'}", "--set", "benchmark.workers=2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| init |" in out and "masked_region" in out
@@ -133,3 +135,25 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
     assert main(["finetune", "--task", "pe", "--init", "no_such_run", "--profile", "smoke",
                  "--store", str(store), "--quiet"]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
+    """The benchmark keys synthetic pseudonyms by the cohort config, so any store built from the
+    same cohort has the same patient keys and seeded splits (results reproduce across machines)."""
+    from ctssl_core.benchmark import ensure_data
+    from ctssl_core.data.splits import get_or_create_splits
+    from ctssl_core.paths import store_paths
+
+    over = [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=10", "synth.slices_per_exam=4"]
+    plan = make_plan("smoke", over, tmp_path / "a")
+    got = []
+    for name in ("a", "b"):
+        ensure_data(plan, tmp_path / name, lambda m: None)
+        got.append(get_or_create_splits(tmp_path / name, 0))
+        assert store_paths(tmp_path / name).secret.stat().st_mode & 0o077 == 0   # owner-only, like a random key
+    assert got[0] == got[1] and len(got[0]) == 10
+    # a real-data store (secret not made by the benchmark) keeps its own random key
+    from ctssl_core.data.pseudonym import create_secret, load_or_create_secret
+
+    own = load_or_create_secret(tmp_path / "c" / "secret")
+    assert not create_secret(tmp_path / "c" / "secret", b"x" * 32) and own == load_or_create_secret(tmp_path / "c" / "secret")

@@ -38,6 +38,26 @@ def load_or_create_secret(path: str | Path) -> bytes:
     return key
 
 
+def create_secret(path: str | Path, key: bytes) -> bool:
+    """Write ``key`` as the store's secret unless one exists (mode 0600); True if written.
+
+    Only for data with no real identities (the synthetic cohort): a key derived
+    from the cohort's config gives the same pseudonyms, hence the same seeded
+    patient splits, in every store built from that cohort, so a benchmark is
+    reproducible across machines. Real data keeps the random per-store key.
+    """
+    path = Path(path)
+    if len(key) < 16:
+        raise ValueError("a pseudonym key needs at least 16 bytes")
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return True
+
+
 class Pseudonymiser:
     """``p(kind, value) -> hex[:16]``. ``kind`` separates namespaces (a SOP UID never collides with a series UID)."""
 
