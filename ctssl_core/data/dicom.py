@@ -324,6 +324,12 @@ ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 HEAD_BYTES = 16384  # one read covers the header of nearly every CT file (pixel data starts at ~1-4 KB)
 
 
+_META = struct.Struct("<HH2sH")                                        # group, element, VR, short length
+_EXPLICIT = {"<": struct.Struct("<HH2sH"), ">": struct.Struct(">HH2sH")}
+_IMPLICIT = {"<": struct.Struct("<HHI"), ">": struct.Struct(">HHI")}      # group, element, length
+_U32 = {"<": struct.Struct("<I"), ">": struct.Struct(">I")}
+
+
 def _walk_elements(f, size: int):
     """Walk a native-syntax Part-10 file's top-level elements with ``struct`` up to PixelData.
 
@@ -339,19 +345,17 @@ def _walk_elements(f, size: int):
         buf = f.read(min(size, HEAD_BYTES))
         if len(buf) < 144 or buf[128:132] != b"DICM":
             return None
-        unpack = struct.unpack_from
+        meta, u32le = _META.unpack_from, _U32["<"].unpack_from
         # file meta: always explicit VR little endian
         pos, syntax = 132, None
         while pos + 8 <= len(buf):
-            group, elem = unpack("<HH", buf, pos)
+            group, elem, vr, ln = meta(buf, pos)
             if group != 2:
                 break
-            if buf[pos + 4:pos + 6] in LONG_VRS:
-                (ln,) = unpack("<I", buf, pos + 8)
+            hdr = 8
+            if vr in LONG_VRS:
+                (ln,) = u32le(buf, pos + 8)
                 hdr = 12
-            else:
-                (ln,) = unpack("<H", buf, pos + 6)
-                hdr = 8
             if ln == UNDEFINED:
                 return None
             if elem == 0x0010:
@@ -360,39 +364,37 @@ def _walk_elements(f, size: int):
         if syntax not in NATIVE_SYNTAXES:
             return None
         endian, explicit = NATIVE_SYNTAXES[syntax]
-        fmt_tag, fmt_s, fmt_i = endian + "HH", endian + "H", endian + "I"
+        head = (_EXPLICIT if explicit else _IMPLICIT)[endian].unpack_from
+        u32 = _U32[endian].unpack_from
         long_vrs, wanted = LONG_VRS, WANTED
         base, blen = 0, len(buf)  # buf holds file bytes [base, base + blen)
         elements: dict[int, bytes] = {}
         while True:
             r = pos - base
-            if r < 0 or r + 12 > blen:
-                if base + blen < size or r < 0:  # more file to read: re-window at pos
+            if r + 12 > blen:
+                if base + blen < size:  # more file to read: re-window at pos
                     f.seek(pos)
                     buf, base = f.read(HEAD_BYTES), pos
                     blen, r = len(buf), 0
                 if r + 8 > blen:
                     return None  # ended before PixelData: pydicom decides between no_pixels and truncated
-            group, elem = unpack(fmt_tag, buf, r)
-            tag = (group << 16) | elem
+            hdr = 8
             if explicit:
-                if buf[r + 4:r + 6] in long_vrs:
+                group, elem, vr, ln = head(buf, r)
+                if vr in long_vrs:
                     if r + 12 > blen:
                         return None
-                    (ln,) = unpack(fmt_i, buf, r + 8)
+                    (ln,) = u32(buf, r + 8)
                     hdr = 12
-                else:
-                    (ln,) = unpack(fmt_s, buf, r + 6)
-                    hdr = 8
             else:
-                (ln,) = unpack(fmt_i, buf, r + 4)
-                hdr = 8
-            if tag == 0x7FE00010:
+                group, elem, ln = head(buf, r)
+            tag = (group << 16) | elem
+            if tag >= 0x7FE00010:
+                if tag > 0x7FE00010:
+                    return elements, endian == "<", syntax, False, None
                 if ln == UNDEFINED or (explicit and hdr != 12):
                     return None
                 return elements, endian == "<", syntax, True, (pos + hdr, ln)
-            if tag > 0x7FE00010:
-                return elements, endian == "<", syntax, False, None
             if ln == UNDEFINED:
                 return None  # undefined-length sequence: let pydicom walk it
             if tag in wanted:
@@ -505,6 +507,16 @@ class _Bytes(_Raw):
         if len(v) < 2:
             raise _SlowPath
         return struct.unpack_from("<H" if self.little else ">H", v)[0]
+
+    def vec(self, name, n):
+        t = self.text(name)
+        if t is None:
+            return None
+        try:
+            out = tuple(map(float, t.split("\\")))  # float() ignores the spaces _Raw.vec strips
+        except ValueError:
+            return _Raw.vec(self, name, n)  # NULs or junk inside: the general rule decides
+        return out if len(out) == n and all(map(math.isfinite, out)) else None
 
 
 def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: int) -> SliceHeader:

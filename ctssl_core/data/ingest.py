@@ -17,6 +17,7 @@ this process's memory; the catalog gets keyed pseudonyms (``pseudonym.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,6 @@ from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHead
 
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
-SCAN_POOL_MIN_FILES = 4000
 BATCH_FILES = 50_000  # larger ingests run in batches of whole studies (bounded memory), see _study_batches
 SLICE_CHUNK = 32  # slices decoded and resampled at once inside a series (bounds memory)
 COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
@@ -212,7 +212,7 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
                 err(h.path, "inconsistent_shape", f"{h.rows}x{h.cols} in a {shape[0]}x{shape[1]} series.")
             else:
                 good.append(h)
-        normals = [h.normal() for h in good if h.normal() is not None]
+        normals = [n for n in map(SliceHeader.normal, good) if n is not None]
         normal = np.mean(normals, axis=0) if normals else np.array([0.0, 0.0, 1.0])
         if normal[2] < 0:  # mirrored row/column directions flip the normal; keep slices in ascending patient z
             normal = -normal
@@ -243,8 +243,9 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
         else:
             units.sort(key=lambda u: u[1])
             spacing = None
-        paths = sorted({u[2] for u in units})
-        hmap = {h.path: h for h in good if h.path in set(paths)}
+        used = {u[2] for u in units}
+        paths = sorted(used)
+        hmap = {h.path: h for h in good if h.path in used}
         thick = [h.thickness for h in hmap.values() if h.thickness]
         plans.append(SeriesPlan(
             series_uid=series_uid, study_uid=good[0].study_uid, patient_id=good[0].patient_id,
@@ -649,14 +650,29 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _imap(fn, items: list, workers: int) -> Iterator:
-    """Ordered map over a process pool (or in-process for one worker)."""
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """One process pool for every stage of an ingest, or None (everything in this process).
+
+    Why one: forking the workers costs tens of ms each time (this process holds numpy, torch and
+    duckdb), so a pool per stage paid it twice and kept small folders' header scan serial.
+    """
     if workers <= 1:
+        yield None
+        return
+    import torch  # noqa: F401 - imported before the fork so workers inherit it instead of each paying ~2 s
+
+    with _pool(workers) as ex:
+        yield ex
+
+
+def _imap(fn, items: list, ex: ProcessPoolExecutor | None) -> Iterator:
+    """Ordered map over the pool (or in this process when there is none or only one item)."""
+    if ex is None or len(items) <= 1:
         for it in items:
             yield fn(it)
         return
-    with _pool(workers) as ex:
-        yield from ex.map(fn, items)
+    yield from ex.map(fn, items)
 
 
 def _now():
@@ -744,46 +760,34 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         from ctssl_core.data.adapters.rsna_pe import load_labels
 
         rsna = load_labels(side["rsna_csv"])  # validates the header now; loads the table on first lookup
-    batches = _study_batches(todo, cfg, progress) if len(todo) > BATCH_FILES else [todo]
-    for n_batch, batch in enumerate(batches):
-        t_batch = time.perf_counter()
-        # ---- stage 1
-        chunks = [batch[i:i + SCAN_CHUNK] for i in range(0, len(batch), SCAN_CHUNK)]
-        headers: list[SliceHeader] = []
-        errors: list[tuple[str, str, str]] = []
-        label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
-        bar = _bar(progress, len(batch), label)
-        # header scans cost ~0.3 ms a file: below a few thousand files a process pool costs more than it saves
-        scan_workers = cfg.workers if len(batch) >= SCAN_POOL_MIN_FILES else 1
-        for res in _imap(_scan_chunk, chunks, scan_workers):
-            for p, h, e in res:
-                if h is not None:
-                    headers.append(h)
-                else:
-                    errors.append((p, e[0], e[1]))
-            bar.update(len(res))
-        bar.close()
-        t2 = time.perf_counter()
-        _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
+    with _executor(cfg.workers if todo else 1) as ex:
+        batches = _study_batches(todo, ex, progress) if len(todo) > BATCH_FILES else [todo]
+        for n_batch, batch in enumerate(batches):
+            t_batch = time.perf_counter()
+            # ---- stage 1
+            label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
+            headers, errors = _scan_batch(batch, ex, progress, label)
+            t2 = time.perf_counter()
+            _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
 
-        # ---- stage 2
-        plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
-        del headers
-        errors += plan_errors
-        _record_errors(paths.db, errors, relp, stat, summary)
-        lidc = None
-        if "lidc_xml" in side and plans:
-            from ctssl_core.data.adapters.lidc import parse_reads
+            # ---- stage 2
+            plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
+            del headers
+            errors += plan_errors
+            _record_errors(paths.db, errors, relp, stat, summary)
+            lidc = None
+            if "lidc_xml" in side and plans:
+                from ctssl_core.data.adapters.lidc import parse_reads
 
-            lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
-        t3 = time.perf_counter()
-        _add_stage(summary, "plan", t3 - t2)
+                lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
+            t3 = time.perf_counter()
+            _add_stage(summary, "plan", t3 - t2)
 
-        # ---- stage 3
-        _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress)
-        existing_series |= {key("series", p.series_uid) for p in plans}
-        existing_studies |= {key("study", p.study_uid) for p in plans}
-        _add_stage(summary, "build", time.perf_counter() - t3)
+            # ---- stage 3
+            _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress, ex)
+            existing_series |= {key("series", p.series_uid) for p in plans}
+            existing_studies |= {key("study", p.study_uid) for p in plans}
+            _add_stage(summary, "build", time.perf_counter() - t3)
     if rsna is not None:
         rsna.close()
 
@@ -811,7 +815,25 @@ def _add_stage(summary: IngestSummary, name: str, seconds: float) -> None:
     summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + seconds
 
 
-def _study_batches(todo: list[str], cfg: IngestConfig, progress: bool) -> list[list[str]]:
+def _scan_batch(batch: list[str], ex, progress: bool, label: str
+                ) -> tuple[list[SliceHeader], list[tuple[str, str, str]]]:
+    """Stage 1: headers of ``batch`` (in the pool when there is one), and (path, reason, detail) errors."""
+    chunks = [batch[i:i + SCAN_CHUNK] for i in range(0, len(batch), SCAN_CHUNK)]
+    headers: list[SliceHeader] = []
+    errors: list[tuple[str, str, str]] = []
+    bar = _bar(progress, len(batch), label)
+    for res in _imap(_scan_chunk, chunks, ex):
+        for p, h, e in res:
+            if h is not None:
+                headers.append(h)
+            else:
+                errors.append((p, e[0], e[1]))
+        bar.update(len(res))
+    bar.close()
+    return headers, errors
+
+
+def _study_batches(todo: list[str], ex, progress: bool) -> list[list[str]]:
     """Split a very large ingest into batches of whole studies (about BATCH_FILES files each).
 
     Why: planning needs a header per file in memory (~1.6 KB each; ~3 GB for RSNA-PE's 1.8M
@@ -825,7 +847,7 @@ def _study_batches(todo: list[str], cfg: IngestConfig, progress: bool) -> list[l
     bad: list[str] = []
     chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     bar = _bar(progress, len(todo), "group studies")
-    for res in _imap(_scan_chunk, chunks, cfg.workers):
+    for res in _imap(_scan_chunk, chunks, ex):
         for p, h, _ in res:
             if h is None:
                 bad.append(p)
@@ -841,18 +863,15 @@ def _study_batches(todo: list[str], cfg: IngestConfig, progress: bool) -> list[l
     return [b for b in batches if b]
 
 
-def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress) -> None:
+def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress, ex) -> None:
     """Stage 3: build each planned series in the workers; commit finished series in short transactions."""
     jobs = [(p, str(paths.root), key("series", p.series_uid), cfg.size,
              (lidc.get(p.series_uid) if lidc is not None else None), cfg.agreement) for p in plans]
     plan_by_uid = {p.series_uid: p for p in plans}
-    if plans:
-        import torch  # noqa: F401 - imported once here so forked workers inherit it instead of each paying ~2 s
-
     bar = _bar(progress, sum(len(p.units) for p in plans), "decode series")
     pending: list[BuiltSeries] = []
     last_commit = time.perf_counter()
-    for built in _unordered(_build_job, jobs, cfg.workers):
+    for built in _unordered(_build_job, jobs, ex, cfg.workers):
         if isinstance(built, tuple):
             uid, msg = built
             p = plan_by_uid[uid]
@@ -870,26 +889,25 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
     bar.close()
 
 
-def _unordered(fn, jobs: list, workers: int) -> Iterator:
+def _unordered(fn, jobs: list, ex: ProcessPoolExecutor | None, workers: int) -> Iterator:
     """Results as they finish, at most 2*workers jobs in flight (bounded memory)."""
-    if workers <= 1 or len(jobs) <= 1:
+    if ex is None or len(jobs) <= 1:
         for j in jobs:
             yield fn(j)
         return
-    with _pool(workers) as ex:
-        it = iter(jobs)
-        running = set()
-        for j in it:
-            running.add(ex.submit(fn, j))
-            if len(running) >= 2 * workers:
-                break
-        while running:
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                yield fut.result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    running.add(ex.submit(fn, nxt))
+    it = iter(jobs)
+    running = set()
+    for j in it:
+        running.add(ex.submit(fn, j))
+        if len(running) >= 2 * workers:
+            break
+    while running:
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            yield fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                running.add(ex.submit(fn, nxt))
 
 
 class _NoBar:
