@@ -116,3 +116,218 @@ def test_compressed_without_decoder_is_reported(tmp_path, hu):
     ds.save_as(path, enforce_file_format=True)
     e = _issue(lambda: read_hu(scan(path)))
     assert e.reason == "no_decoder" and "pip install" in e.detail
+
+
+# ---- the byte walker (one read of the file's head) against the references it replaced
+
+class _OldEl:
+    """Element as the previous walker stored it (duck-types pydicom's RawDataElement for ``_Raw``)."""
+
+    __slots__ = ("value", "is_little_endian")
+
+    def __init__(self, value: bytes, is_little_endian: bool):
+        self.value = value
+        self.is_little_endian = is_little_endian
+
+
+def _old_walk(path: str, size: int):
+    """The walker ``scan`` used before (windowed file reads), kept verbatim as a reference."""
+    import struct
+
+    from ctssl_core.data.dicom import LONG_VRS, NATIVE_SYNTAXES, UNDEFINED, WANTED
+
+    try:
+        with open(path, "rb") as f:
+            buf = f.read(min(size, 8192))
+            if len(buf) < 144 or buf[128:132] != b"DICM":
+                return None
+            pos, syntax = 132, None
+            while pos + 8 <= len(buf):
+                group, elem = struct.unpack_from("<HH", buf, pos)
+                if group != 2:
+                    break
+                vr = buf[pos + 4:pos + 6]
+                if vr in LONG_VRS:
+                    (ln,) = struct.unpack_from("<I", buf, pos + 8)
+                    hdr = 12
+                else:
+                    (ln,) = struct.unpack_from("<H", buf, pos + 6)
+                    hdr = 8
+                if ln == UNDEFINED:
+                    return None
+                if elem == 0x0010:
+                    syntax = buf[pos + hdr:pos + hdr + ln].decode("ascii", "replace").strip("\x00 ")
+                pos += hdr + ln
+            if syntax not in NATIVE_SYNTAXES:
+                return None
+            endian, explicit = NATIVE_SYNTAXES[syntax]
+            little = endian == "<"
+            fmt_tag, fmt_s, fmt_i = endian + "HH", endian + "H", endian + "I"
+            base = 0
+
+            def window(a: int, b: int) -> bool:
+                nonlocal buf, base
+                if a >= base and b <= base + len(buf):
+                    return True
+                f.seek(a)
+                buf, base = f.read(max(b - a, 8192)), a
+                return len(buf) >= b - a
+
+            elements = {}
+            while True:
+                if not window(pos, pos + 12) and not window(pos, pos + 8):
+                    return None
+                r = pos - base
+                group, elem = struct.unpack_from(fmt_tag, buf, r)
+                tag = (group << 16) | elem
+                if explicit:
+                    vr = buf[r + 4:r + 6]
+                    if vr in LONG_VRS:
+                        if len(buf) < r + 12:
+                            return None
+                        (ln,) = struct.unpack_from(fmt_i, buf, r + 8)
+                        hdr = 12
+                    else:
+                        (ln,) = struct.unpack_from(fmt_s, buf, r + 6)
+                        hdr = 8
+                else:
+                    (ln,) = struct.unpack_from(fmt_i, buf, r + 4)
+                    hdr = 8
+                if tag == 0x7FE00010:
+                    if ln == UNDEFINED or (explicit and hdr != 12):
+                        return None
+                    return elements, syntax, True, (pos + hdr, ln)
+                if tag > 0x7FE00010:
+                    return elements, syntax, False, None
+                if ln == UNDEFINED:
+                    return None
+                if tag in WANTED:
+                    if not window(pos + hdr, pos + hdr + ln):
+                        return None
+                    r = pos - base
+                    elements[tag] = _OldEl(bytes(buf[r + hdr:r + hdr + ln]), little)
+                    if tag == 0x00280008:
+                        return None
+                pos += hdr + ln
+                if pos > size:
+                    return None
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _old_scan(path) -> object:
+    """``scan`` as it was: old walker, ``_Raw`` accessors, pydicom for the rest."""
+    import os
+
+    from ctssl_core.data.dicom import _Raw, _SlowPath, header_fast, scan_with_pydicom
+
+    path = str(path)
+    size = os.stat(path).st_size
+    fast = _old_walk(path, size)
+    if fast is not None:
+        elements, syntax, present, offset = fast
+        try:
+            return header_fast(_Raw(elements), path, syntax, present, offset, size)
+        except _SlowPath:
+            pass
+    return scan_with_pydicom(path, size)
+
+
+def _outcome(fn, path):
+    """A SliceHeader, or the DicomIssue reason it raised."""
+    try:
+        return fn(path)
+    except DicomIssue as e:
+        return ("issue", e.reason)
+
+
+def _fixture_kinds(tmp_path, hu) -> dict:
+    """One file of every fixture kind the ingest tests use, good and bad."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    out = {}
+    for syntax in ("explicit_le", "implicit_le", "explicit_be", "rle", "jpeg2000"):
+        out[syntax] = save(ct_dataset(hu), tmp_path / f"{syntax}.dcm", syntax)
+    out["signed_slope2"] = save(ct_dataset(hu - (hu % 2), slope=2.0, intercept=-1000.0, signed=True), tmp_path / "s.dcm")
+    out["no_rescale"] = save(ct_dataset(np.clip(hu + 1024, 0, None).astype(np.int16), slope=None, intercept=None),
+                             tmp_path / "m.dcm")
+    zero = ct_dataset(hu)
+    zero.RescaleSlope = 0
+    out["zero_slope"] = save(zero, tmp_path / "z.dcm")
+    out["neg_spacing"] = save(ct_dataset(hu, pixel_spacing=(-0.7, 0.9)), tmp_path / "n.dcm")
+    t = np.deg2rad(15)
+    out["tilt"] = save(ct_dataset(hu, gantry_tilt=15.0, orientation=(1, 0, 0, 0, np.cos(t), -np.sin(t))),
+                       tmp_path / "t.dcm")
+    out["coronal"] = save(ct_dataset(hu, orientation=(1, 0, 0, 0, 0, -1)), tmp_path / "c.dcm")
+    out["no_position"] = save(ct_dataset(hu, position=None, instance_number=None), tmp_path / "np_.dcm")
+    out["demographics"] = save(ct_dataset(hu, age="018M", sex="M", ethnic="GroupB"), tmp_path / "d.dcm")
+    out["latin1_name"] = save(ct_dataset(hu, ethnic="Gr\xfcn"), tmp_path / "l1.dcm")
+    out["multiframe"] = save(enhanced_ct(phantom(3, 16, 16, seed=1)), tmp_path / "e.dcm")
+    big = ct_dataset(hu)  # a private blob bigger than the first read: the walker must re-read past it
+    big.add_new(0x00091010, "OB", b"\x01" * 40_000)
+    out["big_private"] = save(big, tmp_path / "big.dcm")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an image")
+    out["not_dicom"] = txt
+    raw = out["explicit_le"].read_bytes()
+    for name, cut in (("cut_pixels", len(raw) - 100), ("cut_header", 400), ("cut_preamble", 100)):
+        (tmp_path / name).write_bytes(raw[:cut])
+        out[name] = tmp_path / name
+    nopix = ct_dataset(hu)
+    del nopix.PixelData
+    out["no_pixels"] = save(nopix, tmp_path / "nopix.dcm")
+    out["mr"] = save(ct_dataset(hu, modality="MR"), tmp_path / "mr.dcm")
+    out["localizer"] = save(ct_dataset(hu, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), tmp_path / "loc.dcm")
+    mpeg = save(ct_dataset(hu), tmp_path / "mpeg.dcm", "rle")
+    ds = pydicom.dcmread(mpeg)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.save_as(mpeg, enforce_file_format=True)
+    out["no_decoder"] = mpeg
+    no_meta = ct_dataset(hu)
+    no_meta.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    no_meta.save_as(tmp_path / "nopreamble.dcm", enforce_file_format=False)
+    out["no_preamble"] = tmp_path / "nopreamble.dcm"
+    return out
+
+
+def test_byte_walker_matches_pydicom_and_previous_scan_on_every_fixture_kind(tmp_path, hu):
+    from ctssl_core.data.dicom import scan_with_pydicom
+
+    kinds = _fixture_kinds(tmp_path, hu)
+    for name, path in kinds.items():
+        new = _outcome(scan, str(path))
+        assert new == _outcome(scan_with_pydicom, str(path)), name  # pydicom's parse is the reference
+        assert new == _outcome(_old_scan, str(path)), name
+    # the kinds that must take the fast path really do, and the bad ones keep their reasons
+    assert scan(kinds["explicit_be"]).pixel_offset is not None and scan(kinds["big_private"]).pixel_offset is not None
+    expected = {"not_dicom": "not_dicom", "cut_pixels": "truncated", "no_pixels": "no_pixels", "mr": "wrong_modality",
+                "localizer": "localizer", "no_decoder": "no_decoder"}
+    for name, reason in expected.items():
+        assert _outcome(scan, str(kinds[name])) == ("issue", reason), name
+
+
+def test_byte_walker_matches_previous_scan_on_corrupted_files(tmp_path):
+    """Random byte flips, cuts and dropped tags: the new walker decides exactly like the old one."""
+    from dicom_fixtures import write_series
+    from test_fuzz_ingest import corrupt
+
+    rng = np.random.default_rng(7)
+    n_fast = 0
+    for syntax in ("explicit_le", "implicit_le", "explicit_be"):
+        good = write_series(tmp_path / syntax, phantom(3, 24, 24), syntax=syntax)
+        for i in range(60):
+            p = tmp_path / syntax / f"c{i:02d}"
+            corrupt(good[i % 3].read_bytes(), p, rng)
+            new = _outcome(scan, str(p))
+            assert new == _outcome(_old_scan, str(p)), (syntax, i)
+            n_fast += not isinstance(new, tuple)
+    assert n_fast > 20  # plenty of the damaged files still parse (through the byte walker)
+
+
+def test_read_stored_reports_a_vanished_file(tmp_path, hu):
+    from ctssl_core.data.dicom import read_stored
+
+    path = save(ct_dataset(hu), tmp_path / "x.dcm")
+    h = scan(path)
+    path.unlink()
+    assert _issue(lambda: read_stored(h)).reason == "truncated"

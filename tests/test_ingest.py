@@ -274,3 +274,64 @@ def test_batched_ingest_matches_single_pass(tmp_path, monkeypatch):
         n_files = con.execute("SELECT count(*) FROM ingested_files").fetchone()[0]
         ids = [r[0] for r in con.execute("SELECT slice_id FROM slices ORDER BY 1").fetchall()]
     assert n_files == len(find_files(tmp_path / "src")) and ids == list(range(s.slices))
+
+
+def test_box_factors_only_where_halving_reaches_the_target():
+    from ctssl_core.data.ingest import box_factors
+
+    assert box_factors(512, 512, (0.7, 0.7), 256) == (2, 2)
+    assert box_factors(512, 512, None, 128) == (4, 4)
+    assert box_factors(64, 64, (0.5, 1.0), 32) == (4, 2)  # non-square pixels: padded rows
+    assert box_factors(32, 32, (0.7, 0.7), 32) == (1, 1)  # no resize at all
+    assert box_factors(512, 512, (0.7, 0.7), 224) is None  # not a power-of-two ratio: torch path
+    assert box_factors(48, 48, None, 32) is None
+    assert box_factors(32, 32, None, 64) is None  # enlarging
+
+
+@pytest.mark.parametrize("case, via_torch", [
+    (dict(), False),                                          # unsigned, slope 1, intercept -1024
+    (dict(size=16), False),                                   # 4x4 blocks
+    (dict(signed=True, pad_hu=-3000), False),                 # padding below air clamped on the integers
+    (dict(signed=True, slope=2.0, intercept=-1000.0), False),
+    (dict(slope=0.5, intercept=-1024.0), False),
+    (dict(intercept=-1024.5), True),                          # air at a non-integer stored value
+    (dict(orientation=(-1, 0, 0, 0, -1, 0)), False),          # mirrored both ways
+    (dict(pixel_spacing=(0.5, 1.0)), False),                  # non-square pixels: 4x2 blocks and padding
+    (dict(rows=48), True),                                    # 48 -> 32 is no halving
+])
+def test_numpy_box_path_matches_torch_path_exactly(tmp_path, monkeypatch, case, via_torch):
+    """The integer block-mean path stores the same int16 values as the torch resample, bit for bit."""
+    from ctssl_core.data.dicom import scan
+    from ctssl_core.data.ingest import build_series, plan_series
+
+    case = dict(case)
+    size, rows, pad_hu = case.pop("size", 32), case.pop("rows", 64), case.pop("pad_hu", None)
+    vol = phantom(4, rows, rows, seed=11)
+    if pad_hu is not None:
+        vol[:, :5] = pad_hu  # scanner padding far below air
+    paths = write_series(tmp_path / "src", vol, patient_id="P-BOX", **case)
+    plans, errors = plan_series([scan(p) for p in paths])
+    assert len(plans) == 1 and not errors
+    torch_chunks = []
+    real_torch = ingest_mod._hu_chunk_torch
+    monkeypatch.setattr(ingest_mod, "_hu_chunk_torch", lambda raw, *a: torch_chunks.append(1) or real_torch(raw, *a))
+    fast = build_series(plans[0], str(tmp_path / "store"), "fast", size)
+    assert bool(torch_chunks) == via_torch
+    monkeypatch.setattr(ingest_mod, "box_factors", lambda *a: None)
+    ref = build_series(plans[0], str(tmp_path / "store"), "ref", size)
+    a, b = np.load(tmp_path / "store" / fast.array_rel), np.load(tmp_path / "store" / ref.array_rel)
+    assert a.shape == (4, size, size) and a.dtype == np.int16
+    np.testing.assert_array_equal(a, b)
+    assert fast.pixel_spacing == ref.pixel_spacing and not fast.errors
+
+
+def test_two_workers_match_one(tmp_path, monkeypatch):
+    """Scan chunks and series builds shared by the pool give exactly the in-process result."""
+    exp = build_messy_folder(tmp_path / "src")
+    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 4)  # many scan chunks: the pool really shares the scan
+    one = ingest(tmp_path / "src", tmp_path / "one", IngestConfig(size=N, workers=1), progress=False)
+    two = ingest(tmp_path / "src", tmp_path / "two", IngestConfig(size=N, workers=2), progress=False)
+    assert one.errors_by_reason == two.errors_by_reason == exp["errors"]
+    assert (one.series, one.slices) == (two.series, two.slices)
+    arrays = [sorted((n, a.tobytes()) for n, a in _series_arrays(tmp_path / s)) for s in ("one", "two")]
+    assert arrays[0] == arrays[1]

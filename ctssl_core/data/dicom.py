@@ -306,16 +306,6 @@ def _needs_full_parse(ds) -> bool:
     return 0x52009229 in d or 0x52009230 in d or 0x00280008 in d
 
 
-class _El:
-    """A raw element value as our byte walker found it (duck-types pydicom's RawDataElement)."""
-
-    __slots__ = ("value", "is_little_endian")
-
-    def __init__(self, value: bytes, is_little_endian: bool):
-        self.value = value
-        self.is_little_endian = is_little_endian
-
-
 WANTED = frozenset(T.values())
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
