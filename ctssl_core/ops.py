@@ -276,7 +276,27 @@ def center_crop(x: Tensor, size: int) -> Tensor:
     return x[..., t:t + size, l:l + size]
 
 
+POOLS = ("avg", "max", "avgmax")
+
+
+def global_pool(feat: Tensor, mode: str = "avg") -> Tensor:
+    """``(B, C, h, w)`` feature map -> ``(B, C)`` (avg, max) or ``(B, 2C)`` (avgmax: both, concatenated).
+
+    Average pooling is the encoders' ``embed``; a focal finding (an embolus a few pixels wide)
+    is diluted by it, and max pooling keeps the strongest local response instead.
+    """
+    if mode not in POOLS:
+        raise ConfigError(f"unknown pool {mode!r}; choose one of {list(POOLS)}")
+    f = feat.float()
+    if mode == "avg":
+        return f.mean(dim=(-2, -1))
+    if mode == "max":
+        return f.amax(dim=(-2, -1))
+    return torch.cat([f.mean(dim=(-2, -1)), f.amax(dim=(-2, -1))], dim=1)       # (B, 2C)
+
+
 __all__ = [
     "PAPER_LEVEL", "PAPER_WIDTH", "window", "flip_batch", "rot90_batch", "square_mask", "mask_side",
     "salt_pepper", "gaussian_noise", "ssim", "resize", "crop", "crop_offsets", "center_crop",
+    "POOLS", "global_pool",
 ]

@@ -195,6 +195,22 @@ def test_pe_roi_is_the_central_square_in_training_and_scoring():
         make_downstream("pe", roi=-1)
 
 
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_pe_pooling_reads_the_deepest_map(pool):
+    from ctssl_core import ops
+    from ctssl_core.models import build_encoder
+
+    torch.manual_seed(0)
+    enc, task = build_encoder("tiny"), make_downstream("pe", pool=pool, hflip=False)
+    head = task.build_head(enc)
+    b = task.eval_batch(_raw(H=32))
+    z = ops.global_pool(enc.forward_features(b.inputs)[-1], pool)
+    torch.testing.assert_close(task.forward(enc, head, b), head(z).squeeze(1))
+    assert head.embed_dim == enc.embed_dim * (2 if pool == "avgmax" else 1)
+    with pytest.raises(ConfigError, match="pool"):
+        make_downstream("pe", pool="median")
+
+
 def test_quick_profile_pe_roi_holds_every_planted_embolus():
     """The quick profile scores PE on the central `roi` px: every defect pixel of its cohort must lie
     inside, or the ROI would hide positives (checked on the sampled geometry, no rendering)."""

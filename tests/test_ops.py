@@ -189,3 +189,14 @@ def test_center_crop_and_whole_slice_passthrough():
     x = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
     assert torch.equal(ops.center_crop(x, 4), x[..., 2:6, 2:6])
     assert ops.center_crop(x, 0) is x and ops.center_crop(x, 8) is x
+
+
+def test_global_pool_modes():
+    f = torch.zeros(2, 3, 4, 4)
+    f[0, 1, 2, 3] = 8.0                                      # one strong local response
+    torch.testing.assert_close(ops.global_pool(f, "avg")[0], torch.tensor([0.0, 0.5, 0.0]))
+    torch.testing.assert_close(ops.global_pool(f, "max")[0], torch.tensor([0.0, 8.0, 0.0]))
+    both = ops.global_pool(f, "avgmax")
+    assert both.shape == (2, 6) and torch.equal(both[:, :3], ops.global_pool(f, "avg"))
+    with pytest.raises(ConfigError, match="unknown pool"):
+        ops.global_pool(f, "sum")

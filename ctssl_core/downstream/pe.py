@@ -61,12 +61,15 @@ class PETask:
     hidden: int = 0                # 0 = linear head on the embedding
     dropout: float = 0.0
     roi: int = 0                   # central roi x roi square, in training and scoring (0 = whole slice)
+    pool: str = "avg"              # pooling of the deepest feature map: 'avg' (the encoder's embed) | 'max' | 'avgmax'
 
     def __post_init__(self) -> None:
         from ctssl_core.config import ConfigError
 
         if self.roi < 0:
             raise ConfigError(f"pe.roi must be >= 0 (0 = whole slice), got {self.roi}")
+        if self.pool not in ops.POOLS:
+            raise ConfigError(f"pe.pool must be one of {list(ops.POOLS)}, got {self.pool!r}")
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
         x = ops.center_crop(raw["x"][:, :1], self.roi)              # (B, 1, roi, roi)
@@ -80,10 +83,15 @@ class PETask:
     def build_head(self, encoder: nn.Module) -> nn.Module:
         from ctssl_core.models.heads import ClassifierHead
 
-        return ClassifierHead(encoder.embed_dim, 1, hidden=self.hidden, dropout=self.dropout)
+        dim = encoder.embed_dim * (2 if self.pool == "avgmax" else 1)
+        return ClassifierHead(dim, 1, hidden=self.hidden, dropout=self.dropout)
 
     def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor:
-        return head(encoder.embed(batch.inputs)).squeeze(1).float()  # (B,) logits
+        if self.pool == "avg":
+            z = encoder.embed(batch.inputs)                          # (B, C)
+        else:
+            z = ops.global_pool(encoder.forward_features(batch.inputs)[-1], self.pool)  # (B, C) or (B, 2C)
+        return head(z).squeeze(1).float()                            # (B,) logits
 
     def loss(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         pw = torch.tensor(self.pos_weight if self.pos_weight > 0 else 1.0, device=pred.device)
