@@ -306,6 +306,7 @@ def test_byte_walker_matches_pydicom_and_previous_scan_on_every_fixture_kind(tmp
         assert _outcome(scan, str(kinds[name])) == ("issue", reason), name
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage it reads
 def test_byte_walker_matches_previous_scan_on_corrupted_files(tmp_path):
     """Random byte flips, cuts and dropped tags: the new walker decides exactly like the old one."""
     from dicom_fixtures import write_series

@@ -335,3 +335,40 @@ def test_two_workers_match_one(tmp_path, monkeypatch):
     assert (one.series, one.slices) == (two.series, two.slices)
     arrays = [sorted((n, a.tobytes()) for n, a in _series_arrays(tmp_path / s)) for s in ("one", "two")]
     assert arrays[0] == arrays[1]
+
+
+def _square_with_pid(x: int) -> tuple[int, int]:
+    import os
+    import time
+
+    time.sleep(0.005)  # enough work that both sides get items
+    return x * x, os.getpid()
+
+
+def _fail_on_seven(x: int) -> int:
+    if x == 7:
+        raise ValueError("item 7")
+    return x
+
+
+def test_shared_map_gives_every_item_once_from_the_pool_and_this_process():
+    import os
+
+    from ctssl_core.data.ingest import _executor, _shared
+
+    with _executor(3) as ex:  # two forked workers + this process
+        got = list(_shared(_square_with_pid, list(range(60)), ex))
+    assert sorted(i for i, _ in got) == list(range(60))
+    assert all(sq == i * i for i, (sq, _) in got)
+    pids = {pid for _, (_, pid) in got}
+    assert os.getpid() in pids and len(pids) >= 2  # this process worked too, not only waited
+    with _executor(1) as ex:
+        assert ex is None and list(_shared(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
+
+
+def test_shared_map_raises_a_worker_error_and_stops():
+    from ctssl_core.data.ingest import _executor, _shared
+
+    with pytest.raises(ValueError, match="item 7"):
+        with _executor(2) as ex:
+            list(_shared(_fail_on_seven, list(range(40)), ex))

@@ -21,9 +21,11 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -349,9 +351,10 @@ def hu_box(a: np.ndarray, slope: float, intercept: float, fy: int, fx: int) -> n
     if not s32 > 0:
         return None
     lo = (np.float32(HU_MIN) - i32) / s32  # air in stored units (float32, as the torch path computes it)
-    info = np.iinfo(a.dtype)
-    if lo > info.min:
-        if not (float(lo).is_integer() and lo <= info.max):
+    bits = 8 * a.dtype.itemsize  # the dtype's range (np.iinfo costs ~15 us a call)
+    lowest, highest = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if a.dtype.kind == "i" else (0, (1 << bits) - 1)
+    if lo > lowest:
+        if not (float(lo).is_integer() and lo <= highest):
             return None
         a = np.maximum(a, a.dtype.type(int(lo)))
     f = box_sum(a, fy, fx).astype(np.float32)  # exact: |sum| < 2^24
@@ -492,7 +495,15 @@ def _build_torch(stored, units: list[int], first: SliceHeader, size: int, out: n
         return
     import torch
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per worker; the caller's setting is restored (this may be the main process)
+    try:
+        _fill_torch(stored, units, first, size, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fill_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
     flip_dims = _flip_dims(first.orientation)
     for c0 in range(0, len(units), SLICE_CHUNK):
         chunk = units[c0:c0 + SLICE_CHUNK]
@@ -652,27 +663,85 @@ def _pool(workers: int):
 
 @contextlib.contextmanager
 def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """One process pool for every stage of an ingest, or None (everything in this process).
+    """``workers - 1`` forked processes for every stage of an ingest, or None (all in this process).
 
-    Why one: forking the workers costs tens of ms each time (this process holds numpy, torch and
-    duckdb), so a pool per stage paid it twice and kept small folders' header scan serial.
+    This process is the remaining worker (see ``_shared``): it would otherwise only wait, and
+    each fork of it (it holds numpy, torch and duckdb) costs ~15 ms plus as much again at exit.
+    One pool for all stages, so that cost is paid once and even small folders scan in parallel.
     """
     if workers <= 1:
         yield None
         return
     import torch  # noqa: F401 - imported before the fork so workers inherit it instead of each paying ~2 s
 
-    with _pool(workers) as ex:
+    with _pool(workers - 1) as ex:
         yield ex
 
 
-def _imap(fn, items: list, ex: ProcessPoolExecutor | None) -> Iterator:
-    """Ordered map over the pool (or in this process when there is none or only one item)."""
-    if ex is None or len(items) <= 1:
-        for it in items:
-            yield fn(it)
+def _shared(fn, items: list, ex: ProcessPoolExecutor | None) -> Iterator[tuple[int, Any]]:
+    """(index, fn(item)) for every item, as they finish, computed by the pool and this process together.
+
+    The pool's workers take items from the front, one each at a time: the next one is submitted
+    the moment one finishes (from the pool's result thread), so no item waits in a queue where
+    this process could not take it back. This process takes items from the back and hands over
+    the pool's results between its own. So the stage ends at most one item apart on each side.
+    """
+    n = len(items)
+    if ex is None or n <= 1:
+        for i, it in enumerate(items):
+            yield i, fn(it)
         return
-    yield from ex.map(fn, items)
+    lock = threading.Lock()
+    span = [0, n]  # items [span[0], span[1]) are not taken yet
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (index, future or the exception that stopped a submit)
+
+    def take(front: bool) -> int | None:
+        with lock:
+            if span[0] >= span[1]:
+                return None
+            if front:
+                span[0] += 1
+                return span[0] - 1
+            span[1] -= 1
+            return span[1]
+
+    def send(i: int) -> None:
+        try:
+            ex.submit(fn, items[i]).add_done_callback(lambda fut: finished(i, fut))
+        except Exception as e:  # noqa: BLE001 - pool broken or shut down: the consumer re-raises it
+            done.put((i, e))
+
+    def finished(i: int, fut) -> None:
+        done.put((i, fut))
+        j = take(front=True)
+        if j is not None:
+            send(j)
+
+    def result(got):
+        if isinstance(got, BaseException):
+            raise got
+        return got.result()
+
+    for _ in range(ex._max_workers):
+        j = take(front=True)
+        if j is not None:
+            send(j)
+    handed = 0
+    try:
+        while (i := take(front=False)) is not None:
+            yield i, fn(items[i])
+            handed += 1
+            while not done.empty():
+                j, got = done.get()
+                yield j, result(got)
+                handed += 1
+        while handed < n:
+            j, got = done.get()
+            yield j, result(got)
+            handed += 1
+    finally:
+        with lock:
+            span[0] = span[1]  # stopped early (an error, ^C): submit nothing more
 
 
 def _now():
@@ -818,19 +887,27 @@ def _add_stage(summary: IngestSummary, name: str, seconds: float) -> None:
 def _scan_batch(batch: list[str], ex, progress: bool, label: str
                 ) -> tuple[list[SliceHeader], list[tuple[str, str, str]]]:
     """Stage 1: headers of ``batch`` (in the pool when there is one), and (path, reason, detail) errors."""
-    chunks = [batch[i:i + SCAN_CHUNK] for i in range(0, len(batch), SCAN_CHUNK)]
     headers: list[SliceHeader] = []
     errors: list[tuple[str, str, str]] = []
     bar = _bar(progress, len(batch), label)
-    for res in _imap(_scan_chunk, chunks, ex):
+    for res in _scan_all(batch, ex, bar):
         for p, h, e in res:
             if h is not None:
                 headers.append(h)
             else:
                 errors.append((p, e[0], e[1]))
-        bar.update(len(res))
     bar.close()
     return headers, errors
+
+
+def _scan_all(files: list[str], ex, bar) -> list[list]:
+    """``_scan_chunk`` results for every SCAN_CHUNK files, in file order (whoever scanned them)."""
+    chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
+    out: list[list] = [[] for _ in chunks]
+    for i, res in _shared(_scan_chunk, chunks, ex):
+        out[i] = res
+        bar.update(len(res))
+    return out
 
 
 def _study_batches(todo: list[str], ex, progress: bool) -> list[list[str]]:
@@ -845,15 +922,13 @@ def _study_batches(todo: list[str], ex, progress: bool) -> list[list[str]]:
 
     by_study: dict[str, list[str]] = {}
     bad: list[str] = []
-    chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     bar = _bar(progress, len(todo), "group studies")
-    for res in _imap(_scan_chunk, chunks, ex):
+    for res in _scan_all(todo, ex, bar):
         for p, h, _ in res:
             if h is None:
                 bad.append(p)
             else:
                 by_study.setdefault(sys.intern(h.study_uid), []).append(p)
-        bar.update(len(res))
     bar.close()
     batches: list[list[str]] = [bad]
     for files in by_study.values():
@@ -871,7 +946,7 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
     bar = _bar(progress, sum(len(p.units) for p in plans), "decode series")
     pending: list[BuiltSeries] = []
     last_commit = time.perf_counter()
-    for built in _unordered(_build_job, jobs, ex, cfg.workers):
+    for _, built in _shared(_build_job, jobs, ex):
         if isinstance(built, tuple):
             uid, msg = built
             p = plan_by_uid[uid]
@@ -887,27 +962,6 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
     if pending:
         _commit(paths.db, pending, plan_by_uid, key, summary, rsna, relp, stat)
     bar.close()
-
-
-def _unordered(fn, jobs: list, ex: ProcessPoolExecutor | None, workers: int) -> Iterator:
-    """Results as they finish, at most 2*workers jobs in flight (bounded memory)."""
-    if ex is None or len(jobs) <= 1:
-        for j in jobs:
-            yield fn(j)
-        return
-    it = iter(jobs)
-    running = set()
-    for j in it:
-        running.add(ex.submit(fn, j))
-        if len(running) >= 2 * workers:
-            break
-    while running:
-        finished, running = wait(running, return_when=FIRST_COMPLETED)
-        for fut in finished:
-            yield fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                running.add(ex.submit(fn, nxt))
 
 
 class _NoBar:
