@@ -777,9 +777,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
            progress: bool = True) -> IngestSummary:
     """Ingest every DICOM file under ``root`` into the store at ``store_root``. See module docstring."""
     from ctssl_core.data.pseudonym import Pseudonymiser
-    from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
-    from ctssl_core.schema import ensure_schema_current
 
     cfg = cfg or IngestConfig()
     root = Path(root).resolve()
@@ -788,37 +786,37 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     paths = store_paths(store_root)
     t0 = time.perf_counter()
     summary = IngestSummary()
-    xmls: list[str] = []
-    files = find_files(root, xmls)
-    side = detect_sidecars(root, cfg, xmls)
+    # Reading the catalog costs ~50 ms of DuckDB start-up (GIL released); with several workers it
+    # overlaps walking the folder. A new store is only created below, once the arguments are checked.
+    catalog = _in_thread(_catalog_state, paths.db) if cfg.workers > 1 and paths.db.exists() else None
+    try:
+        xmls: list[str] = []
+        files = find_files(root, xmls)
+        side = detect_sidecars(root, cfg, xmls)
+        key = Pseudonymiser.for_store(paths.secret)
+        paths.slices.mkdir(parents=True, exist_ok=True)
+        for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
+            stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
+        stat: dict[str, tuple[int, float]] = {}
+        for f in map(str, files):
+            st = os.stat(f)
+            stat[f] = (st.st_size, st.st_mtime)
+    except BaseException:
+        if catalog is not None:
+            with contextlib.suppress(Exception):
+                catalog()  # joined before the error propagates: no DuckDB work left running behind it
+        raise
+    done, existing_series, existing_studies = catalog() if catalog is not None else _catalog_state(paths.db)
     summary.sidecars = [k for k in side]
     summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
                        else "lidc" if "lidc_xml" in side else "generic")
     if cfg.format not in ("auto",):
         summary.dataset = cfg.format
-    key = Pseudonymiser.for_store(paths.secret)
-    paths.slices.mkdir(parents=True, exist_ok=True)
-    for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
-        stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
-
-    with connect(paths.db) as con:
-        ensure_schema_current(con)
-        done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
-        existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
-        existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
 
     summary.files_found = len(files)
-    todo: list[str] = []
-    stat: dict[str, tuple[int, float]] = {}
     prefix = len(str(root)) + 1
-    for f in map(str, files):
-        st = os.stat(f)
-        stat[f] = (st.st_size, st.st_mtime)
-        prev = done.get(path_key(key, f[prefix:]))
-        if prev is not None and prev[0] == st.st_size and abs(prev[1] - st.st_mtime) < 1e-3:
-            summary.files_already_done += 1
-            continue
-        todo.append(f)
+    todo = _new_files(stat, done, lambda f: path_key(key, f[prefix:]))
+    summary.files_already_done = len(stat) - len(todo)
     summary.files_new = len(todo)
 
     def relp(p: str) -> str:  # what the catalog stores for a file: a keyed hash of its relative path
@@ -868,6 +866,57 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     summary.seconds = time.perf_counter() - t0
     summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
     return summary
+
+
+def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]]:
+    """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys."""
+    from ctssl_core.db import connect
+    from ctssl_core.schema import ensure_schema_current
+
+    with connect(db) as con:
+        ensure_schema_current(con)
+        done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
+        existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
+        existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
+    return done, existing_series, existing_studies
+
+
+def _new_files(stat: dict[str, tuple[int, float]], done: dict[str, tuple[int, float]], keyed) -> list[str]:
+    """Files (in ``stat``'s order) not ingested before with the same size and mtime.
+
+    ``keyed(path)`` is the file's catalog key; it is an HMAC, so it is only computed when
+    the store has ingested files at all.
+    """
+    if not done:
+        return list(stat)
+    todo = []
+    for f, (size, mtime) in stat.items():
+        prev = done.get(keyed(f))
+        if prev is None or prev[0] != size or abs(prev[1] - mtime) >= 1e-3:
+            todo.append(f)
+    return todo
+
+
+def _in_thread(fn, *args):
+    """Start ``fn(*args)`` in a thread; returns a function that joins it and returns (or raises) its result."""
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="ctssl-ingest-catalog", daemon=True)
+    t.start()
+
+    def result():
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 def path_key(key, rel: str) -> str:
