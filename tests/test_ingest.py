@@ -194,6 +194,15 @@ def test_reingest_is_idempotent(messy):
     assert counts() == before
 
 
+def test_reingest_with_two_workers_reads_the_catalog_alongside(messy):
+    """Several workers: the catalog is read in a thread while the folder is walked; same outcome."""
+    src, store, _, _ = messy
+    s = ingest(src, store, IngestConfig(size=N, workers=2), progress=False)
+    assert s.files_new == 0 and s.series == 0 and s.files_already_done == len(find_files(src))
+    with pytest.raises(ConfigError, match="train.csv"):  # an argument error still wins over the catalog thread
+        ingest(src, store, IngestConfig(size=N, workers=2, format="rsna-pe"), progress=False)
+
+
 def test_interrupted_ingest_resumes(tmp_path, monkeypatch):
     src = tmp_path / "src"
     for k in range(3):
