@@ -2,10 +2,14 @@
 
 Why two steps: ingest must group, validate and order a whole series before it
 decodes anything, and parsing a header twice would halve the ingest rate. So
-``scan`` parses the header once (``stop_before_pixels``) and remembers where
-the native pixel bytes start; ``read_hu`` then reads them with one
-``np.fromfile`` and no second parse. Compressed or unusual files fall back to
-pydicom's full decoder (pylibjpeg handles JPEG, JPEG 2000, JPEG-LS and RLE).
+``scan`` parses the header once and remembers where the native pixel bytes
+start; ``read_hu`` then reads them with one ``readinto`` and no second parse.
+``scan`` itself reads the file's first 16 KB once and walks the elements in
+memory with ``struct`` (pydicom's parse costs more than the pixel read); files
+it does not handle (no preamble, compressed, multi-frame, damaged) go through
+pydicom (``scan_with_pydicom``), whose result it must equal wherever both apply.
+Compressed or unusual pixel data falls back to pydicom's full decoder (pylibjpeg
+handles JPEG, JPEG 2000, JPEG-LS and RLE).
 
 Every problem becomes a :class:`DicomIssue` with a short ``reason`` key (the
 ``ingest_errors.reason`` column) and a sentence that says what to do.

@@ -1,13 +1,20 @@
 """Ingest a folder of CT DICOM into the slice store (int16 HU arrays) and the DuckDB catalog.
 
-Three stages, so that both cores stay busy and every file is parsed once:
+Three stages, so that every core stays busy and every file's header is parsed once:
 
-1. scan   (worker processes, file chunks): header of every new file, or a recorded error.
+1. scan   (workers, file chunks): header of every new file, or a recorded error. One read of
+          the file's first 16 KB, walked in memory (``dicom.scan``).
 2. plan   (main process, pure): group by series, drop localisers/duplicates/odd shapes,
           order by position along the slice normal, choose one series per study.
-3. build  (worker processes, one series each): pixels -> HU -> in-plane resample to
-          ``size`` -> ``slices/<series>.npy`` (tmp name, then rename); LIDC masks too.
-          The main process then writes the series' catalog rows in one short transaction.
+3. build  (workers, one series each): pixels (one read at the known offset) -> HU -> in-plane
+          resample to ``size`` -> ``slices/<series>.npy`` (tmp name, then rename); LIDC masks
+          too. Power-of-two ratios (512 -> 256) are exact integer block means in numpy,
+          slice by slice; anything else goes through torch. The main process then writes
+          the series' catalog rows in one short transaction.
+
+"Workers" are this process plus ``workers - 1`` forked ones, all stages sharing one pool
+(``_shared``): the main process would otherwise only wait. DuckDB start-up (~50 ms a
+connection) overlaps walking the folder and, for the last commit, the last series' build.
 
 Idempotent and resumable: ``ingested_files`` remembers (path, size, mtime) per file
 and is written in the same transaction as the series it belongs to, so an interrupted
