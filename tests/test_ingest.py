@@ -335,11 +335,27 @@ def test_numpy_box_path_matches_torch_path_exactly(tmp_path, monkeypatch, case, 
 
 
 def test_two_workers_match_one(tmp_path, monkeypatch):
-    """Scan chunks and series builds shared by the pool give exactly the in-process result."""
+    """Scan chunks and series builds shared by the pool give exactly the in-process result, also
+    when headers were scanned while the catalog was being read (an existing, empty store)."""
+    import time
+
+    from ctssl_core.schema import ensure_schema
+
     exp = build_messy_folder(tmp_path / "src")
     monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 4)  # many scan chunks: the pool really shares the scan
     one = ingest(tmp_path / "src", tmp_path / "one", IngestConfig(size=N, workers=1), progress=False)
+    with connect(store_paths(tmp_path / "two").db) as con:
+        ensure_schema(con)
+    real_state, real_while, early = ingest_mod._catalog_state, ingest_mod._scan_while, []
+
+    def slow_state(db):
+        time.sleep(0.3)  # a slow catalog read: headers get scanned meanwhile
+        return real_state(db)
+
+    monkeypatch.setattr(ingest_mod, "_catalog_state", slow_state)
+    monkeypatch.setattr(ingest_mod, "_scan_while", lambda files, busy: early.append(real_while(files, busy)) or early[-1])
     two = ingest(tmp_path / "src", tmp_path / "two", IngestConfig(size=N, workers=2), progress=False)
+    assert early and early[0]  # some headers came from the wait for the catalog
     assert one.errors_by_reason == two.errors_by_reason == exp["errors"]
     assert (one.series, one.slices) == (two.series, two.slices)
     arrays = [sorted((n, a.tobytes()) for n, a in _series_arrays(tmp_path / s)) for s in ("one", "two")]

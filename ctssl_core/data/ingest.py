@@ -811,6 +811,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         for f in map(str, files):
             st = os.stat(f)
             stat[f] = (st.st_size, st.st_mtime)
+        known = _scan_while(list(stat), catalog.running) if catalog is not None and len(stat) <= BATCH_FILES else {}
     except BaseException:
         if catalog is not None:
             with contextlib.suppress(Exception):
@@ -843,7 +844,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
             t_batch = time.perf_counter()
             # ---- stage 1
             label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
-            headers, errors = _scan_batch(batch, ex, progress, label)
+            headers, errors = _scan_batch(batch, ex, progress, label, known)
             t2 = time.perf_counter()
             _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
 
@@ -908,7 +909,8 @@ def _new_files(stat: dict[str, tuple[int, float]], done: dict[str, tuple[int, fl
 
 
 def _in_thread(fn, *args):
-    """Start ``fn(*args)`` in a thread; returns a function that joins it and returns (or raises) its result."""
+    """Start ``fn(*args)`` in a thread; returns a function that joins it and returns (or raises) its
+    result, with ``.running()`` to ask whether it is still at work."""
     box: dict[str, Any] = {}
 
     def run():
@@ -926,6 +928,7 @@ def _in_thread(fn, *args):
             raise box["error"]
         return box["value"]
 
+    result.running = t.is_alive  # type: ignore[attr-defined]
     return result
 
 
@@ -943,20 +946,42 @@ def _add_stage(summary: IngestSummary, name: str, seconds: float) -> None:
     summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + seconds
 
 
-def _scan_batch(batch: list[str], ex, progress: bool, label: str
+def _scan_batch(batch: list[str], ex, progress: bool, label: str, known: dict | None = None
                 ) -> tuple[list[SliceHeader], list[tuple[str, str, str]]]:
-    """Stage 1: headers of ``batch`` (in the pool when there is one), and (path, reason, detail) errors."""
+    """Stage 1: headers of ``batch`` (in the pool when there is one), and (path, reason, detail) errors.
+
+    ``known``: path -> (header, error) of files scanned already (``_scan_while``), in batch order.
+    """
+    known = known or {}
+    bar = _bar(progress, len(batch), label)
+    bar.update(sum(1 for p in batch if p in known))
+    scanned = {p: (h, e) for res in _scan_all([p for p in batch if p not in known], ex, bar) for p, h, e in res}
     headers: list[SliceHeader] = []
     errors: list[tuple[str, str, str]] = []
-    bar = _bar(progress, len(batch), label)
-    for res in _scan_all(batch, ex, bar):
-        for p, h, e in res:
-            if h is not None:
-                headers.append(h)
-            else:
-                errors.append((p, e[0], e[1]))
+    for p in batch:
+        h, e = known[p] if p in known else scanned[p]
+        if h is not None:
+            headers.append(h)
+        else:
+            errors.append((p, e[0], e[1]))
     bar.close()
     return headers, errors
+
+
+def _scan_while(files: list[str], busy) -> dict[str, tuple]:
+    """path -> (header, error) for the first files, scanned here a chunk at a time while ``busy()``.
+
+    Why: with several workers ingest waits ~50 ms for the catalog read (DuckDB start-up) before
+    it knows which files are new; on a fresh store all are, so that wait scans headers instead.
+    Files the catalog then lists as done are dropped: at most one catalog read's worth of work.
+    """
+    known: dict[str, tuple] = {}
+    for i in range(0, len(files), SCAN_CHUNK):
+        if not busy():
+            break
+        for p, h, e in _scan_chunk(files[i:i + SCAN_CHUNK]):
+            known[p] = (h, e)
+    return known
 
 
 def _scan_all(files: list[str], ex, bar) -> list[list]:
