@@ -270,11 +270,13 @@ def test_gantry_tilt_recorded_in_selection_rule(tmp_path):
     assert "gantry tilt 12.0 deg" in rule
 
 
-def test_batched_ingest_matches_single_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_ingest_matches_single_pass(tmp_path, monkeypatch, workers):
     """Very large ingests run in batches of whole studies; the result must not change."""
     exp = build_messy_folder(tmp_path / "src")
     monkeypatch.setattr(ingest_mod, "BATCH_FILES", 8)  # forces several batches on this small folder
-    s = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(size=N, workers=1), progress=False)
+    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 4)  # and several scan chunks to share
+    s = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(size=N, workers=workers), progress=False)
     assert s.errors_by_reason == exp["errors"]
     assert s.series == len(exp["series"]) and s.slices == sum(exp["series"].values())
     found = dict((n, a) for n, a in _series_arrays(tmp_path / "store") if n != 3)

@@ -985,7 +985,10 @@ def _scan_while(files: list[str], busy) -> dict[str, tuple]:
 
 
 def _scan_all(files: list[str], ex, bar) -> list[list]:
-    """``_scan_chunk`` results for every SCAN_CHUNK files, in file order (whoever scanned them)."""
+    """``_scan_chunk`` results for every SCAN_CHUNK files, in file order (whoever scanned them).
+
+    Holds every header: for one batch (at most BATCH_FILES files), as planning needs them all.
+    """
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     out: list[list] = [[] for _ in chunks]
     for i, res in _shared(_scan_chunk, chunks, ex):
@@ -1004,16 +1007,21 @@ def _study_batches(todo: list[str], ex, progress: bool) -> list[list[str]]:
     """
     import sys
 
+    chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    studies: list[list[str | None]] = [[] for _ in chunks]  # per chunk: each file's study (None: unreadable)
+    bar = _bar(progress, len(todo), "group studies")
+    for i, res in _shared(_scan_chunk, chunks, ex):  # headers are dropped as they arrive (bounded memory)
+        studies[i] = [sys.intern(h.study_uid) if h is not None else None for _, h, _ in res]
+        bar.update(len(res))
+    bar.close()
     by_study: dict[str, list[str]] = {}
     bad: list[str] = []
-    bar = _bar(progress, len(todo), "group studies")
-    for res in _scan_all(todo, ex, bar):
-        for p, h, _ in res:
-            if h is None:
+    for chunk, uids in zip(chunks, studies):  # in file order, whoever scanned them
+        for p, uid in zip(chunk, uids):
+            if uid is None:
                 bad.append(p)
             else:
-                by_study.setdefault(sys.intern(h.study_uid), []).append(p)
-    bar.close()
+                by_study.setdefault(uid, []).append(p)
     batches: list[list[str]] = [bad]
     for files in by_study.values():
         if len(batches[-1]) + len(files) > BATCH_FILES and batches[-1]:
