@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pytest
 from dicom_fixtures import phantom, write_series
 
+from ctssl_core.data import ingest as ingest_mod
 from ctssl_core.data.ingest import IngestConfig, find_files, ingest
 from ctssl_core.data.pseudonym import Pseudonymiser
 from ctssl_core.data.store import SliceStore
@@ -37,7 +39,8 @@ def corrupt(src: bytes, path, rng) -> str:
     return kind
 
 
-def test_corrupted_copies_never_crash_and_all_files_accounted(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupted_copies_never_crash_and_all_files_accounted(tmp_path, monkeypatch, workers):
     rng = np.random.default_rng(1234)
     src = tmp_path / "src"
     good = write_series(src / "good", phantom(6, 32, 32), patient_id="P-FUZZ")
@@ -46,7 +49,8 @@ def test_corrupted_copies_never_crash_and_all_files_accounted(tmp_path):
              for i in range(45)]
     assert set(kinds) == {"truncate", "flip", "drop"}
     files = find_files(src)
-    summary = ingest(src, tmp_path / "store", IngestConfig(size=32, workers=1), progress=False)
+    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 8)  # with 2 workers: scan chunks shared by both processes
+    summary = ingest(src, tmp_path / "store", IngestConfig(size=32, workers=workers), progress=False)
 
     with connect(store_paths(tmp_path / "store").db, read_only=True) as con:
         status = dict(con.execute("SELECT path, status FROM ingested_files").fetchall())
