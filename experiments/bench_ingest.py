@@ -16,6 +16,7 @@ With 2 workers ingest uses this process and one forked worker.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import sys
@@ -88,6 +89,8 @@ def main() -> None:
 
         import torch  # noqa: F401 - import cost is paid once, not timed
 
+        load0 = os.getloadavg()  # other work on the machine skews every contender; printed with the results
+
         np.zeros(1)
         res: dict[str, float] = {}
         contenders = (("plain", plain), ("ingest1", lambda: run_ingest(1)), ("ingest2", lambda: run_ingest(2)))
@@ -95,7 +98,8 @@ def main() -> None:
             for name, fn in contenders:
                 res[name] = min(res.get(name, float("inf")), fn())
         rate = {k: n / v for k, v in res.items()}
-        print(f"{n} slices, {args.rows}x{args.rows} uncompressed -> {args.size}x{args.size} int16, best of {args.repeats}")
+        print(f"{n} slices, {args.rows}x{args.rows} uncompressed -> {args.size}x{args.size} int16, best of {args.repeats}; "
+              f"load average before/after: {load0[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         print(f"{'contender':<10} {'seconds':>8} {'slices/s':>9} {'x plain':>8}")
         for k in res:
             print(f"{k:<10} {res[k]:>8.2f} {rate[k]:>9.0f} {rate[k] / rate['plain']:>8.2f}")
