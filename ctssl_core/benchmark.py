@@ -603,6 +603,11 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                              "note": note})
                 table[init]["nodule speed"] = (f"{ratio:.2f}x" if ratio else
                                                "n/a" if note.startswith(("undefined", "no validation")) else "not reached")
+    notes: list[str] = []
+    if "pe" in bench.tasks:
+        rows_b, line = position_rows(plan, root, rows)
+        rows += rows_b
+        notes += [line] if line else []
     rows += probe_rows(plan, root, embeddings, table, log)
     rw.write_summaries(root, rows)
     if bench.bias and embeddings:
@@ -612,9 +617,36 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
     out = store_paths(root).run_dir(bid)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "summary.csv")
-    (out / "summary.md").write_text(_markdown(df, plan))
-    log("\n" + _markdown(df, plan))
+    (out / "summary.md").write_text(_markdown(df, plan, notes))
+    log("\n" + _markdown(df, plan, notes))
     return df
+
+
+POSITION_BASELINE = "z_position"       # summaries init of the PE slice-position baseline
+
+
+def position_rows(plan: Plan, root: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Summaries rows for PE scored from slice position alone, and one sentence for the summary."""
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import position_baseline
+
+    ds = plan.config.get("downstream") or {}
+    params = ((ds.get("pe") or {}).get("task_params")) or {}
+    try:
+        cis = position_baseline(SliceStore.open(root), root, plan.bench.split_seed,
+                                int(ds.get("n_boot", 1000)), params)
+    except ConfigError as e:
+        return [], f"PE position baseline not computed: {e}"
+    note = "slice position alone (train-split PE rate per z-decile): not a model, the anatomy-level shortcut"
+    out = [{"benchmark_id": plan.benchmark_id, "task": "pe", "init": POSITION_BASELINE, "metric": m,
+            "value": _n(c.value), "ci_low": _n(c.low), "ci_high": _n(c.high), "note": note} for m, c in cis.items()]
+    b = cis["slice_auroc"]
+    models = [r for r in rows if r["task"] == "pe" and r["metric"] == "slice_auroc" and r["value"] is not None]
+    best = max(models, key=lambda r: r["value"]) if models else None
+    line = (f"PE baseline: slice position alone gives slice AUROC {_fmt(b.value, b.low, b.high)}"
+            + (f"; the best model ({best['init']}) {_fmt(best['value'], best['ci_low'], best['ci_high'])}" if best else "")
+            + ". A model that does not beat it has learned the level of the pulmonary arteries, not emboli.")
+    return out, line
 
 
 def probe_rows(plan: Plan, root: Path, embeddings, table, log) -> list[dict[str, Any]]:
@@ -702,7 +734,7 @@ def _fmt(v, lo, hi) -> str:
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _markdown(df, plan: Plan) -> str:
+def _markdown(df, plan: Plan, notes: list[str] = ()) -> str:
     cols = list(df.columns)
     lines = [f"# {plan.benchmark_id} (profile {plan.profile})", "",
              "Test-split metrics at the full label fraction with 95% patient-bootstrap CIs; "
@@ -710,4 +742,5 @@ def _markdown(df, plan: Plan) -> str:
              "| init | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for init, r in df.iterrows():
         lines.append(f"| {init} | " + " | ".join(str(r[c]) if r[c] == r[c] else "" for c in cols) + " |")
+    lines += [""] + list(notes) if notes else []
     return "\n".join(lines) + "\n"

@@ -235,6 +235,47 @@ def point_metrics(task, out: dict[str, np.ndarray]) -> dict[str, float]:
     return stat(np.arange(len(np.unique(out["patient"]))))
 
 
+def position_scores(store, train_ids: np.ndarray, ids: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """PE probability of each of ``ids`` from its relative z-position alone.
+
+    The training slices' PE rate per decile of relative position in the series
+    (0 = first slice, 1 = last). Why: emboli sit in the pulmonary arteries, so a
+    slice's level predicts PE on its own; a classifier whose slice AUROC does not
+    beat this has learned anatomy level, not emboli. Exams all get the same
+    scores, so its exam AUROC is chance by construction.
+    """
+    y = np.asarray(store.labels("pe"), dtype=np.float64)
+    idx = np.asarray(store.idx_in_series, dtype=np.float64)
+    ser = np.asarray(store.series_of)
+    n = np.bincount(ser)[ser].astype(np.float64)
+    rel = idx / np.maximum(n - 1, 1)
+    bins = np.minimum((rel * n_bins).astype(np.int64), n_bins - 1)
+    tr = np.asarray(train_ids, dtype=np.int64)
+    ok = ~np.isnan(y[tr])
+    pos = np.bincount(bins[tr][ok], weights=y[tr][ok], minlength=n_bins)
+    cnt = np.bincount(bins[tr][ok], minlength=n_bins)
+    rate = (pos + 0.5) / (cnt + 1.0)                                   # smoothed: an empty bin is not 0
+    return rate[bins[np.asarray(ids, dtype=np.int64)]]
+
+
+def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int = 1000, task_params=None):
+    """Every PE metric (with CIs) of ``position_scores`` on the test split: metric -> CI."""
+    from ctssl_core.downstream import make_downstream
+
+    splits = split_patient_idx(store, Path(store_root), split_seed)
+    train_ids = task_slices(store, "pe", splits["train"], role="train")
+    test_ids = np.sort(task_slices(store, "pe", splits["test"], role="test"))
+    if train_ids.size == 0 or test_ids.size == 0:
+        raise ConfigError("the position baseline needs PE labels in the train and test splits")
+    task = make_downstream("pe", **dict(task_params or {}))
+    out = {"slice_id": test_ids, "prob": position_scores(store, train_ids, test_ids),
+           "target": np.asarray(store.labels("pe"), dtype=np.float64)[test_ids],
+           "patient": np.asarray(store.patient_idx)[test_ids].astype(np.int64),
+           "exam": np.asarray(store.series_of)[test_ids].astype(np.int64),
+           "order": np.asarray(store.idx_in_series)[test_ids].astype(np.int64)}
+    return score_outputs(task, out, n_boot)[0]
+
+
 # ------------------------------------------------------------------ init
 
 

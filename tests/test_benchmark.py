@@ -92,6 +92,9 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
             assert "speed_ratio" in set(summ[(summ.task == "nodule") & (summ.init == init)].metric)
             assert "delta_exam_auroc" in set(summ[(summ.task == "pe") & (summ.init == init)].metric)
         assert summ.metric.str.startswith("probe_").any()
+        base = summ[summ.init == "z_position"].set_index("metric")      # PE from slice position alone
+        assert {"slice_auroc", "exam_auroc"} <= set(base.index)
+        assert base.loc["exam_auroc", "value"] == pytest.approx(0.5)   # same scores for every exam
         n_metric_rows = con.execute("SELECT count(*) FROM metrics WHERE name = 'val/dice'").fetchone()[0]
         assert n_metric_rows > 0
         # no run-level patient identifiers anywhere in the results
@@ -102,6 +105,7 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
     run_dir = sp.run_dir(bid)
     assert (run_dir / "summary.csv").read_text().startswith("init,")
     assert "| init |" in (run_dir / "summary.md").read_text()
+    assert "PE baseline: slice position alone gives slice AUROC" in (run_dir / "summary.md").read_text()
 
     # resume: mark one fine-tuning unfinished; a re-run redoes only that one and reuses the rest
     con = duckdb.connect(str(sp.db))

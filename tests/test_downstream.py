@@ -248,3 +248,23 @@ def test_finetune_refuses_a_training_crop():
 
     with pytest.raises(ConfigError, match="pretraining"):
         finetune(FinetuneConfig(task="pe", train={"crop": 16}), "/nonexistent-store")
+
+
+def test_position_scores_learn_the_pe_rate_per_level_from_training_slices():
+    from sklearn.metrics import roc_auc_score
+
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import position_scores
+
+    # 6 series x 10 slices; PE only on slices 4-5 (the "artery level") of the positive series
+    pe = [np.isin(np.arange(10), [4, 5]).astype(float) * (s % 2) for s in range(6)]
+    store = SliceStore.from_arrays([np.zeros((10, 4, 4), np.int16)] * 6, pe=pe)
+    train, test = np.arange(0, 40), np.arange(40, 60)
+    sc = position_scores(store, train, test)
+    y = np.concatenate(pe)[test]
+    # level separates PE from every other level; the negative exam's slices 4-5 tie with the positives
+    assert roc_auc_score(y, sc) == pytest.approx((16 + 2 * 0.5) / 18)
+    assert sc[4] == pytest.approx((2 + 0.5) / (4 + 1))      # decile of slice 4: 2 PE of 4 training slices
+    assert sc[0] == pytest.approx(0.5 / 5)                   # smoothed, never exactly 0
+    # both exams of the test set get the same scores: exam-level ranking is impossible
+    assert np.array_equal(sc[:10], sc[10:])

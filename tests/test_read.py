@@ -387,3 +387,14 @@ def test_session_shares_one_connection_and_gives_the_same_answers(seeded):
     with pytest.raises(StoreMissing):
         with read.session(seeded.root / "nowhere"):
             pass
+
+
+def test_baseline_rows_go_last_and_are_never_best():
+    t = pd.DataFrame({"task": ["pe"] * 3, "metric": ["slice_auroc"] * 3, "init": ["random", "z_position", "flip"],
+                      "value": [0.70, 0.75, 0.72], "ci_low": [0.6, 0.68, 0.62], "ci_high": [0.8, 0.84, 0.82]})
+    wide, best = read.pivot_headline(t)
+    assert list(wide.index) == ["random", "flip", "z_position"]
+    assert best == {"pe · slice_auroc": "flip"}
+    lines = read.verdicts(t)
+    assert any("baseline *z_position*" in line and "0.750" in line for line in lines)
+    assert any("**flip** is best" in line for line in lines)

@@ -279,10 +279,15 @@ def headline_table(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
     return out[cols].sort_values(["task", "metric", "init"]).reset_index(drop=True)
 
 
+# rows that are reference baselines, not inits (benchmark.POSITION_BASELINE): listed last, never "best"
+BASELINES = ("z_position",)
+
+
 def init_order(inits) -> list[str]:
-    """Random init first (the reference row), then the rest alphabetically."""
+    """Random init first (the reference row), then the rest alphabetically, baselines last."""
     inits = sorted(set(inits))
-    return (["random"] if "random" in inits else []) + [i for i in inits if i != "random"]
+    base = [i for i in inits if i in BASELINES]
+    return (["random"] if "random" in inits else []) + [i for i in inits if i != "random" and i not in base] + base
 
 
 def fmt_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
@@ -315,7 +320,7 @@ def pivot_headline(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     wide = text.pivot(index="init", columns="column", values="text").reindex(init_order(table.init)).fillna("–")
     wide = wide[sorted(wide.columns, key=_column_rank)]
     best = {}
-    for col, g in table.groupby("column"):
+    for col, g in table[~table.init.isin(BASELINES)].groupby("column"):
         g = g.dropna(subset=["value"])
         if len(g):
             idx = g.value.idxmin() if lower_is_better(g.metric.iloc[0]) else g.value.idxmax()
@@ -331,8 +336,14 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         metrics = [m for m in HEADLINE.get(task, []) if m in set(g.metric)] or sorted(set(g.metric))
         m = metrics[0]
         g = g[g.metric == m].dropna(subset=["value"])
+        base = g[g.init.isin(BASELINES)]
+        g = g[~g.init.isin(BASELINES)]
         if g.empty:
             continue
+        for _, b in base.iterrows():
+            out.append(f"**{task}** ({m}): baseline *{b.init}* (no model, slice position alone) scores "
+                       f"{fmt_ci(b.value, b.ci_low, b.ci_high)}; a model that does not beat it has learned "
+                       f"anatomy level, not the finding.")
         low = lower_is_better(m)
         best = g.loc[g.value.idxmin() if low else g.value.idxmax()]
         ref = g[g.init == "random"]
