@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -48,6 +49,7 @@ BATCH_FILES = 50_000  # larger ingests run in batches of whole studies (bounded 
 SLICE_CHUNK = 32  # slices decoded and resampled at once inside a series (bounds memory)
 COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
 COMMIT_SECONDS = 2.0  # ... or this long after the last commit (short transactions, bounded loss on interrupt)
+HANDOFF_SWITCH_S = 0.0005  # GIL switch interval while the main process works beside the pool (see _shared)
 
 
 @dataclass
@@ -685,13 +687,16 @@ def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield ex
 
 
-def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None) -> Iterator[tuple[int, Any]]:
+def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead: int = 1
+            ) -> Iterator[tuple[int, Any]]:
     """(index, fn(item)) for every item, as they finish, computed by the pool and this process together.
 
-    The pool's workers take items from the front, one each at a time: the next one is submitted
-    the moment one finishes (from the pool's result thread), so no item waits in a queue where
-    this process could not take it back. This process takes items from the back and hands over
-    the pool's results between its own. So the stage ends at most one item apart on each side.
+    The pool's workers take items from the front: the next one is submitted the moment one
+    finishes (from the pool's result thread), ``ahead`` per worker while many are left and one
+    each near the end, so few items wait in a queue where this process could not take them
+    back. This process takes items from the back and hands over the pool's results between its
+    own. So the stage ends about one item apart on each side. ``ahead=2`` suits small items
+    (header chunks), whose hand-over latency would otherwise idle a worker between them.
     ``drained()``, if given, is called once every item has been handed out.
     """
     n = len(items)
@@ -703,40 +708,50 @@ def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None) -> It
     span = [0, n]  # items [span[0], span[1]) are not taken yet
     done: queue.SimpleQueue = queue.SimpleQueue()  # (index, future or the exception that stopped a submit)
 
-    def take(front: bool) -> int | None:
+    def take_back() -> int | None:
         with lock:
             if span[0] >= span[1]:
                 return None
-            if front:
-                span[0] += 1
-                return span[0] - 1
             span[1] -= 1
             return span[1]
 
-    def send(i: int) -> None:
-        try:
-            ex.submit(fn, items[i]).add_done_callback(lambda fut: finished(i, fut))
-        except Exception as e:  # noqa: BLE001 - pool broken or shut down: the consumer re-raises it
-            done.put((i, e))
+    workers, inflight = ex._max_workers, [0]
+
+    def top_up() -> None:
+        while True:
+            with lock:
+                left = span[1] - span[0]
+                want = ahead * workers if left > ahead * workers else workers
+                if left <= 0 or inflight[0] >= want:
+                    return
+                i = span[0]
+                span[0] += 1
+                inflight[0] += 1
+            try:
+                ex.submit(fn, items[i]).add_done_callback(lambda fut, i=i: finished(i, fut))
+            except Exception as e:  # noqa: BLE001 - pool broken or shut down: the consumer re-raises it
+                done.put((i, e))
+                return
 
     def finished(i: int, fut) -> None:
         done.put((i, fut))
-        j = take(front=True)
-        if j is not None:
-            send(j)
+        with lock:
+            inflight[0] -= 1
+        top_up()
 
     def result(got):
         if isinstance(got, BaseException):
             raise got
         return got.result()
 
-    for _ in range(ex._max_workers):
-        j = take(front=True)
-        if j is not None:
-            send(j)
+    top_up()
     handed = 0
+    switch = sys.getswitchinterval()
+    # The pool's result thread hands a worker its next item; while this thread runs Python (header
+    # parsing) it would wait up to the 5 ms GIL switch interval for that, and the worker idles meanwhile.
+    sys.setswitchinterval(HANDOFF_SWITCH_S)
     try:
-        while (i := take(front=False)) is not None:
+        while (i := take_back()) is not None:
             yield i, fn(items[i])
             handed += 1
             while not done.empty():
@@ -750,6 +765,7 @@ def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None) -> It
             yield j, result(got)
             handed += 1
     finally:
+        sys.setswitchinterval(switch)
         with lock:
             span[0] = span[1]  # stopped early (an error, ^C): submit nothing more
 
@@ -991,7 +1007,7 @@ def _scan_all(files: list[str], ex, bar) -> list[list]:
     """
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     out: list[list] = [[] for _ in chunks]
-    for i, res in _shared(_scan_chunk, chunks, ex):
+    for i, res in _shared(_scan_chunk, chunks, ex, ahead=2):
         out[i] = res
         bar.update(len(res))
     return out
@@ -1010,7 +1026,7 @@ def _study_batches(todo: list[str], ex, progress: bool) -> list[list[str]]:
     chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     studies: list[list[str | None]] = [[] for _ in chunks]  # per chunk: each file's study (None: unreadable)
     bar = _bar(progress, len(todo), "group studies")
-    for i, res in _shared(_scan_chunk, chunks, ex):  # headers are dropped as they arrive (bounded memory)
+    for i, res in _shared(_scan_chunk, chunks, ex, ahead=2):  # headers dropped as they arrive (bounded memory)
         studies[i] = [sys.intern(h.study_uid) if h is not None else None for _, h, _ in res]
         bar.update(len(res))
     bar.close()
