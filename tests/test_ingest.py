@@ -378,13 +378,14 @@ def _fail_on_seven(x: int) -> int:
     return x
 
 
-def test_shared_map_gives_every_item_once_from_the_pool_and_this_process():
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_shared_map_gives_every_item_once_from_the_pool_and_this_process(ahead):
     import os
 
     from ctssl_core.data.ingest import _executor, _shared
 
     with _executor(3) as ex:  # two forked workers + this process
-        got = list(_shared(_square_with_pid, list(range(60)), ex))
+        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=ahead))
     assert sorted(i for i, _ in got) == list(range(60))
     assert all(sq == i * i for i, (sq, _) in got)
     pids = {pid for _, (_, pid) in got}
