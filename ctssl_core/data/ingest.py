@@ -802,15 +802,28 @@ def detect_sidecars(root: Path, cfg: IngestConfig, xmls: list | None = None) -> 
 def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = None,
            progress: bool = True) -> IngestSummary:
     """Ingest every DICOM file under ``root`` into the store at ``store_root``. See module docstring."""
-    from ctssl_core.data.pseudonym import Pseudonymiser
-    from ctssl_core.paths import store_paths
-
     cfg = cfg or IngestConfig()
     root = Path(root).resolve()
     if not root.is_dir():
         raise ConfigError(f"ingest: {root} is not a folder; pass the folder that holds your DICOM files")
-    paths = store_paths(store_root)
     t0 = time.perf_counter()
+    with _executor(cfg.workers) as ex:
+        if ex is not None:
+            # Fork now: no thread is running yet, and every page this process writes later while the
+            # worker lives costs a copy-on-write fault; pages allocated after the fork cost none.
+            ex.submit(int)
+        summary = _ingest(root, store_root, cfg, progress, ex, t0)
+    summary.seconds = time.perf_counter() - t0  # the workers' exit included
+    summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: float) -> IngestSummary:
+    """``ingest`` with the worker pool (or None) already running."""
+    from ctssl_core.data.pseudonym import Pseudonymiser
+    from ctssl_core.paths import store_paths
+
+    paths = store_paths(store_root)
     summary = IngestSummary()
     # Reading the catalog costs ~50 ms of DuckDB start-up (GIL released); with several workers it
     # overlaps walking the folder. A new store is only created below, once the arguments are checked.
@@ -854,34 +867,33 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
         from ctssl_core.data.adapters.rsna_pe import load_labels
 
         rsna = load_labels(side["rsna_csv"])  # validates the header now; loads the table on first lookup
-    with _executor(cfg.workers if todo else 1) as ex:
-        batches = _study_batches(todo, ex, progress) if len(todo) > BATCH_FILES else [todo]
-        for n_batch, batch in enumerate(batches):
-            t_batch = time.perf_counter()
-            # ---- stage 1
-            label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
-            headers, errors = _scan_batch(batch, ex, progress, label, known)
-            t2 = time.perf_counter()
-            _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
+    batches = _study_batches(todo, ex, progress) if len(todo) > BATCH_FILES else [todo]
+    for n_batch, batch in enumerate(batches):
+        t_batch = time.perf_counter()
+        # ---- stage 1
+        label = "scan headers" + (f" ({n_batch + 1}/{len(batches)})" if len(batches) > 1 else "")
+        headers, errors = _scan_batch(batch, ex, progress, label, known)
+        t2 = time.perf_counter()
+        _add_stage(summary, "scan", (t2 - t0 if n_batch == 0 else t2 - t_batch))  # first batch: store setup too
 
-            # ---- stage 2
-            plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
-            del headers
-            errors += plan_errors
-            _record_errors(paths.db, errors, relp, stat, summary)
-            lidc = None
-            if "lidc_xml" in side and plans:
-                from ctssl_core.data.adapters.lidc import parse_reads
+        # ---- stage 2
+        plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
+        del headers
+        errors += plan_errors
+        _record_errors(paths.db, errors, relp, stat, summary)
+        lidc = None
+        if "lidc_xml" in side and plans:
+            from ctssl_core.data.adapters.lidc import parse_reads
 
-                lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
-            t3 = time.perf_counter()
-            _add_stage(summary, "plan", t3 - t2)
+            lidc = parse_reads(side["lidc_xml"], {p.series_uid for p in plans})
+        t3 = time.perf_counter()
+        _add_stage(summary, "plan", t3 - t2)
 
-            # ---- stage 3
-            _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress, ex)
-            existing_series |= {key("series", p.series_uid) for p in plans}
-            existing_studies |= {key("study", p.study_uid) for p in plans}
-            _add_stage(summary, "build", time.perf_counter() - t3)
+        # ---- stage 3
+        _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, progress, ex)
+        existing_series |= {key("series", p.series_uid) for p in plans}
+        existing_studies |= {key("study", p.study_uid) for p in plans}
+        _add_stage(summary, "build", time.perf_counter() - t3)
     if rsna is not None:
         rsna.close()
 
@@ -890,8 +902,6 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
 
         apply_demographics(paths.db, side["demographics"], key, summary)
 
-    summary.seconds = time.perf_counter() - t0
-    summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
     return summary
 
 
