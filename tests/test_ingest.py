@@ -355,7 +355,8 @@ def test_two_workers_match_one(tmp_path, monkeypatch):
         return real_state(db)
 
     monkeypatch.setattr(ingest_mod, "_catalog_state", slow_state)
-    monkeypatch.setattr(ingest_mod, "_scan_while", lambda files, busy: early.append(real_while(files, busy)) or early[-1])
+    monkeypatch.setattr(ingest_mod, "_scan_while",
+                        lambda files, busy, ex: early.append(real_while(files, busy, ex)) or early[-1])
     two = ingest(tmp_path / "src", tmp_path / "two", IngestConfig(size=N, workers=2), progress=False)
     assert early and early[0]  # some headers came from the wait for the catalog
     assert one.errors_by_reason == two.errors_by_reason == exp["errors"]
@@ -392,6 +393,24 @@ def test_shared_map_gives_every_item_once_from_the_pool_and_this_process(ahead):
     assert os.getpid() in pids and len(pids) >= 2  # this process worked too, not only waited
     with _executor(1) as ex:
         assert ex is None and list(_shared(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
+
+
+def test_shared_map_stops_handing_out_when_told():
+    """``until``: items stop being handed out once it turns false; what was started still comes back."""
+    from ctssl_core.data.ingest import _executor, _shared
+
+    calls = []
+
+    def until():
+        calls.append(1)
+        return len(calls) <= 3
+
+    with _executor(2) as ex:
+        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=2, until=until))
+    idx = [i for i, _ in got]
+    assert 3 <= len(idx) < 60 and len(set(idx)) == len(idx)
+    assert all(sq == i * i for i, (sq, _) in got)
+    assert [i for i, _ in _shared(_square_with_pid, [1, 2, 3], None, until=lambda: False)] == []
 
 
 def test_shared_map_raises_a_worker_error_and_stops():

@@ -687,7 +687,7 @@ def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield ex
 
 
-def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead: int = 1
+def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead: int = 1, until=None
             ) -> Iterator[tuple[int, Any]]:
     """(index, fn(item)) for every item, as they finish, computed by the pool and this process together.
 
@@ -697,11 +697,14 @@ def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead
     back. This process takes items from the back and hands over the pool's results between its
     own. So the stage ends about one item apart on each side. ``ahead=2`` suits small items
     (header chunks), whose hand-over latency would otherwise idle a worker between them.
-    ``drained()``, if given, is called once every item has been handed out.
+    ``drained()``, if given, is called once every item has been handed out. With ``until``, items
+    are only handed out while ``until()`` is true: the rest are left out (not yielded).
     """
     n = len(items)
     if ex is None or n <= 1:
         for i, it in enumerate(items):
+            if until is not None and not until():
+                return
             yield i, fn(it)
         return
     lock = threading.Lock()
@@ -751,16 +754,19 @@ def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead
     # parsing) it would wait up to the 5 ms GIL switch interval for that, and the worker idles meanwhile.
     sys.setswitchinterval(HANDOFF_SWITCH_S)
     try:
-        while (i := take_back()) is not None:
+        while (until is None or until()) and (i := take_back()) is not None:
             yield i, fn(items[i])
             handed += 1
             while not done.empty():
                 j, got = done.get()
                 yield j, result(got)
                 handed += 1
+        with lock:
+            taken = span[0] + n - span[1]  # stop handing out (``until`` may have ended it early)
+            span[0] = span[1]
         if drained is not None:
             drained()
-        while handed < n:
+        while handed < taken:
             j, got = done.get()
             yield j, result(got)
             handed += 1
@@ -840,7 +846,7 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         for f in map(str, files):
             st = os.stat(f)
             stat[f] = (st.st_size, st.st_mtime)
-        known = _scan_while(list(stat), catalog.running) if catalog is not None and len(stat) <= BATCH_FILES else {}
+        known = _scan_while(list(stat), catalog.running, ex) if catalog and len(stat) <= BATCH_FILES else {}
     except BaseException:
         if catalog is not None:
             with contextlib.suppress(Exception):
@@ -994,20 +1000,15 @@ def _scan_batch(batch: list[str], ex, progress: bool, label: str, known: dict | 
     return headers, errors
 
 
-def _scan_while(files: list[str], busy) -> dict[str, tuple]:
-    """path -> (header, error) for the first files, scanned here a chunk at a time while ``busy()``.
+def _scan_while(files: list[str], busy, ex) -> dict[str, tuple]:
+    """path -> (header, error) of the files scanned (by this process and the pool) while ``busy()``.
 
     Why: with several workers ingest waits ~50 ms for the catalog read (DuckDB start-up) before
     it knows which files are new; on a fresh store all are, so that wait scans headers instead.
     Files the catalog then lists as done are dropped: at most one catalog read's worth of work.
     """
-    known: dict[str, tuple] = {}
-    for i in range(0, len(files), SCAN_CHUNK):
-        if not busy():
-            break
-        for p, h, e in _scan_chunk(files[i:i + SCAN_CHUNK]):
-            known[p] = (h, e)
-    return known
+    chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
+    return {p: (h, e) for _, res in _shared(_scan_chunk, chunks, ex, ahead=2, until=busy) for p, h, e in res}
 
 
 def _scan_all(files: list[str], ex, bar) -> list[list]:
