@@ -419,3 +419,54 @@ def test_shared_map_raises_a_worker_error_and_stops():
     with pytest.raises(ValueError, match="item 7"):
         with _executor(2) as ex:
             list(_shared(_fail_on_seven, list(range(40)), ex))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_broken_links_and_pipes_are_recorded_not_fatal(tmp_path, workers):
+    """A broken symlink used to stop the ingest (os.stat raised) and a named pipe hung it (open blocks):
+    both are now not_dicom rows and the real series beside them is ingested."""
+    import os
+
+    src = tmp_path / "src"
+    vol = phantom(4, N, N, seed=3)
+    write_series(src / "a", vol, patient_id="P1")
+    os.symlink(tmp_path / "gone.dcm", src / "a" / "link.dcm")
+    os.mkfifo(src / "a" / "pipe")
+    store = tmp_path / f"store{workers}"
+    s = ingest(src, store, IngestConfig(size=N, workers=workers), progress=False)
+    assert s.errors_by_reason.get("not_dicom") == 2 and s.slices == 4
+    with connect(store_paths(store).db, read_only=True) as con:
+        reasons = [r[0] for r in con.execute("SELECT reason FROM ingest_errors").fetchall()]
+    assert reasons == ["not_dicom", "not_dicom"]
+    again = ingest(src, store, IngestConfig(size=N, workers=workers), progress=False)
+    assert again.files_new == 0 and again.slices == 0                    # recorded once, not retried
+
+
+def test_functional_group_rescale_is_read_by_every_header_path(tmp_path):
+    """RescaleSlope/Intercept and PixelSpacing inside SharedFunctionalGroupsSequence (defined length):
+    the byte walker used to skip the sequence and read slope 1 / intercept 0 / no spacing."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from ctssl_core.data.dicom import read_hu
+    from ctssl_core.data.dicom import scan as scan_one
+
+    hu = phantom(1, N, N, seed=4)[0]
+    ds = ct_dataset(hu, slope=1.0, intercept=-1024.0)
+    stored = np.frombuffer(ds.PixelData, dtype="<u2" if not ds.PixelRepresentation else "<i2")
+    # move the rescale into a functional group with slope 2: stored values halve
+    ds.PixelData = (np.round((hu.astype(np.float64).ravel() + 1024) / 2)).astype(stored.dtype).tobytes()
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.PixelSpacing
+    pm, tr = Dataset(), Dataset()
+    pm.PixelSpacing = [0.7, 0.7]
+    tr.RescaleSlope, tr.RescaleIntercept, tr.RescaleType = 2, -1024, "HU"
+    fg = Dataset()
+    fg.PixelMeasuresSequence = Sequence([pm])
+    fg.PixelValueTransformationSequence = Sequence([tr])
+    ds.SharedFunctionalGroupsSequence = Sequence([fg])
+    path = save(ds, tmp_path / "fg.dcm")
+    h = scan_one(path)
+    assert h.spacing is not None and h.spacing[0] == pytest.approx(0.7)
+    got = read_hu(h)
+    assert np.abs(got.astype(np.int32) - hu.astype(np.int32)).max() <= 1          # slope 2 rounding

@@ -36,7 +36,10 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1": ("<", True),   # explicit VR little endian
     "1.2.840.10008.1.2.2": (">", True),   # explicit VR big endian (retired, still found)
 }
-LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR", b"SV", b"UV"}
+# tags whose presence means the header must come from pydicom: multi-frame, and the functional
+# group sequences that can carry RescaleSlope/Intercept and PixelSpacing of an enhanced CT
+FULL_PARSE_TAGS = frozenset({0x52009229, 0x52009230, 0x00280008})
 HU_MIN, HU_MAX = -1024, 32767
 MAX_PIXELS = 4096 * 4096
 AXIAL_MIN_COS = 0.8  # |slice normal . z| above this is axial (gantry tilts up to ~37 deg pass)
@@ -307,7 +310,7 @@ class _SlowPath(Exception):
 
 def _needs_full_parse(ds) -> bool:
     d = ds._dict
-    return 0x52009229 in d or 0x52009230 in d or 0x00280008 in d
+    return any(t in d for t in FULL_PARSE_TAGS)
 
 
 WANTED = frozenset(T.values())
@@ -391,9 +394,11 @@ def _walk_elements(f, size: int):
                 return elements, endian == "<", syntax, True, (pos + hdr, ln)
             if ln == UNDEFINED:
                 return None  # undefined-length sequence: let pydicom walk it
+            if tag in FULL_PARSE_TAGS:
+                return None  # multi-frame / functional groups (rescale, spacing inside): pydicom reads them
+            if pos + hdr + ln > size:
+                return None  # a length past the end of the file: corrupt; never read (or allocate) it
             if tag in wanted:
-                if tag == 0x00280008:
-                    return None  # multi-frame: per-frame functional groups need pydicom
                 if r + hdr + ln > blen:
                     f.seek(pos)
                     buf, base = f.read(max(hdr + ln, HEAD_BYTES)), pos

@@ -842,11 +842,9 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         paths.slices.mkdir(parents=True, exist_ok=True)
         for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
             stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
-        stat: dict[str, tuple[int, float]] = {}
-        for f in map(str, files):
-            st = os.stat(f)
-            stat[f] = (st.st_size, st.st_mtime)
-        known = _scan_while(list(stat), catalog.running, ex) if catalog and len(stat) <= BATCH_FILES else {}
+        stat, odd = _stat_files(files)
+        readable = [f for f in stat if f not in odd]
+        known = _scan_while(readable, catalog.running, ex) if catalog and len(stat) <= BATCH_FILES else {}
     except BaseException:
         if catalog is not None:
             with contextlib.suppress(Exception):
@@ -867,6 +865,11 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
 
     def relp(p: str) -> str:  # what the catalog stores for a file: a keyed hash of its relative path
         return path_key(key, p[prefix:])
+
+    if odd:  # broken links, pipes, devices: recorded once, never opened (a pipe would block the scan)
+        new = set(todo)
+        _record_errors(paths.db, [e for f, e in odd.items() if f in new], relp, stat, summary)
+        todo = [f for f in todo if f not in odd]
 
     rsna = None
     if "rsna_csv" in side and todo:
@@ -922,6 +925,30 @@ def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
     return done, existing_series, existing_studies
+
+
+def _stat_files(files) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[str, str, str]]]:
+    """(path -> (size, mtime), path -> error row) for every candidate file.
+
+    A broken symlink or a file that vanished cannot be stat'ed, and a named pipe or device is
+    not a file at all (opening a pipe blocks forever): both become ``not_dicom`` rows instead
+    of stopping the ingest.
+    """
+    import stat as stat_mod
+
+    stat: dict[str, tuple[int, float]] = {}
+    odd: dict[str, tuple[str, str, str]] = {}
+    for f in map(str, files):
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            stat[f] = (0, 0.0)
+            odd[f] = (f, "not_dicom", f"cannot read the file ({e.strerror}). " + REASONS["not_dicom"])
+            continue
+        stat[f] = (st.st_size, st.st_mtime)
+        if not stat_mod.S_ISREG(st.st_mode):
+            odd[f] = (f, "not_dicom", "not a regular file (a pipe, socket or device). " + REASONS["not_dicom"])
+    return stat, odd
 
 
 def _new_files(stat: dict[str, tuple[int, float]], done: dict[str, tuple[int, float]], keyed) -> list[str]:
