@@ -498,18 +498,26 @@ def _build_box(stored, n: int, factors: tuple[int, int], first: SliceHeader, siz
     return slow
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread inside (one core per worker); the caller's setting is restored after,
+    since the caller may be the main process acting as a worker."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _build_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
     """Fill ``out[units]`` through torch (any resize ratio, any rescale), SLICE_CHUNK slices at a time."""
     if not units:
         return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core per worker; the caller's setting is restored (this may be the main process)
-    try:
+    with _one_torch_thread():
         _fill_torch(stored, units, first, size, out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fill_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
@@ -633,9 +641,10 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
             return (r >= 0.5).astype(np.uint8)  # (K, size, size)
 
         if len(ks):
-            cons[ks] = stored_geom(consensus(readers, len(reads), agreement))
-            for k in range(min(readers.shape[0], 8)):
-                bits[ks] |= stored_geom(readers[k]) << k
+            with _one_torch_thread():  # fit_square resamples through torch
+                cons[ks] = stored_geom(consensus(readers, len(reads), agreement))
+                for k in range(min(readers.shape[0], 8)):
+                    bits[ks] |= stored_geom(readers[k]) << k
         (root / "masks").mkdir(parents=True, exist_ok=True)
         mask_rel = f"masks/{series_key}.npy"
         _atomic_save(root / mask_rel, cons)
