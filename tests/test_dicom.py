@@ -332,3 +332,35 @@ def test_read_stored_reports_a_vanished_file(tmp_path, hu):
     h = scan(path)
     path.unlink()
     assert _issue(lambda: read_stored(h)).reason == "truncated"
+
+
+def test_explicit_meta_with_an_implicit_body_is_read(tmp_path):
+    """Some exporters declare explicit VR in the meta but write the dataset implicit; pydicom reads it
+    (with a warning) and so must the pixel locator (it used to report 'PixelData holds 0 bytes')."""
+    import warnings
+
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from ctssl_core.data.dicom import read_hu, scan
+
+    hu = phantom(1, 16, 16)[0]
+    ds = ct_dataset(hu)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    plain = pydicom.Dataset()
+    plain.update(ds)
+    write_dataset(body, plain)
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(meta.getvalue() + body.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        h = scan(path)
+    assert np.array_equal(read_hu(h)[0].astype(np.int32), hu.astype(np.int32))          # (1, H, W): one frame

@@ -197,6 +197,10 @@ def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | 
         return None, False
     if syntax not in NATIVE_SYNTAXES:
         return None, True
+    if explicit and head[4:6] not in LONG_VRS:
+        # PixelData's explicit VR is OB/OW/UN; anything else means the body is implicit VR although the
+        # meta says explicit (pydicom reads such files with a warning): the next 4 bytes are the length
+        explicit = False
     if explicit:
         vr = head[4:6]
         if vr in LONG_VRS:
