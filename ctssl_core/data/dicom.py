@@ -522,6 +522,38 @@ class _Bytes(_Raw):
         return out if len(out) == n and all(map(math.isfinite, out)) else None
 
 
+def _check_kind(modality: str, sop_class: str, image_type: tuple[str, ...], present: bool) -> None:
+    """Is this an axial CT image with pixels? Raises the matching DicomIssue (both header paths)."""
+    if modality and modality != "CT":
+        raise DicomIssue("wrong_modality", f"Modality is {modality}.")
+    if not modality and sop_class and sop_class not in CT_SOP_CLASSES:
+        raise DicomIssue("wrong_modality", f"SOP class {sop_class} is not a CT image.")
+    if "LOCALIZER" in image_type or "SCOUT" in image_type or "TOPOGRAM" in image_type:
+        raise DicomIssue("localizer", f"ImageType is {'/'.join(image_type)}.")
+    if not present:
+        raise DicomIssue("no_pixels", "there is no PixelData element.")
+
+
+def _check_image(rows, cols, sop, series, study, spp: int, bits: int) -> None:
+    """Required tags present and a pixel format ingest handles (both header paths)."""
+    if not rows or not cols or rows <= 0 or cols <= 0 or not sop or not series or not study:
+        raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}, UIDs present={bool(sop and series and study)}.")
+    if rows * cols > MAX_PIXELS:
+        raise DicomIssue("unsupported_pixels", f"{rows}x{cols} is larger than any CT slice.")
+    if spp != 1 or bits not in (8, 16):
+        raise DicomIssue("unsupported_pixels", f"SamplesPerPixel={spp}, BitsAllocated={bits}.")
+
+
+def _fixed_rescale(slopes: list, intercepts: list, notes: list[str]) -> tuple[list[float], list[float]]:
+    """A missing or zero slope is taken as 1 and a missing intercept as 0, each noted once."""
+    if any(s is None or s == 0 for s in slopes):
+        notes.append("RescaleSlope missing or zero: used 1")
+    if any(i is None for i in intercepts):
+        notes.append("RescaleIntercept missing: used 0")
+    return ([s if (s is not None and s != 0) else 1.0 for s in slopes],
+            [i if i is not None else 0.0 for i in intercepts])
+
+
 def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: int) -> SliceHeader:
     """Single-frame header from raw elements; same checks and result as ``header_from_dataset``.
 
@@ -530,34 +562,14 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     against the file ``size``).
     """
     modality = (r.text("Modality") or "").upper()
-    sop_class = r.text("SOPClassUID") or ""
-    if modality and modality != "CT":
-        raise DicomIssue("wrong_modality", f"Modality is {modality}.")
-    if not modality and sop_class and sop_class not in CT_SOP_CLASSES:
-        raise DicomIssue("wrong_modality", f"SOP class {sop_class} is not a CT image.")
     image_type = tuple(x.upper() for x in (r.multi("ImageType") or ()))
-    if "LOCALIZER" in image_type or "SCOUT" in image_type or "TOPOGRAM" in image_type:
-        raise DicomIssue("localizer", f"ImageType is {'/'.join(image_type)}.")
-    if not present:
-        raise DicomIssue("no_pixels", "there is no PixelData element.")
+    _check_kind(modality, r.text("SOPClassUID") or "", image_type, present)
     rows, cols = r.us("Rows"), r.us("Columns")
     sop, series, study = r.text("SOPInstanceUID"), r.text("SeriesInstanceUID"), r.text("StudyInstanceUID")
-    if not rows or not cols or not sop or not series or not study:
-        raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}, UIDs present={bool(sop and series and study)}.")
-    if rows * cols > MAX_PIXELS:
-        raise DicomIssue("unsupported_pixels", f"{rows}x{cols} is larger than any CT slice.")
-    spp = r.us("SamplesPerPixel") or 1
     bits = r.us("BitsAllocated") or 16
-    if spp != 1 or bits not in (8, 16):
-        raise DicomIssue("unsupported_pixels", f"SamplesPerPixel={spp}, BitsAllocated={bits}.")
+    _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel") or 1, bits)
     notes: list[str] = []
-    slope, icpt = r.num("RescaleSlope"), r.num("RescaleIntercept")
-    if slope is None or slope == 0:
-        notes.append("RescaleSlope missing or zero: used 1")
-        slope = 1.0
-    if icpt is None:
-        notes.append("RescaleIntercept missing: used 0")
-        icpt = 0.0
+    (slope,), (icpt,) = _fixed_rescale([r.num("RescaleSlope")], [r.num("RescaleIntercept")], notes)
     spacing_raw = r.vec("PixelSpacing", 2)
     spacing = _fixed_spacing(spacing_raw, notes)
     pos = r.vec("ImagePositionPatient", 3)
@@ -606,29 +618,15 @@ def decoder_available(syntax: str) -> bool:
 def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset: int | None = None) -> SliceHeader:
     """Extract and validate the fields ingest needs from a parsed dataset."""
     modality = (_str(ds, "Modality") or "").upper()
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    if modality and modality != "CT":
-        raise DicomIssue("wrong_modality", f"Modality is {modality}.")
-    if not modality and sop_class and sop_class not in CT_SOP_CLASSES:
-        raise DicomIssue("wrong_modality", f"SOP class {sop_class} is not a CT image.")
     image_type = tuple(str(x).upper() for x in (ds.get("ImageType", None) or ()))
-    if "LOCALIZER" in image_type or "SCOUT" in image_type or "TOPOGRAM" in image_type:
-        raise DicomIssue("localizer", f"ImageType is {'/'.join(image_type)}.")
-    if not present:
-        raise DicomIssue("no_pixels", "there is no PixelData element.")
+    _check_kind(modality, str(ds.get("SOPClassUID", "") or ""), image_type, present)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         sop, series, study = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
     except (AttributeError, TypeError, ValueError) as e:
         raise DicomIssue("bad_header", f"{scrub(e)}.") from None
-    if rows <= 0 or cols <= 0 or not sop or not series:
-        raise DicomIssue("bad_header", f"Rows={rows}, Columns={cols}.")
-    if rows * cols > MAX_PIXELS:
-        raise DicomIssue("unsupported_pixels", f"{rows}x{cols} is larger than any CT slice.")
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 16) or 16)
-    if spp != 1 or bits not in (8, 16):
-        raise DicomIssue("unsupported_pixels", f"SamplesPerPixel={spp}, BitsAllocated={bits}.")
+    _check_image(rows, cols, sop, series, study, int(ds.get("SamplesPerPixel", 1) or 1), bits)
     frames = int(_num(ds, "NumberOfFrames", 1) or 1)
     notes: list[str] = []
 
@@ -669,14 +667,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         pos = _vec(ds.get("ImagePositionPatient", None), 3)
         positions = [pos] if pos is not None else None
 
-    # rescale: a missing or zero/non-finite slope is treated as 1, a missing intercept as 0;
-    # unsigned data with no intercept that looks like "CT number + 1024" is a common vendor quirk we note.
-    fixed_s = [s if (s is not None and s != 0) else 1.0 for s in slopes]
-    fixed_i = [i if i is not None else 0.0 for i in intercepts]
-    if any(s is None or s == 0 for s in slopes):
-        notes.append("RescaleSlope missing or zero: used 1")
-    if any(i is None for i in intercepts):
-        notes.append("RescaleIntercept missing: used 0")
+    fixed_s, fixed_i = _fixed_rescale(slopes, intercepts, notes)
     spacing = _fixed_spacing(spacing_raw, notes)
     tilt = _num(ds, "GantryDetectorTilt")
     pr = int(ds.get("PixelRepresentation", 0) or 0)
