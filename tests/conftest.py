@@ -31,14 +31,13 @@ def tiny_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_store(tiny_cohort, tmp_path_factory):
     from ctssl_core.data.ingest import IngestConfig, ingest
+    from ctssl_core.data.pseudonym import create_secret
     from ctssl_core.paths import store_paths
 
     root = tmp_path_factory.mktemp("tiny_store")
     # A fixed pseudonym key (instead of a random one per store) keeps the patient keys, and so the
     # seeded splits and everything trained on them, identical from one test session to the next.
-    key = store_paths(root).secret
-    key.write_bytes(b"ctssl-tests-fixed-pseudonym-key!")
-    key.chmod(0o600)
+    create_secret(store_paths(root).secret, b"ctssl-tests-fixed-pseudonym-key!")
     ingest(tiny_cohort, root, IngestConfig(size=64, workers=1), progress=False)
     return root
 

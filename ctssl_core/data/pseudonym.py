@@ -30,12 +30,17 @@ def load_or_create_secret(path: str | Path) -> bytes:
             raise StoreError(f"pseudonym key {path} is damaged ({len(key)} bytes). Restore it from a backup, "
                              f"or start a new store (keys would no longer match the catalog).")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
+    _write_secret(path, key)
+    return key
+
+
+def _write_secret(path: Path, key: bytes) -> None:
+    """Create ``path`` holding ``key``, owner-only (0600); never overwrites an existing key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
-    return key
 
 
 def create_secret(path: str | Path, key: bytes) -> bool:
@@ -51,10 +56,7 @@ def create_secret(path: str | Path, key: bytes) -> bool:
         raise ValueError("a pseudonym key needs at least 16 bytes")
     if path.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    _write_secret(path, key)
     return True
 
 
