@@ -410,9 +410,9 @@ def _worker_unit(plan: Plan, u: Unit, root: str, pretrain_ids: dict[str, str]):
     """Child-process entry: one unit, with this process's memory-mapped store reused across its units."""
     from ctssl_core.data.store import SliceStore
 
-    store = None
-    if u.kind == "finetune":
-        store = _WORKER_STORE.get(root) or _WORKER_STORE.setdefault(root, SliceStore.open(Path(root)))
+    store = _WORKER_STORE.get(root)
+    if store is None and u.kind == "finetune":
+        store = _WORKER_STORE[root] = SliceStore.open(Path(root))
     return run_unit(plan, u, Path(root), pretrain_ids, store)
 
 
