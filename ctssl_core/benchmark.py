@@ -204,14 +204,35 @@ def _store_has_slices(store_root: Path) -> bool:
         return "slices" in have and con.execute("SELECT count(*) FROM slices").fetchone()[0] > 0
 
 
-def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> None:
-    """Generate the synthetic cohort and ingest it when the store has no slices yet."""
-    if _store_has_slices(store_root):
-        return
-    from ctssl_core.data.ingest import IngestConfig, ingest
-    from ctssl_core.data.synth import SynthConfig, generate_cohort
+def _store_sizes(store_root: Path) -> set[int]:
+    """The stored in-plane sizes of the store's series."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
 
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        return {int(r[0]) for r in con.execute("SELECT DISTINCT height FROM series").fetchall()}
+
+
+def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> None:
+    """Generate the synthetic cohort and ingest it when the store has no slices yet.
+
+    A store that already holds slices is used as it is, unless its slice size differs from
+    the profile's ``ingest.size`` (e.g. a store left by an older profile): that is refused with
+    what to do, rather than training the profile on data it was not written for.
+    """
+    from ctssl_core.data.ingest import IngestConfig
+
+    if _store_has_slices(store_root):
+        want = build(IngestConfig, plan.config.get("ingest") or {}, where="ingest.").size
+        have = _store_sizes(store_root)
+        if have and have != {want}:
+            raise ConfigError(f"the store at {store_root} holds {'/'.join(map(str, sorted(have)))}-px slices but "
+                              f"profile {plan.profile!r} is set up for {want}-px slices; use another --store "
+                              f"(or delete this one to rebuild it), or --set ingest.size={min(have)}")
+        return
+    from ctssl_core.data.ingest import ingest
     from ctssl_core.data.pseudonym import create_secret
+    from ctssl_core.data.synth import SynthConfig, generate_cohort
     from ctssl_core.paths import store_paths
 
     say(f"synthetic cohort -> {plan.cohort} (reused when its config matches)")

@@ -156,6 +156,10 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
         got.append(get_or_create_splits(tmp_path / name, 0))
         assert store_paths(tmp_path / name).secret.stat().st_mode & 0o077 == 0   # owner-only, like a random key
     assert got[0] == got[1] and len(got[0]) == 10
+    # a store written for another slice size (e.g. by an older profile) is refused, not trained on
+    other = make_plan("smoke", over + ["ingest.size=64"], tmp_path / "a")
+    with pytest.raises(ConfigError, match="holds 32-px slices .* set up for 64-px"):
+        ensure_data(other, tmp_path / "a", lambda m: None)
     # a real-data store (secret not made by the benchmark) keeps its own random key
     from ctssl_core.data.pseudonym import create_secret, load_or_create_secret
 
