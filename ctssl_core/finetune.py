@@ -216,10 +216,14 @@ def collect_outputs(task, encoder, head, store, ids: np.ndarray, batch_size: int
         "prob": np.concatenate([c[1] for c in chunks])[order],
         "target": np.concatenate([c[2] for c in chunks])[order],
     }
-    out["patient"] = np.asarray(store.patient_idx)[out["slice_id"]].astype(np.int64)
-    out["exam"] = np.asarray(store.series_of)[out["slice_id"]].astype(np.int64)
-    out["order"] = np.asarray(store.idx_in_series)[out["slice_id"]].astype(np.int64)
-    return out
+    return {**out, **row_keys(store, out["slice_id"])}
+
+
+def row_keys(store, slice_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Scoring keys of each slice: ``patient`` (bootstrap unit), ``exam`` (series), ``order`` (z index)."""
+    return {"patient": np.asarray(store.patient_idx)[slice_ids].astype(np.int64),
+            "exam": np.asarray(store.series_of)[slice_ids].astype(np.int64),
+            "order": np.asarray(store.idx_in_series)[slice_ids].astype(np.int64)}
 
 
 def score_outputs(task, out: dict[str, np.ndarray], n_boot: int, seed: int = BOOT_SEED):
@@ -270,9 +274,7 @@ def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int 
     task = make_downstream("pe", **dict(task_params or {}))
     out = {"slice_id": test_ids, "prob": position_scores(store, train_ids, test_ids),
            "target": np.asarray(store.labels("pe"), dtype=np.float64)[test_ids],
-           "patient": np.asarray(store.patient_idx)[test_ids].astype(np.int64),
-           "exam": np.asarray(store.series_of)[test_ids].astype(np.int64),
-           "order": np.asarray(store.idx_in_series)[test_ids].astype(np.int64)}
+           **row_keys(store, test_ids)}
     return score_outputs(task, out, n_boot)[0]
 
 
