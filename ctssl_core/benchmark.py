@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ctssl_core.config import ConfigError, build, load_profile, merge, parse_overrides, to_dict
+from ctssl_core.controls import CONTROLS, NEGATIVE, POSITIVE
 
 PERCENT = 100.0
 
@@ -44,6 +45,13 @@ class BenchmarkConfig:
     small_fraction: float = 0.25
     split_seed: int = 0
     speed_frac: float = 0.9                                  # learning speed: fraction of random's best
+    pool: float = 0.0                                        # fraction of patients set apart as the unlabelled
+                                                             # pretraining pool (disjoint from the labelled
+                                                             # cohort; 0 = pretrain on the train split)
+    controls: tuple[str, ...] = ()                           # tasks that get a positive (supervised on the
+                                                             # pool's labels) and a negative (shuffled) control
+    twins: bool = True                                       # PE: score counterfactual twins (synthetic stores)
+    alpha: float = 0.05                                      # family-wise error of the verdicts (Bonferroni)
     probes: bool = True                                      # demographics route (a): frozen-embedding probes
     bias: bool = True                                        # run bias.analyse_encoder on the embeddings
     cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
@@ -68,6 +76,16 @@ class BenchmarkConfig:
         if self.workers < 1 or self.threads < 0:
             raise ConfigError(f"benchmark.workers must be >= 1 and benchmark.threads >= 0, got "
                               f"{self.workers} and {self.threads}")
+        bad = [t for t in self.controls if t not in ("pe", "nodule") or t not in self.tasks]
+        if bad:
+            raise ConfigError(f"benchmark.controls: {bad} must be among the benchmark's pe/nodule tasks "
+                              f"{[t for t in self.tasks if t in ('pe', 'nodule')]}")
+        if self.controls and not self.pool:
+            raise ConfigError("benchmark.controls need an unlabelled pool whose labels train the positive "
+                              "control: set benchmark.pool (e.g. 0.5), or benchmark.controls=[]")
+        if not 0.0 <= self.pool < 1.0 or not 0.0 < self.alpha < 0.5:
+            raise ConfigError(f"benchmark.pool must be in [0, 1) and benchmark.alpha in (0, 0.5), got "
+                              f"{self.pool} and {self.alpha}")
         if 1.0 not in self.fractions:
             raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
                               "random init trained on all labels")
@@ -124,7 +142,7 @@ def result_config(cfg: dict) -> dict:
 
 
 def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
-                    pre_encoder: tuple[str, dict]):
+                    pre_encoder: tuple[str, dict], pool: float = 0.0):
     """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys."""
     from ctssl_core.finetune import FinetuneConfig
 
@@ -132,7 +150,7 @@ def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int,
     per_task = {k: ds.pop(k) for k in ("pe", "nodule", "demographics") if k in ds}
     mapping = merge(ds, per_task.get(task) or {})
     mapping = merge(mapping, {"task": task, "init": init, "fraction": fraction, "seed": seed,
-                              "split_seed": split_seed, "encoder": pre_encoder[0],
+                              "split_seed": split_seed, "pool": pool, "encoder": pre_encoder[0],
                               "encoder_kwargs": pre_encoder[1]})
     return build(FinetuneConfig, mapping, where="downstream.")
 
@@ -158,13 +176,18 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
     units: list[Unit] = []
     for s in bench.strategies:
         units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))  # id = plan key; the run id is found by config
+    for task in bench.controls:
+        fc = finetune_config(cfg, task, "random", 1.0, 0, bench.split_seed, enc, bench.pool)
+        units.append(Unit("control", f"pc-{bench_hash}-{task}", task, POSITIVE, 1.0, 0,
+                          spec=to_dict(dataclasses.replace(fc, train_split="pool"))))
+        units.append(Unit("control", f"nc-{bench_hash}-{task}", task, NEGATIVE))
     inits = ["random", *bench.strategies]
     for task in bench.tasks:
         fracs = bench.demographics_fractions if task == "demographics" else bench.fractions
-        for init in inits:
+        for init in [*inits, *(CONTROLS if task in bench.controls else ())]:
             for f in sorted(fracs):
                 for seed in bench.seeds_for(f):
-                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc)  # validates early
+                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc, bench.pool)  # validates early
                     build(TrainConfig, fc.train, where=f"downstream.{task}.train.")
                     rid = f"ft-{bench_hash}-{task}-{init}-f{f:g}-s{seed}"
                     units.append(Unit("finetune", rid, task, init, f, seed, spec=to_dict(fc)))
@@ -251,7 +274,9 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> Non
 
 
 def pretrain_section(plan: Plan, strategy: str) -> dict:
-    return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed})
+    """The pretraining config of one strategy; with a pool, pretraining sees only the pool's patients."""
+    extra = {"split": "pool", "pool": plan.bench.pool} if plan.bench.pool else {}
+    return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed, **extra})
 
 
 def find_pretrain(plan: Plan, strategy: str, store_root: Path) -> str | None:
@@ -304,10 +329,45 @@ def run_finetune_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_
 
     spec = dict(unit.spec)
     if unit.init != "random":
-        spec["init"] = pretrain_ids[unit.init]
+        spec["init"] = pretrain_ids[needs(unit)]
     fc = build(FinetuneConfig, spec)
     finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-             progress=progress, store=store, init_label=unit.init)
+             progress=progress, store=store, init_label=unit.init,
+             twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
+
+
+def twin_cohort(plan: Plan, store_root: Path) -> Path | None:
+    """The synthetic cohort to render PE twins from, when the benchmark asks for twins and the
+    store was built from it (``twins.TwinUnavailable`` otherwise: said once in the summary)."""
+    if not plan.bench.twins or not (plan.cohort / "truth.json").is_file():
+        return None
+    return plan.cohort
+
+
+def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_ids: dict[str, str]) -> str:
+    """Positive control: supervised training on the pool's labels (a fine-tune with train_split='pool');
+    negative control: that encoder shuffled within each layer. Returns the run id holding the checkpoint."""
+    from ctssl_core import controls
+    from ctssl_core.finetune import FinetuneConfig, finetune
+    from ctssl_core.results import write as rw
+
+    if unit.init == controls.POSITIVE:
+        fc = build(FinetuneConfig, dict(unit.spec))
+        finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
+                 store=store, init_label=f"{controls.POSITIVE}-source")
+        return unit.run_id
+    source = pretrain_ids[f"{controls.POSITIVE}:{unit.task}"]
+    enc_name = pretrain_encoder(plan.config)[0]
+    run_dir = rw.start_run(store_root, unit.run_id, "control", unit.task, controls.NEGATIVE, enc_name,
+                           {"kind": "control", "control": controls.NEGATIVE, "source_run": source, "seed": 0},
+                           profile=plan.profile, benchmark_id=plan.benchmark_id)
+    try:
+        ckpt = controls.write_negative_control(source, run_dir / "checkpoints" / "last.pt", store_root, seed=0)
+    except BaseException as e:
+        rw.finish_run(store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    rw.finish_run(store_root, unit.run_id, "succeeded", checkpoint=ckpt)
+    return unit.run_id
 
 
 def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
@@ -362,6 +422,8 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
             if found:
                 pretrain_ids[u.task] = found
                 done[u.run_id] = found
+        elif u.kind == "control" and u.run_id in done:
+            pretrain_ids[provides(u)] = u.run_id
     todo = [u for u in plan.units if u.run_id not in done]
     log(f"benchmark {plan.benchmark_id}: {len(plan.units)} units, {len(plan.units) - len(todo)} already done")
     bar = tqdm(total=len(plan.units), initial=len(plan.units) - len(todo), disable=not progress,
@@ -376,8 +438,8 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     try:
         runner = _run_serial if plan.bench.workers == 1 or len(todo) <= 1 else _run_parallel
         for u, result in runner(plan, todo, root, pretrain_ids, bar):
-            if u.kind == "pretrain":
-                pretrain_ids[u.task] = result
+            if provides(u):
+                pretrain_ids[provides(u)] = result
             elif u.kind == "embed":
                 embeddings[u.init] = result
             bar.update(1)
@@ -396,10 +458,34 @@ def _label(u: Unit) -> str:
     return f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else "")
 
 
+def provides(u: Unit) -> str | None:
+    """The key under which a unit's result (a run id with a checkpoint) is found by the units after it."""
+    if u.kind == "pretrain":
+        return u.task
+    if u.kind == "control":
+        return f"{u.init}:{u.task}"
+    return None
+
+
+def needs(u: Unit) -> str | None:
+    """The ``provides`` key a unit waits for (None: it can start at once)."""
+    if u.kind == "control":
+        return f"{POSITIVE}:{u.task}" if u.init == NEGATIVE else None
+    if u.kind == "pretrain" or u.init == "random":
+        return None
+    return f"{u.init}:{u.task}" if u.init in CONTROLS else u.init
+
+
 def run_unit(plan: Plan, u: Unit, root: Path, pretrain_ids: dict[str, str], store=None):
-    """Run one unit; returns the pretraining run id, the embedding ids, or None (fine-tuning)."""
+    """Run one unit; returns the pretraining/control run id, the embedding ids, or None (fine-tuning)."""
     if u.kind == "pretrain":
         return run_pretrain_unit(plan, u, root)
+    if u.kind == "control":
+        if store is None:
+            from ctssl_core.data.store import SliceStore
+
+            store = SliceStore.open(root)
+        return run_control_unit(plan, u, root, store, pretrain_ids)
     if u.kind == "finetune":
         run_finetune_unit(plan, u, root, store, pretrain_ids)
         return None
@@ -412,7 +498,7 @@ def _run_serial(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str
     store = None
     for u in todo:
         bar.set_postfix_str(_label(u))
-        if u.kind == "finetune":
+        if u.kind in ("finetune", "control"):
             store = store or SliceStore.open(root)
         yield u, run_unit(plan, u, root, pretrain_ids, store)
 
@@ -432,7 +518,7 @@ def _worker_unit(plan: Plan, u: Unit, root: str, pretrain_ids: dict[str, str]):
     from ctssl_core.data.store import SliceStore
 
     store = _WORKER_STORE.get(root)
-    if store is None and u.kind == "finetune":
+    if store is None and u.kind in ("finetune", "control"):
         store = _WORKER_STORE[root] = SliceStore.open(Path(root))
     return run_unit(plan, u, Path(root), pretrain_ids, store)
 
@@ -458,14 +544,14 @@ def _run_parallel(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[s
     try:
         while pending or running:
             while failed is None and len(running) < plan.bench.workers:
-                ready = next((u for u in pending if u.kind == "pretrain" or u.init == "random" or u.init in ids), None)
+                ready = next((u for u in pending if needs(u) is None or needs(u) in ids), None)
                 if ready is None:
                     break
                 pending.remove(ready)
                 running[ex.submit(_worker_unit, plan, ready, str(root), dict(ids))] = ready
             if not running:
                 if failed is None:
-                    missing = sorted({u.init for u in pending})
+                    missing = sorted({str(needs(u)) for u in pending})
                     failed = ConfigError(f"units wait for pretraining(s) that never ran: {missing}")
                 break
             bar.set_postfix_str(" | ".join(_label(u) for u in running.values()))
@@ -477,8 +563,8 @@ def _run_parallel(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[s
                 except BaseException as e:  # noqa: BLE001 - re-raised once the running units end
                     failed = failed or e
                     continue
-                if u.kind == "pretrain":
-                    ids[u.task] = result
+                if provides(u):
+                    ids[provides(u)] = result
                 yield u, result
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
@@ -496,14 +582,122 @@ def _unit_boot(root: Path, unit: Unit) -> dict[str, np.ndarray]:
     return read_boot(store_paths(root).run_dir(unit.run_id))
 
 
-def _quantile_ci(samples: np.ndarray) -> tuple[float, float]:
-    """95% percentile interval that tolerates inf ("not reached") replicates."""
+def _quantile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """(1 - alpha) percentile interval that tolerates inf ("not reached") replicates."""
     s = np.asarray(samples, dtype=np.float64)
     s = s[~np.isnan(s)]
     if s.size == 0:
         return float("nan"), float("nan")
-    lo, hi = np.quantile(s, [0.025, 0.975], method="inverted_cdf")
+    lo, hi = np.quantile(s, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
     return float(lo), float(hi)
+
+
+SEED_DRAWS = 2718         # the seed resampling is the same for every init, so deltas stay paired
+
+
+def seed_mean(boots: dict, init: str, frac: float, key: str) -> np.ndarray | float:
+    """Mean over the seeds of one (init, fraction): the point value for ``point/<m>`` keys; for
+    replicate arrays, a two-level bootstrap: each replicate averages a resample (with replacement)
+    of the seeds, so the CI carries the spread between seeds as well as between patients.
+    Seeds are matched by their number across inits (same label subset), which keeps deltas paired."""
+    got = sorted((s, b[key]) for (i, f, s), b in boots.items() if i == init and f == frac and key in b)
+    if not got:
+        return np.nan
+    vals = np.stack([np.asarray(v, np.float64) for _, v in got])                   # (k, R) or (k,)
+    if vals.ndim == 1 or len(got) == 1:
+        return vals.mean(axis=0)
+    k, r = vals.shape
+    pick = np.random.default_rng([SEED_DRAWS, k, r]).integers(0, k, size=(r, k))   # (R, k) seed draws
+    return vals[pick, np.arange(r)[:, None]].mean(axis=1)                         # (R,)
+
+
+# what the sensitivity check and the verdicts read, in order of preference (the first present)
+SENSITIVITY_METRICS = {"pe": ("twin_exam", "exam_auroc"), "nodule": ("cpm", "dice")}
+
+
+def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, dict[str, str]]):
+    """Can this benchmark detect a gain, and does each strategy give one? -> (summary rows, lines).
+
+    At the smallest label fraction, per task: the positive control minus random init (paired,
+    95% CI) decides *sensitive* (its CI excludes 0 above) or *insensitive*; the half-width of that
+    CI is the minimum detectable effect (the smallest delta whose CI would exclude 0 at this
+    sample size). The negative control must not "gain". Each strategy's delta gets a verdict with
+    Bonferroni-adjusted intervals (family: every strategy x task here, level ``alpha``); on an
+    insensitive task the verdict is "insensitive", never "no gain".
+    """
+    bench, bid = plan.bench, plan.benchmark_id
+    f0 = min(bench.fractions)
+    tasks = [t for t in bench.tasks if t in SENSITIVITY_METRICS]
+    n_tests = max(1, len(bench.strategies) * len(tasks))
+    adj = bench.alpha / n_tests
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    if tasks:
+        lines.append(f"Sensitivity and verdicts at the smallest label fraction ({f0 * PERCENT:g}%): paired "
+                     f"differences from random init, patient x seed bootstrap; strategy verdicts use "
+                     f"Bonferroni-adjusted {100 * (1 - adj):.2f}% intervals ({n_tests} comparisons, family "
+                     f"alpha {bench.alpha:g}).")
+    for task in tasks:
+        boots = all_boots.get(task) or {}
+        metric = next((m for m in SENSITIVITY_METRICS[task]
+                       if any(m in b for (i, f, _), b in boots.items() if i == "random" and f == f0)), None)
+        if metric is None:
+            continue
+        ref = seed_mean(boots, "random", f0, metric)
+        ref_pt = float(seed_mean(boots, "random", f0, f"point/{metric}"))
+
+        def delta(init: str, alpha: float):
+            reps = seed_mean(boots, init, f0, metric)
+            if not isinstance(reps, np.ndarray) or not isinstance(ref, np.ndarray):
+                return None
+            lo, hi = _quantile_ci(reps - ref, alpha)
+            return float(seed_mean(boots, init, f0, f"point/{metric}")) - ref_pt, lo, hi
+
+        sensitive: bool | None = None
+        mde = float("nan")
+        if task in bench.controls:
+            d = delta(POSITIVE, bench.alpha)
+            if d is not None and np.isfinite(d[1]):
+                sensitive = bool(d[1] > 0)
+                mde = (d[2] - d[1]) / 2
+                word = "SENSITIVE" if sensitive else "INSENSITIVE"
+                note = (f"positive control minus random init at {f0 * PERCENT:g}% labels: {_fmt(*d)}; "
+                        f"minimum detectable effect ~{mde:.3f} ({metric})")
+                rows.append({"benchmark_id": bid, "task": task, "init": POSITIVE, "metric": f"sensitivity_{metric}",
+                             "value": 1.0 if sensitive else 0.0, "ci_low": _n(d[1]), "ci_high": _n(d[2]),
+                             "note": f"{word}: {note}"})
+                rows.append({"benchmark_id": bid, "task": task, "init": POSITIVE, "metric": f"mde_{metric}",
+                             "value": _n(mde), "ci_low": None, "ci_high": None,
+                             "note": "half-width of the 95% CI of the positive control's paired delta"})
+                lines.append(f"- {task}: {word}. {note}.")
+            nd = delta(NEGATIVE, bench.alpha)
+            if nd is not None and np.isfinite(nd[1]):
+                bad = nd[1] > 0
+                lines.append(f"  Negative control (shuffled weights) minus random: {_fmt(*nd)}"
+                             + (" - it 'gains' too: the benchmark rewards weight statistics; read gains with care."
+                                if bad else " - no invented gain."))
+        else:
+            lines.append(f"- {task}: no controls ran, so a null result cannot be told from an insensitive benchmark.")
+        for init in bench.strategies:
+            d = delta(init, adj)
+            if d is None or not np.isfinite(d[1]):
+                continue
+            if d[1] > 0:
+                verdict = "gain"
+            elif d[2] < 0:
+                verdict = "loss"
+            elif sensitive is False:
+                verdict = "insensitive"
+            elif sensitive:
+                verdict = f"no detectable gain (MDE ~{mde:.3f})"
+            else:
+                verdict = "no detectable difference (sensitivity unknown)"
+            rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": f"verdict_{metric}",
+                         "value": _n(d[0]), "ci_low": _n(d[1]), "ci_high": _n(d[2]),
+                         "note": f"{verdict}: minus random init at {f0 * PERCENT:g}% labels, "
+                                 f"{100 * (1 - adj):.2f}% Bonferroni-adjusted CI"})
+            table.setdefault(init, {})[f"{task} verdict @{f0 * PERCENT:g}%"] = verdict
+    return rows, lines
 
 
 # Below these, random init has not learned the task at all: "labels saved" and "learns N x faster"
@@ -529,23 +723,29 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
     from ctssl_core.paths import store_paths
     from ctssl_core.results import write as rw
 
+    from ctssl_core.twins import TWIN_METRICS
+
     bench = plan.bench
     bid = plan.benchmark_id
     inits = ["random", *bench.strategies]
     ft = [u for u in plan.units if u.kind == "finetune"]
     rows: list[dict[str, Any]] = []
-    table: dict[str, dict[str, str]] = {i: {} for i in inits}
+    table: dict[str, dict[str, str]] = {i: {} for i in [*inits, *(CONTROLS if bench.controls else ())]}
+    all_boots: dict[str, dict] = {}
     for task in bench.tasks:
         tcls = DOWNSTREAM[task]
-        metrics = tcls().metric_fns()
+        task_inits = [*inits, *(CONTROLS if task in bench.controls else ())]
         boots = {(u.init, u.fraction, u.seed): _unit_boot(root, u) for u in ft if u.task == task}
+        all_boots[task] = boots
+        metrics = dict(tcls().metric_fns())
+        if task == "pe":  # twin metrics exist when the store could be re-rendered (see twins.py)
+            metrics.update({m: hi for m, hi in TWIN_METRICS.items() if any(m in b for b in boots.values())})
         full = max(bench.demographics_fractions) if task == "demographics" else 1.0
 
         def mean_over_seeds(init: str, frac: float, key: str) -> np.ndarray | float:
-            vals = [b[key] for (i, f, s), b in boots.items() if i == init and f == frac and key in b]
-            return np.mean(vals, axis=0) if vals else np.nan
+            return seed_mean(boots, init, frac, key)
 
-        for init in inits:
+        for init in task_inits:
             for m, higher in metrics.items():
                 point = float(mean_over_seeds(init, full, f"point/{m}"))
                 reps = mean_over_seeds(init, full, m)
@@ -570,7 +770,7 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
             target_pt = float(mean_over_seeds("random", 1.0, f"point/{head}"))
             target_reps = mean_over_seeds("random", 1.0, head)
             fr = sorted(bench.fractions)
-            for init in bench.strategies:
+            for init in [*bench.strategies, *(CONTROLS if task in bench.controls else ())]:
                 curve_pt = [float(mean_over_seeds(init, f, f"point/{head}")) for f in fr]
                 need = ev.labels_needed(fr, curve_pt, target_pt, higher)
                 curve_reps = np.stack([mean_over_seeds(init, f, head) for f in fr], 1)   # (n_boot, F)
@@ -625,6 +825,9 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 table[init]["nodule speed"] = (f"{ratio:.2f}x" if ratio else
                                                "n/a" if note.startswith(("undefined", "no validation")) else "not reached")
     notes: list[str] = []
+    sens_rows, sens_lines = sensitivity_rows(plan, all_boots, table)
+    rows += sens_rows
+    notes += sens_lines
     if "pe" in bench.tasks:
         rows_b, line = position_rows(plan, root, rows)
         rows += rows_b
@@ -662,7 +865,8 @@ def position_rows(plan: Plan, root: Path, rows: list[dict[str, Any]]) -> tuple[l
     out = [{"benchmark_id": plan.benchmark_id, "task": "pe", "init": POSITION_BASELINE, "metric": m,
             "value": _n(c.value), "ci_low": _n(c.low), "ci_high": _n(c.high), "note": note} for m, c in cis.items()]
     b = cis["slice_auroc"]
-    models = [r for r in rows if r["task"] == "pe" and r["metric"] == "slice_auroc" and r["value"] is not None]
+    models = [r for r in rows if r["task"] == "pe" and r["metric"] == "slice_auroc" and r["value"] is not None
+              and r["init"] not in CONTROLS]
     best = max(models, key=lambda r: r["value"]) if models else None
     line = (f"PE baseline: slice position alone gives slice AUROC {_fmt(b.value, b.low, b.high)}"
             + (f"; the best model ({best['init']}) {_fmt(best['value'], best['ci_low'], best['ci_high'])}" if best else "")
@@ -762,6 +966,7 @@ def _markdown(df, plan: Plan, notes: list[str] = ()) -> str:
              "labels saved = 1 - smallest label fraction reaching random init's full-label metric.", "",
              "| init | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for init, r in df.iterrows():
-        lines.append(f"| {init} | " + " | ".join(str(r[c]) if r[c] == r[c] else "" for c in cols) + " |")
+        name = f"*{init}* (control)" if init in CONTROLS else init
+        lines.append(f"| {name} | " + " | ".join(str(r[c]) if r[c] == r[c] else "" for c in cols) + " |")
     lines += [""] + list(notes) if notes else []
     return "\n".join(lines) + "\n"

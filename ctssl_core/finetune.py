@@ -44,6 +44,9 @@ class FinetuneConfig:
     fraction: float = 1.0             # of training patients
     seed: int = 0                     # training seed and patient-subset seed
     split_seed: int = 0               # patient-level train/val/test split (identical for every init)
+    pool: float = 0.0                 # fraction of patients set apart as the unlabelled pretraining pool
+    train_split: str = "train"        # 'train' (the labelled cohort) | 'pool' (supervised pretraining on
+                                      # the pool's labels: the positive control of the benchmark)
     encoder: str = "tiny"             # for random init; pretrained inits use the checkpoint's
     encoder_kwargs: dict = field(default_factory=dict)
     task_params: dict = field(default_factory=dict)
@@ -64,6 +67,10 @@ class FinetuneConfig:
             raise ConfigError(f"unknown downstream task {self.task!r}; choose one of {sorted(DOWNSTREAM)}")
         if self.n_boot < 10:
             raise ConfigError(f"n_boot must be >= 10, got {self.n_boot}")
+        if self.train_split not in ("train", "pool"):
+            raise ConfigError(f"train_split must be 'train' or 'pool', got {self.train_split!r}")
+        if self.train_split == "pool" and not self.pool:
+            raise ConfigError("train_split='pool' needs a pool: set pool to the fraction of patients set apart")
         if (self.train or {}).get("crop"):
             raise ConfigError("train.crop is for pretraining: slice labels (pe, demographics) do not survive a "
                               "random crop. Downstream tasks crop in the task: nodule crop/focus, pe roi "
@@ -88,14 +95,14 @@ def patient_keys(store) -> np.ndarray:
     return store.patients["patient_key"].to_numpy().astype(str)
 
 
-def split_patient_idx(store, store_root: Path, split_seed: int) -> dict[str, np.ndarray]:
-    """Patient indices (rows of ``store.patients``) per split."""
+def split_patient_idx(store, store_root: Path, split_seed: int, pool: float = 0.0) -> dict[str, np.ndarray]:
+    """Patient indices (rows of ``store.patients``) per split (and the unlabelled pool when ``pool``)."""
     from ctssl_core.data.splits import get_or_create_splits
 
-    splits = get_or_create_splits(store_root, split_seed)
+    splits = get_or_create_splits(store_root, split_seed, pool=pool)
     keys = patient_keys(store)
     lab = np.array([splits.get(k, "") for k in keys])
-    return {s: np.flatnonzero(lab == s) for s in ("train", "val", "test")}
+    return {s: np.flatnonzero(lab == s) for s in ("pool", "train", "val", "test")}
 
 
 def fraction_subset(train_patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -337,11 +344,13 @@ def latest_pretrain_checkpoint(store_root: Path, pretext: str) -> Path:
 def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = None,
              benchmark_id: str | None = None, profile: str | None = None,
              progress: Callable[[int], None] | None = None, store=None,
-             init_label: str | None = None) -> FinetuneResult:
+             init_label: str | None = None, twin_cohort: str | Path | None = None) -> FinetuneResult:
     """Train and score one (task, init, fraction, seed). Resumes a run folder that has a checkpoint.
 
     ``init_label`` names the init in the results (the pretext key) when
     ``cfg.init`` is a run id or path; by default it is read from the run.
+    ``twin_cohort``: the synthetic cohort the store was built from; a PE model is then also
+    scored on counterfactual twins of its test patients (``twins.py``).
     """
     import time
 
@@ -357,8 +366,8 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     t0 = time.perf_counter()
     store = store or SliceStore.open(root)
     tcfg = build(train_mod.TrainConfig, cfg.train, where="train.")
-    splits = split_patient_idx(store, root, cfg.split_seed)
-    train_pat = fraction_subset(splits["train"], cfg.fraction, cfg.seed)
+    splits = split_patient_idx(store, root, cfg.split_seed, cfg.pool)
+    train_pat = fraction_subset(splits[cfg.train_split], cfg.fraction, cfg.seed)
     train_ids = task_slices(store, cfg.task, train_pat, role="train", seed=cfg.seed, neg_ratio=cfg.nodule_neg_ratio)
     val_ids = task_slices(store, cfg.task, splits["val"], role="val", max_slices=cfg.val_max_slices)
     test_ids = task_slices(store, cfg.task, splits["test"], role="test", max_slices=cfg.test_max_slices)
@@ -367,6 +376,9 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
             raise ConfigError(f"{cfg.task}: the {name} split has no labelled slices; ingest a cohort with "
                               f"{cfg.task} labels or raise the fraction")
     task = task_with_data_params(cfg.task, cfg.task_params, store, train_ids)
+    # seed before anything random is built (encoder, head): a unit's weights must not depend on
+    # what ran earlier in this process (benchmark workers run many units)
+    train_mod.seed_everything(cfg.seed)
     encoder, label, ckpt, enc_name = resolve_init(cfg.init, root, cfg.encoder, cfg.encoder_kwargs)
     init_label = init_label or label
     device = train_mod.resolve_device(tcfg.device)
@@ -409,6 +421,14 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         cis, samples = score_outputs(task, out, cfg.n_boot)
         if cfg.task == "pe":
             save_exam_scores(task, out, store, run_dir)
+            if twin_cohort is not None:
+                from ctssl_core import twins as tw
+
+                ts = tw.build_twins(twin_cohort, root, patient_keys(store)[splits["test"]],
+                                    int(store.read(store.slice_ids[:1]).shape[-1]))
+                tcis, tsamples = tw.score_twins(task, encoder, head, ts, cfg.eval_batch_size, device,
+                                                tcfg.image_size, n_boot=cfg.n_boot)
+                cis, samples = {**cis, **tcis}, {**samples, **tsamples}
         np.savez(run_dir / BOOT_FILE, **{k: v for k, v in samples.items()},
                  **{f"point/{k}": np.float64(c.value) for k, c in cis.items()})
         n_pat = int(len(np.unique(out["patient"])))

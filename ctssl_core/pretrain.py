@@ -36,8 +36,10 @@ class PretrainConfig:
     tasks: dict = field(default_factory=dict)         # per-task hyperparameters {task: {hparam: value}}
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=32, lr=1e-3, warmup_steps=20, ckpt_every=100, log_every=10, image_size=64))
-    split: Literal["train", "all"] = "train"          # pretrain on train-split patients (default) or all
+    split: Literal["train", "pool", "all"] = "train"  # pretrain on train-split patients (default), on the
+                                                      # unlabelled pool (needs pool > 0), or on all
     split_seed: int = 0
+    pool: float = 0.0                                 # fraction of patients set apart as the unlabelled pool
     max_slices: int = 0                               # cap on the slices used (0 = all), for quick runs
     probe_every: int = 0                              # online linear probe (PE AUROC on held-out slices) every N steps; 0 = off
     probe_slices: int = 256                           # held-out labelled slices the probe embeds
@@ -115,15 +117,17 @@ def default_profile() -> str | None:
 def train_positions(store: Any, root: Path, cfg: PretrainConfig) -> np.ndarray:
     """Global slice ids of the slices pretraining may use (train-split patients), capped by max_slices."""
     ids = np.asarray(store.slice_ids, dtype=np.int64)
-    if cfg.split == "train" and getattr(store, "patients", None) is not None and "patient_key" in store.patients:
+    if cfg.split == "pool" and not cfg.pool:
+        raise ConfigError("split=pool needs a pool: set pool to the fraction of patients set apart (e.g. 0.5)")
+    if cfg.split != "all" and getattr(store, "patients", None) is not None and "patient_key" in store.patients:
         from ctssl_core.data.splits import get_or_create_splits
 
-        split_of = get_or_create_splits(root, cfg.split_seed)
+        split_of = get_or_create_splits(root, cfg.split_seed, pool=cfg.pool)
         keys = store.patients["patient_key"].to_numpy()
-        in_train = np.array([split_of.get(k) == "train" for k in keys], dtype=bool)  # per patient row
+        in_train = np.array([split_of.get(k) == cfg.split for k in keys], dtype=bool)  # per patient row
         ids = ids[in_train[np.asarray(store.patient_idx)]]
         if len(ids) == 0:
-            raise ConfigError(f"the train split (seed {cfg.split_seed}) of {root} has no slices; ingest more "
+            raise ConfigError(f"the {cfg.split} split (seed {cfg.split_seed}) of {root} has no slices; ingest more "
                               f"patients or pretrain on everything with --set split=all")
     if cfg.max_slices and len(ids) > cfg.max_slices:
         ids = np.sort(np.random.default_rng(cfg.split_seed).choice(ids, cfg.max_slices, replace=False))
@@ -136,7 +140,7 @@ def heldout_pe_ids(store: Any, root: Path, cfg: PretrainConfig) -> tuple[np.ndar
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     from ctssl_core.data.splits import get_or_create_splits
 
-    split_of = get_or_create_splits(root, cfg.split_seed)
+    split_of = get_or_create_splits(root, cfg.split_seed, pool=cfg.pool)
     keys = store.patients["patient_key"].to_numpy()
     held = np.array([split_of.get(k) in ("val", "test") for k in keys], dtype=bool)[np.asarray(store.patient_idx)]
     pe = np.asarray(store.labels("pe"), dtype=np.float64)

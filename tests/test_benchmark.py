@@ -22,7 +22,7 @@ def test_plan_is_deterministic_and_adds_seeds_at_small_fractions(tmp_path):
     pe = [(u.init, u.fraction, u.seed) for u in a.units if u.kind == "finetune" and u.task == "pe"]
     assert sorted(s for i, f, s in pe if i == "random" and f == 0.1) == [0, 1, 2]
     assert sorted(s for i, f, s in pe if i == "random" and f == 1.0) == [0]
-    assert {i for i, _, _ in pe} == {"random", "rotation"}
+    assert {i for i, _, _ in pe} == {"random", "rotation", "positive_control", "negative_control"}
     demo = {u.fraction for u in a.units if u.kind == "finetune" and u.task == "demographics"}
     assert demo == {1.0}
     c = make_plan("smoke", over + ["downstream.train.steps=5"], tmp_path)
@@ -64,16 +64,21 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
         res = con.execute("SELECT task, init, fraction, seed, metric, value, ci_low, ci_high, n FROM results "
                           "WHERE split = 'test'").df()
         assert set(res["task"]) == {"pe", "nodule", "demographics"}
-        assert set(res["init"]) == {"random", "masked_region", "rotation"}
+        assert set(res["init"]) == {"random", "masked_region", "rotation", "positive_control", "negative_control",
+                                    "positive_control-source"}
+        assert set(res[res.init.str.endswith("_control")].task) == {"pe", "nodule"}   # controls: pe, nodule only
         pe = res[res.task == "pe"]
-        assert set(pe["metric"]) == {"slice_auroc", "exam_auroc", "auprc", "sens_at_90spec", "rsna_wll"}
+        assert set(pe["metric"]) == {"slice_auroc", "exam_auroc", "auprc", "sens_at_90spec", "rsna_wll",
+                                     "twin_exam", "twin_slice", "twin_delta"}
+        # the unlabelled pool is disjoint from the labelled cohort
+        assert con.execute("SELECT count(*) FROM splits WHERE split = 'pool'").fetchone()[0] > 0
         assert set(pe["fraction"]) == {0.5, 1.0}
         ok = res.dropna(subset=["value", "ci_low", "ci_high"])
         assert len(ok) > 0 and (ok.ci_low <= ok.value + 1e-9).all() and (ok.value <= ok.ci_high + 1e-9).all()
         auc = res[res.metric.str.contains("auroc")].dropna(subset=["value"])
         assert ((auc.value >= 0) & (auc.value <= 1)).all()
         # splits: every patient in exactly one split; test patients are what the results were scored on
-        sp_df = con.execute("SELECT patient_key, count(DISTINCT split) AS k FROM splits GROUP BY 1").df()
+        sp_df = con.execute("SELECT patient_key, seed, count(DISTINCT split) AS k FROM splits GROUP BY 1, 2").df()
         assert (sp_df.k == 1).all()
         n_test = con.execute("SELECT count(*) FROM splits WHERE split = 'test'").fetchone()[0]
         assert pe["n"].max() <= n_test
@@ -92,6 +97,10 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
             assert "speed_ratio" in set(summ[(summ.task == "nodule") & (summ.init == init)].metric)
             assert "delta_exam_auroc" in set(summ[(summ.task == "pe") & (summ.init == init)].metric)
         assert summ.metric.str.startswith("probe_").any()
+        sens = summ[summ.metric.str.startswith("sensitivity_")]
+        assert set(sens.task) == {"pe", "nodule"} and set(sens.init) == {"positive_control"}
+        assert sens.note.str.contains("SENSITIVE").all()                  # says SENSITIVE or INSENSITIVE
+        assert set(summ[summ.metric.str.startswith("verdict_")].init) == {"masked_region", "rotation"}
         base = summ[summ.init == "z_position"].set_index("metric")      # PE from slice position alone
         assert {"slice_auroc", "exam_auroc"} <= set(base.index)
         assert base.loc["exam_auroc", "value"] == pytest.approx(0.5)   # same scores for every exam

@@ -1,0 +1,243 @@
+"""A benchmark with power: the unlabelled pool, counterfactual twins, controls, seeding and the
+sensitivity verdict (issue "A benchmark with power")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ctssl_core.config import ConfigError
+from ctssl_core.data.splits import DEFAULT_FRACTIONS, make_splits, split_scheme
+
+KEYS = [f"p{i:03d}" for i in range(200)]
+
+
+# ------------------------------------------------------------------ pool
+
+
+def test_pool_is_disjoint_from_the_labelled_cohort_and_sized_as_asked():
+    s = make_splits(KEYS, 0, pool=0.6)
+    counts = {k: list(s.values()).count(k) for k in ("pool", "train", "val", "test")}
+    assert counts["pool"] == 120
+    assert counts["train"] + counts["val"] + counts["test"] == 80
+    assert counts["test"] == 12 and counts["val"] == 12
+    assert len(s) == len(KEYS)                  # every patient in exactly one split
+
+
+def test_no_pool_is_exactly_the_old_three_way_split_and_schemes_do_not_collide():
+    assert make_splits(KEYS, 3, pool=0.0) == make_splits(KEYS, 3)
+    assert split_scheme(3) == 3 and split_scheme(3, 0.0, DEFAULT_FRACTIONS) == 3
+    ids = {split_scheme(3, 0.5), split_scheme(3, 0.6), split_scheme(4, 0.5)}
+    assert len(ids) == 3 and all(i < 0 for i in ids)      # never a plain seed's rows
+    with pytest.raises(ConfigError, match="pool fraction"):
+        make_splits(KEYS, 0, pool=1.0)
+
+
+def test_stored_pool_split_keeps_old_assignments_and_pretraining_reads_only_the_pool(store_copy):
+    from ctssl_core.data.splits import get_or_create_splits
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.pretrain import PretrainConfig, train_positions
+
+    plain = get_or_create_splits(store_copy, 0)
+    pooled = get_or_create_splits(store_copy, 0, pool=0.5)
+    assert get_or_create_splits(store_copy, 0) == plain          # the pooled scheme did not touch it
+    assert "pool" in pooled.values() and "pool" not in plain.values()
+    store = SliceStore.open(store_copy)
+    ids = train_positions(store, store_copy, PretrainConfig(split="pool", pool=0.5))
+    keys = store.patients["patient_key"].to_numpy()
+    used = {keys[p] for p in np.asarray(store.patient_idx)[np.searchsorted(store.slice_ids, ids)]}
+    assert used and all(pooled[k] == "pool" for k in used)
+    with pytest.raises(ConfigError, match="needs a pool"):
+        train_positions(store, store_copy, PretrainConfig(split="pool"))
+
+
+# ------------------------------------------------------------------ twins
+
+
+def test_twins_differ_only_where_the_emboli_are_and_the_with_twin_is_what_the_store_holds(tiny_cohort, tiny_store):
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.twins import cohort_config, patient_indices, render_pair
+
+    cfg = cohort_config(tiny_cohort)
+    store = SliceStore.open(tiny_store)
+    from ctssl_core.paths import store_paths
+
+    index = patient_indices(tiny_cohort, store_paths(tiny_store).secret)
+    keys = store.patients["patient_key"].to_numpy().astype(str)
+    checked = 0
+    for pidx, key in enumerate(keys):
+        hu_with, hu_without, pe = render_pair(cfg, index[key])
+        ids = store.slice_ids[np.asarray(store.patient_idx) == pidx]
+        ids = ids[np.argsort(np.asarray(store.idx_in_series)[np.searchsorted(store.slice_ids, ids)])]
+        np.testing.assert_array_equal(store.read(ids), hu_with)        # same render as the stored exam
+        diff = hu_with != hu_without                                  # (S, H, W)
+        if pe.any():
+            assert diff.any(axis=(1, 2))[pe].all()                   # every embolus slice changes
+            checked += 1
+        # nothing else changes, except the slice-thickness blur carrying an embolus one slice along z
+        near = pe | np.r_[pe[1:], False] | np.r_[False, pe[:-1]]
+        assert not diff[~near].any()
+        assert diff.sum() < 0.02 * diff.size                          # a few vessel pixels, not the anatomy
+    assert checked >= 1
+
+
+def test_twin_metrics_are_paired_concordances():
+    from ctssl_core.twins import twin_stat
+
+    # two patients: exam 0/1 (with/without), exam 2/3; slices 0..1 each, embolus on slice 1
+    out = {"prob": np.array([0.1, 0.9, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3]),
+           "exam": np.array([0, 0, 1, 1, 2, 2, 3, 3]), "order": np.array([0, 1, 0, 1, 0, 1, 0, 1]),
+           "target": np.array([0, 1, 0, 0, 0, 1, 0, 0], float)}
+    stat, n = twin_stat(out, "max")
+    assert n == 2
+    got = stat(np.arange(2))
+    assert got["twin_exam"] == pytest.approx(0.75)          # patient 0 ranked above its twin, patient 1 a tie
+    assert got["twin_slice"] == pytest.approx(0.75)
+    assert got["twin_delta"] == pytest.approx((0.7 + 0.0) / 2)
+    batch = stat.batch(np.array([[2.0, 0.0], [0.0, 2.0]]))
+    assert batch["twin_exam"].tolist() == [1.0, 0.5]
+
+
+# ------------------------------------------------------------------ controls
+
+
+def test_shuffled_control_keeps_each_tensors_values_but_not_their_order():
+    from ctssl_core.controls import shuffle_within_layers
+    from ctssl_core.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny")
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    shuffle_within_layers(enc, seed=1)
+    moved = 0
+    for k, v in enc.state_dict().items():
+        a, b = before[k], v
+        if a.is_floating_point():
+            torch.testing.assert_close(a.flatten().sort().values, b.flatten().sort().values)
+            moved += int(a.numel() > 1 and not torch.equal(a, b))
+        else:
+            assert torch.equal(a, b)
+    assert moved >= 5
+
+
+def test_negative_control_checkpoint_loads_as_an_encoder(tmp_path):
+    from ctssl_core import checkpoint as ck
+    from ctssl_core.controls import write_negative_control
+    from ctssl_core.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny")
+    src = ck.save_checkpoint(tmp_path / "src.pt", enc, None, None, None, 3, None, {"encoder": "tiny"})
+    out = write_negative_control(src, tmp_path / "nc" / "last.pt", seed=0)
+    loaded, cfg = ck.load_encoder(out)
+    assert cfg["task"] == "negative_control"
+    w0 = dict(enc.named_parameters())
+    w1 = dict(loaded.named_parameters())
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+# ------------------------------------------------------------------ seeding
+
+
+def test_a_finetune_unit_gives_the_same_weights_whatever_ran_before_in_the_process(store_copy):
+    from ctssl_core import checkpoint as ck
+    from ctssl_core.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(task="pe", init="random", train={"steps": 2, "batch_size": 4, "warmup_steps": 0,
+                                                          "ckpt_every": 0, "log_every": 1},
+                         n_boot=10, val_max_slices=8, eval_batch_size=16)
+    finetune(cfg, store_copy, run_id="a")
+    torch.rand(1000)                     # anything random in between must not matter
+    np.random.rand(10)
+    finetune(cfg, store_copy, run_id="b")
+    a = ck.read_checkpoint("a", store_copy)
+    b = ck.read_checkpoint("b", store_copy)
+    for k in a["encoder"]:
+        torch.testing.assert_close(a["encoder"][k], b["encoder"][k], rtol=0, atol=0)
+    for k in a["head"]:
+        torch.testing.assert_close(a["head"][k], b["head"][k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ verdict
+
+
+def _plan(tmp_path, over=()):
+    from ctssl_core.benchmark import make_plan
+
+    return make_plan("smoke", ["benchmark.fractions=[0.1,1.0]", "benchmark.small_fraction=0.1",
+                               "benchmark.small_fraction_seeds=[0,1,2]", *over], tmp_path)
+
+
+def _boots(gain_pc: float, gain_strategy: float, seeds=(0, 1, 2), n=400, p=60):
+    """Replicates of a metric over bootstrap draws of ``p`` patients for random, the strategies and controls."""
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, p, size=(n, p))
+    out = {}
+    for init, gain in (("random", 0.0), ("masked_region", gain_strategy), ("rotation", 0.0),
+                       ("positive_control", gain_pc), ("negative_control", 0.0)):
+        for s in seeds:
+            per_patient = 0.6 + gain + 0.15 * rng.standard_normal(p)            # (P,)
+            out[(init, 0.1, s)] = {"twin_exam": per_patient[draws].mean(1),
+                                   "point/twin_exam": np.float64(per_patient.mean())}
+    return out
+
+
+def test_sensitivity_verdict_when_the_positive_control_beats_random(tmp_path):
+    from ctssl_core.benchmark import sensitivity_rows
+
+    plan = _plan(tmp_path)
+    rows, lines = sensitivity_rows(plan, {"pe": _boots(0.3, 0.3)}, {})
+    sens = next(r for r in rows if r["metric"] == "sensitivity_twin_exam")
+    assert sens["value"] == 1.0 and sens["ci_low"] > 0
+    mde = next(r for r in rows if r["metric"] == "mde_twin_exam")["value"]
+    assert 0 < mde < 0.2
+    verdict = {r["init"]: r["note"] for r in rows if r["metric"] == "verdict_twin_exam"}
+    assert verdict["masked_region"].startswith("gain")
+    assert verdict["rotation"].startswith("no detectable gain")
+    assert any("SENSITIVE" in line for line in lines)
+
+
+def test_insensitive_benchmark_says_insensitive_not_no_gain(tmp_path):
+    from ctssl_core.benchmark import sensitivity_rows
+
+    plan = _plan(tmp_path)
+    rows, lines = sensitivity_rows(plan, {"pe": _boots(0.0, 0.0)}, {})
+    sens = next(r for r in rows if r["metric"] == "sensitivity_twin_exam")
+    assert sens["value"] == 0.0
+    verdict = {r["init"]: r["note"] for r in rows if r["metric"] == "verdict_twin_exam"}
+    assert verdict["rotation"].startswith("insensitive")
+    assert any("INSENSITIVE" in line for line in lines)
+
+
+def test_seed_mean_carries_the_spread_between_seeds():
+    from ctssl_core.benchmark import seed_mean
+
+    same = {("a", 0.1, s): {"m": np.full(300, 0.5)} for s in range(3)}
+    spread = {("a", 0.1, s): {"m": np.full(300, 0.3 + 0.2 * s)} for s in range(3)}
+    assert np.ptp(seed_mean(same, "a", 0.1, "m")) == 0
+    r = seed_mean(spread, "a", 0.1, "m")
+    assert r.mean() == pytest.approx(0.5, abs=0.02) and np.ptp(r) > 0.2
+
+
+def test_plan_has_controls_after_their_sources_and_bad_control_configs_fail(tmp_path):
+    from ctssl_core.benchmark import BenchmarkConfig, needs, provides
+
+    plan = _plan(tmp_path)
+    seen: set = set()
+    for u in plan.units:
+        if needs(u) and needs(u) in {provides(v) for v in plan.units if provides(v)}:
+            assert needs(u) in seen, f"{u.run_id} comes before what it needs"
+        if provides(u):
+            seen.add(provides(u))
+    inits = {u.init for u in plan.units if u.kind == "finetune" and u.task == "pe"}
+    assert {"positive_control", "negative_control"} <= inits
+    assert not {u.init for u in plan.units if u.task == "demographics"} & {"positive_control"}
+    pc = next(u for u in plan.units if u.kind == "control" and u.init == "positive_control")
+    assert pc.spec["train_split"] == "pool" and pc.spec["pool"] == 0.5
+    with pytest.raises(ConfigError, match="need an unlabelled pool"):
+        BenchmarkConfig(controls=("pe",))
+    with pytest.raises(ConfigError, match="controls"):
+        BenchmarkConfig(controls=("demographics",), pool=0.5)
