@@ -825,6 +825,9 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
                 table[init]["nodule speed"] = (f"{ratio:.2f}x" if ratio else
                                                "n/a" if note.startswith(("undefined", "no validation")) else "not reached")
     notes: list[str] = []
+    comp_rows, comp_lines = competence_rows(plan, root, table)
+    rows += comp_rows
+    notes += comp_lines
     sens_rows, sens_lines = sensitivity_rows(plan, all_boots, table)
     rows += sens_rows
     notes += sens_lines
@@ -844,6 +847,46 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
     (out / "summary.md").write_text(_markdown(df, plan, notes))
     log("\n" + _markdown(df, plan, notes))
     return df
+
+
+def competence_rows(plan: Plan, root: Path, table: dict[str, dict[str, str]]):
+    """Each strategy's pretext error on held-out (val-split) slices against its trivial baseline
+    (``competence.py``) -> (summary rows, lines); a strategy that does not clearly beat it is flagged."""
+    from ctssl_core import competence as comp
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import split_patient_idx
+
+    store = SliceStore.open(root)
+    val = split_patient_idx(store, root, plan.bench.split_seed, plan.bench.pool)["val"]
+    ids = np.asarray(store.slice_ids)[np.isin(np.asarray(store.patient_idx), val)]
+    rows: list[dict[str, Any]] = []
+    flagged: list[str] = []
+    for s in plan.bench.strategies:
+        rid = find_pretrain(plan, s, root)
+        if rid is None or s not in comp.BASELINE_NAMES or ids.size < 2:
+            continue
+        try:
+            c = comp.competence(root, rid, ids, store=store)
+        except (ConfigError, KeyError) as e:
+            table.setdefault(s, {})["pretext vs baseline"] = f"not measured ({e})"
+            continue
+        word = "beats" if c["beats"] else "does NOT clearly beat"
+        note = (f"pretext error {c['model_error']:.4f} vs {c['baseline']} {c['baseline_error']:.4f} on {c['n']} "
+                f"held-out val slices: {word} its trivial baseline")
+        rows.append({"benchmark_id": plan.benchmark_id, "task": "pretext", "init": s, "metric": "competence_gain",
+                     "value": _n(c["gain"]), "ci_low": _n(c["ci_low"]), "ci_high": _n(c["ci_high"]), "note": note})
+        rows.append({"benchmark_id": plan.benchmark_id, "task": "pretext", "init": s, "metric": "pretext_error",
+                     "value": _n(c["model_error"]), "ci_low": None, "ci_high": None, "note": note})
+        rows.append({"benchmark_id": plan.benchmark_id, "task": "pretext", "init": s, "metric": "baseline_error",
+                     "value": _n(c["baseline_error"]), "ci_low": None, "ci_high": None, "note": c["baseline"]})
+        table.setdefault(s, {})["pretext vs baseline"] = (
+            f"{c['model_error']:.4f} vs {c['baseline_error']:.4f}" + ("" if c["beats"] else " FLAG"))
+        if not c["beats"]:
+            flagged.append(f"{s} (vs {c['baseline']})")
+    lines = ([f"Pretext competence: {', '.join(flagged)} did not clearly beat the trivial baseline of its own "
+              f"task on held-out slices; its downstream numbers test an encoder that learned little."]
+             if flagged else [])
+    return rows, lines
 
 
 POSITION_BASELINE = "z_position"       # summaries init of the PE slice-position baseline
