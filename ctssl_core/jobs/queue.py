@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import signal
 import time
@@ -30,6 +31,8 @@ from ctssl_core.results.write import ensure_schema_once, merge_pending, tail_met
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
 RUNNER_MARKER = "ctssl_core.jobs.runner"
+JOB_ID_ENV = "CTSSL_JOB_ID"  # set by the runner in its command's environment
+PROC_FILE = "proc.json"      # jobs/<id>/proc.json: the runner's pid, start tick and boot id, host
 _INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on ",
                    "Transaction conflict", "write-write conflict")
 
@@ -279,7 +282,12 @@ def claim(store_root: str | Path, worker_id: str, resources: tuple[str, ...] = (
 
 
 def set_started(store_root: str | Path, job_id: str, pid: int, pgid: int, backend: str = "local") -> bool:
-    """Record the job's process; returns whether cancel was requested meanwhile."""
+    """Record the job's process; returns whether cancel was requested meanwhile.
+
+    Also writes ``jobs/<id>/proc.json`` (pid, start tick, boot id, host) so a later
+    reconcile or cancel can tell this very process from one that reused its pid.
+    """
+    _record_proc(store_root, job_id, pid)
     def _f(con):
         got = con.execute(
             """UPDATE jobs SET pid = ?, pgid = ?, backend = ?, heartbeat_at = ?
@@ -337,6 +345,80 @@ def close_runs(store_root: str | Path, job_id: str, status: str, error: str | No
             continue
 
 
+# --------------------------------------------------------------------------- whose process is it?
+
+
+def _record_proc(store_root: str | Path, job_id: str, pid: int | None) -> None:
+    if not pid:
+        return
+    path = job_dir(store_root, job_id) / PROC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": int(pid), "start_ticks": procs.start_ticks(pid),
+                               "boot_id": procs.boot_id(), "host": procs.this_host()}))
+    tmp.replace(path)
+
+
+def claim_host(claimed_by: Any) -> str | None:
+    """Host part of ``claimed_by`` (the worker writes ``host:pid``); None if not in that form."""
+    if not isinstance(claimed_by, str) or ":" not in claimed_by:
+        return None
+    return claimed_by.rsplit(":", 1)[0] or None
+
+
+def claimed_here(claimed_by: Any) -> bool:
+    """False when the job was claimed on another machine: its pids mean nothing here."""
+    host = claim_host(claimed_by)
+    return host is None or host == procs.this_host()
+
+
+def runner_verified(store_root: str | Path, job_id: str, pid: int | None) -> bool:
+    """True only if ``pid`` is this job's runner: its command line names the runner module and
+    the job id and, when recorded, its start tick and boot match (not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        rec = json.loads((job_dir(store_root, job_id) / PROC_FILE).read_text())
+    except (OSError, ValueError):
+        rec = {}
+    started = None
+    if isinstance(rec, dict) and rec.get("pid") == int(pid) and rec.get("start_ticks") is not None:
+        if rec.get("boot_id") and procs.boot_id() and rec["boot_id"] != procs.boot_id():
+            return False  # the machine restarted: every pid from before is someone else's now
+        started = int(rec["start_ticks"])
+    return procs.is_job_runner(pid, job_id, RUNNER_MARKER, started=started)
+
+
+def job_members(store_root: str | Path, job_id: str, pid: int | None, pgid: int | None) -> list[int]:
+    """Live pids in ``pgid`` that belong to this job: the verified runner, or a process whose
+    environment carries this job id (its command, e.g. left behind by a runner killed with -9)."""
+    out = []
+    for p in procs.group_members(pgid):
+        if (p == pid and runner_verified(store_root, job_id, p)) or procs.environ_value(p, JOB_ID_ENV) == job_id:
+            out.append(p)
+    return out
+
+
+def kill_job(store_root: str | Path, job_id: str, pid: int | None, pgid: int | None) -> list[int]:
+    """SIGKILL the job's processes, and nobody else's. Returns the pids (or the pgid) signalled.
+
+    The whole group is killed only when its leader is verified to be this job's
+    runner (the runner leads its group); otherwise only the members that carry
+    this job's id are killed one by one, so a program that reused the pid or
+    the group id (e.g. a ``setsid`` process) is never touched.
+    """
+    if pgid and pid == pgid and runner_verified(store_root, job_id, pid):
+        return [int(pgid)] if procs.kill_group(pgid) else []
+    killed = []
+    for p in job_members(store_root, job_id, pid, pgid):
+        try:
+            os.kill(p, signal.SIGKILL)
+            killed.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
 # --------------------------------------------------------------------------- cancel / resume / reconcile
 
 
@@ -346,6 +428,10 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
     The job's runner waits ``grace_s`` for the command to save a checkpoint, then
     SIGKILLs. With ``wait=True`` this call also waits, SIGKILLs leftovers itself
     and returns the final state.
+
+    Signals go only to a process verified to be this job's runner on this machine.
+    A job claimed on another machine only gets ``cancel_requested`` (its runner
+    reads it with its next heartbeat and stops itself).
     """
     check_token("job_id", job_id)
 
@@ -357,30 +443,38 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
             return "cancelled", None
         got = con.execute(
             """UPDATE jobs SET cancel_requested = true WHERE job_id = ? AND state = 'running'
-               RETURNING pgid""", [job_id]).fetchall()
+               RETURNING pid, pgid, claimed_by""", [job_id]).fetchall()
         if got:
-            return "running", got[0][0]
+            return "running", got[0]
         st = con.execute("SELECT state FROM jobs WHERE job_id = ?", [job_id]).fetchall()
         return (st[0][0] if st else None), None
 
-    state, pgid = _write(store_root, _f)
+    state, proc = _write(store_root, _f)
     if state is None:
         raise JobStateError(f"no job {job_id!r}; `ctssl jobs list` shows the jobs")
     if state != "running":
         if state == "cancelled":
             return state
         raise JobStateError(f"job {job_id} already {state}; nothing to cancel")
-    if pgid:
+    pid, pgid, claimed_by = proc
+    if not claimed_here(claimed_by):
+        if wait:  # its runner, on its machine, stops it and writes the final state
+            deadline = time.monotonic() + grace_s + 10.0
+            while time.monotonic() < deadline and get_job(store_root, job_id)["state"] not in FINAL:
+                time.sleep(0.2)
+            return get_job(store_root, job_id)["state"]
+        return "running"
+    ours = runner_verified(store_root, job_id, pid)
+    if ours and pgid:
         procs.signal_group(pgid, signal.SIGTERM)
     if not wait:
         return "running"
     deadline = time.monotonic() + grace_s + 5.0
-    while time.monotonic() < deadline and procs.group_members(pgid):
+    while time.monotonic() < deadline and job_members(store_root, job_id, pid, pgid):
         time.sleep(0.1)
-    if procs.group_members(pgid):
-        procs.kill_group(pgid)
-    # the runner normally writes the final state; if it was killed first, we do
-    deadline = time.monotonic() + 5.0
+    kill_job(store_root, job_id, pid, pgid)
+    # the runner normally writes the final state; if it was killed first (or long gone), we do
+    deadline = time.monotonic() + (5.0 if ours else 0.0)
     while time.monotonic() < deadline:
         if get_job(store_root, job_id)["state"] in FINAL:
             break
@@ -411,19 +505,24 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
     """Mark running jobs whose process is gone (or hung) as failed, keeping their metrics.
 
     Checks: the runner pid is alive and really our runner for this job (not a
-    zombie, not a reused pid); its heartbeat is not older than ``stale_s``.
+    zombie, not a reused pid: command line and recorded start time); its
+    heartbeat is not older than ``stale_s``. Jobs claimed on another machine
+    are left alone (their pids mean nothing here); only processes verified to
+    be the job's are killed (``kill_job``).
     A job cancelled whose process died is marked cancelled instead. Returns
     ``[(job_id, reason)]`` for the jobs it changed. Read-only when nothing changed.
     """
     import pandas as pd
 
-    df = _read_df(store_root, "SELECT job_id, pid, pgid, heartbeat_at, started_at, cancel_requested "
-                              "FROM jobs WHERE state = 'running'")
+    df = _read_df(store_root, "SELECT job_id, pid, pgid, heartbeat_at, started_at, cancel_requested, "
+                              "claimed_by FROM jobs WHERE state = 'running'")
     if df.empty:
         return []
     now = utcnow()
     changed = []
     for r in df.itertuples(index=False):
+        if not claimed_here(None if pd.isna(r.claimed_by) else r.claimed_by):
+            continue  # another machine's job: its worker reconciles it
         pid = None if pd.isna(r.pid) else int(r.pid)
         pgid = None if pd.isna(r.pgid) else int(r.pgid)
         hb = r.heartbeat_at if not pd.isna(r.heartbeat_at) else r.started_at
@@ -432,14 +531,14 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
         if pid is None:
             if age > start_grace_s:
                 reason = f"the worker never started it (no process after {age:.0f}s; the worker died?)"
-        elif not procs.is_alive(pid, marker=f"{RUNNER_MARKER}"):
+        elif not runner_verified(store_root, r.job_id, pid):
             reason = (f"its process {pid} is gone (killed, out of memory or machine restart); "
                       f"last heartbeat {age:.0f}s ago")
         elif age > stale_s:
             reason = f"no heartbeat for {age:.0f}s (process {pid} hung); it was killed"
         if reason is None:
             continue
-        procs.kill_group(pgid)
+        kill_job(store_root, r.job_id, pid, pgid)
         state = "cancelled" if (not pd.isna(r.cancel_requested) and bool(r.cancel_requested)) else "failed"
         close_runs(store_root, r.job_id, state, reason)  # metrics first: a 'failed' row means all merged
         if finish(store_root, r.job_id, state, error=reason if state == "failed" else "cancelled by user"):

@@ -1,0 +1,209 @@
+"""Job reliability defects (issue 13, Jobs items 1 and 5): deterministic, no sleeps.
+
+- reconcile/cancel may signal a process group only when the recorded pid is verified to be
+  this job's runner on this host; a job claimed on another host is never reconciled from here.
+- a fine-tune stopped by a signal (``FitResult.stopped == 'signal'``) is recorded as cancelled
+  and writes no results.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import ctssl_core.jobs.testing  # noqa: F401 - registers the "tick" kind
+from ctssl_core import jobs
+from ctssl_core.db import connect
+from ctssl_core.jobs import procs, queue
+from ctssl_core.paths import store_paths
+
+
+def q(store, sql, params=()):
+    with connect(store_paths(store).db, read_only=True) as con:
+        return con.execute(sql, list(params)).fetchall()
+
+
+# --------------------------------------------------------------------------- finetune stopped by a signal
+
+
+@pytest.mark.parametrize("stopped", ["signal", "completed"])
+def test_finetune_stopped_by_signal_is_cancelled_without_results(store_copy, monkeypatch, stopped):
+    """The fit returns early on SIGTERM; the fine-tune must not score, write results or say 'succeeded'."""
+    from ctssl_core import train as train_mod
+    from ctssl_core.finetune import FinetuneConfig, finetune
+
+    def fake_fit(task, encoder, loader, tcfg, head=None, **kw):  # noqa: ARG001 - fit's signature
+        return train_mod.FitResult(start_step=0, step=3, first_loss=1.0, final_loss=0.9, stopped=stopped,
+                                   head=head)
+
+    monkeypatch.setattr(train_mod, "fit", fake_fit)
+    cfg = FinetuneConfig(task="pe", n_boot=10, train={"steps": 4, "batch_size": 4, "device": "cpu"})
+    if stopped == "signal":
+        with pytest.raises(KeyboardInterrupt, match="stopped by signal at step 3"):
+            finetune(cfg, store_copy, run_id="ft-cancelled")
+        assert q(store_copy, "SELECT status FROM runs WHERE run_id = 'ft-cancelled'") == [("cancelled",)]
+        assert q(store_copy, "SELECT count(*) FROM results WHERE run_id = 'ft-cancelled'") == [(0,)]
+    else:  # control: the same fake fit, completed, does score and succeed
+        res = finetune(cfg, store_copy, run_id="ft-done")
+        assert res.run_id == "ft-done" and res.metrics
+        assert q(store_copy, "SELECT status FROM runs WHERE run_id = 'ft-done'") == [("succeeded",)]
+        assert q(store_copy, "SELECT count(*) FROM results WHERE run_id = 'ft-done'")[0][0] == len(res.metrics)
+
+
+# --------------------------------------------------------------------------- reconcile / cancel: whose process?
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def spawn():
+    """Start real processes (own session unless a process group is given: 0 = a new group in this
+    session, so a second process can join it); SIGKILL and reap them afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def _spawn(argv=("sleep", "120"), env=None, group=None):
+        kw = {"process_group": group} if group is not None else {"start_new_session": True}
+        p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, **kw)
+        started.append(p)
+        return p
+
+    yield _spawn
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+
+
+@pytest.fixture
+def signals(monkeypatch):
+    """Record every group signal and every single-process kill the queue sends (then really send it)."""
+    sent: list[tuple[str, int, int]] = []
+    real_killpg, real_kill = os.killpg, os.kill
+
+    def killpg(pgid, sig):  # procs.signal_group / kill_group end here
+        sent.append(("group", int(pgid), int(sig)))
+        return real_killpg(pgid, sig)
+
+    def kill(pid, sig):
+        sent.append(("pid", int(pid), int(sig)))
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "killpg", killpg)
+    monkeypatch.setattr(os, "kill", kill)
+    return sent
+
+
+def dead_pid(spawn) -> int:
+    p = spawn(("true",))
+    p.wait(timeout=10)
+    return p.pid
+
+
+def running_job(store, claimed_by: str, pid, pgid) -> str:
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, claimed_by, ("cpu",))["job_id"] == job_id
+    queue.set_started(store, job_id, pid, pgid)
+    return job_id
+
+
+def here() -> str:
+    return f"{procs.this_host()}:4242"
+
+
+def test_reconcile_never_kills_a_program_that_reused_the_pid(store, spawn, signals):
+    """Recorded pid is alive but is a `setsid sleep`, not our runner: the job fails, the sleep lives."""
+    other = spawn()
+    job_id = running_job(store, here(), other.pid, other.pid)
+    changed = jobs.reconcile(store)
+    assert [c[0] for c in changed] == [job_id] and "is gone" in changed[0][1]
+    assert jobs.get_job(store, job_id)["state"] == "failed"
+    assert signals == [] and other.poll() is None
+
+
+def test_reconcile_of_a_dead_runner_spares_a_new_group_with_its_pgid(store, spawn, signals):
+    """The runner died; its pgid now leads a `setsid sleep`: nothing is signalled."""
+    other = spawn()
+    job_id = running_job(store, here(), dead_pid(spawn), other.pid)
+    assert [c[0] for c in jobs.reconcile(store)] == [job_id]
+    assert signals == [] and other.poll() is None
+
+
+def test_runner_command_line_with_another_start_time_is_a_reused_pid(store, spawn, signals, monkeypatch):
+    """Same command line as our runner but a different start tick: not ours, never killed."""
+    other = spawn()
+    job_id = running_job(store, here(), other.pid, other.pid)  # records the sleep's real start tick
+    argv = [sys.executable, "-m", queue.RUNNER_MARKER, "--store", str(store), "--job", job_id, "--", "x"]
+    real_cmdline, real_ticks = procs.cmdline, procs.start_ticks
+    monkeypatch.setattr(procs, "cmdline", lambda pid: argv if pid == other.pid else real_cmdline(pid))
+    monkeypatch.setattr(procs, "start_ticks", lambda pid: real_ticks(pid) + 1 if pid == other.pid else real_ticks(pid))
+    assert not queue.runner_verified(store, job_id, other.pid)
+    changed = jobs.reconcile(store, stale_s=-1.0)
+    assert [c[0] for c in changed] == [job_id] and "is gone" in changed[0][1]
+    assert signals == [] and other.poll() is None
+
+
+def test_verified_hung_runner_is_killed_with_its_group(store, spawn, signals, monkeypatch):
+    """Control: command line, job id and start tick all match and the heartbeat is stale: killed."""
+    runner = spawn()
+    job_id = running_job(store, here(), runner.pid, runner.pid)
+    argv = [sys.executable, "-m", queue.RUNNER_MARKER, "--store", str(store), "--job", job_id, "--", "x"]
+    real_cmdline = procs.cmdline
+    monkeypatch.setattr(procs, "cmdline", lambda pid: argv if pid == runner.pid else real_cmdline(pid))
+    assert queue.runner_verified(store, job_id, runner.pid)
+    assert not queue.runner_verified(store, "job-20000101-000000-abcdef", runner.pid)  # another job's id
+    changed = jobs.reconcile(store, stale_s=-1.0)
+    assert [c[0] for c in changed] == [job_id] and "no heartbeat" in changed[0][1]
+    assert signals == [("group", runner.pid, int(signal.SIGKILL))]
+    assert runner.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_orphans_of_a_dead_runner_are_killed_one_by_one_strangers_in_the_group_are_not(store, spawn, signals):
+    """Runner killed -9: its command (CTSSL_JOB_ID in its environment) is killed; a stranger that
+    shares the process group is not, and the group as a whole is never signalled."""
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+    orphan = spawn(env={queue.JOB_ID_ENV: job_id}, group=0)
+    stranger = spawn(group=orphan.pid)
+    queue.set_started(store, job_id, dead_pid(spawn), orphan.pid)
+    assert [c[0] for c in jobs.reconcile(store)] == [job_id]
+    assert signals == [("pid", orphan.pid, int(signal.SIGKILL))]
+    assert orphan.wait(timeout=10) == -signal.SIGKILL and stranger.poll() is None
+
+
+def test_job_claimed_on_another_host_is_never_reconciled_or_signalled_from_here(store, spawn, signals):
+    """A dashboard on another machine sharing the store: the pids in the row are not this machine's."""
+    other = spawn()
+    job_id = running_job(store, "gpu-node-7.example:991", dead_pid(spawn), other.pid)
+    assert jobs.reconcile(store, stale_s=-1.0, start_grace_s=-1.0) == []
+    assert jobs.get_job(store, job_id)["state"] == "running"
+    assert queue.cancel(store, job_id) == "running"  # only asks; that host's runner stops it
+    assert q(store, "SELECT cancel_requested FROM jobs WHERE job_id = ?", [job_id]) == [(True,)]
+    assert signals == [] and other.poll() is None
+    # the same row claimed here (host matches) is judged: its runner is gone
+    job_here = running_job(store, here(), dead_pid(spawn), other.pid)
+    assert [c[0] for c in jobs.reconcile(store)] == [job_here]
+
+
+def test_cancel_signals_only_a_verified_runner(store, spawn, signals):
+    """Cancel of a job whose recorded pid/pgid now belong to a `setsid sleep`: the sleep is not
+    signalled; waiting cancel finds no process of the job and records it cancelled at once."""
+    other = spawn()
+    job_id = running_job(store, here(), other.pid, other.pid)
+    assert queue.cancel(store, job_id) == "running"
+    assert q(store, "SELECT cancel_requested FROM jobs WHERE job_id = ?", [job_id]) == [(True,)]
+    assert queue.cancel(store, job_id, wait=True, grace_s=0.0) == "cancelled"
+    assert signals == [] and other.poll() is None
+
+
+def test_claim_host_parsing():
+    assert queue.claim_host("node-1.example:123") == "node-1.example"
+    assert queue.claim_host("w") is None and queue.claim_host(None) is None
+    assert queue.claimed_here("w") and queue.claimed_here(here())
+    assert not queue.claimed_here("node-that-is-not-this-one:1")
