@@ -847,10 +847,6 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         xmls: list[str] = []
         files = find_files(root, xmls)
         side = detect_sidecars(root, cfg, xmls)
-        key = Pseudonymiser.for_store(paths.secret)
-        paths.slices.mkdir(parents=True, exist_ok=True)
-        for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
-            stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
         stat, odd = _stat_files(files)
         readable = [f for f in stat if f not in odd]
         known = _scan_while(readable, catalog.running, ex) if catalog and len(stat) <= BATCH_FILES else {}
@@ -859,7 +855,12 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
             with contextlib.suppress(Exception):
                 catalog()  # joined before the error propagates: no DuckDB work left running behind it
         raise
-    done, existing_series, existing_studies = catalog() if catalog is not None else _catalog_state(paths.db)
+    done, existing_series, existing_studies, sizes = catalog() if catalog is not None else _catalog_state(paths.db)
+    check_store_size(sizes, cfg.size, paths.root)  # before the first write to slices/ or the catalog
+    key = Pseudonymiser.for_store(paths.secret)
+    paths.slices.mkdir(parents=True, exist_ok=True)
+    for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
+        stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
     summary.sidecars = [k for k in side]
     summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
                        else "lidc" if "lidc_xml" in side else "generic")
@@ -923,8 +924,9 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
     return summary
 
 
-def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]]:
-    """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys."""
+def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int]]:
+    """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys,
+    and the stored in-plane sizes of its series (one, or none for an empty store)."""
     from ctssl_core.db import connect
     from ctssl_core.schema import ensure_schema_current
 
@@ -933,7 +935,39 @@ def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]
         done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
-    return done, existing_series, existing_studies
+        sizes = _sizes(con)
+    return done, existing_series, existing_studies, sizes
+
+
+def _sizes(con) -> set[int]:
+    return {int(v) for r in con.execute("SELECT DISTINCT height, width FROM series").fetchall() for v in r}
+
+
+def store_size(store_root: str | Path) -> int | None:
+    """The in-plane slice size of the store at ``store_root``; None when it holds no series yet."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    db = store_paths(store_root).db
+    if not db.exists():
+        return None
+    with connect(db, read_only=True) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        sizes = _sizes(con) if "series" in have else set()
+    return max(sizes) if sizes else None
+
+
+def check_store_size(sizes: set[int], size: int, store_root: Path) -> None:
+    """Refuse an ingest whose slice size differs from the store's.
+
+    A store has one geometry: every series array is (S, size, size), and training stacks them,
+    so a second size would make every later fine-tune fail long after this ingest "succeeded".
+    """
+    if sizes and sizes != {int(size)}:
+        have = "/".join(map(str, sorted(sizes)))
+        raise ConfigError(f"the store at {store_root} holds {have}-px slices but this ingest would write {size}-px "
+                          f"slices; a store has one slice size. Pass --size {max(sizes)} to add to this store, "
+                          f"or --store NEW_FOLDER for a store at {size} px")
 
 
 def _stat_files(files) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[str, str, str]]]:
