@@ -90,6 +90,7 @@ class IngestSummary:
     demographics_rows: int = 0
     demographics_unmatched_lines: list[int] = field(default_factory=list)  # CSV line numbers, never keys
     patients_without_demographics: int = 0
+    demographics_dropped_columns: list[str] = field(default_factory=list)  # identifier-like, not stored
     stage_seconds: dict[str, float] = field(default_factory=dict)  # scan / plan / build (incl. catalog)
 
     def table(self) -> str:
@@ -113,6 +114,9 @@ class IngestSummary:
                             f"{' ...' if len(self.demographics_unmatched_lines) > 10 else ''})"
                             if self.demographics_unmatched_lines else "")
                          + f"; {self.patients_without_demographics} patients had no row")
+        if self.demographics_dropped_columns:
+            lines.append("demographics: identifier-like columns not stored: "
+                         + ", ".join(self.demographics_dropped_columns))
         if self.errors_by_reason:
             lines.append(f"{'reason':<22} {'files':>7}  what to do")
             for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
