@@ -825,6 +825,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     root = Path(root).resolve()
     if not root.is_dir():
         raise ConfigError(f"ingest: {root} is not a folder; pass the folder that holds your DICOM files")
+    check_key_fits_data(root, store_root)
     t0 = time.perf_counter()
     with _executor(cfg.workers) as ex:
         if ex is not None:
@@ -926,6 +927,29 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         apply_demographics(paths.db, side["demographics"], key, summary)
 
     return summary
+
+
+def is_synthetic_cohort(root: Path) -> bool:
+    """True for a folder written by ``ctssl synth`` (its marker, truth and completion manifest)."""
+    from ctssl_core.data.synth import MARKER
+
+    return all((Path(root) / n).is_file() for n in (MARKER, "truth.json", "manifest.json"))
+
+
+def check_key_fits_data(root: Path, store_root) -> None:
+    """Refuse data that is not a synthetic cohort into a store whose pseudonym key is the synthetic one.
+
+    That key is derived from a public cohort config (``pseudonym.create_secret``, written by
+    ``ctssl benchmark``): real PatientIDs hashed with it could be recovered by anyone.
+    """
+    from ctssl_core.data.pseudonym import is_synthetic_key
+    from ctssl_core.paths import store_paths
+
+    paths = store_paths(store_root)
+    if is_synthetic_key(paths.secret) and not is_synthetic_cohort(root):
+        raise ConfigError(f"the store at {paths.root} uses the synthetic cohort's pseudonym key (derived from its "
+                          f"public config, so anyone could recompute it), and {root} is not a `ctssl synth` cohort; "
+                          f"ingest real data into a fresh store (--store NEW_FOLDER), which gets a random key")
 
 
 def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int]]:
