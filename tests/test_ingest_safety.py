@@ -137,3 +137,17 @@ def test_benchmark_store_marks_its_key_and_refuses_real_data(tmp_path):
     with pytest.raises(ConfigError, match="fresh store"):
         ingest(tmp_path / "real", store, IngestConfig(size=32, workers=1), progress=False)
     assert _catalog_counts(store)[0] == 2
+
+
+def test_cli_ingest_names_dropped_identifier_columns_never_values(tmp_path, capsys):
+    from ctssl_core.cli import main
+
+    write_series(tmp_path / "src" / "a", phantom(2, 16, 16), patient_id="P1")
+    (tmp_path / "src" / "demographics.csv").write_text("PatientID,Patient Name,age,smoker\nP1,Doe^John,50,yes\n")
+    assert main(["ingest", str(tmp_path / "src"), "--store", str(tmp_path / "st"), "--size", "16",
+                 "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "identifier-like columns not stored: Patient Name (rename" in out.out
+    assert "Doe^John" not in out.out + out.err and "Traceback" not in out.err
+    with connect(store_paths(tmp_path / "st").db, read_only=True) as con:
+        assert con.execute("SELECT age, attributes FROM patients").fetchall() == [(50.0, '{"smoker": "yes"}')]

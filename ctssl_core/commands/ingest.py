@@ -12,7 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "generic", "rsna-pe", "lidc"],
                    help="dataset layout; auto detects sidecars")
     p.add_argument("--demographics", default=None, help="CSV keyed by PatientID or StudyInstanceUID "
-                                                          "(age, sex, race, any extra columns); its values win over DICOM tags")
+                                                          "(age, sex, race, any extra attribute columns); its values "
+                                                          "win over DICOM tags. Identifier-like columns (name, birth "
+                                                          "date, MRN, ...) are dropped with a warning")
     p.add_argument("--size", type=int, default=None,
                    help="stored in-plane size in pixels (default: the store's size, 256 for a new store); "
                         "a store has one size, so another one is refused")
@@ -25,7 +27,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import warnings
+
     from ctssl_core.config import build
+    from ctssl_core.data.adapters.demographics import IdentifierColumnsDropped
     from ctssl_core.data.ingest import IngestConfig, ingest, store_size
     from ctssl_core.paths import default_store
 
@@ -36,7 +41,9 @@ def run(args) -> int:
     raw = {"format": args.format, "demographics": args.demographics, "size": size,
            "workers": args.workers, "agreement": args.agreement}
     cfg = build(IngestConfig, {k: v for k, v in raw.items() if v is not None})
-    summary = ingest(args.dir, store, cfg, progress=not args.quiet)
+    with warnings.catch_warnings():  # the summary table names dropped columns; no warning traceback line
+        warnings.simplefilter("ignore", IdentifierColumnsDropped)
+        summary = ingest(args.dir, store, cfg, progress=not args.quiet)
     print(f"store: {store}")
     print(summary.table())
     if args.list_errors:

@@ -116,7 +116,8 @@ class IngestSummary:
                          + f"; {self.patients_without_demographics} patients had no row")
         if self.demographics_dropped_columns:
             lines.append("demographics: identifier-like columns not stored: "
-                         + ", ".join(self.demographics_dropped_columns))
+                         + ", ".join(self.demographics_dropped_columns)
+                         + " (rename a column that really is an attribute)")
         if self.errors_by_reason:
             lines.append(f"{'reason':<22} {'files':>7}  what to do")
             for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):

@@ -54,8 +54,9 @@ def identifier_columns(header: list[str], rows: list[tuple[int, str, dict]]) -> 
     out: dict[str, str] = {}
     for col in header:
         flat = re.sub(r"[^a-z0-9]", "", col.lower())
-        if any(w in flat for w in IDENTIFIER_WORDS):
-            out[col] = "its name looks like an identifier"
+        word = next((w for w in IDENTIFIER_WORDS if w in flat), None)
+        if word is not None:
+            out[col] = f"its name contains {word!r}"
     owners: dict[str, dict[str, set[str]]] = {}
     for _, raw, vals in rows:
         for col, v in vals.items():
@@ -184,6 +185,5 @@ def apply_demographics(db, csv_path: str | Path, key, summary=None) -> dict:
 def dropped_message(csv_path, dropped: dict[str, str]) -> str:
     """The warning for dropped columns: names and reasons, never a value."""
     why = "; ".join(f"{c!r}: {r}" for c, r in sorted(dropped.items()))
-    return (f"{csv_path}: not stored, as they look like patient identifiers: {why}. Only attributes are kept; "
-            f"rename a column that is really an attribute (its name must not contain "
-            f"{'/'.join(IDENTIFIER_WORDS)}), or give it shared values.")
+    return (f"{csv_path}: columns not stored, as they look like patient identifiers: {why}. Only attributes "
+            f"are kept; rename a column that really is an attribute.")
