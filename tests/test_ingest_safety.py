@@ -108,8 +108,15 @@ def test_real_data_refused_into_a_store_with_the_synthetic_key(tmp_path, synth_c
         ingest(real, store, IngestConfig(size=32, workers=1), progress=False)
     # the same real folder goes into a fresh store, whose key is random
     fresh = tmp_path / "fresh"
-    assert ingest(real, fresh, IngestConfig(size=32, workers=1), progress=False).series == 1
+    got = ingest(real, fresh, IngestConfig(size=32, workers=1), progress=False)
+    assert got.series == 1 and got.dataset == "generic" and got.mixed_datasets == [] and "mixes" not in got.table()
     assert store_paths(fresh).secret.read_bytes() != b"s" * 32
+    # the synthetic cohort may join a real store (its random key stays secret), but the store then says it mixes
+    mix = ingest(synth_cohort, fresh, IngestConfig(size=32, workers=1), progress=False)
+    assert mix.series == 2 and mix.mixed_datasets == ["generic", "synthetic"]
+    assert "this store mixes synthetic and real studies (generic, synthetic)" in mix.table()
+    again = ingest(real, fresh, IngestConfig(size=32, workers=1), progress=False)  # nothing new: still said
+    assert again.series == 0 and again.mixed_datasets == ["generic", "synthetic"]
 
 
 def test_cli_ingest_refusal_of_real_data_is_a_clear_message(tmp_path, capsys):

@@ -91,6 +91,7 @@ class IngestSummary:
     demographics_unmatched_lines: list[int] = field(default_factory=list)  # CSV line numbers, never keys
     patients_without_demographics: int = 0
     demographics_dropped_columns: list[str] = field(default_factory=list)  # identifier-like, not stored
+    mixed_datasets: list[str] = field(default_factory=list)  # set when the store now holds synthetic and real studies
     stage_seconds: dict[str, float] = field(default_factory=dict)  # scan / plan / build (incl. catalog)
 
     def table(self) -> str:
@@ -118,6 +119,9 @@ class IngestSummary:
             lines.append("demographics: identifier-like columns not stored: "
                          + ", ".join(self.demographics_dropped_columns)
                          + " (rename a column that really is an attribute)")
+        if self.mixed_datasets:
+            lines.append(f"NOTE: this store mixes synthetic and real studies ({', '.join(self.mixed_datasets)}); "
+                         f"results from it do not describe real patients alone. Keep real data in its own store.")
         if self.errors_by_reason:
             lines.append(f"{'reason':<22} {'files':>7}  what to do")
             for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
@@ -861,14 +865,15 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
             with contextlib.suppress(Exception):
                 catalog()  # joined before the error propagates: no DuckDB work left running behind it
         raise
-    done, existing_series, existing_studies, sizes = catalog() if catalog is not None else _catalog_state(paths.db)
+    done, existing_series, existing_studies, sizes, datasets = (catalog() if catalog is not None
+                                                                else _catalog_state(paths.db))
     check_store_size(sizes, cfg.size, paths.root)  # before the first write to slices/ or the catalog
     key = Pseudonymiser.for_store(paths.secret)
     paths.slices.mkdir(parents=True, exist_ok=True)
     for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
         stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
     summary.sidecars = [k for k in side]
-    summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
+    summary.dataset = ("synthetic" if is_synthetic_cohort(root) else "rsna-pe" if "rsna_csv" in side
                        else "lidc" if "lidc_xml" in side else "generic")
     if cfg.format not in ("auto",):
         summary.dataset = cfg.format
@@ -922,6 +927,10 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
     if rsna is not None:
         rsna.close()
 
+    mixed = datasets | ({summary.dataset} if summary.series else set())
+    if "synthetic" in mixed and len(mixed) > 1:
+        summary.mixed_datasets = sorted(mixed)
+
     if "demographics" in side:
         from ctssl_core.data.adapters.demographics import apply_demographics
 
@@ -953,9 +962,9 @@ def check_key_fits_data(root: Path, store_root) -> None:
                           f"ingest real data into a fresh store (--store NEW_FOLDER), which gets a random key")
 
 
-def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int]]:
+def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int], set[str]]:
     """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys,
-    and the stored in-plane sizes of its series (one, or none for an empty store)."""
+    the stored in-plane sizes of its series (one, or none for an empty store) and its studies' datasets."""
     from ctssl_core.db import connect
     from ctssl_core.schema import ensure_schema_current
 
@@ -965,7 +974,8 @@ def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
         sizes = _sizes(con)
-    return done, existing_series, existing_studies, sizes
+        datasets = {r[0] for r in con.execute("SELECT DISTINCT dataset FROM studies").fetchall() if r[0]}
+    return done, existing_series, existing_studies, sizes, datasets
 
 
 def _sizes(con) -> set[int]:
