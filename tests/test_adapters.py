@@ -11,7 +11,7 @@ import pytest
 
 from ctssl_core.config import ConfigError
 from ctssl_core.data.adapters import lidc
-from ctssl_core.data.adapters.demographics import read_csv
+from ctssl_core.data.adapters.demographics import IdentifierColumnsDropped, read_csv
 from ctssl_core.data.adapters.rsna_pe import EXAM_COLUMNS, weighted_log_loss
 from ctssl_core.data.ingest import IngestConfig, ingest
 from ctssl_core.data.pseudonym import Pseudonymiser
@@ -246,3 +246,55 @@ def test_no_uid_or_patient_id_in_store_for_rsna_layout(cohort):
     blobs = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
     for s in needles:
         assert s not in dump and not any(s.encode() in b for b in blobs), s
+
+
+def _demo_csv(path, n, extra_header, extra_row):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["PatientID", "age", "sex", "race", "site", *extra_header])
+        for i in range(n):
+            w.writerow([f"P{i:03d}", 40 + i, "F" if i % 2 else "M", "A" if i % 3 else "B", f"s{i % 2}",
+                        *extra_row(i)])
+
+
+def test_identifier_columns_dropped_by_name_and_by_uniqueness(tmp_path):
+    f = tmp_path / "d.csv"
+    header = ["Patient Name", "DOB", "MRN", "E-mail", "hospital_no", "weight", "smoker"]
+    _demo_csv(f, 11, header, lambda i: [f"Doe^Jane{i}", f"1960010{i % 9}", f"M{i:06d}", f"p{i}@x.org",
+                                        f"H-{i:04d}", 60.5 + i, "yes" if i % 2 else "no"])
+    kind, rows, dropped = read_csv(f)
+    assert kind == "patient" and len(rows) == 11
+    assert set(dropped) == {"Patient Name", "DOB", "MRN", "E-mail", "hospital_no"}
+    assert dropped["DOB"] == "its name contains 'dob'" and dropped["MRN"] == "its name contains 'mrn'"
+    assert "11 patients" in dropped["hospital_no"]  # caught by content: unique text per patient
+    for _, _, vals in rows:  # attributes kept, numeric unique columns (weight, age) too
+        assert set(vals) == {"age", "sex", "race", "site", "weight", "smoker"}
+    # at the threshold (10 patients) a unique text column is kept; a shared value keeps it at any size
+    _demo_csv(f, 10, ["hospital_no"], lambda i: [f"H-{i:04d}"])
+    assert read_csv(f)[2] == {}
+    _demo_csv(f, 12, ["ward"], lambda i: [f"W{i}" if i else "W1"])
+    assert read_csv(f)[2] == {}
+
+
+def test_demographics_identifier_columns_never_reach_the_catalog(cohort, tmp_path):
+    src, store, _ = cohort
+    rows = list(csv.DictReader(open(src / "demographics.csv", newline="")))
+    out = tmp_path / "hospital_export.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["PatientID", "PatientName", "BirthDate", "mrn", "bmi_group"])
+        for i, r in enumerate(rows):
+            w.writerow([r["PatientID"], f"Secretname^{i}", f"1955-02-{i + 10}", f"MRN-SECRET-{i}", "high"])
+    with pytest.warns(IdentifierColumnsDropped) as got:
+        s = ingest(src, store, IngestConfig(size=64, workers=1, demographics=str(out)), progress=False)
+    msg = str(got[0].message)
+    assert all(c in msg for c in ("'PatientName'", "'BirthDate'", "'mrn'")) and "bmi_group" not in msg
+    assert "Secretname" not in msg and "MRN-SECRET" not in msg and "1955" not in msg
+    assert s.demographics_dropped_columns == ["BirthDate", "PatientName", "mrn"]
+    assert "identifier-like columns not stored: BirthDate, PatientName, mrn (rename" in s.table()
+    with connect(store_paths(store).db, read_only=True) as con:
+        attrs = [json.loads(a) for (a,) in con.execute("SELECT attributes FROM patients").fetchall()]
+        every = repr(con.execute("SELECT * FROM patients").fetchall())
+    assert len(attrs) == len(rows) and all(a["bmi_group"] == "high" for a in attrs)
+    assert not any({"PatientName", "BirthDate", "mrn"} & set(a) for a in attrs)
+    assert "Secretname" not in every and "MRN-SECRET" not in every and "1955-02" not in every

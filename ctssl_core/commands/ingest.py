@@ -12,8 +12,12 @@ def add_arguments(p) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "generic", "rsna-pe", "lidc"],
                    help="dataset layout; auto detects sidecars")
     p.add_argument("--demographics", default=None, help="CSV keyed by PatientID or StudyInstanceUID "
-                                                          "(age, sex, race, any extra columns); its values win over DICOM tags")
-    p.add_argument("--size", type=int, default=None, help="stored in-plane size in pixels (default 256)")
+                                                          "(age, sex, race, any extra attribute columns); its values "
+                                                          "win over DICOM tags. Identifier-like columns (name, birth "
+                                                          "date, MRN, ...) are dropped with a warning")
+    p.add_argument("--size", type=int, default=None,
+                   help="stored in-plane size in pixels (default: the store's size, 256 for a new store); "
+                        "a store has one size, so another one is refused")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default 2)")
     p.add_argument("--agreement", type=float, default=None, help="LIDC consensus agreement fraction (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -23,15 +27,23 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import warnings
+
     from ctssl_core.config import build
-    from ctssl_core.data.ingest import IngestConfig, ingest
+    from ctssl_core.data.adapters.demographics import IdentifierColumnsDropped
+    from ctssl_core.data.ingest import IngestConfig, ingest, store_size
     from ctssl_core.paths import default_store
 
-    raw = {"format": args.format, "demographics": args.demographics, "size": args.size,
+    store = args.store or default_store()
+    size = args.size
+    if size is None:
+        size = store_size(store)  # adding to an existing store: its size, not the default
+    raw = {"format": args.format, "demographics": args.demographics, "size": size,
            "workers": args.workers, "agreement": args.agreement}
     cfg = build(IngestConfig, {k: v for k, v in raw.items() if v is not None})
-    store = args.store or default_store()
-    summary = ingest(args.dir, store, cfg, progress=not args.quiet)
+    with warnings.catch_warnings():  # the summary table names dropped columns; no warning traceback line
+        warnings.simplefilter("ignore", IdentifierColumnsDropped)
+        summary = ingest(args.dir, store, cfg, progress=not args.quiet)
     print(f"store: {store}")
     print(summary.table())
     if args.list_errors:

@@ -90,6 +90,8 @@ class IngestSummary:
     demographics_rows: int = 0
     demographics_unmatched_lines: list[int] = field(default_factory=list)  # CSV line numbers, never keys
     patients_without_demographics: int = 0
+    demographics_dropped_columns: list[str] = field(default_factory=list)  # identifier-like, not stored
+    mixed_datasets: list[str] = field(default_factory=list)  # set when the store now holds synthetic and real studies
     stage_seconds: dict[str, float] = field(default_factory=dict)  # scan / plan / build (incl. catalog)
 
     def table(self) -> str:
@@ -113,6 +115,13 @@ class IngestSummary:
                             f"{' ...' if len(self.demographics_unmatched_lines) > 10 else ''})"
                             if self.demographics_unmatched_lines else "")
                          + f"; {self.patients_without_demographics} patients had no row")
+        if self.demographics_dropped_columns:
+            lines.append("demographics: identifier-like columns not stored: "
+                         + ", ".join(self.demographics_dropped_columns)
+                         + " (rename a column that really is an attribute)")
+        if self.mixed_datasets:
+            lines.append(f"NOTE: this store mixes synthetic and real studies ({', '.join(self.mixed_datasets)}); "
+                         f"results from it do not describe real patients alone. Keep real data in its own store.")
         if self.errors_by_reason:
             lines.append(f"{'reason':<22} {'files':>7}  what to do")
             for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
@@ -821,6 +830,7 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
     root = Path(root).resolve()
     if not root.is_dir():
         raise ConfigError(f"ingest: {root} is not a folder; pass the folder that holds your DICOM files")
+    check_key_fits_data(root, store_root)
     t0 = time.perf_counter()
     with _executor(cfg.workers) as ex:
         if ex is not None:
@@ -847,10 +857,6 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         xmls: list[str] = []
         files = find_files(root, xmls)
         side = detect_sidecars(root, cfg, xmls)
-        key = Pseudonymiser.for_store(paths.secret)
-        paths.slices.mkdir(parents=True, exist_ok=True)
-        for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
-            stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
         stat, odd = _stat_files(files)
         readable = [f for f in stat if f not in odd]
         known = _scan_while(readable, catalog.running, ex) if catalog and len(stat) <= BATCH_FILES else {}
@@ -859,9 +865,15 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
             with contextlib.suppress(Exception):
                 catalog()  # joined before the error propagates: no DuckDB work left running behind it
         raise
-    done, existing_series, existing_studies = catalog() if catalog is not None else _catalog_state(paths.db)
+    done, existing_series, existing_studies, sizes, datasets = (catalog() if catalog is not None
+                                                                else _catalog_state(paths.db))
+    check_store_size(sizes, cfg.size, paths.root)  # before the first write to slices/ or the catalog
+    key = Pseudonymiser.for_store(paths.secret)
+    paths.slices.mkdir(parents=True, exist_ok=True)
+    for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
+        stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
     summary.sidecars = [k for k in side]
-    summary.dataset = ("synthetic" if (root / "truth.json").exists() else "rsna-pe" if "rsna_csv" in side
+    summary.dataset = ("synthetic" if is_synthetic_cohort(root) else "rsna-pe" if "rsna_csv" in side
                        else "lidc" if "lidc_xml" in side else "generic")
     if cfg.format not in ("auto",):
         summary.dataset = cfg.format
@@ -915,6 +927,10 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
     if rsna is not None:
         rsna.close()
 
+    mixed = datasets | ({summary.dataset} if summary.series else set())
+    if "synthetic" in mixed and len(mixed) > 1:
+        summary.mixed_datasets = sorted(mixed)
+
     if "demographics" in side:
         from ctssl_core.data.adapters.demographics import apply_demographics
 
@@ -923,8 +939,32 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
     return summary
 
 
-def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]]:
-    """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys."""
+def is_synthetic_cohort(root: Path) -> bool:
+    """True for a folder written by ``ctssl synth`` (its marker, truth and completion manifest)."""
+    from ctssl_core.data.synth import MARKER
+
+    return all((Path(root) / n).is_file() for n in (MARKER, "truth.json", "manifest.json"))
+
+
+def check_key_fits_data(root: Path, store_root) -> None:
+    """Refuse data that is not a synthetic cohort into a store whose pseudonym key is the synthetic one.
+
+    That key is derived from a public cohort config (``pseudonym.create_secret``, written by
+    ``ctssl benchmark``): real PatientIDs hashed with it could be recovered by anyone.
+    """
+    from ctssl_core.data.pseudonym import is_synthetic_key
+    from ctssl_core.paths import store_paths
+
+    paths = store_paths(store_root)
+    if is_synthetic_key(paths.secret) and not is_synthetic_cohort(root):
+        raise ConfigError(f"the store at {paths.root} uses the synthetic cohort's pseudonym key (derived from its "
+                          f"public config, so anyone could recompute it), and {root} is not a `ctssl synth` cohort; "
+                          f"ingest real data into a fresh store (--store NEW_FOLDER), which gets a random key")
+
+
+def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int], set[str]]:
+    """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys,
+    the stored in-plane sizes of its series (one, or none for an empty store) and its studies' datasets."""
     from ctssl_core.db import connect
     from ctssl_core.schema import ensure_schema_current
 
@@ -933,7 +973,40 @@ def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str]
         done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
-    return done, existing_series, existing_studies
+        sizes = _sizes(con)
+        datasets = {r[0] for r in con.execute("SELECT DISTINCT dataset FROM studies").fetchall() if r[0]}
+    return done, existing_series, existing_studies, sizes, datasets
+
+
+def _sizes(con) -> set[int]:
+    return {int(v) for r in con.execute("SELECT DISTINCT height, width FROM series").fetchall() for v in r}
+
+
+def store_size(store_root: str | Path) -> int | None:
+    """The in-plane slice size of the store at ``store_root``; None when it holds no series yet."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    db = store_paths(store_root).db
+    if not db.exists():
+        return None
+    with connect(db, read_only=True) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        sizes = _sizes(con) if "series" in have else set()
+    return max(sizes) if sizes else None
+
+
+def check_store_size(sizes: set[int], size: int, store_root: Path) -> None:
+    """Refuse an ingest whose slice size differs from the store's.
+
+    A store has one geometry: every series array is (S, size, size), and training stacks them,
+    so a second size would make every later fine-tune fail long after this ingest "succeeded".
+    """
+    if sizes and sizes != {int(size)}:
+        have = "/".join(map(str, sorted(sizes)))
+        raise ConfigError(f"the store at {store_root} holds {have}-px slices but this ingest would write {size}-px "
+                          f"slices; a store has one slice size. Pass --size {max(sizes)} to add to this store, "
+                          f"or --store NEW_FOLDER for a store at {size} px")
 
 
 def _stat_files(files) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[str, str, str]]]:

@@ -1,0 +1,160 @@
+"""Ingest safety: one slice size per store, synthetic-key stores refuse real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dicom_fixtures import phantom, write_series
+
+from ctssl_core.config import ConfigError
+from ctssl_core.data.ingest import IngestConfig, ingest
+from ctssl_core.db import connect
+from ctssl_core.paths import store_paths
+
+
+def _catalog_counts(store):
+    with connect(store_paths(store).db, read_only=True) as con:
+        return (con.execute("SELECT count(*) FROM series").fetchone()[0],
+                con.execute("SELECT count(*) FROM slices").fetchone()[0],
+                con.execute("SELECT count(*) FROM ingested_files").fetchone()[0],
+                sorted(con.execute("SELECT DISTINCT height, width FROM series").fetchall()))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ingest_of_another_size_is_refused_before_writing(tmp_path, workers):
+    write_series(tmp_path / "a" / "s", phantom(3, 32, 32), patient_id="PA")
+    write_series(tmp_path / "b" / "s", phantom(4, 32, 32), patient_id="PB")
+    store = tmp_path / "store"
+    ingest(tmp_path / "a", store, IngestConfig(size=16, workers=1), progress=False)
+    before = _catalog_counts(store)
+    files_before = sorted(p.name for p in store_paths(store).slices.iterdir())
+    with pytest.raises(ConfigError, match=r"holds 16-px slices.*--size 16.*--store"):
+        ingest(tmp_path / "b", store, IngestConfig(size=32, workers=workers), progress=False)
+    assert _catalog_counts(store) == before == (1, 3, 3, [(16, 16)])
+    assert sorted(p.name for p in store_paths(store).slices.iterdir()) == files_before
+    # the matching size is accepted and adds the second series
+    s = ingest(tmp_path / "b", store, IngestConfig(size=16, workers=workers), progress=False)
+    assert s.series == 1 and _catalog_counts(store)[:2] == (2, 7)
+
+
+def test_cli_ingest_without_size_uses_the_store_size(tmp_path, capsys):
+    from ctssl_core.cli import main
+
+    write_series(tmp_path / "a" / "s", phantom(3, 32, 32), patient_id="PA")
+    write_series(tmp_path / "b" / "s", phantom(2, 32, 32), patient_id="PB")
+    st = str(tmp_path / "st")
+    assert main(["ingest", str(tmp_path / "a"), "--store", st, "--size", "16", "--workers", "1", "--quiet"]) == 0
+    assert main(["ingest", str(tmp_path / "b"), "--store", st, "--workers", "1", "--quiet"]) == 0  # not 256
+    assert _catalog_counts(st)[3] == [(16, 16)] and _catalog_counts(st)[:2] == (2, 5)
+    shapes = {np.load(p, mmap_mode="r").shape[1:] for p in store_paths(st).slices.glob("*.npy")}
+    assert shapes == {(16, 16)}
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "b"), "--store", st, "--size", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 16" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def synth_cohort(tmp_path_factory):
+    """A very small cohort written by `ctssl synth`'s own generator."""
+    import dataclasses
+
+    from ctssl_core.data.synth import TINY, generate_cohort
+
+    root = tmp_path_factory.mktemp("synth") / "cohort"
+    generate_cohort(dataclasses.replace(TINY, n_patients=2, slices_per_exam=4, image_size=32), root, progress=False)
+    return root
+
+
+def test_synthetic_key_is_marked_and_a_random_key_is_not(tmp_path):
+    from ctssl_core.data.pseudonym import create_secret, is_synthetic_key, load_or_create_secret, synthetic_marker
+
+    syn = tmp_path / "a" / ".pseudonym_key"
+    assert create_secret(syn, b"k" * 32) and syn.read_bytes() == b"k" * 32 and is_synthetic_key(syn)
+    assert not create_secret(syn, b"j" * 32) and syn.read_bytes() == b"k" * 32  # never overwritten
+    rnd = tmp_path / "b" / ".pseudonym_key"
+    key = load_or_create_secret(rnd)
+    assert len(key) == 32 and not is_synthetic_key(rnd)
+    assert not create_secret(rnd, b"k" * 32) and not synthetic_marker(rnd).exists()  # a random key stays unmarked
+    stale = tmp_path / "c" / ".pseudonym_key"  # marker left behind after its key was deleted
+    create_secret(stale, b"k" * 32)
+    stale.unlink()
+    load_or_create_secret(stale)
+    assert not is_synthetic_key(stale) and not synthetic_marker(stale).exists()
+    with pytest.raises(ValueError, match="16 bytes"):
+        create_secret(tmp_path / "d" / ".pseudonym_key", b"short")
+    assert not synthetic_marker(tmp_path / "d" / ".pseudonym_key").exists()
+
+
+def test_real_data_refused_into_a_store_with_the_synthetic_key(tmp_path, synth_cohort):
+    from ctssl_core.data.pseudonym import create_secret
+
+    store = tmp_path / "bench_store"
+    create_secret(store_paths(store).secret, b"s" * 32)  # what `ctssl benchmark` (ensure_data) does
+    real = tmp_path / "real"
+    write_series(real / "s", phantom(3, 32, 32), patient_id="REAL-PID")
+    with pytest.raises(ConfigError, match=r"synthetic cohort's pseudonym key.*fresh store"):
+        ingest(real, store, IngestConfig(size=32, workers=1), progress=False)
+    assert not store_paths(store).db.exists()  # refused before anything was written
+    s = ingest(synth_cohort, store, IngestConfig(size=32, workers=1), progress=False)  # the cohort is accepted
+    assert s.series == 2 and s.dataset == "synthetic"
+    before = _catalog_counts(store)
+    with pytest.raises(ConfigError, match="--store NEW_FOLDER"):
+        ingest(real, store, IngestConfig(size=32, workers=1), progress=False)
+    assert _catalog_counts(store) == before
+    # a folder that only looks synthetic (a truth.json, no synth marker or manifest) is still real data
+    (real / "truth.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a `ctssl synth` cohort"):
+        ingest(real, store, IngestConfig(size=32, workers=1), progress=False)
+    # the same real folder goes into a fresh store, whose key is random
+    fresh = tmp_path / "fresh"
+    got = ingest(real, fresh, IngestConfig(size=32, workers=1), progress=False)
+    assert got.series == 1 and got.dataset == "generic" and got.mixed_datasets == [] and "mixes" not in got.table()
+    assert store_paths(fresh).secret.read_bytes() != b"s" * 32
+    # the synthetic cohort may join a real store (its random key stays secret), but the store then says it mixes
+    mix = ingest(synth_cohort, fresh, IngestConfig(size=32, workers=1), progress=False)
+    assert mix.series == 2 and mix.mixed_datasets == ["generic", "synthetic"]
+    assert "this store mixes synthetic and real studies (generic, synthetic)" in mix.table()
+    again = ingest(real, fresh, IngestConfig(size=32, workers=1), progress=False)  # nothing new: still said
+    assert again.series == 0 and again.mixed_datasets == ["generic", "synthetic"]
+
+
+def test_cli_ingest_refusal_of_real_data_is_a_clear_message(tmp_path, capsys):
+    from ctssl_core.cli import main
+    from ctssl_core.data.pseudonym import create_secret
+
+    create_secret(store_paths(tmp_path / "st").secret, b"s" * 32)
+    write_series(tmp_path / "real" / "s", phantom(2, 16, 16), patient_id="REAL-PID")
+    assert main(["ingest", str(tmp_path / "real"), "--store", str(tmp_path / "st"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fresh store" in err and "Traceback" not in err and "REAL-PID" not in err
+
+
+def test_benchmark_store_marks_its_key_and_refuses_real_data(tmp_path):
+    """End to end: the store `ctssl benchmark` builds (ensure_data) carries the synthetic marker."""
+    from ctssl_core.benchmark import ensure_data, make_plan
+    from ctssl_core.data.pseudonym import is_synthetic_key
+
+    store = tmp_path / "store"
+    over = [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=2", "synth.slices_per_exam=4",
+            "ingest.size=32"]
+    ensure_data(make_plan("smoke", over, store), store, lambda m: None)
+    assert is_synthetic_key(store_paths(store).secret) and _catalog_counts(store)[0] == 2
+    write_series(tmp_path / "real" / "s", phantom(2, 32, 32), patient_id="REAL-PID")
+    with pytest.raises(ConfigError, match="fresh store"):
+        ingest(tmp_path / "real", store, IngestConfig(size=32, workers=1), progress=False)
+    assert _catalog_counts(store)[0] == 2
+
+
+def test_cli_ingest_names_dropped_identifier_columns_never_values(tmp_path, capsys):
+    from ctssl_core.cli import main
+
+    write_series(tmp_path / "src" / "a", phantom(2, 16, 16), patient_id="P1")
+    (tmp_path / "src" / "demographics.csv").write_text("PatientID,Patient Name,age,smoker\nP1,Doe^John,50,yes\n")
+    assert main(["ingest", str(tmp_path / "src"), "--store", str(tmp_path / "st"), "--size", "16",
+                 "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "identifier-like columns not stored: Patient Name (rename" in out.out
+    assert "Doe^John" not in out.out + out.err and "Traceback" not in out.err
+    with connect(store_paths(tmp_path / "st").db, read_only=True) as con:
+        assert con.execute("SELECT age, attributes FROM patients").fetchall() == [(50.0, '{"smoker": "yes"}')]
