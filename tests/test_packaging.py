@@ -137,3 +137,15 @@ def test_requirements_lock_pins_every_declared_dependency_inside_its_range():
         assert norm(r.name) in pins, f"{r.name} is declared in pyproject but not pinned in requirements*.txt"
         assert r.specifier.contains(pins[norm(r.name)], prereleases=True), \
             f"requirements pin {r.name}=={pins[norm(r.name)]} is outside pyproject's range {r.specifier}"
+
+
+def test_without_the_umap_extra_projection_says_what_to_install(monkeypatch):
+    """umap-learn is optional: a missing one is a clear EmbedError (compute_projections then keeps PCA)."""
+    import numpy as np
+
+    from ctssl_core.embed import EmbedError, project_umap
+
+    monkeypatch.setitem(sys.modules, "umap", None)   # `import umap` now raises ImportError, as if not installed
+    E = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
+    with pytest.raises(EmbedError, match=r"pip install 'ctssl\[umap\]'.*--no-umap"):
+        project_umap(E, pca_dims=4, n_neighbors=3)
