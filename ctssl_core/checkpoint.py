@@ -12,11 +12,20 @@ that a crash or SIGTERM mid-save never leaves a half-written ``last.pt``.
 Loading an encoder is strict: missing or unexpected keys and an architecture
 mismatch fail loudly with the names, because a silently half-loaded encoder
 makes every downstream number wrong.
+
+Reading uses ``torch.load(weights_only=True)``: a checkpoint holds only tensors
+and plain values (dicts, lists, tuples, str, int, float, bool, None), so a file
+whose pickle would construct arbitrary objects (and so could run code) is
+refused instead of executed. numpy's RNG state is therefore stored as plain
+values plus a tensor (``_numpy_state_plain``); checkpoints written before that
+(a numpy state tuple holding an ``ndarray``) still load, through a scoped
+allow-list of exactly the numpy array globals such a tuple needs.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,11 +72,26 @@ def encoder_identity(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
 
 
 # ---------------- RNG ----------------
+def _numpy_state_plain(state: tuple[Any, ...]) -> dict[str, Any]:
+    """numpy's legacy RNG state tuple as values ``weights_only`` loading accepts (no ndarray)."""
+    kind, keys, pos, has_gauss, cached = state
+    return {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,) uint32 values
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_tuple(state: Any) -> tuple[Any, ...]:
+    """Inverse of ``_numpy_state_plain``; a tuple (older checkpoints) passes through."""
+    if not isinstance(state, Mapping):
+        return tuple(state)
+    keys = np.asarray(state["keys"].numpy() if isinstance(state["keys"], torch.Tensor) else state["keys"]).astype(np.uint32)
+    return (state["kind"], keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"]))
+
+
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Every random state a training step touches: python, numpy, torch CPU/CUDA, named generators."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generators": {k: g.get_state() for k, g in (generators or {}).items()},
@@ -77,7 +101,7 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[s
 
 def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -147,10 +171,28 @@ def resolve_checkpoint(ref: str | Path, store_root: str | Path | None = None) ->
     )
 
 
+def _legacy_numpy_globals() -> list[Any]:
+    """The globals a pickled numpy RNG state tuple needs (checkpoints from before ``_numpy_state_plain``)."""
+    core = getattr(np, "_core", None) or np.core   # numpy >= 2 renamed core -> _core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint(ref: str | Path, store_root: str | Path | None = None) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); a file that needs arbitrary objects is refused."""
     path = resolve_checkpoint(ref, store_root)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]   # torch names the refused global
+        if not unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a ctssl checkpoint (torch.save of a dict)?") from e
+        first = unsafe[0][:300]
+        raise CheckpointError(
+            f"refused to load checkpoint {path}: it contains Python objects beyond tensors and plain values, "
+            f"which could run code when unpickled ({first}). ctssl checkpoints never do; use a checkpoint "
+            f"written by `ctssl pretrain` / `ctssl finetune`, or an export folder's safetensors weights."
+        ) from e
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a ctssl checkpoint (torch.save of a dict)?") from e
     if not isinstance(obj, dict) or "encoder" not in obj:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ctssl_core import __version__
+
 # registry: subcommand -> module under ctssl_core.commands
 COMMANDS: dict[str, str] = {
     "synth": "synth",
@@ -32,6 +34,7 @@ def build_parser(available: dict[str, object] | None = None) -> argparse.Argumen
         prog="ctssl",
         description="Self-supervised pretraining benchmark and bias analysis for chest CT.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in (available or _load_all()).items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

@@ -166,7 +166,11 @@ def project_umap(E: np.ndarray, pca_dims: int = 50, n_neighbors: int = 15, min_d
     95 CPU-s that way against ~20 CPU-s (PCA 1 + exact kNN 3 + layout 16) with
     the exact graph, which is also deterministic.
     """
-    import umap  # numba: first fit per process compiles (~30-45 s on 2 cores)
+    try:
+        import umap  # numba: first fit per process compiles (~30-45 s on 2 cores)
+    except ImportError as e:   # umap-learn is the optional `umap` extra (numba + llvmlite, ~210 MB)
+        raise EmbedError(f"UMAP needs umap-learn, which is not installed ({e}): `pip install 'ctssl[umap]'` "
+                         f"(or umap-learn), or skip UMAP with `ctssl embed --no-umap` / embed.umap: false") from e
     from sklearn.neighbors import NearestNeighbors
 
     t0 = time.perf_counter()

@@ -105,3 +105,56 @@ def test_fake_encoder_name_from_attribute(tmp_path):
     ck = read_checkpoint(tmp_path / "f.pt")
     assert ck["encoder_name"] == "tiny_fake" and ck["encoder_kwargs"] == {"width": 8}
     load_encoder_state(TinyEncoder(), ck)  # same architecture loads strictly
+
+
+def test_rng_state_round_trips_through_a_saved_checkpoint(tmp_path):
+    np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian: has_gauss=1 must survive too
+    save_tiny(tmp_path / "r.pt")
+    a = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    set_rng_state(read_checkpoint(tmp_path / "r.pt")["rng"])
+    b = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    assert a[:3] == b[:3] and torch.equal(a[3], b[3])
+
+
+def test_checkpoint_with_a_legacy_numpy_state_tuple_still_loads_and_restores(tmp_path):
+    """Checkpoints written before the plain numpy state held np.random.get_state() (an ndarray) as is."""
+    path = tmp_path / "old.pt"
+    np.random.seed(11)
+    legacy = {**rng_state(), "numpy": np.random.get_state()}
+    enc = build_encoder("tiny", width=0.25)
+    save_checkpoint(path, enc, None, None, None, step=1, rng=legacy, config={"encoder": "tiny"})
+    want = np.random.rand(4)
+    np.random.seed(0)
+    set_rng_state(read_checkpoint(path)["rng"])
+    assert np.array_equal(np.random.rand(4), want)
+
+
+MARKER_NAME = "pwned.txt"
+
+
+def _write_marker(path: str) -> str:
+    """What a malicious pickle would run on load: here it only leaves a marker file."""
+    with open(path, "w") as f:
+        f.write("code ran during torch.load")
+    return path
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_write_marker, (self.path,))
+
+
+def test_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / MARKER_NAME
+    path = tmp_path / "evil.pt"
+    save_tiny(path, extra={"note": _Payload(str(marker))})   # otherwise a perfectly valid checkpoint
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*evil\.pt.*_write_marker"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refused to load checkpoint"):
+        load_encoder(path)
+    assert not marker.exists()   # the payload never ran
