@@ -18,6 +18,8 @@ Shapes: images are ``(B, C, H, W)`` (C = 1 for a grey CT slice) unless stated.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,17 @@ from ctssl_core.config import ConfigError
 # Paper preprocessing: one soft-tissue window, level 50 / width 350 HU (-125..225 HU).
 PAPER_LEVEL = 50.0
 PAPER_WIDTH = 350.0
+
+# Window sets (level, width) in HU, one model input channel each. "paper" is the paper's single
+# soft-tissue window; "rsna3" the lung / PE (contrast-filled vessels) / mediastinal windows that
+# RSNA-PE solutions stack as RGB: a single soft-tissue window clips lung (where nodules and the
+# age effect live) to 0 and bone to 1.
+Windows = tuple[tuple[float, float], ...]
+WINDOWS: dict[str, Windows] = {
+    "paper": ((PAPER_LEVEL, PAPER_WIDTH),),
+    "rsna3": ((-600.0, 1500.0), (100.0, 700.0), (40.0, 400.0)),
+}
+DEFAULT_WINDOWS: Windows = WINDOWS["paper"]
 
 
 def _check_generator(generator: torch.Generator, device: torch.device | str | None) -> None:
@@ -63,6 +76,47 @@ def window(hu: Tensor, level: float = PAPER_LEVEL, width: float = PAPER_WIDTH,
         mx = x.amax(dim=(-2, -1), keepdim=True)
         x = (x - mn) / (mx - mn).clamp_min(eps)
     return x
+
+
+def resolve_windows(windows: Any) -> Windows:
+    """A preset name (``WINDOWS``) or a sequence of (level, width) pairs -> a tuple of float pairs.
+
+    Configs, checkpoints and the loader all go through here, so a window set is spelled one way
+    everywhere (JSON turns the tuples into lists; this turns them back).
+    """
+    if isinstance(windows, str):
+        if windows not in WINDOWS:
+            raise ConfigError(f"unknown window preset {windows!r}; choose one of {sorted(WINDOWS)} "
+                              f"or give (level, width) pairs, e.g. [[50, 350], [-600, 1500]]")
+        return WINDOWS[windows]
+    example = "e.g. windows=[[50, 350]] (one soft-tissue window) or windows=rsna3"
+    try:
+        pairs = [tuple(w) for w in windows]
+    except TypeError:
+        raise ConfigError(f"windows must be a list of (level, width) HU pairs, got {windows!r}; {example}") from None
+    if not pairs:
+        raise ConfigError(f"windows is empty; give at least one (level, width) pair, {example}")
+    out = []
+    for w in pairs:
+        if len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w):
+            raise ConfigError(f"each window is a (level, width) pair of numbers in HU, got {w!r}; {example}")
+        if not w[1] > 0:
+            raise ConfigError(f"window width must be > 0 HU, got {w[1]} in {w!r}")
+        out.append((float(w[0]), float(w[1])))
+    return tuple(out)
+
+
+def window_stack(hu: Tensor, windows: Any = DEFAULT_WINDOWS) -> Tensor:
+    """Hounsfield units ``(..., H, W)`` -> ``(..., C, H, W)`` float32 in [0, 1], one channel per window.
+
+    ``C = len(windows)``. Channel ``c`` is exactly ``window(hu, *windows[c])``: the loop runs over
+    the (few) windows, not the samples, and every op stays on ``hu``'s device.
+    """
+    ws = resolve_windows(windows)
+    if not isinstance(hu, Tensor) or hu.dim() < 2:
+        shape = tuple(hu.shape) if isinstance(hu, Tensor) else type(hu).__name__
+        raise ConfigError(f"window_stack needs a (..., H, W) HU tensor, got {shape}")
+    return torch.stack([window(hu, level, width) for level, width in ws], dim=-3)   # (..., C, H, W)
 
 
 def flip_batch(x: Tensor, code: Tensor) -> Tensor:
@@ -296,7 +350,8 @@ def global_pool(feat: Tensor, mode: str = "avg") -> Tensor:
 
 
 __all__ = [
-    "PAPER_LEVEL", "PAPER_WIDTH", "window", "flip_batch", "rot90_batch", "square_mask", "mask_side",
+    "PAPER_LEVEL", "PAPER_WIDTH", "WINDOWS", "DEFAULT_WINDOWS", "Windows", "resolve_windows", "window_stack",
+    "window", "flip_batch", "rot90_batch", "square_mask", "mask_side",
     "salt_pepper", "gaussian_noise", "ssim", "resize", "crop", "crop_offsets", "center_crop",
     "POOLS", "global_pool",
 ]

@@ -200,3 +200,35 @@ def test_global_pool_modes():
     assert both.shape == (2, 6) and torch.equal(both[:, :3], ops.global_pool(f, "avg"))
     with pytest.raises(ConfigError, match="unknown pool"):
         ops.global_pool(f, "sum")
+
+
+# ---------------- window_stack: several HU windows as channels ----------------
+from ctssl_core.ops import WINDOWS, resolve_windows, window, window_stack  # noqa: E402
+
+
+@pytest.mark.parametrize("preset", ["paper", "rsna3"])
+def test_window_stack_equals_each_window_per_channel(preset):
+    hu = torch.randint(-1200, 1500, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.int16)
+    x = window_stack(hu, preset)
+    ws = WINDOWS[preset]
+    assert x.shape == (2, 3, len(ws), 8, 8) and x.dtype == torch.float32
+    for c, (level, width) in enumerate(ws):
+        assert torch.equal(x[:, :, c], window(hu, level, width))
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_window_stack_lung_window_keeps_what_the_soft_tissue_window_clips():
+    hu = torch.tensor([[-900, -500], [0, 300]], dtype=torch.int16)   # lung, ground glass, water, contrast
+    x = window_stack(hu, "rsna3")                                     # (3, 2, 2)
+    assert torch.equal(window_stack(hu, "paper")[0, 0], torch.zeros(2))   # soft tissue: lung all 0
+    assert float(x[0, 0, 0]) < float(x[0, 0, 1])                     # lung window tells them apart
+
+
+@pytest.mark.parametrize("bad", ["lung", [], [[50]], [[50, 0]], [["a", 1]], 5])
+def test_resolve_windows_rejects_bad_sets_with_advice(bad):
+    with pytest.raises(ConfigError, match="window"):
+        resolve_windows(bad)
+
+
+def test_resolve_windows_normalises_json_lists():
+    assert resolve_windows([[50, 350], [-600, 1500]]) == ((50.0, 350.0), (-600.0, 1500.0))
