@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -111,6 +112,22 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_fraction").set_value([0.1]).run()
     assert set(at.multiselect(key="lc_runs").options) == set(
         read.run_table(seeded.root).query("init == 'random' and fraction == 0.1").run_id)
+
+
+def test_embeddings_page_on_real_smoke_store(smoke_store):
+    """Issue 14: the page read every benchmark-built store as an error (KeyError: 'row')."""
+    at = open_page(smoke_store, "embeddings")
+    assert not at.error, [e.value for e in at.error]
+    emb = read.embeddings(smoke_store)
+    shown = at.selectbox(key="emb_id").value
+    keys = pd.read_parquet(smoke_store / emb.set_index("emb_id").loc[shown, "keys_path"])
+    scatters = [x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]
+    assert len(scatters) == 2 and "random init" in scatters[1]["layout"]["title"]["text"]
+    assert {d["name"] for d in scatters[0]["data"]} == set(keys.race.dropna().astype(str))
+    for eid in emb[emb.init != "random"].emb_id:  # every pretrained init's view (and its random-init pair) reads
+        at.selectbox(key="emb_id").set_value(eid).run()
+        assert not at.exception and not at.error, (eid, [e.value for e in at.error])
+        assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]) == 2
 
 
 def test_embeddings_scatter_pair_probes_and_caveat(seeded):

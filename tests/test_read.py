@@ -241,6 +241,38 @@ def test_projection_samples_and_joins_keys(seeded):
     assert read.reference_for(seeded.root, seeded.emb_ids[1]) == seeded.emb_ids[0]
 
 
+def test_projection_on_real_smoke_store_carries_patient_attributes(smoke_store):
+    """Issue 14: the keys parquet `ctssl embed` writes has no `row` column; points index it by position."""
+    emb = read.embeddings(smoke_store)
+    assert {"random"} < set(emb.init) and set(emb.level) == {"slice", "exam"}
+    for r in emb.itertuples():
+        assert r.methods and r.keys_ok
+        keys = pd.read_parquet(smoke_store / r.keys_path)
+        assert "row" not in keys.columns  # what the production writer really produces
+        for method in r.methods:
+            pts, total = read.projection(smoke_store, r.emb_id, method)
+            assert total == len(pts) == len(pd.read_parquet(smoke_store / f"embeddings/{r.emb_id}.{method}.parquet"))
+            want = keys.iloc[pts.row.to_numpy()].reset_index(drop=True)
+            for col in ("patient_key", "series_key", "age", "sex", "race", "site"):
+                assert pts[col].tolist() == want[col].tolist(), (r.emb_id, method, col)
+            assert pts[["patient_key", "sex", "race"]].notna().all().all()
+
+
+def test_projection_rows_beyond_keys_are_refused(smoke_store, tmp_path):
+    import shutil
+
+    emb = read.embeddings(smoke_store)
+    r = emb[emb.level == "slice"].iloc[0]
+    root = tmp_path / "s"
+    shutil.copytree(smoke_store, root, ignore=shutil.ignore_patterns("runs", "slices", "masks", "*.pt"))
+    keys = pd.read_parquet(root / r.keys_path)
+    keys.iloc[: len(keys) // 2].to_parquet(root / r.keys_path, index=False)  # keys of some other, smaller run
+    with pytest.raises(read.ResultFileMissing, match=r"keys file has only \d+ rows.*ctssl embed"):
+        read.projection(root, r.emb_id, "pca")
+    view = read.embedding_view(root, r.emb_id, "pca")  # the page still renders, with the message
+    assert view["points"] is None and any("ctssl embed" in m for m in view["missing"])
+
+
 def test_projection_missing_file_or_method_says_what_to_run(seeded, tmp_path):
     import shutil
 

@@ -44,6 +44,10 @@ class ResultFileMissing(StoreError):
     """A file the store points to (projection, slice array, checkpoint) is gone."""
 
 
+class ResultFileStale(ResultFileMissing):
+    """A result file no longer matches its companion (e.g. projection rows beyond the embedding's keys)."""
+
+
 def lower_is_better(metric: str) -> bool:
     m = metric.lower()
     return m.endswith(("mae", "mse", "loss", "error", "fpr")) or "loss" in m
@@ -519,9 +523,25 @@ def projection(store: str | Path, emb_id: str, method: str, max_points: int = 50
         pts = pts.sample(n=max_points, random_state=seed).sort_values("row")
     if len(emb) and isinstance(emb.keys_path.iloc[0], str) and (root / emb.keys_path.iloc[0]).exists():
         keys = pd.read_parquet(root / emb.keys_path.iloc[0])
-        keys = keys.drop(columns=[c for c in ("x", "y") if c in keys.columns])
-        pts = pts.merge(keys, on="row", how="left")
+        pts = _attach_keys(pts, keys, f"the {method.upper()} points of {emb_id}")
     return pts.reset_index(drop=True), total
+
+
+def _attach_keys(pts: pd.DataFrame, keys: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Points (row, x, y) with the key columns of their rows.
+
+    Why positional: a projection's ``row`` is the index of the point's row in
+    the embedding (``embed.compute_projections``), and the keys parquet
+    ``embed.save_embeddings`` writes is in that same row order with no ``row``
+    column of its own. A point whose row lies outside the keys means the two
+    files come from different ``ctssl embed`` runs: refuse rather than mislabel.
+    """
+    keys = keys.drop(columns=[c for c in ("row", "x", "y") if c in keys.columns]).reset_index(drop=True)
+    rows = pts["row"].to_numpy()
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(keys)):
+        raise ResultFileStale(f"{what} refer to row {int(rows.max())} but the embedding's keys file has only "
+                              f"{len(keys)} rows (files from different runs); re-run `ctssl embed` to rebuild both.")
+    return pd.concat([pts.reset_index(drop=True), keys.iloc[rows].reset_index(drop=True)], axis=1)
 
 
 def embedding_view(store: str | Path, emb_id: str, method: str, max_points: int = 5000) -> dict:
