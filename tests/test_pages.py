@@ -130,6 +130,35 @@ def test_embeddings_page_on_real_smoke_store(smoke_store):
         assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]) == 2
 
 
+def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
+    """Issue 14: two benchmarks in one store crashed the Overview (duplicate pivot entries)."""
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    latest = read.latest_finished(bench)
+    other = next(b for b in bench.benchmark_id if b != latest)
+    at = open_page(store, "overview")
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="benchmark_id").value == latest
+    for bid in (latest, other):
+        if bid != latest:
+            at.selectbox(key="benchmark_id").set_value(bid).run()
+        assert not at.exception and not at.error
+        wide, _ = read.pivot_headline(read.headline_table(store, bid))
+        shown = at.dataframe[0].value
+        assert list(shown.index) == list(wide.index) and (shown.to_numpy() == wide.to_numpy()).all()
+        assert f"Benchmark **{bid}**" in texts(at)
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="benchmark_id").value == other                    # the choice survives a page switch
+    task, metric = at.selectbox(key="cmp_task_metric").value.split(" · ")
+    curves = read.fraction_curves(store, task, metric, other)
+    lines = {d["name"]: d for d in specs(at)[0]["data"] if d.get("mode") == "lines+markers"}
+    assert set(lines) == set(curves.init)
+    for init, d in lines.items():
+        assert np.allclose(d["y"], curves[curves.init == init].value)
+
+
 def test_embeddings_scatter_pair_probes_and_caveat(seeded):
     at = open_page(seeded.root, "embeddings")
     s = specs(at)

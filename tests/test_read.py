@@ -258,6 +258,21 @@ def test_projection_on_real_smoke_store_carries_patient_attributes(smoke_store):
             assert pts[["patient_key", "sex", "race"]].notna().all().all()
 
 
+def test_seeded_embedding_files_match_what_the_benchmark_writes(seeded, smoke_store):
+    """The seeded store must not drift from the real writers again: same keys and projection file schemas."""
+    import pyarrow.parquet as pq
+
+    real, fake = read.embeddings(smoke_store), read.embeddings(seeded.root)
+    r, f = real[real.level == "slice"].iloc[0], fake.iloc[0]
+    assert pq.read_schema(seeded.root / f.keys_path).remove_metadata() == \
+        pq.read_schema(smoke_store / r.keys_path).remove_metadata()
+    assert r.methods  # the smoke profile projects with PCA (UMAP is off there to save the numba compile)
+    for method in r.methods:
+        assert pq.read_schema(seeded.root / f"embeddings/{f.emb_id}.{method}.parquet").remove_metadata() == \
+            pq.read_schema(smoke_store / f"embeddings/{r.emb_id}.{method}.parquet").remove_metadata()
+    assert list(fake.columns) == list(real.columns)
+
+
 def test_projection_rows_beyond_keys_are_refused(smoke_store, tmp_path):
     import shutil
 
@@ -430,3 +445,30 @@ def test_baseline_rows_go_last_and_are_never_best():
     lines = read.verdicts(t)
     assert any("baseline *z_position*" in line and "0.750" in line for line in lines)
     assert any("**flip** is best" in line for line in lines)
+
+
+# ---------------------------------------------------------------- several benchmarks in one store
+def test_two_benchmarks_are_not_mixed(two_benchmark_store):
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    assert len(bench) == 2 and set(bench.status) == {"succeeded"}
+    assert read.latest_finished(bench) == bench.benchmark_id.iloc[0]          # newest first
+    assert read.latest_finished(bench.assign(status=["running", "succeeded"])) == bench.benchmark_id.iloc[1]
+    assert read.latest_finished(bench.assign(status=["running", "failed"])) == bench.benchmark_id.iloc[0]
+    assert read.latest_finished(bench.iloc[:0]) is None
+    mixed = read.headline_table(store)
+    assert mixed.duplicated(["task", "metric", "init"]).any()                 # why pages must filter
+    with pytest.raises(ValueError, match="duplicate"):
+        read.pivot_headline(mixed)
+    summ = raw(store, "SELECT benchmark_id, task, metric, init, value FROM summaries WHERE value IS NOT NULL")
+    for bid in bench.benchmark_id:
+        t = read.headline_table(store, bid)
+        assert len(t) and not t.duplicated(["task", "metric", "init"]).any()
+        want = summ[(summ.benchmark_id == bid) & ~summ.metric.isin(read.DERIVED_METRICS)]
+        got = t.merge(want, on=["task", "metric", "init"], suffixes=("", "_db"))
+        assert len(got) == len(t) == len(want) and np.allclose(got.value, got.value_db)
+        wide, _ = read.pivot_headline(t)
+        assert list(wide.index) == read.init_order(t.init)
+        assert set(read.task_metrics(store, bid).task) <= set(raw(
+            store, "SELECT task FROM results WHERE benchmark_id = ?", [bid]).task)
+        assert set(read.derived(store, "speed_ratio", bid).init) <= set(t.init)

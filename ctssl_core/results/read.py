@@ -206,6 +206,19 @@ def benchmarks(store: str | Path) -> pd.DataFrame:
     return df.drop(columns=["config"])
 
 
+def latest_finished(bench: pd.DataFrame) -> str | None:
+    """The benchmark a page shows by default: the newest succeeded one, else the newest of any status.
+
+    ``bench`` is :func:`benchmarks` (newest first). Why: a store can hold several
+    benchmarks (profiles, overrides, re-runs); mixing them would average two
+    studies as if they were seeds, and a still-running one has partial results.
+    """
+    if bench.empty:
+        return None
+    done = bench[bench.status == "succeeded"]
+    return str((done if len(done) else bench).benchmark_id.iloc[0])
+
+
 def run_overview(store: str | Path) -> dict:
     """Dataset(s) and time span of the runs, for when no benchmark row exists."""
     with _read(store) as con:
@@ -372,10 +385,10 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     return out
 
 
-def task_metrics(store: str | Path) -> pd.DataFrame:
-    """(task, metric) pairs that have label-fraction results."""
+def task_metrics(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
+    """(task, metric) pairs that have label-fraction results (of one benchmark when given)."""
     with _read(store) as con:
-        df = _select(con, "results", ["task", "metric"], "value IS NOT NULL")
+        df = _results(con, benchmark_id=benchmark_id)[["task", "metric"]]
     return df.drop_duplicates().sort_values(["task", "metric"]).reset_index(drop=True)
 
 
@@ -408,11 +421,15 @@ def pairwise(store: str | Path, task: str, metric: str, a: str, b: str,
     return out.reset_index(drop=True)
 
 
-def derived(store: str | Path, metric: str) -> pd.DataFrame:
+def derived(store: str | Path, metric: str, benchmark_id: str | None = None) -> pd.DataFrame:
     """Summary rows of a derived metric ('speed_ratio', 'labels_saved') per task and init."""
+    where, params = "metric = ?", [metric]
+    if benchmark_id:
+        where += " AND benchmark_id = ?"
+        params.append(benchmark_id)
     with _read(store) as con:
-        return _select(con, "summaries", ["task", "init", "value", "ci_low", "ci_high", "note"], "metric = ?",
-                       [metric], order="task, value DESC")
+        return _select(con, "summaries", ["task", "init", "value", "ci_low", "ci_high", "note"], where, params,
+                       order="task, value DESC")
 
 
 # ---------------------------------------------------------------- learning curves
