@@ -98,6 +98,28 @@ def _guard(store: str, thunk, missing_ok: bool = False):
         st.stop()
 
 
+def benchmark_choice() -> str | None:
+    """Sidebar selector of the store's benchmarks; returns the chosen id (None: the store has none).
+
+    Defaults to the latest finished benchmark (``read.latest_finished``); pages
+    filter their tables by it so two benchmarks are never mixed.
+    """
+    bench = query("benchmarks")
+    if bench.empty:
+        return None
+    ids = bench.benchmark_id.astype(str).tolist()
+    chosen = st.session_state.get("ctssl_benchmark")     # kept outside the widget: survives page switches
+    if chosen not in ids:                                # first visit, or another store was chosen
+        chosen = read.latest_finished(bench)
+    labels = {r.benchmark_id: f"{r.benchmark_id} · {r.profile} · {r.status} · {str(r.started_at)[:16]}"
+              for r in bench.itertuples()}
+    pick = st.sidebar.selectbox("Benchmark", ids, index=ids.index(chosen), format_func=lambda b: labels.get(b, b),
+                                key="benchmark_id",
+                                help="Results of one benchmark at a time; the latest finished one by default.")
+    st.session_state["ctssl_benchmark"] = pick
+    return pick
+
+
 def sidebar_status() -> None:
     """One caption with what the store holds, and the older-schema note if any."""
     store = current_store()

@@ -4,11 +4,12 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import HEADLINE, init_order
-from pages.common import query, query_many, show_outdated_note
+from pages.common import benchmark_choice, query, query_many, show_outdated_note
 
 st.title("Compare pretraining strategies")
-info, tm, table, speed, saved = query_many(("store_info",), ("task_metrics",), ("headline_table",),
-                                          ("derived", "speed_ratio"), ("derived", "labels_saved"))
+bench_id = benchmark_choice()
+info, tm, table, speed, saved = query_many(("store_info",), ("task_metrics", bench_id), ("headline_table", bench_id),
+                                          ("derived", "speed_ratio", bench_id), ("derived", "labels_saved", bench_id))
 show_outdated_note(info)
 
 if tm.empty:
@@ -22,7 +23,7 @@ default = next((choices.index(c) for c in preferred if c in choices), 0)
 choice = st.selectbox("Task · metric", choices, index=default, key="cmp_task_metric")
 task, metric = choice.split(" · ")
 
-curves = query("fraction_curves", task, metric)
+curves = query("fraction_curves", task, metric, bench_id)
 st.plotly_chart(charts.fraction_curves_fig(curves, task, metric), width="stretch", key="cmp_curves")
 st.caption("Mean over seeds; bands are 95% CIs. Random init (grey, dashed) is the reference.")
 
@@ -63,7 +64,7 @@ b = cb.selectbox("B", inits, index=inits.index("random") if "random" in inits el
 if a == b:
     st.info("Pick two different strategies.")
 else:
-    diff = query("pairwise", task, metric, a, b)
+    diff = query("pairwise", task, metric, a, b, bench_id)
     if diff.empty:
         st.info(f"{a} and {b} share no label fraction for {task} · {metric}.")
     else:

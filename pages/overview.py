@@ -3,10 +3,11 @@
 import streamlit as st
 
 from ctssl_core.results.read import fmt_ci, pivot_headline, verdicts
-from pages.common import query_many, show_outdated_note
+from pages.common import benchmark_choice, query_many, show_outdated_note
 
 st.title("Which pretraining strategy should I use?")
-info_store, table, bench, info = query_many(("store_info",), ("headline_table",), ("benchmarks",),
+bench_id = benchmark_choice()
+info_store, table, bench, info = query_many(("store_info",), ("headline_table", bench_id), ("benchmarks",),
                                            ("run_overview",))
 show_outdated_note(info_store)
 
@@ -18,7 +19,7 @@ if table.empty:
     st.stop()
 
 if len(bench):
-    b = bench.iloc[0]
+    b = bench[bench.benchmark_id == bench_id].iloc[0]
     when = b.ended_at if b.ended_at is not None and str(b.ended_at) != "NaT" else b.started_at
     st.caption(f"Benchmark **{b.benchmark_id}** · dataset **{b.dataset}** · profile {b.profile} · "
                f"status {b.status} · {str(when)[:16]}")

@@ -48,3 +48,27 @@ def store_copy(tiny_store, tmp_path):
     dst = tmp_path / "store"
     shutil.copytree(tiny_store, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory):
+    """A store built by the REAL smoke benchmark (synth -> ingest -> pretrain -> fine-tune -> embed -> bias),
+    once per session (~40 s on 2 cores). Read-only by convention: pages and queries must work on what the
+    production writers produce, not only on ``results/seed.py``'s imitation of it."""
+    from ctssl_core.benchmark import run_benchmark
+
+    root = tmp_path_factory.mktemp("smoke_store")
+    run_benchmark("smoke", store_root=root, progress=False, log=lambda m: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def two_benchmark_store(smoke_store, tmp_path_factory):
+    """``smoke_store`` plus a second smoke benchmark with another override (``downstream.n_boot=20``):
+    a store holding two benchmarks, as a user gets after re-running with different settings."""
+    from ctssl_core.benchmark import run_benchmark
+
+    root = tmp_path_factory.mktemp("two_benchmarks") / "store"
+    shutil.copytree(smoke_store, root)
+    run_benchmark("smoke", store_root=root, overrides=["downstream.n_boot=20"], progress=False, log=lambda m: None)
+    return root

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -111,6 +112,51 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_fraction").set_value([0.1]).run()
     assert set(at.multiselect(key="lc_runs").options) == set(
         read.run_table(seeded.root).query("init == 'random' and fraction == 0.1").run_id)
+
+
+def test_embeddings_page_on_real_smoke_store(smoke_store):
+    """Issue 14: the page read every benchmark-built store as an error (KeyError: 'row')."""
+    at = open_page(smoke_store, "embeddings")
+    assert not at.error, [e.value for e in at.error]
+    emb = read.embeddings(smoke_store)
+    shown = at.selectbox(key="emb_id").value
+    keys = pd.read_parquet(smoke_store / emb.set_index("emb_id").loc[shown, "keys_path"])
+    scatters = [x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]
+    assert len(scatters) == 2 and "random init" in scatters[1]["layout"]["title"]["text"]
+    assert {d["name"] for d in scatters[0]["data"]} == set(keys.race.dropna().astype(str))
+    for eid in emb[emb.init != "random"].emb_id:  # every pretrained init's view (and its random-init pair) reads
+        at.selectbox(key="emb_id").set_value(eid).run()
+        assert not at.exception and not at.error, (eid, [e.value for e in at.error])
+        assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]) == 2
+
+
+def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
+    """Issue 14: two benchmarks in one store crashed the Overview (duplicate pivot entries)."""
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    latest = read.latest_finished(bench)
+    other = next(b for b in bench.benchmark_id if b != latest)
+    at = open_page(store, "overview")
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="benchmark_id").value == latest
+    for bid in (latest, other):
+        if bid != latest:
+            at.selectbox(key="benchmark_id").set_value(bid).run()
+        assert not at.exception and not at.error
+        wide, _ = read.pivot_headline(read.headline_table(store, bid))
+        shown = at.dataframe[0].value
+        assert list(shown.index) == list(wide.index) and (shown.to_numpy() == wide.to_numpy()).all()
+        assert f"Benchmark **{bid}**" in texts(at)
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="benchmark_id").value == other                    # the choice survives a page switch
+    task, metric = at.selectbox(key="cmp_task_metric").value.split(" · ")
+    curves = read.fraction_curves(store, task, metric, other)
+    lines = {d["name"]: d for d in specs(at)[0]["data"] if d.get("mode") == "lines+markers"}
+    assert set(lines) == set(curves.init)
+    for init, d in lines.items():
+        assert np.allclose(d["y"], curves[curves.init == init].value)
 
 
 def test_embeddings_scatter_pair_probes_and_caveat(seeded):

@@ -241,6 +241,53 @@ def test_projection_samples_and_joins_keys(seeded):
     assert read.reference_for(seeded.root, seeded.emb_ids[1]) == seeded.emb_ids[0]
 
 
+def test_projection_on_real_smoke_store_carries_patient_attributes(smoke_store):
+    """Issue 14: the keys parquet `ctssl embed` writes has no `row` column; points index it by position."""
+    emb = read.embeddings(smoke_store)
+    assert {"random"} < set(emb.init) and set(emb.level) == {"slice", "exam"}
+    for r in emb.itertuples():
+        assert r.methods and r.keys_ok
+        keys = pd.read_parquet(smoke_store / r.keys_path)
+        assert "row" not in keys.columns  # what the production writer really produces
+        for method in r.methods:
+            pts, total = read.projection(smoke_store, r.emb_id, method)
+            assert total == len(pts) == len(pd.read_parquet(smoke_store / f"embeddings/{r.emb_id}.{method}.parquet"))
+            want = keys.iloc[pts.row.to_numpy()].reset_index(drop=True)
+            for col in ("patient_key", "series_key", "age", "sex", "race", "site"):
+                assert pts[col].tolist() == want[col].tolist(), (r.emb_id, method, col)
+            assert pts[["patient_key", "sex", "race"]].notna().all().all()
+
+
+def test_seeded_embedding_files_match_what_the_benchmark_writes(seeded, smoke_store):
+    """The seeded store must not drift from the real writers again: same keys and projection file schemas."""
+    import pyarrow.parquet as pq
+
+    real, fake = read.embeddings(smoke_store), read.embeddings(seeded.root)
+    r, f = real[real.level == "slice"].iloc[0], fake.iloc[0]
+    assert pq.read_schema(seeded.root / f.keys_path).remove_metadata() == \
+        pq.read_schema(smoke_store / r.keys_path).remove_metadata()
+    assert r.methods  # the smoke profile projects with PCA (UMAP is off there to save the numba compile)
+    for method in r.methods:
+        assert pq.read_schema(seeded.root / f"embeddings/{f.emb_id}.{method}.parquet").remove_metadata() == \
+            pq.read_schema(smoke_store / f"embeddings/{r.emb_id}.{method}.parquet").remove_metadata()
+    assert list(fake.columns) == list(real.columns)
+
+
+def test_projection_rows_beyond_keys_are_refused(smoke_store, tmp_path):
+    import shutil
+
+    emb = read.embeddings(smoke_store)
+    r = emb[emb.level == "slice"].iloc[0]
+    root = tmp_path / "s"
+    shutil.copytree(smoke_store, root, ignore=shutil.ignore_patterns("runs", "slices", "masks", "*.pt"))
+    keys = pd.read_parquet(root / r.keys_path)
+    keys.iloc[: len(keys) // 2].to_parquet(root / r.keys_path, index=False)  # keys of some other, smaller run
+    with pytest.raises(read.ResultFileMissing, match=r"keys file has only \d+ rows.*ctssl embed"):
+        read.projection(root, r.emb_id, "pca")
+    view = read.embedding_view(root, r.emb_id, "pca")  # the page still renders, with the message
+    assert view["points"] is None and any("ctssl embed" in m for m in view["missing"])
+
+
 def test_projection_missing_file_or_method_says_what_to_run(seeded, tmp_path):
     import shutil
 
@@ -398,3 +445,30 @@ def test_baseline_rows_go_last_and_are_never_best():
     lines = read.verdicts(t)
     assert any("baseline *z_position*" in line and "0.750" in line for line in lines)
     assert any("**flip** is best" in line for line in lines)
+
+
+# ---------------------------------------------------------------- several benchmarks in one store
+def test_two_benchmarks_are_not_mixed(two_benchmark_store):
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    assert len(bench) == 2 and set(bench.status) == {"succeeded"}
+    assert read.latest_finished(bench) == bench.benchmark_id.iloc[0]          # newest first
+    assert read.latest_finished(bench.assign(status=["running", "succeeded"])) == bench.benchmark_id.iloc[1]
+    assert read.latest_finished(bench.assign(status=["running", "failed"])) == bench.benchmark_id.iloc[0]
+    assert read.latest_finished(bench.iloc[:0]) is None
+    mixed = read.headline_table(store)
+    assert mixed.duplicated(["task", "metric", "init"]).any()                 # why pages must filter
+    with pytest.raises(ValueError, match="duplicate"):
+        read.pivot_headline(mixed)
+    summ = raw(store, "SELECT benchmark_id, task, metric, init, value FROM summaries WHERE value IS NOT NULL")
+    for bid in bench.benchmark_id:
+        t = read.headline_table(store, bid)
+        assert len(t) and not t.duplicated(["task", "metric", "init"]).any()
+        want = summ[(summ.benchmark_id == bid) & ~summ.metric.isin(read.DERIVED_METRICS)]
+        got = t.merge(want, on=["task", "metric", "init"], suffixes=("", "_db"))
+        assert len(got) == len(t) == len(want) and np.allclose(got.value, got.value_db)
+        wide, _ = read.pivot_headline(t)
+        assert list(wide.index) == read.init_order(t.init)
+        assert set(read.task_metrics(store, bid).task) <= set(raw(
+            store, "SELECT task FROM results WHERE benchmark_id = ?", [bid]).task)
+        assert set(read.derived(store, "speed_ratio", bid).init) <= set(t.init)

@@ -44,6 +44,10 @@ class ResultFileMissing(StoreError):
     """A file the store points to (projection, slice array, checkpoint) is gone."""
 
 
+class ResultFileStale(ResultFileMissing):
+    """A result file no longer matches its companion (e.g. projection rows beyond the embedding's keys)."""
+
+
 def lower_is_better(metric: str) -> bool:
     m = metric.lower()
     return m.endswith(("mae", "mse", "loss", "error", "fpr")) or "loss" in m
@@ -200,6 +204,19 @@ def benchmarks(store: str | Path) -> pd.DataFrame:
     with _read(store) as con:
         df = _select(con, "benchmarks", order="started_at DESC NULLS LAST")
     return df.drop(columns=["config"])
+
+
+def latest_finished(bench: pd.DataFrame) -> str | None:
+    """The benchmark a page shows by default: the newest succeeded one, else the newest of any status.
+
+    ``bench`` is :func:`benchmarks` (newest first). Why: a store can hold several
+    benchmarks (profiles, overrides, re-runs); mixing them would average two
+    studies as if they were seeds, and a still-running one has partial results.
+    """
+    if bench.empty:
+        return None
+    done = bench[bench.status == "succeeded"]
+    return str((done if len(done) else bench).benchmark_id.iloc[0])
 
 
 def run_overview(store: str | Path) -> dict:
@@ -368,10 +385,10 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     return out
 
 
-def task_metrics(store: str | Path) -> pd.DataFrame:
-    """(task, metric) pairs that have label-fraction results."""
+def task_metrics(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
+    """(task, metric) pairs that have label-fraction results (of one benchmark when given)."""
     with _read(store) as con:
-        df = _select(con, "results", ["task", "metric"], "value IS NOT NULL")
+        df = _results(con, benchmark_id=benchmark_id)[["task", "metric"]]
     return df.drop_duplicates().sort_values(["task", "metric"]).reset_index(drop=True)
 
 
@@ -404,11 +421,15 @@ def pairwise(store: str | Path, task: str, metric: str, a: str, b: str,
     return out.reset_index(drop=True)
 
 
-def derived(store: str | Path, metric: str) -> pd.DataFrame:
+def derived(store: str | Path, metric: str, benchmark_id: str | None = None) -> pd.DataFrame:
     """Summary rows of a derived metric ('speed_ratio', 'labels_saved') per task and init."""
+    where, params = "metric = ?", [metric]
+    if benchmark_id:
+        where += " AND benchmark_id = ?"
+        params.append(benchmark_id)
     with _read(store) as con:
-        return _select(con, "summaries", ["task", "init", "value", "ci_low", "ci_high", "note"], "metric = ?",
-                       [metric], order="task, value DESC")
+        return _select(con, "summaries", ["task", "init", "value", "ci_low", "ci_high", "note"], where, params,
+                       order="task, value DESC")
 
 
 # ---------------------------------------------------------------- learning curves
@@ -519,9 +540,25 @@ def projection(store: str | Path, emb_id: str, method: str, max_points: int = 50
         pts = pts.sample(n=max_points, random_state=seed).sort_values("row")
     if len(emb) and isinstance(emb.keys_path.iloc[0], str) and (root / emb.keys_path.iloc[0]).exists():
         keys = pd.read_parquet(root / emb.keys_path.iloc[0])
-        keys = keys.drop(columns=[c for c in ("x", "y") if c in keys.columns])
-        pts = pts.merge(keys, on="row", how="left")
+        pts = _attach_keys(pts, keys, f"the {method.upper()} points of {emb_id}")
     return pts.reset_index(drop=True), total
+
+
+def _attach_keys(pts: pd.DataFrame, keys: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Points (row, x, y) with the key columns of their rows.
+
+    Why positional: a projection's ``row`` is the index of the point's row in
+    the embedding (``embed.compute_projections``), and the keys parquet
+    ``embed.save_embeddings`` writes is in that same row order with no ``row``
+    column of its own. A point whose row lies outside the keys means the two
+    files come from different ``ctssl embed`` runs: refuse rather than mislabel.
+    """
+    keys = keys.drop(columns=[c for c in ("row", "x", "y") if c in keys.columns]).reset_index(drop=True)
+    rows = pts["row"].to_numpy()
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(keys)):
+        raise ResultFileStale(f"{what} refer to row {int(rows.max())} but the embedding's keys file has only "
+                              f"{len(keys)} rows (files from different runs); re-run `ctssl embed` to rebuild both.")
+    return pd.concat([pts.reset_index(drop=True), keys.iloc[rows].reset_index(drop=True)], axis=1)
 
 
 def embedding_view(store: str | Path, emb_id: str, method: str, max_points: int = 5000) -> dict:

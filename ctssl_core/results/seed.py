@@ -252,44 +252,41 @@ def _seed_catalog(con, root: Path, cfg: SeedConfig, rng: np.random.Generator) ->
     return pd.DataFrame(patients)
 
 
-def _seed_embeddings(con, root: Path, cfg: SeedConfig, rng: np.random.Generator, patients) -> list[str]:
-    """Two slice-level embeddings (random init, masked_region) with PCA and UMAP-like 2D points."""
+def _seed_embeddings(root: Path, cfg: SeedConfig, rng: np.random.Generator) -> tuple[list[str], "pd.DataFrame"]:  # noqa: F821
+    """Two slice-level embeddings (random init, masked_region) with PCA and UMAP-like 2D points.
+
+    Keys and vectors go through the production code (``embed.catalog_keys`` on
+    the seeded catalog, ``embed.save_embeddings``), so the files the dashboard
+    reads here are the files ``ctssl embed`` writes (issue 14: a hand-made keys
+    parquet with an extra ``row`` column hid a page that failed on every real
+    store). Points are drawn with replacement from the small seeded catalog;
+    projections are stored as ``compute_projections`` stores them (``row, x, y``).
+    Returns (emb ids, ``projections`` rows to insert).
+    """
     import pandas as pd
 
-    emb_dir = root / "embeddings"
-    emb_dir.mkdir(parents=True, exist_ok=True)
+    from ctssl_core.embed import catalog_keys, save_embeddings
+
+    catalog = catalog_keys(root, split="all")                  # one row per seeded slice, production columns
     n = cfg.n_embed_points
-    pidx = rng.integers(0, len(patients), n)
-    pat = patients.iloc[pidx].reset_index(drop=True)
-    attrs = pat.attributes.map(json.loads)
-    keys = pd.DataFrame({
-        "row": np.arange(n), "slice_id": rng.integers(0, cfg.n_patients * cfg.slices_per_series, n),
-        "patient_key": pat.patient_key, "age": pat.age, "sex": pat.sex, "race": pat.race,
-        "site": attrs.map(lambda a: a["site"]), "control_group": attrs.map(lambda a: a["control_group"]),
-        "pe": rng.random(n) < 0.2,
-    })
+    keys = catalog.iloc[np.sort(rng.integers(0, len(catalog), n))].reset_index(drop=True).assign(split="test")
     race_code = pd.Categorical(keys.race).codes.astype(float)
-    emb_rows, proj_rows, ids = [], [], []
+    proj_rows, ids = [], []
     for init, sep in [("random", 0.2), ("masked_region", 2.0)]:
         emb_id = f"emb-{init}-test"
         x = rng.standard_normal((n, cfg.embed_dim)).astype(np.float32)  # (N, D)
         x[:, 0] += sep * race_code
-        np.save(emb_dir / f"{emb_id}.npy", x)
-        keys.to_parquet(emb_dir / f"{emb_id}.parquet", index=False)
-        emb_rows.append(dict(emb_id=emb_id, run_id=None if init == "random" else "run-0000-pretrain-masked_region-random",
-                             init=init, encoder="resnet18", split="test", level="slice",
-                             path=f"embeddings/{emb_id}.npy", keys_path=f"embeddings/{emb_id}.parquet",
-                             n=n, dim=cfg.embed_dim, created_at=T0))
+        save_embeddings(root, emb_id, x, keys, init=init, encoder="resnet18", split="test", level="slice",
+                        run_id=None if init == "random" else "run-0000-pretrain-masked_region-random")
         for method in ["pca", "umap"]:
             xy = x[:, :2] if method == "pca" else np.tanh(x[:, :2] * 0.7) * 5
             path = f"embeddings/{emb_id}.{method}.parquet"
-            pd.DataFrame({"row": np.arange(n), "x": xy[:, 0], "y": xy[:, 1]}).to_parquet(root / path, index=False)
+            pd.DataFrame({"row": np.arange(n, dtype=np.int64), "x": xy[:, 0], "y": xy[:, 1]}).to_parquet(
+                root / path, index=False)
             proj_rows.append(dict(emb_id=emb_id, method=method, params=json.dumps({"seed": 0}), seconds=0.5,
                                   n_points=n, sampled=False, path=path))
         ids.append(emb_id)
-    _insert_df(con, "embeddings", pd.DataFrame(emb_rows))
-    _insert_df(con, "projections", pd.DataFrame(proj_rows))
-    return ids
+    return ids, pd.DataFrame(proj_rows)
 
 
 def _bias_rows(emb_ids: list[str]) -> "pd.DataFrame":  # noqa: F821
@@ -367,8 +364,12 @@ def seed_store(root: str | Path, cfg: SeedConfig | None = None) -> SeedSummary:
         _insert_df(con, "benchmarks", pd.DataFrame([dict(
             benchmark_id=BENCHMARK_ID, profile="seed", dataset="synthetic", config=json.dumps({}),
             status="succeeded", started_at=T0, ended_at=T0 + timedelta(hours=3), wall_s=10800.0)]))
-        patients = _seed_catalog(con, root, cfg, rng)
-        emb_ids = _seed_embeddings(con, root, cfg, rng, patients)
+        _seed_catalog(con, root, cfg, rng)
+    emb_ids, projections = _seed_embeddings(root, cfg, rng)   # production writers: their own connections
+    with connect(sp.db) as con:
+        _insert_df(con, "projections", projections)
+        # save_embeddings stamps the wall clock; the seeded store stays deterministic
+        con.execute("UPDATE embeddings SET created_at = ? WHERE emb_id IN (SELECT unnest(?))", [T0, emb_ids])
         _insert_df(con, "bias_results", _bias_rows(emb_ids))
     return SeedSummary(root=root, run_ids=[s["run_id"] for s in specs], n_metric_rows=n_rows, emb_ids=emb_ids,
                        spike_run=spike_run, spike_step=spike_step)
