@@ -97,8 +97,9 @@ def test_pe_scoring_matches_direct_metrics():
     y = np.zeros(n_pat * per)
     y[(patient % 2 == 0) & (np.arange(n_pat * per) % per < 2)] = 1   # even patients have 2 PE slices
     prob = np.clip(0.3 * y + rng.random(y.size) * 0.7, 0, 1)
-    out = {"prob": prob, "target": y, "exam": exam, "patient": patient}
+    out = {"prob": prob, "target": y, "exam": exam, "patient": patient, "order": np.tile(np.arange(per), n_pat)}
     m = make_downstream("pe").stat_fn(out)(np.arange(n_pat))
+    assert m["slice_auroc_zstrat"] == pytest.approx(ev.stratified_auroc(y, prob, ev.position_strata(exam, out["order"])))
     assert m["slice_auroc"] == pytest.approx(ev.auroc(y, prob))
     assert m["auprc"] == pytest.approx(ev.auprc(y, prob))
     ids, es = ev.aggregate_exam(exam, prob, "topk", 3)
@@ -357,3 +358,27 @@ def test_nodule_scores_what_collect_outputs_produces():
     for k in ("cpm", "lesion_sens_at_1fp", "exam_dice", "dice"):
         assert cis[k].value == pytest.approx(m[k]) and reps[k].shape == (30,)
         assert cis[k].n_boot > 0 and cis[k].low <= cis[k].high
+
+
+def test_pe_position_baseline_scores_half_on_the_stratified_slice_auroc():
+    """The real position baseline (``finetune.position_scores`` on a store) ranks slices by level: high plain
+    slice AUROC, exactly 0.5 once pairs are compared within a z-decile only. Outputs without the slice order
+    are refused with a message saying where it comes from."""
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import point_metrics, position_scores, row_keys, score_outputs
+
+    rng = np.random.default_rng(5)
+    pe = [((np.arange(20) >= 8) & (np.arange(20) <= 11) & (rng.random(20) < 0.7)).astype(float) * (s % 2)
+          for s in range(16)]
+    store = SliceStore.from_arrays([np.zeros((20, 4, 4), np.int16)] * 16, pe=pe)
+    train, test = np.arange(0, 160), np.arange(160, 320)
+    out = {"slice_id": test, "prob": position_scores(store, train, test), "target": np.concatenate(pe)[test],
+           **row_keys(store, test)}
+    m = point_metrics(make_downstream("pe"), out)
+    assert m["slice_auroc"] > 0.75
+    assert m["slice_auroc_zstrat"] == pytest.approx(0.5)
+    cis, reps = score_outputs(make_downstream("pe"), out, n_boot=20)
+    assert cis["slice_auroc_zstrat"].n_boot > 0 and np.allclose(reps["slice_auroc_zstrat"][~np.isnan(reps["slice_auroc_zstrat"])], 0.5)
+    del out["order"]
+    with pytest.raises(ValueError, match="row_keys"):
+        make_downstream("pe").stat_fn(out)

@@ -30,9 +30,11 @@ from ctssl_core.evaluate.metrics import (
     macro_ovr_auroc,
     mae,
     per_nodule_dice,
+    position_strata,
     r2,
     rsna_weighted_log_loss,
     sensitivity_at_specificity,
+    stratified_auroc,
     weighted_ranking_metrics,
 )
 
@@ -41,6 +43,6 @@ __all__ = [
     "CPM_FP_RATES", "ExamDetections", "exam_detections", "exam_dice", "froc_batch", "froc_curve",
     "NOT_REACHED", "fraction_curve", "labels_needed", "speed_ratio", "steps_to_reach",
     "RSNA_EXAM_WEIGHTS", "RSNA_IMAGE_WEIGHT", "aggregate_exam", "auprc", "auroc", "dice",
-    "dice_iou_per_slice", "iou", "macro_ovr_auroc", "mae", "per_nodule_dice", "r2",
-    "rsna_weighted_log_loss", "sensitivity_at_specificity", "weighted_ranking_metrics",
+    "dice_iou_per_slice", "iou", "macro_ovr_auroc", "mae", "per_nodule_dice", "position_strata", "r2",
+    "rsna_weighted_log_loss", "sensitivity_at_specificity", "stratified_auroc", "weighted_ranking_metrics",
 ]
