@@ -82,9 +82,13 @@ def exam_detections(prob, target, cand_threshold: float = 0.05) -> ExamDetection
     lesion_scores = np.zeros(n_les)
     if n_cand == 0:
         return ExamDetections(lesion_scores, np.zeros(0), np.zeros((0, 3)))
-    idx = np.arange(1, n_cand + 1)
-    score = np.asarray(ndimage.maximum(p, c_lab, idx), dtype=np.float64)          # (C,)
-    cent = np.asarray(ndimage.center_of_mass(np.ones_like(p), c_lab, idx)).reshape(n_cand, 3)
+    # per-candidate max and centroid from the foreground voxels only (ndimage.maximum sorts the whole volume)
+    fg = np.nonzero(c_lab)                                                         # 3 x (V,) coordinates
+    lab = c_lab[fg] - 1                                                            # (V,) candidate index
+    score = np.full(n_cand, -np.inf)
+    np.maximum.at(score, lab, p[fg])                                               # (C,)
+    size = np.bincount(lab, minlength=n_cand).astype(np.float64)
+    cent = np.stack([np.bincount(lab, weights=c, minlength=n_cand) / size for c in fg], 1)   # (C, 3) z, y, x
     # overlap counts (candidate, lesion) from the voxels labelled in both
     both = (c_lab > 0) & (t_lab > 0)
     ov = np.zeros((n_cand + 1, n_les + 1), dtype=np.int64)
