@@ -143,7 +143,9 @@ class NoduleTask:
         exam's detections for the FROC (``evaluate.froc``; candidates from the
         probability map at ``cand_threshold``) and its whole-volume Dice
         (``nan`` for an exam without a nodule: it is left out of ``exam_dice``,
-        its false positives count in the FROC instead).
+        its false positives count in the FROC instead). ``collect_outputs`` keeps
+        probabilities as float16 (steps of ~5e-4 near 1): near-equal candidate
+        scores may tie, and tied scores are one operating point of the FROC.
         """
         prob = np.asarray(out["prob"])
         prob = prob.astype(np.float32) if prob.dtype != bool else prob
