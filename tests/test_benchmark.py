@@ -66,7 +66,9 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
         assert set(res["task"]) == {"pe", "nodule", "demographics"}
         assert set(res["init"]) == {"random", "masked_region", "rotation"}
         pe = res[res.task == "pe"]
-        assert set(pe["metric"]) == {"slice_auroc", "exam_auroc", "auprc", "sens_at_90spec", "rsna_wll"}
+        assert set(pe["metric"]) == {"slice_auroc", "slice_auroc_zstrat", "exam_auroc", "auprc", "sens_at_90spec",
+                                     "rsna_wll"}
+        assert {"cpm", "lesion_sens_at_1fp", "exam_dice", "dice"} <= set(res[res.task == "nodule"]["metric"])
         assert set(pe["fraction"]) == {0.5, 1.0}
         ok = res.dropna(subset=["value", "ci_low", "ci_high"])
         assert len(ok) > 0 and (ok.ci_low <= ok.value + 1e-9).all() and (ok.value <= ok.ci_high + 1e-9).all()
