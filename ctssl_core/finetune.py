@@ -208,8 +208,8 @@ def collect_outputs(task, encoder, head, store, ids: np.ndarray, batch_size: int
                     batch = task.eval_batch(raw)
                     prob = task.predict(task.forward(encoder, head, batch))
                     prob_np = prob.cpu().numpy()
-                    if prob_np.ndim == 3:                        # dense: keep binary masks only
-                        prob_np = prob_np >= getattr(task, "threshold", 0.5)
+                    if prob_np.ndim == 3:                        # dense: float16 probabilities (the FROC ranks
+                        prob_np = prob_np.astype(np.float16)     # candidates by them; Dice thresholds them)
                     tgt = batch.targets
                     tgt_np = (tgt[:, 0] > 0.5).cpu().numpy() if tgt.dim() == 4 else tgt.cpu().numpy()
                     chunks.append((raw["slice_id"].cpu().numpy(), prob_np, tgt_np))

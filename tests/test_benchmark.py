@@ -68,8 +68,9 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
                                     "positive_control-source"}
         assert set(res[res.init.str.endswith("_control")].task) == {"pe", "nodule"}   # controls: pe, nodule only
         pe = res[res.task == "pe"]
-        assert set(pe["metric"]) == {"slice_auroc", "exam_auroc", "auprc", "sens_at_90spec", "rsna_wll",
-                                     "twin_exam", "twin_slice", "twin_delta"}
+        assert set(pe["metric"]) == {"slice_auroc", "slice_auroc_zstrat", "exam_auroc", "auprc", "sens_at_90spec",
+                                     "rsna_wll", "twin_exam", "twin_slice", "twin_delta"}
+        assert {"cpm", "lesion_sens_at_1fp", "exam_dice", "dice"} <= set(res[res.task == "nodule"]["metric"])
         # the unlabelled pool is disjoint from the labelled cohort
         assert con.execute("SELECT count(*) FROM splits WHERE split = 'pool'").fetchone()[0] > 0
         assert set(pe["fraction"]) == {0.5, 1.0}

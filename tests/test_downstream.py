@@ -97,8 +97,9 @@ def test_pe_scoring_matches_direct_metrics():
     y = np.zeros(n_pat * per)
     y[(patient % 2 == 0) & (np.arange(n_pat * per) % per < 2)] = 1   # even patients have 2 PE slices
     prob = np.clip(0.3 * y + rng.random(y.size) * 0.7, 0, 1)
-    out = {"prob": prob, "target": y, "exam": exam, "patient": patient}
+    out = {"prob": prob, "target": y, "exam": exam, "patient": patient, "order": np.tile(np.arange(per), n_pat)}
     m = make_downstream("pe").stat_fn(out)(np.arange(n_pat))
+    assert m["slice_auroc_zstrat"] == pytest.approx(ev.stratified_auroc(y, prob, ev.position_strata(exam, out["order"])))
     assert m["slice_auroc"] == pytest.approx(ev.auroc(y, prob))
     assert m["auprc"] == pytest.approx(ev.auprc(y, prob))
     ids, es = ev.aggregate_exam(exam, prob, "topk", 3)
@@ -268,3 +269,116 @@ def test_position_scores_learn_the_pe_rate_per_level_from_training_slices():
     assert sc[0] == pytest.approx(0.5 / 5)                   # smoothed, never exactly 0
     # both exams of the test set get the same scores: exam-level ranking is impossible
     assert np.array_equal(sc[:10], sc[10:])
+
+
+def _nodule_out():
+    """Two patients: exam 0 (patient 0) with two nodules, one found at 0.9 and a 0.7 FP; exam 1 (patient 1)
+    without a nodule and a 0.8 FP. Slices are given out of z order, as a loader may return them."""
+    H = 8
+    prob, tgt = np.zeros((7, H, H), np.float16), np.zeros((7, H, H), bool)
+    tgt[0:2, 1:3, 1:3] = True                       # exam 0 nodule 1 (z 0-1)
+    tgt[3, 5:7, 5:7] = True                         # exam 0 nodule 2 (z 3): missed
+    prob[0:2, 1:3, 1:3] = 0.9                       # found, predicted exactly
+    prob[2, 6, 0] = 0.7                             # FP
+    prob[5, 0, 0] = 0.8                             # exam 1 FP
+    order = np.array([0, 1, 2, 3, 0, 1, 2])
+    perm = np.array([3, 0, 6, 2, 4, 1, 5])          # shuffled rows
+    return {"prob": prob[perm], "target": tgt[perm], "order": order[perm],
+            "exam": np.array([0, 0, 0, 0, 1, 1, 1])[perm], "patient": np.array([0, 0, 0, 0, 1, 1, 1])[perm]}
+
+
+def test_nodule_lesion_metrics_froc_cpm_and_exam_dice():
+    out = _nodule_out()
+    task = make_downstream("nodule")
+    assert task.headline == "cpm" and {"cpm", "lesion_sens_at_1fp", "exam_dice", "dice"} <= set(task.metric_fns())
+    stat = task.stat_fn(out)
+    m = stat(np.arange(2))
+    # points: t=0.9 (0 FP, 1/2); t=0.8 (1/2 FP/scan, 1/2); t=0.7 (1 FP/scan, 1/2): sensitivity 1/2 everywhere
+    assert m["cpm"] == pytest.approx(0.5) and m["lesion_sens_at_1fp"] == pytest.approx(0.5)
+    # exam 0 volume: 8 + 1 (the 0.7 FP) predicted voxels, 8 + 4 true, 8 shared -> 16 / 21; exam 1 has no
+    # nodule: left out (its FP counts in the FROC)
+    assert m["exam_dice"] == pytest.approx(16 / 21)
+    # patient 0 alone: one FP per scan from t=0.7; sensitivity 1/2 from t=0.9 on
+    alone = stat(np.array([0, 0]))
+    assert alone["cpm"] == pytest.approx(0.5) and alone["exam_dice"] == pytest.approx(16 / 21)
+    nothing = stat(np.array([1, 1]))                # no nodule drawn: lesion metrics undefined, not 0
+    assert np.isnan(nothing["cpm"]) and np.isnan(nothing["exam_dice"])
+    # the vectorised bootstrap agrees with the per-draw statistic
+    draws = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])
+    counts = np.stack([np.bincount(d, minlength=2) for d in draws]).astype(float)
+    got = stat.batch(counts)
+    for i, d in enumerate(draws):
+        one = stat(d)
+        for k, v in one.items():
+            assert (np.isnan(v) and np.isnan(got[k][i])) or got[k][i] == pytest.approx(v), (k, d)
+
+
+def test_nodule_cand_threshold_is_validated_and_moves_the_candidates():
+    with pytest.raises(ConfigError, match="cand_threshold"):
+        make_downstream("nodule", cand_threshold=0.0)
+    out = _nodule_out()
+    # above every score: no candidate at all -> sensitivity 0 (lesions exist), not nan
+    assert make_downstream("nodule", cand_threshold=0.95).stat_fn(out)(np.arange(2))["cpm"] == 0.0
+
+
+def test_nodule_scores_what_collect_outputs_produces():
+    """Real pipeline: a store (``SliceStore.from_arrays``), an untrained tiny model, ``collect_outputs``,
+    ``score_outputs``: the CPM equals the FROC of the exams' probability volumes rebuilt in z order."""
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import collect_outputs, point_metrics, score_outputs
+    from ctssl_core.models import build_encoder
+
+    rng = np.random.default_rng(0)
+    imgs, masks = [], []
+    for s in range(4):
+        m = np.zeros((5, 32, 32), np.uint8)
+        if s < 3:
+            m[1:3, 8 + 4 * s:12 + 4 * s, 10:14] = 1
+        imgs.append((rng.normal(0, 50, (5, 32, 32)) + 400.0 * m).astype(np.int16))
+        masks.append(m)
+    store = SliceStore.from_arrays(imgs, masks=masks)
+    task = make_downstream("nodule", prior=0.0, hflip=False)   # p ~ 0.5: many candidates, not all-empty
+    torch.manual_seed(0)
+    enc = build_encoder("tiny")
+    head = task.build_head(enc)
+    out = collect_outputs(task, enc, head, store, np.arange(store.n_slices), 8, torch.device("cpu"))
+    assert out["prob"].dtype == np.float16 and out["prob"].shape == (20, 32, 32)
+    exams = []
+    for s in range(4):
+        rows = np.flatnonzero(out["exam"] == s)
+        rows = rows[np.argsort(out["order"][rows])]
+        assert np.array_equal(out["target"][rows], masks[s].astype(bool))
+        exams.append(ev.exam_detections(out["prob"][rows], masks[s], task.cand_threshold))
+    m = point_metrics(task, out)
+    sens = ev.froc_batch(exams, np.ones((1, 4)))[0]
+    # p ~ 0.54 everywhere: one blob per exam, a hit on each nodule exam, a false positive on the empty one
+    assert [e.n_lesions for e in exams] == [1, 1, 1, 0] and [e.fp_scores.size for e in exams] == [0, 0, 0, 1]
+    assert m["cpm"] == pytest.approx(sens.mean()) and m["lesion_sens_at_1fp"] == pytest.approx(sens[3])
+    cis, reps = score_outputs(task, out, n_boot=30)
+    for k in ("cpm", "lesion_sens_at_1fp", "exam_dice", "dice"):
+        assert cis[k].value == pytest.approx(m[k]) and reps[k].shape == (30,)
+        assert cis[k].n_boot > 0 and cis[k].low <= cis[k].high
+
+
+def test_pe_position_baseline_scores_half_on_the_stratified_slice_auroc():
+    """The real position baseline (``finetune.position_scores`` on a store) ranks slices by level: high plain
+    slice AUROC, exactly 0.5 once pairs are compared within a z-decile only. Outputs without the slice order
+    are refused with a message saying where it comes from."""
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import point_metrics, position_scores, row_keys, score_outputs
+
+    rng = np.random.default_rng(5)
+    pe = [((np.arange(20) >= 8) & (np.arange(20) <= 11) & (rng.random(20) < 0.7)).astype(float) * (s % 2)
+          for s in range(16)]
+    store = SliceStore.from_arrays([np.zeros((20, 4, 4), np.int16)] * 16, pe=pe)
+    train, test = np.arange(0, 160), np.arange(160, 320)
+    out = {"slice_id": test, "prob": position_scores(store, train, test), "target": np.concatenate(pe)[test],
+           **row_keys(store, test)}
+    m = point_metrics(make_downstream("pe"), out)
+    assert m["slice_auroc"] > 0.75
+    assert m["slice_auroc_zstrat"] == pytest.approx(0.5)
+    cis, reps = score_outputs(make_downstream("pe"), out, n_boot=20)
+    assert cis["slice_auroc_zstrat"].n_boot > 0 and np.allclose(reps["slice_auroc_zstrat"][~np.isnan(reps["slice_auroc_zstrat"])], 0.5)
+    del out["order"]
+    with pytest.raises(ValueError, match="row_keys"):
+        make_downstream("pe").stat_fn(out)

@@ -216,7 +216,7 @@ def test_bootstrap_multi_batch_path_matches_per_draw_path():
     patient = np.repeat(np.arange(20), 5)
     y = ((patient % 3 == 0) & (rng.random(100) < 0.6)).astype(float)
     out = {"prob": np.clip(0.4 * y + 0.6 * rng.random(100), 0, 1), "target": y, "exam": patient * 7,
-           "patient": patient}
+           "patient": patient, "order": np.tile(np.arange(5), 20)}
     stat = make_downstream("pe").stat_fn(out)
     fast, fs = ev.bootstrap_multi(stat, 20, n_boot=60, seed=3)
     plain = lambda d: stat(d)                                       # noqa: E731 - hides .batch
@@ -224,3 +224,44 @@ def test_bootstrap_multi_batch_path_matches_per_draw_path():
     for m in fast:
         np.testing.assert_allclose(fs[m], ss[m], equal_nan=True)
         assert fast[m].value == pytest.approx(slow[m].value)
+
+
+def test_stratified_auroc_counts_only_within_stratum_pairs():
+    # stratum 0: 1 pos, 2 neg, pos ranked above one neg -> 1 of 2 pairs; stratum 1: 2 pos, 1 neg, both above
+    y = np.array([1, 0, 0, 1, 1, 0, 1])
+    s = np.array([0.5, 0.9, 0.1, 0.3, 0.35, 0.2, 0.99])
+    g = np.array([0, 0, 0, 1, 1, 1, 2])                          # stratum 2: one class only, no pair
+    assert ev.stratified_auroc(y, s, g) == pytest.approx((1 + 2) / (2 + 2))
+    per = [ev.auroc(y[g == k], s[g == k]) for k in (0, 1)]        # = pair-weighted mean of per-stratum AUROCs
+    assert ev.stratified_auroc(y, s, g) == pytest.approx((2 * per[0] + 2 * per[1]) / 4)
+    assert ev.stratified_auroc(y, s, np.zeros(7)) == pytest.approx(ev.auroc(y, s))   # one stratum = plain
+    assert np.isnan(ev.stratified_auroc(y, s, np.arange(7)))    # every row alone: no pair at all
+    # weighted rows = the resample written out
+    w = np.array([[1, 1, 1, 1, 1, 1, 1], [2, 0, 1, 1, 3, 1, 0], [0, 1, 1, 1, 1, 1, 1]], float)
+    got = ev.stratified_auroc(y, s, g, w)
+    for r in range(3):
+        rows = np.repeat(np.arange(7), w[r].astype(int))
+        want = ev.stratified_auroc(y[rows], s[rows], g[rows])
+        assert (np.isnan(want) and np.isnan(got[r])) or got[r] == pytest.approx(want)
+    with pytest.raises(ValueError, match="strata"):
+        ev.stratified_auroc(y, s, g[:3])
+
+
+def test_a_position_shortcut_scores_half_stratified_but_high_plain():
+    rng = np.random.default_rng(4)
+    n_exam, n_sl = 60, 40
+    order = np.tile(np.arange(n_sl), n_exam)
+    exam = np.repeat(np.arange(n_exam), n_sl)
+    z = ev.position_strata(exam, order)
+    assert np.array_equal(np.bincount(z), np.full(10, n_exam * n_sl // 10))
+    # PE only at the "artery level" (deciles 4-5), at random within it: the level predicts, nothing else does
+    y = ((z >= 4) & (z <= 5) & (rng.random(order.size) < 0.4)).astype(float)
+    rel = order / (n_sl - 1.0)
+    position = -np.abs(rel - 0.5)                                # score = closeness to the artery level
+    assert ev.auroc(y, position) > 0.8
+    assert ev.stratified_auroc(y, position, z) == pytest.approx(0.5, abs=0.05)
+    # a score that sees the finding keeps its AUROC within strata
+    seeing = y + 0.5 * rng.random(y.size)
+    assert ev.stratified_auroc(y, seeing, z) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one entry per slice"):
+        ev.position_strata(exam, order[:5])

@@ -10,6 +10,12 @@ small squares, ``focus`` of them around a nodule: ~16x cheaper per sample than
 a whole 128-px slice and far less background, which is what makes the task
 learnable on a CPU budget; scoring is still on whole slices. Reference: Tariq et al. 2024;
 Milletari et al. 2016 (V-Net Dice loss).
+
+Scoring is lesion-level first (``headline = "cpm"``): LUNA16's CPM and the
+sensitivity at 1 false positive per scan, from 3-D candidate components of the
+probability map (``evaluate.froc``), and the per-exam volume Dice. Slice Dice
+stays as a secondary number: it can be won by painting the slices that have a
+nodule without finding the nodules a reader would count.
 """
 
 from __future__ import annotations
@@ -56,12 +62,13 @@ class NoduleTask:
     name: ClassVar[str] = "nodule"
     context: ClassVar[int] = 1
     label_keys: ClassVar[tuple[str, ...]] = ("nodule",)
-    headline: ClassVar[str] = "dice"
+    headline: ClassVar[str] = "cpm"           # lesion-level (LUNA16 CPM); slice Dice is secondary
 
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     hflip: bool = True
-    threshold: float = 0.5
+    threshold: float = 0.5         # probability -> mask, for the Dice metrics
+    cand_threshold: float = 0.05   # FROC candidates: 3-D components of prob >= this, scored by their max
     prior: float = 0.01            # initial foreground probability of the output layer (0 = leave it)
     crop: int = 0                  # train on crop x crop squares (0 = whole slices); evaluation always
                                    # sees whole slices (the decoder is fully convolutional)
@@ -72,6 +79,8 @@ class NoduleTask:
 
         if self.crop < 0 or self.crop % 16:
             raise ConfigError(f"nodule.crop must be 0 or a multiple of 16 (the encoder's stride), got {self.crop}")
+        if not 0.0 < self.cand_threshold <= 1.0:
+            raise ConfigError(f"nodule.cand_threshold must be in (0, 1], got {self.cand_threshold}")
         if not 0.0 <= self.focus <= 1.0:
             raise ConfigError(f"nodule.focus must be in [0, 1], got {self.focus}")
 
@@ -120,46 +129,80 @@ class NoduleTask:
 
     # ---------------------------------------------------------------- scoring
     def metric_fns(self) -> dict[str, bool]:
-        return {"dice": True, "iou": True, "nodule_dice": True, "nodule_iou": True}
+        """metric -> higher is better. Lesion metrics first: slice Dice is a secondary number."""
+        return {"cpm": True, "lesion_sens_at_1fp": True, "exam_dice": True,
+                "dice": True, "iou": True, "nodule_dice": True, "nodule_iou": True}
 
-    def per_row(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Per-slice Dice/IoU and per-nodule Dice/IoU (3D components per series).
+    def per_exam(self, out: dict[str, np.ndarray]) -> dict:
+        """Everything scoring needs, computed once per exam (3-D components of its z-ordered slices).
 
-        ``dice``/``iou`` average the slices where the truth or the prediction
-        has a nodule pixel (false positives count, empty-vs-empty does not);
-        ``nodule_dice`` scores each true 3D nodule (``per_nodule_dice``).
+        Slice level: ``slice_dice``/``slice_iou`` and ``active`` (slices where
+        the truth or the prediction has a nodule pixel: ``dice``/``iou`` average
+        those, so false positives count and empty-vs-empty does not). Nodule
+        level: ``per_nodule_dice`` of each true 3D nodule. Exam level: the
+        exam's detections for the FROC (``evaluate.froc``; candidates from the
+        probability map at ``cand_threshold``) and its whole-volume Dice
+        (``nan`` for an exam without a nodule: it is left out of ``exam_dice``,
+        its false positives count in the FROC instead). ``collect_outputs`` keeps
+        probabilities as float16 (steps of ~5e-4 near 1): near-equal candidate
+        scores may tie, and tied scores are one operating point of the FROC.
         """
-        pred = out["prob"] >= self.threshold                          # (N, H, W)
-        tgt = out["target"] > 0.5
+        prob = np.asarray(out["prob"])
+        prob = prob.astype(np.float32) if prob.dtype != bool else prob
+        pred = prob >= self.threshold                                 # (N, H, W)
+        tgt = np.asarray(out["target"]) > 0.5
         d, j = ev.dice_iou_per_slice(pred, tgt)
-        nd, nj, npat = [], [], []
+        patients, slice_pat = np.unique(out["patient"], return_inverse=True)
+        nd, nj, npat, dets, edice, epat = [], [], [], [], [], []
         for s in np.unique(out["exam"]):
             rows = np.flatnonzero(out["exam"] == s)
             rows = rows[np.argsort(out["order"][rows], kind="stable")]  # slices in z order
             a, b = ev.per_nodule_dice(pred[rows], tgt[rows])
             nd.extend(a.tolist()); nj.extend(b.tolist())
-            npat.extend([out["patient"][rows[0]]] * len(a))
+            npat.extend([slice_pat[rows[0]]] * len(a))
+            dets.append(ev.exam_detections(prob[rows], tgt[rows], self.cand_threshold))
+            edice.append(ev.exam_dice(pred[rows], tgt[rows]))
+            epat.append(slice_pat[rows[0]])
         # slices empty in truth and prediction are trivially right; they would swamp the mean
         active = tgt.reshape(len(tgt), -1).any(1) | pred.reshape(len(pred), -1).any(1)
-        return {"slice_dice": d, "slice_iou": j, "active": active,
-                "nodule_dice": np.asarray(nd), "nodule_iou": np.asarray(nj), "nodule_patient": np.asarray(npat)}
+        return {"patients": patients, "slice_pat": slice_pat, "slice_dice": d, "slice_iou": j, "active": active,
+                "nodule_dice": np.asarray(nd, float), "nodule_iou": np.asarray(nj, float),
+                "nodule_pat": np.asarray(npat, np.int64), "detections": dets,
+                "exam_dice": np.asarray(edice, float), "exam_pat": np.asarray(epat, np.int64)}
 
     def stat_fn(self, out: dict[str, np.ndarray]):
-        rows = self.per_row(out)
-        patients = np.unique(out["patient"])
-        sidx = ev.RowIndex(out["patient"], patients)
-        nidx = ev.RowIndex(rows["nodule_patient"], patients) if len(rows["nodule_patient"]) else None
+        """drawn patient positions -> every metric, for ``evaluate.bootstrap_multi``.
 
-        def mean(a):
-            return float(np.mean(a)) if len(a) else float("nan")
+        Exams are resampled whole with their patient, so per-exam work (3-D
+        components, FROC candidates) is done once here; a replicate only
+        reweights slices, nodules and exams (``stat.batch`` does all replicates
+        at once: one sort of the candidate scores for the whole bootstrap).
+        """
+        r = self.per_exam(out)
+        act = r["active"].astype(np.float64)
+        has = ~np.isnan(r["exam_dice"])
+        edice = np.where(has, r["exam_dice"], 0.0)
+        i1 = ev.CPM_FP_RATES.index(1.0)
+
+        def wmean(w: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+            den = w @ keep
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(den > 0, (w @ (v * keep)) / np.where(den > 0, den, 1), np.nan)
+
+        def batch(counts: np.ndarray) -> dict[str, np.ndarray]:
+            ws = counts[:, r["slice_pat"]]                          # (R, N) slice weights
+            wn = counts[:, r["nodule_pat"]]                         # (R, L) nodule weights
+            we = counts[:, r["exam_pat"]]                           # (R, E) exam weights
+            sens = ev.froc_batch(r["detections"], we)               # (R, 7) at CPM_FP_RATES
+            ones = np.ones(len(r["nodule_pat"]))
+            return {"cpm": sens.mean(1), "lesion_sens_at_1fp": sens[:, i1],
+                    "exam_dice": wmean(we, edice, has.astype(np.float64)),
+                    "dice": wmean(ws, r["slice_dice"], act), "iou": wmean(ws, r["slice_iou"], act),
+                    "nodule_dice": wmean(wn, r["nodule_dice"], ones), "nodule_iou": wmean(wn, r["nodule_iou"], ones)}
 
         def stat(drawn: np.ndarray) -> dict[str, float]:
-            r = sidx.rows(drawn)
-            act = rows["active"][r]
-            res = {"dice": mean(rows["slice_dice"][r][act]), "iou": mean(rows["slice_iou"][r][act])}
-            n = nidx.rows(drawn) if nidx is not None else np.zeros(0, dtype=np.int64)
-            res["nodule_dice"] = mean(rows["nodule_dice"][n])
-            res["nodule_iou"] = mean(rows["nodule_iou"][n])
-            return res
+            counts = np.bincount(drawn, minlength=r["patients"].size)[None].astype(np.float64)
+            return {k: float(v[0]) for k, v in batch(counts).items()}
 
+        stat.batch = batch
         return stat

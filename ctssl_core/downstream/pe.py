@@ -104,20 +104,29 @@ class PETask:
     # ---------------------------------------------------------------- scoring
     def metric_fns(self) -> dict[str, bool]:
         """metric -> higher is better."""
-        return {"slice_auroc": True, "exam_auroc": True, "auprc": True, "sens_at_90spec": True,
-                "rsna_wll": False}
+        return {"slice_auroc": True, "slice_auroc_zstrat": True, "exam_auroc": True, "auprc": True,
+                "sens_at_90spec": True, "rsna_wll": False}
 
     def stat_fn(self, out: dict[str, np.ndarray]):
         """drawn patient positions -> every metric, for ``evaluate.bootstrap_multi``.
 
         ``out`` has per-slice ``prob``, ``target``, ``exam`` (series key) and
-        ``patient``. Exam label = any positive slice; the RSNA log loss uses the
+        ``patient`` and ``order`` (the slice's z index in its series, ``finetune.row_keys``).
+        ``slice_auroc_zstrat`` compares a positive and a negative slice only when
+        they lie in the same decile of relative z-position within their exams
+        (``evaluate.stratified_auroc``): emboli sit at the level of the
+        pulmonary arteries, so plain slice AUROC rewards knowing the level; a
+        score that only knows the level gets 0.5 here. Exam label = any positive slice; the RSNA log loss uses the
         image labels plus ``negative_exam_for_pe`` (1 - exam score), the labels
         our slice model predicts. Exams are resampled whole with their patient,
         so each exam's score and log-loss terms are computed once; a replicate
         only reweights them (``stat.batch`` does all replicates at once).
         """
+        if "order" not in out:
+            raise ValueError("PE scoring needs each slice's z index in its series (out['order'], from "
+                             "finetune.row_keys) for the position-stratified slice AUROC")
         patients, slice_pat = np.unique(out["patient"], return_inverse=True)
+        zbin = ev.position_strata(out["exam"], out["order"])          # (N,) z-decile within the exam
         prob, y = np.asarray(out["prob"], np.float64), np.asarray(out["target"], np.float64)
         exams, escore = ev.aggregate_exam(out["exam"], prob, self.exam_agg, self.topk)
         _, elabel = ev.aggregate_exam(out["exam"], y, "max")
@@ -141,7 +150,8 @@ class PETask:
             ex = ev.weighted_ranking_metrics(elabel, escore, we_, 0.9)
             with np.errstate(invalid="ignore", divide="ignore"):
                 wll = (we_ @ num) / (we_ @ den)
-            return {"slice_auroc": sl["auroc"], "exam_auroc": ex["auroc"], "auprc": sl["auprc"],
+            return {"slice_auroc": sl["auroc"], "slice_auroc_zstrat": ev.stratified_auroc(y, prob, zbin, ws),
+                    "exam_auroc": ex["auroc"], "auprc": sl["auprc"],
                     "sens_at_90spec": sl["sens_at_spec"], "rsna_wll": wll}
 
         def stat(drawn: np.ndarray) -> dict[str, float]:

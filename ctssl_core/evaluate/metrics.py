@@ -288,3 +288,63 @@ def weighted_ranking_metrics(y_true, y_score, weights, specificity: float = 0.9)
     sens[bad] = np.nan
     ap[P[:, 0] <= 0] = np.nan
     return {"auroc": auc, "auprc": ap, "sens_at_spec": sens}
+
+
+def position_strata(exam, order, n_bins: int = 10) -> np.ndarray:
+    """Decile (for ``n_bins=10``) of each slice's relative z-position within its exam: (N,) ints.
+
+    Relative position = index / (last index of the exam), 0 = first slice, 1 =
+    last, from the store's slice order (``idx_in_series``); the bins are those
+    of ``finetune.position_scores``, so the position baseline is constant
+    within a stratum.
+    """
+    e = np.asarray(exam).ravel()
+    o = np.asarray(order, dtype=np.float64).ravel()
+    if e.size != o.size:
+        raise ValueError(f"exam ({e.size}) and order ({o.size}) need one entry per slice")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    _, inv = np.unique(e, return_inverse=True)
+    last = np.zeros(inv.max() + 1 if inv.size else 0)
+    np.maximum.at(last, inv, o)
+    rel = o / np.maximum(last[inv], 1.0)
+    return np.minimum((rel * n_bins).astype(np.int64), n_bins - 1)
+
+
+def stratified_auroc(y_true, y_score, strata, weights=None):
+    """AUROC over positive-negative pairs *within* one stratum only (e.g. slice-position decile).
+
+    The standard stratified (a.k.a. within-stratum) concordance, as in the
+    stratified C-index: equal to the per-stratum AUROCs averaged with weights
+    n_pos * n_neg, so every within-stratum pair counts once and a stratum with
+    one positive does not weigh as much as one with fifty (a plain mean of
+    per-stratum AUROCs would). Any score that depends on the stratum alone
+    (e.g. slice level, for PE) ties every pair it is allowed to compare and
+    gets exactly 0.5; strata with a single class contribute no pair.
+
+    ``weights`` (R, N): per-replicate row weights, as in
+    :func:`weighted_ranking_metrics` (which computes each stratum's AUROC);
+    then an (R,) array is returned, else a float. ``nan`` without a pair.
+    """
+    y, s = _binary(y_true, y_score)
+    g = np.asarray(strata).ravel()
+    if g.size != y.size:
+        raise ValueError(f"strata ({g.size}) need one entry per row ({y.size})")
+    single = weights is None
+    w = np.ones((1, y.size)) if single else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if w.shape[1] != y.size:
+        raise ValueError(f"weights must be (R, {y.size}), got {w.shape}")
+    pos = (y > 0.5).astype(np.float64)
+    num = np.zeros(w.shape[0])
+    den = np.zeros(w.shape[0])
+    for k in np.unique(g):
+        m = g == k
+        if pos[m].min() == pos[m].max():
+            continue                                          # one class: no pair in this stratum
+        pairs = (w[:, m] @ pos[m]) * (w[:, m] @ (1 - pos[m]))  # (R,) weighted pos x neg
+        auc = weighted_ranking_metrics(y[m], s[m], w[:, m])["auroc"]
+        num += np.where(pairs > 0, np.nan_to_num(auc) * pairs, 0.0)
+        den += pairs
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    return float(out[0]) if single else out
