@@ -376,7 +376,8 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
     from ctssl_core.results import write as rw
 
     enc_name, enc_kw = pretrain_encoder(plan.config)
-    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed}, plan.config.get("embed") or {})
+    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool},
+                    plan.config.get("embed") or {})
     ecfg = build(emb.EmbedConfig, mapping, where="embed.")
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
     rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
@@ -901,7 +902,7 @@ def position_rows(plan: Plan, root: Path, rows: list[dict[str, Any]]) -> tuple[l
     params = ((ds.get("pe") or {}).get("task_params")) or {}
     try:
         cis = position_baseline(SliceStore.open(root), root, plan.bench.split_seed,
-                                int(ds.get("n_boot", 1000)), params)
+                                int(ds.get("n_boot", 1000)), params, pool=plan.bench.pool)
     except ConfigError as e:
         return [], f"PE position baseline not computed: {e}"
     note = "slice position alone (train-split PE rate per z-decile): not a model, the anatomy-level shortcut"

@@ -47,6 +47,8 @@ class EmbedError(StoreError):
 class EmbedConfig:
     split: str = "test"                 # 'train' | 'val' | 'test' | 'all'
     split_seed: int = 0                 # seed of the patient split (splits table)
+    pool: float = 0.0                   # the split scheme's unlabelled pool fraction (benchmark.pool), so the
+                                        # test split here is the one fine-tuning scores on
     encoder: str = "resnet18"           # registry key used for --checkpoint random
     seed: int = 0                       # init seed for random
     batch_size: int = 64
@@ -66,6 +68,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.split not in ("train", "val", "test", "all"):
             raise ConfigError(f"embed.split must be train, val, test or all (got {self.split!r})")
+        if not 0.0 <= self.pool < 1.0:
+            raise ConfigError(f"embed.pool must be in [0, 1) (got {self.pool})")
         if self.window_width <= 0:
             raise ConfigError(f"embed.window_width must be > 0 HU (got {self.window_width})")
         for name, low in (("batch_size", 1), ("max_per_series", 0), ("max_points", 3), ("umap_pca_dims", 2),
@@ -207,15 +211,19 @@ def _safe(s: str) -> str:
 
 
 def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, split: str = "test",
-                 split_seed: int = 0) -> pd.DataFrame:
+                 split_seed: int = 0, pool: float = 0.0) -> pd.DataFrame:
     """Row keys + demographics for the slices of ``split`` (or the given ``slice_ids``), ordered by slice_id.
 
     Columns: slice_id, series_key, patient_key, idx, age, sex, race,
-    control_group, site, pe (slice label), pe_exam (exam label), split.
+    control_group, site, pe (slice label), pe_exam (exam label), split (train/val/test, or pool when the
+    scheme has one). The split column is filled for ``split='all'`` too: the scheme (split_seed, pool) is
+    created when missing, so a benchmark with a pool never writes an all-null split column.
     """
+    from ctssl_core.data.splits import split_scheme
+
     sp = store_paths(store_root)
-    if split != "all":
-        _ensure_splits(store_root, split_seed)
+    scheme = split_scheme(split_seed, pool)
+    _ensure_splits(store_root, split_seed, pool)
     with connect(sp.db, read_only=True) as con:
         df = con.execute(
             """
@@ -228,7 +236,7 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
             LEFT JOIN studies st ON st.study_key = se.study_key
             LEFT JOIN (SELECT patient_key, split FROM splits WHERE seed = ?) sp ON sp.patient_key = se.patient_key
             ORDER BY s.slice_id
-            """, [split_seed]).df()
+            """, [scheme]).df()
     if split != "all":
         df = df[df["split"] == split]
     if slice_ids is not None:
@@ -239,13 +247,13 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
     return df.drop(columns=["attributes", "series_site"]).reset_index(drop=True)
 
 
-def _ensure_splits(store_root: str | Path, seed: int) -> None:
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [seed]).fetchone()[0]
-    if not have:
-        from ctssl_core.data.splits import get_or_create_splits
+def _ensure_splits(store_root: str | Path, seed: int, pool: float = 0.0) -> None:
+    from ctssl_core.data.splits import get_or_create_splits, split_scheme
 
-        get_or_create_splits(store_root, seed)
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [split_scheme(seed, pool)]).fetchone()[0]
+    if not have:
+        get_or_create_splits(store_root, seed, pool=pool)
 
 
 def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -402,7 +410,7 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
     if not sp.db.exists():
         raise EmbedError(f"no ctssl store at {sp.root}; create one with `ctssl synth` + `ctssl ingest`")
     enc, init, name, run_id, tag = resolve_encoder(checkpoint, store_root, cfg)
-    keys = catalog_keys(store_root, split=cfg.split, split_seed=cfg.split_seed)
+    keys = catalog_keys(store_root, split=cfg.split, split_seed=cfg.split_seed, pool=cfg.pool)
     keys = even_per_series(keys, cfg.max_per_series)
     if keys.empty:
         raise EmbedError(f"split {cfg.split!r} (seed {cfg.split_seed}) has no slices in {sp.root}; choose another split")

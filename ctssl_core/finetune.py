@@ -269,11 +269,13 @@ def position_scores(store, train_ids: np.ndarray, ids: np.ndarray, n_bins: int =
     return rate[bins[np.asarray(ids, dtype=np.int64)]]
 
 
-def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int = 1000, task_params=None):
-    """Every PE metric (with CIs) of ``position_scores`` on the test split: metric -> CI."""
+def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int = 1000, task_params=None,
+                      pool: float = 0.0):
+    """Every PE metric (with CIs) of ``position_scores`` on the test split of scheme (``split_seed``,
+    ``pool``), the same test patients the fine-tunes are scored on: metric -> CI."""
     from ctssl_core.downstream import make_downstream
 
-    splits = split_patient_idx(store, Path(store_root), split_seed)
+    splits = split_patient_idx(store, Path(store_root), split_seed, pool)
     train_ids = task_slices(store, "pe", splits["train"], role="train")
     test_ids = np.sort(task_slices(store, "pe", splits["test"], role="test"))
     if train_ids.size == 0 or test_ids.size == 0:

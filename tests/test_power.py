@@ -54,6 +54,23 @@ def test_stored_pool_split_keeps_old_assignments_and_pretraining_reads_only_the_
         train_positions(store, store_copy, PretrainConfig(split="pool"))
 
 
+def test_embeddings_and_the_position_baseline_use_the_benchmarks_pooled_split(store_copy):
+    """With a pool, the embedded 'test' split is the fine-tunes' test split, and split='all' keys say
+    which split each slice is in (the smoke store once wrote an all-null split column)."""
+    from ctssl_core.data.splits import get_or_create_splits
+    from ctssl_core.embed import EmbedConfig, catalog_keys
+
+    pooled = get_or_create_splits(store_copy, 0, pool=0.5)
+    every = catalog_keys(store_copy, split="all", pool=0.5)
+    assert every["split"].notna().all()
+    assert {k: s for k, s in zip(every.patient_key, every.split)} == \
+        {k: pooled[k] for k in every.patient_key}
+    test = catalog_keys(store_copy, split="test", pool=0.5)
+    assert set(test.patient_key) == {k for k, s in pooled.items() if s == "test"}
+    with pytest.raises(ConfigError, match="embed.pool"):
+        EmbedConfig(pool=1.0)
+
+
 # ------------------------------------------------------------------ twins
 
 

@@ -28,8 +28,10 @@ def run(args) -> int:
     from ctssl_core.paths import default_store
 
     cfg = resolve_profile(args.profile, args.overrides)
-    split_seed = int((cfg.get("benchmark") or {}).get("split_seed", 0))
-    fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg))
+    bench = cfg.get("benchmark") or {}
+    split_seed, pool = int(bench.get("split_seed", 0)), float(bench.get("pool", 0.0))
+    fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg),
+                         pool)
     store = Path(args.store) if args.store else default_store()
     steps = int(fc.train.get("steps", 200))
     with tqdm(total=steps, disable=args.quiet, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
