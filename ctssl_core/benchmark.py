@@ -34,9 +34,15 @@ from ctssl_core.controls import CONTROLS, NEGATIVE, POSITIVE
 PERCENT = 100.0
 
 
+def _registered_strategies() -> tuple[str, ...]:
+    from ctssl_core.pretext import strategies
+
+    return strategies()
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    strategies: tuple[str, ...] = ("masked_region", "next_slice", "rotation", "flip", "denoise")
+    strategies: tuple[str, ...] = field(default_factory=lambda: _registered_strategies())  # pretext registry
     tasks: tuple[str, ...] = ("pe", "nodule", "demographics")
     fractions: tuple[float, ...] = (0.05, 0.25, 1.0)          # pe and nodule label fractions
     demographics_fractions: tuple[float, ...] = (1.0,)

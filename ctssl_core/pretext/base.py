@@ -45,6 +45,7 @@ class PretextBase:
     wants_hu: ClassVar[bool] = False
     gap: ClassVar[int] = 0                    # next_slice overrides with a field
     whole_slice: ClassVar[bool] = False       # True: random crops would remove the cue the task needs
+    default_strategy: ClassVar[bool] = True   # run by a benchmark that names no strategies
 
 
 class DenseTask(PretextBase):

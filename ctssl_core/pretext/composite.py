@@ -37,6 +37,7 @@ class Composite(PretextBase):
     params: dict[str, dict[str, Any]] = field(default_factory=dict)   # {task: {hparam: value}}
 
     name: ClassVar[str] = "composite"
+    default_strategy: ClassVar[bool] = False      # a combination of strategies, opt-in
 
     def __post_init__(self) -> None:
         from ctssl_core.pretext import PRETEXT, make_pretext  # registry imports this module
