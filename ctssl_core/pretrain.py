@@ -155,17 +155,6 @@ def heldout_pe_ids(store: Any, root: Path, cfg: PretrainConfig) -> tuple[np.ndar
     return ids, y.astype(np.float32)
 
 
-def auroc(scores: "torch.Tensor", y: "torch.Tensor") -> float:
-    """Mann-Whitney AUROC (ties count half)."""
-    import torch
-
-    pos, neg = scores[y > 0.5], scores[y <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]  # (P, N)
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
-
-
 def input_geometry(task: Any, image_size: int, crop: int) -> tuple[int | None, int | None]:
     """(image_size, crop) the loader uses for ``task``: the configured ones, except that a task that
     needs the whole slice (``task.whole_slice``: flip, rotation) gets the slice resized to the crop
@@ -181,6 +170,7 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
     AUROC on the other half. Cost: one no-grad pass over ``len(ids)`` slices + 200 tiny Adam steps."""
     import torch
 
+    from ctssl_core.evaluate.metrics import auroc
     from ctssl_core.ops import model_input, slice_at
 
     hu = torch.from_numpy(np.ascontiguousarray(store.read(ids)))[:, None]  # (N, 1, H, W) int16, read once
@@ -220,7 +210,7 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
                 torch.nn.functional.binary_cross_entropy_with_logits(lin(z[tr]).squeeze(1), target[tr]).backward()
                 opt.step()
             with torch.no_grad():
-                aucs.append(auroc(lin(z[te]).squeeze(1), target[te]))
+                aucs.append(auroc(target[te].numpy(), lin(z[te]).squeeze(1).numpy()))
         if aucs:
             out["probe/pe_auroc"] = float(np.mean(aucs))
             out["probe/n"] = float(len(target))
