@@ -34,9 +34,15 @@ from ctssl_core.controls import CONTROLS, NEGATIVE, POSITIVE
 PERCENT = 100.0
 
 
+def _registered_strategies() -> tuple[str, ...]:
+    from ctssl_core.pretext import strategies
+
+    return strategies()
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    strategies: tuple[str, ...] = ("masked_region", "next_slice", "rotation", "flip", "denoise")
+    strategies: tuple[str, ...] = field(default_factory=lambda: _registered_strategies())  # pretext registry
     tasks: tuple[str, ...] = ("pe", "nodule", "demographics")
     fractions: tuple[float, ...] = (0.05, 0.25, 1.0)          # pe and nodule label fractions
     demographics_fractions: tuple[float, ...] = (1.0,)
@@ -143,16 +149,24 @@ def result_config(cfg: dict) -> dict:
 
 def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
                     pre_encoder: tuple[str, dict], pool: float = 0.0):
-    """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys."""
+    """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys.
+
+    The input windows are the pretraining's (``pretrain.windows``), so random init and every
+    pretrained init see the data through the same view."""
     from ctssl_core.finetune import FinetuneConfig
 
     ds = dict(cfg.get("downstream") or {})
     per_task = {k: ds.pop(k) for k in ("pe", "nodule", "demographics") if k in ds}
-    mapping = merge(ds, per_task.get(task) or {})
+    mapping = merge({"windows": input_windows(cfg)}, merge(ds, per_task.get(task) or {}))
     mapping = merge(mapping, {"task": task, "init": init, "fraction": fraction, "seed": seed,
                               "split_seed": split_seed, "pool": pool, "encoder": pre_encoder[0],
                               "encoder_kwargs": pre_encoder[1]})
     return build(FinetuneConfig, mapping, where="downstream.")
+
+
+def input_windows(cfg: dict):
+    """The profile's model-input windows (``pretrain.windows``; the paper's single window when unset)."""
+    return (cfg.get("pretrain") or {}).get("windows", "paper")
 
 
 def pretrain_encoder(cfg: dict) -> tuple[str, dict]:
@@ -376,8 +390,8 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
     from ctssl_core.results import write as rw
 
     enc_name, enc_kw = pretrain_encoder(plan.config)
-    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool},
-                    plan.config.get("embed") or {})
+    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
+                     "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
     ecfg = build(emb.EmbedConfig, mapping, where="embed.")
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
     rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),

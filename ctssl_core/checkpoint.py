@@ -60,7 +60,7 @@ def encoder_identity(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
     """(registry name, constructor kwargs) of an encoder, as far as it tells us."""
     enc = unwrap(encoder)
     name = getattr(enc, "name", None) or getattr(enc, "registry_name", None) or type(enc).__name__
-    kwargs = getattr(enc, "config", None) or getattr(enc, "kwargs", None) or {}
+    kwargs = getattr(enc, "kwargs", None) or getattr(enc, "config", None) or {}
     if not isinstance(kwargs, Mapping):
         try:
             import dataclasses
@@ -68,7 +68,14 @@ def encoder_identity(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
             kwargs = dataclasses.asdict(kwargs)
         except TypeError:
             kwargs = {}
-    return str(name), dict(kwargs)
+    return str(name), {**dict(kwargs), **_windows_kwarg(enc)}
+
+
+def _windows_kwarg(enc: nn.Module) -> dict[str, Any]:
+    """The input windows an encoder was built for, as a JSON-able build_encoder kwarg (empty for a
+    module that is not a ctssl encoder)."""
+    ws = getattr(enc, "windows", None)
+    return {"windows": [list(w) for w in ws]} if ws else {}
 
 
 # ---------------- RNG ----------------
@@ -137,7 +144,7 @@ def save_checkpoint(
     name, kwargs = encoder_identity(encoder)
     cfg = dict(config or {})
     name = cfg.get("encoder", name) if isinstance(cfg.get("encoder"), str) else name
-    kwargs = dict(cfg.get("encoder_params", kwargs) or kwargs)
+    kwargs = {**dict(cfg.get("encoder_params", kwargs) or kwargs), **_windows_kwarg(unwrap(encoder))}
     obj = {
         "format": FORMAT,
         "encoder": unwrap(encoder).state_dict(),

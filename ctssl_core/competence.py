@@ -94,10 +94,12 @@ def competence(store_root: str | Path, run: str | Path, ids: np.ndarray, store=N
     head.load_state_dict(raw_ckpt["head"])
     train = (cfg.get("pretrain") or {}).get("train") or {}
     bs = int(min(batch_size, len(ids)))
-    loader = SliceBatcher(store, ids, bs, context=task.context, gap=int(getattr(task, "gap", 1) or 1),
-                          label_keys=tuple(task.label_keys), device="cpu", seed=seed,
-                          image_size=int(train.get("image_size") or 0) or None, crop=int(train.get("crop") or 0) or None,
-                          wants_hu=bool(getattr(task, "wants_hu", False)), prefetch=False)
+    from ctssl_core.pretrain import input_geometry
+
+    image_size, crop = input_geometry(task, int(train.get("image_size") or 0), int(train.get("crop") or 0))
+    loader = SliceBatcher(store, ids, bs, context=task.context, gap=task.gap or 1,
+                          label_keys=tuple(task.label_keys), device="cpu", seed=seed, image_size=image_size,
+                          crop=crop, wants_hu=task.wants_hu, prefetch=False, windows=encoder.windows)
     g = torch.Generator().manual_seed(seed)
     encoder.eval()
     head.eval()

@@ -54,9 +54,8 @@ class EmbedConfig:
     batch_size: int = 64
     device: str = "cpu"
     max_per_series: int = 0             # 0 = every slice; else evenly spaced slices per series
-    window_level: float = 50.0
-    window_width: float = 350.0
-    minmax: bool = False                # per-slice min-max after windowing (as the paper's loader)
+    windows: Any = None                 # input windows for random init (ops.WINDOWS preset or pairs); None:
+                                        # a checkpoint's own (the view it was trained on), paper for random
     pca: bool = True
     umap: bool = True
     max_points: int = 20000             # projections above this use a stratified sample
@@ -70,8 +69,13 @@ class EmbedConfig:
             raise ConfigError(f"embed.split must be train, val, test or all (got {self.split!r})")
         if not 0.0 <= self.pool < 1.0:
             raise ConfigError(f"embed.pool must be in [0, 1) (got {self.pool})")
-        if self.window_width <= 0:
-            raise ConfigError(f"embed.window_width must be > 0 HU (got {self.window_width})")
+        if self.windows is not None:
+            from ctssl_core.ops import resolve_windows
+
+            try:
+                resolve_windows(self.windows)   # a bad preset or pair fails here, with the valid ones
+            except ConfigError as e:
+                raise ConfigError(f"embed.windows: {e}") from None
         for name, low in (("batch_size", 1), ("max_per_series", 0), ("max_points", 3), ("umap_pca_dims", 2),
                           ("umap_neighbors", 2)):
             if getattr(self, name) < low:
@@ -82,12 +86,12 @@ class EmbedConfig:
 
 
 def embed_array(encoder, read: Callable[[np.ndarray], np.ndarray], slice_ids: np.ndarray, batch_size: int = 64,
-                device: str = "cpu", window: tuple[float, float] = (50.0, 350.0), minmax: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Slice embeddings ``(N, D)`` float32: read int16 HU batches, window on the device, ``encoder.embed``."""
+                device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Slice embeddings ``(N, D)`` float32: read int16 HU batches, window them as the encoder was
+    trained (``encoder.windows``, through the loader's ``ops.model_input``), ``encoder.embed``."""
     import torch
 
-    from ctssl_core.ops import window as ops_window
+    from ctssl_core.ops import model_input, slice_at
 
     enc = encoder.to(device).eval()
     out = []
@@ -96,7 +100,7 @@ def embed_array(encoder, read: Callable[[np.ndarray], np.ndarray], slice_ids: np
         for i in range(0, n, batch_size):
             ids = np.asarray(slice_ids[i:i + batch_size])
             hu = torch.from_numpy(np.ascontiguousarray(read(ids))).to(device)             # (B, H, W) int16
-            x = ops_window(hu, level=window[0], width=window[1], minmax=minmax)[:, None]  # (B, 1, H, W)
+            x = slice_at(model_input(hu[:, None], enc.windows), 0)                         # (B, C, H, W)
             out.append(enc.embed(x).float().cpu().numpy())                                # (B, D)
             if progress:
                 progress(min(i + batch_size, n), n)
@@ -379,11 +383,17 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
         from ctssl_core.models import build_encoder
 
         torch.manual_seed(cfg.seed)
-        enc = build_encoder(cfg.encoder)
+        enc = build_encoder(cfg.encoder, windows=cfg.windows)
         return enc, "random", cfg.encoder, None, f"random-{cfg.encoder}-s{cfg.seed}"
     from ctssl_core.checkpoint import load_encoder, read_checkpoint
 
     enc, run_cfg = load_encoder(checkpoint, store_root)
+    if cfg.windows is not None:
+        from ctssl_core.ops import resolve_windows
+
+        if resolve_windows(cfg.windows) != enc.windows:
+            raise EmbedError(f"{checkpoint} was trained on windows {[list(w) for w in enc.windows]}, not "
+                             f"{[list(w) for w in resolve_windows(cfg.windows)]}; drop embed.windows to use its own")
     name = read_checkpoint(checkpoint, store_root).get("encoder_name") or cfg.encoder
     run_id, init = None, None
     sp = store_paths(store_root)
@@ -416,8 +426,7 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
         raise EmbedError(f"split {cfg.split!r} (seed {cfg.split_seed}) has no slices in {sp.root}; choose another split")
     store = SliceStore.open(store_root)
     say(f"embedding {len(keys)} slices of split {cfg.split} with {tag} ({name})")
-    E = embed_array(enc, store.read, keys["slice_id"].to_numpy(), cfg.batch_size, cfg.device,
-                    (cfg.window_level, cfg.window_width), cfg.minmax)
+    E = embed_array(enc, store.read, keys["slice_id"].to_numpy(), cfg.batch_size, cfg.device)
     ids = {}
     for level, (V, K) in {"slice": (E, keys), "exam": exam_table(E, keys)}.items():
         emb_id = f"{tag}-{cfg.split}-{level}"

@@ -24,6 +24,19 @@ WEIGHTS = "encoder.safetensors"
 CARD = "card.json"
 
 
+def preprocessing(encoder_kwargs: dict) -> dict:
+    """What a user of the exported weights must do to a CT slice before the encoder sees it: the HU
+    windows (one input channel each, in this order) and the scaling -- without it the weights are
+    applied to the wrong numbers."""
+    from ctssl_core.ops import DEFAULT_WINDOWS, resolve_windows
+
+    ws = resolve_windows(encoder_kwargs.get("windows") or DEFAULT_WINDOWS)
+    return {"input": "axial CT slice in Hounsfield units (HU = stored value x RescaleSlope + RescaleIntercept)",
+            "windows": [{"level": lv, "width": wd} for lv, wd in ws],
+            "channels": len(ws),
+            "scaling": "per window: x = clip((HU - (level - width / 2)) / width, 0, 1); channels stacked in the "
+                       "order listed" + ("" if len(ws) > 1 else "; a 1-channel input is replicated to in_chans")}
+
 def _last_metrics(metrics_file: Path) -> dict[str, float]:
     """Last value of every metric in a run's metrics.jsonl (pure file read: no DuckDB)."""
     last: dict[str, float] = {}
@@ -88,6 +101,7 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
         "encoder": {"name": name, "kwargs": ckpt.get("encoder_kwargs") or {},
                     "n_params": int(sum(v.numel() for k, v in state.items() if v.is_floating_point()))},
         "config": cfg,
+        "preprocessing": preprocessing(ckpt.get("encoder_kwargs") or {}),
         "data": {**dict(cfg.get("data") or {}), "store": Path(str(cfg.get("store", root))).name},
         "metrics": {"step": int(ckpt.get("step", 0)), **{k: v for k, v in metrics.items() if k != "step"}},
         "run": _run_row(root, run_id),

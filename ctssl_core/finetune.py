@@ -49,6 +49,9 @@ class FinetuneConfig:
                                       # the pool's labels: the positive control of the benchmark)
     encoder: str = "tiny"             # for random init; pretrained inits use the checkpoint's
     encoder_kwargs: dict = field(default_factory=dict)
+    windows: Any = None               # HU windows of the model input (ops.WINDOWS preset or pairs); None: the
+                                      # checkpoint's (paper's single window for random init). A pretrained
+                                      # init with other windows than asked is an error, not a silent re-view
     task_params: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)       # TrainConfig fields
     freeze_encoder: bool = False
@@ -185,6 +188,7 @@ def collect_outputs(task, encoder, head, store, ids: np.ndarray, batch_size: int
     """Predictions for every id (eval mode, no augmentation) + row keys for scoring."""
     import torch
 
+    from ctssl_core.checkpoint import unwrap
     from ctssl_core.data.loader import SliceBatcher
 
     ids = np.sort(np.asarray(ids, dtype=np.int64))
@@ -201,7 +205,8 @@ def collect_outputs(task, encoder, head, store, ids: np.ndarray, batch_size: int
         with torch.no_grad():
             for part, b in parts:
                 batcher = SliceBatcher(store, part, b, label_keys=task.label_keys, device=device,
-                                       image_size=image_size or None, prefetch=False)
+                                       image_size=image_size or None, prefetch=False,
+                                       windows=unwrap(encoder).windows)
                 it = iter(batcher)
                 for _ in range(len(batcher)):
                     raw = next(it)
@@ -290,20 +295,26 @@ def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int 
 # ------------------------------------------------------------------ init
 
 
-def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict):
-    """-> (encoder module, init label, checkpoint path or None, encoder name)."""
+def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict, windows: Any = None):
+    """-> (encoder module, init label, checkpoint path or None, encoder name). ``windows``: the input
+    windows for random init; for a checkpoint, None or equal to the checkpoint's (ConfigError otherwise)."""
     from ctssl_core import checkpoint as ck
     from ctssl_core.models import build_encoder
+    from ctssl_core.ops import resolve_windows
     from ctssl_core.pretext import PRETEXT
 
     if init == "random":
-        return build_encoder(encoder, **encoder_kwargs), "random", None, encoder
+        return build_encoder(encoder, windows=windows, **encoder_kwargs), "random", None, encoder
     label = init
     ref: str | Path = init
     if init in PRETEXT:
         ref = latest_pretrain_checkpoint(store_root, init)
     enc, cfg = ck.load_encoder(ref, store_root)
     path = ck.resolve_checkpoint(ref, store_root)
+    if windows is not None and resolve_windows(windows) != enc.windows:
+        raise ConfigError(f"init {init!r} was pretrained on windows {[list(w) for w in enc.windows]}, not "
+                          f"{[list(w) for w in resolve_windows(windows)]}; fine-tune with its windows "
+                          f"(drop downstream.windows) or pretrain with the ones you want")
     if init not in PRETEXT:  # a run id or path: label it with the pretext it was trained on
         label = str(cfg.get("task") or cfg.get("pretext") or _run_task(store_root, str(init)) or init)
     return enc, label, path, getattr(enc, "name", encoder)
@@ -381,14 +392,15 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     # seed before anything random is built (encoder, head): a unit's weights must not depend on
     # what ran earlier in this process (benchmark workers run many units)
     train_mod.seed_everything(cfg.seed)
-    encoder, label, ckpt, enc_name = resolve_init(cfg.init, root, cfg.encoder, cfg.encoder_kwargs)
+    encoder, label, ckpt, enc_name = resolve_init(cfg.init, root, cfg.encoder, cfg.encoder_kwargs, cfg.windows)
     init_label = init_label or label
     device = train_mod.resolve_device(tcfg.device)
     batch_size = min(tcfg.batch_size, train_ids.size)
     if batch_size != tcfg.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=batch_size)
     run_id = run_id or rw.new_run_id("finetune", cfg.task, init_label)
-    run_config = {**to_dict(cfg), "init_label": init_label, "init_checkpoint": str(ckpt) if ckpt else None,
+    run_config = {**to_dict(cfg), "windows": [list(w) for w in encoder.windows],
+                  "init_label": init_label, "init_checkpoint": str(ckpt) if ckpt else None,
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
@@ -413,7 +425,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
 
     try:
         loader = SliceBatcher(store, train_ids, tcfg.batch_size, label_keys=task.label_keys, device=device,
-                              seed=cfg.seed, image_size=tcfg.image_size or None)
+                              seed=cfg.seed, image_size=tcfg.image_size or None, windows=encoder.windows)
         fres = train_mod.fit(task, encoder, loader, tcfg, log=logger, run_dir=run_dir, resume=resume,
                              freeze_encoder=cfg.freeze_encoder, eval_fn=eval_fn if tcfg.eval_every else None,
                              head=head, run_config=run_config, progress=progress)

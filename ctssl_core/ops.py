@@ -119,6 +119,29 @@ def window_stack(hu: Tensor, windows: Any = DEFAULT_WINDOWS) -> Tensor:
     return torch.stack([window(hu, level, width) for level, width in ws], dim=-3)   # (..., C, H, W)
 
 
+def model_input(hu: Tensor, windows: Any = DEFAULT_WINDOWS) -> Tensor:
+    """HU slices ``(B, S, H, W)`` -> the model input ``raw["x"]``: ``(B, S, H, W)`` with one window,
+    ``(B, S, C, H, W)`` with C > 1 windows (one channel each), float32 in [0, 1].
+
+    Why two shapes: one window keeps the layout every task and checkpoint has always used (the
+    paper's grey slice); several windows add a channel axis per slice, so a two-slice task still
+    finds slice n at ``x[:, 0]``. ``slice_at`` reads either layout.
+    """
+    ws = resolve_windows(windows)
+    if len(ws) == 1:
+        return window(hu, *ws[0])                                                     # (B, S, H, W)
+    return window_stack(hu, ws)                                                       # (B, S, C, H, W)
+
+
+def slice_at(x: Tensor, s: int) -> Tensor:
+    """Slice ``s`` of a model input (``model_input``'s layouts) as an image batch ``(B, C, H, W)``:
+    ``C`` = 1 for one window, the number of windows otherwise."""
+    if not isinstance(x, Tensor) or x.dim() not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"model input must be (B, S, H, W) or (B, S, C, H, W), got {shape}")
+    return x[:, s] if x.dim() == 5 else x[:, s:s + 1]                                # (B, C, H, W)
+
+
 def flip_batch(x: Tensor, code: Tensor) -> Tensor:
     """Flip each image by its own code: 0 none, 1 left-right, 2 up-down, 3 both.
 
@@ -351,6 +374,7 @@ def global_pool(feat: Tensor, mode: str = "avg") -> Tensor:
 
 __all__ = [
     "PAPER_LEVEL", "PAPER_WIDTH", "WINDOWS", "DEFAULT_WINDOWS", "Windows", "resolve_windows", "window_stack",
+    "model_input", "slice_at",
     "window", "flip_batch", "rot90_batch", "square_mask", "mask_side",
     "salt_pepper", "gaussian_noise", "ssim", "resize", "crop", "crop_offsets", "center_crop",
     "POOLS", "global_pool",

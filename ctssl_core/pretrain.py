@@ -33,6 +33,8 @@ class PretrainConfig:
     task: str = "masked_region"                       # PRETEXT key
     encoder: str = "tiny"                             # ENCODERS key
     encoder_params: dict = field(default_factory=dict)  # e.g. {width: 0.5}
+    windows: Any = "paper"                            # HU windows of the model input, one channel each:
+                                                      # an ops.WINDOWS preset or [[level, width], ...]
     tasks: dict = field(default_factory=dict)         # per-task hyperparameters {task: {hparam: value}}
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=32, lr=1e-3, warmup_steps=20, ckpt_every=100, log_every=10, image_size=64))
@@ -153,15 +155,13 @@ def heldout_pe_ids(store: Any, root: Path, cfg: PretrainConfig) -> tuple[np.ndar
     return ids, y.astype(np.float32)
 
 
-def auroc(scores: "torch.Tensor", y: "torch.Tensor") -> float:
-    """Mann-Whitney AUROC (ties count half)."""
-    import torch
-
-    pos, neg = scores[y > 0.5], scores[y <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]  # (P, N)
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+def input_geometry(task: Any, image_size: int, crop: int) -> tuple[int | None, int | None]:
+    """(image_size, crop) the loader uses for ``task``: the configured ones, except that a task that
+    needs the whole slice (``task.whole_slice``: flip, rotation) gets the slice resized to the crop
+    side instead of a random crop -- same pixels per step, and the global cue stays in view."""
+    if crop and task.whole_slice:
+        return int(crop), None
+    return (int(image_size) or None), (int(crop) or None)
 
 
 def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: np.ndarray, image_size: int | None,
@@ -170,7 +170,8 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
     AUROC on the other half. Cost: one no-grad pass over ``len(ids)`` slices + 200 tiny Adam steps."""
     import torch
 
-    from ctssl_core.data.loader import window_hu
+    from ctssl_core.evaluate.metrics import auroc
+    from ctssl_core.ops import model_input, slice_at
 
     hu = torch.from_numpy(np.ascontiguousarray(store.read(ids)))[:, None]  # (N, 1, H, W) int16, read once
     target = torch.from_numpy(y)
@@ -190,7 +191,7 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
         feats = []
         with torch.no_grad():
             for i in range(0, len(hu), 64):
-                x = window_hu(hu[i:i + 64].to(device))  # (b, 1, H, W)
+                x = slice_at(model_input(hu[i:i + 64].to(device), encoder.windows), 0)  # (b, C, H, W)
                 if image_size and x.shape[-1] != image_size:
                     x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
                 feats.append(encoder.embed(x).float().cpu())
@@ -209,7 +210,7 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
                 torch.nn.functional.binary_cross_entropy_with_logits(lin(z[tr]).squeeze(1), target[tr]).backward()
                 opt.step()
             with torch.no_grad():
-                aucs.append(auroc(lin(z[te]).squeeze(1), target[te]))
+                aucs.append(auroc(target[te].numpy(), lin(z[te]).squeeze(1).numpy()))
         if aucs:
             out["probe/pe_auroc"] = float(np.mean(aucs))
             out["probe/n"] = float(len(target))
@@ -266,18 +267,20 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         device = torch.device("cuda", info.local_rank)
 
     torch.manual_seed(cfg.train.seed)  # encoder init is part of the run's determinism
-    encoder = build_encoder(cfg.encoder, **dict(cfg.encoder_params))
+    encoder = build_encoder(cfg.encoder, windows=cfg.windows, **dict(cfg.encoder_params))
+    image_size, crop = input_geometry(pretext, cfg.train.image_size, cfg.train.crop)
     batches = SliceBatcher(
-        store, ids, cfg.train.batch_size, context=pretext.context, gap=int(getattr(pretext, "gap", 1) or 1),
+        store, ids, cfg.train.batch_size, context=pretext.context, gap=pretext.gap or 1,
         label_keys=tuple(pretext.label_keys), device=device, seed=cfg.train.seed,
-        image_size=cfg.train.image_size or None, crop=cfg.train.crop or None, rank=info.rank, world_size=info.world_size,
-        wants_hu=bool(getattr(pretext, "wants_hu", False)),
+        image_size=image_size, crop=crop, rank=info.rank, world_size=info.world_size,
+        wants_hu=pretext.wants_hu, windows=encoder.windows,
     )
     run_id = distributed.broadcast_object(resume_run_id or new_run_id("pretrain", cfg.task, "random"), info)
     run_cfg = {"kind": "pretrain", "task": cfg.task, "encoder": cfg.encoder, "encoder_params": dict(cfg.encoder_params),
                "task_params": dataclasses.asdict(pretext) if dataclasses.is_dataclass(pretext) else {},
                "pretrain": to_dict(cfg), "profile": profile, "store": str(root),
-               "data": {"n_slices": int(len(ids)), "image_size": cfg.train.image_size or int(store.height),
+               "data": {"n_slices": int(len(ids)), "image_size": image_size or int(store.height), "crop": crop or 0,
+                        "windows": [list(w) for w in encoder.windows],
                         "split": cfg.split, "split_seed": cfg.split_seed, "world_size": info.world_size}}
     run_dir = store_paths(root).run_dir(run_id)
     logger = None

@@ -42,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ctssl_core.data.loader import DEFAULT_WINDOW, SliceBatcher  # noqa: E402
+from ctssl_core.data.loader import SliceBatcher  # noqa: E402
+from ctssl_core.ops import PAPER_LEVEL, PAPER_WIDTH  # noqa: E402
 from ctssl_core.data.store import SliceStore  # noqa: E402
 from ctssl_core.models import build_encoder  # noqa: E402
 from ctssl_core.pretext import make_pretext  # noqa: E402
@@ -106,7 +107,7 @@ class ConventionalDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def _window(self, hu: np.ndarray) -> np.ndarray:
-        level, width = DEFAULT_WINDOW
+        level, width = PAPER_LEVEL, PAPER_WIDTH
         return np.clip((hu.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0)
 
     def __getitem__(self, i: int):

@@ -18,6 +18,8 @@ torch.set_num_threads(1)
 class _MeanEncoder(torch.nn.Module):
     """Deterministic stand-in encoder: embed = (mean, max) of the windowed slice."""
 
+    windows = ((50.0, 350.0),)                            # the encoder contract: the view it was trained on
+
     def embed(self, x):                                   # (B, 1, H, W) -> (B, 2)
         return torch.stack([x.mean((1, 2, 3)), x.amax((1, 2, 3))], 1)
 
@@ -174,7 +176,8 @@ def test_even_per_series_keeps_k_spread_slices():
     assert embed.even_per_series(keys, 0) is keys
 
 
-@pytest.mark.parametrize("bad", [dict(split="holdout"), dict(batch_size=0), dict(window_width=0)])
+@pytest.mark.parametrize("bad", [dict(split="holdout"), dict(batch_size=0), dict(windows=[[50, 0]]),
+                                 dict(windows="nope")])
 def test_embed_config_rejects_bad_values(bad):
     from ctssl_core.config import ConfigError, build
 

@@ -10,7 +10,8 @@ import torch
 
 from _fit_fakes import ArrayStore, make_arrays, make_store
 from ctssl_core.config import ConfigError
-from ctssl_core.data.loader import SliceBatcher, window_hu
+from ctssl_core.data.loader import SliceBatcher
+from ctssl_core.ops import window
 
 torch.set_num_threads(1)
 
@@ -51,7 +52,7 @@ def test_single_slice_batch_shapes_dtypes_and_window(store):
 
 def test_window_clips_to_unit_range():
     hu = torch.tensor([[-1000, -125, 50, 225, 3000]], dtype=torch.int16)
-    assert torch.allclose(window_hu(hu), torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0]]))
+    assert torch.allclose(window(hu), torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0]]))
 
 
 @pytest.mark.parametrize("gap", [1, 3])

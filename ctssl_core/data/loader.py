@@ -31,31 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctssl_core.config import ConfigError
-
-# Paper preprocessing: soft-tissue window level 50 / width 350 HU (DESIGN.md).
-DEFAULT_WINDOW = (50.0, 350.0)
+from ctssl_core.ops import DEFAULT_WINDOWS, model_input, resolve_windows
 
 # Label keys the batcher knows how to build (tasks.py documents them).
 DEMOGRAPHIC_KEYS = ("age", "sex", "race")
-
-
-def window_hu(hu: Tensor, level: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]) -> Tensor:
-    """int16 HU -> float32 in [0, 1]: clip to [level - width/2, level + width/2] and scale.
-
-    Uses ``ops.window`` when the ops module provides it so that every part of
-    ctssl windows identically; this fallback is the same formula.
-    """
-    try:
-        from ctssl_core.ops import window as ops_window  # type: ignore[attr-defined]
-    except ImportError:
-        ops_window = None
-    if ops_window is not None:
-        try:
-            return ops_window(hu, level=level, width=width)
-        except TypeError:
-            pass
-    lo = level - width / 2.0
-    return ((hu.float() - lo) / width).clamp_(0.0, 1.0)
 
 
 def _host_labels(store: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -147,7 +126,7 @@ class SliceBatcher:
         rank: int = 0,
         world_size: int = 1,
         wants_hu: bool = False,
-        window: tuple[float, float] = DEFAULT_WINDOW,
+        windows: Any = None,
         prefetch: bool | None = None,
         crop: int | None = None,
     ) -> None:
@@ -189,7 +168,7 @@ class SliceBatcher:
             self.crop = int(crop) if int(crop) < side else 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.wants_hu = wants_hu or "hu" in self.label_keys
-        self.window = window
+        self.windows = resolve_windows(DEFAULT_WINDOWS if windows is None else windows)
         self.prefetch = (self.device.type == "cuda") if prefetch is None else bool(prefetch)
         self.batches_per_epoch = per_epoch // self.batch_size  # drop_last: equal-size batches
         self._labels = _host_labels(store, self.label_keys)
@@ -267,7 +246,10 @@ class SliceBatcher:
     def _to_device(self, host: dict[str, Tensor]) -> dict[str, Tensor]:
         dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         hu = dev["hu"]  # (B, S, H, W) int16
-        x = window_hu(hu, *self.window)  # (B, S, H, W) float32 in [0, 1]
+        x = model_input(hu, self.windows)  # (B, S, H, W), or (B, S, C, H, W) with C windows; float32 in [0, 1]
+        shape5 = x.shape if x.dim() == 5 else None
+        if shape5 is not None:
+            x = x.flatten(1, 2)  # (B, S*C, H, W): resize and crop act on 4-D images
         size = self.image_size
         if size and (x.shape[-2] != size or x.shape[-1] != size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -284,6 +266,8 @@ class SliceBatcher:
                 dev["nodule"] = crop(dev["nodule"], top, left, self.crop)
             if self.wants_hu:
                 hu = crop(hu, top, left, self.crop)
+        if shape5 is not None:
+            x = x.unflatten(1, shape5[1:3])  # (B, S, C, h, w)
         raw: dict[str, Tensor] = {"x": x}
         if self.wants_hu:
             raw["hu"] = hu

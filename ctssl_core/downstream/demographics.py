@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctssl_core import evaluate as ev
+from ctssl_core import ops
 from ctssl_core.downstream.pe import random_hflip
 from ctssl_core.tasks import TaskBatch
 
@@ -40,7 +41,7 @@ class DemographicsTask:
     hflip: bool = True
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x = raw["x"][:, :1]                                          # (B, 1, H, W)
+        x = ops.slice_at(raw["x"], 0)                                # (B, C, H, W)
         if self.hflip:
             (x,) = random_hflip(x, generator)
         return self.eval_batch({**raw, "x": x})
@@ -48,7 +49,7 @@ class DemographicsTask:
     def eval_batch(self, raw: dict[str, Tensor]) -> TaskBatch:
         age = (raw["age"].float() - self.age_mean) / self.age_std
         targets = torch.stack([age, raw["sex"].float(), raw["race"].float()], 1)   # (B, 3), NaN/-1 unknown
-        return TaskBatch(raw["x"][:, :1], targets)
+        return TaskBatch(ops.slice_at(raw["x"], 0), targets)
 
     def build_head(self, encoder: nn.Module) -> nn.Module:
         from ctssl_core.models.heads import ClassifierHead

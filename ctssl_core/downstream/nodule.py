@@ -85,7 +85,7 @@ class NoduleTask:
             raise ConfigError(f"nodule.focus must be in [0, 1], got {self.focus}")
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x, m = raw["x"][:, :1], raw["nodule"].float()               # (B, 1, H, W) each
+        x, m = ops.slice_at(raw["x"], 0), raw["nodule"].float()     # (B, C, H, W), (B, 1, H, W)
         if self.crop and self.crop < min(x.shape[-2:]):
             top, left = ops.crop_offsets(x.shape, self.crop, generator, focus=m, focus_prob=self.focus)
             x, m = ops.crop(x, top, left, self.crop), ops.crop(m, top, left, self.crop)  # (B, 1, c, c)
@@ -94,7 +94,7 @@ class NoduleTask:
         return TaskBatch(x, m)
 
     def eval_batch(self, raw: dict[str, Tensor]) -> TaskBatch:
-        return TaskBatch(raw["x"][:, :1], raw["nodule"].float())
+        return TaskBatch(ops.slice_at(raw["x"], 0), raw["nodule"].float())
 
     def build_head(self, encoder: nn.Module) -> nn.Module:
         from ctssl_core.models.heads import build_dense_head

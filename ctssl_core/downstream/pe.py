@@ -72,13 +72,13 @@ class PETask:
             raise ConfigError(f"pe.pool must be one of {list(ops.POOLS)}, got {self.pool!r}")
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x = ops.center_crop(raw["x"][:, :1], self.roi)              # (B, 1, roi, roi)
+        x = ops.center_crop(ops.slice_at(raw["x"], 0), self.roi)    # (B, C, roi, roi)
         if self.hflip:
             (x,) = random_hflip(x, generator)
         return TaskBatch(x, raw["pe"].float())                       # targets (B,)
 
     def eval_batch(self, raw: dict[str, Tensor]) -> TaskBatch:
-        return TaskBatch(ops.center_crop(raw["x"][:, :1], self.roi), raw["pe"].float())
+        return TaskBatch(ops.center_crop(ops.slice_at(raw["x"], 0), self.roi), raw["pe"].float())
 
     def build_head(self, encoder: nn.Module) -> nn.Module:
         from ctssl_core.models.heads import ClassifierHead

@@ -36,20 +36,33 @@ def _accepted_kwargs(fn: Callable[..., Any]) -> set[str]:
     return names
 
 
-def build_encoder(name: str, **kw: Any) -> Encoder:
-    """Build encoder ``name`` (``in_chans`` defaults to 1, 3 for ``paper``); unknown names or
-    keyword arguments raise ConfigError listing the valid ones."""
+def build_encoder(name: str, windows: Any = None, **kw: Any) -> Encoder:
+    """Build encoder ``name`` for inputs windowed by ``windows`` (a preset of ``ops.WINDOWS`` or
+    (level, width) pairs; default: the paper's single soft-tissue window).
+
+    With one window, ``in_chans`` defaults to 1 (3 grey copies for ``paper``, as the paper did);
+    with several, each window is one input channel, so ``in_chans`` = the number of windows. The
+    windows are stored in ``encoder.kwargs``, so a checkpoint rebuilds with the view it was trained
+    on. Unknown names or keyword arguments raise ConfigError listing the valid ones."""
+    from ctssl_core.ops import DEFAULT_WINDOWS, resolve_windows
+
     if name not in ENCODERS:
         raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
     fn = ENCODERS[name]
     valid = _accepted_kwargs(fn)
     bad = sorted(set(kw) - valid)
     if bad:
-        raise ConfigError(f"unknown option(s) {bad} for encoder {name!r}; valid: {sorted(valid)}")
+        raise ConfigError(f"unknown option(s) {bad} for encoder {name!r}; valid: {sorted(valid) + ['windows']}")
+    ws = resolve_windows(DEFAULT_WINDOWS if windows is None else windows)
+    if len(ws) > 1:
+        if kw.setdefault("in_chans", len(ws)) != len(ws):
+            raise ConfigError(f"encoder {name!r}: in_chans={kw['in_chans']} but {len(ws)} windows give {len(ws)} "
+                              f"input channels; drop in_chans (it follows the windows)")
     encoder = fn(**kw)
+    encoder.windows = ws
     # identity read by checkpoint.encoder_identity: rebuild with build_encoder(registry_name, **kwargs)
     encoder.registry_name = name
-    encoder.kwargs = dict(getattr(encoder, "config", None) or kw)
+    encoder.kwargs = {**dict(getattr(encoder, "config", None) or kw), "windows": [list(w) for w in ws]}
     return encoder
 
 

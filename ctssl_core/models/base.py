@@ -21,9 +21,13 @@ class Encoder(nn.Module):
             (the paper copied the grey slice into 3 channels).
         feature_channels / feature_strides: one entry per map of ``forward_features``.
         embed_dim: length of the ``embed`` vector (channels of the deepest map).
+        windows: the HU windows (level, width) of the model input, one input channel each
+            (``ops.WINDOWS``). Part of the encoder's identity: a checkpoint carries the windows it
+            was trained on, so fine-tuning and embedding feed it the same view of the data.
     """
 
     in_chans: int
+    windows: tuple[tuple[float, float], ...] = ((50.0, 350.0),)   # ops.DEFAULT_WINDOWS (paper)
     feature_channels: list[int]
     feature_strides: list[int]
     embed_dim: int

@@ -26,6 +26,13 @@ PRETEXT: dict[str, type] = {
 }
 
 
+def strategies() -> tuple[str, ...]:
+    """The pretraining strategies a benchmark runs by default: every registered task that is one
+    strategy of its own (``Composite`` combines others, so it is opt-in). Read at call time, so a task
+    registered later (``PRETEXT["mine"] = Mine``) is picked up by the benchmark, CLI and jobs form."""
+    return tuple(k for k, cls in PRETEXT.items() if getattr(cls, "default_strategy", True))
+
+
 def make_pretext(name: str, **hparams: Any) -> Any:
     """Build pretext task ``name`` from keyword hyperparameters; unknown names/keys -> ConfigError."""
     if name not in PRETEXT:
@@ -33,4 +40,4 @@ def make_pretext(name: str, **hparams: Any) -> Any:
     return build(PRETEXT[name], hparams, where=f"{name}.")
 
 
-__all__ = ["PRETEXT", "make_pretext", "CompositeBatch"]
+__all__ = ["PRETEXT", "make_pretext", "strategies", "CompositeBatch"]

@@ -20,12 +20,13 @@ from ctssl_core.tasks import TaskBatch
 
 
 def raw_x(raw: dict[str, Tensor], context: int, task: str) -> Tensor:
-    """The windowed slices ``raw["x"]`` (B, S, H, W) float, checked to hold ``context`` slices."""
+    """The windowed slices ``raw["x"]`` (B, S, H, W), or (B, S, C, H, W) with C windows (``ops.model_input``),
+    float, checked to hold ``context`` slices; read slice s with ``ops.slice_at``."""
     if not isinstance(raw, dict) or "x" not in raw:
         raise ConfigError(f"{task}: the raw batch must be a dict with key 'x' (B, S, H, W) float in [0, 1]; "
                           f"build it with data/loader.py SliceBatcher")
     x = raw["x"]
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+    if not isinstance(x, Tensor) or x.dim() not in (4, 5) or not x.is_floating_point():
         desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ConfigError(f"{task}: raw['x'] must be a float (B, S, H, W) tensor, got {desc}; "
                           f"window HU with ctssl_core.ops.window first")
@@ -43,26 +44,34 @@ class PretextBase:
     label_keys: ClassVar[tuple[str, ...]] = ()
     wants_hu: ClassVar[bool] = False
     gap: ClassVar[int] = 0                    # next_slice overrides with a field
+    whole_slice: ClassVar[bool] = False       # True: random crops would remove the cue the task needs
+    default_strategy: ClassVar[bool] = True   # run by a benchmark that names no strategies
 
 
 class DenseTask(PretextBase):
-    """Predict an image: the head is ``build_dense_head(encoder, 1)`` (U-Net or VQ-VAE decoder)."""
-
-    out_ch: ClassVar[int] = 1
+    """Predict an image: the head is ``build_dense_head(encoder, C)`` (U-Net or VQ-VAE decoder), C = one
+    output channel per input window of the encoder (``encoder.windows``), the channels of the target."""
 
     def build_head(self, encoder: nn.Module) -> nn.Module:
-        return build_dense_head(encoder, self.out_ch)
+        return build_dense_head(encoder, len(encoder.windows))
 
     def forward(self, encoder: nn.Module, head: nn.Module, batch: TaskBatch) -> Tensor | tuple[Tensor, Tensor]:
-        """``pred`` (B, 1, H, W), or ``(pred, vq_loss)`` when the head is the paper's VQ-VAE decoder."""
+        """``pred`` (B, C, H, W), or ``(pred, vq_loss)`` when the head is the paper's VQ-VAE decoder."""
         feats = encoder.forward_features(batch.inputs)
-        pred, aux = dense_forward(head, feats, batch.inputs.shape[-2:])    # (B, 1, H, W)
+        pred, aux = dense_forward(head, feats, batch.inputs.shape[-2:])    # (B, C, H, W)
         return attach_aux_loss(pred, aux)
 
 
 @dataclass(frozen=True)
 class ClassifyTask(PretextBase):
-    """Classify a transform: a ``ClassifierHead`` on the pooled embedding, cross-entropy loss."""
+    """Classify a transform: a ``ClassifierHead`` on the pooled embedding, cross-entropy loss.
+
+    Whole slices: which way is up, or which side is left, is a global cue (spine, heart, table); a
+    64-px crop of a 128-px slice often holds none, so flip accuracy stayed near chance. Pretraining
+    resizes the whole slice to the crop side instead of cropping (same compute).
+    """
+
+    whole_slice: ClassVar[bool] = True
 
     hidden: int = 0                  # >0: an MLP head with this many hidden units instead of a linear one
     label_smoothing: float = 0.0

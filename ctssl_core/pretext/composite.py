@@ -37,6 +37,7 @@ class Composite(PretextBase):
     params: dict[str, dict[str, Any]] = field(default_factory=dict)   # {task: {hparam: value}}
 
     name: ClassVar[str] = "composite"
+    default_strategy: ClassVar[bool] = False      # a combination of strategies, opt-in
 
     def __post_init__(self) -> None:
         from ctssl_core.pretext import PRETEXT, make_pretext  # registry imports this module
@@ -72,6 +73,10 @@ class Composite(PretextBase):
         return max(m.context for m in self.members.values())
 
     @property
+    def whole_slice(self) -> bool:  # type: ignore[override]
+        return any(m.whole_slice for m in self.members.values())
+
+    @property
     def gap(self) -> int:  # type: ignore[override]
         return max(getattr(m, "gap", 0) for m in self.members.values())
 
@@ -82,7 +87,7 @@ class Composite(PretextBase):
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> CompositeBatch:
         # every member reads what it needs from the same raw batch (single-slice members take
-        # x[:, :1], slice n); the one generator advances member by member, so it stays deterministic
+        # ops.slice_at(x, 0), slice n); the one generator advances member by member, so it stays deterministic
         parts = {name: task.make_batch(raw, generator) for name, task in self.members.items()}
         first = parts[self.tasks[0]]
         return CompositeBatch(inputs=first.inputs, targets=first.targets, mask=first.mask, parts=parts)

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ctssl_core.ops import gaussian_noise, salt_pepper
+from ctssl_core.ops import gaussian_noise, salt_pepper, slice_at
 from ctssl_core.pretext.base import DenseTask, check_range, raw_x
 from ctssl_core.pretext.losses import reconstruction_loss
 from ctssl_core.tasks import TaskBatch
@@ -37,7 +37,7 @@ class Denoise(DenseTask):
         check_range(self.name, "sigma", self.sigma, 0.0, float("inf"))
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x = raw_x(raw, 1, self.name)[:, :1]                                  # (B, 1, H, W)
+        x = slice_at(raw_x(raw, 1, self.name), 0)                             # (B, C, H, W), C windows
         if self.noise == "salt_pepper":
             inputs = salt_pepper(x, self.amount, generator)
         else:

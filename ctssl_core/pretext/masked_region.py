@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ctssl_core.ops import square_mask
+from ctssl_core.ops import slice_at, square_mask
 from ctssl_core.pretext.base import DenseTask, check_range, raw_x
 from ctssl_core.pretext.losses import reconstruction_loss
 from ctssl_core.tasks import TaskBatch
@@ -41,7 +41,7 @@ class MaskedRegion(DenseTask):
         check_range(self.name, "whole_weight", self.whole_weight, 0.0, float("inf"))
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x = raw_x(raw, 1, self.name)[:, :1]                                  # (B, 1, H, W)
+        x = slice_at(raw_x(raw, 1, self.name), 0)                             # (B, C, H, W), C windows
         mask = square_mask(x.shape, self.frac_side, self.n_patches, generator, x.device)  # (B, 1, H, W)
         inputs = x.masked_fill(mask.bool(), self.fill)                     # hidden squares := fill
         return TaskBatch(inputs=inputs, targets=x, mask=mask)

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from ctssl_core.ops import slice_at
 from ctssl_core.pretext.base import DenseTask, check_range, raw_x
 from ctssl_core.pretext.losses import reconstruction_loss, to_logs
 from ctssl_core.tasks import TaskBatch
@@ -38,7 +39,7 @@ class NextSlice(DenseTask):
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
         x = raw_x(raw, 2, self.name)
-        inputs, nxt = x[:, 0:1], x[:, 1:2]                                   # (B, 1, H, W) each
+        inputs, nxt = slice_at(x, 0), slice_at(x, 1)                         # (B, C, H, W) each
         targets = nxt - inputs if self.target == "residual" else nxt
         return TaskBatch(inputs=inputs, targets=targets, mask=None)
 

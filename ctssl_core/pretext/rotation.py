@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ctssl_core.ops import rot90_batch
+from ctssl_core.ops import rot90_batch, slice_at
 from ctssl_core.pretext.base import ClassifyTask, raw_x
 from ctssl_core.tasks import TaskBatch
 
@@ -24,6 +24,6 @@ class Rotation(ClassifyTask):
     name: ClassVar[str] = "rotation"
 
     def make_batch(self, raw: dict[str, Tensor], generator: torch.Generator) -> TaskBatch:
-        x = raw_x(raw, 1, self.name)[:, :1]                                  # (B, 1, H, W)
+        x = slice_at(raw_x(raw, 1, self.name), 0)                             # (B, C, H, W), C windows
         k = self.draw_labels(x, generator)                                    # (B,) in 0..3
         return TaskBatch(inputs=rot90_batch(x, k), targets=k, mask=None)
