@@ -207,3 +207,74 @@ def test_claim_host_parsing():
     assert queue.claim_host("w") is None and queue.claim_host(None) is None
     assert queue.claimed_here("w") and queue.claimed_here(here())
     assert not queue.claimed_here("node-that-is-not-this-one:1")
+
+
+# --------------------------------------------------------------------------- item 3: a restarted worker
+
+
+class RecordingBackend:
+    """A backend that starts nothing: records which jobs the worker started (no pid yet)."""
+
+    name = "local"
+    grace_s = 10.0
+
+    def __init__(self):
+        self.started: list[str] = []
+
+    def start(self, store_root, job_id, argv, total):  # noqa: ARG002 - Backend signature
+        self.started.append(job_id)
+        return jobs.Handle(job_id, None, None)
+
+    def poll(self, handle):  # noqa: ARG002
+        return None
+
+    def cancel(self, handle):  # noqa: ARG002
+        pass
+
+
+@pytest.fixture
+def as_runner(monkeypatch):
+    """Make chosen live pids look like a job's runner (their command line names the runner module and
+    the job id); their real start tick is recorded by set_started, so everything else is verified."""
+    fake: dict[int, list[str]] = {}
+    real_cmdline = procs.cmdline
+    monkeypatch.setattr(procs, "cmdline", lambda pid: fake.get(pid) or real_cmdline(pid))
+
+    def _as_runner(store, job_id, pid):
+        fake[pid] = [sys.executable, "-m", queue.RUNNER_MARKER, "--store", str(store), "--job", job_id, "--", "x"]
+    return _as_runner
+
+
+def test_restarted_worker_counts_jobs_still_running_against_its_slots(store, spawn, as_runner):
+    """Worker 1 started a job and was killed -9; the job's runner lives on. Worker 2 (max 1 CPU job)
+    must not start a second job until that one has ended."""
+    old_runner = spawn()
+    adopted = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, f"{procs.this_host()}:1111", ("cpu",))["job_id"] == adopted  # the dead worker
+    queue.set_started(store, adopted, old_runner.pid, old_runner.pid)
+    as_runner(store, adopted, old_runner.pid)
+    waiting = jobs.submit(store, "tick", {"steps": 1})
+    backend = RecordingBackend()
+    w = jobs.Worker(store, max_cpu_jobs=1, backend=backend, reconcile_every_s=0.0)
+    assert queue.running_here(store) == {adopted: "cpu"}
+    assert w.free() == {"cpu": 0, "gpu": 1}
+    assert w.step() == 0 and backend.started == []
+    assert jobs.get_job(store, adopted)["state"] == "running" and jobs.get_job(store, waiting)["state"] == "queued"
+    # the adopted job ends (its runner dies): reconcile marks it and its slot is free again
+    old_runner.kill()
+    old_runner.wait(timeout=10)
+    assert w.step() == 1 and backend.started == [waiting]
+    assert jobs.get_job(store, adopted)["state"] == "failed"
+    # the worker's own job is counted once (its handle), not twice: a third job waits
+    third = jobs.submit(store, "tick", {"steps": 1})
+    assert w.free() == {"cpu": 0, "gpu": 1} and w.step() == 0
+    assert jobs.get_job(store, third)["state"] == "queued"
+
+
+def test_running_jobs_of_another_host_or_with_a_dead_runner_hold_no_slot_here(store, spawn):
+    other = spawn()
+    remote = running_job(store, "gpu-node-7.example:991", other.pid, other.pid)
+    dead = running_job(store, here(), dead_pid(spawn), None)
+    assert queue.running_here(store) == {}
+    assert jobs.Worker(store, max_cpu_jobs=1, backend=RecordingBackend()).free()["cpu"] == 1
+    assert {jobs.get_job(store, j)["state"] for j in (remote, dead)} == {"running"}

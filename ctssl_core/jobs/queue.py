@@ -389,6 +389,35 @@ def runner_verified(store_root: str | Path, job_id: str, pid: int | None) -> boo
     return procs.is_job_runner(pid, job_id, RUNNER_MARKER, started=started)
 
 
+def running_here(store_root: str | Path) -> dict[str, str]:
+    """Running jobs of this store that hold a slot on this machine: ``{job_id: 'cpu'|'gpu'}``.
+
+    Why: a worker restarted after ``kill -9`` has no handles for the jobs its
+    predecessor started, yet those jobs still run; counting only its own
+    handles let ``--max-cpu-jobs 1`` run two at once. A job counts when it was
+    claimed on this host and its runner is verified alive (pid, command line,
+    start tick), or when it is claimed but not started yet (no pid: it may be
+    starting now; reconcile fails it if it never starts).
+    """
+    import pandas as pd
+
+    df = _read_df(store_root, "SELECT job_id, pid, claimed_by, spec FROM jobs WHERE state = 'running'")
+    out: dict[str, str] = {}
+    for r in df.itertuples(index=False):
+        claimed_by = None if pd.isna(r.claimed_by) else r.claimed_by
+        if not claimed_here(claimed_by):
+            continue  # another machine's slot
+        pid = None if pd.isna(r.pid) else int(r.pid)
+        if pid is not None and not runner_verified(store_root, r.job_id, pid):
+            continue  # dead: reconcile will mark it
+        try:
+            res = (json.loads(r.spec) if isinstance(r.spec, str) else r.spec or {}).get("resource")
+        except (ValueError, AttributeError):
+            res = None
+        out[r.job_id] = res if res in ("cpu", "gpu") else "cpu"
+    return out
+
+
 def job_members(store_root: str | Path, job_id: str, pid: int | None, pgid: int | None) -> list[int]:
     """Live pids in ``pgid`` that belong to this job: the verified runner, or a process whose
     environment carries this job id (its command, e.g. left behind by a runner killed with -9)."""

@@ -117,9 +117,15 @@ class Worker:
 
     # ---- one pass
     def free(self) -> dict[str, int]:
+        """Slots left: the limits minus this worker's own jobs and minus the jobs of this store
+        still running on this machine that it did not start (a predecessor killed with -9
+        left them running; they hold their slots until they end)."""
         used = {"cpu": 0, "gpu": 0}
         for _, res in self.handles.values():
             used[res] += 1
+        for job_id, res in queue.running_here(self.store_root).items():
+            if job_id not in self.handles:
+                used[res] += 1
         return {k: self.slots[k] - used[k] for k in self.slots}
 
     def reap(self) -> None:
