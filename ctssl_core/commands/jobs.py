@@ -50,7 +50,7 @@ def run(args) -> int:
     from ctssl_core.config import parse_overrides
     from ctssl_core.paths import default_store
 
-    store = args.store or default_store()
+    store = jobs.absolute_store(args.store or default_store())  # once, against the caller's folder
     if args.action == "submit":
         params = parse_overrides(args.params)
         job_id = jobs.submit(store, args.kind, params)

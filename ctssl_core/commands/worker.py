@@ -17,12 +17,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ctssl_core.jobs import LocalBackend, Worker
+    from ctssl_core.jobs import LocalBackend, Worker, absolute_store
     from ctssl_core.jobs.kinds import job_kinds
     from ctssl_core.paths import default_store
 
     job_kinds()  # import CTSSL_JOB_PLUGINS now: a bad plugin name fails here, loudly
-    store = args.store or default_store()
+    store = absolute_store(args.store or default_store())  # once, against the caller's folder
     w = Worker(store, max_cpu_jobs=args.max_cpu_jobs, max_gpu_jobs=args.max_gpu_jobs,
                backend=LocalBackend(grace_s=args.grace), stale_s=args.stale)
     print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs})",

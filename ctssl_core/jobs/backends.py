@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctssl_core.jobs import procs
+from ctssl_core.jobs.queue import absolute_store
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -57,6 +58,7 @@ class LocalBackend:
         self.heartbeat_s = heartbeat_s
 
     def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None) -> Handle:
+        store_root = absolute_store(store_root)  # the runner's working directory is the repository
         cmd = [sys.executable, "-m", "ctssl_core.jobs.runner", "--store", str(store_root), "--job", job_id,
                "--grace", str(self.grace_s), "--heartbeat", str(self.heartbeat_s)]
         if total:

@@ -41,6 +41,17 @@ class JobStateError(StoreError):
     """An action that does not fit the job's state (cancel a finished job, resume a running one)."""
 
 
+def absolute_store(store_root: str | Path) -> Path:
+    """The store folder as an absolute path, resolved against the caller's working directory.
+
+    Why: the worker and the job runner run with the repository as their working
+    directory, while ``ctssl jobs submit`` runs wherever the user is; a relative
+    ``--store`` then named two different stores and a job waited forever in one
+    while the worker served the other. Resolve once, where the user typed it.
+    """
+    return Path(store_root).expanduser().resolve()
+
+
 def jobs_root(store_root: str | Path) -> Path:
     return Path(store_root) / "jobs"
 
@@ -230,12 +241,16 @@ def job_run_ids(store_root: str | Path, job_id: str) -> list[str]:
 
 def submit(store_root: str | Path, kind: str, params: Mapping[str, Any] | None = None,
            resume_run: str | None = None, resumed_from: str | None = None) -> str:
-    """Validate and queue a job; returns its id. Invalid input raises JobSpecError and queues nothing."""
-    spec = validate_spec(kind, params, Path(store_root))
+    """Validate and queue a job; returns its id. Invalid input raises JobSpecError and queues nothing.
+
+    The job records the absolute store it was queued in (``spec['store']``), resolved
+    against this process's working directory, the same folder its row is written to."""
+    store_root = absolute_store(store_root)
+    spec = validate_spec(kind, params, store_root)
     if resume_run is not None:
         check_token("resume_run", resume_run)
     body = {"params": to_dict(spec), "resource": resource_of(spec), "resume_run": resume_run,
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "store": str(store_root)}
     job_id = new_job_id()
     total = getattr(spec, "steps", None)
 

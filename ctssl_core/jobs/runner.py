@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctssl_core.jobs import procs, queue
 
     args = _parse(sys.argv[1:] if argv is None else argv)
-    store, job_id = Path(args.store), args.job
+    store, job_id = queue.absolute_store(args.store), args.job  # its command runs in the repository folder
     jd = queue.job_dir(store, job_id)
     jd.mkdir(parents=True, exist_ok=True)
     term = {"at": None}

@@ -55,6 +55,7 @@ def ensure_worker(store_root: str | Path, max_cpu_jobs: int = 1, idle_exit_s: fl
     Detached (own session), so the dashboard that starts it can rerun or
     restart freely; a second worker started by a race exits at once (lock).
     """
+    store_root = queue.absolute_store(store_root)  # the worker runs in the repository folder
     if worker_running(store_root):
         return None
     root = queue.jobs_root(store_root)
@@ -75,7 +76,7 @@ class Worker:
                  reconcile_every_s: float = 2.0, worker_id: str | None = None):
         if max_cpu_jobs < 0 or max_gpu_jobs < 0:
             raise StoreError("--max-cpu-jobs and --max-gpu-jobs must be >= 0")
-        self.store_root = Path(store_root)
+        self.store_root = queue.absolute_store(store_root)
         self.slots = {"cpu": int(max_cpu_jobs), "gpu": int(max_gpu_jobs)}
         self.backend = backend or LocalBackend()
         self.poll_s = poll_s
