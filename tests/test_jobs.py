@@ -204,7 +204,7 @@ def test_cancel_running_job_kills_group_no_zombie(store, worker):
     assert 0 < job["progress"] < 0.01 and "train/loss" in job["current"]
     pgid = job["pgid"]
     assert procs.group_members(pgid)  # runner + command
-    assert jobs.cancel(store, job_id, wait=True, grace_s=5) == "cancelled"
+    assert jobs.cancel(store, job_id, wait=True) == "cancelled"
     wait_for(lambda: not procs.group_members(pgid, include_zombies=True), 10, what="group gone and reaped")
     wait_for(lambda: job_id not in w.handles, 10, what="worker dropping the handle")
     assert not Path(f"/proc/{job['pid']}").exists()  # reaped: no zombie

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -198,7 +199,7 @@ def test_cancel_signals_only_a_verified_runner(store, spawn, signals):
     job_id = running_job(store, here(), other.pid, other.pid)
     assert queue.cancel(store, job_id) == "running"
     assert q(store, "SELECT cancel_requested FROM jobs WHERE job_id = ?", [job_id]) == [(True,)]
-    assert queue.cancel(store, job_id, wait=True, grace_s=0.0) == "cancelled"
+    assert queue.cancel(store, job_id, wait=True) == "cancelled"
     assert signals == [] and other.poll() is None
 
 
@@ -278,3 +279,141 @@ def test_running_jobs_of_another_host_or_with_a_dead_runner_hold_no_slot_here(st
     assert queue.running_here(store) == {}
     assert jobs.Worker(store, max_cpu_jobs=1, backend=RecordingBackend()).free()["cpu"] == 1
     assert {jobs.get_job(store, j)["state"] for j in (remote, dead)} == {"running"}
+
+
+# --------------------------------------------------------------------------- item 5: one grace, one resume
+
+
+class FakeClock:
+    """``queue._clock``/``queue._sleep``: time moves only when the code under test sleeps."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def test_waiting_cancel_never_sigkills_before_the_runners_grace(store, spawn, signals, as_runner, monkeypatch):
+    """The worker ran with --grace 30 (recorded with the job); the command ignores SIGTERM while it
+    saves. `ctssl jobs cancel` must not SIGKILL before 30 s (it used its own 10 s)."""
+    runner = spawn(("sh", "-c", "trap '' TERM; sleep 120"))
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+    queue.set_started(store, job_id, runner.pid, runner.pid, grace_s=30.0)
+    as_runner(store, job_id, runner.pid)
+    assert queue.job_grace(store, job_id) == 30.0
+    clock = FakeClock()
+    monkeypatch.setattr(queue, "_clock", clock)
+    monkeypatch.setattr(queue, "_sleep", clock.sleep)
+    killed_at: list[float] = []
+    real_kill_job = queue.kill_job
+    monkeypatch.setattr(queue, "kill_job", lambda *a: killed_at.append(clock.t - 1000.0) or real_kill_job(*a))
+    assert queue.cancel(store, job_id, wait=True) == "cancelled"
+    assert killed_at and killed_at[0] >= 30.0
+    assert signals[0] == ("group", runner.pid, int(signal.SIGTERM))
+    assert ("group", runner.pid, int(signal.SIGKILL)) in signals
+    assert runner.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_grace_defaults_to_the_one_setting_when_nothing_was_recorded(store):
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.job_grace(store, job_id) == queue.DEFAULT_GRACE_S
+    queue.job_dir(store, job_id).mkdir(parents=True)
+    (queue.job_dir(store, job_id) / queue.PROC_FILE).write_text("{not json")
+    assert queue.job_grace(store, job_id) == queue.DEFAULT_GRACE_S
+    assert jobs.LocalBackend().grace_s == queue.DEFAULT_GRACE_S
+    from ctssl_core.jobs.runner import _parse
+    assert _parse(["--store", "s", "--job", job_id, "--", "true"]).grace is None  # -> DEFAULT_GRACE_S in main
+
+
+def stopped_job(store, kind, params, state="cancelled", run_id=None):
+    """A job that ran (its command started ``run_id``) and ended ``state``."""
+    job_id = jobs.submit(store, kind, params)
+    if run_id:
+        queue.job_dir(store, job_id).mkdir(parents=True, exist_ok=True)
+        (queue.job_dir(store, job_id) / "runs.txt").write_text(run_id + "\n")
+        store_paths(store).run_dir(run_id).mkdir(parents=True, exist_ok=True)
+    assert queue.finish(store, job_id, state, error="stopped")
+    return job_id
+
+
+def resumes_of(store, job_id):
+    return q(store, "SELECT job_id FROM jobs WHERE json_extract_string(spec, '$.resumed_from') = ?", [job_id])
+
+
+def test_a_job_is_resumed_once(store):
+    job_id = stopped_job(store, "tick", {"steps": 5}, "failed")
+    new_id = jobs.resume(store, job_id)
+    with pytest.raises(jobs.JobStateError, match=f"already resumed as {new_id}"):
+        jobs.resume(store, job_id)
+    assert resumes_of(store, job_id) == [(new_id,)]
+    assert jobs.get_job(store, job_id)["spec"]["resumed_by"] == new_id
+    assert jobs.get_job(store, job_id)["state"] == "failed"  # the old record itself is unchanged
+    # the new attempt, once it has failed too, can be resumed in turn
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == new_id
+    assert queue.finish(store, new_id, "failed", error="again")
+    third = jobs.resume(store, new_id)
+    assert resumes_of(store, new_id) == [(third,)]
+    with pytest.raises(jobs.JobStateError, match="only failed or cancelled"):
+        jobs.resume(store, third)  # queued
+    with pytest.raises(jobs.JobStateError, match="no job"):
+        jobs.resume(store, "job-20000101-000000-abcdef")
+
+
+def test_two_simultaneous_resumes_create_one_attempt(store):
+    """Two dashboard sessions click Resume at the same moment (two threads, one process: DuckDB's
+    MVCC is what separates them): one new job, and the other caller is told which."""
+    job_id = stopped_job(store, "tick", {"steps": 5}, "cancelled")
+    barrier = threading.Barrier(2)
+    got: list = []
+
+    def click():
+        barrier.wait()
+        try:
+            got.append(("ok", jobs.resume(store, job_id)))
+        except jobs.JobStateError as e:
+            got.append(("refused", str(e)))
+
+    threads = [threading.Thread(target=click) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(kind for kind, _ in got) == ["ok", "refused"]
+    new_id = next(v for kind, v in got if kind == "ok")
+    assert f"already resumed as {new_id}" in next(v for kind, v in got if kind == "refused")
+    assert resumes_of(store, job_id) == [(new_id,)]
+
+
+def test_pretraining_cancelled_before_its_first_checkpoint_starts_afresh_with_a_note(store, capsys):
+    """`--resume RUN` of a run without checkpoints/last.pt fails every time ('cannot resume: no
+    checkpoint'); resume must queue the same spec fresh and say so."""
+    params = {"task": "rotation", "steps": 7, "seed": 3, "profile": "smoke", "device": "cpu"}
+    early = stopped_job(store, "pretrain", params, run_id="pretrain-rotation-random-early")
+    new_id = jobs.resume(store, early)
+    spec = jobs.get_job(store, new_id)["spec"]
+    assert spec["resume_run"] is None and spec["params"] == params and spec["resumed_from"] == early
+    assert "stopped before its first checkpoint" in spec["note"] and "started afresh" in spec["note"]
+    argv = jobs.build_argv("pretrain", jobs.validate_spec("pretrain", spec["params"], store), store,
+                           spec["resume_run"])
+    assert "--resume" not in argv and argv[argv.index("--task") + 1] == "rotation"
+    assert "train.steps=7" in argv and "train.seed=3" in argv
+    # control: a run that did write its checkpoint is continued, with no note
+    later = stopped_job(store, "pretrain", params, run_id="pretrain-rotation-random-later")
+    ckpt = store_paths(store).run_dir("pretrain-rotation-random-later") / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    from ctssl_core.checkpoint import LAST
+    assert jobs.JOB_KINDS["pretrain"].checkpoint == f"checkpoints/{LAST}"  # what train.fit resumes from
+    spec2 = jobs.get_job(store, jobs.resume(store, later))["spec"]
+    assert spec2["resume_run"] == "pretrain-rotation-random-later" and "note" not in spec2
+    # the CLI prints the note
+    from ctssl_core.cli import main
+    early2 = stopped_job(store, "pretrain", params, run_id="pretrain-rotation-random-early2")
+    assert main(["jobs", "--store", str(store), "resume", early2]) == 0
+    out = capsys.readouterr()
+    assert "started afresh" in out.err and out.out.strip().startswith("job-")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctssl_core.jobs import procs
-from ctssl_core.jobs.queue import absolute_store
+from ctssl_core.jobs.queue import DEFAULT_GRACE_S, absolute_store
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -53,7 +53,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, grace_s: float = 10.0, heartbeat_s: float = 3.0):
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, heartbeat_s: float = 3.0):
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
 

@@ -38,7 +38,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--store", required=True)
     p.add_argument("--job", required=True)
     p.add_argument("--total", type=int, default=None)
-    p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--grace", type=float, default=None, help="SIGTERM -> SIGKILL seconds (default: queue.DEFAULT_GRACE_S)")
     p.add_argument("--heartbeat", type=float, default=3.0)
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from ctssl_core.jobs import procs, queue
 
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.grace is None:
+        args.grace = queue.DEFAULT_GRACE_S
     store, job_id = queue.absolute_store(args.store), args.job  # its command runs in the repository folder
     jd = queue.job_dir(store, job_id)
     jd.mkdir(parents=True, exist_ok=True)

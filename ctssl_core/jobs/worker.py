@@ -164,7 +164,8 @@ class Worker:
             queue.finish(self.store_root, job_id, "failed", error=f"could not start the job process: {e}")
             return
         self.handles[job_id] = (h, spec.get("resource") if spec.get("resource") in self.slots else "cpu")
-        if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name):
+        grace_s = float(getattr(self.backend, "grace_s", queue.DEFAULT_GRACE_S))
+        if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name, grace_s=grace_s):
             self.backend.cancel(h)  # cancelled between claim and start
 
     # ---- loop
