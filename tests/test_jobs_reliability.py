@@ -327,7 +327,7 @@ def test_grace_defaults_to_the_one_setting_when_nothing_was_recorded(store):
     assert queue.job_grace(store, job_id) == queue.DEFAULT_GRACE_S
     assert jobs.LocalBackend().grace_s == queue.DEFAULT_GRACE_S
     from ctssl_core.jobs.runner import _parse
-    assert _parse(["--store", "s", "--job", job_id, "--", "true"]).grace is None  # -> DEFAULT_GRACE_S in main
+    assert _parse(["--store", "s", "--job", job_id, "--", "true"]).grace == queue.DEFAULT_GRACE_S
 
 
 def stopped_job(store, kind, params, state="cancelled", run_id=None):
@@ -417,3 +417,110 @@ def test_pretraining_cancelled_before_its_first_checkpoint_starts_afresh_with_a_
     assert main(["jobs", "--store", str(store), "resume", early2]) == 0
     out = capsys.readouterr()
     assert "started afresh" in out.err and out.out.strip().startswith("job-")
+
+
+# --------------------------------------------------------------------------- item 6: store errors in the heartbeat
+
+
+class FakeChild:
+    """Popen-like: alive until ``rc`` is set; records the signals the supervisor sends."""
+
+    def __init__(self):
+        self.rc = None
+        self.sent: list[str] = []
+
+    def poll(self):
+        return self.rc
+
+    def send_signal(self, sig):
+        self.sent.append(signal.Signals(sig).name)
+
+    def kill(self):
+        self.sent.append("SIGKILL")
+
+
+def disk_full():
+    import duckdb
+    raise duckdb.IOException('IO Error: Could not write file "ctssl.duckdb.wal": No space left on device')
+
+
+def test_heartbeat_survives_disk_full_backs_off_and_recovers():
+    from ctssl_core.jobs.runner import Supervisor
+
+    clock, child, logged = FakeClock(), FakeChild(), []
+    beats = {"n": 0, "fail": True, "cancel": False}
+
+    def beat():
+        beats["n"] += 1
+        if beats["fail"]:
+            disk_full()
+        return beats["cancel"]
+
+    sup = Supervisor(child, beat, logged.append, grace_s=5.0, heartbeat_s=3.0, max_backoff_s=60.0, clock=clock)
+    waits = []
+    for _ in range(7):
+        assert sup.step() is None  # no exception: the watcher lives on
+        waits.append(sup.next_beat - clock.t)
+        clock.t = sup.next_beat
+    assert waits == [6.0, 12.0, 24.0, 48.0, 60.0, 60.0, 60.0]  # doubling, capped
+    assert beats["n"] == 7 and child.sent == []  # the command is left alone
+    assert len(logged) == 1 and "No space left on device" in logged[0] and "keeps running" in logged[0]
+    beats["fail"] = False
+    sup.step()
+    assert "works again after 7" in logged[-1] and sup.next_beat - clock.t == 3.0
+    beats["cancel"] = True  # a cancel written to the store is still read once the store works
+    clock.t = sup.next_beat
+    sup.step()
+    sup.step()
+    assert child.sent == ["SIGTERM"]
+    clock.t += 5.1
+    sup.step()
+    assert child.sent == ["SIGTERM", "SIGKILL"]
+    child.rc = -9
+    assert sup.step() == -9 and sup.outcome(-9, lambda: "") == ("cancelled", "cancelled by user")
+
+
+def test_runner_with_a_failing_store_waits_for_its_command_and_records_the_end(store, monkeypatch):
+    """The real runner main(): every heartbeat fails with disk full. Before, the error escaped
+    and the runner died, leaving its command running unwatched and the job 'running'."""
+    from ctssl_core.jobs import runner
+
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+    monkeypatch.setattr(queue, "heartbeat", lambda *a, **k: disk_full())
+    group_killed = []
+    monkeypatch.setattr(runner, "_kill_group", lambda: group_killed.append(1))  # our group is pytest's
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        rc = runner.main(["--store", str(store), "--job", job_id, "--heartbeat", "0.01", "--",
+                          sys.executable, "-c", "print('trained', flush=True)"])
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert rc == 0 and group_killed == [1]
+    job = jobs.get_job(store, job_id)
+    assert job["state"] == "succeeded" and job["error"] is None
+    log = jobs.log_tail(store, job_id)
+    assert "trained" in log and "heartbeat failed" in log and "No space left" in log
+
+
+def test_recording_the_end_retries_store_errors(store, monkeypatch):
+    from ctssl_core.jobs import runner
+
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+    real_finish, calls = queue.finish, []
+
+    def flaky_finish(*a, **k):
+        calls.append(1)
+        if len(calls) < 3:
+            disk_full()
+        return real_finish(*a, **k)
+
+    monkeypatch.setattr(queue, "finish", flaky_finish)
+    logged, slept = [], []
+    assert runner.record_end(store, job_id, "failed", "exit code 1: x", logged.append, sleep=slept.append)
+    assert len(calls) == 3 and slept == [0.2, 0.4] and len(logged) == 1
+    assert jobs.get_job(store, job_id)["state"] == "failed"
+    monkeypatch.setattr(queue, "finish", lambda *a, **k: disk_full())
+    assert not runner.record_end(store, job_id, "failed", None, logged.append, tries=3, sleep=slept.append)
