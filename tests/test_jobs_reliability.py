@@ -145,24 +145,35 @@ def test_runner_command_line_with_another_start_time_is_a_reused_pid(store, spaw
     monkeypatch.setattr(procs, "cmdline", lambda pid: argv if pid == other.pid else real_cmdline(pid))
     monkeypatch.setattr(procs, "start_ticks", lambda pid: real_ticks(pid) + 1 if pid == other.pid else real_ticks(pid))
     assert not queue.runner_verified(store, job_id, other.pid)
-    changed = jobs.reconcile(store, stale_s=-1.0)
+    changed = jobs.reconcile(store)
     assert [c[0] for c in changed] == [job_id] and "is gone" in changed[0][1]
     assert signals == [] and other.poll() is None
 
 
-def test_verified_hung_runner_is_killed_with_its_group(store, spawn, signals, monkeypatch):
-    """Control: command line, job id and start tick all match and the heartbeat is stale: killed."""
+@pytest.mark.parametrize("heartbeat_age_s", [3600, -3600])
+def test_verified_runner_with_a_stale_heartbeat_is_alive_not_hung(store, spawn, signals, as_runner,
+                                                                   heartbeat_age_s):
+    """Item 2: the heartbeat row is an hour old (store held busy, or the wall clock stepped forward)
+    or an hour in the future (clock stepped back), but the runner is alive and verified: the job is
+    left running and nothing is signalled. Before, it was SIGKILLed as 'hung' after 60 s."""
     runner = spawn()
     job_id = running_job(store, here(), runner.pid, runner.pid)
-    argv = [sys.executable, "-m", queue.RUNNER_MARKER, "--store", str(store), "--job", job_id, "--", "x"]
-    real_cmdline = procs.cmdline
-    monkeypatch.setattr(procs, "cmdline", lambda pid: argv if pid == runner.pid else real_cmdline(pid))
+    as_runner(store, job_id, runner.pid)
     assert queue.runner_verified(store, job_id, runner.pid)
     assert not queue.runner_verified(store, "job-20000101-000000-abcdef", runner.pid)  # another job's id
-    changed = jobs.reconcile(store, stale_s=-1.0)
-    assert [c[0] for c in changed] == [job_id] and "no heartbeat" in changed[0][1]
+    with connect(store_paths(store).db) as con:
+        con.execute("UPDATE jobs SET heartbeat_at = heartbeat_at - to_seconds(?::BIGINT), "
+                    "started_at = started_at - to_seconds(?::BIGINT) WHERE job_id = ?",
+                    [heartbeat_age_s, heartbeat_age_s, job_id])
+    assert jobs.reconcile(store) == [] and jobs.reconcile(store, start_grace_s=-1.0) == []
+    assert jobs.get_job(store, job_id)["state"] == "running"
+    assert signals == [] and runner.poll() is None
+    # control: the same verified runner is killed with its whole group when the job is (kill_job)
+    assert queue.kill_job(store, job_id, runner.pid, runner.pid) == [runner.pid]
     assert signals == [("group", runner.pid, int(signal.SIGKILL))]
     assert runner.wait(timeout=10) == -signal.SIGKILL
+    changed = jobs.reconcile(store)  # and once it is gone, reconcile notices at once
+    assert [c[0] for c in changed] == [job_id] and "is gone" in changed[0][1]
 
 
 def test_orphans_of_a_dead_runner_are_killed_one_by_one_strangers_in_the_group_are_not(store, spawn, signals):
@@ -182,7 +193,7 @@ def test_job_claimed_on_another_host_is_never_reconciled_or_signalled_from_here(
     """A dashboard on another machine sharing the store: the pids in the row are not this machine's."""
     other = spawn()
     job_id = running_job(store, "gpu-node-7.example:991", dead_pid(spawn), other.pid)
-    assert jobs.reconcile(store, stale_s=-1.0, start_grace_s=-1.0) == []
+    assert jobs.reconcile(store, start_grace_s=-1.0) == []
     assert jobs.get_job(store, job_id)["state"] == "running"
     assert queue.cancel(store, job_id) == "running"  # only asks; that host's runner stops it
     assert q(store, "SELECT cancel_requested FROM jobs WHERE job_id = ?", [job_id]) == [(True,)]
@@ -524,3 +535,116 @@ def test_recording_the_end_retries_store_errors(store, monkeypatch):
     assert jobs.get_job(store, job_id)["state"] == "failed"
     monkeypatch.setattr(queue, "finish", lambda *a, **k: disk_full())
     assert not runner.record_end(store, job_id, "failed", None, logged.append, tries=3, sleep=slept.append)
+
+
+# --------------------------------------------------------------------------- item 2: hung = alive and no progress
+
+
+def test_a_live_command_without_progress_for_hang_s_is_stopped_as_hung():
+    from ctssl_core.jobs.runner import Supervisor
+
+    clock, child, logged = FakeClock(), FakeChild(), []
+    token = {"v": ((("run-a", 100),), 0)}
+
+    sup = Supervisor(child, lambda: False, logged.append, progress=lambda: token["v"], grace_s=5.0,
+                     heartbeat_s=3.0, hang_s=100.0, clock=clock)
+    sup.step()
+    clock.t += 99.0
+    sup.step()
+    assert child.sent == []                          # quiet, but not for long enough
+    token["v"] = ((("run-a", 180),), 0)              # a new metrics line: progress, timer restarts
+    sup.step()
+    clock.t += 99.0
+    sup.step()
+    assert child.sent == [] and sup.why is None
+    clock.t += 2.0                                   # 101 s without progress while alive
+    sup.step()
+    assert sup.why == "hung" and child.sent == ["SIGTERM"] and "no progress for 101s" in logged[-1]
+    sup.step()
+    assert child.sent == ["SIGTERM"]                 # once, then the grace
+    clock.t += 5.1
+    sup.step()
+    assert child.sent == ["SIGTERM", "SIGKILL"]
+    child.rc = -9
+    state, error = sup.outcome(sup.step(), lambda: "")
+    assert state == "failed" and error.startswith("hung: its process was alive but made no progress for more "
+                                                  "than 100s")
+
+
+def test_no_hang_verdict_for_a_command_that_ended_or_when_hang_detection_is_off():
+    from ctssl_core.jobs.runner import Supervisor
+
+    clock, child = FakeClock(), FakeChild()
+    sup = Supervisor(child, lambda: False, lambda m: None, progress=lambda: "same", hang_s=10.0, clock=clock)
+    sup.step()
+    clock.t += 1e6
+    child.rc = 0                                     # it finished: quiet at the end is not a hang
+    assert sup.step() == 0 and sup.why is None and child.sent == []
+    assert sup.outcome(0, lambda: "") == ("succeeded", None)
+    child = FakeChild()
+    off = Supervisor(child, lambda: False, lambda m: None, progress=lambda: "same", hang_s=0, clock=clock)
+    off.step()
+    clock.t += 1e6
+    off.step()
+    off.step()
+    assert off.why is None and child.sent == []
+
+    def unreadable():
+        raise OSError("EIO")
+
+    child = FakeChild()
+    eio = Supervisor(child, lambda: False, lambda m: None, progress=unreadable, hang_s=10.0, clock=clock)
+    for _ in range(3):
+        eio.step()
+        clock.t += 100.0
+    assert eio.why is None and child.sent == []     # unreadable is not proof of a hang
+
+
+def test_progress_token_counts_the_commands_output_and_metrics_not_the_runners_own_lines(store):
+    from ctssl_core.jobs.runner import progress_token
+    from ctssl_core.results.write import RunLogger
+
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    jd = queue.job_dir(store, job_id)
+    jd.mkdir(parents=True)
+    own = len(b"[ctssl job x] start\n")
+    (jd / "job.log").write_bytes(b"[ctssl job x] start\n")
+    t0 = progress_token(store, job_id, own)
+    assert t0 == ((), 0)
+    (jd / "runs.txt").write_text("run-tick-1\n")
+    t1 = progress_token(store, job_id, own)
+    assert t1 != t0                                  # a new run is progress
+    log = RunLogger(store, "run-tick-1", background=False)
+    log({"step": 0, "train/loss": 1.0})
+    t2 = progress_token(store, job_id, own)
+    assert t2 != t1                                  # a metrics line is progress
+    path = store_paths(store).run_dir("run-tick-1") / "metrics.jsonl"
+    os.utime(path, (1.0, 1.0))                       # a wall-clock step: file times mean nothing
+    assert progress_token(store, job_id, own) == t2
+    with open(jd / "job.log", "ab") as f:
+        f.write(b"[ctssl job x] heartbeat failed\n")
+    assert progress_token(store, job_id, own + len(b"[ctssl job x] heartbeat failed\n")) == t2  # runner's own
+    with open(jd / "job.log", "ab") as f:
+        f.write(b"epoch 1 eval\n")
+    assert progress_token(store, job_id, own + len(b"[ctssl job x] heartbeat failed\n")) != t2  # command output
+    log.close()
+
+
+def test_worker_cli_passes_hang_and_grace_to_the_runner(tmp_path, monkeypatch):
+    from ctssl_core.cli import main
+
+    got = []
+
+    class FakeWorker:
+        def __init__(self, store, backend=None, **kw):
+            got.append(backend)
+            self.worker_id = "w"
+
+        def run(self, **kw):
+            pass
+
+    monkeypatch.setattr(jobs, "Worker", FakeWorker)
+    assert main(["worker", "--store", str(tmp_path / "s"), "--once", "--hang", "120", "--grace", "30"]) == 0
+    assert main(["worker", "--store", str(tmp_path / "s"), "--once"]) == 0
+    assert (got[0].hang_s, got[0].grace_s) == (120.0, 30.0)
+    assert (got[1].hang_s, got[1].grace_s) == (queue.DEFAULT_HANG_S, queue.DEFAULT_GRACE_S)

@@ -34,6 +34,7 @@ RUNNER_MARKER = "ctssl_core.jobs.runner"
 JOB_ID_ENV = "CTSSL_JOB_ID"  # set by the runner in its command's environment
 PROC_FILE = "proc.json"      # jobs/<id>/proc.json: the runner's pid, start tick and boot id, host
 DEFAULT_GRACE_S = 10.0  # SIGTERM -> SIGKILL on cancel: the worker's --grace; recorded per job in proc.json
+DEFAULT_HANG_S = 1800.0  # no progress at all from a live command for this long = hung (the worker's --hang)
 _clock, _sleep = time.monotonic, time.sleep  # cancel's waiting (tests inject a fake clock)
 _INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on ",
                    "Transaction conflict", "write-write conflict")
@@ -611,14 +612,27 @@ def _already_resumed(job_id: str, by: str) -> JobStateError:
                          f"(resume {by} if it failed too)")
 
 
-def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: float = 60.0) -> list[tuple[str, str]]:
-    """Mark running jobs whose process is gone (or hung) as failed, keeping their metrics.
+def reconcile(store_root: str | Path, start_grace_s: float = 60.0) -> list[tuple[str, str]]:
+    """Mark running jobs whose runner is gone as failed (or cancelled), keeping their metrics.
 
-    Checks: the runner pid is alive and really our runner for this job (not a
-    zombie, not a reused pid: command line and recorded start time); its
-    heartbeat is not older than ``stale_s``. Jobs claimed on another machine
-    are left alone (their pids mean nothing here); only processes verified to
-    be the job's are killed (``kill_job``).
+    The rule, in two parts, each judged where its clock is trustworthy:
+
+    - **Liveness** (here): a running job is alive exactly while its runner process
+      is, verified by pid, command line (runner module + job id) and recorded start
+      tick and boot (so a zombie or a reused pid is not taken for it). No
+      heartbeat age is compared: the heartbeat is written by another process
+      against the wall clock, so a clock step or a store held busy for a minute
+      made healthy jobs look dead. A job claimed but not started (no pid) fails
+      after ``start_grace_s``.
+    - **Hang** (in the runner, ``runner.Supervisor``): a job is hung only if its
+      training process is alive AND has made no progress (no new line in its
+      runs' ``metrics.jsonl``, no new output in ``job.log``, no new run) for the
+      worker's ``--hang`` seconds, measured on the runner's own monotonic clock.
+      The runner then stops it (SIGTERM, SIGKILL after the grace) and records it
+      failed with the reason.
+
+    Jobs claimed on another machine are left alone (their pids mean nothing
+    here); only processes verified to be the job's are killed (``kill_job``).
     A job cancelled whose process died is marked cancelled instead. Returns
     ``[(job_id, reason)]`` for the jobs it changed. Read-only when nothing changed.
     """
@@ -644,8 +658,6 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
         elif not runner_verified(store_root, r.job_id, pid):
             reason = (f"its process {pid} is gone (killed, out of memory or machine restart); "
                       f"last heartbeat {age:.0f}s ago")
-        elif age > stale_s:
-            reason = f"no heartbeat for {age:.0f}s (process {pid} hung); it was killed"
         if reason is None:
             continue
         kill_job(store_root, r.job_id, pid, pgid)

@@ -13,6 +13,8 @@ knows how the command ended. It
   error (busy, disk full) is logged and retried with backoff, never fatal;
 - on SIGTERM (cancel: sent to the whole group) gives the command ``--grace``
   seconds to save a checkpoint and exit, then SIGKILLs it;
+- stops the command as hung when it is alive but shows no progress (no new
+  metrics line, no output) for ``--hang`` seconds of its monotonic clock;
 - at the end merges the run's metrics, closes runs the command left open and
   sets the job succeeded / failed (with the exit code and last log lines) /
   cancelled, then kills any stragglers left in its group.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ctssl_core.jobs.queue import DEFAULT_GRACE_S
+from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
 from ctssl_core.results.write import JOB_DIR_ENV, tail_metrics, utcnow
 
@@ -43,6 +45,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--total", type=int, default=None)
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds from SIGTERM to SIGKILL")
     p.add_argument("--heartbeat", type=float, default=3.0)
+    p.add_argument("--hang", type=float, default=DEFAULT_HANG_S,
+                   help="stop the command as hung after this many seconds alive without progress (0: never)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command and args.command[0] == "--":
@@ -61,6 +65,13 @@ class Supervisor:
     wall-clock times written by different processes, and tests drive it step by
     step with a fake child and a fake clock.
 
+    Hang: ``progress()`` returns a token that changes whenever the training
+    process shows progress (``progress_token``); if the command is alive and the
+    token has not changed for ``hang_s`` seconds (0/None: never), the job is
+    stopped as hung (SIGTERM, SIGKILL after the grace) and recorded failed. A
+    command that exits is never "hung", and a stale heartbeat in the store plays
+    no part: liveness is the runner's own pid, checked by ``queue.reconcile``.
+
     Store errors never end it: a heartbeat that raises anything (a lock held by
     another writer, disk full, an I/O error) is logged, backed off (doubling from
     ``heartbeat_s`` up to ``max_backoff_s``) and retried, while the command keeps
@@ -71,12 +82,16 @@ class Supervisor:
     child: Any                                  # Popen-like: poll(), send_signal(), kill()
     beat: Callable[[], bool]                    # one heartbeat; returns cancel_requested
     log: Callable[[str], None]
+    progress: Callable[[], Any] = lambda: None  # token that changes when the command makes progress
     grace_s: float = DEFAULT_GRACE_S
     heartbeat_s: float = 3.0
+    hang_s: float | None = DEFAULT_HANG_S
     max_backoff_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     term_at: float | None = None
-    why: str | None = None                      # 'cancel'
+    why: str | None = None                      # 'cancel' | 'hung'
+    last_token: Any = None
+    last_progress: float | None = None          # clock() when the token last changed
     forwarded: bool = False
     killed: bool = False
     beat_failures: int = 0
@@ -91,6 +106,8 @@ class Supervisor:
         """One look at the command; its exit status once it has ended, else None."""
         rc = self.child.poll()
         now = self.clock()
+        if rc is None and self.term_at is None:
+            self._watch_progress(now)
         if rc is None and self.term_at is not None:
             if not self.forwarded:
                 self.child.send_signal(signal.SIGTERM)  # may duplicate the group signal: harmless
@@ -102,6 +119,23 @@ class Supervisor:
         if rc is not None or now >= self.next_beat:
             self._beat(now)
         return rc
+
+    def _watch_progress(self, now: float) -> None:
+        """Reset the hang timer when the progress token changes; stop the command when it has not
+        changed for ``hang_s`` while the command is alive."""
+        if not self.hang_s or self.hang_s <= 0:
+            return
+        try:
+            token = self.progress()
+        except OSError:
+            return  # unreadable now (e.g. disk trouble): neither progress nor proof of a hang
+        if self.last_progress is None or token != self.last_token:
+            self.last_token, self.last_progress = token, now
+            return
+        if now - self.last_progress > self.hang_s:
+            self.log(f"no progress for {now - self.last_progress:.0f}s (no new metrics line or output) while "
+                     f"the command is alive: hung; stopping it")
+            self.request_stop("hung")
 
     def _beat(self, now: float) -> None:
         try:
@@ -123,6 +157,10 @@ class Supervisor:
 
     def outcome(self, rc: int, tail: Callable[[], str]) -> tuple[str, str | None]:
         """(final state, error) of the job from how its command ended."""
+        if self.why == "hung":
+            return "failed", (f"hung: its process was alive but made no progress for more than {self.hang_s:g}s "
+                              f"(no new metrics line, no output); it was stopped. Resume it, or raise the worker's "
+                              f"--hang if this step is legitimately silent that long")
         if self.term_at is not None:
             return "cancelled", "cancelled by user"
         if rc == 0:
@@ -171,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, JOB_DIR_ENV: str(jd), "CTSSL_STORE": str(store), "CTSSL_JOB_ID": job_id,
            "PYTHONUNBUFFERED": "1"}
+    own = {"bytes": 0}  # what the runner itself wrote to job.log: not the command's progress
     with open(jd / "job.log", "ab", buffering=0) as log_f:
         def log(msg: str) -> None:
+            data = f"[ctssl job {job_id}] {msg}\n".encode()
             try:
-                log_f.write(f"[ctssl job {job_id}] {msg}\n".encode())
+                own["bytes"] += log_f.write(data) or 0
             except OSError:
                 pass  # a full disk must not stop the watcher
 
@@ -182,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{shlex.join(a if len(a) < 160 else a[:40] + '...' for a in args.command)}")
         child = subprocess.Popen(args.command, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=env, cwd=REPO_ROOT)
-        sup = Supervisor(child, lambda: _beat(store, job_id, args.total), log, grace_s=args.grace,
-                         heartbeat_s=args.heartbeat)
+        sup = Supervisor(child, lambda: _beat(store, job_id, args.total), log,
+                         progress=lambda: progress_token(store, job_id, own["bytes"]),
+                         grace_s=args.grace, heartbeat_s=args.heartbeat, hang_s=args.hang)
         if early["stop"]:
             sup.request_stop("cancel")
         try:
@@ -197,6 +238,27 @@ def main(argv: list[str] | None = None) -> int:
         record_end(store, job_id, state, error, log)
     _kill_group()
     return 0
+
+
+def progress_token(store: Path, job_id: str, own_log_bytes: int = 0) -> tuple:
+    """What the training process has produced so far: its runs (``runs.txt``), the size of each
+    run's ``metrics.jsonl`` (one line per logged step, line-buffered) and the bytes it wrote to
+    ``job.log`` (not counting ``own_log_bytes``, the runner's own lines). Any change is progress.
+
+    Sizes only, no file times: times come from the wall clock, which may step."""
+    from ctssl_core.jobs import queue
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results.write import METRICS_FILE
+
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    jd = queue.job_dir(store, job_id)
+    runs = tuple((rid, size(store_paths(store).run_dir(rid) / METRICS_FILE)) for rid in queue.job_run_ids(store, job_id))
+    return runs, size(jd / "job.log") - own_log_bytes
 
 
 def _kill_group() -> None:

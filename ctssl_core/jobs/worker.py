@@ -72,7 +72,7 @@ def ensure_worker(store_root: str | Path, max_cpu_jobs: int = 1, idle_exit_s: fl
 
 class Worker:
     def __init__(self, store_root: str | Path, max_cpu_jobs: int = 1, max_gpu_jobs: int = 1,
-                 backend: Backend | None = None, poll_s: float = 0.5, stale_s: float = 60.0,
+                 backend: Backend | None = None, poll_s: float = 0.5,
                  reconcile_every_s: float = 2.0, worker_id: str | None = None):
         if max_cpu_jobs < 0 or max_gpu_jobs < 0:
             raise StoreError("--max-cpu-jobs and --max-gpu-jobs must be >= 0")
@@ -80,7 +80,6 @@ class Worker:
         self.slots = {"cpu": int(max_cpu_jobs), "gpu": int(max_gpu_jobs)}
         self.backend = backend or LocalBackend()
         self.poll_s = poll_s
-        self.stale_s = stale_s
         self.reconcile_every_s = reconcile_every_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.handles: dict[str, tuple[Handle, str]] = {}
@@ -139,7 +138,7 @@ class Worker:
         self.reap()
         if time.monotonic() - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = time.monotonic()
-            queue.reconcile(self.store_root, stale_s=self.stale_s)
+            queue.reconcile(self.store_root)
         started = 0
         while True:
             free = tuple(r for r, n in self.free().items() if n > 0)
