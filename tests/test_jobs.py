@@ -204,7 +204,7 @@ def test_cancel_running_job_kills_group_no_zombie(store, worker):
     assert 0 < job["progress"] < 0.01 and "train/loss" in job["current"]
     pgid = job["pgid"]
     assert procs.group_members(pgid)  # runner + command
-    assert jobs.cancel(store, job_id, wait=True, grace_s=5) == "cancelled"
+    assert jobs.cancel(store, job_id, wait=True) == "cancelled"
     wait_for(lambda: not procs.group_members(pgid, include_zombies=True), 10, what="group gone and reaped")
     wait_for(lambda: job_id not in w.handles, 10, what="worker dropping the handle")
     assert not Path(f"/proc/{job['pid']}").exists()  # reaped: no zombie
@@ -389,3 +389,54 @@ def test_real_pretrain_job_on_tiny_store_feeds_the_finetune_form(store_copy):
     spec = jobs.validate_spec("finetune", {"task": "pe", "init": job["run_id"], "steps": 3, "device": "cpu"}, store)
     argv = jobs.build_argv("finetune", spec, store)
     assert argv[argv.index("--init") + 1] == job["run_id"] and "downstream.train.steps=3" in argv
+
+
+# --------------------------------------------------------------------------- relative --store (issue 13 item 4)
+
+
+def test_relative_store_is_resolved_once_against_the_callers_folder(tmp_path, monkeypatch, capsys):
+    """`ctssl jobs submit --store rel` from /somewhere and the worker it starts (which runs in the
+    repository folder) must name the same store: the absolute path of /somewhere/rel."""
+    monkeypatch.setenv("CTSSL_JOB_PLUGINS", PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    started: list = []
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store, **kw: started.append(store) or 4321)
+    assert main(["jobs", "--store", "rel", "submit", "tick", "steps=2"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[0]
+    expected = (tmp_path / "rel").resolve()
+    assert started == [expected] and expected.is_absolute()
+    assert jobs.get_job(expected, job_id)["spec"]["store"] == str(expected)
+    assert not (REPO_ROOT / "rel").exists()
+    # the worker command resolves a relative --store the same way
+    served: list = []
+
+    class FakeWorker:
+        def __init__(self, store, **kw):
+            served.append(store)
+            self.worker_id = "w"
+
+        def run(self, **kw):
+            pass
+
+    monkeypatch.setattr(jobs, "Worker", FakeWorker)
+    assert main(["worker", "--store", "rel", "--once"]) == 0
+    assert served == [expected]
+    # the library entry points that start processes in the repository folder resolve it too
+    from ctssl_core.jobs import backends, worker as worker_mod
+
+    cmds: list = []
+
+    class FakePopen:
+        pid = 99999
+
+        def __init__(self, cmd, **kw):
+            cmds.append((cmd, kw.get("cwd")))
+
+    monkeypatch.setattr(backends.subprocess, "Popen", FakePopen)
+    backends.LocalBackend().start(Path("rel"), job_id, ["true"], None)
+    worker_mod.ensure_worker("rel")
+    for cmd, cwd in cmds:
+        assert cwd == REPO_ROOT and cmd[cmd.index("--store") + 1] == str(expected)
+    assert len(cmds) == 2
+    assert worker_mod.Worker("rel").store_root == expected
+    assert queue.absolute_store("~/x") == (Path.home() / "x").resolve()

@@ -21,10 +21,10 @@ def add_arguments(p) -> None:
     ls.add_argument("--limit", type=int, default=50)
     sh = sub.add_parser("show", help="one job's full record")
     sh.add_argument("job_id")
-    c = sub.add_parser("cancel", help="SIGTERM the job's process group (SIGKILL after the grace period)")
+    c = sub.add_parser("cancel", help="SIGTERM the job's process group (SIGKILL after the worker's --grace, "
+                                      "recorded with the job)")
     c.add_argument("job_id")
     c.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the end")
-    c.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
     r = sub.add_parser("resume", help="queue a failed/cancelled job again from its last checkpoint")
     r.add_argument("job_id")
     lg = sub.add_parser("logs", help="tail of the job's log")
@@ -45,12 +45,13 @@ def _fmt_job_row(r) -> str:
 def run(args) -> int:
     import dataclasses
     import json
+    import sys
 
     from ctssl_core import jobs
     from ctssl_core.config import parse_overrides
     from ctssl_core.paths import default_store
 
-    store = args.store or default_store()
+    store = jobs.absolute_store(args.store or default_store())  # once, against the caller's folder
     if args.action == "submit":
         params = parse_overrides(args.params)
         job_id = jobs.submit(store, args.kind, params)
@@ -83,11 +84,15 @@ def run(args) -> int:
         print(json.dumps(jobs.get_job(store, args.job_id), default=str, indent=2))
         return 0
     if args.action == "cancel":
-        state = jobs.cancel(store, args.job_id, wait=not args.no_wait, grace_s=args.grace)
+        state = jobs.cancel(store, args.job_id, wait=not args.no_wait)
         print(f"{args.job_id}: {state if not args.no_wait else 'cancel requested'}")
         return 0
     if args.action == "resume":
-        print(jobs.resume(store, args.job_id))
+        new_id = jobs.resume(store, args.job_id)
+        note = (jobs.get_job(store, new_id, live=False)["spec"] or {}).get("note")
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        print(new_id)
         return 0
     if args.action == "logs":
         jobs.get_job(store, args.job_id)  # clear message for an unknown id

@@ -11,20 +11,26 @@ def add_arguments(p) -> None:
     p.add_argument("--max-cpu-jobs", type=int, default=1, help="concurrent CPU jobs (default 1)")
     p.add_argument("--max-gpu-jobs", type=int, default=1, help="concurrent GPU jobs (default 1: one per device)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
-    p.add_argument("--stale", type=float, default=60.0,
-                   help="seconds without heartbeat before a running job counts as dead (default 60)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL on cancel")
+    p.add_argument("--hang", "--stale", dest="hang", type=float, default=None,
+                   help="seconds a live job may make no progress (no new metrics line, no output) before it "
+                        "counts as hung and is stopped (default 1800; 0: never). A job whose process died is "
+                        "noticed at once, whatever this is")
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds from SIGTERM to SIGKILL on cancel (default 10); recorded with each job, "
+                        "so `ctssl jobs cancel` waits the same time")
 
 
 def run(args) -> int:
-    from ctssl_core.jobs import LocalBackend, Worker
+    from ctssl_core.jobs import LocalBackend, Worker, absolute_store
+    from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
     from ctssl_core.jobs.kinds import job_kinds
     from ctssl_core.paths import default_store
 
     job_kinds()  # import CTSSL_JOB_PLUGINS now: a bad plugin name fails here, loudly
-    store = args.store or default_store()
+    store = absolute_store(args.store or default_store())  # once, against the caller's folder
     w = Worker(store, max_cpu_jobs=args.max_cpu_jobs, max_gpu_jobs=args.max_gpu_jobs,
-               backend=LocalBackend(grace_s=args.grace), stale_s=args.stale)
+               backend=LocalBackend(grace_s=DEFAULT_GRACE_S if args.grace is None else args.grace,
+                                    hang_s=DEFAULT_HANG_S if args.hang is None else args.hang))
     print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs})",
           flush=True)
     w.run(once=args.once, idle_exit_s=args.idle_exit)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctssl_core.jobs import procs
+from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S, absolute_store
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -52,13 +53,15 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, grace_s: float = 10.0, heartbeat_s: float = 3.0):
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, heartbeat_s: float = 3.0, hang_s: float = DEFAULT_HANG_S):
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
+        self.hang_s = hang_s  # the runner stops a live command that makes no progress for this long (0: never)
 
     def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None) -> Handle:
+        store_root = absolute_store(store_root)  # the runner's working directory is the repository
         cmd = [sys.executable, "-m", "ctssl_core.jobs.runner", "--store", str(store_root), "--job", job_id,
-               "--grace", str(self.grace_s), "--heartbeat", str(self.heartbeat_s)]
+               "--grace", str(self.grace_s), "--heartbeat", str(self.heartbeat_s), "--hang", str(self.hang_s)]
         if total:
             cmd += ["--total", str(int(total))]
         proc = subprocess.Popen(cmd + ["--", *argv], cwd=REPO_ROOT, start_new_session=True,

@@ -173,13 +173,16 @@ class JobKind:
 
     ``argv(spec, store_root, resume_run_id)``; ``resumable``: the command can
     continue a run from its last checkpoint given ``--resume RUN_ID``
-    (otherwise resume re-runs the spec from the start).
+    (otherwise resume re-runs the spec from the start). ``checkpoint``: the file,
+    inside the run's folder, that a resume continues from; a run stopped before
+    writing it cannot be continued, so resume starts the spec afresh instead.
     """
 
     spec: type
     argv: Callable[[Any, Path, str | None], list[str]]
     label: str = ""
     resumable: bool = False
+    checkpoint: str = "checkpoints/last.pt"  # train.fit's checkpoint.LAST (not imported: it needs torch)
 
 
 JOB_KINDS: dict[str, JobKind] = {

@@ -33,12 +33,26 @@ FINAL = ("succeeded", "failed", "cancelled")
 RUNNER_MARKER = "ctssl_core.jobs.runner"
 JOB_ID_ENV = "CTSSL_JOB_ID"  # set by the runner in its command's environment
 PROC_FILE = "proc.json"      # jobs/<id>/proc.json: the runner's pid, start tick and boot id, host
+DEFAULT_GRACE_S = 10.0  # SIGTERM -> SIGKILL on cancel: the worker's --grace; recorded per job in proc.json
+DEFAULT_HANG_S = 1800.0  # no progress at all from a live command for this long = hung (the worker's --hang)
+_clock, _sleep = time.monotonic, time.sleep  # cancel's waiting (tests inject a fake clock)
 _INPROC_MARKERS = ("different configuration", "unfinished result", "Conflict on ",
                    "Transaction conflict", "write-write conflict")
 
 
 class JobStateError(StoreError):
     """An action that does not fit the job's state (cancel a finished job, resume a running one)."""
+
+
+def absolute_store(store_root: str | Path) -> Path:
+    """The store folder as an absolute path, resolved against the caller's working directory.
+
+    Why: the worker and the job runner run with the repository as their working
+    directory, while ``ctssl jobs submit`` runs wherever the user is; a relative
+    ``--store`` then named two different stores and a job waited forever in one
+    while the worker served the other. Resolve once, where the user typed it.
+    """
+    return Path(store_root).expanduser().resolve()
 
 
 def jobs_root(store_root: str | Path) -> Path:
@@ -228,25 +242,35 @@ def job_run_ids(store_root: str | Path, job_id: str) -> list[str]:
 # --------------------------------------------------------------------------- submit / claim / update
 
 
-def submit(store_root: str | Path, kind: str, params: Mapping[str, Any] | None = None,
-           resume_run: str | None = None, resumed_from: str | None = None) -> str:
-    """Validate and queue a job; returns its id. Invalid input raises JobSpecError and queues nothing."""
-    spec = validate_spec(kind, params, Path(store_root))
+def _new_job(store_root: Path, kind: str, params: Mapping[str, Any] | None, resume_run: str | None,
+             resumed_from: str | None, note: str | None = None) -> tuple[str, list[Any]]:
+    """Validate a spec and build the ``jobs`` row for it: (job_id, values for ``_INSERT``)."""
+    spec = validate_spec(kind, params, store_root)
     if resume_run is not None:
         check_token("resume_run", resume_run)
     body = {"params": to_dict(spec), "resource": resource_of(spec), "resume_run": resume_run,
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "store": str(store_root)}
+    if note:
+        body["note"] = note
     job_id = new_job_id()
-    total = getattr(spec, "steps", None)
+    return job_id, [job_id, kind, json.dumps(body, sort_keys=True), utcnow(), getattr(spec, "steps", None),
+                    f"jobs/{job_id}/job.log"]
 
-    def _insert(con):
-        con.execute(
-            """INSERT INTO jobs (job_id, kind, spec, state, backend, created_at, progress, total, attempts,
-                                 cancel_requested, log_path)
-               VALUES (?, ?, ?, 'queued', 'local', ?, 0.0, ?, 0, false, ?)""",
-            [job_id, kind, json.dumps(body, sort_keys=True), utcnow(), total,
-             f"jobs/{job_id}/job.log"])
-    _write(store_root, _insert)
+
+_INSERT = """INSERT INTO jobs (job_id, kind, spec, state, backend, created_at, progress, total, attempts,
+                              cancel_requested, log_path)
+             VALUES (?, ?, ?, 'queued', 'local', ?, 0.0, ?, 0, false, ?)"""
+
+
+def submit(store_root: str | Path, kind: str, params: Mapping[str, Any] | None = None,
+           resume_run: str | None = None, resumed_from: str | None = None) -> str:
+    """Validate and queue a job; returns its id. Invalid input raises JobSpecError and queues nothing.
+
+    The job records the absolute store it was queued in (``spec['store']``), resolved
+    against this process's working directory, the same folder its row is written to."""
+    store_root = absolute_store(store_root)
+    job_id, row = _new_job(store_root, kind, params, resume_run, resumed_from)
+    _write(store_root, lambda con: con.execute(_INSERT, row))
     return job_id
 
 
@@ -281,13 +305,16 @@ def claim(store_root: str | Path, worker_id: str, resources: tuple[str, ...] = (
     return {"job_id": job_id, "kind": kind, "spec": json.loads(spec)}
 
 
-def set_started(store_root: str | Path, job_id: str, pid: int, pgid: int, backend: str = "local") -> bool:
+def set_started(store_root: str | Path, job_id: str, pid: int, pgid: int, backend: str = "local",
+                grace_s: float = DEFAULT_GRACE_S) -> bool:
     """Record the job's process; returns whether cancel was requested meanwhile.
 
-    Also writes ``jobs/<id>/proc.json`` (pid, start tick, boot id, host) so a later
-    reconcile or cancel can tell this very process from one that reused its pid.
+    Also writes ``jobs/<id>/proc.json`` (pid, start tick, boot id, host, and the
+    runner's SIGTERM->SIGKILL grace) so a later reconcile or cancel can tell this
+    very process from one that reused its pid, and a waiting cancel never
+    SIGKILLs before the runner's own grace is over.
     """
-    _record_proc(store_root, job_id, pid)
+    _record_proc(store_root, job_id, pid, grace_s)
     def _f(con):
         got = con.execute(
             """UPDATE jobs SET pid = ?, pgid = ?, backend = ?, heartbeat_at = ?
@@ -348,15 +375,26 @@ def close_runs(store_root: str | Path, job_id: str, status: str, error: str | No
 # --------------------------------------------------------------------------- whose process is it?
 
 
-def _record_proc(store_root: str | Path, job_id: str, pid: int | None) -> None:
+def _record_proc(store_root: str | Path, job_id: str, pid: int | None, grace_s: float = DEFAULT_GRACE_S) -> None:
     if not pid:
         return
     path = job_dir(store_root, job_id) / PROC_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": int(pid), "start_ticks": procs.start_ticks(pid),
-                               "boot_id": procs.boot_id(), "host": procs.this_host()}))
+                               "boot_id": procs.boot_id(), "host": procs.this_host(),
+                               "grace_s": float(grace_s)}))
     tmp.replace(path)
+
+
+def job_grace(store_root: str | Path, job_id: str) -> float:
+    """The grace (s) the job's runner gives its command between SIGTERM and SIGKILL, as recorded
+    when it started (``DEFAULT_GRACE_S`` if nothing was recorded)."""
+    try:
+        got = json.loads((job_dir(store_root, job_id) / PROC_FILE).read_text()).get("grace_s")
+        return max(0.0, float(got)) if got is not None else DEFAULT_GRACE_S
+    except (OSError, ValueError, TypeError, AttributeError):
+        return DEFAULT_GRACE_S
 
 
 def claim_host(claimed_by: Any) -> str | None:
@@ -387,6 +425,35 @@ def runner_verified(store_root: str | Path, job_id: str, pid: int | None) -> boo
             return False  # the machine restarted: every pid from before is someone else's now
         started = int(rec["start_ticks"])
     return procs.is_job_runner(pid, job_id, RUNNER_MARKER, started=started)
+
+
+def running_here(store_root: str | Path) -> dict[str, str]:
+    """Running jobs of this store that hold a slot on this machine: ``{job_id: 'cpu'|'gpu'}``.
+
+    Why: a worker restarted after ``kill -9`` has no handles for the jobs its
+    predecessor started, yet those jobs still run; counting only its own
+    handles let ``--max-cpu-jobs 1`` run two at once. A job counts when it was
+    claimed on this host and its runner is verified alive (pid, command line,
+    start tick), or when it is claimed but not started yet (no pid: it may be
+    starting now; reconcile fails it if it never starts).
+    """
+    import pandas as pd
+
+    df = _read_df(store_root, "SELECT job_id, pid, claimed_by, spec FROM jobs WHERE state = 'running'")
+    out: dict[str, str] = {}
+    for r in df.itertuples(index=False):
+        claimed_by = None if pd.isna(r.claimed_by) else r.claimed_by
+        if not claimed_here(claimed_by):
+            continue  # another machine's slot
+        pid = None if pd.isna(r.pid) else int(r.pid)
+        if pid is not None and not runner_verified(store_root, r.job_id, pid):
+            continue  # dead: reconcile will mark it
+        try:
+            res = (json.loads(r.spec) if isinstance(r.spec, str) else r.spec or {}).get("resource")
+        except (ValueError, AttributeError):
+            res = None
+        out[r.job_id] = res if res in ("cpu", "gpu") else "cpu"
+    return out
 
 
 def job_members(store_root: str | Path, job_id: str, pid: int | None, pgid: int | None) -> list[int]:
@@ -422,12 +489,14 @@ def kill_job(store_root: str | Path, job_id: str, pid: int | None, pgid: int | N
 # --------------------------------------------------------------------------- cancel / resume / reconcile
 
 
-def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: float = 10.0) -> str:
+def cancel(store_root: str | Path, job_id: str, wait: bool = False) -> str:
     """Cancel: a queued job is simply cancelled; a running one gets SIGTERM on its process group.
 
-    The job's runner waits ``grace_s`` for the command to save a checkpoint, then
-    SIGKILLs. With ``wait=True`` this call also waits, SIGKILLs leftovers itself
-    and returns the final state.
+    The job's runner waits its grace (the worker's ``--grace``, recorded with the
+    job: ``job_grace``) for the command to save a checkpoint, then SIGKILLs.
+    With ``wait=True`` this call also waits — that same grace plus a margin for
+    the runner to finish, never less — then SIGKILLs leftovers itself and returns
+    the final state. One setting, so a cancel never cuts a checkpoint short.
 
     Signals go only to a process verified to be this job's runner on this machine.
     A job claimed on another machine only gets ``cancel_requested`` (its runner
@@ -457,11 +526,12 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
             return state
         raise JobStateError(f"job {job_id} already {state}; nothing to cancel")
     pid, pgid, claimed_by = proc
+    grace_s = job_grace(store_root, job_id)
     if not claimed_here(claimed_by):
         if wait:  # its runner, on its machine, stops it and writes the final state
-            deadline = time.monotonic() + grace_s + 10.0
-            while time.monotonic() < deadline and get_job(store_root, job_id)["state"] not in FINAL:
-                time.sleep(0.2)
+            deadline = _clock() + grace_s + 10.0
+            while _clock() < deadline and get_job(store_root, job_id)["state"] not in FINAL:
+                _sleep(0.2)
             return get_job(store_root, job_id)["state"]
         return "running"
     ours = runner_verified(store_root, job_id, pid)
@@ -469,16 +539,16 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
         procs.signal_group(pgid, signal.SIGTERM)
     if not wait:
         return "running"
-    deadline = time.monotonic() + grace_s + 5.0
-    while time.monotonic() < deadline and job_members(store_root, job_id, pid, pgid):
-        time.sleep(0.1)
+    deadline = _clock() + grace_s + 5.0
+    while _clock() < deadline and job_members(store_root, job_id, pid, pgid):
+        _sleep(0.1)
     kill_job(store_root, job_id, pid, pgid)
     # the runner normally writes the final state; if it was killed first (or long gone), we do
-    deadline = time.monotonic() + (5.0 if ours else 0.0)
-    while time.monotonic() < deadline:
+    deadline = _clock() + (5.0 if ours else 0.0)
+    while _clock() < deadline:
         if get_job(store_root, job_id)["state"] in FINAL:
             break
-        time.sleep(0.1)
+        _sleep(0.1)
     if get_job(store_root, job_id)["state"] not in FINAL:
         close_runs(store_root, job_id, "cancelled", "cancelled by user")
         finish(store_root, job_id, "cancelled", error="cancelled by user")
@@ -486,29 +556,83 @@ def cancel(store_root: str | Path, job_id: str, wait: bool = False, grace_s: flo
 
 
 def resume(store_root: str | Path, job_id: str) -> str:
-    """Queue a new job that continues a failed or cancelled one from its last checkpoint.
+    """Queue a new job that continues a failed or cancelled one from its last checkpoint; its id.
 
-    Kinds whose command cannot resume a run start the same spec afresh.
+    Once per job: marking the old job (``spec.resumed_by``) and inserting the new one
+    is one transaction, conditional on the old job being failed/cancelled and not
+    resumed yet, so two clicks (or two terminals) create one new attempt, and the
+    second gets a message naming it. Kinds whose command cannot resume a run, and
+    runs stopped before their first checkpoint (``JobKind.checkpoint``), start the
+    same spec afresh; the new job's ``spec.note`` says so.
     """
+    store_root = absolute_store(store_root)
     job = get_job(store_root, job_id)
     if job["state"] not in ("failed", "cancelled"):
         raise JobStateError(f"job {job_id} is {job['state']}; only failed or cancelled jobs can be resumed")
     spec = job["spec"] or {}
+    if spec.get("resumed_by"):
+        raise _already_resumed(job_id, spec["resumed_by"])
+    kind = get_kind(job["kind"])
     run_ids = job_run_ids(store_root, job_id)
     run_id = job.get("run_id") or (run_ids[-1] if run_ids else None) or spec.get("resume_run")
-    resume_run = run_id if get_kind(job["kind"]).resumable and run_id else None
-    return submit(store_root, job["kind"], spec.get("params") or {}, resume_run=resume_run,
-                  resumed_from=job_id)
+    resume_run = run_id if kind.resumable and run_id else None
+    note = None
+    if resume_run and not (store_paths(store_root).run_dir(resume_run) / kind.checkpoint).is_file():
+        note = (f"run {resume_run} stopped before its first checkpoint ({kind.checkpoint}); "
+                f"started afresh with the same settings instead of resuming")
+        resume_run = None
+    new_id, row = _new_job(store_root, job["kind"], spec.get("params") or {}, resume_run, job_id, note)
+
+    def _f(con):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            mine = con.execute(
+                """UPDATE jobs SET spec = json_merge_patch(spec, ?)
+                   WHERE job_id = ? AND state IN ('failed', 'cancelled')
+                     AND json_extract_string(spec, '$.resumed_by') IS NULL RETURNING job_id""",
+                [json.dumps({"resumed_by": new_id}), job_id]).fetchall()
+            if mine:
+                con.execute(_INSERT, row)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return bool(mine)
+
+    if not _write(store_root, _f):  # someone else resumed it (or changed its state) meanwhile
+        now = get_job(store_root, job_id, live=False)
+        if (now["spec"] or {}).get("resumed_by"):
+            raise _already_resumed(job_id, now["spec"]["resumed_by"])
+        raise JobStateError(f"job {job_id} is {now['state']}; only failed or cancelled jobs can be resumed")
+    return new_id
 
 
-def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: float = 60.0) -> list[tuple[str, str]]:
-    """Mark running jobs whose process is gone (or hung) as failed, keeping their metrics.
+def _already_resumed(job_id: str, by: str) -> JobStateError:
+    return JobStateError(f"job {job_id} was already resumed as {by}; follow that job "
+                         f"(resume {by} if it failed too)")
 
-    Checks: the runner pid is alive and really our runner for this job (not a
-    zombie, not a reused pid: command line and recorded start time); its
-    heartbeat is not older than ``stale_s``. Jobs claimed on another machine
-    are left alone (their pids mean nothing here); only processes verified to
-    be the job's are killed (``kill_job``).
+
+def reconcile(store_root: str | Path, start_grace_s: float = 60.0) -> list[tuple[str, str]]:
+    """Mark running jobs whose runner is gone as failed (or cancelled), keeping their metrics.
+
+    The rule, in two parts, each judged where its clock is trustworthy:
+
+    - **Liveness** (here): a running job is alive exactly while its runner process
+      is, verified by pid, command line (runner module + job id) and recorded start
+      tick and boot (so a zombie or a reused pid is not taken for it). No
+      heartbeat age is compared: the heartbeat is written by another process
+      against the wall clock, so a clock step or a store held busy for a minute
+      made healthy jobs look dead. A job claimed but not started (no pid) fails
+      after ``start_grace_s``.
+    - **Hang** (in the runner, ``runner.Supervisor``): a job is hung only if its
+      training process is alive AND has made no progress (no new line in its
+      runs' ``metrics.jsonl``, no new output in ``job.log``, no new run) for the
+      worker's ``--hang`` seconds, measured on the runner's own monotonic clock.
+      The runner then stops it (SIGTERM, SIGKILL after the grace) and records it
+      failed with the reason.
+
+    Jobs claimed on another machine are left alone (their pids mean nothing
+    here); only processes verified to be the job's are killed (``kill_job``).
     A job cancelled whose process died is marked cancelled instead. Returns
     ``[(job_id, reason)]`` for the jobs it changed. Read-only when nothing changed.
     """
@@ -534,8 +658,6 @@ def reconcile(store_root: str | Path, stale_s: float = 60.0, start_grace_s: floa
         elif not runner_verified(store_root, r.job_id, pid):
             reason = (f"its process {pid} is gone (killed, out of memory or machine restart); "
                       f"last heartbeat {age:.0f}s ago")
-        elif age > stale_s:
-            reason = f"no heartbeat for {age:.0f}s (process {pid} hung); it was killed"
         if reason is None:
             continue
         kill_job(store_root, r.job_id, pid, pgid)

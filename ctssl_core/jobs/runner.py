@@ -9,9 +9,12 @@ knows how the command ended. It
 
 - starts ARGV (no shell) in its group, output to ``jobs/<J>/job.log``;
 - every ``--heartbeat`` seconds writes heartbeat + progress (the last line
-  of the run's ``metrics.jsonl``: step/total and current metrics);
+  of the run's ``metrics.jsonl``: step/total and current metrics); a store
+  error (busy, disk full) is logged and retried with backoff, never fatal;
 - on SIGTERM (cancel: sent to the whole group) gives the command ``--grace``
   seconds to save a checkpoint and exit, then SIGKILLs it;
+- stops the command as hung when it is alive but shows no progress (no new
+  metrics line, no output) for ``--hang`` seconds of its monotonic clock;
 - at the end merges the run's metrics, closes runs the command left open and
   sets the job succeeded / failed (with the exit code and last log lines) /
   cancelled, then kills any stragglers left in its group.
@@ -26,9 +29,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-from ctssl_core.db import StoreError
+from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
 from ctssl_core.results.write import JOB_DIR_ENV, tail_metrics, utcnow
 
@@ -38,8 +43,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--store", required=True)
     p.add_argument("--job", required=True)
     p.add_argument("--total", type=int, default=None)
-    p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds from SIGTERM to SIGKILL")
     p.add_argument("--heartbeat", type=float, default=3.0)
+    p.add_argument("--hang", type=float, default=DEFAULT_HANG_S,
+                   help="stop the command as hung after this many seconds alive without progress (0: never)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command and args.command[0] == "--":
@@ -49,90 +56,236 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@dataclass
+class Supervisor:
+    """Watches one job's command: forwards a stop, escalates to SIGKILL, heartbeats.
+
+    Why a class with an injected ``clock`` (monotonic seconds): every decision is a
+    comparison of two readings of this one process's monotonic clock, never of
+    wall-clock times written by different processes, and tests drive it step by
+    step with a fake child and a fake clock.
+
+    Hang: ``progress()`` returns a token that changes whenever the training
+    process shows progress (``progress_token``); if the command is alive and the
+    token has not changed for ``hang_s`` seconds (0/None: never), the job is
+    stopped as hung (SIGTERM, SIGKILL after the grace) and recorded failed. A
+    command that exits is never "hung", and a stale heartbeat in the store plays
+    no part: liveness is the runner's own pid, checked by ``queue.reconcile``.
+
+    Store errors never end it: a heartbeat that raises anything (a lock held by
+    another writer, disk full, an I/O error) is logged, backed off (doubling from
+    ``heartbeat_s`` up to ``max_backoff_s``) and retried, while the command keeps
+    running and being watched; the runner outliving its child is what keeps the
+    child from being orphaned.
+    """
+
+    child: Any                                  # Popen-like: poll(), send_signal(), kill()
+    beat: Callable[[], bool]                    # one heartbeat; returns cancel_requested
+    log: Callable[[str], None]
+    progress: Callable[[], Any] = lambda: None  # token that changes when the command makes progress
+    grace_s: float = DEFAULT_GRACE_S
+    heartbeat_s: float = 3.0
+    hang_s: float | None = DEFAULT_HANG_S
+    max_backoff_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    term_at: float | None = None
+    why: str | None = None                      # 'cancel' | 'hung'
+    last_token: Any = None
+    last_progress: float | None = None          # clock() when the token last changed
+    forwarded: bool = False
+    killed: bool = False
+    beat_failures: int = 0
+    next_beat: float = field(default=float("-inf"))
+
+    def request_stop(self, why: str = "cancel") -> None:
+        """SIGTERM arrived or a cancel was read from the store: stop the command (once)."""
+        if self.term_at is None:
+            self.term_at, self.why = self.clock(), why
+
+    def step(self) -> int | None:
+        """One look at the command; its exit status once it has ended, else None."""
+        rc = self.child.poll()
+        now = self.clock()
+        if rc is None and self.term_at is None:
+            self._watch_progress(now)
+        if rc is None and self.term_at is not None:
+            if not self.forwarded:
+                self.child.send_signal(signal.SIGTERM)  # may duplicate the group signal: harmless
+                self.forwarded = True
+            elif now - self.term_at > self.grace_s and not self.killed:
+                self.log(f"no exit {self.grace_s:.0f}s after SIGTERM: SIGKILL")
+                self.child.kill()
+                self.killed = True
+        if rc is not None or now >= self.next_beat:
+            self._beat(now)
+        return rc
+
+    def _watch_progress(self, now: float) -> None:
+        """Reset the hang timer when the progress token changes; stop the command when it has not
+        changed for ``hang_s`` while the command is alive."""
+        if not self.hang_s or self.hang_s <= 0:
+            return
+        try:
+            token = self.progress()
+        except OSError:
+            return  # unreadable now (e.g. disk trouble): neither progress nor proof of a hang
+        if self.last_progress is None or token != self.last_token:
+            self.last_token, self.last_progress = token, now
+            return
+        if now - self.last_progress > self.hang_s:
+            self.log(f"no progress for {now - self.last_progress:.0f}s (no new metrics line or output) while "
+                     f"the command is alive: hung; stopping it")
+            self.request_stop("hung")
+
+    def _beat(self, now: float) -> None:
+        try:
+            cancel = self.beat()
+        except Exception as e:  # noqa: BLE001 - any store failure; the command must keep its watcher
+            self.beat_failures += 1
+            delay = min(self.max_backoff_s, self.heartbeat_s * 2 ** self.beat_failures)
+            self.next_beat = now + delay
+            if self.beat_failures == 1 or self.beat_failures % 10 == 0:
+                self.log(f"heartbeat failed ({self.beat_failures}x): {type(e).__name__}: {str(e)[:200]}; "
+                         f"the job keeps running, retrying in {delay:.0f}s")
+            return
+        if self.beat_failures:
+            self.log(f"heartbeat works again after {self.beat_failures} failure(s)")
+            self.beat_failures = 0
+        self.next_beat = now + self.heartbeat_s
+        if cancel:
+            self.request_stop("cancel")  # cancel requested but no signal arrived (pgid not yet known)
+
+    def outcome(self, rc: int, tail: Callable[[], str]) -> tuple[str, str | None]:
+        """(final state, error) of the job from how its command ended."""
+        if self.why == "hung":
+            return "failed", (f"hung: its process was alive but made no progress for more than {self.hang_s:g}s "
+                              f"(no new metrics line, no output); it was stopped. Resume it, or raise the worker's "
+                              f"--hang if this step is legitimately silent that long")
+        if self.term_at is not None:
+            return "cancelled", "cancelled by user"
+        if rc == 0:
+            return "succeeded", None
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        return "failed", f"{how}: {tail()[-600:]}"
+
+
+def record_end(store: Path, job_id: str, state: str, error: str | None, log: Callable[[str], None],
+               tries: int = 40, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Close the job's runs and write its final state, retrying any store error with backoff
+    (about 5 minutes in all). False if the store never took it: reconcile then finds the
+    runner gone and marks the job from its row."""
+    from ctssl_core.jobs import queue
+
+    for i in range(tries):
+        try:
+            queue.close_runs(store, job_id, state, error)
+            queue.finish(store, job_id, state, error)
+            return True
+        except Exception as e:  # noqa: BLE001 - disk full, I/O error, a lock: wait and retry
+            if i in (0, tries - 1):
+                log(f"could not record the end ({type(e).__name__}: {str(e)[:200]}); retrying")
+            sleep(min(10.0, 0.2 * 2 ** i))
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ctssl_core.jobs import procs, queue
+    from ctssl_core.jobs import queue
 
     args = _parse(sys.argv[1:] if argv is None else argv)
-    store, job_id = Path(args.store), args.job
+    store, job_id = queue.absolute_store(args.store), args.job  # its command runs in the repository folder
     jd = queue.job_dir(store, job_id)
     jd.mkdir(parents=True, exist_ok=True)
-    term = {"at": None}
+    early = {"stop": False}
+    sup: Supervisor | None = None
 
     def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature
-        if term["at"] is None:
-            term["at"] = time.monotonic()
+        if sup is None:
+            early["stop"] = True
+        else:
+            sup.request_stop("cancel")
 
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_term)
 
     env = {**os.environ, JOB_DIR_ENV: str(jd), "CTSSL_STORE": str(store), "CTSSL_JOB_ID": job_id,
            "PYTHONUNBUFFERED": "1"}
-    with open(jd / "job.log", "ab", buffering=0) as log:
-        log.write(f"[ctssl job {job_id}] {utcnow():%Y-%m-%d %H:%M:%S} UTC start: "
-                  f"{shlex.join(a if len(a) < 160 else a[:40] + '...' for a in args.command)}\n".encode())
-        child = subprocess.Popen(args.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=REPO_ROOT)
-        forwarded = killed = False
-        last_hb = 0.0
-        while True:
-            rc = child.poll()
-            now = time.monotonic()
-            if rc is None and term["at"] is not None:
-                if not forwarded:
-                    child.send_signal(signal.SIGTERM)  # may be a duplicate of the group signal: harmless
-                    forwarded = True
-                elif now - term["at"] > args.grace and not killed:
-                    log.write(f"[ctssl job {job_id}] no exit {args.grace:.0f}s after SIGTERM: SIGKILL\n".encode())
-                    child.kill()
-                    killed = True
-            if rc is not None or now - last_hb >= args.heartbeat:
-                last_hb = now
-                if _beat(store, job_id, args.total) and term["at"] is None:
-                    term["at"] = time.monotonic()  # cancel requested but no signal arrived (pgid not yet known)
-            if rc is not None:
-                break
-            time.sleep(0.05)
+    own = {"bytes": 0}  # what the runner itself wrote to job.log: not the command's progress
+    with open(jd / "job.log", "ab", buffering=0) as log_f:
+        def log(msg: str) -> None:
+            data = f"[ctssl job {job_id}] {msg}\n".encode()
+            try:
+                own["bytes"] += log_f.write(data) or 0
+            except OSError:
+                pass  # a full disk must not stop the watcher
 
-        if term["at"] is not None:
-            state, error = "cancelled", "cancelled by user"
-        elif rc == 0:
-            state, error = "succeeded", None
-        else:
-            tail = queue.log_tail(store, job_id, n_lines=3)
-            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-            state, error = "failed", f"{how}: {tail[-600:]}"
-        log.write(f"[ctssl job {job_id}] {utcnow():%Y-%m-%d %H:%M:%S} UTC {state}"
-                  f"{'' if rc == 0 else f' (exit {rc})'}\n".encode())
-    for _ in range(50):
+        log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC start: "
+            f"{shlex.join(a if len(a) < 160 else a[:40] + '...' for a in args.command)}")
+        child = subprocess.Popen(args.command, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, cwd=REPO_ROOT)
+        sup = Supervisor(child, lambda: _beat(store, job_id, args.total), log,
+                         progress=lambda: progress_token(store, job_id, own["bytes"]),
+                         grace_s=args.grace, heartbeat_s=args.heartbeat, hang_s=args.hang)
+        if early["stop"]:
+            sup.request_stop("cancel")
         try:
-            queue.close_runs(store, job_id, "succeeded" if state == "succeeded" else state, error)
-            queue.finish(store, job_id, state, error)
-            break
-        except StoreError:
-            time.sleep(0.2)
+            while (rc := sup.step()) is None:
+                time.sleep(0.05)
+        except BaseException:
+            _kill_group()  # never leave the command running without its watcher
+            raise
+        state, error = sup.outcome(rc, lambda: queue.log_tail(store, job_id, n_lines=3))
+        log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC {state}{'' if rc == 0 else f' (exit {rc})'}")
+        record_end(store, job_id, state, error, log)
+    _kill_group()
+    return 0
+
+
+def progress_token(store: Path, job_id: str, own_log_bytes: int = 0) -> tuple:
+    """What the training process has produced so far: its runs (``runs.txt``), the size of each
+    run's ``metrics.jsonl`` (one line per logged step, line-buffered) and the bytes it wrote to
+    ``job.log`` (not counting ``own_log_bytes``, the runner's own lines). Any change is progress.
+
+    Sizes only, no file times: times come from the wall clock, which may step."""
+    from ctssl_core.jobs import queue
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results.write import METRICS_FILE
+
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    jd = queue.job_dir(store, job_id)
+    runs = tuple((rid, size(store_paths(store).run_dir(rid) / METRICS_FILE)) for rid in queue.job_run_ids(store, job_id))
+    return runs, size(jd / "job.log") - own_log_bytes
+
+
+def _kill_group() -> None:
+    """SIGKILL every other process in the runner's group (stragglers such as data-loader workers)."""
+    from ctssl_core.jobs import procs
+
     me = os.getpid()
     for pid in procs.group_members(os.getpgid(0)):
         if pid != me:
             try:
-                os.kill(pid, signal.SIGKILL)  # stragglers (e.g. data-loader workers) die with the job
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return 0
 
 
 def _beat(store: Path, job_id: str, total: int | None) -> bool:
-    """One heartbeat with progress from the newest run's metrics tail. Returns cancel_requested."""
+    """One heartbeat with progress from the newest run's metrics tail. Returns cancel_requested.
+
+    Raises on a store error (the Supervisor logs, backs off and retries)."""
     from ctssl_core.jobs import queue
 
     run_ids = queue.job_run_ids(store, job_id)
     rec = tail_metrics(store, run_ids[-1]) if run_ids else None
     step = int(rec["step"]) if rec and rec.get("step") is not None else None
     current = {k: v for k, v in rec.items() if k not in ("step", "epoch")} if rec else None
-    try:
-        return queue.heartbeat(store, job_id, step=step, total=total, current=current,
-                               run_id=run_ids[-1] if run_ids else None)
-    except StoreError:
-        return False  # the store is busy: the next beat retries
+    return queue.heartbeat(store, job_id, step=step, total=total, current=current,
+                           run_id=run_ids[-1] if run_ids else None)
 
 
 if __name__ == "__main__":

@@ -62,4 +62,5 @@ def _tick_argv(spec: TickSpec, store: Path, resume_run: str | None) -> list[str]
             resume_run or "", str(spec.fail_at)]
 
 
-JOB_KINDS["tick"] = JobKind(TickSpec, _tick_argv, "Test job: logs a fake learning curve", resumable=True)
+JOB_KINDS["tick"] = JobKind(TickSpec, _tick_argv, "Test job: logs a fake learning curve", resumable=True,
+                            checkpoint="checkpoints/last.json")

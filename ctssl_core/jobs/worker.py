@@ -55,6 +55,7 @@ def ensure_worker(store_root: str | Path, max_cpu_jobs: int = 1, idle_exit_s: fl
     Detached (own session), so the dashboard that starts it can rerun or
     restart freely; a second worker started by a race exits at once (lock).
     """
+    store_root = queue.absolute_store(store_root)  # the worker runs in the repository folder
     if worker_running(store_root):
         return None
     root = queue.jobs_root(store_root)
@@ -71,15 +72,14 @@ def ensure_worker(store_root: str | Path, max_cpu_jobs: int = 1, idle_exit_s: fl
 
 class Worker:
     def __init__(self, store_root: str | Path, max_cpu_jobs: int = 1, max_gpu_jobs: int = 1,
-                 backend: Backend | None = None, poll_s: float = 0.5, stale_s: float = 60.0,
+                 backend: Backend | None = None, poll_s: float = 0.5,
                  reconcile_every_s: float = 2.0, worker_id: str | None = None):
         if max_cpu_jobs < 0 or max_gpu_jobs < 0:
             raise StoreError("--max-cpu-jobs and --max-gpu-jobs must be >= 0")
-        self.store_root = Path(store_root)
+        self.store_root = queue.absolute_store(store_root)
         self.slots = {"cpu": int(max_cpu_jobs), "gpu": int(max_gpu_jobs)}
         self.backend = backend or LocalBackend()
         self.poll_s = poll_s
-        self.stale_s = stale_s
         self.reconcile_every_s = reconcile_every_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.handles: dict[str, tuple[Handle, str]] = {}
@@ -117,9 +117,15 @@ class Worker:
 
     # ---- one pass
     def free(self) -> dict[str, int]:
+        """Slots left: the limits minus this worker's own jobs and minus the jobs of this store
+        still running on this machine that it did not start (a predecessor killed with -9
+        left them running; they hold their slots until they end)."""
         used = {"cpu": 0, "gpu": 0}
         for _, res in self.handles.values():
             used[res] += 1
+        for job_id, res in queue.running_here(self.store_root).items():
+            if job_id not in self.handles:
+                used[res] += 1
         return {k: self.slots[k] - used[k] for k in self.slots}
 
     def reap(self) -> None:
@@ -132,7 +138,7 @@ class Worker:
         self.reap()
         if time.monotonic() - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = time.monotonic()
-            queue.reconcile(self.store_root, stale_s=self.stale_s)
+            queue.reconcile(self.store_root)
         started = 0
         while True:
             free = tuple(r for r, n in self.free().items() if n > 0)
@@ -157,7 +163,8 @@ class Worker:
             queue.finish(self.store_root, job_id, "failed", error=f"could not start the job process: {e}")
             return
         self.handles[job_id] = (h, spec.get("resource") if spec.get("resource") in self.slots else "cpu")
-        if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name):
+        grace_s = float(getattr(self.backend, "grace_s", queue.DEFAULT_GRACE_S))
+        if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name, grace_s=grace_s):
             self.backend.cancel(h)  # cancelled between claim and start
 
     # ---- loop
