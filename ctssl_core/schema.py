@@ -11,7 +11,7 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -52,7 +52,8 @@ TABLES: dict[str, str] = {
         model TEXT,
         kernel TEXT,
         selection_rule TEXT,            -- why this series was chosen for its study
-        ingested_at TIMESTAMP
+        ingested_at TIMESTAMP,
+        notes JSON                      -- assumptions made reading its headers (e.g. zero slope taken as 1); NULL = none
     """,
     "slices": """
         slice_id BIGINT PRIMARY KEY,    -- dense global id, 0..N-1
