@@ -1187,6 +1187,8 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
         del headers
         errors += plan_errors
+        plans, held = hold_back_beside_transient(plans, errors)
+        errors += held
         _record_errors(paths.db, errors, relp, stat, summary)
         lidc = None
         if "lidc_xml" in side and plans:
@@ -1582,6 +1584,28 @@ def insert_columns(con, sql: str, columns: list[tuple[str, list]]) -> None:
         return
     sel = ", ".join(f"unnest(${i + 1}::{typ}[])" for i, (typ, _) in enumerate(columns))
     con.execute(f"{sql} SELECT {sel}", [list(vals) for _, vals in columns])
+
+
+def hold_back_beside_transient(plans: list[SeriesPlan], errors: list[tuple[str, str, str]]
+                               ) -> tuple[list[SeriesPlan], list[tuple[str, str, str]]]:
+    """Plans to build now, and 'transient' rows for the series held back for the next run.
+
+    A file that could not be read for a temporary reason (EACCES, EIO) has no known series; if its
+    series were stored without it, the next run could only report it as ``series_exists``: lost for
+    good. So a series with a file in the same folder as such a file waits whole (folders hold series
+    in every export layout ctssl reads; at worst a series waits one run longer than it had to).
+    """
+    dirs = {os.path.dirname(p) for p, reason, _ in errors if reason == "transient"}
+    if not dirs:
+        return plans, []
+    keep, held = [], []
+    for p in plans:
+        if any(os.path.dirname(f) in dirs for f in p.files):
+            held += [(f, "transient", "another file in its folder could not be read for a temporary reason, so "
+                      "the series waits for it. " + REASONS["transient"]) for f in p.files + [d[0] for d in p.deferred]]
+        else:
+            keep.append(p)
+    return keep, held
 
 
 def _status(reason: str) -> str:
