@@ -227,3 +227,36 @@ def test_permission_and_io_errors_while_reading_are_retried(tmp_path, monkeypatc
     again = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
     assert again.files_new == 4 and again.slices == 4 and _status_and_reasons(store) == ({"ok": 4}, {})
     np.testing.assert_array_equal(np.load(next(store_paths(store).slices.glob("*.npy"))), vol)
+
+
+# ---------------------------------------------------------------- two ingests, one store (issue 13 item 11)
+
+def test_startup_cleanup_removes_only_stale_temp_files(tmp_path):
+    from ctssl_core.data.ingest import _tmp_name, stale_temp_files
+
+    d = tmp_path / "slices"
+    d.mkdir()
+    names = {"live": _tmp_name("a", 100, "hostA"), "dead": _tmp_name("b", 200, "hostA"),
+             "other_host_dead": _tmp_name("c", 200, "hostB"), "old_style_dead": ".d.200.tmp.npy",
+             "old_style_live": ".e.100.tmp.npy", "final": "f.npy"}
+    for n in names.values():
+        (d / n).write_bytes(b"x")
+    stale = stale_temp_files([d, tmp_path / "masks"], host="hostA", alive=lambda pid: pid == 100)
+    assert sorted(p.name for p in stale) == sorted([names["dead"], names["old_style_dead"]])
+
+
+def test_second_ingest_leaves_the_first_ingests_temp_files(tmp_path, monkeypatch):
+    from ctssl_core.data import ingest as ingest_mod
+
+    write_series(tmp_path / "a" / "s", phantom(2, 16, 16), patient_id="PA")
+    write_series(tmp_path / "b" / "s", phantom(2, 16, 16), patient_id="PB")
+    store = tmp_path / "st"
+    ingest(tmp_path / "a", store, IngestConfig(size=16, workers=1), progress=False)
+    slices = store_paths(store).slices
+    writing = slices / ingest_mod._tmp_name("x", 4242)   # another ingest, alive, mid-write
+    crashed = slices / ingest_mod._tmp_name("y", 4343)   # an ingest killed mid-write
+    for f in (writing, crashed):
+        f.write_bytes(b"partial")
+    monkeypatch.setattr(ingest_mod, "_pid_alive", lambda pid: pid == 4242)
+    assert ingest(tmp_path / "b", store, IngestConfig(size=16, workers=1), progress=False).series == 1
+    assert writing.exists() and not crashed.exists()

@@ -915,7 +915,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_temp_files(folders, host: str | None = None, alive=_pid_alive) -> list[Path]:
+def stale_temp_files(folders, host: str | None = None, alive=None) -> list[Path]:
     """Temp arrays left by interrupted ingests: written on this host by a process that is gone.
 
     Why not every ``.*.tmp.npy``: a second ingest into the same store would delete the files the
@@ -925,6 +925,7 @@ def stale_temp_files(folders, host: str | None = None, alive=_pid_alive) -> list
     import re
 
     host = host or _host_tag()
+    alive = alive or _pid_alive
     pat = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]+))?\.tmp\.npy$")
     out = []
     for folder in folders:
