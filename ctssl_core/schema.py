@@ -3,7 +3,9 @@
 Contract for every module: table and column names here are shared by the
 ingest, training, analysis, job and dashboard code. Add a column at the end of
 a table (and bump SCHEMA_VERSION) rather than renaming one. ``ensure_schema`` is
-idempotent and also upgrades older stores by adding missing columns.
+idempotent and also upgrades older stores: missing columns are added, and a table
+made before its primary key existed is rebuilt with it (``ON CONFLICT`` upserts
+need the key). A store written by a newer ctssl is refused, never downgraded.
 
 No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 ``series_key``/``sop_key`` are keyed hashes made at ingest (data/pseudonym.py).
@@ -11,7 +13,7 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -52,7 +54,8 @@ TABLES: dict[str, str] = {
         model TEXT,
         kernel TEXT,
         selection_rule TEXT,            -- why this series was chosen for its study
-        ingested_at TIMESTAMP
+        ingested_at TIMESTAMP,
+        notes JSON                      -- assumptions made reading its headers (e.g. zero slope taken as 1); NULL = none
     """,
     "slices": """
         slice_id BIGINT PRIMARY KEY,    -- dense global id, 0..N-1
@@ -229,8 +232,89 @@ def _columns(body: str) -> list[tuple[str, str]]:
     return cols
 
 
+def _primary_key(body: str) -> list[str]:
+    """The primary key columns a table body declares (inline or as a PRIMARY KEY (...) line)."""
+    inline = []
+    for line in body.strip().splitlines():
+        line = line.split("--", 1)[0].strip().rstrip(",")
+        if line.upper().startswith("PRIMARY KEY"):
+            return [c.strip() for c in line[line.index("(") + 1:line.rindex(")")].split(",")]
+        if "PRIMARY KEY" in line.upper():
+            inline.append(line.split(None, 1)[0])
+    return inline
+
+
+def stored_version(con) -> str | None:
+    """The store's schema_version marker, or None when it has none (a new or very old store)."""
+    import duckdb
+
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException:
+        return None
+    return row[0] if row else None
+
+
+def check_not_newer(version: str | None) -> None:
+    """Refuse a store written by a newer ctssl: upgrading this one would downgrade its marker and
+    write rows without the columns and keys the newer code relies on."""
+    from ctssl_core.db import StoreError
+
+    if version is None:
+        return
+    try:
+        v = int(version)
+    except ValueError:
+        raise StoreError(f"the store's schema version {version!r} is not one ctssl knows; it was not written by "
+                         f"ctssl (or is damaged). Use another --store.") from None
+    if v > SCHEMA_VERSION:
+        raise StoreError(f"this store was written by a newer ctssl (schema {v}; this ctssl knows up to "
+                         f"{SCHEMA_VERSION}). Upgrade ctssl (pip install -U ctssl) to use it; it was left unchanged.")
+
+
+def _rebuild_with_key(con, table: str, body: str, key: list[str]) -> None:
+    """Copy ``table`` into a new table with its primary key, in one transaction (DuckDB cannot add a
+    primary key to an existing table). Duplicate or empty keys make that impossible: refused, unchanged."""
+    import duckdb
+
+    from ctssl_core.db import StoreError
+
+    k = ", ".join(key)
+    dup = con.execute(f"SELECT count(*) FROM (SELECT {k} FROM {table} GROUP BY ALL HAVING count(*) > 1)").fetchone()[0]
+    empty = con.execute(f"SELECT count(*) FROM {table} WHERE {' OR '.join(f'{c} IS NULL' for c in key)}").fetchone()[0]
+    if dup or empty:
+        raise StoreError(f"the store's {table} table was made before its primary key ({k}) and holds {dup} duplicate "
+                         f"and {empty} empty keys, so it cannot be upgraded in place; it was left unchanged. "
+                         f"Ingest into a new --store, or remove the duplicate {table} rows.")
+    cols = ", ".join(name for name, _ in _columns(body))
+    try:
+        con.execute("BEGIN")
+        own = True
+    except duckdb.TransactionException:  # the caller's transaction covers it
+        own = False
+    try:
+        con.execute(f"DROP TABLE IF EXISTS {table}__upgrade")
+        con.execute(f"CREATE TABLE {table}__upgrade ({body})")
+        con.execute(f"INSERT INTO {table}__upgrade ({cols}) SELECT {cols} FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}__upgrade RENAME TO {table}")
+        if own:
+            con.execute("COMMIT")
+    except BaseException:
+        if own:
+            con.execute("ROLLBACK")
+        raise
+
+
 def ensure_schema(con) -> None:
-    """Create missing tables and add missing columns (upgrading an older store)."""
+    """Create missing tables, add missing columns and missing primary keys (upgrading an older store);
+    refuse a store from a newer ctssl. Stamps SCHEMA_VERSION only once everything is in place."""
+    check_not_newer(stored_version(con))
+    pks = {t: list(c) for t, c in con.execute(  # one query for every table's key
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' "
+        "AND schema_name = current_schema()").fetchall()}
+    existing = {r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()").fetchall()}
     for table, body in TABLES.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
         have = {r[0] for r in con.execute(
@@ -238,6 +322,9 @@ def ensure_schema(con) -> None:
         for name, typ in _columns(body):
             if name not in have:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+        key = _primary_key(body)
+        if key and table in existing and pks.get(table, []) != key:  # made before its key existed
+            _rebuild_with_key(con, table, body, key)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
 

@@ -53,3 +53,85 @@ def test_ensure_schema_creates_all_tables_and_upgrades_old_store(tmp_path):
     assert set(TABLES) <= tables
     assert {"status", "wall_s", "benchmark_id"} <= cols
     assert kept == "pretrain"
+
+
+def _old_store(db, version: str | None = "1"):
+    """A store as an older ctssl left it: tables without their primary keys, stamped with ``version``."""
+    with connect(db) as con:
+        con.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+        con.execute("CREATE TABLE runs (run_id TEXT, kind TEXT, status TEXT)")
+        con.execute("CREATE TABLE splits (patient_key TEXT, seed INTEGER, split TEXT)")
+        con.execute("INSERT INTO runs VALUES ('r1', 'pretrain', 'succeeded'), ('r2', 'finetune', 'failed')")
+        con.execute("INSERT INTO splits VALUES ('p1', 0, 'train'), ('p1', 1, 'test')")
+        if version is not None:
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [version])
+
+
+def _keys(con) -> dict[str, list[str]]:
+    return {t: list(c) for t, c in con.execute(
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE constraint_type = 'PRIMARY KEY'").fetchall()}
+
+
+@pytest.mark.parametrize("version", ["1", None])
+def test_old_store_gets_its_primary_keys_and_start_run_upserts(tmp_path, version):
+    """Issue 13 item 8: columns were added but not keys, the store stamped current, and
+    start_run's ON CONFLICT then failed with a raw BinderException."""
+    from ctssl_core.results.write import start_run
+    from ctssl_core.schema import SCHEMA_VERSION, ensure_schema_current
+
+    db = tmp_path / "ctssl.duckdb"
+    _old_store(db, version)
+    with connect(db) as con:
+        ensure_schema_current(con)
+        keys = _keys(con)
+        assert keys["runs"] == ["run_id"] and keys["meta"] == ["key"] and keys["splits"] == ["patient_key", "seed"]
+        assert con.execute("SELECT run_id, kind, status FROM runs ORDER BY run_id").fetchall() == [
+            ("r1", "pretrain", "succeeded"), ("r2", "finetune", "failed")]  # rows kept
+        assert con.execute("SELECT count(*) FROM splits").fetchone()[0] == 2
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]
+    start_run(tmp_path, "r2", "finetune", "pe", "random", "resnet18", {"a": 1})  # resume: the upsert works
+    with connect(db) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = 'r2'").fetchone()[0] == "running"
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
+
+
+def test_old_store_with_duplicate_keys_is_refused_unchanged(tmp_path):
+    from ctssl_core.db import StoreError
+    from ctssl_core.schema import ensure_schema
+
+    db = tmp_path / "ctssl.duckdb"
+    _old_store(db)
+    with connect(db) as con:
+        con.execute("INSERT INTO runs VALUES ('r1', 'pretrain', 'failed')")
+        with pytest.raises(StoreError, match=r"runs table .* 1 duplicate .* left unchanged"):
+            ensure_schema(con)
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
+        assert con.execute("SELECT value FROM meta").fetchall() == [("1",)]  # not stamped current
+
+
+def test_store_from_a_newer_ctssl_is_refused_never_downgraded(tmp_path, capsys):
+    from ctssl_core.db import StoreError
+    from ctssl_core.schema import SCHEMA_VERSION, ensure_schema, ensure_schema_current
+
+    db = tmp_path / "ctssl.duckdb"
+    with connect(db) as con:
+        ensure_schema(con)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+        con.execute("CREATE TABLE future (x INTEGER)")
+    for fn in (ensure_schema, ensure_schema_current):
+        with connect(db) as con:
+            with pytest.raises(StoreError, match="newer ctssl .* Upgrade ctssl"):
+                fn(con)
+    with connect(db) as con:
+        assert con.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION + 1),)]
+    # and an ingest into it says so instead of writing
+    from ctssl_core.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    assert main(["ingest", str(src), "--store", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "newer ctssl" in err and "Traceback" not in err
+    with connect(db) as con:
+        assert con.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION + 1),)]

@@ -34,20 +34,25 @@ def test_signed_pixels_and_odd_rescale(tmp_path, hu):
     np.testing.assert_array_equal(read_hu(h)[0], (hu - (hu % 2)).astype(np.float32))
 
 
-def test_missing_rescale_tags_default_and_are_noted(tmp_path, hu):
-    stored = np.clip(hu + 1024, 0, None)
-    ds = ct_dataset(stored.astype(np.int16), slope=None, intercept=None)  # stored values == hu + 1024, no tags
-    h = scan(save(ds, tmp_path / "m.dcm"))
-    assert h.slopes == [1.0] and h.intercepts == [0.0]
-    assert any("RescaleSlope" in n for n in h.notes) and any("RescaleIntercept" in n for n in h.notes)
-    np.testing.assert_array_equal(read_hu(h)[0], np.maximum(stored, -1024).astype(np.float32))
+@pytest.mark.parametrize("missing", [("RescaleSlope", "RescaleIntercept"), ("RescaleIntercept",), ("RescaleSlope",)])
+def test_missing_rescale_tags_are_rejected_not_assumed(tmp_path, hu, missing):
+    """Assuming intercept 0 would shift a -1024-intercept series by +1024 HU silently (issue 13 item 12)."""
+    from ctssl_core.data.dicom import scan_with_pydicom
+
+    ds = ct_dataset(hu)
+    for name in missing:
+        delattr(ds, name)
+    path = save(ds, tmp_path / "m.dcm")
+    for fn in (scan, scan_with_pydicom):
+        e = _issue(lambda: fn(str(path)))
+        assert e.reason == "no_rescale" and all(n in e.detail for n in missing) and "re-export" in e.detail
 
 
 def test_zero_slope_treated_as_one(tmp_path, hu):
     ds = ct_dataset(hu)
     ds.RescaleSlope = 0
     h = scan(save(ds, tmp_path / "z.dcm"))
-    assert h.slopes == [1.0]
+    assert h.slopes == [1.0] and h.notes == ["RescaleSlope zero: used 1"]
     np.testing.assert_array_equal(read_hu(h)[0], hu.astype(np.float32))
 
 

@@ -158,3 +158,105 @@ def test_cli_ingest_names_dropped_identifier_columns_never_values(tmp_path, caps
     assert "Doe^John" not in out.out + out.err and "Traceback" not in out.err
     with connect(store_paths(tmp_path / "st").db, read_only=True) as con:
         assert con.execute("SELECT age, attributes FROM patients").fetchall() == [(50.0, '{"smoker": "yes"}')]
+
+
+# ---------------------------------------------------------------- transient errors (issue 13 item 7)
+
+def _status_and_reasons(store):
+    with connect(store_paths(store).db, read_only=True) as con:
+        return (dict(con.execute("SELECT status, count(*) FROM ingested_files GROUP BY status").fetchall()),
+                dict(con.execute("SELECT reason, count(*) FROM ingest_errors GROUP BY reason").fetchall()))
+
+
+def test_disk_full_while_building_is_retried_not_recorded_as_decode_failed(tmp_path, monkeypatch):
+    import errno
+
+    vol = phantom(3, 32, 32, seed=3)
+    write_series(tmp_path / "src" / "s", vol, patient_id="PA")
+    store = tmp_path / "st"
+    real_save = np.save
+
+    def full_disk(path, arr):  # writes part of the file, then the disk is full
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    s = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert s.series == 0 and s.errors_by_reason == {"transient": 3}
+    assert _status_and_reasons(store) == ({"retry": 3}, {"transient": 3})
+    assert list(store_paths(store).slices.iterdir()) == []  # the failed write left no temp file behind
+    with connect(store_paths(store).db, read_only=True) as con:
+        detail = con.execute("SELECT any_value(detail) FROM ingest_errors").fetchone()[0]
+    assert "No space left" in detail and "retries it" in detail and "re-export" not in detail
+    monkeypatch.setattr(np, "save", real_save)  # space freed: the next run takes the files again
+    again = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert again.files_new == 3 and again.slices == 3 and again.errors == 0
+    assert _status_and_reasons(store) == ({"ok": 3}, {})
+    np.testing.assert_array_equal(np.load(next(store_paths(store).slices.glob("*.npy"))), vol)
+
+
+@pytest.mark.parametrize("where", ["scan", "pixels", "both"])
+def test_permission_and_io_errors_while_reading_are_retried(tmp_path, monkeypatch, where):
+    """EACCES when the header is read, EIO when the pixels are re-read: both are the machine's
+    errors, not the file's. The series is not stored with a gap: it waits whole for the next run."""
+    import builtins
+    import errno
+
+    from ctssl_core.data import dicom as dicom_mod
+
+    vol = phantom(4, 32, 32, seed=4)
+    paths = write_series(tmp_path / "src" / "s", vol, patient_id="PA")
+    store = tmp_path / "st"
+    opened: dict[str, int] = {}
+    fail = {str(paths[0]): (1, errno.EACCES, "Permission denied"), str(paths[2]): (2, errno.EIO, "Input/output error")}
+    if where != "both":
+        fail = {k: v for k, v in fail.items() if v[0] == (1 if where == "scan" else 2)}
+
+    def flaky_open(file, *a, **kw):
+        n = opened[str(file)] = opened.get(str(file), 0) + 1
+        if str(file) in fail and fail[str(file)][0] == n:
+            raise OSError(fail[str(file)][1], fail[str(file)][2])
+        return builtins.open(file, *a, **kw)
+
+    monkeypatch.setattr(dicom_mod, "open", flaky_open, raising=False)
+    s = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert s.series == 0 and s.errors_by_reason == {"transient": 4}  # the whole series waits
+    assert _status_and_reasons(store) == ({"retry": 4}, {"transient": 4})
+    monkeypatch.undo()
+    again = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert again.files_new == 4 and again.slices == 4 and _status_and_reasons(store) == ({"ok": 4}, {})
+    np.testing.assert_array_equal(np.load(next(store_paths(store).slices.glob("*.npy"))), vol)
+
+
+# ---------------------------------------------------------------- two ingests, one store (issue 13 item 11)
+
+def test_startup_cleanup_removes_only_stale_temp_files(tmp_path):
+    from ctssl_core.data.ingest import _tmp_name, stale_temp_files
+
+    d = tmp_path / "slices"
+    d.mkdir()
+    names = {"live": _tmp_name("a", 100, "hostA"), "dead": _tmp_name("b", 200, "hostA"),
+             "other_host_dead": _tmp_name("c", 200, "hostB"), "old_style_dead": ".d.200.tmp.npy",
+             "old_style_live": ".e.100.tmp.npy", "final": "f.npy"}
+    for n in names.values():
+        (d / n).write_bytes(b"x")
+    stale = stale_temp_files([d, tmp_path / "masks"], host="hostA", alive=lambda pid: pid == 100)
+    assert sorted(p.name for p in stale) == sorted([names["dead"], names["old_style_dead"]])
+
+
+def test_second_ingest_leaves_the_first_ingests_temp_files(tmp_path, monkeypatch):
+    from ctssl_core.data import ingest as ingest_mod
+
+    write_series(tmp_path / "a" / "s", phantom(2, 16, 16), patient_id="PA")
+    write_series(tmp_path / "b" / "s", phantom(2, 16, 16), patient_id="PB")
+    store = tmp_path / "st"
+    ingest(tmp_path / "a", store, IngestConfig(size=16, workers=1), progress=False)
+    slices = store_paths(store).slices
+    writing = slices / ingest_mod._tmp_name("x", 4242)   # another ingest, alive, mid-write
+    crashed = slices / ingest_mod._tmp_name("y", 4343)   # an ingest killed mid-write
+    for f in (writing, crashed):
+        f.write_bytes(b"partial")
+    monkeypatch.setattr(ingest_mod, "_pid_alive", lambda pid: pid == 4242)
+    assert ingest(tmp_path / "b", store, IngestConfig(size=16, workers=1), progress=False).series == 1
+    assert writing.exists() and not crashed.exists()

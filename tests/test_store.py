@@ -111,3 +111,35 @@ def test_open_empty_store_says_what_to_do(tmp_path):
         ensure_schema(con)
     with pytest.raises(StoreMissing, match="ctssl ingest"):
         SliceStore.open(tmp_path)
+
+
+def test_a_truncated_series_array_costs_one_series_not_the_store(tmp_path, caplog):
+    """Issue 13 item 11: np.load's ValueError on a cut .npy used to make the whole store unusable."""
+    from ctssl_core.db import StoreError
+
+    vols = [phantom(4, 16, 16, seed=1), phantom(6, 16, 16, seed=2), phantom(3, 16, 16, seed=3)]
+    for k, v in enumerate(vols):
+        write_series(tmp_path / "src" / f"s{k}", v, patient_id=f"P{k}")
+    store = tmp_path / "store"
+    ingest(tmp_path / "src", store, IngestConfig(size=16, workers=1), progress=False)
+    with connect(store_paths(store).db, read_only=True) as con:
+        rows = con.execute("SELECT series_key, array_path, n_slices FROM series ORDER BY series_key").fetchall()
+    bad_key, bad_rel, bad_n = rows[1]
+    f = store / bad_rel
+    f.write_bytes(f.read_bytes()[:300])  # disk full or an interrupted copy
+    st = SliceStore.open(store)
+    assert st.n_slices == 13 - bad_n and len(st.arrays) == 2
+    assert len(st.unreadable) == 1 and bad_key in st.unreadable[0] and "truncated" in st.unreadable[0]
+    assert "1 series of" in caplog.text
+    with connect(store_paths(store).db, read_only=True) as con:
+        good = con.execute("SELECT slice_id, array_path, idx FROM slices JOIN series USING (series_key) "
+                           "WHERE series_key != ?", [bad_key]).fetchall()
+        bad_ids = [r[0] for r in con.execute("SELECT slice_id FROM slices WHERE series_key = ?", [bad_key]).fetchall()]
+    for sid, path, idx in good:  # the other series still read what the catalog says
+        np.testing.assert_array_equal(st.read([sid])[0], np.load(store / path)[idx])
+    with pytest.raises(IndexError):
+        st.read(bad_ids[:1])
+    for _, rel, _ in rows:  # with every array damaged, the store says so instead of a raw ValueError
+        (store / rel).write_bytes(b"\x93NUMPY")
+    with pytest.raises(StoreError, match="no series .* can be read.*re-ingest"):
+        SliceStore.open(store)

@@ -17,6 +17,7 @@ Every problem becomes a :class:`DicomIssue` with a short ``reason`` key (the
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -37,9 +38,18 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.2": (">", True),   # explicit VR big endian (retired, still found)
 }
 LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR", b"SV", b"UV"}
-# tags whose presence means the header must come from pydicom: multi-frame, and the functional
-# group sequences that can carry RescaleSlope/Intercept and PixelSpacing of an enhanced CT
-FULL_PARSE_TAGS = frozenset({0x52009229, 0x52009230, 0x00280008})
+# tags whose presence means the header must come from pydicom: multi-frame, the functional
+# group sequences that can carry RescaleSlope/Intercept and PixelSpacing of an enhanced CT,
+# and a Modality LUT Sequence (which ``header_from_dataset`` rejects: its values are not slope/intercept HU)
+MODALITY_LUT_SEQUENCE = 0x00283000
+FULL_PARSE_TAGS = frozenset({0x52009229, 0x52009230, 0x00280008, MODALITY_LUT_SEQUENCE})
+DEFLATED = "1.2.840.10008.1.2.1.99"  # deflated explicit VR little endian: native pixels once pydicom inflates it
+# OS errors that say nothing about the file itself (full disk, I/O hiccup, a permission fixed later):
+# the file is recorded as ``transient`` and retried by the next run, never as a permanent failure
+TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "ENOSPC", "EIO", "EACCES", "EPERM", "EROFS", "EDQUOT", "ENOMEM", "EAGAIN", "ESTALE", "ETIMEDOUT", "EBUSY",
+    "EMFILE", "ENFILE", "EINTR") if hasattr(errno, n))
+IN_PLANE_MIN_COS = 0.8  # an axial image's row direction within ~37 deg of x or y: transposed/flipped to the standard view
 HU_MIN, HU_MAX = -1024, 32767
 MAX_PIXELS = 4096 * 4096
 AXIAL_MIN_COS = 0.8  # |slice normal . z| above this is axial (gantry tilts up to ~37 deg pass)
@@ -55,12 +65,30 @@ REASONS = {
     "decode_failed": "The compressed pixel data could not be decoded (corrupt stream?); re-export the file.",
     "inconsistent_shape": "This slice's size differs from the rest of its series; it was left out. Check the export.",
     "duplicate_sop": "Another file with the same SOPInstanceUID was already ingested; this copy was skipped.",
+    "duplicate_image": "Another file of the series holds the same image at the same position; this copy was skipped.",
     "missing_position": "No ImagePositionPatient (and no InstanceNumber for the series) so the slice order is unknown; re-export with full headers.",
     "bad_header": "A required tag (Rows, Columns, UIDs, bit depth) is missing or malformed; re-export the file.",
     "unsupported_pixels": "Pixel format ctssl does not handle (colour, or more than 16 bits); convert to 16-bit greyscale CT.",
     "series_not_selected": "Another series of the same study was chosen by the selection rule (axial, thinnest, most slices); not an error.",
     "series_exists": "The series is already in the store; to rebuild it, ingest into a new store.",
+    "no_rescale": "RescaleSlope or RescaleIntercept is missing, so the stored values cannot be turned into HU "
+                  "(assuming 0 would shift every pixel silently); re-export the series with its rescale tags.",
+    "not_hu": "The pixel values do not map to Hounsfield units by slope and intercept (MONOCHROME1, a RescaleType "
+              "other than HU, or a Modality LUT Sequence); convert the series to standard CT (MONOCHROME2, slope/intercept to HU).",
+    "unsupported_geometry": "The image axes are rotated in-plane by an angle that is not a multiple of 90 degrees; "
+                            "ctssl only transposes/flips axial images. Reformat the series to standard axial orientation.",
+    "inconsistent_geometry": "The slices of this series differ in PixelSpacing or ImageOrientationPatient, so no one "
+                             "geometry fits them; the whole series was left out. Split or re-export the series.",
+    "position_conflict": "Two different images of this series lie at the same position; they cannot both be slices "
+                         "of one volume, so the series was left out. Remove the wrong files and run ingest again "
+                         "(these files are retried).",
+    "sop_conflict": "Files with the same SOPInstanceUID hold different content and none can be told apart as the "
+                    "damaged one; the series was left out. Remove the wrong copy and run ingest again (these files are retried).",
+    "transient": "A temporary error (disk full, I/O error, permission denied) stopped this file; nothing was stored "
+                 "for it and the next `ctssl ingest` run retries it. Fix the cause and run ingest again.",
 }
+# reasons whose files are not marked done: the next run scans and plans them again
+RETRY_REASONS = frozenset({"transient", "position_conflict", "sop_conflict"})
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -96,6 +124,16 @@ class DicomIssue(Exception):
         super().__init__(f"{reason}: {self.detail}")
 
 
+def is_transient(e: BaseException) -> bool:
+    """An OS error that may go away by itself or once the user fixes the machine (not the file)."""
+    return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
+
+
+def os_issue(e: OSError, reason: str, what: str) -> DicomIssue:
+    """``reason`` for an OS error while reading a file, or ``transient`` when it says nothing about the file."""
+    return DicomIssue("transient" if is_transient(e) else reason, f"{what} ({e.strerror}).")
+
+
 @dataclass(slots=True)
 class SliceHeader:
     """What ingest needs from one file (one or more frames). Identifiers never leave ingest's memory."""
@@ -129,6 +167,7 @@ class SliceHeader:
     pixel_dtype: str = "<u2"
     bits_stored: int = 16
     notes: list[str] = field(default_factory=list)
+    padding: tuple[int, int] | None = None           # stored values [lo, hi] that are padding (not tissue)
 
     def normal(self) -> np.ndarray | None:
         if self.orientation is None:
@@ -232,12 +271,12 @@ def scan(path: str | Path) -> SliceHeader:
     try:
         f = open(path, "rb", buffering=0)
     except OSError as e:
-        raise DicomIssue("not_dicom", f"cannot read the file ({e.strerror}).") from None
+        raise os_issue(e, "not_dicom", "cannot read the file") from None
     with f:
         try:
             size = os.fstat(f.fileno()).st_size
         except OSError as e:
-            raise DicomIssue("not_dicom", f"cannot read the file ({e.strerror}).") from None
+            raise os_issue(e, "not_dicom", "cannot read the file") from None
         fast = _walk_elements(f, size)
     if fast is not None:
         elements, little, syntax, present, offset = fast
@@ -258,7 +297,7 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
         try:
             size = os.stat(path).st_size
         except OSError as e:
-            raise DicomIssue("not_dicom", f"cannot read the file ({e.strerror}).") from None
+            raise os_issue(e, "not_dicom", "cannot read the file") from None
     try:
         with open(path, "rb") as f:
             try:
@@ -273,9 +312,15 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
             frames = int(_num(ds, "NumberOfFrames", 1) or 1)
             bits = int(ds.get("BitsAllocated", 16) or 16)
             expected = rows * cols * frames * max(bits // 8, 1)
-            offset, present = _pixel_offset(f, syntax, expected, size)
+            if syntax == DEFLATED:  # the stream position is inside the deflated data: ask pydicom instead
+                f.seek(0)
+                offset, present = None, "PixelData" in pydicom.dcmread(f, defer_size=64)
+            else:
+                offset, present = _pixel_offset(f, syntax, expected, size)
     except DicomIssue:
         raise
+    except OSError as e:
+        raise os_issue(e, "truncated", "reading the header failed") from None
     except (EOFError, struct.error) as e:
         raise DicomIssue("truncated", f"the header ends early ({scrub(e)}).") from None
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; all mean "unreadable"
@@ -303,7 +348,8 @@ T = {
     "ImageOrientationPatient": 0x00200037, "SamplesPerPixel": 0x00280002, "NumberOfFrames": 0x00280008,
     "Rows": 0x00280010, "Columns": 0x00280011, "PixelSpacing": 0x00280030, "BitsAllocated": 0x00280100,
     "BitsStored": 0x00280101, "PixelRepresentation": 0x00280103, "RescaleIntercept": 0x00281052,
-    "RescaleSlope": 0x00281053,
+    "RescaleSlope": 0x00281053, "PhotometricInterpretation": 0x00280004, "PixelPaddingValue": 0x00280120,
+    "PixelPaddingRangeLimit": 0x00280121, "RescaleType": 0x00281054,
 }
 _US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}
 
@@ -485,6 +531,12 @@ class _Raw:
             raise _SlowPath from None
 
 
+    def us_or_ss(self, name, signed: bool) -> int | None:
+        """A US-or-SS element (pixel padding) read as PixelRepresentation says, whatever VR it was written with."""
+        v = self.us(name)
+        return v - 65536 if signed and v is not None and v > 32767 else v
+
+
 class _Bytes(_Raw):
     """Values of the byte walker's elements (plain ``bytes``): the same decoding as ``_Raw``
     without its per-call type checks, which cost more than the walk itself."""
@@ -545,13 +597,36 @@ def _check_image(rows, cols, sop, series, study, spp: int, bits: int) -> None:
 
 
 def _fixed_rescale(slopes: list, intercepts: list, notes: list[str]) -> tuple[list[float], list[float]]:
-    """A missing or zero slope is taken as 1 and a missing intercept as 0, each noted once."""
-    if any(s is None or s == 0 for s in slopes):
-        notes.append("RescaleSlope missing or zero: used 1")
-    if any(i is None for i in intercepts):
-        notes.append("RescaleIntercept missing: used 0")
-    return ([s if (s is not None and s != 0) else 1.0 for s in slopes],
-            [i if i is not None else 0.0 for i in intercepts])
+    """Slope and intercept per frame. Both are required (type 1) for CT: a missing one is rejected
+    (``no_rescale``), since assuming intercept 0 shifts a -1024-intercept series by +1024 HU silently.
+    A zero slope (invalid, seen from old converters) is taken as 1 and noted; the notes go to the catalog."""
+    if any(s is None for s in slopes) or any(i is None for i in intercepts):
+        missing = [n for n, v in (("RescaleSlope", slopes), ("RescaleIntercept", intercepts)) if any(x is None for x in v)]
+        raise DicomIssue("no_rescale", f"{' and '.join(missing)} missing.")
+    if any(s == 0 for s in slopes):
+        notes.append("RescaleSlope zero: used 1")
+    return [s if s != 0 else 1.0 for s in slopes], list(intercepts)
+
+
+def _check_hu(photometric: str | None, rescale_types: list[str | None]) -> None:
+    """Refuse pixel values that slope and intercept do not turn into HU (both header paths)."""
+    if photometric and photometric.strip().upper() == "MONOCHROME1":
+        raise DicomIssue("not_hu", "PhotometricInterpretation is MONOCHROME1 (inverted grey scale).")
+    odd = sorted({t.strip().upper() for t in rescale_types if t and t.strip().upper() != "HU"})
+    if odd:
+        raise DicomIssue("not_hu", f"RescaleType is {'/'.join(odd)}, not HU.")
+
+
+def _padding(value: int | None, limit: int | None) -> tuple[int, int] | None:
+    """PixelPaddingValue (and PixelPaddingRangeLimit) as an inclusive stored-value range, or None.
+
+    Padding marks pixels outside the scanned field (often a value that rescales to ~+1000 HU or
+    to -2000); without this they would be stored as bone-like rings. They become air instead."""
+    if value is None:
+        return None
+    if limit is None:
+        return (value, value)
+    return (min(value, limit), max(value, limit))
 
 
 def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: int) -> SliceHeader:
@@ -569,11 +644,13 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     bits = r.us("BitsAllocated") or 16
     _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel") or 1, bits)
     notes: list[str] = []
+    _check_hu(r.text("PhotometricInterpretation"), [r.text("RescaleType")])
     (slope,), (icpt,) = _fixed_rescale([r.num("RescaleSlope")], [r.num("RescaleIntercept")], notes)
     spacing_raw = r.vec("PixelSpacing", 2)
     spacing = _fixed_spacing(spacing_raw, notes)
     pos = r.vec("ImagePositionPatient", 3)
     pr = r.us("PixelRepresentation") or 0
+    padding = _padding(r.us_or_ss("PixelPaddingValue", pr == 1), r.us_or_ss("PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
     bits_stored = r.us("BitsStored") or bits
     if isinstance(offset, tuple):
@@ -597,6 +674,7 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
         model=r.text("ManufacturerModelName"), kernel=r.text("ConvolutionKernel"),
         gantry_tilt=r.num("GantryDetectorTilt"), transfer_syntax=syntax, pixel_offset=offset,
         pixel_dtype=f"{endian}{'i' if pr else 'u'}{bits // 8}", bits_stored=bits_stored, notes=notes,
+        padding=padding,
     )
 
 
@@ -629,6 +707,9 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
     _check_image(rows, cols, sop, series, study, int(ds.get("SamplesPerPixel", 1) or 1), bits)
     frames = int(_num(ds, "NumberOfFrames", 1) or 1)
     notes: list[str] = []
+    if "ModalityLUTSequence" in ds:
+        raise DicomIssue("not_hu", "the file has a Modality LUT Sequence.")
+    rescale_types = [_str(ds, "RescaleType")]
 
     orientation = _vec(ds.get("ImageOrientationPatient", None), 6)
     spacing_raw = _vec(ds.get("PixelSpacing", None), 2)
@@ -646,6 +727,11 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             v = inner.get(name, None)
             return _vec(v, n) if n else (_num(inner, name))
 
+        for item in [shared, *per_frame]:
+            inner = _first_item(item, "PixelValueTransformationSequence") if item is not None else None
+            if inner is not None:
+                rescale_types.append(_str(inner, "RescaleType"))
+
         orientation = orientation or grp(shared, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
         spacing_raw = spacing_raw or grp(shared, "PixelMeasuresSequence", "PixelSpacing", 2)
         thickness = thickness or grp(shared, "PixelMeasuresSequence", "SliceThickness")
@@ -655,22 +741,31 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         for k in range(frames):
             item = per_frame[k] if k < len(per_frame) else None
             pos = grp(item, "PlanePositionSequence", "ImagePositionPatient", 3)
+            if pos is None and frames == 1:  # a single-frame image with functional groups: the top-level tag
+                pos = _vec(ds.get("ImagePositionPatient", None), 3)
             positions.append(pos)
             orientation = orientation or grp(item, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
             sl = grp(item, "PixelValueTransformationSequence", "RescaleSlope")
             ic = grp(item, "PixelValueTransformationSequence", "RescaleIntercept")
             slopes.append(sl if sl is not None else (s_slope if s_slope is not None else _num(ds, "RescaleSlope")))
             intercepts.append(ic if ic is not None else (s_icpt if s_icpt is not None else _num(ds, "RescaleIntercept")))
-        if any(p is None for p in positions):
-            positions = None if all(p is None for p in positions) else positions
+        lacking = sum(p is None for p in positions)
+        if frames == 1 and lacking:
+            positions = None  # one image without a position: planned like any single-frame file
+        elif lacking:
+            # a frame without a position cannot be placed (and frame order is not z order): the file is
+            # rejected rather than ingested with frames silently dropped
+            raise DicomIssue("missing_position", f"{lacking} of {frames} frames have no ImagePositionPatient.")
     else:
         pos = _vec(ds.get("ImagePositionPatient", None), 3)
         positions = [pos] if pos is not None else None
 
+    _check_hu(_str(ds, "PhotometricInterpretation"), rescale_types)
     fixed_s, fixed_i = _fixed_rescale(slopes, intercepts, notes)
     spacing = _fixed_spacing(spacing_raw, notes)
     tilt = _num(ds, "GantryDetectorTilt")
     pr = int(ds.get("PixelRepresentation", 0) or 0)
+    padding = _padding(_int16(ds, "PixelPaddingValue", pr == 1), _int16(ds, "PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
     dtype = f"{endian}{'i' if pr else 'u'}{bits // 8}"
     bits_stored = int(ds.get("BitsStored", bits) or bits)
@@ -686,8 +781,29 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         thickness=thickness, slopes=fixed_s, intercepts=fixed_i,
         manufacturer=_str(ds, "Manufacturer"), model=_str(ds, "ManufacturerModelName"),
         kernel=_str(ds, "ConvolutionKernel"), gantry_tilt=tilt, transfer_syntax=syntax,
-        pixel_offset=offset, pixel_dtype=dtype, bits_stored=bits_stored, notes=notes,
+        pixel_offset=offset, pixel_dtype=dtype, bits_stored=bits_stored, notes=notes, padding=padding,
     )
+
+
+def _int16(ds, name: str, signed: bool) -> int | None:
+    """A US-or-SS element of a parsed dataset as PixelRepresentation says (as ``_Raw.us_or_ss``)."""
+    el = ds.get(name, None)
+    if el is None:
+        return None
+    v = el.value if hasattr(el, "value") else el
+    if isinstance(v, (bytes, bytearray)):
+        if len(v) < 2:
+            return None
+        v = struct.unpack("<H" if getattr(el, "is_little_endian", True) else ">H", bytes(v[:2]))[0]
+    try:
+        v = int(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if signed and v > 32767:
+        v -= 65536
+    elif not signed and v < 0:
+        v += 65536
+    return v
 
 
 def _norm_sex(s: str | None) -> str | None:
@@ -727,7 +843,7 @@ def _read_at(path: str, offset: int, n: int, dt: np.dtype) -> np.ndarray:
                     break
                 got += k
     except OSError as e:
-        raise DicomIssue("truncated", f"re-reading failed ({e.strerror}).") from None
+        raise os_issue(e, "truncated", "re-reading failed") from None
     if got != view.nbytes:
         raise DicomIssue("truncated", f"expected {n} pixels, found {got // dt.itemsize}.")
     return arr
@@ -738,6 +854,8 @@ def _decode_with_pydicom(h: SliceHeader) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(h.path)
+    except OSError as e:
+        raise os_issue(e, "truncated", "re-reading failed") from None
     except Exception as e:  # noqa: BLE001
         raise DicomIssue("truncated", f"re-reading failed ({type(e).__name__}).") from None
     if h.transfer_syntax not in NATIVE_SYNTAXES:
@@ -780,11 +898,85 @@ def to_hu(stored: np.ndarray, slopes: list[float], intercepts: list[float]) -> n
     return np.minimum(hu, HU_MAX, out=hu)
 
 
+def padding_mask(stored: np.ndarray, padding: tuple[int, int] | None) -> np.ndarray | None:
+    """bool mask of padding pixels (stored values inside the padding range), or None when there are none."""
+    if padding is None:
+        return None
+    m = (stored >= padding[0]) & (stored <= padding[1])
+    return m if m.any() else None
+
+
+def padding_to_air(stored: np.ndarray, padding: tuple[int, int] | None, slope: float, intercept: float) -> np.ndarray:
+    """Stored values with padding pixels replaced by the stored value of air (HU_MIN, or below: clipped there).
+
+    Done on the stored integers so that every build path (exact box means, torch resampling)
+    sees air where the scanner marked padding; the dtype widens to int32 when air lies outside it.
+    """
+    m = padding_mask(stored, padding)
+    if m is None:
+        return stored
+    air = (HU_MIN - intercept) / slope
+    v = math.floor(air) if slope > 0 else math.ceil(air)
+    out = stored.copy()
+    if stored.dtype.kind in "iu" and not (np.iinfo(stored.dtype).min <= v <= np.iinfo(stored.dtype).max):
+        out = stored.astype(np.int32)
+    out[m] = v
+    return out
+
+
 def read_hu(h: SliceHeader) -> np.ndarray:
-    """Float32 HU (F, rows, cols) for one file."""
-    return to_hu(read_stored(h), h.slopes, h.intercepts)
+    """Float32 HU (F, rows, cols) for one file, padding pixels as air."""
+    stored = read_stored(h)
+    hu = to_hu(stored, h.slopes, h.intercepts)
+    m = padding_mask(stored, h.padding)
+    if m is not None:
+        hu[m] = HU_MIN
+    return hu
 
 
 def is_axial(h: SliceHeader) -> bool:
     n = h.normal()
     return n is None or abs(n[2]) >= AXIAL_MIN_COS
+
+
+def canonical_axes(orientation) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that bring an axial image to the standard view:
+    columns run along +x (patient left) and rows along +y (posterior).
+
+    The row direction cosine (first triplet) is where the column index grows. When it points
+    mostly along y (an in-plane rotation by 90 degrees, e.g. IOP 0,1,0,-1,0,0), the image is
+    transposed first; after that its column direction is the old column cosine and vice versa.
+    """
+    if orientation is None:
+        return False, False, False
+    a, b = orientation[:3], orientation[3:]
+    if abs(a[0]) >= abs(a[1]):
+        return False, b[1] < 0, a[0] < 0
+    return True, a[1] < 0, b[0] < 0
+
+
+def in_plane_ok(orientation) -> bool:
+    """Whether the row direction lies close to x or y (so a transpose/flip reaches the standard view)."""
+    if orientation is None:
+        return True
+    a = orientation[:3]
+    return max(abs(a[0]), abs(a[1])) >= IN_PLANE_MIN_COS * math.sqrt(a[0] ** 2 + a[1] ** 2 + a[2] ** 2)
+
+
+def to_canonical(x: np.ndarray, axes: tuple[bool, bool, bool]) -> np.ndarray:
+    """``x`` (..., H, W) transposed/flipped by ``canonical_axes`` (a view; no copy)."""
+    transpose, flip_h, flip_w = axes
+    if transpose:
+        x = np.swapaxes(x, -1, -2)
+    if flip_h:
+        x = x[..., ::-1, :]
+    if flip_w:
+        x = x[..., ::-1]
+    return x
+
+
+def canonical_geometry(h: SliceHeader) -> tuple[int, int, tuple[float, float] | None]:
+    """(rows, cols, (row spacing, col spacing)) of ``h``'s image in the standard view."""
+    if canonical_axes(h.orientation)[0]:
+        return h.cols, h.rows, (h.spacing[1], h.spacing[0]) if h.spacing else None
+    return h.rows, h.cols, h.spacing

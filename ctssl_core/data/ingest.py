@@ -41,7 +41,25 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from ctssl_core.config import ConfigError
-from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, SliceHeader, is_axial, read_stored, scan, scrub
+from ctssl_core.data.dicom import (
+    HU_MAX,
+    HU_MIN,
+    REASONS,
+    RETRY_REASONS,
+    DicomIssue,
+    SliceHeader,
+    canonical_axes,
+    canonical_geometry,
+    in_plane_ok,
+    is_axial,
+    is_transient,
+    padding_to_air,
+    read_hu,
+    read_stored,
+    scan,
+    scrub,
+    to_canonical,
+)
 
 SIDECAR_SUFFIXES = {".csv", ".xml", ".json", ".md", ".yaml", ".yml", ".npz", ".npy"}
 SCAN_CHUNK = 64
@@ -50,6 +68,9 @@ SLICE_CHUNK = 32  # slices decoded and resampled at once inside a series (bounds
 COMMIT_SLICES = 4000  # catalog rows are written when this many slices are pending ...
 COMMIT_SECONDS = 2.0  # ... or this long after the last commit (short transactions, bounded loss on interrupt)
 HANDOFF_SWITCH_S = 0.0005  # GIL switch interval while the main process works beside the pool (see _shared)
+Z_TOL_MM = 0.01  # two slices of one series closer than this along the normal are at the same position
+GEOMETRY_TOL = 1e-3  # PixelSpacing (mm) and direction cosines that differ less are the same geometry
+SKIPPED_REASONS = frozenset({"series_not_selected", "series_exists", "duplicate_sop", "duplicate_image", "localizer"})
 
 
 @dataclass
@@ -184,93 +205,69 @@ class SeriesPlan:
     thickness: float | None
     selection_rule: str = ""
     files: list[str] = field(default_factory=list)
+    # skipped copies of this series' files (duplicate_sop / duplicate_image): recorded with the series'
+    # outcome, so that a copy is never marked done while the file it deferred to was not stored
+    deferred: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozenset(),
-                existing_studies: set[str] = frozenset(), key=lambda kind, v: v
+                existing_studies: set[str] = frozenset(), key=lambda kind, v: v, read=read_hu,
                 ) -> tuple[list[SeriesPlan], list[tuple[str, str, str]]]:
     """Group, validate and order. Returns (plans, errors as (path, reason, detail)).
 
     ``existing_*`` are pseudonymised keys already in the store; ``key`` maps (kind, uid) to them.
+    ``read(header)`` gives a file's HU (F, H, W): pixels are read here only for files that clash
+    (copies of one SOPInstanceUID, two images at one position), to tell true copies from conflicts.
     """
     errors: list[tuple[str, str, str]] = []
 
     def err(path, reason, detail=""):
         errors.append((path, reason, (detail + " " if detail else "") + REASONS[reason]))
 
+    contents = _Contents(read)
+    headers, dup_errors, dups_of, conflicted = _dedupe_sops(headers, contents)
+    errors.extend(dup_errors)
+
+    def follow(paths, reason=None, detail=""):
+        """The skipped copies of ``paths`` share their fate: ``reason`` when given, else their own row."""
+        out = [d for f in paths for d in dups_of.pop(f, [])]
+        if reason is None:
+            return out
+        for d in out:
+            err(d[0], reason, detail)
+        return []
+
     by_series: dict[str, list[SliceHeader]] = defaultdict(list)
     for h in headers:
         by_series[h.series_uid].append(h)
+    for uid, (detail, copies) in conflicted.items():
+        by_series.setdefault(uid, [])
     plans: list[SeriesPlan] = []
+    in_conflict: set[str] = set()
     for series_uid, hs in by_series.items():
         hs.sort(key=lambda h: h.path)
         if key("series", series_uid) in existing_series:
             for h in hs:
                 err(h.path, "series_exists")
             continue
-        # duplicates: keep the copy that best fits the series (has a position, majority shape), then by name
-        shape0 = Counter((h.rows, h.cols) for h in hs).most_common(1)[0][0]
-        by_sop: dict[str, list[SliceHeader]] = defaultdict(list)
-        for h in hs:
-            by_sop[h.sop_uid].append(h)
-        keep: list[SliceHeader] = []
-        for sop, copies in by_sop.items():
-            copies.sort(key=lambda h: (h.positions is None, (h.rows, h.cols) != shape0, h.path))
-            for h in copies[1:]:
-                err(h.path, "duplicate_sop", "same SOPInstanceUID as another file in this folder.")
-            h = copies[0]
-            if not is_axial(h):
-                err(h.path, "localizer", "orientation is not axial (reformat or scout).")
-                continue
-            keep.append(h)
-        if not keep:
+        if series_uid in conflicted:
+            detail, copies = conflicted[series_uid]
+            paths = {h.path for h in hs}
+            for f in sorted((paths | copies | {d[0] for d in follow(paths)}) - in_conflict):  # a copy may touch two series
+                err(f, "sop_conflict", detail)
+                in_conflict.add(f)
             continue
-        shape = Counter((h.rows, h.cols) for h in keep).most_common(1)[0][0]
-        good = []
-        for h in keep:
-            if (h.rows, h.cols) != shape:
-                err(h.path, "inconsistent_shape", f"{h.rows}x{h.cols} in a {shape[0]}x{shape[1]} series.")
-            else:
-                good.append(h)
-        normals = [n for n in map(SliceHeader.normal, good) if n is not None]
-        normal = np.mean(normals, axis=0) if normals else np.array([0.0, 0.0, 1.0])
-        if normal[2] < 0:  # mirrored row/column directions flip the normal; keep slices in ascending patient z
-            normal = -normal
-        units: list[tuple[float | None, float, str, int]] = []  # (z, instance tiebreak, path, frame)
-        have_pos = any(h.positions is not None for h in good)
-        for h in good:
-            if h.positions is None:
-                if have_pos:
-                    err(h.path, "missing_position", "ImagePositionPatient missing while the rest of the series has it.")
-                    continue
-                if h.instance is None:
-                    err(h.path, "missing_position")
-                    continue
-                for f in range(h.n_frames):
-                    units.append((None, h.instance + f / max(h.n_frames, 1), h.path, f))
-            else:
-                for f, pos in enumerate(h.positions):
-                    if pos is None:
-                        continue
-                    units.append((float(np.dot(pos, normal)), float(h.instance or 0), h.path, f))
-        if not units:
-            continue
-        if have_pos:
-            units.sort(key=lambda u: (u[0], u[1]))
-            zs = np.array([u[0] for u in units])
-            d = np.diff(zs)
-            spacing = float(np.median(d)) if d.size else None
-        else:
-            units.sort(key=lambda u: u[1])
-            spacing = None
-        used = {u[2] for u in units}
-        paths = sorted(used)
-        hmap = {h.path: h for h in good if h.path in used}
-        thick = [h.thickness for h in hmap.values() if h.thickness]
-        plans.append(SeriesPlan(
-            series_uid=series_uid, study_uid=good[0].study_uid, patient_id=good[0].patient_id,
-            units=[(u[2], u[3]) for u in units], z=[u[0] for u in units], headers=hmap,
-            slice_spacing=spacing, thickness=float(np.median(thick)) if thick else spacing, files=paths))
+        plan, serr, rejected = _plan_one(series_uid, hs, contents)
+        if rejected is not None:
+            reason, detail, files = rejected
+            for f in files:
+                err(f, reason, detail)
+            follow(files, reason, detail)
+        if plan is not None:
+            plan.deferred = [e for e in serr if e[1] == "duplicate_image"] + follow(plan.files)
+            serr = [e for e in serr if e[1] != "duplicate_image"]
+            plans.append(plan)
+        errors.extend(serr)  # details already carry their advice
 
     # one series per study: axial (already), thinnest, then most slices
     by_study: dict[str, list[SeriesPlan]] = defaultdict(list)
@@ -280,7 +277,7 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
     for study_uid, ps in by_study.items():
         if key("study", study_uid) in existing_studies:
             for p in ps:
-                for f in p.files:
+                for f in p.files + [d[0] for d in p.deferred]:
                     err(f, "series_not_selected", "its study already has a series in the store.")
             continue
         ps.sort(key=lambda p: (p.thickness if p.thickness else 1e9, -len(p.units), p.series_uid))
@@ -291,7 +288,7 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
             best.selection_rule = (f"chosen from {len(ps)} axial series: thinnest "
                                    f"({best.thickness or float('nan'):.2f} mm), then most slices ({len(best.units)})")
             for p in ps[1:]:
-                for f in p.files:
+                for f in p.files + [d[0] for d in p.deferred]:
                     err(f, "series_not_selected",
                         f"series with {len(p.units)} slices of {p.thickness or float('nan'):.2f} mm lost to one with "
                         f"{len(best.units)} of {best.thickness or float('nan'):.2f} mm.")
@@ -299,7 +296,224 @@ def plan_series(headers: list[SliceHeader], existing_series: set[str] = frozense
         if tilts:
             best.selection_rule += f"; gantry tilt {np.median(tilts):.1f} deg (slices kept as acquired, not de-skewed)"
         chosen.append(best)
+    errors.extend(d for ds in dups_of.values() for d in ds)  # copies of files rejected on their own
     return chosen, errors
+
+
+class _Contents:
+    """What a file's image holds, to tell an identical copy from a conflicting one (read once per file)."""
+
+    def __init__(self, read):
+        self.read = read
+        self.cache: dict[str, tuple | DicomIssue] = {}
+
+    def of(self, h: SliceHeader, frame: int | None = None):
+        """(geometry, HU digest) of the file (or of one frame); raises DicomIssue when it cannot be read."""
+        import hashlib
+
+        if h.path not in self.cache:
+            try:
+                self.cache[h.path] = self.read(h)
+            except DicomIssue as e:
+                self.cache[h.path] = e
+        got = self.cache[h.path]
+        if isinstance(got, DicomIssue):
+            raise got
+        hu = got if frame is None else got[frame]
+        geom = (h.rows, h.cols, h.spacing, h.orientation,
+                tuple(h.positions) if frame is None and h.positions else
+                (h.positions[frame] if h.positions else None))
+        return geom, hashlib.sha1(np.ascontiguousarray(hu).tobytes()).hexdigest()
+
+
+def _dedupe_sops(headers: list[SliceHeader], contents: _Contents):
+    """One header per SOPInstanceUID -> (headers, errors, skipped copies by kept path, conflicted series).
+
+    Across the whole batch, not per series: a SOPInstanceUID is unique, so a copy whose series or
+    study UID differs is a damaged copy too (it would otherwise form a one-slice series of its own).
+    ``conflicted`` maps each series touched by a conflict to (detail, paths of its conflicting copies).
+    """
+    shapes: dict[str, Counter] = defaultdict(Counter)
+    by_sop: dict[str, list[SliceHeader]] = defaultdict(list)
+    for h in headers:
+        shapes[h.series_uid][(h.rows, h.cols)] += 1
+        by_sop[h.sop_uid].append(h)
+    out, errs = [], []
+    dups_of: dict[str, list[tuple[str, str, str]]] = {}
+    conflicted: dict[str, tuple[str, set[str]]] = {}
+    for copies in by_sop.values():
+        if len(copies) == 1:
+            out.append(copies[0])
+            continue
+        keep, cerr, conflict = _resolve_copies(copies, shapes, contents)
+        errs += [e for e in cerr if e[1] != "duplicate_sop"]
+        if keep is not None:
+            out.append(keep)
+            dups_of[keep.path] = [e for e in cerr if e[1] == "duplicate_sop"]
+        if conflict:
+            detail = ("copies of one SOPInstanceUID hold different content (pixels, position or UIDs) and none "
+                      "is recognisably the damaged one.")
+            paths = {h.path for h in copies} - {e[0] for e in cerr}
+            for uid in {h.series_uid for h in copies}:
+                conflicted[uid] = (detail, conflicted.get(uid, ("", set()))[1] | paths)
+    return out, errs, dups_of, conflicted
+
+
+def _resolve_copies(copies: list[SliceHeader], shapes: dict[str, Counter], contents: _Contents
+                    ) -> tuple[SliceHeader | None, list[tuple[str, str, str]], bool]:
+    """Files sharing one SOPInstanceUID -> (the copy to keep, errors for the others, conflict?).
+
+    A copy that cannot be read is recorded with its own reason; one without a position or of
+    the series' minority shape ranks below the rest. Among the best-ranked readable copies, equal
+    content (geometry and HU) is a plain duplicate; different content is a conflict (nothing kept),
+    because nothing says which copy is the damaged one.
+    """
+    def rank(h):
+        return h.positions is None, (h.rows, h.cols) != shapes[h.series_uid].most_common(1)[0][0]
+
+    errs: list[tuple[str, str, str]] = []
+    readable: list[tuple[SliceHeader, tuple]] = []
+    for h in sorted(copies, key=lambda h: (rank(h), h.path)):
+        try:
+            readable.append((h, (h.series_uid, h.study_uid, h.patient_id, contents.of(h))))
+        except DicomIssue as e:
+            errs.append((h.path, e.reason, e.detail + " (another copy with the same SOPInstanceUID was considered)"))
+    if not readable:
+        return None, errs, False
+    best = rank(readable[0][0])
+    top = [(h, c) for h, c in readable if rank(h) == best]
+    if len({c for _, c in top}) > 1:
+        return None, errs, True
+    keep = top[0][0]
+    for h, c in readable[1:]:
+        why = ("an identical copy" if c == top[0][1] else
+               "a copy without ImagePositionPatient or of another size than the series, whose intact copy was kept")
+        errs.append((h.path, "duplicate_sop", f"same SOPInstanceUID as another file in this folder; {why}. "
+                     + REASONS["duplicate_sop"]))
+    return keep, errs, False
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.allclose(a, b, rtol=0, atol=GEOMETRY_TOL))
+
+
+def _geometry_outliers(hs: list[SliceHeader]) -> list[SliceHeader]:
+    """Slices whose PixelSpacing or orientation differs from the series' most common one."""
+    common = Counter((tuple(np.round(h.spacing, 3)) if h.spacing else None,
+                      tuple(np.round(h.orientation, 3)) if h.orientation else None) for h in hs).most_common(1)[0][0]
+    return [h for h in hs if not (_close(h.spacing, common[0]) and _close(h.orientation, common[1]))]
+
+
+def _plan_one(series_uid: str, hs: list[SliceHeader], contents: _Contents):
+    """One series: (plan or None, per-file errors (path, reason, detail with advice), rejection or None).
+
+    A rejection (reason, detail, files) leaves the whole series out: a conflict or mixed geometry
+    that no choice of slices resolves safely."""
+    errs: list[tuple[str, str, str]] = []
+
+    def reject(files, reason, detail):
+        return None, errs, (reason, detail, sorted(files))
+
+    keep: list[SliceHeader] = []
+    for h in hs:  # one per SOPInstanceUID already (``_dedupe_sops``)
+        if not is_axial(h):
+            errs.append((h.path, "localizer", "orientation is not axial (reformat or scout)." + " " + REASONS["localizer"]))
+            continue
+        if not in_plane_ok(h.orientation):
+            errs.append((h.path, "unsupported_geometry", f"ImageOrientationPatient {h.orientation}. "
+                         + REASONS["unsupported_geometry"]))
+            continue
+        keep.append(h)
+    if not keep:
+        return None, errs, None
+    shape = Counter((h.rows, h.cols) for h in keep).most_common(1)[0][0]
+    good = []
+    for h in keep:
+        if (h.rows, h.cols) != shape:
+            errs.append((h.path, "inconsistent_shape", f"{h.rows}x{h.cols} in a {shape[0]}x{shape[1]} series. "
+                         + REASONS["inconsistent_shape"]))
+        else:
+            good.append(h)
+    odd = _geometry_outliers(good)
+    if odd:
+        return reject([h.path for h in good], "inconsistent_geometry",
+                      f"{len(odd)} of {len(good)} slices differ from the rest in PixelSpacing or orientation.")
+    normals = [n for n in map(SliceHeader.normal, good) if n is not None]
+    normal = np.mean(normals, axis=0) if normals else np.array([0.0, 0.0, 1.0])
+    if normal[2] < 0:  # mirrored row/column directions flip the normal; keep slices in ascending patient z
+        normal = -normal
+    units: list[tuple[float | None, float, str, int]] = []  # (z, instance tiebreak, path, frame)
+    have_pos = any(h.positions is not None for h in good)
+    for h in good:
+        if h.positions is None:
+            if have_pos:
+                errs.append((h.path, "missing_position", "ImagePositionPatient missing while the rest of the series "
+                             "has it. " + REASONS["missing_position"]))
+                continue
+            if h.instance is None:
+                errs.append((h.path, "missing_position", REASONS["missing_position"]))
+                continue
+            for f in range(h.n_frames):
+                units.append((None, h.instance + f / max(h.n_frames, 1), h.path, f))
+        else:
+            for f, pos in enumerate(h.positions):
+                units.append((float(np.dot(pos, normal)), float(h.instance or 0), h.path, f))
+    if not units:
+        return None, errs, None
+    hmap = {h.path: h for h in good}
+    if have_pos:
+        units.sort(key=lambda u: (u[0], u[1], u[2], u[3]))
+        units, dup_files, conflict = _same_position(units, hmap, contents)
+        if conflict:
+            return reject([h.path for h in good], "position_conflict", conflict)
+        for f in dup_files:
+            errs.append((f, "duplicate_image", "the same image at the same position as another file of the series "
+                         "(a second encoding or export); one copy was kept. " + REASONS["duplicate_image"]))
+        d = np.diff(np.array([u[0] for u in units]))
+        spacing = float(np.median(d)) if d.size else None
+    else:
+        units.sort(key=lambda u: u[1])
+        spacing = None
+    used = {u[2] for u in units}
+    hmap = {p: h for p, h in hmap.items() if p in used}
+    thick = [h.thickness for h in hmap.values() if h.thickness]
+    return SeriesPlan(
+        series_uid=series_uid, study_uid=good[0].study_uid, patient_id=good[0].patient_id,
+        units=[(u[2], u[3]) for u in units], z=[u[0] for u in units], headers=hmap,
+        slice_spacing=spacing, thickness=float(np.median(thick)) if thick else spacing, files=sorted(used)), errs, None
+
+
+def _same_position(units: list, hmap: dict[str, SliceHeader], contents: _Contents
+                   ) -> tuple[list, list[str], str | None]:
+    """Units sorted by z -> (units with one image per position, files left with no unit, conflict or None).
+
+    Two images at one position are never both kept (they would be interleaved as a slice
+    spacing of 0). Identical images (two encodings of one image under different SOP UIDs) keep
+    one; different images mean the series mixes two volumes: a conflict, and no plan.
+    """
+    out, dropped = [], []
+    i = 0
+    while i < len(units):
+        j = i + 1
+        while j < len(units) and units[j][0] - units[i][0] < Z_TOL_MM:
+            j += 1
+        group = units[i:j]
+        if len(group) > 1:
+            try:
+                sigs = {contents.of(hmap[u[2]], u[3] if hmap[u[2]].n_frames > 1 else None)[1] for u in group}
+            except DicomIssue as e:
+                return units, [], f"{len(group)} images at z={group[0][0]:.2f} mm and one cannot be read ({e.reason})."
+            if len(sigs) > 1:
+                return units, [], (f"{len(group)} different images at z={group[0][0]:.2f} mm "
+                                   f"(two volumes share this SeriesInstanceUID?).")
+            dropped += [u for u in group[1:]]
+        out.append(group[0])
+        i = j
+    kept_files = {u[2] for u in out}
+    lost = sorted({u[2] for u in dropped} - kept_files)
+    return out, lost, None
 
 
 # ---------------------------------------------------------------- stage 3: build
@@ -446,22 +660,23 @@ def _buffer(shape: tuple[int, int, int]) -> np.ndarray:
     return buf
 
 
-def _flip_dims(orientation) -> tuple[int, ...]:
-    """Tensor dims (of (C, H, W)) to flip for the standard axial view; see ``_orient``."""
-    if orientation is None:
-        return ()
-    return tuple(d for d, neg in ((2, orientation[0] < 0), (1, orientation[4] < 0)) if neg)
+@dataclass(frozen=True)
+class _Geometry:
+    """A series' image in the standard axial view (``dicom.canonical_axes``): every build path reads
+    stored pixels through ``view`` (transpose/flips) and sizes its output from rows/cols/spacing."""
 
+    rows: int
+    cols: int
+    spacing: tuple[float, float] | None
+    axes: tuple[bool, bool, bool]
 
-def _orient(x: np.ndarray, orientation) -> np.ndarray:
-    """Flip so rows run left->right in patient x and columns anterior->posterior (standard axial view)."""
-    if orientation is None:
-        return x
-    if orientation[0] < 0:
-        x = x[..., ::-1]
-    if orientation[4] < 0:
-        x = x[..., ::-1, :]
-    return x
+    @classmethod
+    def of(cls, h: SliceHeader) -> "_Geometry":
+        rows, cols, spacing = canonical_geometry(h)
+        return cls(rows, cols, spacing, canonical_axes(h.orientation))
+
+    def view(self, x: np.ndarray) -> np.ndarray:
+        return to_canonical(x, self.axes)
 
 
 @dataclass
@@ -482,7 +697,7 @@ class BuiltSeries:
     seconds: float = 0.0
 
 
-def _build_box(stored, n: int, factors: tuple[int, int], first: SliceHeader, size: int, out: np.ndarray) -> list[int]:
+def _build_box(stored, n: int, factors: tuple[int, int], first: _Geometry, size: int, out: np.ndarray) -> list[int]:
     """Fill ``out`` slice by slice with ``hu_box`` (exact block means); returns the units it
     could not do exactly (odd rescale values), for ``_build_torch``.
 
@@ -503,7 +718,7 @@ def _build_box(stored, n: int, factors: tuple[int, int], first: SliceHeader, siz
         if hu is None:
             slow.append(i)
             continue
-        out[i, top:top + nh, left:left + nw] = _orient(hu, first.orientation)
+        out[i, top:top + nh, left:left + nw] = hu
     return slow
 
 
@@ -521,7 +736,7 @@ def _one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def _build_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
+def _build_torch(stored, units: list[int], first: _Geometry, size: int, out: np.ndarray) -> None:
     """Fill ``out[units]`` through torch (any resize ratio, any rescale), SLICE_CHUNK slices at a time."""
     if not units:
         return
@@ -529,8 +744,7 @@ def _build_torch(stored, units: list[int], first: SliceHeader, size: int, out: n
         _fill_torch(stored, units, first, size, out)
 
 
-def _fill_torch(stored, units: list[int], first: SliceHeader, size: int, out: np.ndarray) -> None:
-    flip_dims = _flip_dims(first.orientation)
+def _fill_torch(stored, units: list[int], first: _Geometry, size: int, out: np.ndarray) -> None:
     for c0 in range(0, len(units), SLICE_CHUNK):
         chunk = units[c0:c0 + SLICE_CHUNK]
         raw = _buffer((SLICE_CHUNK, first.rows, first.cols))[:len(chunk)]  # (C, H, W) stored values
@@ -543,11 +757,10 @@ def _fill_torch(stored, units: list[int], first: SliceHeader, size: int, out: np
                 continue
             raw[j] = got[0]  # converts to float32 while copying
             slope[j], icpt[j] = got[1], got[2]
-        out[chunk] = _hu_chunk_torch(raw, slope, icpt, flip_dims, first.spacing, size)
+        out[chunk] = _hu_chunk_torch(raw, slope, icpt, first.spacing, size)
 
 
-def _hu_chunk_torch(raw: np.ndarray, slope: np.ndarray, icpt: np.ndarray, flip_dims, spacing, size: int
-                    ) -> np.ndarray:
+def _hu_chunk_torch(raw: np.ndarray, slope: np.ndarray, icpt: np.ndarray, spacing, size: int) -> np.ndarray:
     """Stored values (C, H, W) float32 -> int16 HU (C, size, size): the general resample path.
 
     ``raw`` may be modified (it is the reused chunk buffer).
@@ -564,8 +777,6 @@ def _hu_chunk_torch(raw: np.ndarray, slope: np.ndarray, icpt: np.ndarray, flip_d
     else:
         for j in range(len(slope)):
             t[j] = t[j].clamp_min(float(lo[j])) if slope[j] > 0 else t[j].clamp_max(float(lo[j]))
-    if flip_dims:
-        t = torch.flip(t, flip_dims)
     t, _ = resize_square_pixels(t, spacing, size)
     if t.data_ptr() == raw.ctypes.data:
         t = t.clone()  # no resize happened: don't rescale the reused buffer in place
@@ -590,6 +801,7 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
     root = Path(store_root)
     (root / "slices").mkdir(parents=True, exist_ok=True)
     first = plan.headers[plan.units[0][0]]
+    geom = _Geometry.of(first)  # one geometry for the series: plan_series rejects mixed spacing/orientation
     n = len(plan.units)
     rel = f"slices/{series_key}.npy"
     out = np.empty((n, size, size), np.int16)  # (S, size, size); small enough to hold, saved once
@@ -597,7 +809,7 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
     errors: list[tuple[str, str, str]] = []
     failed_files: set[str] = set()
     cache: dict[str, np.ndarray] = {}
-    _, _, out_spacing = square_geometry(first.rows, first.cols, first.spacing, size)
+    _, _, out_spacing = square_geometry(geom.rows, geom.cols, geom.spacing, size)
 
     def stored(i: int) -> tuple[np.ndarray, float, float] | None:
         """Unit i's stored values (rows, cols) with its slope and intercept; None (recorded) if it fails."""
@@ -615,17 +827,19 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
             else:
                 a = read_stored(h)[0]
         except DicomIssue as e:
+            if e.reason == "transient":  # the whole series waits for the next run: never stored with a gap
+                raise TransientBuildError(e.detail) from None
             errors.append((path, e.reason, e.detail))
             failed_files.add(path)
             ok[i] = False
             return None
         slope = h.slopes[frame] if len(h.slopes) > frame else h.slopes[0]
         icpt = h.intercepts[frame] if len(h.intercepts) > frame else h.intercepts[0]
-        return a, slope, icpt
+        return geom.view(padding_to_air(a, h.padding, slope, icpt)), slope, icpt
 
-    factors = box_factors(first.rows, first.cols, first.spacing, size)
-    slow = list(range(n)) if factors is None else _build_box(stored, n, factors, first, size, out)
-    _build_torch(stored, slow, first, size, out)
+    factors = box_factors(geom.rows, geom.cols, geom.spacing, size)
+    slow = list(range(n)) if factors is None else _build_box(stored, n, factors, geom, size, out)
+    _build_torch(stored, slow, geom, size, out)
     if not ok.any():  # every file failed: nothing to store, only the errors to record
         return BuiltSeries(plan.series_uid, "", None, [], [], None, [], errors, size, size,
                            first.rows, first.cols, out_spacing, time.perf_counter() - t0)
@@ -645,8 +859,8 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
         bits = np.zeros((n_keep, size, size), np.uint8)   # bit k set where reader k marked
 
         def stored_geom(m: np.ndarray) -> np.ndarray:
-            m = _orient(m.astype(np.float32), first.orientation)
-            r, _ = fit_square(m, first.spacing, size, fill=0.0)
+            m = geom.view(m.astype(np.float32))
+            r, _ = fit_square(m, geom.spacing, size, fill=0.0)
             return (r >= 0.5).astype(np.uint8)  # (K, size, size)
 
         if len(ks):
@@ -665,18 +879,79 @@ def build_series(plan: SeriesPlan, store_root: str, series_key: str, size: int,
                        size, size, first.rows, first.cols, out_spacing, time.perf_counter() - t0)
 
 
+def _host_tag() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _tmp_name(stem: str, pid: int | None = None, host: str | None = None) -> str:
+    """Temp name of an array being written: tagged with the writer's pid and host, so that another
+    ingest into the same store can tell its files (still being written) from stale ones."""
+    return f".{stem}.{pid if pid is not None else os.getpid()}@{host or _host_tag()}.tmp.npy"
+
+
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(arr))
-    os.replace(tmp, path)
+    """Write under a temp name, then rename: readers never see a half-written array. A failed write
+    (disk full) removes its temp file, so the failure leaves nothing behind."""
+    tmp = path.with_name(_tmp_name(path.stem))
+    try:
+        np.save(tmp, np.ascontiguousarray(arr))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
-def _build_job(args) -> BuiltSeries | tuple[str, str]:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists (another user's process)
+        return True
+    return True
+
+
+def stale_temp_files(folders, host: str | None = None, alive=None) -> list[Path]:
+    """Temp arrays left by interrupted ingests: written on this host by a process that is gone.
+
+    Why not every ``.*.tmp.npy``: a second ingest into the same store would delete the files the
+    first is writing (its rename then fails). Files of another host, or of a live process, stay.
+    Names without a host (older ctssl) count as this host's.
+    """
+    import re
+
+    host = host or _host_tag()
+    alive = alive or _pid_alive
+    pat = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]+))?\.tmp\.npy$")
+    out = []
+    for folder in folders:
+        for f in sorted(Path(folder).glob(".*.tmp.npy")):
+            m = pat.match(f.name)
+            if m is None or (m["host"] or host) != host:
+                continue
+            if not alive(int(m["pid"])):
+                out.append(f)
+    return out
+
+
+class TransientBuildError(Exception):
+    """A series build stopped by an error of the machine, not of the data (see ``dicom.is_transient``)."""
+
+
+def _build_job(args) -> BuiltSeries | tuple[str, str, bool]:
+    """``build_series``, or (series uid, message, transient?) when it failed: a transient failure
+    (disk full, I/O error, permission) is retried by the next run, any other is recorded for good."""
     plan = args[0]
     try:
         return build_series(*args)
+    except TransientBuildError as e:
+        return (plan.series_uid, scrub(e, 160), True)
     except Exception as e:  # noqa: BLE001 - report per series; the rest goes on
-        return (plan.series_uid, f"{type(e).__name__}: {scrub(e)}")
+        return (plan.series_uid, f"{type(e).__name__}: {scrub(e)}", is_transient(e))
 
 
 # ---------------------------------------------------------------- driver
@@ -865,12 +1140,12 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
             with contextlib.suppress(Exception):
                 catalog()  # joined before the error propagates: no DuckDB work left running behind it
         raise
-    done, existing_series, existing_studies, sizes, datasets = (catalog() if catalog is not None
-                                                                else _catalog_state(paths.db))
+    done, existing_series, existing_studies, sizes, datasets, retry = (catalog() if catalog is not None
+                                                                       else _catalog_state(paths.db))
     check_store_size(sizes, cfg.size, paths.root)  # before the first write to slices/ or the catalog
     key = Pseudonymiser.for_store(paths.secret)
     paths.slices.mkdir(parents=True, exist_ok=True)
-    for stale in list(paths.slices.glob(".*.tmp.npy")) + list(paths.masks.glob(".*.tmp.npy")):
+    for stale in stale_temp_files([paths.slices, paths.masks]):
         stale.unlink(missing_ok=True)  # left by an interrupted run; its series is rebuilt below
     summary.sidecars = [k for k in side]
     summary.dataset = ("synthetic" if is_synthetic_cohort(root) else "rsna-pe" if "rsna_csv" in side
@@ -886,6 +1161,9 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
 
     def relp(p: str) -> str:  # what the catalog stores for a file: a keyed hash of its relative path
         return path_key(key, p[prefix:])
+
+    if retry:
+        _forget_gone(paths.db, retry - {relp(f) for f in stat})
 
     if odd:  # broken links, pipes, devices: recorded once, never opened (a pipe would block the scan)
         new = set(todo)
@@ -910,6 +1188,8 @@ def _ingest(root: Path, store_root, cfg: IngestConfig, progress: bool, ex, t0: f
         plans, plan_errors = plan_series(headers, existing_series, existing_studies, key)
         del headers
         errors += plan_errors
+        plans, held = hold_back_beside_transient(plans, errors)
+        errors += held
         _record_errors(paths.db, errors, relp, stat, summary)
         lidc = None
         if "lidc_xml" in side and plans:
@@ -962,20 +1242,43 @@ def check_key_fits_data(root: Path, store_root) -> None:
                           f"ingest real data into a fresh store (--store NEW_FOLDER), which gets a random key")
 
 
-def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int], set[str]]:
+def _forget_gone(db, keys: set[str]) -> None:
+    """Drop the rows of 'retry' files that are no longer there (the user removed the wrong copy of a
+    conflict): their errors no longer describe anything. A 'retry' row of another ingest root dropped
+    here only means that root's file is taken as new next time, which it would be anyway."""
+    from ctssl_core.db import connect
+
+    if not keys:
+        return
+    ks = sorted(keys)
+    with connect(db) as con:
+        con.execute("BEGIN")
+        for i in range(0, len(ks), 400):
+            part = ks[i:i + 400]
+            ph = ", ".join("?" * len(part))
+            con.execute(f"DELETE FROM ingest_errors WHERE path IN ({ph})", part)
+            con.execute(f"DELETE FROM ingested_files WHERE status = 'retry' AND path IN ({ph})", part)
+        con.execute("COMMIT")
+
+
+def _catalog_state(db) -> tuple[dict[str, tuple[int, float]], set[str], set[str], set[int], set[str], set[str]]:
     """What the store holds already: ingested files (path key -> (size, mtime)), series and study keys,
-    the stored in-plane sizes of its series (one, or none for an empty store) and its studies' datasets."""
+    the stored in-plane sizes of its series (one, or none for an empty store), its studies' datasets,
+    and the path keys of files to retry (not done)."""
     from ctssl_core.db import connect
     from ctssl_core.schema import ensure_schema_current
 
     with connect(db) as con:
         ensure_schema_current(con)
-        done = {r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime FROM ingested_files").fetchall()}
+        # 'retry' files (a transient error, a conflict to resolve) are not done: this run takes them again
+        done = {r[0]: (r[1], r[2]) for r in con.execute(
+            "SELECT path, size, mtime FROM ingested_files WHERE status IS DISTINCT FROM 'retry'").fetchall()}
         existing_series = {r[0] for r in con.execute("SELECT series_key FROM series").fetchall()}
         existing_studies = {r[0] for r in con.execute("SELECT study_key FROM studies").fetchall()}
         sizes = _sizes(con)
         datasets = {r[0] for r in con.execute("SELECT DISTINCT dataset FROM studies").fetchall() if r[0]}
-    return done, existing_series, existing_studies, sizes, datasets
+        retry = {r[0] for r in con.execute("SELECT path FROM ingested_files WHERE status = 'retry'").fetchall()}
+    return done, existing_series, existing_studies, sizes, datasets, retry
 
 
 def _sizes(con) -> set[int]:
@@ -1025,7 +1328,8 @@ def _stat_files(files) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[st
             st = os.stat(f)
         except OSError as e:
             stat[f] = (0, 0.0)
-            odd[f] = (f, "not_dicom", f"cannot read the file ({e.strerror}). " + REASONS["not_dicom"])
+            reason = "transient" if is_transient(e) else "not_dicom"  # a permission fixed later: retried
+            odd[f] = (f, reason, f"cannot read the file ({e.strerror}). " + REASONS[reason])
             continue
         stat[f] = (st.st_size, st.st_mtime)
         if not stat_mod.S_ISREG(st.st_mode):
@@ -1179,11 +1483,15 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
         # once the last series is handed out (``drained``), DuckDB starts up in a thread while it builds
         for _, built in _shared(_build_job, jobs, ex, drained=warm.start if ex is not None else None):
             if isinstance(built, tuple):
-                uid, msg = built
+                uid, msg, transient = built
                 p = plan_by_uid[uid]
-                _record_errors(paths.db, [(f, "decode_failed", f"series build failed ({msg[:160]}); "
-                                                               f"re-export the series.") for f in p.files],
-                               relp, stat, summary)
+                if transient:  # the skipped copies too: the file they deferred to was not stored
+                    rows = [(f, "transient", f"series build failed ({msg[:160]}). " + REASONS["transient"])
+                            for f in p.files + [d[0] for d in p.deferred]]
+                else:
+                    rows = [(f, "decode_failed", f"series build failed ({msg[:160]}); re-export the series.")
+                            for f in p.files] + p.deferred
+                _record_errors(paths.db, rows, relp, stat, summary)
                 bar.update(len(p.units))
                 continue
             pending.append(built)
@@ -1279,6 +1587,34 @@ def insert_columns(con, sql: str, columns: list[tuple[str, list]]) -> None:
     con.execute(f"{sql} SELECT {sel}", [list(vals) for _, vals in columns])
 
 
+def hold_back_beside_transient(plans: list[SeriesPlan], errors: list[tuple[str, str, str]]
+                               ) -> tuple[list[SeriesPlan], list[tuple[str, str, str]]]:
+    """Plans to build now, and 'transient' rows for the series held back for the next run.
+
+    A file that could not be read for a temporary reason (EACCES, EIO) has no known series; if its
+    series were stored without it, the next run could only report it as ``series_exists``: lost for
+    good. So a series with a file in the same folder as such a file waits whole (folders hold series
+    in every export layout ctssl reads; at worst a series waits one run longer than it had to).
+    """
+    dirs = {os.path.dirname(p) for p, reason, _ in errors if reason == "transient"}
+    if not dirs:
+        return plans, []
+    keep, held = [], []
+    for p in plans:
+        if any(os.path.dirname(f) in dirs for f in p.files):
+            held += [(f, "transient", "another file in its folder could not be read for a temporary reason, so "
+                      "the series waits for it. " + REASONS["transient"]) for f in p.files + [d[0] for d in p.deferred]]
+        else:
+            keep.append(p)
+    return keep, held
+
+
+def _status(reason: str) -> str:
+    """``ingested_files.status`` of a file recorded with ``reason``: skipped and error files are done,
+    retry files are taken again by the next run."""
+    return "skipped" if reason in SKIPPED_REASONS else "retry" if reason in RETRY_REASONS else "error"
+
+
 def _record_errors(db, errors: list[tuple[str, str, str]], relp, stat, summary: IngestSummary) -> None:
     """Write error rows and mark the files done (status error/skipped) in one short transaction."""
     from ctssl_core.db import connect
@@ -1291,7 +1627,7 @@ def _record_errors(db, errors: list[tuple[str, str, str]], relp, stat, summary: 
         rel = relp(p)
         err_rows.append((rel, reason, detail, now))
         size, mtime = stat.get(p, (0, 0.0))
-        status = "skipped" if reason in ("series_not_selected", "series_exists", "duplicate_sop", "localizer") else "error"
+        status = _status(reason)
         file_rows[rel] = (rel, size, mtime, status)
         summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
         summary.errors += 1
@@ -1322,10 +1658,10 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
     for b in built:
         p = plans[b.series_uid]
         h0 = p.headers[p.files[0]]
-        for f, reason, detail in b.errors:
+        for f, reason, detail in b.errors + p.deferred:
             errs.append((relp(f), reason, detail, now))
             size, mtime = stat.get(f, (0, 0.0))
-            files.append((relp(f), size, mtime, "error"))
+            files.append((relp(f), size, mtime, _status(reason)))
             summary.errors_by_reason[reason] = summary.errors_by_reason.get(reason, 0) + 1
             summary.errors += 1
         if not b.sop_uids:
@@ -1343,7 +1679,7 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
             n_slices=len(b.sop_uids), height=b.height, width=b.width, orig_rows=b.orig_rows, orig_cols=b.orig_cols,
             pixel_spacing_mm=b.pixel_spacing, slice_spacing_mm=p.slice_spacing, slice_thickness_mm=p.thickness,
             site=None, manufacturer=h0.manufacturer, model=h0.model, kernel=h0.kernel,
-            selection_rule=p.selection_rule, ingested_at=now))
+            selection_rule=p.selection_rule, ingested_at=now, notes=_series_notes(p)))
         for i, (sop, z) in enumerate(zip(b.sop_uids, b.z)):
             pe = pe_of.get(sop.split("#")[0])
             slices.append((sk, i, key("sop", sop), z, pe, b.nodule_px[i] if b.nodule_px is not None else None))
@@ -1364,6 +1700,10 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
             insert_columns(con, "INSERT INTO slices", [
                 ("BIGINT", range(start, start + len(slices))), ("TEXT", sk_), ("INTEGER", idx_), ("TEXT", sop_),
                 ("DOUBLE", z_), ("BOOLEAN", pe_), ("INTEGER", nod_)])
+        ok_paths = [r[0] for r in files if r[3] == "ok"]
+        for i in range(0, len(ok_paths), 400):  # errors of an earlier run (a transient one) no longer hold
+            part = ok_paths[i:i + 400]
+            con.execute(f"DELETE FROM ingest_errors WHERE path IN ({', '.join('?' * len(part))})", part)
         insert_rows(con, "INSERT INTO ingest_errors VALUES", errs)
         if files:
             f_path, f_size, f_mtime, f_status = zip(*files)
@@ -1375,6 +1715,15 @@ def _commit(db, built: list[BuiltSeries], plans: dict[str, SeriesPlan], key, sum
     summary.files_ok += sum(len(b.files_ok) for b in built)
     summary.labelled_slices += sum(1 for s in slices if s[4] is not None)
     summary.nodule_series += sum(1 for b in built if b.mask_rel and b.sop_uids)
+
+
+def _series_notes(p: SeriesPlan) -> str | None:
+    """The assumptions made reading this series' headers (JSON list of distinct sentences), or None.
+
+    Why stored: a value ingest had to assume (a zero RescaleSlope taken as 1, absolute PixelSpacing)
+    must stay visible beside the data it shaped, not only in a log nobody kept."""
+    notes = sorted({n for h in p.headers.values() for n in h.notes})
+    return json.dumps(notes) if notes else None
 
 
 def _existing(con, table: str, col: str, keys: list[str]) -> set[str]:

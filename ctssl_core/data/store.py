@@ -50,6 +50,7 @@ class SliceStore:
         self.patients = patients
         self.slices = slices
         self._pos = None if slice_ids is None else _positions(self.slice_ids)
+        self.unreadable: list[str] = []  # series left out by ``open`` (damaged or missing arrays), with why
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -75,16 +76,27 @@ class SliceStore:
             patients = _expand_attributes(con.execute("SELECT * FROM patients ORDER BY patient_key").df())
         if series.empty or slices.empty:
             raise StoreMissing(f"the store at {paths.root} holds no slices; run `ctssl ingest DIR --store {paths.root}`")
-        arrays, masks = [], []
-        for rel, mrel, n in zip(series["array_path"], series["mask_path"], series["n_slices"]):
-            f = paths.root / rel
-            if not f.exists():
-                raise StoreError(f"{f} is listed in the catalog but missing; restore it or re-ingest into a new store")
-            a = np.load(f, mmap_mode="r")
-            if a.shape[0] != n:
-                raise StoreError(f"{f} has {a.shape[0]} slices but the catalog says {n}; re-ingest into a new store")
+        arrays, masks, readable, unreadable = [], [], [], []
+        for i, (sk, rel, mrel, n) in enumerate(zip(series["series_key"], series["array_path"], series["mask_path"],
+                                                   series["n_slices"])):
+            try:
+                a, m = _open_series(paths.root, rel, mrel, int(n))
+            except StoreError as e:  # one damaged series is reported and left out; the rest stays usable
+                unreadable.append(f"series {sk}: {e}")
+                continue
             arrays.append(a)
-            masks.append(np.load(paths.root / mrel, mmap_mode="r") if isinstance(mrel, str) and mrel else None)
+            masks.append(m)
+            readable.append(i)
+        if unreadable:
+            import logging
+
+            logging.getLogger(__name__).warning("%d series of %s left out: %s", len(unreadable), paths.root,
+                                                "; ".join(unreadable))
+            if not arrays:
+                raise StoreError(f"no series of the store at {paths.root} can be read ({'; '.join(unreadable[:3])}); "
+                                 f"re-ingest into a new store")
+            series = series.iloc[readable].reset_index(drop=True)
+            slices = slices[slices["series_key"].isin(set(series["series_key"]))].reset_index(drop=True)
         # catalog order: series by first slice_id, slices by (series, idx) == slice_id order
         pe = slices["pe"].astype("float64").to_numpy(na_value=np.nan)
         nod = slices["nodule_px"].astype("float64").to_numpy(na_value=np.nan)
@@ -94,6 +106,7 @@ class SliceStore:
         if len(slices) != store.n_slices or not np.array_equal(slices["idx"].to_numpy(), expect):
             raise StoreError(f"catalog slices of {paths.root} do not match its arrays; re-ingest into a new store")
         store.series = series
+        store.unreadable = unreadable
         return store
 
     @classmethod
@@ -193,6 +206,29 @@ class SliceStore:
 
     def __repr__(self) -> str:
         return f"SliceStore({len(self.arrays)} series, {self.n_slices} slices, {self.height}x{self.width})"
+
+
+def _open_series(root: Path, rel: str, mrel, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Memory-map one series' array (and mask); StoreError saying what is wrong with it.
+
+    Why per series: a truncated ``.npy`` (disk full, an interrupted copy) makes ``np.load`` raise
+    ValueError; that must cost the store one series, not all of them.
+    """
+    from ctssl_core.db import StoreError
+
+    f = root / rel
+    if not f.exists():
+        raise StoreError(f"{f} is listed in the catalog but missing; restore it or re-ingest into a new store")
+    try:
+        a = np.load(f, mmap_mode="r")
+        m = np.load(root / mrel, mmap_mode="r") if isinstance(mrel, str) and mrel else None
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{f.name} (or its mask) cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+                         f"it is damaged or truncated: re-ingest its source into a new store") from None
+    if a.ndim != 3 or a.shape[0] != n:
+        raise StoreError(f"{f} has {a.shape[0] if a.ndim else 0} slices but the catalog says {n}; "
+                         f"re-ingest into a new store")
+    return a, m
 
 
 def _expand_attributes(patients):
