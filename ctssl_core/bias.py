@@ -539,26 +539,103 @@ def _patient_table(E: np.ndarray, keys: pd.DataFrame) -> tuple[np.ndarray, pd.Da
     return Xp, first
 
 
-def _probe_kind(attr: str, col: pd.Series) -> str:
+def attribute_kind(attr: str, col: pd.Series) -> str:
+    """Probe kind of an attribute: the fixed kind of age/sex/race, else from the values.
+
+    Any column a user brings is analysed by what it holds: numbers with more
+    than two distinct values are a regression target (BMI, a score), two
+    distinct values a binary one, other labels a multiclass one.
+    """
     if attr in ATTRIBUTE_KINDS:
         return ATTRIBUTE_KINDS[attr]
-    return "binary" if col.dropna().nunique() == 2 else "multiclass"
+    vals = col.dropna()
+    vals = vals[vals.astype(str) != ""]
+    num = pd.to_numeric(vals, errors="coerce")
+    if len(vals) and num.notna().all() and num.nunique() > 2:
+        return "regression"
+    return "binary" if vals.astype(str).nunique() == 2 else "multiclass"
 
 
 def _probe_target(kind: str, attr: str, col: pd.Series) -> np.ndarray:
     if kind == "regression":
-        return col.astype("float64").to_numpy()
+        return pd.to_numeric(col, errors="coerce").astype("float64").to_numpy()
     if kind == "binary":
         from ctssl_core.probes import _binary_codes
 
-        return _binary_codes(attr, col.to_numpy(dtype=object))
-    return col.to_numpy(dtype=object)
+        return _binary_codes(attr, _labels(col.to_numpy(dtype=object)))
+    return _labels(col.to_numpy(dtype=object))
 
 
 def _group_labels(attr: str, col: pd.Series, n_age_bins: int) -> np.ndarray:
-    if attr == "age":
-        return age_bins(col.astype("float64").to_numpy(), n_age_bins)
+    """Group labels for KS / separability / subgroups: quantile bins for numeric attributes (age, BMI, ...)."""
+    if attribute_kind(attr, col) == "regression":
+        return age_bins(pd.to_numeric(col, errors="coerce").astype("float64").to_numpy(), n_age_bins)
     return _labels(col.to_numpy(dtype=object))
+
+
+# ---------------------------------------------------------------- which attributes a store can analyse
+
+KEY_COLUMNS = ("patient_key",)
+
+
+def patient_attributes(store_root: str | Path) -> pd.DataFrame:
+    """One row per patient: patient_key, age, sex, race and every key of the ``attributes`` JSON as a column.
+
+    The pseudonymous key stays (to join with embedding rows); no identifier is
+    stored in the catalog in the first place (the demographics adapter drops
+    identifier-like columns), and ``analysable_attributes`` never offers one.
+    """
+    from ctssl_core.data.store import _expand_attributes
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        df = con.execute("SELECT patient_key, age, sex, race, CAST(attributes AS VARCHAR) AS attributes "
+                         "FROM patients ORDER BY patient_key").df()
+    return _expand_attributes(df).drop(columns=["attributes"])
+
+
+def _looks_like_identifier(name: str) -> bool:
+    import re
+
+    from ctssl_core.data.adapters.demographics import IDENTIFIER_WORDS
+
+    flat = re.sub(r"[^a-z0-9]", "", name.lower())
+    return any(w in flat for w in IDENTIFIER_WORDS)
+
+
+def analysable_attributes(table: pd.DataFrame | str | Path) -> dict[str, str]:
+    """{attribute: probe kind} for every column that can be analysed, in table order.
+
+    ``table``: a per-patient table (``patient_attributes``) or a store folder.
+    Every column but the key counts, when it has at least two distinct known
+    values; a column whose name looks like an identifier (name, birth date,
+    MRN, ...) never does. Kinds follow ``attribute_kind``.
+    """
+    if not isinstance(table, pd.DataFrame):
+        table = patient_attributes(table)
+    out = {}
+    for c in table.columns:
+        if c in KEY_COLUMNS or _looks_like_identifier(c):
+            continue
+        vals = table[c].dropna()
+        vals = vals[vals.astype(str) != ""]
+        if vals.astype(str).nunique() >= 2:
+            out[c] = attribute_kind(c, table[c])
+    return out
+
+
+def check_attributes(requested: tuple[str, ...] | list[str], known: dict[str, str]) -> None:
+    """Raise ``BiasError`` naming the known attributes when ``requested`` holds one the store lacks.
+
+    Why an error: a misspelt attribute used to be skipped silently, and the
+    analysis then looked complete.
+    """
+    unknown = [a for a in requested if a not in known]
+    if unknown:
+        listing = ", ".join(f"{a} ({k})" for a, k in known.items()) or "none"
+        raise BiasError(f"unknown attribute(s) {unknown}: this store can analyse {listing}. "
+                        f"Use --set attributes=[...] with names from that list.")
 
 
 def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.DataFrame] | None = None,
@@ -585,7 +662,7 @@ def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.
     # --- probes: detection by exact permutation test, CIs and deltas by bootstrap (description only)
     probes_out: dict[str, tuple[Any, dict]] = {}
     for attr in attrs:
-        kind = _probe_kind(attr, pt[attr])
+        kind = attribute_kind(attr, pt[attr])
         say(f"probe {attr} ({kind})")
         kw = dict(n_splits=cfg.n_splits, n_boot=cfg.n_boot, seed=cfg.seed)
         try:
@@ -836,6 +913,18 @@ def find_reference(store_root: str | Path, emb_id: str) -> str | None:
     return ref[0] if ref else None
 
 
+def with_attributes(keys: pd.DataFrame, table: pd.DataFrame, attributes: tuple[str, ...]) -> pd.DataFrame:
+    """``keys`` plus each of ``attributes`` it lacks, from the per-patient ``table`` (joined on patient_key).
+
+    Why: embedding keys carry the core demographics only; an attribute the user
+    brought in the demographics CSV lives in ``patients.attributes``.
+    """
+    add = [a for a in attributes if a not in keys.columns and a in table.columns]
+    if not add or "patient_key" not in keys.columns:
+        return keys
+    return keys.merge(table[["patient_key"] + add], on="patient_key", how="left")
+
+
 def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str | None = None,
                     cfg: BiasConfig | None = None, pe_scores: pd.DataFrame | None = None,
                     progress: Callable[[str], None] | None = None,
@@ -852,12 +941,14 @@ def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str |
 
     cfg = cfg or BiasConfig()
     E, keys, _ = load_embeddings(store_root, emb_id)
+    attrs_table = patient_attributes(store_root)
+    keys = with_attributes(keys, attrs_table, cfg.attributes)
     if reference_emb_id is None:
         reference_emb_id = find_reference(store_root, emb_id)
     ref = None
     if reference_emb_id is not None:
         Er, kr, _ = load_embeddings(store_root, reference_emb_id)
-        ref = (Er, kr)
+        ref = (Er, with_attributes(kr, attrs_table, cfg.attributes))
     df = analyse_arrays(E, keys, ref, cfg, emb_id=emb_id, reference_emb_id=reference_emb_id, progress=progress)
     if pe_scores is not None:
         attrs = keys.drop_duplicates("patient_key")[["patient_key"] + [a for a in cfg.attributes if a in keys.columns]]

@@ -387,3 +387,65 @@ def test_probe_detection_never_reads_the_bootstrap_ci():
     assert "not detectably predictable" in s and "no permutation test was run" in s
     s2 = bias.probe_sentence("race", "macro_auroc", est, None, present=True, p_adj=0.01, test="500 permutations")
     assert s2.startswith("Race is predictable") and "permutation p 0.01 after correction (500 permutations)" in s2
+
+
+# ------------------------------------------------------------------ any attribute the user brings
+
+
+def test_extra_numeric_and_categorical_attributes_are_analysed_by_kind():
+    E, keys = planted_patients(S=2)
+    rng = np.random.default_rng(30)
+    pk = keys["patient_key"].drop_duplicates().to_numpy()
+    bmi = dict(zip(pk, rng.uniform(18, 40, len(pk))))
+    smoker = dict(zip(pk, rng.choice(["yes", "no"], len(pk))))
+    keys = keys.assign(bmi=keys.patient_key.map(bmi), smoker=keys.patient_key.map(smoker))
+    E = E.copy()
+    E[:, 5] += (keys["bmi"].to_numpy() - 29) / 3                       # planted: bmi; smoker has no correlate
+    assert bias.attribute_kind("bmi", keys["bmi"]) == "regression"
+    assert bias.attribute_kind("smoker", keys["smoker"]) == "binary"
+    assert bias.attribute_kind("grade", pd.Series(["I", "II", "III", None])) == "multiclass"
+    assert bias.attribute_kind("flag", pd.Series([0.0, 1.0, 1.0])) == "binary"
+    df = bias.analyse_arrays(E, keys, None, BiasConfig(n_boot=50, n_modes=3, attributes=("bmi", "smoker")))
+    pr = df[df.analysis == "probe"]
+    assert set(pr[pr.attribute == "bmi"].metric) == {"mae", "r2"} and set(pr[pr.attribute == "smoker"].metric) == {"auroc"}
+    assert pr[pr.attribute == "bmi"]["flagged"].all() and not pr[pr.attribute == "smoker"]["flagged"].any()
+    ks_bmi = df[(df.analysis == "ks") & (df.attribute == "bmi")]
+    assert len(ks_bmi) and ks_bmi.group_a.str.contains("–").all()     # numeric -> quantile bins, as for age
+    assert "mean absolute error" in pr[(pr.attribute == "bmi") & (pr.metric == "mae")].iloc[0]["sentence"]
+
+
+def test_store_attributes_are_listed_and_an_unknown_one_is_an_error_that_lists_them(store_copy, tiny_cohort, tmp_path, capsys):
+    import csv
+
+    from ctssl_core import embed
+    from ctssl_core.cli import main
+    from ctssl_core.data.adapters.demographics import apply_demographics
+    from ctssl_core.data.pseudonym import Pseudonymiser
+    from ctssl_core.paths import store_paths
+
+    rows = list(csv.DictReader(open(tiny_cohort / "demographics.csv")))
+    out = tmp_path / "demo.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) + ["bmi", "smoker"])
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow(dict(r, bmi=20 + 2.5 * i, smoker="yes" if i % 2 else "no"))
+    sp = store_paths(store_copy)
+    apply_demographics(sp.db, out, Pseudonymiser.for_store(sp.secret))
+    known = bias.analysable_attributes(store_copy)
+    assert known["bmi"] == "regression" and known["smoker"] == "binary" and known["age"] == "regression"
+    assert {"sex", "race", "control_group", "site"} <= set(known) and "patient_key" not in known
+    assert "mother_name" not in bias.analysable_attributes(pd.DataFrame({"patient_key": ["a", "b"], "mother_name": ["x", "y"],
+                                                                         "bmi": [20.0, 30.0]}))
+    keys = embed.catalog_keys(store_copy, split="all")
+    E = np.random.default_rng(31).normal(size=(len(keys), 6)).astype(np.float32)
+    embed.save_embeddings(store_copy, "extra", E, keys, run_id=None, init="random", encoder="tiny", split="all", level="slice")
+    df = bias.analyse_encoder(store_copy, "extra", None, BiasConfig(n_boot=20, n_modes=2, n_splits=2, min_group=2,
+                                                                     attributes=("bmi", "smoker")))
+    pr = df[df.analysis == "probe"]
+    assert set(pr.attribute) == {"bmi", "smoker"} and set(pr[pr.attribute == "bmi"].metric) == {"mae", "r2"}
+    with pytest.raises(BiasError, match=r"unknown attribute\(s\) \['weight'\].*bmi \(regression\)"):
+        bias.check_attributes(("age", "weight"), known)
+    rc = main(["bias", "--emb", "extra", "--store", str(store_copy), "--set", "attributes=[age,weight]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "weight" in err and "bmi (regression)" in err and "smoker (binary)" in err
