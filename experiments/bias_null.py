@@ -74,7 +74,7 @@ def null_scores(rng: np.random.Generator, keys: pd.DataFrame) -> tuple[pd.DataFr
 
 
 def simulate_null(n_draws: int, seed: int = 0, sizes: NullSizes = NullSizes(), cfg: BiasConfig | None = None,
-                  subgroups: bool = True) -> pd.DataFrame:
+                  subgroups: bool = True, say=None) -> pd.DataFrame:
     """One row per null draw: size, whether any test of the encoder family / subgroup family was flagged,
     and (for contrast) whether any raw, uncorrected p-value was below alpha."""
     cfg = cfg or BiasConfig(n_boot=50)
@@ -95,11 +95,13 @@ def simulate_null(n_draws: int, seed: int = 0, sizes: NullSizes = NullSizes(), c
             row.update(subgroup_flag=bool(gaps["flagged"].fillna(False).astype(bool).any()),
                        subgroup_raw=bool((gaps["p_value"].astype(float) < cfg.alpha).any()), n_gaps=len(gaps))
         out.append(row)
+        if say is not None:
+            say(f"draw {i}: {row}")
     return pd.DataFrame(out)
 
 
 def power_draws(n_draws: int, seed: int = 0, patients: int = 120, slices: int = 4, size: int = 64,
-                cfg: BiasConfig | None = None) -> pd.DataFrame:
+                cfg: BiasConfig | None = None, say=None) -> pd.DataFrame:
     """Detection per (draw, analysis, attribute) on rendered synthetic cohorts at the configured knobs."""
     from ctssl_core.data.phantom import phantom_volume
     from ctssl_core.data.synth import STREAM_RENDER, SynthConfig, _rng, sample_patient
@@ -118,6 +120,8 @@ def power_draws(n_draws: int, seed: int = 0, patients: int = 120, slices: int = 
         df = analyse_arrays(np.concatenate(feats), pd.DataFrame(keys), None, cfg)
         for (analysis, attr), g in df[df.analysis.isin(["probe", "ks", "separability"])].groupby(["analysis", "attribute"]):
             rows.append(dict(draw=d, analysis=analysis, attribute=attr, detected=bool(g["flagged"].fillna(False).any())))
+        if say is not None:
+            say(f"power draw {d}: " + ", ".join(f"{r['analysis']}:{r['attribute']}={int(r['detected'])}" for r in rows if r["draw"] == d))
     return pd.DataFrame(rows)
 
 
@@ -135,10 +139,19 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--power-draws", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="print each draw as it finishes")
     args = ap.parse_args()
     cfg = BiasConfig(n_boot=50)
     t0 = time.perf_counter()
-    null = simulate_null(args.draws, args.seed, cfg=cfg)
+    log = (lambda m: print(m, flush=True)) if args.verbose else None
+    null = simulate_null(args.draws, args.seed, cfg=cfg, say=log) if args.draws else None
+    if null is not None:
+        report_null(null, t0)
+    if args.power_draws:
+        report_power(args, cfg, log)
+
+
+def report_null(null: pd.DataFrame, t0: float) -> None:
     n = len(null)
     print(f"null: {n} draws, {null.patients.min()}-{null.patients.max()} patients, {null.dims.min()}-{null.dims.max()} "
           f"dims ({time.perf_counter() - t0:.0f}s)")
@@ -151,9 +164,12 @@ def main() -> None:
     k = int((null.encoder_flag | null.subgroup_flag).sum())
     print(f"  any flag in either family: {k}/{n} = {k / n:.3f}")
     print("  flags seen:", null.loc[null.flagged != "", "flagged"].tolist())
+
+
+def report_power(args, cfg: BiasConfig, log) -> None:
     if args.power_draws:
         t0 = time.perf_counter()
-        pw = power_draws(args.power_draws, args.seed + 1000, cfg=cfg)
+        pw = power_draws(args.power_draws, args.seed + 1000, cfg=cfg, say=log)
         print(f"\npower: {args.power_draws} synthetic cohorts x 120 patients, raw-HU features, knobs age 1.0 / sex 1.0 / "
               f"race 0.5 ({time.perf_counter() - t0:.0f}s)")
         tab = pw.pivot_table(index="attribute", columns="analysis", values="detected", aggfunc="mean")
