@@ -961,3 +961,111 @@ def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str |
                                       val_scores=pe_val_scores)], ignore_index=True)
     write_bias_results(store_root, df)
     return df
+
+
+# ---------------------------------------------------------------- the planted-truth scorecard
+
+SCORED_ANALYSES = ("probe", "ks", "separability")
+
+
+def planted_truth(truth: dict[str, Any] | str | Path) -> dict[str, bool]:
+    """{attribute: has a planted imaging correlate} from a synthetic cohort's ``truth.json``.
+
+    ``ctssl synth`` writes ``planted_effects`` (attribute -> {"knob": name of
+    its SynthConfig strength, or None for control_group, "effect": "none"}) and
+    ``effect_sizes`` (knob -> strength). An attribute is planted when its knob
+    is above 0; one without a knob is planted unless its effect is "none"
+    (``site``: scanner noise and blur, independent of demographics).
+    """
+    import json
+
+    if not isinstance(truth, dict):
+        path = Path(truth)
+        if path.is_dir():
+            path = path / "truth.json"
+        if not path.is_file():
+            raise BiasError(f"no truth.json at {path}: the scorecard needs a cohort made by `ctssl synth`")
+        truth = json.loads(path.read_text())
+    effects, sizes = truth.get("planted_effects"), truth.get("effect_sizes") or {}
+    if not isinstance(effects, dict):
+        raise BiasError("truth.json has no planted_effects; regenerate the cohort with `ctssl synth`")
+    out = {}
+    for attr, eff in effects.items():
+        if "knob" in eff:
+            out[attr] = eff["knob"] is not None and float(sizes.get(eff["knob"], 0.0)) > 0
+        else:
+            out[attr] = str(eff.get("effect", "none")).lower() != "none"
+    return out
+
+
+def scorecard(results: pd.DataFrame, truth: dict[str, bool] | dict[str, Any] | str | Path,
+              labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Whether each analysis detects each attribute in each encoder, and whether that is right.
+
+    Inputs:
+      * ``results`` -- ``bias_results`` rows of one or more encoders, as
+        ``analyse_arrays`` / ``analyse_encoder`` return them or
+        ``results.read.bias_results`` reads them: columns emb_id, analysis,
+        attribute, flagged, p_adjusted. Only the probe, KS and separability
+        rows are scored (subgroup rows are about a PE model, not the embedding).
+      * ``truth`` -- ``planted_truth``'s {attribute: planted} or what it reads
+        (a truth.json path, its folder, or its parsed dict).
+      * ``labels`` -- optional {emb_id: encoder name} (e.g. the init) for the table.
+
+    Returns one row per (encoder, attribute, analysis) for the attributes the
+    truth knows: planted, detected (any row of that analysis and attribute
+    flagged; None when the analysis did not run), outcome ('hit', 'miss',
+    'false positive', 'correct null', 'not run'), correct (detected ==
+    planted; None when not run), the smallest corrected p and a sentence. A
+    false positive is always an error of the analysis; a miss may be the
+    encoder's (it does not carry the attribute: random init, or a window that
+    clips the age correlate), which the sentence says.
+    """
+    need = {"emb_id", "analysis", "attribute", "flagged", "p_adjusted"}
+    if not need <= set(results.columns):
+        raise BiasError(f"scorecard needs bias_results columns {sorted(need)}; got {list(results.columns)}")
+    planted = truth if truth and all(isinstance(v, bool) for v in truth.values()) else planted_truth(truth)
+    labels = labels or {}
+    rows = []
+    scored = results[results["analysis"].isin(SCORED_ANALYSES)]
+    for emb in pd.unique(results["emb_id"]):
+        mine = scored[scored["emb_id"] == emb]
+        name = labels.get(emb, emb)
+        for attr, is_planted in planted.items():
+            for analysis in SCORED_ANALYSES:
+                d = mine[(mine["analysis"] == analysis) & (mine["attribute"] == attr)]
+                d = d[d["flagged"].notna()]
+                if d.empty:
+                    detected, p = None, None
+                else:
+                    detected = bool(d["flagged"].astype(bool).any())
+                    p = float(pd.to_numeric(d["p_adjusted"], errors="coerce").min())
+                outcome, correct = _outcome(is_planted, detected)
+                rows.append(dict(encoder=name, emb_id=emb, attribute=attr, analysis=analysis, planted=is_planted,
+                                 detected=detected, outcome=outcome, correct=correct, p_adjusted=p,
+                                 sentence=_scorecard_sentence(name, attr, analysis, is_planted, outcome, p)))
+    return pd.DataFrame(rows, columns=["encoder", "emb_id", "attribute", "analysis", "planted", "detected", "outcome",
+                                       "correct", "p_adjusted", "sentence"])
+
+
+def _outcome(planted: bool, detected: bool | None) -> tuple[str, bool | None]:
+    if detected is None:
+        return "not run", None
+    if planted:
+        return ("hit", True) if detected else ("miss", False)
+    return ("false positive", False) if detected else ("correct null", True)
+
+
+def _scorecard_sentence(name: str, attr: str, analysis: str, planted: bool, outcome: str, p: float | None) -> str:
+    what = {"probe": "the linear probe", "ks": "the KS tests", "separability": "the k-NN separability test"}[analysis]
+    truth = "has a planted imaging correlate" if planted else "has no imaging correlate"
+    ptxt = f" (smallest corrected p {p:.2g})" if p is not None and np.isfinite(p) else ""
+    verdict = {
+        "hit": f"{what} detects it{ptxt}: right.",
+        "miss": f"{what} does not detect it{ptxt}: a miss. Either the encoder does not carry it or the test lacks "
+                f"power at this size; random init and soft-tissue windows (which clip the lung-HU age effect) often do.",
+        "false positive": f"{what} flags it{ptxt}: WRONG, a false positive of the analysis.",
+        "correct null": f"{what} does not flag it{ptxt}: right.",
+        "not run": f"{what} did not run on it (too few patients per group, or the attribute is missing).",
+    }[outcome]
+    return f"{name}: {attr} {truth}; {verdict}"

@@ -449,3 +449,50 @@ def test_store_attributes_are_listed_and_an_unknown_one_is_an_error_that_lists_t
     rc = main(["bias", "--emb", "extra", "--store", str(store_copy), "--set", "attributes=[age,weight]"])
     err = capsys.readouterr().err
     assert rc == 2 and "weight" in err and "bmi (regression)" in err and "smoker (binary)" in err
+
+
+# ------------------------------------------------------------------ the planted-truth scorecard
+
+
+def test_planted_truth_reads_the_synthetic_cohorts_truth_json(tiny_cohort):
+    import json
+
+    t = bias.planted_truth(tiny_cohort / "truth.json")
+    assert t == {"age": True, "sex": True, "race": True, "control_group": False, "site": True}
+    assert bias.planted_truth(tiny_cohort) == t                                   # the folder works too
+    raw = json.loads((tiny_cohort / "truth.json").read_text())
+    raw["effect_sizes"]["race_effect"] = 0.0                                      # the negative control knob
+    assert bias.planted_truth(raw)["race"] is False
+    with pytest.raises(BiasError, match="no planted_effects"):
+        bias.planted_truth({"config": {}})
+    with pytest.raises(BiasError, match="ctssl synth"):
+        bias.planted_truth(tiny_cohort / "nope.json")
+
+
+def test_scorecard_detects_each_planted_signal_and_not_the_null(tiny_cohort):
+    truth = bias.planted_truth(tiny_cohort / "truth.json")
+    E, keys = planted_patients(P=150, S=1)
+    noise = np.random.default_rng(40).normal(size=E.shape).astype(np.float32)
+    cfg = BiasConfig(n_boot=20, n_modes=3)
+    res = pd.concat([bias.analyse_arrays(E, keys, None, cfg, emb_id="planted-enc"),
+                     bias.analyse_arrays(noise, keys, None, cfg, emb_id="random-enc")], ignore_index=True)
+    card = bias.scorecard(res, truth, labels={"planted-enc": "rotation", "random-enc": "random init"})
+    assert set(card.encoder) == {"rotation", "random init"} and set(card.analysis) == {"probe", "ks", "separability"}
+    pl = card[card.encoder == "rotation"].set_index(["attribute", "analysis"])
+    for attr in ("age", "sex", "race"):
+        assert pl.loc[(attr, "probe"), "outcome"] == "hit" and pl.loc[(attr, "probe"), "correct"]
+    for analysis in ("probe", "ks", "separability"):
+        assert pl.loc[("control_group", analysis), "outcome"] == "correct null"
+    assert pl.loc[("site", "probe"), "outcome"] == "not run"                     # no site column in these keys
+    assert pl.loc[("site", "probe"), "correct"] is None
+    rnd = card[card.encoder == "random init"]
+    assert not (rnd.outcome == "false positive").any()
+    assert (rnd[rnd.attribute.isin(["age", "sex", "race"])].outcome.isin(["miss"])).all()
+    assert "a miss" in rnd[rnd.attribute == "race"].iloc[0]["sentence"]
+    # a flagged null attribute is reported plainly as an error of the analysis
+    bad = res.copy()
+    bad.loc[(bad.emb_id == "random-enc") & (bad.analysis == "probe") & (bad.attribute == "control_group"), "flagged"] = True
+    row = bias.scorecard(bad, truth).set_index(["emb_id", "attribute", "analysis"]).loc[("random-enc", "control_group", "probe")]
+    assert row["outcome"] == "false positive" and not row["correct"] and "WRONG" in row["sentence"]
+    with pytest.raises(BiasError, match="scorecard needs bias_results columns"):
+        bias.scorecard(res.drop(columns=["flagged"]), truth)
