@@ -64,25 +64,31 @@ class BiasConfig:
     n_splits: int = 5
     seed: int = 0
     alpha: float = 0.05
-    correction: str = "bh"             # 'bh' (Benjamini-Hochberg) | 'holm'
+    correction: str = "holm"           # over all tests of one encoder: 'holm' (family-wise) | 'bh' (false discovery)
     n_modes: int = 5                   # top PCA modes tested with KS
     n_age_bins: int = 3                # quantile bins of age for KS / separability / resampling
     knn_k: int = 10
-    n_perm: int = 500                  # permutations for the k-NN separability null
-    probe_perm: int = 30               # permutations (full CV reruns) for the probe p-values
+    n_perm: int = 1000                 # permutations for the k-NN separability null (raised to min_permutations)
+    probe_perm: int = 500              # permutations (nested-CV refits) for the probe p-values (raised likewise)
     sep_dims: int = 50                 # PCA dims for the k-NN separability
     attributes: tuple[str, ...] = ATTRIBUTES
     min_group: int = 5                 # groups with fewer patients are left out of KS/separability
+    min_subgroup: int = 10             # subgroup performance: fewer patients in a group -> "too few", no number
+    min_events: int = 5                # ... and fewer positives (TPR), negatives (FPR) or either (AUROC) likewise
+    threshold: float | None = None     # PE score threshold for TPR/FPR when no validation scores are given
 
     def __post_init__(self) -> None:
         if self.correction not in ("bh", "holm"):
             raise BiasError(f"bias.correction must be 'bh' or 'holm' (got {self.correction!r})")
         if not 0 < self.alpha < 1:
             raise BiasError(f"bias.alpha must be between 0 and 1 (got {self.alpha})")
-        for name, low in (("n_splits", 2), ("n_boot", 1), ("n_modes", 1), ("knn_k", 1), ("n_perm", 1),
-                          ("probe_perm", 0), ("n_age_bins", 2), ("sep_dims", 1), ("min_group", 1)):
+        for name, low in (("n_splits", 2), ("n_boot", 1), ("n_modes", 1), ("knn_k", 1), ("n_perm", 0),
+                          ("probe_perm", 0), ("n_age_bins", 2), ("sep_dims", 1), ("min_group", 1),
+                          ("min_subgroup", 1), ("min_events", 1)):
             if getattr(self, name) < low:
                 raise BiasError(f"bias.{name} must be >= {low} (got {getattr(self, name)})")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise BiasError(f"bias.threshold must be a number or null (got {self.threshold})")
 
 
 # ---------------------------------------------------------------- helpers
@@ -103,23 +109,66 @@ def age_bins(age: np.ndarray, n_bins: int = 3) -> np.ndarray:
     return out
 
 
-def adjust_pvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
-    """Multiple-comparison adjusted p-values: Benjamini-Hochberg ('bh') or Holm ('holm')."""
+def adjust_pvalues(p: np.ndarray, method: str = "bh", weights: np.ndarray | None = None) -> np.ndarray:
+    """Multiple-comparison adjusted p-values: Benjamini-Hochberg ('bh') or Holm ('holm').
+
+    ``weights`` (positive, any scale) make them the weighted versions: weighted
+    Holm (Holm 1979) compares ``p_i / w_i`` and multiplies by the weight still
+    in play; weighted BH (Genovese, Roeder & Wasserman 2006) runs BH on
+    ``p_i / w_i`` with weights of mean 1. Why weights: one encoder's family
+    holds one probe and one separability p per attribute but many KS tests per
+    attribute; giving each (analysis, attribute) the same share keeps the KS
+    tests from swamping the family. Equal weights give the plain methods.
+    """
     p = np.asarray(p, dtype=np.float64)
-    if len(p) == 0:
+    m = len(p)
+    if m == 0:
         return p
+    if method not in ("bh", "holm"):
+        raise BiasError(f"unknown correction {method!r}; use 'bh' or 'holm'")
+    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != p.shape or not np.all(w > 0):
+        raise BiasError(f"weights must be positive, one per p-value; got {w.shape} for {p.shape}")
+    w = w / w.sum()
+    q = p / w                                        # weighted p; a weight of 1/m gives m * p
     if method == "bh":
         from scipy.stats import false_discovery_control
 
-        return false_discovery_control(p, method="bh")
-    if method == "holm":
-        order = np.argsort(p)
-        m = len(p)
-        adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-        out = np.empty(m)
-        out[order] = np.minimum(adj, 1.0)
-        return out
-    raise BiasError(f"unknown correction {method!r}; use 'bh' or 'holm'")
+        return false_discovery_control(np.minimum(q / m, 1.0), method="bh")
+    order = np.argsort(q, kind="stable")
+    left = np.cumsum(w[order][::-1])[::-1]           # weight still in play at each step
+    adj = np.minimum(np.maximum.accumulate(left * q[order]), 1.0)
+    out = np.empty(m)
+    out[order] = adj
+    return out
+
+
+def min_permutations(n_tests: int, alpha: float, margin: int = 2) -> int:
+    """Fewest permutations whose ``margin`` smallest p-values, ``margin / (1 + n)``, survive Holm over ``n_tests``.
+
+    The first Holm step multiplies the smallest p by ``n_tests``. With 50
+    permutations and four attributes the smallest corrected p was 4/51 = 0.078:
+    separability could never be flagged. ``margin=1`` is the bare minimum
+    (``n_tests / (1 + n) < alpha``); there a clear signal passes only if *no*
+    permutation reaches it, and a 12-test family at 240 permutations missed a
+    planted race effect whose p was 2/241. The default ``margin=2`` lets one
+    permutation tie or beat the observed value and still pass.
+    """
+    if n_tests < 1:
+        return 0
+    return int(math.floor(margin * n_tests / alpha + 1e-9))
+
+
+def enough_permutations(asked: int, n_tests: int, alpha: float, name: str,
+                        say: Callable[[str], None] | None = None) -> int:
+    """``asked``, raised to ``min_permutations`` when it is fewer (said through ``say``)."""
+    need = min_permutations(n_tests, alpha)
+    if asked >= need:
+        return int(asked)
+    if say is not None:
+        say(f"bias.{name} raised from {asked} to {need}: with fewer, the smallest permutation p-values (1/(1+n), 2/(1+n)) could not "
+            f"pass the correction over {n_tests} tests at alpha {alpha}")
+    return need
 
 
 def _labels(v: np.ndarray) -> np.ndarray:
@@ -211,7 +260,11 @@ def knn_separability(X: np.ndarray, labels: np.ndarray, k: int = 10, n_perm: int
 
 
 def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
-    """Score threshold maximising TPR - FPR on all rows: the one global operating point."""
+    """Score threshold maximising TPR - FPR over the rows given: the one global operating point.
+
+    Give it *validation* scores: a threshold chosen on the test rows fits their
+    noise, and TPR/FPR measured at it on the same rows are optimistic.
+    """
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thr = roc_curve(y, s)
@@ -230,23 +283,63 @@ def _rates_rows(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 @dataclass
 class SubgroupResult:
-    threshold: float
-    by_group: pd.DataFrame      # index group; columns auroc, tpr, fpr, n, prevalence (+ _lo/_hi)
-    gaps: pd.DataFrame          # group_a, group_b, metric, value, ci_low, ci_high
+    threshold: float | None
+    by_group: pd.DataFrame      # index group; columns auroc, tpr, fpr, n, n_pos, n_neg, prevalence (+ _lo/_hi, _note)
+    gaps: pd.DataFrame          # group_a, group_b, metric, value, ci_low, ci_high, p_value
     overall: dict[str, float] = field(default_factory=dict)
 
 
+SUBGROUP_METRICS = ("auroc", "tpr", "fpr")
+
+
+def too_few(metric: str, n: int, n_pos: int, n_neg: int, min_subgroup: int, min_events: int) -> str:
+    """Why a group is too small for ``metric`` ('' when it is not).
+
+    Why a rule: a TPR from 3 positives moves by a third with one exam; a number
+    printed beside the others reads as a finding. 'too few' says what is missing.
+    """
+    if n < min_subgroup:
+        return f"too few: {n} patients (fewer than {min_subgroup})"
+    need = {"auroc": [("positives", n_pos), ("negatives", n_neg)], "tpr": [("positives", n_pos)],
+            "fpr": [("negatives", n_neg)]}[metric]
+    short = [f"{k} {v}" for k, v in need if v < min_events]
+    return f"too few: {', '.join(short)} (fewer than {min_events})" if short else ""
+
+
+def gap_p_value(reps: np.ndarray, gap: float) -> float:
+    """Two-sided p of a gap between groups: Wald z with the (clustered, stratified) bootstrap SE.
+
+    Continuous, so it can pass a correction over many gaps; a percentile
+    bootstrap p could not go below 2/n_boot.
+    """
+    from scipy.stats import norm
+
+    reps = reps[np.isfinite(reps)]
+    if len(reps) < 2 or not np.isfinite(gap):
+        return float("nan")
+    sd = reps.std(ddof=1)
+    if not sd > 0:
+        return 1.0 if gap == 0 else float("nan")
+    return float(2 * norm.sf(abs(gap) / sd))
+
+
 def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, clusters: np.ndarray | None = None,
-                         threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> SubgroupResult:
-    """AUROC per group and TPR/FPR at one global threshold, with gaps and bootstrap CIs.
+                         threshold: float | None = None, n_boot: int = 1000, seed: int = 0, min_subgroup: int = 1,
+                         min_events: int = 1) -> SubgroupResult:
+    """AUROC per group and TPR/FPR at one given threshold, with gaps, bootstrap CIs and gap p-values.
 
     Point estimates come from fairlearn's ``MetricFrame``. Its bootstrap is not
     used: one MetricFrame costs ~0.15 s here, so 1,000 replicates would take
     minutes on two cores. Replicates are vectorised instead (same definitions;
     the test checks the point estimates agree). The bootstrap is stratified by
     group and clustered by ``clusters`` (patients), so group sizes stay fixed
-    and slices of one patient move together. Threshold: given, or Youden's J
-    on all rows.
+    and slices of one patient move together.
+
+    ``threshold``: chosen beforehand (on validation scores, ``youden_threshold``);
+    None leaves TPR and FPR out. A metric of a group below ``min_subgroup``
+    patients or ``min_events`` positives/negatives is NaN with its ``<metric>_note``
+    saying 'too few', and its gaps are not tested. Gap p-values are raw: the
+    caller corrects them over its family (``subgroup_rows``).
     """
     from fairlearn.metrics import MetricFrame, count, false_positive_rate, true_positive_rate
     from sklearn.metrics import roc_auc_score
@@ -261,39 +354,49 @@ def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
     s, y, g, clusters = s[ok], y[ok].astype(int), g[ok], clusters[ok]
     if len(np.unique(y)) < 2:
         raise BiasError("subgroup performance needs both positive and negative labels")
-    thr = youden_threshold(y, s) if threshold is None else float(threshold)
+    thr = None if threshold is None else float(threshold)
 
     def auroc(a, b):
         return roc_auc_score(a, b) if len(np.unique(a)) == 2 else float("nan")
 
-    mf = MetricFrame(
-        metrics={"auroc": auroc,
-                 "tpr": lambda a, b: true_positive_rate(a, (b >= thr).astype(int), pos_label=1),
-                 "fpr": lambda a, b: false_positive_rate(a, (b >= thr).astype(int), pos_label=1),
-                 "prevalence": lambda a, b: float(np.mean(a)), "n": count},
-        y_true=y, y_pred=s, sensitive_features=pd.Series(g, name="group"))
-    by = mf.by_group.copy()
-    by["n"] = by["n"].astype(int)
+    metrics = {"auroc": auroc, "prevalence": lambda a, b: float(np.mean(a)), "n_rows": count}
+    if thr is not None:
+        metrics["tpr"] = lambda a, b: true_positive_rate(a, (b >= thr).astype(int), pos_label=1)
+        metrics["fpr"] = lambda a, b: false_positive_rate(a, (b >= thr).astype(int), pos_label=1)
+    mf = MetricFrame(metrics=metrics, y_true=y, y_pred=s, sensitive_features=pd.Series(g, name="group"))
+    point = mf.by_group
     reps: dict[str, dict[str, np.ndarray]] = {}
-    for i, grp in enumerate(by.index):
+    extra: dict[str, dict[str, Any]] = {}
+    for i, grp in enumerate(point.index):
         rows = np.flatnonzero(g == grp)
+        e = extra[grp] = dict(n=len(np.unique(clusters[rows])), n_pos=int(y[rows].sum()), n_neg=int((1 - y[rows]).sum()))
         bidx = rows[cluster_boot_index(clusters[rows], n_boot, seed + i)]          # (R, n_g)
         yi, si = y[bidx], s[bidx]
-        tpr, fpr = _rates_rows(yi, si >= thr)
-        reps[grp] = {"auroc": _auroc_rows(yi, si), "tpr": tpr, "fpr": fpr}
-        for m in ("auroc", "tpr", "fpr"):
-            r = reps[grp][m][np.isfinite(reps[grp][m])]
-            by.loc[grp, f"{m}_lo"], by.loc[grp, f"{m}_hi"] = (np.percentile(r, [2.5, 97.5]) if len(r) else (np.nan, np.nan))
+        reps[grp] = {"auroc": _auroc_rows(yi, si)}
+        if thr is not None:
+            reps[grp]["tpr"], reps[grp]["fpr"] = _rates_rows(yi, si >= thr)
+        for m in SUBGROUP_METRICS:
+            note = (too_few(m, e["n"], e["n_pos"], e["n_neg"], min_subgroup, min_events) if m in reps[grp]
+                    else "no threshold: TPR/FPR need one chosen on validation scores")
+            r = reps[grp][m][np.isfinite(reps[grp][m])] if not note else np.array([])
+            lo, hi = np.percentile(r, [2.5, 97.5]) if len(r) else (np.nan, np.nan)
+            e.update({m: np.nan if note else float(point.loc[grp, m]), f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_note": note})
+    by = pd.DataFrame.from_dict(extra, orient="index").join(point[["prevalence", "n_rows"]])
+    by.index.name = point.index.name
     gap_rows = []
     for ga, gb in itertools.combinations(by.index, 2):
-        for m in ("auroc", "tpr", "fpr"):
+        for m in SUBGROUP_METRICS:
+            if not (np.isfinite(by.loc[ga, m]) and np.isfinite(by.loc[gb, m])):
+                continue
             d = reps[ga][m] - reps[gb][m]
             d = d[np.isfinite(d)]
+            value = float(by.loc[ga, m] - by.loc[gb, m])
             lo, hi = np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)
-            gap_rows.append(dict(group_a=ga, group_b=gb, metric=m, value=float(by.loc[ga, m] - by.loc[gb, m]),
-                                 ci_low=float(lo), ci_high=float(hi)))
+            gap_rows.append(dict(group_a=ga, group_b=gb, metric=m, value=value, ci_low=float(lo), ci_high=float(hi),
+                                 p_value=gap_p_value(d, value)))
     overall = {k: float(v) for k, v in mf.overall.items()}
-    return SubgroupResult(threshold=thr, by_group=by, gaps=pd.DataFrame(gap_rows), overall=overall)
+    gaps = pd.DataFrame(gap_rows, columns=["group_a", "group_b", "metric", "value", "ci_low", "ci_high", "p_value"])
+    return SubgroupResult(threshold=thr, by_group=by, gaps=gaps, overall=overall)
 
 
 def resample_balanced(labels: np.ndarray, groups: np.ndarray, age: np.ndarray | None = None, n_age_bins: int = 3,
@@ -340,34 +443,39 @@ def _attr_name(attr: str) -> str:
 
 
 def probe_sentence(attr: str, metric: str, est: Estimate, delta: Estimate | None, extra: str = "",
-                   present: bool | None = None, p_adj: float | None = None) -> str:
+                   present: bool | None = None, p_adj: float | None = None, test: str = "") -> str:
     """One plain-language sentence pair for a probe result.
 
-    ``present``: whether the permutation test detected the attribute (falls back
-    to the CI excluding chance when no test was run).
+    ``present``: whether the corrected permutation test detected the attribute;
+    None = no test was run, and then the sentence says so instead of reading
+    detection off the bootstrap CI (which gave 6 false positives in 60 noise
+    runs: it is conditional on the fitted probes). ``test`` names the test and
+    its correction.
     """
     name = _attr_name(attr)
+    if p_adj is not None and np.isfinite(p_adj):
+        ptxt = f"; permutation p {p_adj:.2g} after correction" + (f" ({test})" if test else "")
+    else:
+        ptxt = "; no permutation test was run, so no detection is claimed"
     if metric in ("auroc", "macro_auroc"):
         label = "AUROC" if metric == "auroc" else "macro AUROC"
-        present = est.ci_low > 0.5 if present is None else present
         head = (f"{name} is predictable from this encoder's embeddings" if present
                 else f"{name} is not detectably predictable from this encoder's embeddings")
-        ptxt = f"; permutation p {p_adj:.2g} after correction" if p_adj is not None and np.isfinite(p_adj) else ""
         s = f"{head} ({label} {est.value:.2f}, CI {est.ci_low:.2f}–{est.ci_high:.2f}{ptxt})"
         if delta is not None:
             word = "higher" if delta.value >= 0 else "lower"
             s += f", {abs(delta.value):.2f} {word} than random init (CI {delta.ci_low:+.2f} to {delta.ci_high:+.2f})"
         return s + "." + (f" {_PRESENT}" if present else "")
     if metric == "mae":
-        s = f"{name} can be estimated from this encoder's embeddings with a mean absolute error of {est.value:.1f} years (CI {est.ci_low:.1f}–{est.ci_high:.1f}{extra})"
+        unit = " years" if attr == "age" else ""
+        s = f"{name} can be estimated from this encoder's embeddings with a mean absolute error of {est.value:.1f}{unit} (CI {est.ci_low:.1f}–{est.ci_high:.1f}{extra})"
         if delta is not None:
             word = "better" if delta.value <= 0 else "worse"
-            s += f", {abs(delta.value):.1f} years {word} than random init (CI {delta.ci_low:+.1f} to {delta.ci_high:+.1f})"
+            s += f", {abs(delta.value):.1f}{unit} {word} than random init (CI {delta.ci_low:+.1f} to {delta.ci_high:+.1f})"
         return s + "."
     if metric == "r2":
-        present = est.ci_low > 0 if present is None else present
         s = (f"A linear probe on this encoder's embeddings explains {'part' if present else 'no reliable part'} of the "
-             f"variance of {name.lower()} (R² {est.value:.2f}, CI {est.ci_low:.2f} to {est.ci_high:.2f})")
+             f"variance of {name.lower()} (R² {est.value:.2f}, CI {est.ci_low:.2f} to {est.ci_high:.2f}{ptxt})")
         if delta is not None:
             s += f", {delta.value:+.2f} vs random init (CI {delta.ci_low:+.2f} to {delta.ci_high:+.2f})"
         return s + "." + (f" {_PRESENT}" if present else "")
@@ -382,19 +490,41 @@ def ks_sentence(attr: str, ga: str, gb: str, mode: int, stat: float, p_adj: floa
             f"correction (KS D = {stat:.2f}, adjusted p = {p_adj:.2g}).")
 
 
-def separability_sentence(attr: str, r: dict[str, float], flagged: bool) -> str:
+def separability_sentence(attr: str, r: dict[str, float], flagged: bool, p_adj: float | None = None,
+                          test: str = "") -> str:
     verb = "cluster" if flagged else "do not cluster detectably"
+    adj = f", {p_adj:.2g} after correction" if p_adj is not None else ""
     return (f"Patients' {attr} groups {verb} in this embedding: a {r['k']}-nearest-neighbour vote recovers {attr} with "
             f"balanced accuracy {r['value']:.2f} against {r['chance']:.2f} expected by chance "
-            f"(permutation p = {r['p_value']:.3g}).")
+            f"(permutation p = {r['p_value']:.3g}{adj}" + (f"; {test}" if test else "") + ").")
 
 
-def subgroup_sentence(attr: str, metric: str, ga: str, gb: str, va: float, vb: float, gap: float, lo: float, hi: float) -> str:
-    label = {"auroc": "AUROC", "tpr": "true-positive rate", "fpr": "false-positive rate"}[metric]
-    clear = lo > 0 or hi < 0
-    tail = ("larger than sampling variation explains" if clear else "within sampling variation")
+_METRIC_LABEL = {"auroc": "AUROC", "tpr": "true-positive rate", "fpr": "false-positive rate"}
+
+
+def group_sentence(attr: str, grp: str, metric: str, r: pd.Series, thr_txt: str) -> str:
+    """The PE model's metric in one group, or why there is no number ('too few', no threshold)."""
+    label = _METRIC_LABEL[metric]
+    counts = f"n = {int(r['n'])} patients, {int(r['n_pos'])} positive"
+    if not np.isfinite(r[metric]):
+        why = r.get(f"{metric}_note") or "not computable (a class is missing)"
+        return f"PE model {label} for {attr} {grp}: no number, {why} ({counts})."
+    tail = f"; {thr_txt}" if metric != "auroc" else ""
+    return (f"PE model {label} for {attr} {grp}: {r[metric]:.2f} (CI {r[f'{metric}_lo']:.2f}–{r[f'{metric}_hi']:.2f}, "
+            f"{counts}{tail}).")
+
+
+def subgroup_sentence(attr: str, metric: str, ga: str, gb: str, va: float, vb: float, gap: float, lo: float, hi: float,
+                      p_adj: float | None = None, n_tests: int = 1, alpha: float = 0.05) -> str:
+    label = _METRIC_LABEL[metric]
+    if p_adj is None:
+        verdict = "could not be tested (no bootstrap spread)"
+    elif p_adj < alpha:
+        verdict = f"larger than sampling variation explains (p {p_adj:.2g} after Holm over {n_tests} gaps)"
+    else:
+        verdict = f"within sampling variation (p {p_adj:.2g} after Holm over {n_tests} gaps)"
     return (f"The PE model's {label} is {va:.2f} for {attr} {ga} and {vb:.2f} for {gb}; the gap of {gap:+.2f} "
-            f"(CI {lo:+.2f} to {hi:+.2f}) is {tail}.")
+            f"(CI {lo:+.2f} to {hi:+.2f}) is {verdict}.")
 
 
 # ---------------------------------------------------------------- the analysis of one encoder
@@ -409,32 +539,115 @@ def _patient_table(E: np.ndarray, keys: pd.DataFrame) -> tuple[np.ndarray, pd.Da
     return Xp, first
 
 
-def _probe_kind(attr: str, col: pd.Series) -> str:
+def attribute_kind(attr: str, col: pd.Series) -> str:
+    """Probe kind of an attribute: the fixed kind of age/sex/race, else from the values.
+
+    Any column a user brings is analysed by what it holds: numbers with more
+    than two distinct values are a regression target (BMI, a score), two
+    distinct values a binary one, other labels a multiclass one.
+    """
     if attr in ATTRIBUTE_KINDS:
         return ATTRIBUTE_KINDS[attr]
-    return "binary" if col.dropna().nunique() == 2 else "multiclass"
+    vals = col.dropna()
+    vals = vals[vals.astype(str) != ""]
+    num = pd.to_numeric(vals, errors="coerce")
+    if len(vals) and num.notna().all() and num.nunique() > 2:
+        return "regression"
+    return "binary" if vals.astype(str).nunique() == 2 else "multiclass"
 
 
 def _probe_target(kind: str, attr: str, col: pd.Series) -> np.ndarray:
     if kind == "regression":
-        return col.astype("float64").to_numpy()
+        return pd.to_numeric(col, errors="coerce").astype("float64").to_numpy()
     if kind == "binary":
         from ctssl_core.probes import _binary_codes
 
-        return _binary_codes(attr, col.to_numpy(dtype=object))
-    return col.to_numpy(dtype=object)
+        return _binary_codes(attr, _labels(col.to_numpy(dtype=object)))
+    return _labels(col.to_numpy(dtype=object))
 
 
 def _group_labels(attr: str, col: pd.Series, n_age_bins: int) -> np.ndarray:
-    if attr == "age":
-        return age_bins(col.astype("float64").to_numpy(), n_age_bins)
+    """Group labels for KS / separability / subgroups: quantile bins for numeric attributes (age, BMI, ...)."""
+    if attribute_kind(attr, col) == "regression":
+        return age_bins(pd.to_numeric(col, errors="coerce").astype("float64").to_numpy(), n_age_bins)
     return _labels(col.to_numpy(dtype=object))
+
+
+# ---------------------------------------------------------------- which attributes a store can analyse
+
+KEY_COLUMNS = ("patient_key",)
+
+
+def patient_attributes(store_root: str | Path) -> pd.DataFrame:
+    """One row per patient: patient_key, age, sex, race and every key of the ``attributes`` JSON as a column.
+
+    The pseudonymous key stays (to join with embedding rows); no identifier is
+    stored in the catalog in the first place (the demographics adapter drops
+    identifier-like columns), and ``analysable_attributes`` never offers one.
+    """
+    from ctssl_core.data.store import _expand_attributes
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        df = con.execute("SELECT patient_key, age, sex, race, CAST(attributes AS VARCHAR) AS attributes "
+                         "FROM patients ORDER BY patient_key").df()
+    return _expand_attributes(df).drop(columns=["attributes"])
+
+
+def _looks_like_identifier(name: str) -> bool:
+    import re
+
+    from ctssl_core.data.adapters.demographics import IDENTIFIER_WORDS
+
+    flat = re.sub(r"[^a-z0-9]", "", name.lower())
+    return any(w in flat for w in IDENTIFIER_WORDS)
+
+
+def analysable_attributes(table: pd.DataFrame | str | Path) -> dict[str, str]:
+    """{attribute: probe kind} for every column that can be analysed, in table order.
+
+    ``table``: a per-patient table (``patient_attributes``) or a store folder.
+    Every column but the key counts, when it has at least two distinct known
+    values; a column whose name looks like an identifier (name, birth date,
+    MRN, ...) never does. Kinds follow ``attribute_kind``.
+    """
+    if not isinstance(table, pd.DataFrame):
+        table = patient_attributes(table)
+    out = {}
+    for c in table.columns:
+        if c in KEY_COLUMNS or _looks_like_identifier(c):
+            continue
+        vals = table[c].dropna()
+        vals = vals[vals.astype(str) != ""]
+        if vals.astype(str).nunique() >= 2:
+            out[c] = attribute_kind(c, table[c])
+    return out
+
+
+def check_attributes(requested: tuple[str, ...] | list[str], known: dict[str, str]) -> None:
+    """Raise ``BiasError`` naming the known attributes when ``requested`` holds one the store lacks.
+
+    Why an error: a misspelt attribute used to be skipped silently, and the
+    analysis then looked complete.
+    """
+    unknown = [a for a in requested if a not in known]
+    if unknown:
+        listing = ", ".join(f"{a} ({k})" for a, k in known.items()) or "none"
+        raise BiasError(f"unknown attribute(s) {unknown}: this store can analyse {listing}. "
+                        f"Use --set attributes=[...] with names from that list.")
 
 
 def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.DataFrame] | None = None,
                    cfg: BiasConfig | None = None, emb_id: str = "", reference_emb_id: str | None = None,
                    progress: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Probes, KS tests and separability of one embedding (vs ``ref``) -> ``bias_results`` rows."""
+    """Probes, KS tests and separability of one embedding (vs ``ref``) -> ``bias_results`` rows.
+
+    Every test of the encoder is one family (``encoder_family``): a flag means
+    the whole analysis holds its family-wise error rate (``cfg.correction``
+    'holm') or false-discovery rate ('bh') at ``cfg.alpha``, whatever the
+    number of attributes.
+    """
     cfg = cfg or BiasConfig()
     say = progress or (lambda m: None)
     Xp, pt = _patient_table(E, keys)
@@ -442,88 +655,166 @@ def analyse_arrays(E: np.ndarray, keys: pd.DataFrame, ref: tuple[np.ndarray, pd.
     rows: list[dict[str, Any]] = []
     base = dict(emb_id=emb_id, reference_emb_id=reference_emb_id)
     attrs = [a for a in cfg.attributes if a in pt.columns and pt[a].notna().sum() >= 2]
+    n_slots = len(ANALYSES) * len(attrs)               # the family's (analysis, attribute) slots, at most
+    probe_perm = enough_permutations(cfg.probe_perm, n_slots, cfg.alpha, "probe_perm", say)
+    sep_perm = enough_permutations(cfg.n_perm, n_slots, cfg.alpha, "n_perm", say)
 
-    # --- probes: detection by permutation test (Holm over attributes), CIs by bootstrap
-    probe_rows = []
+    # --- probes: detection by exact permutation test, CIs and deltas by bootstrap (description only)
+    probes_out: dict[str, tuple[Any, dict]] = {}
     for attr in attrs:
-        kind = _probe_kind(attr, pt[attr])
+        kind = attribute_kind(attr, pt[attr])
         say(f"probe {attr} ({kind})")
         kw = dict(n_splits=cfg.n_splits, n_boot=cfg.n_boot, seed=cfg.seed)
         try:
             res = probe(Xp, _probe_target(kind, attr, pt[attr]), pt["patient_key"].to_numpy(), kind,
-                        n_perm=cfg.probe_perm, **kw)
+                        n_perm=probe_perm, **kw)
             deltas = {}
-            if ref_p is not None:
+            if ref_p is not None and attr in ref_p[1].columns:
                 rres = probe(ref_p[0], _probe_target(kind, attr, ref_p[1][attr]), ref_p[1]["patient_key"].to_numpy(), kind, **kw)
                 deltas = paired_delta(res, rres, n_boot=cfg.n_boot, seed=cfg.seed)
         except ProbeError as e:
             rows.append(dict(base, analysis="probe", attribute=attr, metric="error", sentence=f"{_attr_name(attr)} probe skipped: {e}"))
             continue
-        probe_rows.append((attr, res, deltas))
-    p_raw = np.array([r.p_value if r.p_value is not None else np.nan for _, r, _ in probe_rows])
-    p_adj = adjust_pvalues(np.nan_to_num(p_raw, nan=1.0), "holm") if len(p_raw) else p_raw
-    for (attr, res, deltas), p, pa in zip(probe_rows, p_raw, p_adj):
-        detected = bool(pa < cfg.alpha) if np.isfinite(p) else None
-        for metric, est in res.metrics.items():
-            d = deltas.get(metric)
-            extra = f"; R² {res.metrics['r2'].value:.2f}" if metric == "mae" else ""
-            rows.append(dict(base, analysis="probe", attribute=attr, metric=metric, value=est.value, ci_low=est.ci_low,
-                             ci_high=est.ci_high, delta=d.value if d else None, delta_ci_low=d.ci_low if d else None,
-                             delta_ci_high=d.ci_high if d else None, p_value=p if np.isfinite(p) else None,
-                             p_adjusted=pa if np.isfinite(p) else None, flagged=detected, n=res.n_units,
-                             sentence=probe_sentence(attr, metric, est, d, extra, detected,
-                                                     pa if np.isfinite(p) else None)))
+        probes_out[attr] = (res, deltas)
 
     # --- KS tests on top PCA modes (patient level)
     say("KS tests")
     Z, evr = pca_modes(Xp, cfg.n_modes)
     groups = {a: _group_labels(a, pt[a], cfg.n_age_bins) for a in attrs}
     ks = ks_tests(Z, groups, alpha=cfg.alpha, correction=cfg.correction, min_group=cfg.min_group)
-    for r in ks.itertuples():
-        rows.append(dict(base, analysis="ks", attribute=r.attribute, group_a=r.group_a, group_b=r.group_b,
-                         metric=f"ks_mode{r.mode}", value=r.statistic, p_value=r.p_value, p_adjusted=r.p_adjusted,
-                         flagged=bool(r.flagged), n=r.n_a + r.n_b,
-                         sentence=ks_sentence(r.attribute, r.group_a, r.group_b, r.mode, r.statistic, r.p_adjusted, bool(r.flagged))))
 
-    # --- separability (k-NN on top PCA dims), Holm-corrected over attributes
+    # --- separability (k-NN on top PCA dims)
     say("separability")
     Zs = pca_modes(Xp, cfg.sep_dims)[0]
-    ref_sep = {}
-    if ref_p is not None:
-        Zr = pca_modes(ref_p[0], cfg.sep_dims)[0]
-    sep = {}
+    Zr = pca_modes(ref_p[0], cfg.sep_dims)[0] if ref_p is not None else None
+    sep, ref_sep = {}, {}
     for a in attrs:
         lab = groups[a]
-        keep = np.array([x is not None and (lab == x).sum() >= cfg.min_group for x in lab])
+        keep = _big_groups(lab, cfg.min_group)
         if len(set(lab[keep].tolist())) < 2:
             continue
-        sep[a] = knn_separability(Zs[keep], lab[keep], k=cfg.knn_k, n_perm=cfg.n_perm, seed=cfg.seed)
-        if ref_p is not None:
+        sep[a] = knn_separability(Zs[keep], lab[keep], k=cfg.knn_k, n_perm=sep_perm, seed=cfg.seed)
+        if ref_p is not None and a in ref_p[1].columns:
             rl = _group_labels(a, ref_p[1][a], cfg.n_age_bins)
-            rk = np.array([x is not None and (rl == x).sum() >= cfg.min_group for x in rl])
+            rk = _big_groups(rl, cfg.min_group)
             if len(set(rl[rk].tolist())) >= 2:
-                ref_sep[a] = knn_separability(Zr[rk], rl[rk], k=cfg.knn_k, n_perm=cfg.n_perm, seed=cfg.seed)
-    padj = adjust_pvalues(np.array([sep[a]["p_value"] for a in sep]), "holm")
-    for a, pa in zip(sep, padj):
-        r = sep[a]
+                ref_sep[a] = knn_separability(Zr[rk], rl[rk], k=cfg.knn_k, n_perm=1, seed=cfg.seed)
+
+    # --- one family for the encoder
+    probe_p = {a: r.p_value for a, (r, _) in probes_out.items() if r.p_value is not None and np.isfinite(r.p_value)}
+    fam = encoder_family(probe_p, {a: r["p_value"] for a, r in sep.items()}, ks, cfg)
+    ftxt = fam.describe(cfg)
+    for attr, (res, deltas) in probes_out.items():
+        p, pa = probe_p.get(attr), fam.adjusted.get(("probe", attr))
+        detected = None if pa is None else bool(pa < cfg.alpha)
+        for metric, est in res.metrics.items():
+            d = deltas.get(metric)
+            extra = f"; R² {res.metrics['r2'].value:.2f}" if metric == "mae" else ""
+            rows.append(dict(base, analysis="probe", attribute=attr, metric=metric, value=est.value, ci_low=est.ci_low,
+                             ci_high=est.ci_high, delta=d.value if d else None, delta_ci_low=d.ci_low if d else None,
+                             delta_ci_high=d.ci_high if d else None, p_value=p, p_adjusted=pa, flagged=detected,
+                             n=res.n_units,
+                             sentence=probe_sentence(attr, metric, est, d, extra, detected, pa,
+                                                     test=f"{probe_perm} permutations; {ftxt}")))
+    for i, r in enumerate(ks.itertuples()):
+        pa = float(fam.ks_adjusted[i])
+        flagged = bool(pa < cfg.alpha)
+        rows.append(dict(base, analysis="ks", attribute=r.attribute, group_a=r.group_a, group_b=r.group_b,
+                         metric=f"ks_mode{r.mode}", value=r.statistic, p_value=r.p_value, p_adjusted=pa,
+                         flagged=flagged, n=r.n_a + r.n_b,
+                         sentence=ks_sentence(r.attribute, r.group_a, r.group_b, r.mode, r.statistic, pa, flagged)
+                         + f" ({ftxt}.)"))
+    for a, r in sep.items():
+        pa = fam.adjusted[("separability", a)]
         flagged = bool(pa < cfg.alpha)
         rows.append(dict(base, analysis="separability", attribute=a, metric="knn_balanced_accuracy", value=r["value"],
                          ci_low=r["null_mean"], ci_high=r["null_q95"],
                          delta=(r["value"] - ref_sep[a]["value"]) if a in ref_sep else None,
                          p_value=r["p_value"], p_adjusted=float(pa), flagged=flagged, n=r["n"],
-                         sentence=separability_sentence(a, r, flagged)))
-    df = pd.DataFrame(rows)
-    return _finish(df)
+                         sentence=separability_sentence(a, r, flagged, pa, f"{sep_perm} permutations; {ftxt}")))
+    return _finish(pd.DataFrame(rows))
+
+
+ANALYSES = ("probe", "ks", "separability")
+
+
+def _big_groups(lab: np.ndarray, min_group: int) -> np.ndarray:
+    """Rows whose group is known and has at least ``min_group`` patients."""
+    return np.array([x is not None and (lab == x).sum() >= min_group for x in lab], dtype=bool)
+
+
+@dataclass
+class Family:
+    """Adjusted p-values of all tests of one encoder. ``adjusted`` maps ('probe'|'separability', attribute)
+    to its adjusted p; ``ks_adjusted`` is aligned with the KS table's rows; ``n_slots`` counts the
+    (analysis, attribute) pairs that share the family."""
+
+    adjusted: dict[tuple[str, str], float]
+    ks_adjusted: np.ndarray
+    n_slots: int
+
+    def describe(self, cfg: BiasConfig) -> str:
+        how = "Holm" if cfg.correction == "holm" else "Benjamini-Hochberg"
+        return f"{how} over the encoder's {self.n_slots} (analysis, attribute) tests"
+
+
+def encoder_family(probe_p: dict[str, float], sep_p: dict[str, float], ks: pd.DataFrame, cfg: BiasConfig) -> Family:
+    """Correct every test of one encoder together: probe and separability p per attribute, and the KS tests.
+
+    Each (analysis, attribute) slot gets an equal share of alpha; the KS tests
+    of one attribute split their slot's share (weighted Holm/BH,
+    ``adjust_pvalues``). Why one family: correcting each analysis on its own
+    lets the chance of *some* false flag grow with every analysis and
+    attribute added; the null simulation (experiments/bias_null.py) measures
+    the resulting family-wise rate.
+    """
+    keys = [("probe", a) for a in probe_p] + [("separability", a) for a in sep_p]
+    ks_attr = ks["attribute"].tolist() if len(ks) else []
+    ks_slots = sorted(set(ks_attr))
+    n_slots = len(keys) + len(ks_slots)
+    if n_slots == 0:
+        return Family({}, np.array([]), 0)
+    per_ks = {a: ks_attr.count(a) for a in ks_slots}
+    p = np.array([probe_p[a] for a in probe_p] + [sep_p[a] for a in sep_p] + ks["p_value"].tolist(), dtype=np.float64)
+    w = np.array([1.0] * len(keys) + [1.0 / per_ks[a] for a in ks_attr])
+    adj = adjust_pvalues(p, cfg.correction, weights=w)
+    return Family({k: float(v) for k, v in zip(keys, adj[: len(keys)])}, adj[len(keys):], n_slots)
+
+
+def subgroup_threshold(val_scores: pd.DataFrame | None, cfg: BiasConfig) -> tuple[float | None, str]:
+    """The TPR/FPR threshold and where it came from: Youden's J on validation scores, else ``cfg.threshold``.
+
+    Never the test scores: a threshold fitted to the rows it is then measured
+    on flatters TPR - FPR. Neither available -> None (TPR/FPR are left out).
+    """
+    if val_scores is not None:
+        need = {"score", "label"}
+        if not need <= set(val_scores.columns):
+            raise BiasError(f"validation scores need columns {sorted(need)}; got {list(val_scores.columns)}")
+        v = val_scores[np.isfinite(pd.to_numeric(val_scores["score"], errors="coerce"))
+                       & np.isfinite(pd.to_numeric(val_scores["label"], errors="coerce"))]
+        if v["label"].nunique() < 2:
+            raise BiasError("validation scores need both positive and negative labels to choose a threshold; "
+                            "give a larger validation split or set bias.threshold")
+        return youden_threshold(v["label"].to_numpy().astype(int), v["score"].to_numpy()), "chosen on validation scores"
+    if cfg.threshold is not None:
+        return float(cfg.threshold), "set in the bias config"
+    return None, "none: no validation scores and no bias.threshold"
 
 
 def subgroup_rows(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: BiasConfig | None = None, emb_id: str = "",
-                  reference_emb_id: str | None = None, resample: bool = False) -> pd.DataFrame:
+                  reference_emb_id: str | None = None, resample: bool = False,
+                  val_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """``bias_results`` rows of subgroup performance for a table of model scores.
 
-    ``scores``: columns patient_key, score, label (one row per exam or slice).
-    ``attrs``: per-patient attributes (patient_key + age/sex/race/...). With
-    ``resample`` the test set is first resampled to equal prevalence and age mix
-    (analysis 'subgroup_resampled').
+    ``scores``: columns patient_key, score, label (one row per exam or slice) of
+    the *test* split. ``attrs``: per-patient attributes (patient_key +
+    age/sex/race/...). ``val_scores`` (score, label of the validation split)
+    set the TPR/FPR threshold (``subgroup_threshold``). With ``resample`` the
+    test set is first resampled to equal prevalence and age mix (analysis
+    'subgroup_resampled'). Every gap of the call is one family, corrected with
+    Holm; groups below ``cfg.min_subgroup`` patients / ``cfg.min_events``
+    events say 'too few' instead of a number.
     """
     cfg = cfg or BiasConfig()
     need = {"patient_key", "score", "label"}
@@ -536,7 +827,9 @@ def subgroup_rows(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: BiasConfig | N
     analysis = "subgroup_resampled" if resample else "subgroup"
     if df["label"].nunique() < 2:
         raise BiasError("subgroup performance needs both positive and negative labels among the scored exams")
-    thr = youden_threshold(df["label"].to_numpy().astype(int), df["score"].to_numpy())
+    thr, thr_src = subgroup_threshold(val_scores, cfg)
+    thr_txt = f"threshold {thr:.3g}, {thr_src}" if thr is not None else f"threshold {thr_src}"
+    gaps = []
     for attr in [a for a in cfg.attributes if a in df.columns]:
         lab = _group_labels(attr, df[attr], cfg.n_age_bins)
         d = df
@@ -548,20 +841,27 @@ def subgroup_rows(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: BiasConfig | N
                                         cfg.n_age_bins, cfg.seed)
                 d, lab = df[ok].iloc[idx].reset_index(drop=True), lab[ok][idx]
             res = subgroup_performance(d["score"].to_numpy(), d["label"].to_numpy(), lab, d["patient_key"].to_numpy(),
-                                       threshold=thr, n_boot=cfg.n_boot, seed=cfg.seed)
+                                       threshold=thr, n_boot=cfg.n_boot, seed=cfg.seed, min_subgroup=cfg.min_subgroup,
+                                       min_events=cfg.min_events)
         except BiasError as e:
             rows.append(dict(analysis=analysis, attribute=attr, metric="error", sentence=f"{attr}: {e}"))
             continue
         for grp, r in res.by_group.iterrows():
-            for m in ("auroc", "tpr", "fpr"):
+            for m in SUBGROUP_METRICS:
                 rows.append(dict(analysis=analysis, attribute=attr, group_a=grp, metric=m, value=r[m], ci_low=r[f"{m}_lo"],
                                  ci_high=r[f"{m}_hi"], n=int(r["n"]),
-                                 sentence=f"PE model {m.upper()} for {attr} {grp}: {r[m]:.2f} (CI {r[f'{m}_lo']:.2f}–{r[f'{m}_hi']:.2f}, n = {int(r['n'])}; threshold {res.threshold:.3g})."))
+                                 sentence=group_sentence(attr, grp, m, r, thr_txt)))
         for g in res.gaps.itertuples():
-            va, vb = res.by_group.loc[g.group_a, g.metric], res.by_group.loc[g.group_b, g.metric]
-            rows.append(dict(analysis=analysis, attribute=attr, group_a=g.group_a, group_b=g.group_b, metric=f"{g.metric}_gap",
-                             value=g.value, ci_low=g.ci_low, ci_high=g.ci_high, flagged=bool(g.ci_low > 0 or g.ci_high < 0),
-                             sentence=subgroup_sentence(attr, g.metric, g.group_a, g.group_b, va, vb, g.value, g.ci_low, g.ci_high)))
+            gaps.append((attr, g, res.by_group.loc[g.group_a, g.metric], res.by_group.loc[g.group_b, g.metric]))
+    p = np.array([g.p_value for _, g, _, _ in gaps], dtype=np.float64)
+    p_adj = adjust_pvalues(np.nan_to_num(p, nan=1.0), "holm") if len(p) else p
+    for (attr, g, va, vb), pr, pa in zip(gaps, p, p_adj):
+        tested = bool(np.isfinite(pr))
+        rows.append(dict(analysis=analysis, attribute=attr, group_a=g.group_a, group_b=g.group_b, metric=f"{g.metric}_gap",
+                         value=g.value, ci_low=g.ci_low, ci_high=g.ci_high, p_value=pr if tested else None,
+                         p_adjusted=float(pa) if tested else None, flagged=bool(pa < cfg.alpha) if tested else None,
+                         sentence=subgroup_sentence(attr, g.metric, g.group_a, g.group_b, va, vb, g.value, g.ci_low,
+                                                    g.ci_high, float(pa) if tested else None, len(p), cfg.alpha)))
     out = pd.DataFrame(rows)
     out["emb_id"], out["reference_emb_id"] = emb_id, reference_emb_id
     return _finish(out)
@@ -613,26 +913,42 @@ def find_reference(store_root: str | Path, emb_id: str) -> str | None:
     return ref[0] if ref else None
 
 
+def with_attributes(keys: pd.DataFrame, table: pd.DataFrame, attributes: tuple[str, ...]) -> pd.DataFrame:
+    """``keys`` plus each of ``attributes`` it lacks, from the per-patient ``table`` (joined on patient_key).
+
+    Why: embedding keys carry the core demographics only; an attribute the user
+    brought in the demographics CSV lives in ``patients.attributes``.
+    """
+    add = [a for a in attributes if a not in keys.columns and a in table.columns]
+    if not add or "patient_key" not in keys.columns:
+        return keys
+    return keys.merge(table[["patient_key"] + add], on="patient_key", how="left")
+
+
 def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str | None = None,
                     cfg: BiasConfig | None = None, pe_scores: pd.DataFrame | None = None,
-                    progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+                    progress: Callable[[str], None] | None = None,
+                    pe_val_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """Full bias analysis of embedding ``emb_id`` against ``reference_emb_id`` (random init).
 
     ``reference_emb_id=None`` looks up the newest random-init embedding of the
     same split/level/encoder; none found -> no deltas. ``pe_scores`` (columns
-    patient_key or series_key, score, label; one row per exam or slice) adds subgroup-performance rows, raw and
-    resampled. Writes the rows to ``bias_results`` and returns them.
+    patient_key or series_key, score, label; one row per exam or slice, test split) adds subgroup-performance
+    rows, raw and resampled; ``pe_val_scores`` (score, label of the same model on the validation split) choose
+    the TPR/FPR threshold (``subgroup_threshold``). Writes the rows to ``bias_results`` and returns them.
     """
     from ctssl_core.embed import load_embeddings
 
     cfg = cfg or BiasConfig()
     E, keys, _ = load_embeddings(store_root, emb_id)
+    attrs_table = patient_attributes(store_root)
+    keys = with_attributes(keys, attrs_table, cfg.attributes)
     if reference_emb_id is None:
         reference_emb_id = find_reference(store_root, emb_id)
     ref = None
     if reference_emb_id is not None:
         Er, kr, _ = load_embeddings(store_root, reference_emb_id)
-        ref = (Er, kr)
+        ref = (Er, with_attributes(kr, attrs_table, cfg.attributes))
     df = analyse_arrays(E, keys, ref, cfg, emb_id=emb_id, reference_emb_id=reference_emb_id, progress=progress)
     if pe_scores is not None:
         attrs = keys.drop_duplicates("patient_key")[["patient_key"] + [a for a in cfg.attributes if a in keys.columns]]
@@ -640,7 +956,116 @@ def analyse_encoder(store_root: str | Path, emb_id: str, reference_emb_id: str |
             series_patient = keys.drop_duplicates("series_key").set_index("series_key")["patient_key"]
             pe_scores = pe_scores.assign(patient_key=pe_scores["series_key"].map(series_patient))
         pe_attrs = pe_scores.drop(columns=[c for c in pe_scores.columns if c in attrs.columns and c != "patient_key"])
-        df = pd.concat([df, subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id),
-                        subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id, resample=True)], ignore_index=True)
+        df = pd.concat([df, subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id, val_scores=pe_val_scores),
+                        subgroup_rows(pe_attrs, attrs, cfg, emb_id, reference_emb_id, resample=True,
+                                      val_scores=pe_val_scores)], ignore_index=True)
     write_bias_results(store_root, df)
     return df
+
+
+# ---------------------------------------------------------------- the planted-truth scorecard
+
+SCORED_ANALYSES = ("probe", "ks", "separability")
+
+
+def planted_truth(truth: dict[str, Any] | str | Path) -> dict[str, bool]:
+    """{attribute: has a planted imaging correlate} from a synthetic cohort's ``truth.json``.
+
+    ``ctssl synth`` writes ``planted_effects`` (attribute -> {"knob": name of
+    its SynthConfig strength, or None for control_group, "effect": "none"}) and
+    ``effect_sizes`` (knob -> strength). An attribute is planted when its knob
+    is above 0; one without a knob is planted unless its effect is "none"
+    (``site``: scanner noise and blur, independent of demographics).
+    """
+    import json
+
+    if not isinstance(truth, dict):
+        path = Path(truth)
+        if path.is_dir():
+            path = path / "truth.json"
+        if not path.is_file():
+            raise BiasError(f"no truth.json at {path}: the scorecard needs a cohort made by `ctssl synth`")
+        truth = json.loads(path.read_text())
+    effects, sizes = truth.get("planted_effects"), truth.get("effect_sizes") or {}
+    if not isinstance(effects, dict):
+        raise BiasError("truth.json has no planted_effects; regenerate the cohort with `ctssl synth`")
+    out = {}
+    for attr, eff in effects.items():
+        if "knob" in eff:
+            out[attr] = eff["knob"] is not None and float(sizes.get(eff["knob"], 0.0)) > 0
+        else:
+            out[attr] = str(eff.get("effect", "none")).lower() != "none"
+    return out
+
+
+def scorecard(results: pd.DataFrame, truth: dict[str, bool] | dict[str, Any] | str | Path,
+              labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Whether each analysis detects each attribute in each encoder, and whether that is right.
+
+    Inputs:
+      * ``results`` -- ``bias_results`` rows of one or more encoders, as
+        ``analyse_arrays`` / ``analyse_encoder`` return them or
+        ``results.read.bias_results`` reads them: columns emb_id, analysis,
+        attribute, flagged, p_adjusted. Only the probe, KS and separability
+        rows are scored (subgroup rows are about a PE model, not the embedding).
+      * ``truth`` -- ``planted_truth``'s {attribute: planted} or what it reads
+        (a truth.json path, its folder, or its parsed dict).
+      * ``labels`` -- optional {emb_id: encoder name} (e.g. the init) for the table.
+
+    Returns one row per (encoder, attribute, analysis) for the attributes the
+    truth knows: planted, detected (any row of that analysis and attribute
+    flagged; None when the analysis did not run), outcome ('hit', 'miss',
+    'false positive', 'correct null', 'not run'), correct (detected ==
+    planted; None when not run), the smallest corrected p and a sentence. A
+    false positive is always an error of the analysis; a miss may be the
+    encoder's (it does not carry the attribute: random init, or a window that
+    clips the age correlate), which the sentence says.
+    """
+    need = {"emb_id", "analysis", "attribute", "flagged", "p_adjusted"}
+    if not need <= set(results.columns):
+        raise BiasError(f"scorecard needs bias_results columns {sorted(need)}; got {list(results.columns)}")
+    planted = truth if truth and all(isinstance(v, bool) for v in truth.values()) else planted_truth(truth)
+    labels = labels or {}
+    rows = []
+    scored = results[results["analysis"].isin(SCORED_ANALYSES)]
+    for emb in pd.unique(results["emb_id"]):
+        mine = scored[scored["emb_id"] == emb]
+        name = labels.get(emb, emb)
+        for attr, is_planted in planted.items():
+            for analysis in SCORED_ANALYSES:
+                d = mine[(mine["analysis"] == analysis) & (mine["attribute"] == attr)]
+                d = d[d["flagged"].notna()]
+                if d.empty:
+                    detected, p = None, None
+                else:
+                    detected = bool(d["flagged"].astype(bool).any())
+                    p = float(pd.to_numeric(d["p_adjusted"], errors="coerce").min())
+                outcome, correct = _outcome(is_planted, detected)
+                rows.append(dict(encoder=name, emb_id=emb, attribute=attr, analysis=analysis, planted=is_planted,
+                                 detected=detected, outcome=outcome, correct=correct, p_adjusted=p,
+                                 sentence=_scorecard_sentence(name, attr, analysis, is_planted, outcome, p)))
+    return pd.DataFrame(rows, columns=["encoder", "emb_id", "attribute", "analysis", "planted", "detected", "outcome",
+                                       "correct", "p_adjusted", "sentence"])
+
+
+def _outcome(planted: bool, detected: bool | None) -> tuple[str, bool | None]:
+    if detected is None:
+        return "not run", None
+    if planted:
+        return ("hit", True) if detected else ("miss", False)
+    return ("false positive", False) if detected else ("correct null", True)
+
+
+def _scorecard_sentence(name: str, attr: str, analysis: str, planted: bool, outcome: str, p: float | None) -> str:
+    what = {"probe": "the linear probe", "ks": "the KS tests", "separability": "the k-NN separability test"}[analysis]
+    truth = "has a planted imaging correlate" if planted else "has no imaging correlate"
+    ptxt = f" (smallest corrected p {p:.2g})" if p is not None and np.isfinite(p) else ""
+    verdict = {
+        "hit": f"{what} detects it{ptxt}: right.",
+        "miss": f"{what} does not detect it{ptxt}: a miss. Either the encoder does not carry it or the test lacks "
+                f"power at this size; random init and soft-tissue windows (which clip the lung-HU age effect) often do.",
+        "false positive": f"{what} flags it{ptxt}: WRONG, a false positive of the analysis.",
+        "correct null": f"{what} does not flag it{ptxt}: right.",
+        "not run": f"{what} did not run on it (too few patients per group, or the attribute is missing).",
+    }[outcome]
+    return f"{name}: {attr} {truth}; {verdict}"

@@ -4,14 +4,22 @@ This is THE probe implementation of ctssl. The bias analysis (``bias.py``) and
 the downstream ``demographics`` task both call it, so a probe number means the
 same thing everywhere. Method after Gichoya et al. 2022 and Glocker et al. 2023:
 
-* scikit-learn linear models on frozen embeddings -- ``LogisticRegression`` for
-  sex (AUROC) and race (macro one-vs-rest AUROC), ``Ridge`` for age (MAE, R²);
+* scikit-learn ridge probes on frozen embeddings -- regression on the value for
+  age (MAE, R²), on the 0/1 indicator for sex (AUROC) and on one indicator per
+  class for race (macro one-vs-rest AUROC): a least-squares linear classifier;
+* the ridge penalty is chosen by cross-validation *inside* each training fold
+  (nested CV, ``RidgeCV``), so a noise embedding gets a penalty strong enough
+  to predict the training mean (R² ≈ 0) instead of overfitting (a fixed penalty
+  gave R² of -0.5 to -1.1 on pure noise);
 * standardisation is fitted inside each training fold (a ``Pipeline``), so the
   held-out fold never leaks into the scaler; features that are flat in the
   training fold are dropped first (``drop_flat_features``: dead channels of a
   random encoder otherwise blow up under standardisation);
-* cross-validation groups by patient (``GroupKFold``; ``StratifiedGroupKFold``
-  for classes), so no patient is in train and test at once;
+* cross-validation groups by patient (``GroupKFold``), so no patient is in
+  train and test at once; folds never look at the target, so the permutation
+  test reruns exactly the same procedure;
+* detection is an exact permutation test (``probe(n_perm=...)``), not the
+  bootstrap CI;
 * **scoring unit = patient.** Slice embeddings are mean-pooled per patient
   before probing (``pool_by_group``). Why: demographics are patient attributes,
   slices of one patient are strongly correlated, and a patient-level sample
@@ -145,20 +153,27 @@ def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def metric_rows(kind: str, metric: str, y: np.ndarray, oof: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Metric for each replicate row of ``idx`` (R, N) -> (R,)."""
-    yi = y[idx]                                     # (R, N)
+    return metric_arrays(kind, metric, y[idx], oof[idx])
+
+
+def metric_arrays(kind: str, metric: str, Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Metric per row of (R, N) targets ``Y`` and (R, N) scores ``S`` ((R, N, K) for macro AUROC) -> (R,).
+
+    Rows are bootstrap replicates or permutations; one code path scores both.
+    """
     if metric == "auroc":
-        return _auroc_rows(yi, oof[idx])
+        return _auroc_rows(Y, S)
     if metric == "macro_auroc":
-        k = oof.shape[1]
-        per = np.stack([_auroc_rows(yi == c, oof[idx, c]) for c in range(k)], 1)  # (R, K)
-        present = [c for c in range(k) if np.any(y == c)]
-        return np.nanmean(per[:, present], 1) if present else np.full(len(idx), np.nan)
-    pi = oof[idx]
+        k = S.shape[2]
+        per = np.stack([_auroc_rows(Y == c, S[..., c]) for c in range(k)], 1)  # (R, K)
+        present = [c for c in range(k) if np.any(Y == c)]
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(per[:, present], 1) if present else np.full(len(Y), np.nan)
     if metric == "mae":
-        return np.abs(yi - pi).mean(1)
+        return np.abs(Y - S).mean(1)
     if metric == "r2":
-        ss_res = ((yi - pi) ** 2).sum(1)
-        ss_tot = ((yi - yi.mean(1, keepdims=True)) ** 2).sum(1)
+        ss_res = ((Y - S) ** 2).sum(1)
+        ss_tot = ((Y - Y.mean(1, keepdims=True)) ** 2).sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(ss_tot > 0, 1 - ss_res / ss_tot, np.nan)
     raise ProbeError(f"unknown probe metric {metric!r}; choose one of auroc, macro_auroc, mae, r2")
@@ -205,24 +220,31 @@ def _encode_classes(y: np.ndarray) -> tuple[np.ndarray, list]:
     return np.array([code[v] for v in y.tolist()], dtype=np.int64), classes
 
 
-def _folds(kind: str, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):
-    """Patient-grouped folds. With one row per patient (pooled) grouping is implicit, so the
-    equivalent and ~100x faster (Stratified)KFold is used instead of the Group variants."""
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+def _folds(groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped folds that never look at the target.
 
-    z = np.zeros(len(y))
-    one_row_each = len(np.unique(groups)) == len(groups)
-    if kind == "regression":
-        if one_row_each:
-            return KFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z)
-        return GroupKFold(n_splits=n_splits).split(z, y, groups)
-    if one_row_each:
-        return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y)
-    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y, groups)
+    Why target-blind: the permutation test refits the probe on permuted targets
+    and must run exactly the same procedure as on the real ones. Folds
+    stratified on the real labels would be a different procedure for every
+    permutation (and could not be shared across them). With one row per patient
+    (pooled) grouping is implicit and a shuffled ``KFold`` is used; otherwise
+    ``GroupKFold``.
+    """
+    from sklearn.model_selection import GroupKFold, KFold
+
+    z = np.zeros(len(groups))
+    if len(np.unique(groups)) == len(groups):
+        return list(KFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z))
+    return list(GroupKFold(n_splits=n_splits).split(z, z, groups))
 
 
 # a feature whose training-fold std is below this fraction of the median feature std is dropped
 FLAT_REL_STD = 1e-3
+# ridge penalties searched inside each training fold (on standardised features): from almost none to so
+# strong that the probe predicts the training mean, which is what a noise embedding deserves
+PENALTIES: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 17))
+# permutations refitted together (as extra target columns of one ridge fit); bounds memory
+PERM_CHUNK = 256
 
 
 def drop_flat_features(X_train: np.ndarray, rel: float = FLAT_REL_STD) -> np.ndarray:
@@ -239,19 +261,49 @@ def drop_flat_features(X_train: np.ndarray, rel: float = FLAT_REL_STD) -> np.nda
     return keep if keep.any() else np.ones_like(keep)
 
 
-def _model(kind: str, C: float, alpha: float):
-    from sklearn.linear_model import LogisticRegression, Ridge
+def _targets(kind: str, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, K) regression targets of the probe: the value, the 0/1 label, or one column per class."""
+    if kind == "multiclass":
+        return (y[:, None] == np.arange(n_classes)[None]).astype(np.float64)
+    return np.asarray(y, dtype=np.float64)[:, None]
+
+
+def _ridge_fit_predict(X_tr: np.ndarray, T_tr: np.ndarray, X_te: np.ndarray, groups_tr: np.ndarray) -> np.ndarray:
+    """Predictions (n_te, T) of a standardised ridge per target column, each with its own penalty.
+
+    The penalty is chosen inside the training fold (nested CV): by sklearn's
+    efficient leave-one-out (``RidgeCV(alpha_per_target=True)``) when each row
+    is its own patient, by a patient-grouped inner ``GroupKFold`` otherwise
+    (leave-one-row-out would leak a patient's other slices). A fixed penalty
+    overfit ~128 features on ~190 patients: R^2 of -0.5 to -1.1 on pure noise.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if kind == "regression":
-        return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    n_groups = len(np.unique(groups_tr))
+    if n_groups == len(groups_tr):
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=PENALTIES, alpha_per_target=True))
+        return model.fit(X_tr, T_tr).predict(X_te).reshape(len(X_te), -1)
+    cv = list(GroupKFold(n_splits=min(3, n_groups)).split(X_tr, groups=groups_tr))
+    out = np.empty((len(X_te), T_tr.shape[1]))
+    for j in range(T_tr.shape[1]):
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=PENALTIES, cv=cv))
+        out[:, j] = model.fit(X_tr, T_tr[:, j]).predict(X_te)
+    return out
 
 
-def _cv_oof(X: np.ndarray, y: np.ndarray, cluster: np.ndarray, kind: str, n_splits: int, seed: int, C: float,
-            alpha: float, n_classes: int) -> np.ndarray:
-    """Out-of-fold predictions: (N,) score/prediction, or (N, K) class probabilities.
+def _cv_oof(X: np.ndarray, T: np.ndarray, cluster: np.ndarray, n_splits: int, seed: int,
+            scores: bool = False) -> np.ndarray:
+    """Out-of-fold predictions (N, T) of every target column of ``T`` (N, T).
+
+    ``scores=True`` (class probes) drops each fold's intercept (the training
+    mean of the indicator). Why: AUROC pools scores across folds, and a fold
+    whose training part has fewer positives has more in its test part, so the
+    intercept is anti-correlated with the held-out labels: on noise, where the
+    chosen penalty leaves little but the intercept, the pooled AUROC fell to
+    0.35. Without it the scores of a noise embedding are ~0 and the AUROC ~0.5.
 
     BLAS is held to one thread: patient-level probe problems are small, and on
     a shared 2-core machine threaded BLAS made each fit ~5x slower (0.18 s vs
@@ -259,31 +311,19 @@ def _cv_oof(X: np.ndarray, y: np.ndarray, cluster: np.ndarray, kind: str, n_spli
     """
     from threadpoolctl import threadpool_limits
 
+    oof = np.zeros(T.shape)
     with threadpool_limits(limits=1):
-        return _cv_oof_inner(X, y, cluster, kind, n_splits, seed, C, alpha, n_classes)
-
-
-def _cv_oof_inner(X, y, cluster, kind, n_splits, seed, C, alpha, n_classes) -> np.ndarray:
-    oof = np.zeros((len(y), n_classes)) if kind == "multiclass" else np.zeros(len(y))
-    for tr, te in _folds(kind, y, cluster, n_splits, seed):
-        model = _model(kind, C, alpha)
-        if kind != "regression" and len(np.unique(y[tr])) < 2:
-            oof[te] = np.mean(y[tr] == 1) if kind == "binary" else 1.0 / n_classes
-            continue
-        cols = drop_flat_features(X[tr])                 # fitted on the training fold only
-        model.fit(X[tr][:, cols], y[tr])
-        if kind == "regression":
-            oof[te] = model.predict(X[te][:, cols])
-        else:
-            proba = model.predict_proba(X[te][:, cols])  # (n_te, K_seen)
-            seen = model[-1].classes_
-            if kind == "binary":
-                oof[te] = proba[:, list(seen).index(1)] if 1 in seen else 0.0
-            else:
-                full = np.zeros((len(te), n_classes))
-                full[:, seen] = proba
-                oof[te] = full
+        for tr, te in _folds(cluster, n_splits, seed):
+            cols = drop_flat_features(X[tr])                 # fitted on the training fold only
+            oof[te] = _ridge_fit_predict(X[tr][:, cols], T[tr], X[te][:, cols], cluster[tr])
+            if scores:
+                oof[te] -= T[tr].mean(0)
     return oof
+
+
+def _scores(kind: str, oof: np.ndarray) -> np.ndarray:
+    """(N,) score for regression/binary, (N, K) per-class scores for multiclass."""
+    return oof if kind == "multiclass" else oof[:, 0]
 
 
 def probe(
@@ -296,24 +336,30 @@ def probe(
     n_splits: int = 5,
     n_boot: int = 1000,
     seed: int = 0,
-    C: float = 1.0,
-    alpha: float = 10.0,
     n_perm: int = 0,
 ) -> ProbeResult:
     """Cross-validated linear probe of ``y`` from ``X`` (rows grouped by patient ``groups``).
 
     ``pool=True`` (default) mean-pools rows per patient first (see module doc).
-    Rows with a missing target (NaN / None / '') are dropped. ``C`` (logistic) and
-    ``alpha`` (ridge) are mild fixed regularisers: a probe measures what is
-    linearly present, not what a tuned model can squeeze out.
+    Rows with a missing target (NaN / None / '') are dropped.
 
-    ``n_perm > 0`` adds a permutation test of the headline metric: the whole
-    cross-validation is rerun on permuted targets (permuted between patients),
-    ``p_value`` from a Gaussian fitted to the null (``permutation_p``). Use it to decide
-    whether an attribute is *detected*: the bootstrap CI is conditional on the
-    fitted probes and misses the variability of fitting them; on pure noise
-    (240 patients, 16 dims) its lower bound exceeded 0.5 in 6 of 60 runs,
-    where the permutation test holds its level.
+    The probe is a standardised ridge regression whose penalty is chosen by
+    cross-validation inside each training fold (``_ridge_fit_predict``); for
+    classes it regresses the 0/1 class indicators (a least-squares linear
+    classifier; scores are ranked for AUROC, they are not probabilities).
+    Why ridge for classes too: all permutations of the test below are extra
+    target columns of the same fit, so 300+ exact permutations cost about as
+    much as one logistic fit with tuned C per permutation would cost ten.
+
+    ``n_perm > 0`` adds an exact permutation test of the headline metric: the
+    whole nested cross-validation is rerun on targets permuted between
+    patients, and ``p = (1 + #{null at least as good}) / (1 + n_perm)``
+    (``permutation_p``). Use it to decide whether an attribute is *detected*:
+    the bootstrap CI is conditional on the fitted probes and misses the
+    variability of fitting them; on pure noise (240 patients, 16 dims) its
+    lower bound exceeded 0.5 in 6 of 60 runs, where the permutation test holds
+    its level. The smallest possible p is ``1 / (1 + n_perm)``: choose
+    ``n_perm`` so that it survives the multiplicity correction.
     """
     X = np.asarray(X)
     y = np.asarray(y, dtype=object if kind != "regression" else np.float64)
@@ -339,17 +385,18 @@ def probe(
         if len(classes) < 2:
             raise ProbeError(f"the {kind} probe needs at least two classes; found {classes}")
         min_count = np.bincount(np.unique(np.stack([cluster, y], 1), axis=0)[:, 1], minlength=len(classes)).min()
-        n_splits_eff = int(min(n_splits, min_count))
-        if n_splits_eff < 2:
+        if min_count < 2:
             raise ProbeError(
                 f"a class has fewer than 2 patients ({dict(zip(classes, np.bincount(y, minlength=len(classes))))}); "
                 f"merge rare labels or use more patients")
     else:
         y = y.astype(np.float64)
-        n_splits_eff = int(min(n_splits, n_units))
-        if n_splits_eff < 2:
-            raise ProbeError("the age probe needs at least 2 patients with a known age")
-    oof = _cv_oof(X, y, cluster, kind, n_splits_eff, seed, C, alpha, len(classes))
+        if n_units < 3:
+            raise ProbeError("the age probe needs at least 3 patients with a known value")
+    n_splits_eff = int(min(n_splits, n_units // 2 if kind == "regression" else min_count))
+    n_splits_eff = max(n_splits_eff, 2)
+    T = _targets(kind, y, len(classes))
+    oof = _scores(kind, _cv_oof(X, T, cluster, n_splits_eff, seed, scores=kind != "regression"))
     res = ProbeResult(kind=kind, metrics={}, y=y, oof=oof, units=units, cluster=cluster,
                       classes=classes, n_units=n_units, n_splits=n_splits_eff)
     ident = np.arange(len(y))[None]
@@ -360,45 +407,55 @@ def probe(
         res.boot[m] = reps
         res.metrics[m] = _estimate(point, reps)
     if n_perm > 0:
-        rng = np.random.default_rng(seed + 1)
         head = KIND_METRICS[kind][0]
-        null = np.empty(n_perm)
-        for i in range(n_perm):
-            yp = _permute_by_cluster(y, cluster, rng)
-            null[i] = metric_rows(kind, head, yp, _cv_oof(X, yp, cluster, kind, n_splits_eff, seed, C, alpha,
-                                                          len(classes)), ident)[0]
-        res.null, res.p_value = null, permutation_p(res.metrics[head].value, null, lower_is_better=head in LOWER_IS_BETTER)
+        res.null = _permutation_null(X, y, T, cluster, kind, head, n_perm, n_splits_eff, seed)
+        res.p_value = permutation_p(res.metrics[head].value, res.null, lower_is_better=head in LOWER_IS_BETTER)
     return res
 
 
-def permutation_p(obs: float, null: np.ndarray, lower_is_better: bool = False) -> float:
-    """One-sided p of ``obs`` against a permutation null, with a Gaussian tail.
+def _permutation_null(X, y, T, cluster, kind, metric, n_perm, n_splits, seed) -> np.ndarray:
+    """(n_perm,) headline metric of the nested-CV probe refitted on targets permuted between patients.
 
-    A permutation rerun is a full cross-validation, so we can afford tens, not
-    thousands; the empirical p could then never drop below 1/(n+1) and would
-    not survive a multiple-comparison correction. The CV metric under the null
-    is close to Gaussian (an average over many patients), so we fit mean and sd
-    to the null and report the larger of the Gaussian tail and a floor of
-    1e-12; with a degenerate null we fall back to the empirical p.
+    Permutations are stacked as target columns (``PERM_CHUNK`` at a time): each
+    column gets its own inner penalty search, so every permutation runs exactly
+    the procedure the real targets ran.
     """
-    from scipy.stats import norm
+    rng = np.random.default_rng(seed + 1)
+    idx = np.stack([_cluster_permutation(cluster, rng) for _ in range(n_perm)])       # (P, N)
+    K = T.shape[1]
+    null = np.empty(n_perm)
+    for s in range(0, n_perm, PERM_CHUNK):
+        chunk = idx[s:s + PERM_CHUNK]                                                   # (B, N)
+        Tp = T[chunk].transpose(1, 0, 2).reshape(len(y), -1)                            # (N, B*K)
+        oof = _cv_oof(X, Tp, cluster, n_splits, seed, scores=kind != "regression").reshape(len(y), len(chunk), K).transpose(1, 0, 2)
+        S = oof if kind == "multiclass" else oof[..., 0]
+        null[s:s + len(chunk)] = metric_arrays(kind, metric, y[chunk], S)
+    return null
 
-    null = null[np.isfinite(null)]
-    if len(null) < 3:
+
+def permutation_p(obs: float, null: np.ndarray, lower_is_better: bool = False) -> float:
+    """Exact one-sided permutation p: ``(1 + #{null at least as extreme}) / (1 + len(null))``.
+
+    The +1 counts the observed statistic as one of the permutations, which makes
+    the test valid (never below its level) for any number of random
+    permutations. A null value that could not be computed (NaN) counts as at
+    least as extreme: conservative, never anti-conservative. An earlier version
+    fitted a Gaussian to 10 permutations; under the null its false-positive rate
+    was 3.1% at a nominal 1.25%.
+    """
+    null = np.asarray(null, dtype=np.float64)
+    if not np.isfinite(obs) or len(null) == 0:
         return float("nan")
-    sd = null.std(ddof=1)
-    worse = (null <= obs) if lower_is_better else (null >= obs)
-    if not sd > 0:
-        return float((1 + worse.sum()) / (1 + len(null)))
-    z = (obs - null.mean()) / sd
-    p = norm.cdf(z) if lower_is_better else norm.sf(z)
-    return float(max(p, 1e-12))
+    with np.errstate(invalid="ignore"):
+        worse = (null <= obs) if lower_is_better else (null >= obs)
+    worse |= ~np.isfinite(null)
+    return float((1 + worse.sum()) / (1 + len(null)))
 
 
-def _permute_by_cluster(y: np.ndarray, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Permute targets between clusters (patients), keeping each cluster's rows on one target."""
-    uniq, first, inv = np.unique(cluster, return_index=True, return_inverse=True)
-    return y[first][rng.permutation(len(uniq))][inv]
+def _cluster_permutation(cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row index that permutes targets between clusters (patients): ``y[idx]`` keeps each patient's rows on one target."""
+    _, first, inv = np.unique(cluster, return_index=True, return_inverse=True)
+    return first[rng.permutation(len(first))][inv]
 
 
 def paired_delta(result: ProbeResult, reference: ProbeResult, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:

@@ -39,8 +39,8 @@ def test_binary_probe_is_chance_on_noise():
 
 def test_permutation_p_detects_planted_signal():
     X, y, g = _binary(n=120, d=8, effect=1.5, seed=12)
-    r = probe(X, y, g, "binary", n_boot=50, n_perm=15)
-    assert r.p_value < 0.01
+    r = probe(X, y, g, "binary", n_boot=50, n_perm=199)
+    assert r.p_value == pytest.approx(1 / 200)          # no permutation reaches the planted signal
 
 
 def test_multiclass_macro_auroc_planted_and_matches_sklearn():
@@ -50,9 +50,11 @@ def test_multiclass_macro_auroc_planted_and_matches_sklearn():
     X[:, 0] += 2 * (y == "A")
     X[:, 1] += 2 * (y == "B")
     r = probe(X, y, np.arange(300), "multiclass", n_boot=200)
-    assert r.classes == ["A", "B", "C"]
+    assert r.classes == ["A", "B", "C"] and r.oof.shape == (300, 3)
     assert r.metrics["macro_auroc"].ci_low > 0.75
-    assert r.metrics["macro_auroc"].value == pytest.approx(roc_auc_score(r.y, r.oof, multi_class="ovr", average="macro"))
+    # per-class scores of a least-squares probe are not probabilities: macro AUROC = mean one-vs-rest AUROC
+    hand = np.mean([roc_auc_score(r.y == c, r.oof[:, c]) for c in range(3)])
+    assert r.metrics["macro_auroc"].value == pytest.approx(hand)
 
 
 def test_regression_probe_mae_r2():
@@ -65,6 +67,56 @@ def test_regression_probe_mae_r2():
     assert r.metrics["mae"].value < 2.0
     noise = probe(rng.normal(size=(200, 8)), age, np.arange(200), "regression", n_boot=200).metrics["r2"]
     assert noise.ci_low < 0.0
+
+
+def test_nested_cv_age_probe_is_about_zero_on_noise_where_a_fixed_penalty_overfits():
+    """~190 patients x 128 noise features (the quick profile's size): the penalty chosen inside each
+    training fold predicts ~the training mean, R^2 ~ 0. The old fixed ridge (alpha 10) gave -0.5 to -1.1."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    r2s, fixed = [], []
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        X, age = rng.normal(size=(190, 128)), rng.uniform(25, 85, 190)
+        r = probe(X, age, np.arange(190), "regression", n_boot=50, n_perm=19, seed=seed)
+        r2s.append(r.metrics["r2"].value)
+        assert r.p_value > 0.05
+        old = cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=10.0)), X, age, cv=5)
+        fixed.append(1 - np.sum((age - old) ** 2) / np.sum((age - age.mean()) ** 2))
+    assert all(-0.1 < v < 0.05 for v in r2s), r2s
+    assert max(fixed) < -0.3, fixed          # the failure mode the nested CV removes
+
+
+def test_permutation_p_is_exact_with_the_plus_one_rule():
+    from ctssl_core.probes import permutation_p
+
+    null = np.array([0.4, 0.5, 0.6, 0.7])
+    assert permutation_p(0.65, null) == pytest.approx((1 + 1) / 5)
+    assert permutation_p(0.9, null) == pytest.approx(1 / 5)                # smallest possible: 1 / (1 + n)
+    assert permutation_p(0.5, null) == pytest.approx((1 + 3) / 5)          # ties count as at least as extreme
+    assert permutation_p(0.45, null, lower_is_better=True) == pytest.approx(2 / 5)
+    assert permutation_p(0.9, np.array([0.4, np.nan])) == pytest.approx(2 / 3)   # an uncomputable null counts against
+    assert np.isnan(permutation_p(float("nan"), null)) and np.isnan(permutation_p(0.5, np.array([])))
+
+
+def test_permutation_null_reruns_the_same_procedure():
+    """Permuting with the identity must reproduce the observed statistic: the null and the
+    observed value go through one code path (same folds, same per-target penalty search)."""
+    from ctssl_core import probes
+
+    rng = np.random.default_rng(13)
+    y = rng.choice(["A", "B", "C"], 90)
+    X = rng.normal(size=(90, 6))
+    X[:, 0] += 1.0 * (y == "A")
+    r = probe(X, y, np.arange(90), "multiclass", n_boot=10, n_perm=5)
+    T = probes._targets("multiclass", r.y, 3)
+    stacked = probes._cv_oof(X, np.concatenate([T, T], 1), r.cluster, r.n_splits, 0, scores=True)
+    np.testing.assert_allclose(stacked[:, :3], stacked[:, 3:])
+    np.testing.assert_allclose(stacked[:, :3], r.oof)
+    assert r.p_value == pytest.approx((1 + np.sum(r.null >= r.metrics["macro_auroc"].value)) / 6)
 
 
 def test_near_dead_channels_do_not_blow_up_the_age_probe():
