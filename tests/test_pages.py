@@ -53,6 +53,11 @@ def specs(at) -> list[dict]:
     return [_decode(json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
 
 
+def _same(shown: pd.DataFrame, want: pd.DataFrame) -> bool:
+    return (list(shown.index) == list(want.index) and list(shown.columns) == list(want.columns)
+            and (shown.to_numpy() == want.to_numpy()).all())
+
+
 def texts(at) -> str:
     parts = [e.value for kind in ("markdown", "info", "warning", "error", "caption", "title", "subheader",
                                   "success") for e in getattr(at, kind)]
@@ -143,9 +148,8 @@ def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
         if bid != latest:
             at.selectbox(key="benchmark_id").set_value(bid).run()
         assert not at.exception and not at.error
-        wide, _ = read.pivot_headline(read.headline_table(store, bid))
-        shown = at.dataframe[0].value
-        assert list(shown.index) == list(wide.index) and (shown.to_numpy() == wide.to_numpy()).all()
+        wide, _ = read.pivot_headline(read.key_endpoints(read.split_controls(read.headline_table(store, bid))[0]))
+        assert any(_same(d.value, wide) for d in at.dataframe)
         assert f"Benchmark **{bid}**" in texts(at)
     at.switch_page("pages/compare.py")
     at.run()
@@ -242,3 +246,34 @@ def test_dashboard_command_binds_localhost_and_rejects_bad_port(tmp_path, capsys
     assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[cmd.index("run") + 1] == "app.py"
     assert main(["dashboard", "--store", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store):
+    """Issue 12 item 7: one screen says whether the study could have found a gain."""
+    at = open_page(smoke_store, "overview")
+    assert not at.error, [e.value for e in at.error]
+    t = texts(at)
+    sens = read.sensitivity(smoke_store)
+    assert len(sens) and all(s in t for s in sens.sentence)
+    assert {w.value for w in at.warning} >= set(sens[sens.sensitive == False].sentence)  # noqa: E712
+    table = read.headline_table(smoke_store)
+    strategies, controls = read.split_controls(table)
+    frames = [d.value for d in at.dataframe]
+    verd = read.strategy_verdicts(smoke_store)
+    vframe = next(f for f in frames if f.index.name == "strategy" and set(f.index) == set(verd.init)
+                  and all(c.split(" · ")[1] in set(verd.metric) for c in f.columns))
+    for r in verd.itertuples():
+        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+    main, _ = read.pivot_headline(read.key_endpoints(strategies))
+    assert any(_same(f, main) for f in frames)
+    assert "pe · twin_exam" in main.columns and "nodule · cpm" in main.columns
+    assert not set(main.index) & {"positive_control", "negative_control"}           # controls listed apart...
+    ctrl = next(f for f in frames if "positive_control" in f.index)
+    assert list(ctrl.index) == ["random", "positive_control", "negative_control"]    # ...beside the reference
+    assert "Controls (not strategies)" in t
+    comp = read.competence(smoke_store)
+    cframe = next(f for f in frames if "pretext_error" in f.columns)
+    assert list(cframe.strategy) == list(comp.init)
+    assert [s.startswith("⚠️") for s in cframe.status] == list(comp.flag)
+    for init in comp[comp.flag].init:
+        assert init in next(w.value for w in at.warning if "trivial baseline" in w.value)
