@@ -157,7 +157,8 @@ def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
     assert at.selectbox(key="benchmark_id").value == other                    # the choice survives a page switch
     task, metric = at.selectbox(key="cmp_task_metric").value.split(" · ")
     curves = read.fraction_curves(store, task, metric, other)
-    lines = {d["name"]: d for d in specs(at)[0]["data"] if d.get("mode") == "lines+markers"}
+    fig = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    lines = {d["name"]: d for d in fig["data"] if d.get("mode") == "lines+markers"}
     assert set(lines) == set(curves.init)
     for init, d in lines.items():
         assert np.allclose(d["y"], curves[curves.init == init].value)
@@ -227,12 +228,12 @@ def test_deleted_projection_and_slice_files_warn_but_render(seeded, tmp_path):
     for p in (root / "slices").glob("*.npy"):
         p.unlink()
     at = open_page(root, "embeddings")
-    assert "re-run `ctssl embed`" in texts(at)
+    assert "re-run `ctssl embed --checkpoint" in texts(at)
     assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")]) == 1
     assert "linear probe" in texts(at)  # the rest of the page still renders
     at.switch_page("pages/data.py").run()
     assert not at.exception
-    assert "re-run `ctssl ingest`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
+    assert "re-run `ctssl ingest <folder>`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
 
 
 def test_dashboard_command_binds_localhost_and_rejects_bad_port(tmp_path, capsys):
@@ -277,3 +278,59 @@ def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store
     assert [s.startswith("⚠️") for s in cframe.status] == list(comp.flag)
     for init in comp[comp.flag].init:
         assert init in next(w.value for w in at.warning if "trivial baseline" in w.value)
+
+
+def test_compare_forest_plot_equals_the_summaries_deltas(smoke_store):
+    """Issue 14 item 3: the forest plot answers 'how much better than random init, and is it real?'."""
+    import duckdb
+
+    at = open_page(smoke_store, "compare")
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="cmp_task_metric").value == "pe · twin_exam"       # the shortcut-proof endpoint first
+    con = duckdb.connect(str(smoke_store / "ctssl.duckdb"), read_only=True)
+    try:
+        want = con.execute("SELECT init, metric, value, ci_low, ci_high FROM summaries WHERE task = 'pe' "
+                           "AND metric IN ('delta_twin_exam', 'verdict_twin_exam')").df()
+    finally:
+        con.close()
+    fig = next(x for x in specs(at) if "minus random init" in x["layout"]["title"]["text"])
+    traces = {d["name"]: d for d in fig["data"]}
+    assert set(traces) == {"strategies", "controls (not strategies)"}
+    shown = {}
+    for d in fig["data"]:
+        for label, x in zip(d["y"], d["x"]):
+            shown[label] = x
+    frac = {"delta_twin_exam": 100, "verdict_twin_exam": 50}                  # smoke: full and smallest fraction
+    assert len(shown) == len(want)
+    for r in want.itertuples():
+        assert shown[f"{r.init}{' ⚠' if r.init in ('masked_region', 'rotation') else ''} @ {frac[r.metric]:g}%"] \
+            == pytest.approx(r.value)
+    ctrl = traces["controls (not strategies)"]
+    assert all(label.startswith(("positive_control", "negative_control")) for label in ctrl["y"])
+    assert not any(label.startswith(("positive_control", "negative_control")) for label in traces["strategies"]["y"])
+    # highlight only where established: every row of this smoke run is unclear, so every marker is open grey
+    f = read.forest(smoke_store, "pe", "twin_exam")
+    assert (f.established == "").all()
+    assert set(traces["strategies"]["marker"]["color"]) == {"#9e9e9e"}
+    assert all(sym.endswith("-open") for sym in traces["strategies"]["marker"]["symbol"])
+    # the verdict rows' bars are the benchmark's Bonferroni-adjusted CI, unchanged
+    v = want[want.metric == "verdict_twin_exam"].set_index("init")
+    s = traces["strategies"]
+    for k, label in enumerate(s["y"]):
+        if label.endswith("@ 50%"):
+            init = label.split(" ")[0]
+            assert s["x"][k] + s["error_x"]["array"][k] == pytest.approx(v.loc[init, "ci_high"])
+            assert s["x"][k] - s["error_x"]["arrayminus"][k] == pytest.approx(v.loc[init, "ci_low"])
+    assert any("insensitive" in w.value for w in at.warning)                  # the task's sensitivity verdict
+    # label-fraction curve: one colour per init, bands only for the chosen inits (random + first strategy)
+    curves = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    lines = {d["name"]: d["line"]["color"] for d in curves["data"] if d.get("mode") == "lines+markers"}
+    assert len(set(lines.values())) == len(lines) and lines["random"] == "#7f7f7f"
+    assert {d["legendgroup"] for d in curves["data"] if d.get("fill") == "toself"} == {"random", "masked_region"}
+    at.multiselect(key="cmp_bands").set_value([]).run()
+    curves = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    assert not [d for d in curves["data"] if d.get("fill") == "toself"]
+    at.selectbox(key="cmp_task_metric").set_value("nodule · cpm").run()
+    assert not at.exception
+    fig = next(x for x in specs(at) if "minus random init" in x["layout"]["title"]["text"])
+    assert fig["layout"]["title"]["text"] == "nodule: cpm minus random init (paired)"
