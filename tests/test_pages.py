@@ -334,3 +334,46 @@ def test_compare_forest_plot_equals_the_summaries_deltas(smoke_store):
     assert not at.exception
     fig = next(x for x in specs(at) if "minus random init" in x["layout"]["title"]["text"])
     assert fig["layout"]["title"]["text"] == "nodule: cpm minus random init (paired)"
+
+
+def _dashboard_strings() -> list[tuple[str, str]]:
+    """(file, text) of every string literal the dashboard can show (f-string parts included, docstrings not)."""
+    import ast
+
+    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py", REPO_ROOT / "ctssl_core/results/read.py"]
+    out = []
+    for f in files:
+        tree = ast.parse(f.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        out += [(f.name, n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+    return out
+
+
+def test_every_command_the_pages_suggest_parses():
+    """Issue 14 item 8: hints such as `ctssl embed --init random` or `ctssl bias` (no --emb) named no real command."""
+    import re
+    import shlex
+
+    from ctssl_core.cli import build_parser
+
+    parser = build_parser()
+
+    def parses(cmd: str) -> bool:
+        argv = shlex.split(cmd)
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit:
+            return False
+        return argv[0] == "ctssl" and args.command == argv[1]
+
+    assert read.HINTS and all(parses(c) for c in read.HINTS.values()), \
+        [c for c in read.HINTS.values() if not parses(c)]
+    assert read.hint("bias", EMB_ID="emb-7") == "`ctssl bias --emb emb-7`" and parses("ctssl bias --emb emb-7")
+    found = [(f, m) for f, s in _dashboard_strings() for m in re.findall(r"`(ctssl [^`]*)`", s)]
+    assert [(f, m) for f, m in found if not parses(m)] == []
+    # the checker rejects the old, wrong hints (so it would have caught them)
+    for bad in ("ctssl embed --init random", "ctssl bias", "ctssl ingest", "ctssl finetune"):
+        assert not parses(bad), bad
