@@ -53,12 +53,20 @@ def _err(d: pd.DataFrame, value: str = "value") -> dict:
                 arrayminus=(d[value] - d.ci_low).fillna(0).to_numpy())
 
 
+# one colour per known init on every figure and page (a strategy keeps its colour whatever else is shown)
+KNOWN_INITS = ["rotation", "flip", "next_slice", "masked_region", "denoise", "positive_control",
+               "negative_control", "z_position"]
+CONTROL_INITS = ("positive_control", "negative_control")
+GAIN_COLOR, LOSS_COLOR, UNCLEAR_COLOR = "#1a9850", "#d73027", "#9e9e9e"
+
+
 def init_colors(inits) -> dict[str, str]:
-    """Stable colour per init; random init is grey."""
-    others = sorted(i for i in set(inits) if i != "random")
-    out = {i: PALETTE[k % len(PALETTE)] for k, i in enumerate(others)}
+    """Stable colour per init (known inits by name, others after them alphabetically); random init is grey."""
+    others = sorted(i for i in set(inits) if i != "random" and i not in KNOWN_INITS)
+    out = {i: PALETTE[k % len(PALETTE)] for k, i in enumerate(KNOWN_INITS)}
+    out.update({i: PALETTE[(len(KNOWN_INITS) + k) % len(PALETTE)] for k, i in enumerate(others)})
     out["random"] = REFERENCE_COLOR
-    return out
+    return {i: out[i] for i in set(inits)}
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
@@ -67,22 +75,28 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def fraction_curves_fig(df: pd.DataFrame, task: str, metric: str, log_x: bool = True) -> go.Figure:
-    """Metric vs label fraction, one line per init with a shaded 95% CI band."""
+def fraction_curves_fig(df: pd.DataFrame, task: str, metric: str, log_x: bool = True,
+                        bands: "set[str] | None" = None) -> go.Figure:
+    """Metric vs label fraction, one line (one colour) per init; shaded 95% CI bands only for ``bands``.
+
+    Why a choice: six overlapping bands are one grey blob; two (random init and the strategy under
+    study) can be read. ``bands=None`` draws every band. Controls are dotted, random init dashed.
+    """
     traces = []
     colors = init_colors(df.init)
     for init, g in df.groupby("init", sort=False):
         g = g.sort_values("fraction")
         c = colors[init]
         f = g.fraction.to_numpy()
-        if g.ci_low.notna().all():
+        if g.ci_low.notna().all() and (bands is None or init in bands):
             traces.append(dict(type="scatter", x=np.r_[f, f[::-1]], y=np.r_[g.ci_high, g.ci_low.to_numpy()[::-1]],
                                mode="lines", fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0),
                                hoverinfo="skip", showlegend=False, name=f"{init} CI", legendgroup=init))
         traces.append(dict(type="scatter", x=f, y=g.value.to_numpy(), mode="lines+markers", name=init,
                            legendgroup=init,
-                           line=dict(color=c, width=3 if init != "random" else 2,
-                                     dash="dash" if init == "random" else "solid"),
+                           line=dict(color=c, width=3 if init not in ("random", *CONTROL_INITS) else 2,
+                                     dash="dash" if init == "random" else "dot" if init in CONTROL_INITS
+                                     else "solid"),
                            customdata=np.c_[g.ci_low, g.ci_high],
                            hovertemplate=f"{init}<br>fraction %{{x}}<br>{metric} %{{y:.3f}}"
                                          "<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"))
@@ -113,6 +127,46 @@ def pairwise_fig(df: pd.DataFrame, a: str, b: str, metric: str) -> go.Figure:
                  hovertemplate="fraction %{x}<br>difference %{y:+.3f}<extra></extra>")
     return _figure([trace], f"{a} − {b}: {metric} difference (95% CI)", "label fraction", f"Δ {metric}",
                    height=340, xaxis={"type": "log"}, shapes=[_hline(0.0)])
+
+
+def forest_fig(df: pd.DataFrame, task: str, metric: str, flagged: "set[str] | tuple" = ()) -> go.Figure:
+    """Forest plot: each init's paired difference from random init (``read.forest``), one row per
+    (init, label fraction), strategies above the controls, a zero line.
+
+    The bar is the interval the verdict uses (``adj_low``/``adj_high``: Bonferroni-corrected for the
+    strategies, plain 95% for controls); the point is green/red only where that interval excludes 0
+    (``established``), else an open grey circle. Strategies whose pretext did not beat its trivial
+    baseline (``flagged``) carry a ⚠.
+    """
+    traces = []
+    rows = []
+    for group, title in (("strategy", "strategies"), ("control", "controls (not strategies)")):
+        g = df[df.group == group]
+        if g.empty:
+            continue
+        labels = [f"{i}{' ⚠' if i in flagged else ''} @ {100 * f:g}%" for i, f in zip(g.init, g.fraction)]
+        rows += labels
+        col = [GAIN_COLOR if e == "gain" else LOSS_COLOR if e == "loss" else UNCLEAR_COLOR for e in g.established]
+        sym = ["circle" if e else "circle-open" for e in g.established] if group == "strategy" else \
+            ["diamond" if e else "diamond-open" for e in g.established]
+        what = ["Bonferroni-adjusted" if c else ("95% (widened for the strategies)" if group == "strategy"
+                                                  else "95%") for c in g.corrected]
+        traces.append(dict(type="scatter", x=g.value.to_numpy(float), y=labels, mode="markers", name=title,
+                           marker=dict(color=col, size=11, symbol=sym, line=dict(width=2, color=col)),
+                           error_x=dict(type="data", symmetric=False,
+                                        array=(g.adj_high - g.value).astype(float).fillna(0).to_numpy(),
+                                        arrayminus=(g.value - g.adj_low).astype(float).fillna(0).to_numpy(),
+                                        color=UNCLEAR_COLOR),
+                           customdata=np.c_[g.ci_low.astype(float), g.ci_high.astype(float), g.adj_low.astype(float),
+                                            g.adj_high.astype(float)],
+                           text=[f"{e or 'not established'} · CI {w}" for e, w in zip(g.established, what)],
+                           hovertemplate="%{y}<br>Δ %{x:+.3f}<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+                                         "<br>used [%{customdata[2]:.3f}, %{customdata[3]:.3f}]<br>%{text}"
+                                         "<extra></extra>"))
+    zero = dict(type="line", xref="x", yref="paper", x0=0, x1=0, y0=0, y1=1, line=dict(color=REFERENCE_COLOR))
+    return _figure(traces, f"{task}: {metric} minus random init (paired)", f"Δ {metric} vs random init", "",
+                   height=max(260, 60 + 34 * len(rows)), shapes=[zero],
+                   yaxis={"categoryorder": "array", "categoryarray": rows[::-1], "type": "category"})
 
 
 def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smoothing: float = 0.0,

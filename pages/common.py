@@ -13,6 +13,7 @@ import streamlit as st
 from ctssl_core.db import StoreBusy, StoreError, StoreMissing
 from ctssl_core.paths import default_store
 from ctssl_core.results import read
+from ctssl_core.results.read import hint
 
 
 def _leave_directory_mode() -> None:
@@ -84,7 +85,8 @@ def _guard(store: str, thunk, missing_ok: bool = False):
         st.warning(str(e))
         st.stop()
     except StoreMissing as e:
-        st.info(f"{e}\n\nOr point the **Store** setting in the sidebar at an existing store.")
+        st.info(f"No ctssl store at `{store}` yet. Create one with {hint('synth')} then {hint('ingest')}, or "
+                f"{hint('benchmark_quick')}.\n\nOr point the **Store** setting in the sidebar at an existing store.")
         st.stop()
     except StoreBusy as e:
         st.warning(f"{e} The page will show results as soon as the store is free; reload it in a moment.")
@@ -94,7 +96,7 @@ def _guard(store: str, thunk, missing_ok: bool = False):
         st.stop()
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file must not show a traceback
         st.error(f"The store at {store} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-                 f"Check that it is a ctssl store, or create one with `ctssl benchmark --profile quick`.")
+                 f"Check that it is a ctssl store, or create one with {hint('benchmark_quick')}.")
         st.stop()
 
 

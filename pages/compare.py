@@ -1,19 +1,21 @@
-"""Compare strategies: label-fraction curves, bars with CIs, segmentation speed, pairwise A vs B."""
+"""Compare strategies: how much better than random init, and is it real? Forest plot of paired
+differences (controls apart), label-fraction curves, bars with CIs, segmentation speed, A vs B."""
 
 import streamlit as st
 
 from ctssl_core import charts
-from ctssl_core.results.read import HEADLINE, init_order
+from ctssl_core.results.read import HEADLINE, hint, init_order
 from pages.common import benchmark_choice, query, query_many, show_outdated_note
 
 st.title("Compare pretraining strategies")
 bench_id = benchmark_choice()
-info, tm, table, speed, saved = query_many(("store_info",), ("task_metrics", bench_id), ("headline_table", bench_id),
-                                          ("derived", "speed_ratio", bench_id), ("derived", "labels_saved", bench_id))
+info, tm, table, speed, saved, sens, comp = query_many(
+    ("store_info",), ("task_metrics", bench_id), ("headline_table", bench_id), ("derived", "speed_ratio", bench_id),
+    ("derived", "labels_saved", bench_id), ("sensitivity", bench_id), ("competence", bench_id))
 show_outdated_note(info)
 
 if tm.empty:
-    st.info("No label-fraction results yet. Run `ctssl benchmark --profile quick` to fine-tune every "
+    st.info(f"No label-fraction results yet. Run {hint('benchmark_quick')} to fine-tune every "
             "strategy at several label fractions.")
     st.stop()
 
@@ -23,9 +25,31 @@ default = next((choices.index(c) for c in preferred if c in choices), 0)
 choice = st.selectbox("Task · metric", choices, index=default, key="cmp_task_metric")
 task, metric = choice.split(" · ")
 
+for r in sens[sens.task == task].itertuples():
+    (st.success if r.sensitive is True else st.warning if r.sensitive is False else st.info)(r.sentence)
+
+st.subheader("How much better than random init, and is it real?")
+flagged = set(comp[comp.flag].init) if len(comp) else set()
+fdf = query("forest", task, metric, bench_id)
+if fdf.empty:
+    st.info(f"The benchmark wrote no paired differences for {task} · {metric}; re-run {hint('benchmark_quick')} "
+            "with this version to get them.")
+else:
+    st.plotly_chart(charts.forest_fig(fdf, task, metric, flagged), width="stretch", key="cmp_forest")
+    st.caption("Each row: the init's mean minus random init's, paired over the same test patients and seeds. Bars: "
+               "the interval the verdict uses — at the smallest fraction the benchmark's Bonferroni-adjusted CI, at "
+               "full labels the 95% CI widened for the number of strategies; controls (◇) keep their 95% CI. Filled "
+               "green/red only where that interval excludes 0; open grey = not established."
+               + (f" ⚠ = pretext did not clearly beat its trivial baseline ({', '.join(sorted(flagged))})."
+                  if flagged else ""))
+
 curves = query("fraction_curves", task, metric, bench_id)
-st.plotly_chart(charts.fraction_curves_fig(curves, task, metric), width="stretch", key="cmp_curves")
-st.caption("Mean over seeds; bands are 95% CIs. Random init (grey, dashed) is the reference.")
+inits = init_order(curves.init)
+strategies = [i for i in inits if i not in charts.CONTROL_INITS and i != "random"]
+bands = st.multiselect("CI bands for", inits, default=[i for i in ["random", *strategies[:1]] if i in inits],
+                       key="cmp_bands", help="Every init keeps its line and colour; bands only where chosen.")
+st.plotly_chart(charts.fraction_curves_fig(curves, task, metric, bands=set(bands)), width="stretch", key="cmp_curves")
+st.caption("Mean over seeds; bands are 95% CIs. Random init (grey, dashed) is the reference; controls are dotted.")
 
 st.subheader("At full labels")
 cols = st.columns(max(1, min(3, table.task.nunique())))
@@ -44,19 +68,19 @@ with c1:
         st.info("No speed ratio recorded yet (the benchmark writes it after the nodule runs).")
     else:
         for t, g in speed.groupby("task"):
-            st.plotly_chart(charts.bars_fig(g, f"{t}: speed ratio vs random init (×)", "speed ratio", 1.0),
-                            width="stretch", key=f"cmp_speed_{t}")
+            if g.value.notna().any():
+                st.plotly_chart(charts.bars_fig(g.dropna(subset=["value"]), f"{t}: speed ratio vs random init (×)",
+                                                "speed ratio", 1.0), width="stretch", key=f"cmp_speed_{t}")
         st.caption(speed.note.dropna().iloc[0] if speed.note.notna().any() else "")
 with c2:
     st.subheader("Labels saved")
     if saved.empty:
         st.info("No label-saving estimate recorded yet.")
     else:
-        st.dataframe(saved[["task", "init", "value", "ci_low", "ci_high"]].rename(
+        st.dataframe(saved[["task", "init", "value", "ci_low", "ci_high", "note"]].rename(
             columns={"value": "labels saved"}), hide_index=True, width="stretch")
 
 st.subheader("A vs B")
-inits = init_order(curves.init)
 non_random = [i for i in inits if i != "random"]
 ca, cb = st.columns(2)
 a = ca.selectbox("A", inits, index=inits.index(non_random[0]) if non_random else 0, key="cmp_a")

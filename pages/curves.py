@@ -3,7 +3,7 @@
 import streamlit as st
 
 from ctssl_core import charts
-from ctssl_core.results.read import X_AXES
+from ctssl_core.results.read import X_AXES, hint
 from pages.common import query, query_many, show_outdated_note
 
 MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
@@ -13,7 +13,7 @@ info, runs = query_many(("store_info",), ("run_table",))
 show_outdated_note(info)
 
 if runs.empty:
-    st.info("No runs yet. Start one with `ctssl pretrain --task rotation` or `ctssl benchmark --profile smoke`.")
+    st.info(f"No runs yet. Start one with {hint('pretrain')} or {hint('benchmark_smoke')}.")
     st.stop()
 
 f1, f2, f3, f4, f5, f6 = st.columns(6)
@@ -68,7 +68,7 @@ if running:
 lost = sel[sel.checkpoint_ok == False].run_id.tolist()  # noqa: E712
 if lost:
     st.warning(f"Checkpoint file missing for {', '.join(lost)}: curves and results are kept, but the weights "
-               f"are gone; re-run the run (`ctssl finetune` / `ctssl pretrain`) to recreate them.")
+               f"are gone; re-run the run ({hint('finetune')} / {hint('pretrain')}, with its settings) to recreate them.")
 failed = sel[sel.status == "failed"]
 for r in failed.itertuples():
     st.error(f"{r.run_id} failed: {r.error or 'no error recorded'}")

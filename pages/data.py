@@ -3,6 +3,7 @@
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results.read import hint
 from pages.common import query, query_many, show_outdated_note
 
 st.title("Data")
@@ -12,8 +13,8 @@ info, summary, demo, prev, series, errors = query_many(
 show_outdated_note(info)
 
 if summary["patients"] == 0 and summary["slices"] == 0:
-    st.info("This store has no cohort yet. Generate and ingest one with `ctssl synth` then `ctssl ingest`, "
-            "or ingest your own DICOM folder with `ctssl ingest <folder>`.")
+    st.info(f"This store has no cohort yet. Generate one with {hint('synth')} and ingest it with {hint('ingest')} "
+            f"(the same command ingests your own DICOM folder).")
     st.stop()
 
 cols = st.columns(5)

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results.read import hint
 from pages.common import query, query_many, show_outdated_note
 
 COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
@@ -13,8 +14,9 @@ info, emb = query_many(("store_info",), ("embeddings",))
 show_outdated_note(info)
 
 if emb.empty:
-    st.info("No embeddings yet. Compute them with `ctssl embed` (PCA + UMAP of slice embeddings per "
-            "strategy) and the bias analysis with `ctssl bias`.")
+    st.info(f"No embeddings yet. Compute them with {hint('embed')} (PCA + UMAP of slice embeddings of a "
+            f"pretraining run; {hint('embed_random')} for the random-init reference) and the bias analysis with "
+            f"{hint('bias')}.")
     st.stop()
 
 st.info("A probe that predicts race (or sex, age) well shows the information is **present** in the "
@@ -42,7 +44,7 @@ for col, eid, title, pts, total in [
          view["ref_total"])]:
     with col:
         if eid is None:
-            st.info("No random-init embedding to compare with; `ctssl embed --init random` computes one.")
+            st.info(f"No random-init embedding to compare with; {hint('embed_random')} computes one.")
             continue
         if pts is None:
             continue
@@ -52,7 +54,7 @@ for col, eid, title, pts, total in [
 
 bias = view["bias"]
 if bias.empty:
-    st.info("No bias analysis for this embedding yet: run `ctssl bias`.")
+    st.info(f"No bias analysis for this embedding yet: run {hint('bias', EMB_ID=emb_id)}.")
     st.stop()
 
 st.subheader("What a linear probe can read from the embedding")

@@ -53,6 +53,11 @@ def specs(at) -> list[dict]:
     return [_decode(json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
 
 
+def _same(shown: pd.DataFrame, want: pd.DataFrame) -> bool:
+    return (list(shown.index) == list(want.index) and list(shown.columns) == list(want.columns)
+            and (shown.to_numpy() == want.to_numpy()).all())
+
+
 def texts(at) -> str:
     parts = [e.value for kind in ("markdown", "info", "warning", "error", "caption", "title", "subheader",
                                   "success") for e in getattr(at, kind)]
@@ -143,9 +148,8 @@ def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
         if bid != latest:
             at.selectbox(key="benchmark_id").set_value(bid).run()
         assert not at.exception and not at.error
-        wide, _ = read.pivot_headline(read.headline_table(store, bid))
-        shown = at.dataframe[0].value
-        assert list(shown.index) == list(wide.index) and (shown.to_numpy() == wide.to_numpy()).all()
+        wide, _ = read.pivot_headline(read.key_endpoints(read.split_controls(read.headline_table(store, bid))[0]))
+        assert any(_same(d.value, wide) for d in at.dataframe)
         assert f"Benchmark **{bid}**" in texts(at)
     at.switch_page("pages/compare.py")
     at.run()
@@ -153,7 +157,8 @@ def test_overview_and_compare_pick_one_of_two_benchmarks(two_benchmark_store):
     assert at.selectbox(key="benchmark_id").value == other                    # the choice survives a page switch
     task, metric = at.selectbox(key="cmp_task_metric").value.split(" · ")
     curves = read.fraction_curves(store, task, metric, other)
-    lines = {d["name"]: d for d in specs(at)[0]["data"] if d.get("mode") == "lines+markers"}
+    fig = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    lines = {d["name"]: d for d in fig["data"] if d.get("mode") == "lines+markers"}
     assert set(lines) == set(curves.init)
     for init, d in lines.items():
         assert np.allclose(d["y"], curves[curves.init == init].value)
@@ -223,12 +228,12 @@ def test_deleted_projection_and_slice_files_warn_but_render(seeded, tmp_path):
     for p in (root / "slices").glob("*.npy"):
         p.unlink()
     at = open_page(root, "embeddings")
-    assert "re-run `ctssl embed`" in texts(at)
+    assert "re-run `ctssl embed --checkpoint" in texts(at)
     assert len([x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")]) == 1
     assert "linear probe" in texts(at)  # the rest of the page still renders
     at.switch_page("pages/data.py").run()
     assert not at.exception
-    assert "re-run `ctssl ingest`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
+    assert "re-run `ctssl ingest <folder>`" in texts(at) and at.dataframe[-1].value.shape[0] == 2
 
 
 def test_dashboard_command_binds_localhost_and_rejects_bad_port(tmp_path, capsys):
@@ -242,3 +247,133 @@ def test_dashboard_command_binds_localhost_and_rejects_bad_port(tmp_path, capsys
     assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[cmd.index("run") + 1] == "app.py"
     assert main(["dashboard", "--store", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store):
+    """Issue 12 item 7: one screen says whether the study could have found a gain."""
+    at = open_page(smoke_store, "overview")
+    assert not at.error, [e.value for e in at.error]
+    t = texts(at)
+    sens = read.sensitivity(smoke_store)
+    assert len(sens) and all(s in t for s in sens.sentence)
+    assert {w.value for w in at.warning} >= set(sens[sens.sensitive == False].sentence)  # noqa: E712
+    table = read.headline_table(smoke_store)
+    strategies, controls = read.split_controls(table)
+    frames = [d.value for d in at.dataframe]
+    verd = read.strategy_verdicts(smoke_store)
+    vframe = next(f for f in frames if f.index.name == "strategy" and set(f.index) == set(verd.init)
+                  and all(c.split(" · ")[1] in set(verd.metric) for c in f.columns))
+    for r in verd.itertuples():
+        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+    main, _ = read.pivot_headline(read.key_endpoints(strategies))
+    assert any(_same(f, main) for f in frames)
+    assert "pe · twin_exam" in main.columns and "nodule · cpm" in main.columns
+    assert not set(main.index) & {"positive_control", "negative_control"}           # controls listed apart...
+    ctrl = next(f for f in frames if "positive_control" in f.index)
+    assert list(ctrl.index) == ["random", "positive_control", "negative_control"]    # ...beside the reference
+    assert "Controls (not strategies)" in t
+    comp = read.competence(smoke_store)
+    cframe = next(f for f in frames if "pretext_error" in f.columns)
+    assert list(cframe.strategy) == list(comp.init)
+    assert [s.startswith("⚠️") for s in cframe.status] == list(comp.flag)
+    for init in comp[comp.flag].init:
+        assert init in next(w.value for w in at.warning if "trivial baseline" in w.value)
+
+
+def test_compare_forest_plot_equals_the_summaries_deltas(smoke_store):
+    """Issue 14 item 3: the forest plot answers 'how much better than random init, and is it real?'."""
+    import duckdb
+
+    at = open_page(smoke_store, "compare")
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="cmp_task_metric").value == "pe · twin_exam"       # the shortcut-proof endpoint first
+    con = duckdb.connect(str(smoke_store / "ctssl.duckdb"), read_only=True)
+    try:
+        want = con.execute("SELECT init, metric, value, ci_low, ci_high FROM summaries WHERE task = 'pe' "
+                           "AND metric IN ('delta_twin_exam', 'verdict_twin_exam')").df()
+    finally:
+        con.close()
+    fig = next(x for x in specs(at) if "minus random init" in x["layout"]["title"]["text"])
+    traces = {d["name"]: d for d in fig["data"]}
+    assert set(traces) == {"strategies", "controls (not strategies)"}
+    shown = {}
+    for d in fig["data"]:
+        for label, x in zip(d["y"], d["x"]):
+            shown[label] = x
+    frac = {"delta_twin_exam": 100, "verdict_twin_exam": 50}                  # smoke: full and smallest fraction
+    assert len(shown) == len(want)
+    for r in want.itertuples():
+        assert shown[f"{r.init}{' ⚠' if r.init in ('masked_region', 'rotation') else ''} @ {frac[r.metric]:g}%"] \
+            == pytest.approx(r.value)
+    ctrl = traces["controls (not strategies)"]
+    assert all(label.startswith(("positive_control", "negative_control")) for label in ctrl["y"])
+    assert not any(label.startswith(("positive_control", "negative_control")) for label in traces["strategies"]["y"])
+    # highlight only where established: every row of this smoke run is unclear, so every marker is open grey
+    f = read.forest(smoke_store, "pe", "twin_exam")
+    assert (f.established == "").all()
+    assert set(traces["strategies"]["marker"]["color"]) == {"#9e9e9e"}
+    assert all(sym.endswith("-open") for sym in traces["strategies"]["marker"]["symbol"])
+    # the verdict rows' bars are the benchmark's Bonferroni-adjusted CI, unchanged
+    v = want[want.metric == "verdict_twin_exam"].set_index("init")
+    s = traces["strategies"]
+    for k, label in enumerate(s["y"]):
+        if label.endswith("@ 50%"):
+            init = label.split(" ")[0]
+            assert s["x"][k] + s["error_x"]["array"][k] == pytest.approx(v.loc[init, "ci_high"])
+            assert s["x"][k] - s["error_x"]["arrayminus"][k] == pytest.approx(v.loc[init, "ci_low"])
+    assert any("insensitive" in w.value for w in at.warning)                  # the task's sensitivity verdict
+    # label-fraction curve: one colour per init, bands only for the chosen inits (random + first strategy)
+    curves = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    lines = {d["name"]: d["line"]["color"] for d in curves["data"] if d.get("mode") == "lines+markers"}
+    assert len(set(lines.values())) == len(lines) and lines["random"] == "#7f7f7f"
+    assert {d["legendgroup"] for d in curves["data"] if d.get("fill") == "toself"} == {"random", "masked_region"}
+    at.multiselect(key="cmp_bands").set_value([]).run()
+    curves = next(x for x in specs(at) if x["layout"]["title"]["text"].endswith("vs label fraction"))
+    assert not [d for d in curves["data"] if d.get("fill") == "toself"]
+    at.selectbox(key="cmp_task_metric").set_value("nodule · cpm").run()
+    assert not at.exception
+    fig = next(x for x in specs(at) if "minus random init" in x["layout"]["title"]["text"])
+    assert fig["layout"]["title"]["text"] == "nodule: cpm minus random init (paired)"
+
+
+def _dashboard_strings() -> list[tuple[str, str]]:
+    """(file, text) of every string literal the dashboard can show (f-string parts included, docstrings not)."""
+    import ast
+
+    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py", REPO_ROOT / "ctssl_core/results/read.py"]
+    out = []
+    for f in files:
+        tree = ast.parse(f.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        out += [(f.name, n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+    return out
+
+
+def test_every_command_the_pages_suggest_parses():
+    """Issue 14 item 8: hints such as `ctssl embed --init random` or `ctssl bias` (no --emb) named no real command."""
+    import re
+    import shlex
+
+    from ctssl_core.cli import build_parser
+
+    parser = build_parser()
+
+    def parses(cmd: str) -> bool:
+        argv = shlex.split(cmd)
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit:
+            return False
+        return argv[0] == "ctssl" and args.command == argv[1]
+
+    assert read.HINTS and all(parses(c) for c in read.HINTS.values()), \
+        [c for c in read.HINTS.values() if not parses(c)]
+    assert read.hint("bias", EMB_ID="emb-7") == "`ctssl bias --emb emb-7`" and parses("ctssl bias --emb emb-7")
+    found = [(f, m) for f, s in _dashboard_strings() for m in re.findall(r"`(ctssl [^`]*)`", s)]
+    assert [(f, m) for f, m in found if not parses(m)] == []
+    # the checker rejects the old, wrong hints (so it would have caught them)
+    for bad in ("ctssl embed --init random", "ctssl bias", "ctssl ingest", "ctssl finetune"):
+        assert not parses(bad), bad

@@ -464,7 +464,8 @@ def test_two_benchmarks_are_not_mixed(two_benchmark_store):
     for bid in bench.benchmark_id:
         t = read.headline_table(store, bid)
         assert len(t) and not t.duplicated(["task", "metric", "init"]).any()
-        want = summ[(summ.benchmark_id == bid) & ~summ.metric.isin(read.DERIVED_METRICS)]
+        values = np.array([read.is_value_row(t, m) for t, m in zip(summ.task, summ.metric)], dtype=bool)
+        want = summ[(summ.benchmark_id == bid).to_numpy() & values]
         got = t.merge(want, on=["task", "metric", "init"], suffixes=("", "_db"))
         assert len(got) == len(t) == len(want) and np.allclose(got.value, got.value_db)
         wide, _ = read.pivot_headline(t)
@@ -472,3 +473,126 @@ def test_two_benchmarks_are_not_mixed(two_benchmark_store):
         assert set(read.task_metrics(store, bid).task) <= set(raw(
             store, "SELECT task FROM results WHERE benchmark_id = ?", [bid]).task)
         assert set(read.derived(store, "speed_ratio", bid).init) <= set(t.init)
+
+
+# ---------------------------------------------------------------- could the study find a gain? (issue 12 item 7)
+def test_headline_table_holds_values_only_and_controls_stay_apart(smoke_store):
+    t = read.headline_table(smoke_store)
+    assert not t.metric.str.startswith(("delta_", "verdict_", "sensitivity_", "mde_")).any()
+    assert "pretext" not in set(t.task) and not t.metric.isin(["labels_needed", "labels_saved", "speed_ratio"]).any()
+    assert {"positive_control", "negative_control", "z_position"} <= set(t.init)
+    strategies, controls = read.split_controls(t)
+    assert set(controls.init) == {"positive_control", "negative_control"}
+    assert not strategies.init.isin(["positive_control", "negative_control"]).any()
+    assert len(strategies) + len(controls) == len(t)
+    wide, best = read.pivot_headline(t)
+    order = list(wide.index)
+    assert order[0] == "random" and order[-1] == "z_position"
+    assert order.index("positive_control") > max(order.index(i) for i in ("masked_region", "rotation"))
+    assert not set(best.values()) & {"positive_control", "negative_control", "z_position"}
+    assert not any("positive_control" in line for line in read.verdicts(t))
+
+
+def test_pivot_never_calls_a_control_best():
+    t = pd.DataFrame({"task": ["pe"] * 3, "metric": ["twin_exam"] * 3,
+                      "init": ["random", "positive_control", "rotation"],
+                      "value": [0.6, 0.9, 0.7], "ci_low": [0.5, 0.8, 0.6], "ci_high": [0.7, 1.0, 0.8]})
+    wide, best = read.pivot_headline(t)
+    assert best == {"pe · twin_exam": "rotation"} and list(wide.index) == ["random", "rotation", "positive_control"]
+    (line,) = read.verdicts(t)
+    assert "**rotation** is best" in line
+
+
+def test_sensitivity_reads_the_benchmarks_rows(smoke_store):
+    s = read.sensitivity(smoke_store).set_index("task")
+    rows = raw(smoke_store, "SELECT task, metric, value, ci_low, ci_high FROM summaries "
+                            "WHERE metric LIKE 'sensitivity_%' OR metric LIKE 'mde_%'")
+    res = raw(smoke_store, "SELECT task, init, fraction, metric, avg(value) AS v FROM results WHERE split = 'test' "
+                           "GROUP BY ALL")
+    for r in rows[rows.metric.str.startswith("sensitivity_")].itertuples():
+        m = r.metric.removeprefix("sensitivity_")
+        got = s.loc[r.task]
+        f0 = res[(res.task == r.task) & (res.metric == m)].fraction.min()
+        at = res[(res.task == r.task) & (res.metric == m) & (res.fraction == f0)].set_index("init").v
+        assert got.metric == m and got.fraction == f0 and got.sensitive == (r.value == 1.0)
+        assert got.ci_low == pytest.approx(r.ci_low) and got.ci_high == pytest.approx(r.ci_high)
+        assert got.delta == pytest.approx(at["positive_control"] - at["random"])
+        mde = rows[(rows.task == r.task) & (rows.metric == f"mde_{m}")].value.iloc[0]
+        assert got.mde == pytest.approx(mde)
+        word = "**sensitive**" if got.sensitive else "**insensitive**"
+        assert word in got.sentence and f"smallest detectable gain {mde:.3f}" in got.sentence
+        assert read.fmt_ci(got.delta, r.ci_low, r.ci_high) in got.sentence
+    # a task that ran without controls: sensitivity unknown, never "no strategy helps"
+    assert s.loc["demographics"].sensitive is None and "sensitivity unknown" in s.loc["demographics"].sentence
+
+
+def _edit(store, tmp_path, *sql):
+    import shutil
+
+    root = tmp_path / "s"
+    shutil.copytree(store, root)
+    con = duckdb.connect(str(root / "ctssl.duckdb"))
+    for q in sql:
+        con.execute(q)
+    con.close()
+    return root
+
+
+def test_sensitivity_says_sensitive_when_the_positive_control_wins(smoke_store, tmp_path):
+    root = _edit(smoke_store, tmp_path,
+                 "UPDATE summaries SET value = 1.0, ci_low = 0.1, ci_high = 0.3 WHERE metric = 'sensitivity_cpm'",
+                 "UPDATE summaries SET value = 0.1 WHERE metric = 'mde_cpm'")
+    nod = read.sensitivity(root).set_index("task").loc["nodule"]
+    assert nod.sensitive is True
+    assert "**sensitive** — the positive control beats random init by" in nod.sentence
+    assert "[0.100, 0.300]; smallest detectable gain 0.100." in nod.sentence
+    root2 = _edit(smoke_store, tmp_path / "b", "DELETE FROM summaries WHERE metric LIKE 'sensitivity_%'")
+    assert read.sensitivity(root2).sensitive.isna().all()
+
+
+def test_strategy_verdicts_and_competence_match_summaries(smoke_store):
+    v = read.strategy_verdicts(smoke_store)
+    want = raw(smoke_store, "SELECT task, init, metric, value, ci_low, ci_high, note FROM summaries "
+                            "WHERE metric LIKE 'verdict_%'")
+    assert len(v) == len(want) and set(v.init) <= {"masked_region", "rotation"}
+    m = v.merge(want.assign(metric=want.metric.str.removeprefix("verdict_")), on=["task", "init", "metric"])
+    assert np.allclose(m.delta, m.value) and (m.verdict == m.note_y.str.split(":").str[0]).all()
+    c = read.competence(smoke_store).set_index("init")
+    gains = raw(smoke_store, "SELECT init, value, ci_low FROM summaries WHERE task = 'pretext' "
+                             "AND metric = 'competence_gain'").set_index("init")
+    assert set(c.index) == set(gains.index)
+    for init, g in gains.iterrows():
+        assert c.loc[init, "gain"] == pytest.approx(g.value)
+        assert c.loc[init, "flag"] == (not g.ci_low > 0) and c.loc[init, "beats"] == (g.ci_low > 0)
+    assert c.loc["rotation", "baseline"] == "chance"
+
+
+def test_key_endpoints_keep_twin_and_froc():
+    t = pd.DataFrame({"task": ["pe", "pe", "nodule", "nodule", "nodule"],
+                      "metric": ["twin_exam", "auprc", "cpm", "lesion_sens_at_1fp", "iou"], "init": "random",
+                      "value": 0.5, "ci_low": 0.4, "ci_high": 0.6})
+    assert list(read.key_endpoints(t).metric) == ["twin_exam", "cpm", "lesion_sens_at_1fp"]
+
+
+def test_deltas_highlight_only_after_correction(smoke_store, tmp_path):
+    """A full-fraction gain whose plain 95% CI excludes 0 is not 'established' until the interval is
+    widened for the strategies compared (Bonferroni, normal approximation)."""
+    root = _edit(smoke_store, tmp_path,
+                 "UPDATE summaries SET value = 0.2, ci_low = 0.05, ci_high = 0.35 "
+                 "WHERE metric = 'delta_slice_auroc' AND init = 'rotation'",
+                 "UPDATE summaries SET value = 0.2, ci_low = 0.01, ci_high = 0.39 "
+                 "WHERE metric = 'delta_slice_auroc' AND init = 'masked_region'",
+                 "UPDATE summaries SET value = 0.3, ci_low = 0.01, ci_high = 0.5 "
+                 "WHERE metric = 'delta_slice_auroc' AND init = 'positive_control'")
+    f = read.forest(root, "pe", "slice_auroc").set_index("init")
+    z = 2.241403 / read.Z95                              # two strategies: z_{1 - 0.05/4} / z_{0.975}
+    assert f.loc["rotation", "adj_low"] == pytest.approx(0.2 - 0.15 * z, abs=1e-5)
+    assert f.loc["rotation", "established"] == "gain"
+    assert f.loc["masked_region", "ci_low"] > 0 and f.loc["masked_region", "established"] == ""
+    # controls are not in the strategies' family: judged on their own 95% CI
+    assert f.loc["positive_control", "adj_low"] == 0.01 and f.loc["positive_control", "established"] == "gain"
+    assert list(f.group) == ["strategy", "strategy", "control", "control"]
+    d = read.deltas(root)
+    best = {"pe · slice_auroc": "rotation", "pe · twin_exam": "rotation", "nodule · cpm": "masked_region"}
+    assert read.confirmed_best(best, d) == {"pe · slice_auroc": "rotation"}
+    assert read.established(-0.2, -0.3, -0.1, "age_mae") == "gain" and read.established(0.1, -0.1, 0.3, "x") == ""
