@@ -77,7 +77,7 @@ TABLES: dict[str, str] = {
         path TEXT PRIMARY KEY,          -- keyed hash of the path relative to the ingest root
         size BIGINT,
         mtime DOUBLE,
-        status TEXT                     -- 'ok' | 'error' | 'skipped'
+        status TEXT                     -- 'ok' | 'error' | 'skipped' | 'retry' (taken again by the next run)
     """,
     "splits": """
         patient_key TEXT,

@@ -48,12 +48,15 @@ def test_missing_rescale_tags_are_rejected_not_assumed(tmp_path, hu, missing):
         assert e.reason == "no_rescale" and all(n in e.detail for n in missing) and "re-export" in e.detail
 
 
-def test_zero_slope_treated_as_one(tmp_path, hu):
+def test_zero_slope_is_rejected_not_guessed(tmp_path, hu):
+    from ctssl_core.data.dicom import scan_with_pydicom
+
     ds = ct_dataset(hu)
     ds.RescaleSlope = 0
-    h = scan(save(ds, tmp_path / "z.dcm"))
-    assert h.slopes == [1.0] and h.notes == ["RescaleSlope zero: used 1"]
-    np.testing.assert_array_equal(read_hu(h)[0], hu.astype(np.float32))
+    path = save(ds, tmp_path / "z.dcm")
+    for fn in (scan, scan_with_pydicom):
+        e = _issue(lambda: fn(str(path)))
+        assert e.reason == "no_rescale" and "RescaleSlope is 0" in e.detail
 
 
 def test_negative_and_non_square_spacing(tmp_path, hu):

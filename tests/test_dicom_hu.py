@@ -67,16 +67,14 @@ def test_series_without_rescale_is_rejected_not_shifted(tmp_path):
     assert _errors(tmp_path / "st") == {"no_rescale": 3}
 
 
-def test_zero_slope_assumption_is_stored_in_the_catalog(tmp_path):
+def test_header_assumptions_are_stored_in_the_catalog(tmp_path):
     vol = phantom(2, N, N, seed=1)
-    paths = write_series(tmp_path / "src" / "s", vol)
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        ds.RescaleSlope = 0
-        ds.save_as(p, enforce_file_format=True)
-    assert _ingest(tmp_path / "src", tmp_path / "st").series == 1
+    write_series(tmp_path / "src" / "s", vol, pixel_spacing=(-0.7, -0.7))  # a vendor's negative spacing
+    write_series(tmp_path / "src" / "t", vol, patient_id="P2")
+    assert _ingest(tmp_path / "src", tmp_path / "st").series == 2
     with connect(store_paths(tmp_path / "st").db, read_only=True) as con:
-        assert con.execute("SELECT notes FROM series").fetchone()[0] == '["RescaleSlope zero: used 1"]'
+        notes = sorted(r[0] or "" for r in con.execute("SELECT notes FROM series").fetchall())
+    assert notes == ["", '["PixelSpacing (-0.7, -0.7) not positive: used absolute values"]']
     np.testing.assert_array_equal(_stored(tmp_path / "st")[0], vol)
 
 

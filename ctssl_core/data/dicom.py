@@ -71,8 +71,8 @@ REASONS = {
     "unsupported_pixels": "Pixel format ctssl does not handle (colour, or more than 16 bits); convert to 16-bit greyscale CT.",
     "series_not_selected": "Another series of the same study was chosen by the selection rule (axial, thinnest, most slices); not an error.",
     "series_exists": "The series is already in the store; to rebuild it, ingest into a new store.",
-    "no_rescale": "RescaleSlope or RescaleIntercept is missing, so the stored values cannot be turned into HU "
-                  "(assuming 0 would shift every pixel silently); re-export the series with its rescale tags.",
+    "no_rescale": "RescaleSlope or RescaleIntercept is missing (or the slope is 0), so the stored values cannot be "
+                  "turned into HU (a guessed value would shift every pixel silently); re-export the series with its rescale tags.",
     "not_hu": "The pixel values do not map to Hounsfield units by slope and intercept (MONOCHROME1, a RescaleType "
               "other than HU, or a Modality LUT Sequence); convert the series to standard CT (MONOCHROME2, slope/intercept to HU).",
     "unsupported_geometry": "The image axes are rotated in-plane by an angle that is not a multiple of 90 degrees; "
@@ -307,7 +307,7 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
                 ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
                 if "SOPClassUID" not in ds and "Rows" not in ds:
                     raise DicomIssue("not_dicom", "no DICM preamble and no image tags.") from None
-            syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+            syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") or _detected_syntax(ds)
             rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
             frames = int(_num(ds, "NumberOfFrames", 1) or 1)
             bits = int(ds.get("BitsAllocated", 16) or 16)
@@ -334,6 +334,15 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
         except _SlowPath:
             pass
     return header_from_dataset(ds, path, syntax, present, offset)
+
+
+def _detected_syntax(ds) -> str:
+    """The native syntax pydicom detected while parsing a file whose meta names none (a raw dataset,
+    or damaged meta): the encoding the pixel bytes are in, instead of assuming implicit VR."""
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    by_encoding = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+                   (False, False): "1.2.840.10008.1.2.2"}
+    return by_encoding.get((implicit, little), "1.2.840.10008.1.2")
 
 
 # ---- fast path: decode the ~25 raw elements we need ourselves (pydicom's per-attribute
@@ -586,6 +595,16 @@ def _check_kind(modality: str, sop_class: str, image_type: tuple[str, ...], pres
         raise DicomIssue("no_pixels", "there is no PixelData element.")
 
 
+PIXEL_TAGS = ("BitsAllocated", "PixelRepresentation")  # no default is safe: they decide how bytes become values
+
+
+def _check_pixel_tags(missing: list[str]) -> None:
+    """Refuse pixel data whose layout tags are missing (both header paths): guessing 16-bit unsigned
+    reads a signed or 8-bit image as wrong numbers, and pydicom itself refuses to decode it."""
+    if missing:
+        raise DicomIssue("bad_header", f"{' and '.join(missing)} missing.")
+
+
 def _check_image(rows, cols, sop, series, study, spp: int, bits: int) -> None:
     """Required tags present and a pixel format ingest handles (both header paths)."""
     if not rows or not cols or rows <= 0 or cols <= 0 or not sop or not series or not study:
@@ -599,19 +618,25 @@ def _check_image(rows, cols, sop, series, study, spp: int, bits: int) -> None:
 def _fixed_rescale(slopes: list, intercepts: list, notes: list[str]) -> tuple[list[float], list[float]]:
     """Slope and intercept per frame. Both are required (type 1) for CT: a missing one is rejected
     (``no_rescale``), since assuming intercept 0 shifts a -1024-intercept series by +1024 HU silently.
-    A zero slope (invalid, seen from old converters) is taken as 1 and noted; the notes go to the catalog."""
+    A zero slope is invalid (it maps every pixel to the intercept); taking it as 1 would be a guess,
+    so it is rejected too."""
     if any(s is None for s in slopes) or any(i is None for i in intercepts):
         missing = [n for n, v in (("RescaleSlope", slopes), ("RescaleIntercept", intercepts)) if any(x is None for x in v)]
         raise DicomIssue("no_rescale", f"{' and '.join(missing)} missing.")
     if any(s == 0 for s in slopes):
-        notes.append("RescaleSlope zero: used 1")
-    return [s if s != 0 else 1.0 for s in slopes], list(intercepts)
+        raise DicomIssue("no_rescale", "RescaleSlope is 0.")
+    return list(slopes), list(intercepts)
 
 
 def _check_hu(photometric: str | None, rescale_types: list[str | None]) -> None:
     """Refuse pixel values that slope and intercept do not turn into HU (both header paths)."""
-    if photometric and photometric.strip().upper() == "MONOCHROME1":
+    kind = (photometric or "").strip().upper()
+    if kind == "MONOCHROME1":
         raise DicomIssue("not_hu", "PhotometricInterpretation is MONOCHROME1 (inverted grey scale).")
+    if not kind:
+        raise DicomIssue("bad_header", "PhotometricInterpretation missing.")
+    if kind != "MONOCHROME2":  # colour, or a damaged value: nothing says how its bytes are laid out
+        raise DicomIssue("unsupported_pixels", f"PhotometricInterpretation is {scrub(kind, 20)}.")
     odd = sorted({t.strip().upper() for t in rescale_types if t and t.strip().upper() != "HU"})
     if odd:
         raise DicomIssue("not_hu", f"RescaleType is {'/'.join(odd)}, not HU.")
@@ -641,6 +666,7 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     _check_kind(modality, r.text("SOPClassUID") or "", image_type, present)
     rows, cols = r.us("Rows"), r.us("Columns")
     sop, series, study = r.text("SOPInstanceUID"), r.text("SeriesInstanceUID"), r.text("StudyInstanceUID")
+    _check_pixel_tags([n for n in PIXEL_TAGS if r.el(n) is None])
     bits = r.us("BitsAllocated") or 16
     _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel") or 1, bits)
     notes: list[str] = []
@@ -703,6 +729,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         sop, series, study = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
     except (AttributeError, TypeError, ValueError) as e:
         raise DicomIssue("bad_header", f"{scrub(e)}.") from None
+    _check_pixel_tags([n for n in PIXEL_TAGS if n not in ds])
     bits = int(ds.get("BitsAllocated", 16) or 16)
     _check_image(rows, cols, sop, series, study, int(ds.get("SamplesPerPixel", 1) or 1), bits)
     frames = int(_num(ds, "NumberOfFrames", 1) or 1)
@@ -853,11 +880,14 @@ def _decode_with_pydicom(h: SliceHeader) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(h.path)
+        ds = pydicom.dcmread(h.path, force=True)  # as ``scan`` read it (a file without preamble too)
     except OSError as e:
         raise os_issue(e, "truncated", "re-reading failed") from None
     except Exception as e:  # noqa: BLE001
         raise DicomIssue("truncated", f"re-reading failed ({type(e).__name__}).") from None
+    if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = h.transfer_syntax  # what scan detected (``_detected_syntax``)
     if h.transfer_syntax not in NATIVE_SYNTAXES:
         try:
             from pydicom.pixels import get_decoder

@@ -396,14 +396,18 @@ def _resolve_copies(copies: list[SliceHeader], shapes: dict[str, Counter], conte
 def _close(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return bool(np.allclose(a, b, rtol=0, atol=GEOMETRY_TOL))
+    return all(abs(x - y) <= GEOMETRY_TOL for x, y in zip(a, b))
 
 
 def _geometry_outliers(hs: list[SliceHeader]) -> list[SliceHeader]:
-    """Slices whose PixelSpacing or orientation differs from the series' most common one."""
-    common = Counter((tuple(np.round(h.spacing, 3)) if h.spacing else None,
-                      tuple(np.round(h.orientation, 3)) if h.orientation else None) for h in hs).most_common(1)[0][0]
-    return [h for h in hs if not (_close(h.spacing, common[0]) and _close(h.orientation, common[1]))]
+    """Slices whose PixelSpacing or orientation differs (beyond float noise) from the series' most common one.
+
+    Plain tuples, no numpy: this runs once per slice in the planning stage of every ingest."""
+    counts = Counter((h.spacing, h.orientation) for h in hs)
+    if len(counts) == 1:
+        return []
+    spacing, orientation = counts.most_common(1)[0][0]
+    return [h for h in hs if not (_close(h.spacing, spacing) and _close(h.orientation, orientation))]
 
 
 def _plan_one(series_uid: str, hs: list[SliceHeader], contents: _Contents):

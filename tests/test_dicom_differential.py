@@ -1,0 +1,200 @@
+"""Differential test of DICOM reading (issue 13 item 12): ctssl's reading (the byte walker in ``scan``,
+its pydicom fallback, ``read_hu``) against pydicom's own (``dcmread``, ``pixel_array``,
+``apply_modality_lut``), over every fixture kind, corrupted copies and the CT files bundled with pydicom.
+
+For each file ctssl either rejects it with a recorded reason, or gives the same HU (to float32
+rounding) and the same geometry as pydicom. A file pydicom cannot decode is never accepted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_fixtures import ct_dataset, phantom, save, write_series
+from pydicom.pixels import apply_modality_lut
+
+from ctssl_core.data.dicom import HU_MAX, HU_MIN, REASONS, DicomIssue, read_hu, scan, scan_with_pydicom
+
+
+def _item(ds, *names):
+    """The first item of a nested sequence path, or None."""
+    for n in names:
+        seq = ds.get(n, None) if ds is not None else None
+        ds = seq[0] if seq else None
+    return ds
+
+
+def reference(path) -> dict:
+    """HU (F, H, W) float32 and geometry as pydicom reads them; raises whatever pydicom raises."""
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:  # no preamble: pydicom reads it when told to (as ctssl does)
+        ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # meta without a syntax: the encoding pydicom detected
+        implicit, little = ds.original_encoding
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = {(True, True): pydicom.uid.ImplicitVRLittleEndian,
+                                          (False, True): pydicom.uid.ExplicitVRLittleEndian,
+                                          (False, False): pydicom.uid.ExplicitVRBigEndian}[(implicit, little)]
+    arr = np.asarray(ds.pixel_array)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = arr.reshape(frames, int(ds.Rows), int(ds.Columns))
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per = ds.get("PerFrameFunctionalGroupsSequence", None) or [None] * frames
+    hu, positions = [], []
+    for k in range(frames):
+        src = ds
+        pvt = _item(per[k], "PixelValueTransformationSequence") or _item(shared, "PixelValueTransformationSequence")
+        if pvt is not None and "RescaleSlope" not in ds:
+            src = pvt
+        f = apply_modality_lut(arr[k], src).astype(np.float64)
+        pad = ds.get("PixelPaddingValue", None)
+        if pad is not None:
+            lim = ds.get("PixelPaddingRangeLimit", pad)
+            lo, hi = min(pad, lim), max(pad, lim)
+            f[(arr[k] >= lo) & (arr[k] <= hi)] = HU_MIN
+        hu.append(np.clip(f, HU_MIN, HU_MAX))
+        pp = _item(per[k], "PlanePositionSequence")
+        pos = pp.ImagePositionPatient if pp is not None else ds.get("ImagePositionPatient", None)
+        positions.append(tuple(float(v) for v in pos) if pos is not None else None)
+    iop = ds.get("ImageOrientationPatient", None)
+    if iop is None:
+        po = _item(shared, "PlaneOrientationSequence") or _item(per[0], "PlaneOrientationSequence")
+        iop = po.ImageOrientationPatient if po is not None else None
+    sp = ds.get("PixelSpacing", None)
+    if sp is None:
+        pm = _item(shared, "PixelMeasuresSequence") or _item(per[0], "PixelMeasuresSequence")
+        sp = pm.PixelSpacing if pm is not None else None
+    return dict(
+        hu=np.stack(hu).astype(np.float32),
+        orientation=tuple(float(v) for v in iop) if iop is not None else None,
+        spacing=tuple(abs(float(v)) for v in sp) if sp is not None else None,
+        positions=positions if any(p is not None for p in positions) else None,
+    )
+
+
+def ctssl(path, header=scan) -> dict | str:
+    """The same from ctssl, or the reason it rejects the file."""
+    try:
+        h = header(str(path))
+        return dict(hu=read_hu(h), orientation=h.orientation, spacing=h.spacing, positions=h.positions)
+    except DicomIssue as e:
+        assert e.reason in REASONS and len(e.detail) > 40  # recorded with a sentence that says what to do
+        return e.reason
+
+
+def check(path) -> str:
+    """'accepted' (same HU and geometry as pydicom) or the rejection reason; fails on any silent difference."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        walker, slow = ctssl(path), ctssl(path, scan_with_pydicom)
+        # both accept or both reject (on damaged files the first problem each path meets may differ)
+        assert isinstance(walker, str) == isinstance(slow, str), (path, walker if isinstance(walker, str) else slow)
+        if isinstance(walker, str):
+            return walker
+        try:
+            ref = reference(path)
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"{path}: ctssl accepted a file pydicom cannot read ({type(e).__name__}: {e})")
+    for got in (walker, slow):
+        assert got["hu"].shape == ref["hu"].shape, path
+        np.testing.assert_allclose(got["hu"], ref["hu"], rtol=0, atol=1e-3, err_msg=str(path))
+        assert got["orientation"] == ref["orientation"] or np.allclose(got["orientation"], ref["orientation"])
+        assert got["spacing"] == ref["spacing"], path
+        assert got["positions"] == ref["positions"], path
+    return "accepted"
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """Every fixture kind of the ingest tests (test_dicom's list) plus the HU oddities of item 12."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from test_dicom import _fixture_kinds
+
+    tmp = tmp_path_factory.mktemp("kinds")
+    hu = phantom(1, 48, 40, seed=3)[0]  # non-square; big enough for the JPEG 2000 encoder
+    out = dict(_fixture_kinds(tmp, hu))
+    ds = ct_dataset(hu)
+    ds.add_new(0x00280120, "US", 2096)  # PixelPaddingValue
+    st = np.frombuffer(ds.PixelData, "<u2").copy().reshape(hu.shape)
+    st[:4] = 2096
+    ds.PixelData = st.tobytes()
+    out["padding"] = save(ds, tmp / "pad.dcm")
+    ds = ct_dataset(hu)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp / "deflated.dcm", enforce_file_format=True)
+    out["deflated"] = tmp / "deflated.dcm"
+    ds = ct_dataset(hu)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    out["monochrome1"] = save(ds, tmp / "m1.dcm")
+    ds = ct_dataset(hu)
+    ds.RescaleType = "US"
+    out["rescale_type"] = save(ds, tmp / "rt.dcm")
+    ds = ct_dataset(hu)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.add_new(0x00283006, "US", list(range(4096)))
+    ds.ModalityLUTSequence = Sequence([lut])
+    out["modality_lut"] = save(ds, tmp / "lut.dcm")
+    out["rotated"] = save(ct_dataset(hu, orientation=(0, 1, 0, -1, 0, 0)), tmp / "rot.dcm")
+    out["no_intercept"] = save(ct_dataset(hu, intercept=None), tmp / "ni.dcm")
+    out["slope_half"] = save(ct_dataset(hu - hu % 2, slope=0.5, intercept=-1000.0, signed=True), tmp / "half.dcm")
+    return out
+
+
+def test_every_fixture_kind_reads_like_pydicom_or_is_rejected(kinds):
+    outcome = {name: check(path) for name, path in kinds.items()}
+    accepted = {n for n, o in outcome.items() if o == "accepted"}
+    must_read = {"explicit_le", "implicit_le", "explicit_be", "rle", "jpeg2000", "signed_slope2", "neg_spacing",
+                 "tilt", "coronal", "demographics", "multiframe", "big_private", "padding", "deflated", "rotated",
+                 "slope_half", "latin1_name", "no_position", "no_preamble"}
+    assert must_read <= accepted, must_read - accepted
+    assert {n: outcome[n] for n in ("no_rescale", "zero_slope", "no_intercept", "monochrome1", "rescale_type",
+                                    "modality_lut")} == {
+        "no_rescale": "no_rescale", "zero_slope": "no_rescale", "no_intercept": "no_rescale",
+        "monochrome1": "not_hu", "rescale_type": "not_hu", "modality_lut": "not_hu"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_corrupted_copies_read_like_pydicom_or_are_rejected(tmp_path):
+    from test_fuzz_ingest import corrupt
+
+    rng = np.random.default_rng(11)
+    outcome = []
+    for syntax in ("explicit_le", "implicit_le", "explicit_be"):
+        good = write_series(tmp_path / syntax, phantom(3, 24, 24), syntax=syntax)
+        for i in range(40):
+            p = tmp_path / syntax / f"c{i:02d}"
+            corrupt(good[i % 3].read_bytes(), p, rng)
+            outcome.append(check(p))
+    assert outcome.count("accepted") >= 20 and len(set(outcome)) >= 4  # both sides of the test were exercised
+
+
+def _bundled_ct() -> list[str]:
+    from pydicom.data import get_testdata_files
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = get_testdata_files("*")
+        out = []
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not DICOM (the package ships other test data too)
+                continue
+            if str(ds.get("Modality", "")) == "CT":
+                out.append(f)
+    return sorted(out)
+
+
+def test_ct_files_bundled_with_pydicom_read_like_pydicom_or_are_rejected():
+    files = _bundled_ct()
+    assert any(f.endswith("CT_small.dcm") for f in files)
+    outcome = {f.rsplit("/", 1)[-1]: check(f) for f in files}
+    assert outcome["CT_small.dcm"] == "accepted"
+    assert sum(o == "accepted" for o in outcome.values()) >= 2, outcome
