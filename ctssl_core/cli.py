@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctssl {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print(f"ctssl {args.command}: interrupted; {interrupted_hint(args, e)}", file=sys.stderr)
-        return EXIT_SIGINT
+        # library code that stops on SIGTERM and unwinds with KeyboardInterrupt marks it `e.signal = "SIGTERM"`
+        by_term = getattr(e, "signal", None) == "SIGTERM"
+        print(f"ctssl {args.command}: {'stopped by SIGTERM' if by_term else 'interrupted'}; "
+              f"{interrupted_hint(args, e)}", file=sys.stderr)
+        return EXIT_SIGTERM if by_term else EXIT_SIGINT
 
 
 def interrupted_hint(args: argparse.Namespace, exc: BaseException) -> str:

@@ -232,6 +232,20 @@ def test_ctrl_c_hint_matches_what_a_rerun_does(monkeypatch, tmp_path, capsys, co
     assert hint in capsys.readouterr().err
 
 
+def test_an_interrupt_marked_as_sigterm_exits_143(monkeypatch, tmp_path, capsys):
+    """The contract for library code that unwinds with KeyboardInterrupt on SIGTERM (a fine-tune does)."""
+    import ctssl_core.finetune as ft
+
+    def stopped(*a, **kw):
+        e = KeyboardInterrupt("fine-tune stopped by signal at step 3")
+        e.signal = "SIGTERM"
+        raise e
+
+    monkeypatch.setattr(ft, "finetune", stopped)
+    assert main(["finetune", "--task", "pe", "--profile", "smoke", "--store", str(tmp_path)]) == 143
+    assert "ctssl finetune: stopped by SIGTERM; a fine-tuning has no resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("status, code", [("succeeded", 0), ("cancelled", 143), ("failed", 1)])
 def test_pretrain_exit_code_of_each_run_status(status, code):
     from ctssl_core.commands.pretrain import exit_code
