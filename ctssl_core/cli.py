@@ -1,8 +1,15 @@
 """The ``ctssl`` command. Each subcommand lives in ``ctssl_core/commands/<name>.py``.
 
 A command module exposes ``HELP: str``, ``add_arguments(parser)`` and
-``run(args) -> int``. Modules import their heavy dependencies (torch, duckdb,
-pydicom) inside ``run`` so that ``ctssl --help`` answers instantly.
+``run(args) -> int``, and optionally ``interrupted_hint(args, exc) -> str`` (what
+to do after Ctrl-C: resume how, or start again). Modules import their heavy
+dependencies (torch, duckdb, pydicom) inside ``run`` so that ``ctssl --help``
+answers instantly. Options every command spells the same way come from the
+``add_*_option`` helpers here.
+
+Exit codes (README "Exit codes"): 0 done; 1 the command ran but its run failed;
+2 bad usage, config or store (the message says what to do); 130 interrupted by
+Ctrl-C (SIGINT); 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +19,10 @@ import importlib
 import sys
 
 from ctssl_core import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, as a shell reports a process ended by it
+DEFAULT_INTERRUPTED_HINT = "nothing of this command is resumable; re-run it to start again."
 
 # registry: subcommand -> module under ctssl_core.commands
 COMMANDS: dict[str, str] = {
@@ -27,6 +38,24 @@ COMMANDS: dict[str, str] = {
     "worker": "worker",
     "dashboard": "dashboard",
 }
+
+
+def add_set_option(p: argparse.ArgumentParser, section: str, example: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable), the one override grammar of every command.
+
+    The command turns the values into config with ``config.profile_overrides`` or
+    ``config.section_overrides`` (which check the section and give the short form
+    ``KEY=VALUE`` its meaning: ``section.KEY``).
+    """
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override a profile key by its full path, e.g. --set {example} (repeatable); "
+                        f"a key without a section means {section}.KEY")
+
+
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    """``--no-progress`` (alias ``--quiet``, its older name in some commands): no progress bars, log lines only."""
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bars, log lines only (--quiet is the same flag)")
 
 
 def build_parser(available: dict[str, object] | None = None) -> argparse.ArgumentParser:
@@ -63,15 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args._module.run(args) or 0)
     except (ConfigError, StoreError, FileNotFoundError) as e:
         print(f"ctssl {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ctssl {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
-        return 130
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        # library code that stops on SIGTERM and unwinds with KeyboardInterrupt marks it `e.signal = "SIGTERM"`
+        by_term = getattr(e, "signal", None) == "SIGTERM"
+        print(f"ctssl {args.command}: {'stopped by SIGTERM' if by_term else 'interrupted'}; "
+              f"{interrupted_hint(args, e)}", file=sys.stderr)
+        return EXIT_SIGTERM if by_term else EXIT_SIGINT
+
+
+def interrupted_hint(args: argparse.Namespace, exc: BaseException) -> str:
+    """What to do after Ctrl-C: the command's own advice (resume how), or that it starts again."""
+    hint = getattr(args._module, "interrupted_hint", None)
+    return hint(args, exc) if hint else DEFAULT_INTERRUPTED_HINT
 
 
 if __name__ == "__main__":

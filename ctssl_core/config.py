@@ -175,3 +175,67 @@ def build(cls: type[T], mapping: Mapping[str, Any] | None = None, overrides: typ
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dataclass -> plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# --------------------------------------------------------------------------- the CLI's `--set` grammar
+
+# profile section -> the commands that read it (for the error that sends a key to the right command)
+SECTION_READERS: dict[str, tuple[str, ...]] = {
+    "synth": ("synth", "benchmark"),
+    "ingest": ("ingest", "benchmark"),
+    "pretrain": ("pretrain", "benchmark"),
+    "downstream": ("finetune", "benchmark"),
+    "embed": ("embed", "benchmark"),
+    "bias": ("bias", "benchmark"),
+    "benchmark": ("benchmark",),
+}
+
+
+def _split_override(item: str) -> tuple[list[str], str]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like section.key=value (e.g. --set pretrain.train.steps=5)")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key part; write section.key=value (e.g. --set embed.split=test)")
+    return parts, value
+
+
+def profile_overrides(items: typing.Iterable[str], command: str, own: str,
+                      reads: typing.Iterable[str] | None = None) -> list[str]:
+    """``--set`` items as full profile paths (``section.key...=value``), checked against what ``command`` reads.
+
+    One grammar for every command: ``--set section.key=value`` is a path in the profile
+    (``pretrain.train.steps=5``, ``embed.split=test``). A path that does not start with a section
+    name is read relative to the command's own section ``own`` (``ctssl synth --set n_patients=8``
+    is ``synth.n_patients=8``), the short form the commands always took. A section name without a
+    key (``bias=false``) is refused: it could be that section or a key named like it
+    (``benchmark.bias``). ``reads`` lists the sections (or ``section.key`` prefixes) the command
+    uses (default: ``own``); a path outside them would be silently ignored, so it is an error that
+    names the commands that do read it.
+    """
+    allowed = tuple(reads) if reads is not None else (own,)
+    out = []
+    for item in items:
+        parts, value = _split_override(item)
+        if parts[0] not in SECTION_READERS:
+            parts = [own, *parts]
+        elif len(parts) == 1:
+            raise ConfigError(f"--set {item!r}: {parts[0]!r} is a whole profile section; set one key of it "
+                              f"({parts[0]}.KEY=VALUE), or write {own}.{parts[0]}=... for the key of that name")
+        path = ".".join(parts)
+        if not any(path == a or path.startswith(a + ".") for a in allowed):
+            section = parts[0]
+            users = " or ".join(f"`ctssl {c}`" for c in SECTION_READERS[section])
+            raise ConfigError(f"--set {item!r}: key of the {section!r} section, which `ctssl {command}` does not read "
+                              f"(it reads {', '.join(a + '.*' if a in SECTION_READERS else a for a in allowed)}); "
+                              f"pass it to {users}")
+        out.append(f"{path}={value}")
+    return out
+
+
+def section_overrides(items: typing.Iterable[str], command: str, section: str) -> list[str]:
+    """``--set`` items for a command that builds one section: checked as in :func:`profile_overrides`,
+    returned relative to ``section`` (``embed.split=test`` and ``split=test`` both give ``split=test``)."""
+    n = len(section) + 1
+    return [p[n:] for p in profile_overrides(items, command, section)]

@@ -22,3 +22,13 @@ def test_no_command_prints_help_and_fails():
 def test_console_script_answers_help():
     r = subprocess.run([sys.executable, "-m", "ctssl_core.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "usage: ctssl" in r.stdout
+
+
+def test_version_prints_the_package_version(capsys):
+    import pytest
+
+    from ctssl_core import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ctssl {__version__}"

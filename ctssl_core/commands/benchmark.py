@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from ctssl_core.cli import add_progress_option, add_set_option
+from ctssl_core.config import SECTION_READERS
+
+SECTION = "benchmark"  # `--set KEY=...` means benchmark.KEY
+READS = tuple(SECTION_READERS)  # the whole profile
+
 HELP = ("Run the full benchmark: synthesize+ingest if needed, pretrain every strategy, fine-tune every "
         "downstream task at every label fraction from every init, probes, embeddings; resumable.")
 
@@ -10,15 +16,20 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", default="quick", help="smoke (<=2 min CPU), quick (<=15 min CPU), paper (GPU), "
                                                      "or a YAML path")
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile key, e.g. --set benchmark.fractions=[0.1,1.0] (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_set_option(p, SECTION, "pretrain.train.steps=50 --set benchmark.fractions=[0.1,1.0]")
+    add_progress_option(p)
 
 
 def run(args) -> int:
     from ctssl_core.benchmark import run_benchmark
+    from ctssl_core.config import profile_overrides
 
-    res = run_benchmark(args.profile, args.store, args.overrides, progress=not args.quiet)
+    overrides = profile_overrides(args.overrides, "benchmark", SECTION, reads=READS)
+    res = run_benchmark(args.profile, args.store, overrides, progress=not args.no_progress)
     print(f"benchmark {res['benchmark_id']}: {res['ran']} units run, {res['skipped']} reused, "
           f"{res['wall_s']:.0f}s")
     return 0
+
+
+def interrupted_hint(args, exc) -> str:
+    return "re-run the same command to resume: finished runs are reused, the interrupted one starts again."

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from ctssl_core.cli import add_progress_option, add_set_option
+
+SECTION = "downstream"  # `--set KEY=...` means downstream.KEY
+# what `ctssl finetune` reads of a profile: the downstream section, the pretraining's architecture and the split scheme
+READS = ("downstream", "pretrain.encoder", "pretrain.encoder_params", "benchmark.split_seed", "benchmark.pool")
+
 HELP = "Fine-tune a downstream task (pe, nodule, demographics) from random init or a pretraining, and score it."
 
 
@@ -13,9 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed and patient-subset seed")
     p.add_argument("--profile", default="quick", help="profile whose `downstream` and `pretrain.encoder` to use")
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile key, e.g. --set downstream.train.steps=50 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_set_option(p, SECTION, "downstream.train.steps=50")
+    add_progress_option(p)
 
 
 def run(args) -> int:
@@ -24,20 +29,25 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ctssl_core.benchmark import finetune_config, pretrain_encoder, resolve_profile
+    from ctssl_core.config import profile_overrides
     from ctssl_core.finetune import finetune
     from ctssl_core.paths import default_store
 
-    cfg = resolve_profile(args.profile, args.overrides)
+    cfg = resolve_profile(args.profile, profile_overrides(args.overrides, "finetune", SECTION, reads=READS))
     bench = cfg.get("benchmark") or {}
     split_seed, pool = int(bench.get("split_seed", 0)), float(bench.get("pool", 0.0))
     fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg),
                          pool)
     store = Path(args.store) if args.store else default_store()
     steps = int(fc.train.get("steps", 200))
-    with tqdm(total=steps, disable=args.quiet, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
+    with tqdm(total=steps, disable=args.no_progress, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
         res = finetune(fc, store, profile=str(cfg.get("profile")), progress=lambda s: bar.update(s - bar.n))
     print(f"run {res.run_id}: {args.task} from {res.init}, {res.n_train_patients} training patients, "
           f"{res.n_train_slices} slices, {res.wall_s:.1f}s")
     for m, ci in res.metrics.items():
         print(f"  {m:16s} {ci.value:.4f}  [{ci.low:.4f}, {ci.high:.4f}]")
     return 0
+
+
+def interrupted_hint(args, exc) -> str:
+    return "a fine-tuning has no resume; re-run the same command to train it again from the start."

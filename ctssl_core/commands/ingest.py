@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ctssl_core.cli import add_progress_option, add_set_option
+
+SECTION = "ingest"  # the profile section this command reads (`--set KEY=...` means ingest.KEY)
 HELP = "Ingest a folder of CT DICOM (any layout) into the slice store and its DuckDB catalog."
 
 
@@ -20,7 +23,8 @@ def add_arguments(p) -> None:
                         "a store has one size, so another one is refused")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default 2)")
     p.add_argument("--agreement", type=float, default=None, help="LIDC consensus agreement fraction (default 0.5)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_set_option(p, SECTION, "ingest.workers=4")
+    add_progress_option(p)
     p.add_argument("--list-errors", action="store_true",
                    help="print the path and reason of every file under DIR that was not ingested (paths are shown "
                         "here only; the catalog stores keyed hashes of them)")
@@ -29,7 +33,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import warnings
 
-    from ctssl_core.config import build
+    from ctssl_core.config import build, section_overrides
     from ctssl_core.data.adapters.demographics import IdentifierColumnsDropped
     from ctssl_core.data.ingest import IngestConfig, ingest, store_size
     from ctssl_core.paths import default_store
@@ -40,16 +44,21 @@ def run(args) -> int:
         size = store_size(store)  # adding to an existing store: its size, not the default
     raw = {"format": args.format, "demographics": args.demographics, "size": size,
            "workers": args.workers, "agreement": args.agreement}
-    cfg = build(IngestConfig, {k: v for k, v in raw.items() if v is not None})
+    cfg = build(IngestConfig, {k: v for k, v in raw.items() if v is not None},
+                section_overrides(args.overrides, "ingest", SECTION), where="ingest.")
     with warnings.catch_warnings():  # the summary table names dropped columns; no warning traceback line
         warnings.simplefilter("ignore", IdentifierColumnsDropped)
-        summary = ingest(args.dir, store, cfg, progress=not args.quiet)
+        summary = ingest(args.dir, store, cfg, progress=not args.no_progress)
     print(f"store: {store}")
     print(summary.table())
     if args.list_errors:
         for rel, reason in list_errors(args.dir, store):
             print(f"{reason:<22} {rel}")
     return 0
+
+
+def interrupted_hint(args, exc) -> str:
+    return "re-run the same command to resume: files already in the store are skipped."
 
 
 def list_errors(root, store) -> list[tuple[str, str]]:
