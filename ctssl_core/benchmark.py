@@ -250,7 +250,7 @@ def _store_sizes(store_root: Path) -> set[int]:
         return {int(r[0]) for r in con.execute("SELECT DISTINCT height FROM series").fetchall()}
 
 
-def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> None:
+def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progress: bool = False) -> None:
     """Generate the synthetic cohort and ingest it when the store has no slices yet.
 
     A store that already holds slices is used as it is, unless its slice size differs from
@@ -274,14 +274,14 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None]) -> Non
 
     say(f"synthetic cohort -> {plan.cohort} (reused when its config matches)")
     synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
-    generate_cohort(synth_cfg, plan.cohort, progress=False)
+    generate_cohort(synth_cfg, plan.cohort, progress=progress)
     # synthetic patients have no real identity: a key derived from the cohort config makes the
     # seeded patient splits (and so every result) the same in any store built from this cohort
     create_secret(store_paths(store_root).secret,
                   hashlib.sha256(f"ctssl-synthetic-cohort:{config_hash(to_dict(synth_cfg), 64)}".encode()).digest())
     say(f"ingesting {plan.cohort} -> {store_root}")
     ingest(plan.cohort, store_root, build(IngestConfig, plan.config.get("ingest") or {}, where="ingest."),
-           progress=False)
+           progress=progress)
 
 
 # ------------------------------------------------------------------ units
@@ -425,7 +425,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
         import torch
 
         torch.set_num_threads(plan.bench.threads)
-    ensure_data(plan, root, log)
+    ensure_data(plan, root, log, progress=progress)
     rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
                  plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id)
@@ -851,9 +851,11 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
         rows += rows_b
         notes += [line] if line else []
     rows += probe_rows(plan, root, embeddings, table, log)
-    rw.write_summaries(root, rows)
     if bench.bias and embeddings:
-        run_bias(plan, root, embeddings, log)
+        bias_rows, bias_lines = run_bias(plan, root, embeddings, log)
+        rows += bias_rows
+        notes += bias_lines
+    rw.write_summaries(root, rows)
     df = pd.DataFrame.from_dict(table, orient="index")
     df.index.name = "init"
     out = store_paths(root).run_dir(bid)
@@ -973,8 +975,10 @@ def probe_rows(plan: Plan, root: Path, embeddings, table, log) -> list[dict[str,
     return out
 
 
-def run_bias(plan: Plan, root: Path, embeddings, log) -> None:
-    """Bias analysis of every init's embedding against random init (bias.analyse_encoder)."""
+def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[str]]:
+    """Bias analysis of every init's embedding against random init (bias.analyse_encoder), then the
+    scorecard against the planted truth when the store holds the benchmark's synthetic cohort
+    (``scorecard_rows``) -> (summary rows, lines)."""
     from ctssl_core import bias
 
     mapping = dict(plan.config.get("bias") or {})
@@ -985,6 +989,7 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> None:
     from ctssl_core.paths import store_paths
 
     ref = embeddings.get("random", {}).get("slice")
+    frames: dict[str, pd.DataFrame] = {}
     for init, ids in embeddings.items():
         # subgroup performance of this init's full-label PE model (first seed), when there is one
         pe_units = sorted((u for u in plan.units if u.kind == "finetune" and u.task == "pe" and u.init == init
@@ -996,13 +1001,53 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> None:
                 scores = pd.read_parquet(p)[["patient_key", "score", "label"]]
         reference = None if init == "random" else ref
         try:
-            bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores)
+            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores)
         except bias.BiasError as e:
             if scores is None:
                 raise
             # the subgroup part needs enough test patients per group; keep the embedding analysis
             log(f"bias: subgroup analysis of the {init} PE model skipped ({e})")
-            bias.analyse_encoder(root, ids["slice"], reference, bcfg)
+            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg)
+    return scorecard_rows(plan, root, frames, {ids["slice"]: init for init, ids in embeddings.items()})
+
+
+def scorecard_rows(plan: Plan, root: Path, frames: dict, labels: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """``bias.scorecard`` of every encoder against ``truth.json`` of the benchmark's synthetic cohort:
+    summary rows (task 'bias', metric ``scorecard_<attribute>_<analysis>``, value 1 right / 0 wrong,
+    the sentence as note) and lines saying plainly where the analysis is wrong. Nothing when the
+    store was not built from that cohort (real data has no planted truth)."""
+    import pandas as pd
+
+    from ctssl_core import bias, twins
+
+    truth = plan.cohort / "truth.json"
+    if not truth.is_file() or not frames:
+        return [], []
+    try:
+        from ctssl_core.data.store import SliceStore
+        from ctssl_core.paths import store_paths
+
+        known = twins.patient_indices(plan.cohort, store_paths(root).secret)
+        if not set(SliceStore.open(root).patients["patient_key"]) <= set(known):
+            return [], ["bias scorecard: not computed (the store holds patients that are not the benchmark's "
+                        "synthetic cohort, so there is no planted truth to score against)"]
+    except Exception as e:  # noqa: BLE001 - a cohort that cannot be matched is said, never guessed
+        return [], [f"bias scorecard: not computed ({type(e).__name__}: {e})"]
+    card = bias.scorecard(pd.concat(list(frames.values()), ignore_index=True), bias.planted_truth(truth), labels)
+    rows = [{"benchmark_id": plan.benchmark_id, "task": "bias", "init": r.encoder,
+             "metric": f"scorecard_{r.attribute}_{r.analysis}",
+             "value": None if r.correct is None else float(bool(r.correct)), "ci_low": None, "ci_high": None,
+             "note": r.sentence} for r in card.itertuples()]
+    ran = card[card.correct.notna()]
+    wrong = ran[~ran.correct.astype(bool)]
+    fp = wrong[wrong.outcome == "false positive"]
+    lines = [f"bias scorecard against the planted truth (truth.json): {len(ran) - len(wrong)} of {len(ran)} "
+             f"(encoder, attribute, analysis) right; false positives (errors of the analysis): "
+             + (", ".join(f"{r.encoder}/{r.attribute}/{r.analysis}" for r in fp.itertuples()) or "none")
+             + "; misses (the encoder does not carry it, or the test lacks power): "
+             + (", ".join(f"{r.encoder}/{r.attribute}/{r.analysis}" for r in wrong[wrong.outcome == "miss"].itertuples())
+                or "none")]
+    return rows, lines
 
 
 def _pct(v: float) -> str:

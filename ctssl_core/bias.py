@@ -1024,7 +1024,8 @@ def scorecard(results: pd.DataFrame, truth: dict[str, bool] | dict[str, Any] | s
     need = {"emb_id", "analysis", "attribute", "flagged", "p_adjusted"}
     if not need <= set(results.columns):
         raise BiasError(f"scorecard needs bias_results columns {sorted(need)}; got {list(results.columns)}")
-    planted = truth if truth and all(isinstance(v, bool) for v in truth.values()) else planted_truth(truth)
+    planted = (truth if isinstance(truth, dict) and truth and all(isinstance(v, bool) for v in truth.values())
+               else planted_truth(truth))
     labels = labels or {}
     rows = []
     scored = results[results["analysis"].isin(SCORED_ANALYSES)]

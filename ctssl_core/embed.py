@@ -409,7 +409,7 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
 
 
 def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, str]:
+              log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, str]:
     """Embed the evaluation split with ``checkpoint`` (run id, path or 'random'); store slice + exam
     embeddings and their projections. Returns ``{"slice": emb_id, "exam": emb_id}``."""
     from ctssl_core.data.store import SliceStore
@@ -426,7 +426,17 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
         raise EmbedError(f"split {cfg.split!r} (seed {cfg.split_seed}) has no slices in {sp.root}; choose another split")
     store = SliceStore.open(store_root)
     say(f"embedding {len(keys)} slices of split {cfg.split} with {tag} ({name})")
-    E = embed_array(enc, store.read, keys["slice_id"].to_numpy(), cfg.batch_size, cfg.device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(keys), desc=f"embed {tag}", unit="slice")
+    try:
+        E = embed_array(enc, store.read, keys["slice_id"].to_numpy(), cfg.batch_size, cfg.device,
+                        progress=(lambda done, n: bar.update(done - bar.n)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     ids = {}
     for level, (V, K) in {"slice": (E, keys), "exam": exam_table(E, keys)}.items():
         emb_id = f"{tag}-{cfg.split}-{level}"

@@ -430,8 +430,11 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
                              freeze_encoder=cfg.freeze_encoder, eval_fn=eval_fn if tcfg.eval_every else None,
                              head=head, run_config=run_config, progress=progress)
         if fres.stopped != "completed":  # SIGTERM/cancel: no test scores, no results; the run stays resumable
-            raise KeyboardInterrupt(f"fine-tune stopped by {fres.stopped} at step {fres.step}; "
-                                    f"re-run (or resume the job) to finish it")
+            stop = KeyboardInterrupt(f"fine-tune stopped by {fres.stopped} at step {fres.step}; "
+                                     f"re-run (or resume the job) to finish it")
+            if fres.stopped == "signal":
+                stop.signal = "SIGTERM"            # the CLI exits 143, as for any process ended by SIGTERM
+            raise stop
         head = fres.head or head
         out = collect_outputs(task, encoder.to(device), head, store, test_ids, cfg.eval_batch_size, device,
                               tcfg.image_size)

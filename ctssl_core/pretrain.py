@@ -327,8 +327,9 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         status = "cancelled" if res.stopped == "signal" else "succeeded"
         if status == "cancelled":
             error = f"stopped by SIGTERM at step {res.step}; resume with `ctssl pretrain --resume {run_id}`"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status, error = "cancelled", "interrupted; resume with `ctssl pretrain --resume " + run_id + "`"
+        e.run_id = run_id                          # the CLI's resume hint names the run
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the CLI to print
         error = f"{type(e).__name__}: {e}"

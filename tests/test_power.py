@@ -258,3 +258,24 @@ def test_plan_has_controls_after_their_sources_and_bad_control_configs_fail(tmp_
         BenchmarkConfig(controls=("pe",))
     with pytest.raises(ConfigError, match="controls"):
         BenchmarkConfig(controls=("demographics",), pool=0.5)
+
+
+def test_every_benchmark_scores_its_bias_analysis_against_the_planted_truth(smoke_store):
+    """Issue 15 item 1: the smoke benchmark's summaries hold a scorecard row per (encoder, attribute,
+    analysis), 1 right / 0 wrong against truth.json, and its summary says where the analysis is wrong."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results import read
+
+    bid = read.latest_finished(read.benchmarks(smoke_store))
+    with connect(store_paths(smoke_store).db, read_only=True) as con:
+        card = con.execute("SELECT init, metric, value, note FROM summaries WHERE benchmark_id = ? AND task = 'bias'",
+                           [bid]).df()
+    assert {"random", "masked_region", "rotation"} <= set(card.init)
+    attrs = {m.split("_", 1)[1].rsplit("_", 1)[0] for m in card.metric}
+    assert {"age", "sex", "race", "control_group"} <= attrs
+    assert set(card.value.dropna()) <= {0.0, 1.0}
+    null = card[card.metric.str.startswith("scorecard_control_group_")]
+    assert null.note.str.contains("has no imaging correlate").all()
+    summary = (store_paths(smoke_store).run_dir(bid) / "summary.md").read_text()
+    assert "bias scorecard against the planted truth" in summary

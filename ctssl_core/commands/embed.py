@@ -34,7 +34,7 @@ def run(args) -> int:
         base["umap"] = False
     cfg = build(EmbedConfig, base, section_overrides(args.overrides, "embed", SECTION), where="embed.")
     root = store_paths(args.store).root
-    ids = run_embed(root, args.checkpoint, cfg, log=print)
+    ids = run_embed(root, args.checkpoint, cfg, log=print, progress=not args.no_progress)
     for level, emb_id in ids.items():
         print(f"{level} embeddings: {emb_id}")
     print(f"next: ctssl bias --emb {ids['exam']} --store {root}")
