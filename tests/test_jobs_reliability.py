@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import types
 
 import pytest
 
@@ -648,3 +650,40 @@ def test_worker_cli_passes_hang_and_grace_to_the_runner(tmp_path, monkeypatch):
     assert main(["worker", "--store", str(tmp_path / "s"), "--once"]) == 0
     assert (got[0].hang_s, got[0].grace_s) == (120.0, 30.0)
     assert (got[1].hang_s, got[1].grace_s) == (queue.DEFAULT_HANG_S, queue.DEFAULT_GRACE_S)
+
+
+def test_worker_once_waits_for_a_predecessors_job_before_running_the_queue(store, spawn, as_runner, monkeypatch):
+    """`ctssl worker --once` restarted after kill -9: it must neither exit while a job is queued behind
+    the predecessor's still-running job nor start that job early; it runs it once the slot frees."""
+    from ctssl_core.jobs import worker as worker_mod
+
+    old_runner = spawn()
+    adopted = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, f"{procs.this_host()}:1111", ("cpu",))["job_id"] == adopted
+    queue.set_started(store, adopted, old_runner.pid, old_runner.pid)
+    as_runner(store, adopted, old_runner.pid)
+    waiting = jobs.submit(store, "tick", {"steps": 1})
+
+    class EndingBackend(RecordingBackend):
+        def start(self, store_root, job_id, argv, total):
+            self.started.append((job_id, old_runner.poll() is None))  # was the predecessor's job alive?
+            return jobs.Handle(job_id, None, None)
+
+        def poll(self, handle):  # ends at once: its runner would record that, then it is reaped
+            queue.finish(store, handle.job_id, "succeeded")
+            return 0
+
+    backend = EndingBackend()
+    loops = []
+
+    def fake_sleep(s):  # the worker's poll pause: the predecessor's job ends after 3 idle loops
+        loops.append(s)
+        if len(loops) == 3:
+            old_runner.kill()
+            old_runner.wait(timeout=10)
+
+    monkeypatch.setattr(worker_mod, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=fake_sleep))
+    w = jobs.Worker(store, max_cpu_jobs=1, backend=backend, poll_s=0.0, reconcile_every_s=0.0)
+    w.run(once=True)
+    assert backend.started == [(waiting, False)]
+    assert len(loops) >= 3 and jobs.get_job(store, adopted)["state"] == "failed"
