@@ -10,8 +10,9 @@ real processes (``ctssl worker``, the runner, the command) that log through ``Ru
 checkpoint, resume and write one results row, without training anything. Random points come
 from ``--seed``. Scenarios:
 
-- ``kill9_worker``: three jobs queued, the worker killed -9 at a random moment and restarted
-  at once (``--once``, one CPU slot): every job must succeed, never two at a time.
+- ``kill9_worker``: three jobs queued, the worker killed -9 at a random step of a random job
+  (or, one trial in five, at a random moment from its start) and restarted at once
+  (``--once``, one CPU slot): every job must succeed, never two at a time.
 - ``kill9_runner`` / ``kill9_training``: kill -9 of the job's runner / of its command at a
   random step; the job must end ``failed`` (its orphan killed), and its resume must succeed
   and continue the same run.
@@ -230,7 +231,11 @@ def kill9_worker(store: Path, rng: random.Random, cfg: argparse.Namespace, t: Ta
 
     ids = [jobs.submit(store, "tick", {"steps": 20, "interval_s": 0.05}) for _ in range(3)]
     workers.append(start_worker(store, tag="1"))
-    time.sleep(rng.uniform(0.3, 4.0))  # a random point: before, during or between jobs
+    if rng.random() < 0.2:  # a random moment, most likely before the first claim
+        time.sleep(rng.uniform(0.0, 3.0))
+    else:  # while one of the jobs runs, at a random step
+        job, at = ids[rng.randrange(len(ids))], rng.randint(0, 15)
+        wait_for(lambda: (jobs.get_job(store, job)["step"] or -1) >= at, 120)
     workers[-1].send_signal(signal.SIGKILL)
     workers[-1].wait(timeout=10)
     workers.append(start_worker(store, once=True, tag="2"))  # restarted at once
