@@ -5,7 +5,9 @@ One worker per store, enforced by an ``flock`` on ``<store>/jobs/worker.lock``
 so a crashed worker never blocks the next). Even with two workers a job
 would be claimed once (the claim is a single conditional UPDATE); the lock
 just keeps slot counting simple. Slots: ``max_gpu_jobs`` (default 1: one
-job per device) and ``max_cpu_jobs`` (default 1) concurrent jobs.
+job per device) and ``max_cpu_jobs`` (default 1) concurrent jobs, counting the
+store's jobs still running on this machine that a previous worker started
+(``queue.running_here``): jobs outlive the worker that started them.
 """
 
 from __future__ import annotations
