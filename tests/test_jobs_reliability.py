@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import types
 
 import pytest
 
@@ -648,3 +650,93 @@ def test_worker_cli_passes_hang_and_grace_to_the_runner(tmp_path, monkeypatch):
     assert main(["worker", "--store", str(tmp_path / "s"), "--once"]) == 0
     assert (got[0].hang_s, got[0].grace_s) == (120.0, 30.0)
     assert (got[1].hang_s, got[1].grace_s) == (queue.DEFAULT_HANG_S, queue.DEFAULT_GRACE_S)
+
+
+def test_worker_once_waits_for_a_predecessors_job_before_running_the_queue(store, spawn, as_runner, monkeypatch):
+    """`ctssl worker --once` restarted after kill -9: it must neither exit while a job is queued behind
+    the predecessor's still-running job nor start that job early; it runs it once the slot frees."""
+    from ctssl_core.jobs import worker as worker_mod
+
+    old_runner = spawn()
+    adopted = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, f"{procs.this_host()}:1111", ("cpu",))["job_id"] == adopted
+    queue.set_started(store, adopted, old_runner.pid, old_runner.pid)
+    as_runner(store, adopted, old_runner.pid)
+    waiting = jobs.submit(store, "tick", {"steps": 1})
+
+    class EndingBackend(RecordingBackend):
+        def start(self, store_root, job_id, argv, total):
+            self.started.append((job_id, old_runner.poll() is None))  # was the predecessor's job alive?
+            return jobs.Handle(job_id, None, None)
+
+        def poll(self, handle):  # ends at once: its runner would record that, then it is reaped
+            queue.finish(store, handle.job_id, "succeeded")
+            return 0
+
+    backend = EndingBackend()
+    loops = []
+
+    def fake_sleep(s):  # the worker's poll pause: the predecessor's job ends after 3 idle loops
+        loops.append(s)
+        if len(loops) == 3:
+            old_runner.kill()
+            old_runner.wait(timeout=10)
+
+    monkeypatch.setattr(worker_mod, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=fake_sleep))
+    w = jobs.Worker(store, max_cpu_jobs=1, backend=backend, poll_s=0.0, reconcile_every_s=0.0)
+    w.run(once=True)
+    assert backend.started == [(waiting, False)]
+    assert len(loops) >= 3 and jobs.get_job(store, adopted)["state"] == "failed"
+
+
+def test_heartbeat_waits_only_briefly_for_a_store_held_by_another_writer(store, spawn, monkeypatch):
+    """The runner's loop also forwards signals and watches its command: a heartbeat gives up on a
+    busy store after a short wait (StoreBusy, retried later by the Supervisor) instead of 30 s."""
+    from ctssl_core.db import StoreBusy
+
+    job_id = running_job(store, here(), None, None)
+    seen = []
+    real_write = queue._write
+    monkeypatch.setattr(queue, "_write", lambda root, fn, timeout_s=30.0: seen.append(timeout_s)
+                        or real_write(root, fn, timeout_s))
+    assert queue.heartbeat(store, job_id, step=1, total=2) is False
+    assert seen == [2.0]
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; con = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); sys.stdin.read()", str(store_paths(store).db)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusy):
+            queue.heartbeat(store, job_id, step=2, total=2, timeout_s=0.3)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert queue.heartbeat(store, job_id, step=2, total=2) is False  # free again
+    assert jobs.get_job(store, job_id, live=False)["step"] == 2
+
+
+def test_closing_runs_retries_a_conflict_with_another_thread_merging_the_same_run(store, monkeypatch):
+    """The worker's reconcile and a page's (two threads of one process) close the same dead job:
+    the loser's merge meets DuckDB's 'Conflict on update' and must retry, not raise."""
+    import duckdb
+    from ctssl_core.results import write as W
+
+    job_id = running_job(store, here(), None, None)
+    W.start_run(store, "run-x", "finetune", "tick", "random", "none", {})
+    lines = "".join(f'{{"step": {s}, "epoch": null, "wall_s": 0.1, "train/loss": 1.0}}\n' for s in range(4))
+    (store_paths(store).run_dir("run-x") / W.METRICS_FILE).write_text(lines)  # written, never merged (killed)
+    (queue.job_dir(store, job_id)).mkdir(parents=True, exist_ok=True)
+    (queue.job_dir(store, job_id) / "runs.txt").write_text("run-x\n")
+    real_merge, calls = queue.merge_pending, []
+
+    def conflicting_once(root, rid):
+        calls.append(rid)
+        if len(calls) == 1:
+            raise duckdb.TransactionException("TransactionContext Error: Conflict on update!")
+        return real_merge(root, rid)
+
+    monkeypatch.setattr(queue, "merge_pending", conflicting_once)
+    queue.close_runs(store, job_id, "failed", "gone")
+    assert calls == ["run-x", "run-x"]
+    assert q(store, "SELECT count(*) FROM metrics WHERE run_id = 'run-x'") == [(4,)]
+    assert q(store, "SELECT status FROM runs WHERE run_id = 'run-x'") == [("failed",)]

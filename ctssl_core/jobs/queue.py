@@ -92,19 +92,28 @@ def _con(store_root: str | Path, read_only: bool = False, timeout_s: float = 30.
         cm.__exit__(None, None, None)
 
 
-def _write(store_root: str | Path, fn):
-    """Run ``fn(con)`` in a read-write connection; retry the whole thing on an in-process conflict."""
+def _retry_conflicts(fn, timeout_s: float = 30.0):
+    """``fn()``, retried while it fails with an in-process conflict (two threads of one process,
+    e.g. the worker's reconcile and a page's, writing the same rows); other errors propagate."""
     import duckdb
 
-    deadline = time.monotonic() + 30.0
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with _con(store_root) as con:
-                return fn(con)
+            return fn()
         except duckdb.Error as e:
             if not any(m.lower() in str(e).lower() for m in _INPROC_MARKERS) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _write(store_root: str | Path, fn, timeout_s: float = 30.0):
+    """Run ``fn(con)`` in a read-write connection; retry the whole thing on an in-process conflict.
+    ``timeout_s``: how long to wait for the store (StoreBusy after that)."""
+    def _once():
+        with _con(store_root, timeout_s=timeout_s) as con:
+            return fn(con)
+    return _retry_conflicts(_once, timeout_s)
 
 
 def _read_df(store_root: str | Path, sql: str, params: list | None = None):
@@ -325,8 +334,13 @@ def set_started(store_root: str | Path, job_id: str, pid: int, pgid: int, backen
 
 
 def heartbeat(store_root: str | Path, job_id: str, step: int | None = None, total: int | None = None,
-              current: Mapping[str, Any] | None = None, run_id: str | None = None) -> bool:
-    """Runner's periodic update (heartbeat + progress). Returns cancel_requested."""
+              current: Mapping[str, Any] | None = None, run_id: str | None = None,
+              timeout_s: float = 2.0) -> bool:
+    """Runner's periodic update (heartbeat + progress). Returns cancel_requested.
+
+    Waits at most ``timeout_s`` for a busy store (then StoreBusy): the runner's loop,
+    which also forwards signals and watches its command, must not stall on it; a
+    missed beat is retried later and costs nothing (liveness is the runner's pid)."""
     progress = None
     if step is not None and total:
         progress = max(0.0, min(1.0, float(step) / float(total)))
@@ -339,7 +353,7 @@ def heartbeat(store_root: str | Path, job_id: str, step: int | None = None, tota
             [utcnow(), step, total, progress, json.dumps(current) if current is not None else None,
              run_id, job_id]).fetchall()
         return bool(got and got[0][0])
-    return _write(store_root, _f)
+    return _write(store_root, _f, timeout_s=timeout_s)
 
 
 def finish(store_root: str | Path, job_id: str, state: str, error: str | None = None) -> bool:
@@ -363,11 +377,11 @@ def close_runs(store_root: str | Path, job_id: str, status: str, error: str | No
 
     for rid in job_run_ids(store_root, job_id):
         try:
-            merge_pending(store_root, rid)
-            got = _write(store_root, lambda con: con.execute(
-                "SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall())
+            _retry_conflicts(lambda r=rid: merge_pending(store_root, r))  # another thread may merge it too
+            got = _write(store_root, lambda con, r=rid: con.execute(
+                "SELECT status FROM runs WHERE run_id = ?", [r]).fetchall())
             if got and got[0][0] == "running":
-                finish_run(store_root, rid, status, error=error)
+                _retry_conflicts(lambda r=rid: finish_run(store_root, r, status, error=error))
         except (StoreBusy, ConfigError):
             continue
 

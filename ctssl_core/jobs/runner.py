@@ -257,7 +257,8 @@ def progress_token(store: Path, job_id: str, own_log_bytes: int = 0) -> tuple:
             return -1
 
     jd = queue.job_dir(store, job_id)
-    runs = tuple((rid, size(store_paths(store).run_dir(rid) / METRICS_FILE)) for rid in queue.job_run_ids(store, job_id))
+    runs = tuple((rid, size(store_paths(store).run_dir(rid) / METRICS_FILE))
+                 for rid in queue.job_run_ids(store, job_id))
     return runs, size(jd / "job.log") - own_log_bytes
 
 

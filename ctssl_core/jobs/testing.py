@@ -6,7 +6,8 @@ or dashboard knows it too. The job behaves like a training run where it
 matters to the queue: it starts a run, logs ``train/loss`` and ``lr`` through
 ``RunLogger`` at a chosen rate, keeps a checkpoint (its step) and saves it on
 SIGTERM, resumes from it with ``--resume RUN_ID``, and writes one results
-row (``final_loss``) when it finishes.
+row (``final_loss``) when it finishes, after an optional ``eval_s`` scoring
+phase in which a SIGTERM cancels the run without results.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json, os, signal, sys, time
 from pathlib import Path
 from ctssl_core.results.write import RunLogger, finish_run, new_run_id, start_run, write_results
 store, steps, interval, resume, fail_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+eval_s = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 rid = resume or new_run_id("finetune", "tick", "random")
@@ -42,6 +44,14 @@ for s in range(start, steps):
         print(f"failing on purpose at step {s}", flush=True); sys.exit(3)
     time.sleep(interval)
 log.close()
+if eval_s > 0:
+    print("evaluating", flush=True)
+    t_eval = time.monotonic()
+    while time.monotonic() - t_eval < eval_s:
+        if stop:  # cancelled while scoring: no results, the run is cancelled
+            finish_run(store, rid, "cancelled", checkpoint=ckpt)
+            print("SIGTERM during evaluation: no results", flush=True); sys.exit(143)
+        time.sleep(0.02)
 write_results(store, [{"run_id": rid, "task": "tick", "init": "random", "split": "test", "metric": "final_loss",
                        "value": 1.0 / steps, "n": steps}])
 finish_run(store, rid, "succeeded", checkpoint=ckpt)
@@ -54,12 +64,13 @@ class TickSpec:
     steps: int = field(default=20, metadata={"min": 1, "max": 100_000})
     interval_s: float = field(default=0.05, metadata={"min": 0.0, "max": 5.0})
     fail_at: int = field(default=-1, metadata={"min": -1, "max": 100_000})
+    eval_s: float = field(default=0.0, metadata={"min": 0.0, "max": 600.0})  # a scoring phase after training
     device: str = field(default="cpu", metadata={"choices": lambda _r: ["cpu"]})
 
 
 def _tick_argv(spec: TickSpec, store: Path, resume_run: str | None) -> list[str]:
     return [sys.executable, "-c", TICK_SCRIPT, str(store), str(spec.steps), str(spec.interval_s),
-            resume_run or "", str(spec.fail_at)]
+            resume_run or "", str(spec.fail_at), str(spec.eval_s)]
 
 
 JOB_KINDS["tick"] = JobKind(TickSpec, _tick_argv, "Test job: logs a fake learning curve", resumable=True,

@@ -5,7 +5,9 @@ One worker per store, enforced by an ``flock`` on ``<store>/jobs/worker.lock``
 so a crashed worker never blocks the next). Even with two workers a job
 would be claimed once (the claim is a single conditional UPDATE); the lock
 just keeps slot counting simple. Slots: ``max_gpu_jobs`` (default 1: one
-job per device) and ``max_cpu_jobs`` (default 1) concurrent jobs.
+job per device) and ``max_cpu_jobs`` (default 1) concurrent jobs, counting the
+store's jobs still running on this machine that a previous worker started
+(``queue.running_here``): jobs outlive the worker that started them.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Worker:
         self.reconcile_every_s = reconcile_every_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.handles: dict[str, tuple[Handle, str]] = {}
+        self.others: dict[str, str] = {}  # running here but not started by this worker: job_id -> resource
         self._last_reconcile = 0.0
         self._lock_file = None
 
@@ -123,9 +126,9 @@ class Worker:
         used = {"cpu": 0, "gpu": 0}
         for _, res in self.handles.values():
             used[res] += 1
-        for job_id, res in queue.running_here(self.store_root).items():
-            if job_id not in self.handles:
-                used[res] += 1
+        self.others = {j: r for j, r in queue.running_here(self.store_root).items() if j not in self.handles}
+        for res in self.others.values():
+            used[res] += 1
         return {k: self.slots[k] - used[k] for k in self.slots}
 
     def reap(self) -> None:
@@ -182,7 +185,7 @@ class Worker:
                 except (StoreError, duckdb.Error) as e:  # a store busy for long, a transient conflict: retry
                     print(f"worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     started = 0
-                if started or self.handles:
+                if started or self.handles or self.others:  # a predecessor's job still holds a slot
                     idle_since = time.monotonic()
                 elif once:
                     return

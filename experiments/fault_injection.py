@@ -1,0 +1,434 @@
+"""Fault injection for the job system (issue 13): does any job get lost, run twice, end in the wrong
+state or lose rows when its processes are killed or its store is held busy?
+
+    PYTHONPATH=. python experiments/fault_injection.py                 # 20 trials per scenario
+    PYTHONPATH=. python experiments/fault_injection.py --quick         # 3 trials, store busy 3 s
+    PYTHONPATH=. python experiments/fault_injection.py --trials 5 --busy-s 20 --scenario kill9_runner
+
+Every trial uses a fresh store and the ``tick`` test job kind (``ctssl_core/jobs/testing.py``):
+real processes (``ctssl worker``, the runner, the command) that log through ``RunLogger``,
+checkpoint, resume and write one results row, without training anything. Random points come
+from ``--seed``. Scenarios:
+
+- ``kill9_worker``: three jobs queued, the worker killed -9 at a random step of a random job
+  (or, one trial in five, at a random moment from its start) and restarted at once
+  (``--once``, one CPU slot): every job must succeed, never two at a time.
+- ``kill9_runner`` / ``kill9_training``: kill -9 of the job's runner / of its command at a
+  random step; the job must end ``failed`` (its orphan killed), and its resume must succeed
+  and continue the same run.
+- ``store_busy``: another process holds the store's DuckDB file (read-write) for ``--busy-s``
+  seconds while a job runs: the job must succeed, not be killed as dead or hung.
+- ``cancel_during_eval``: the job is cancelled during its scoring phase: it must end
+  ``cancelled``, its run ``cancelled``, with no results row.
+
+Counted per scenario, over all trials (all must be 0):
+
+- ``lost``: jobs (or resume chains) that never reached a final state in time;
+- ``double_run``: samples (every ~30 ms, from /proc) with more job commands of the store alive
+  than the worker's one slot, plus jobs claimed more than once;
+- ``wrong_state``: jobs or runs whose final state is not the expected one, results written by
+  a cancelled run;
+- ``rows_lost``: metric values written to a run's ``metrics.jsonl`` that are not in the store,
+  plus missing results rows of succeeded runs.
+
+Prints a table (and ``--json PATH`` writes it); exit status 1 if any count is not 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PLUGIN = "ctssl_core.jobs.testing"
+TICK_MARK = b"from ctssl_core.results.write import RunLogger"  # in the tick command's argv
+SLOTS = 1  # every worker here runs with --max-cpu-jobs 1
+COLUMNS = ("lost", "double_run", "wrong_state", "rows_lost")
+
+
+@dataclass
+class Tally:
+    """What one scenario found over its trials."""
+
+    trials: int = 0
+    lost: int = 0
+    double_run: int = 0
+    wrong_state: int = 0
+    rows_lost: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, other: "Tally") -> None:
+        self.trials += other.trials
+        for c in COLUMNS:
+            setattr(self, c, getattr(self, c) + getattr(other, c))
+        self.notes += other.notes
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "CTSSL_JOB_PLUGINS": PLUGIN, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def wait_for(pred, timeout: float, every: float = 0.05):
+    """Poll ``pred`` until it returns something truthy; None after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    return None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def store_processes(store: Path) -> dict[int, tuple[str | None, bool]]:
+    """Live processes working for ``store``: pid -> (job id, is a job command)."""
+    from ctssl_core.jobs import procs
+
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        if procs.environ_value(pid, "CTSSL_STORE") != str(store) or not procs.is_alive(pid):
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        is_command = TICK_MARK in cmd and b"ctssl_core.jobs.runner" not in cmd  # the runner's argv holds it too
+        out[pid] = (procs.environ_value(pid, "CTSSL_JOB_ID"), is_command)
+    return out
+
+
+class Monitor(threading.Thread):
+    """Samples /proc: counts moments with more job commands of the store alive than slots."""
+
+    def __init__(self, store: Path, every_s: float = 0.03):
+        super().__init__(daemon=True)
+        self.store, self.every_s = store, every_s
+        self.stop = threading.Event()
+        self.overlaps = 0
+        self.max_alive = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            commands = [j for j, is_cmd in store_processes(self.store).values() if is_cmd]
+            self.max_alive = max(self.max_alive, len(commands))
+            if len(commands) > SLOTS:
+                self.overlaps += 1
+            time.sleep(self.every_s)
+
+
+def start_worker(store: Path, once: bool = False, tag: str = "") -> subprocess.Popen:
+    """``ctssl worker`` for ``store`` with one CPU slot, in its own session (as ensure_worker does)."""
+    cmd = [sys.executable, "-m", "ctssl_core.cli", "worker", "--store", str(store), "--max-cpu-jobs", str(SLOTS)]
+    cmd += ["--once"] if once else ["--idle-exit", "60"]
+    log = open(store / f"worker{tag}.log", "ab")
+    try:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**_env(), "CTSSL_STORE": str(store)},
+                                start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def stop_all(store: Path, workers: list[subprocess.Popen]) -> None:
+    """SIGKILL the workers this trial started and every process still working for its store."""
+    for w in workers:
+        if w.poll() is None:
+            w.kill()
+        try:
+            w.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in store_processes(store):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def final_state(store: Path, job_id: str, timeout: float) -> str | None:
+    from ctssl_core import jobs
+
+    return wait_for(lambda: (s := jobs.get_job(store, job_id, live=False)["state"]) in jobs.FINAL and s, timeout)
+
+
+def rows_lost(store: Path, run_ids: list[str]) -> tuple[int, list[str]]:
+    """Metric values in each run's metrics.jsonl missing from the ``metrics`` table, plus a missing
+    results row for each succeeded run. Returns (count, notes)."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results.write import METRICS_FILE, _RESERVED
+
+    lost, notes = 0, []
+    with connect(store_paths(store).db, read_only=True) as con:
+        for rid in dict.fromkeys(run_ids):
+            expected = set()
+            path = store_paths(store).run_dir(rid) / METRICS_FILE
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by kill -9: never a whole row
+                expected |= {(rec["step"], k) for k in rec if k not in _RESERVED}
+            have = set(con.execute("SELECT step, name FROM metrics WHERE run_id = ?", [rid]).fetchall())
+            missing = expected - have
+            status = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall()
+            n_res = con.execute("SELECT count(*) FROM results WHERE run_id = ?", [rid]).fetchone()[0]
+            if status and status[0][0] == "succeeded" and n_res == 0:
+                missing.add(("results", "final_loss"))
+            if missing:
+                lost += len(missing)
+                notes.append(f"{rid}: {len(missing)} rows missing, e.g. {sorted(missing, key=str)[:3]}")
+    return lost, notes
+
+
+def attempts(store: Path, job_ids: list[str]) -> int:
+    """Jobs claimed more than once."""
+    from ctssl_core import jobs
+
+    return sum(1 for j in job_ids if (jobs.get_job(store, j, live=False)["attempts"] or 0) > 1)
+
+
+def expect_state(t: Tally, store: Path, job_id: str, want: str, timeout: float, what: str) -> str | None:
+    got = final_state(store, job_id, timeout)
+    if got is None:
+        t.lost += 1
+        t.notes.append(f"{what} {job_id}: not final after {timeout:.0f}s")
+    elif got != want:
+        from ctssl_core import jobs
+
+        t.wrong_state += 1
+        t.notes.append(f"{what} {job_id}: {got}, expected {want} ({jobs.get_job(store, job_id)['error']})")
+    return got
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def kill9_worker(store: Path, rng: random.Random, cfg: argparse.Namespace, t: Tally, workers: list) -> list[str]:
+    from ctssl_core import jobs
+
+    ids = [jobs.submit(store, "tick", {"steps": 20, "interval_s": 0.05}) for _ in range(3)]
+    workers.append(start_worker(store, tag="1"))
+    if rng.random() < 0.2:  # a random moment, most likely before the first claim
+        time.sleep(rng.uniform(0.0, 3.0))
+    else:  # while one of the jobs runs, at a random step
+        job, at = ids[rng.randrange(len(ids))], rng.randint(0, 15)
+        wait_for(lambda: (jobs.get_job(store, job)["step"] or -1) >= at, 120)
+    workers[-1].send_signal(signal.SIGKILL)
+    workers[-1].wait(timeout=10)
+    workers.append(start_worker(store, once=True, tag="2"))  # restarted at once
+    for j in ids:
+        expect_state(t, store, j, "succeeded", 120, "job")
+    t.double_run += attempts(store, ids)
+    return [r for j in ids for r in jobs.job_run_ids(store, j)]
+
+
+def _kill_at_random_step(store: Path, rng: random.Random, t: Tally, workers: list, target: str) -> list[str]:
+    from ctssl_core import jobs
+    from ctssl_core.jobs import procs
+
+    steps = 40
+    job_id = jobs.submit(store, "tick", {"steps": steps, "interval_s": 0.05})
+    workers.append(start_worker(store))
+    at = rng.randint(1, steps - 15)
+    job = wait_for(lambda: (j := jobs.get_job(store, job_id))["pid"] and (j["step"] or -1) >= at and j, 90)
+    if not job:
+        t.lost += 1
+        t.notes.append(f"{job_id}: never reached step {at}")
+        return jobs.job_run_ids(store, job_id)
+    if target == "runner":
+        victims = [job["pid"]]
+    else:
+        victims = [p for p in procs.group_members(job["pgid"])
+                   if p != job["pid"] and procs.environ_value(p, "CTSSL_JOB_ID") == job_id]
+    for p in victims:
+        os.kill(p, signal.SIGKILL)
+    if expect_state(t, store, job_id, "failed", 60, f"killed {target}") is None:
+        return jobs.job_run_ids(store, job_id)
+    new_id = jobs.resume(store, job_id)
+    expect_state(t, store, new_id, "succeeded", 120, "resumed job")
+    t.double_run += attempts(store, [job_id, new_id])
+    runs = jobs.job_run_ids(store, job_id) + jobs.job_run_ids(store, new_id)
+    if len(set(runs)) != 1:  # the resume must continue the same run, not start another
+        t.wrong_state += 1
+        t.notes.append(f"{job_id}: resume made runs {runs}")
+    return runs
+
+
+def kill9_runner(store, rng, cfg, t, workers):
+    return _kill_at_random_step(store, rng, t, workers, "runner")
+
+
+def kill9_training(store, rng, cfg, t, workers):
+    return _kill_at_random_step(store, rng, t, workers, "training")
+
+
+HOLD_SCRIPT = r"""
+import sys, time, duckdb
+db, hold = sys.argv[1], float(sys.argv[2])
+while True:
+    try:
+        con = duckdb.connect(db); break
+    except duckdb.Error:
+        time.sleep(0.05)
+print("holding", flush=True)
+t0 = time.monotonic()
+con.execute("CREATE TABLE IF NOT EXISTS fault_injection_busy (t DOUBLE)")
+while time.monotonic() - t0 < hold:
+    con.execute("INSERT INTO fault_injection_busy VALUES (?)", [time.time()]); time.sleep(0.2)
+con.close()
+"""
+
+
+def store_busy(store, rng, cfg, t, workers):
+    from ctssl_core import jobs
+    from ctssl_core.paths import store_paths
+
+    steps = int(math.ceil((cfg.busy_s + 3.0) / 0.05))  # still running when the store frees
+    job_id = jobs.submit(store, "tick", {"steps": steps, "interval_s": 0.05})
+    workers.append(start_worker(store))
+    at = rng.randint(1, 20)
+    wait_for(lambda: (jobs.get_job(store, job_id)["step"] or -1) >= at, 90)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(store_paths(store).db), str(cfg.busy_s)],
+                              stdout=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "holding" or holder.wait(timeout=cfg.busy_s + 120) != 0:
+        raise RuntimeError(f"the process meant to hold the store busy failed (exit {holder.wait()})")
+    expect_state(t, store, job_id, "succeeded", cfg.busy_s + 180, "job under a busy store")
+    t.double_run += attempts(store, [job_id])
+    return jobs.job_run_ids(store, job_id)
+
+
+def cancel_during_eval(store, rng, cfg, t, workers):
+    from ctssl_core import jobs
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    job_id = jobs.submit(store, "tick", {"steps": 10, "interval_s": 0.02, "eval_s": 8.0})
+    workers.append(start_worker(store))
+    if not wait_for(lambda: "evaluating" in jobs.log_tail(store, job_id), 90):
+        t.lost += 1
+        t.notes.append(f"{job_id}: never reached its evaluation")
+        return jobs.job_run_ids(store, job_id)
+    time.sleep(rng.uniform(0.0, 2.0))
+    state = jobs.cancel(store, job_id, wait=True)
+    got = expect_state(t, store, job_id, "cancelled", 60, f"cancelled during evaluation (cancel said {state})")
+    runs = jobs.job_run_ids(store, job_id)
+    with connect(store_paths(store).db, read_only=True) as con:
+        for rid in runs:
+            status = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
+            n_res = con.execute("SELECT count(*) FROM results WHERE run_id = ?", [rid]).fetchone()[0]
+            if got == "cancelled" and (n_res or (status and status[0] != "cancelled")):
+                t.wrong_state += 1
+                t.notes.append(f"{rid}: cancelled job but run {status} with {n_res} results rows")
+    return runs
+
+
+SCENARIOS = {f.__name__: f for f in (kill9_worker, kill9_runner, kill9_training, store_busy, cancel_during_eval)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_trial(name: str, seed: int, cfg: argparse.Namespace) -> Tally:
+    """One trial of one scenario in a fresh store; always cleans up its processes."""
+    t = Tally(trials=1)
+    store = Path(tempfile.mkdtemp(prefix=f"fi-{name}-", dir=cfg.tmp)).resolve() / "store"
+    store.mkdir(parents=True)
+    workers: list[subprocess.Popen] = []
+    mon = Monitor(store)
+    mon.start()
+    runs: list[str] = []
+    try:
+        runs = SCENARIOS[name](store, random.Random(seed), cfg, t, workers)
+    except Exception as e:  # noqa: BLE001 - a crash of the harness or the system is a finding, not an abort
+        t.wrong_state += 1
+        t.notes.append(f"{name} seed {seed}: {type(e).__name__}: {e}")
+    finally:
+        mon.stop.set()
+        mon.join(timeout=10)
+        stop_all(store, workers)
+    t.double_run += mon.overlaps
+    if mon.overlaps:
+        t.notes.append(f"{name} seed {seed}: {mon.overlaps} samples with {mon.max_alive} job commands alive")
+    try:
+        n, notes = rows_lost(store, runs)
+        t.rows_lost += n
+        t.notes += notes
+    except Exception as e:  # noqa: BLE001
+        t.rows_lost += 1
+        t.notes.append(f"{name} seed {seed}: could not check rows: {type(e).__name__}: {e}")
+    if not cfg.keep and not t.notes:
+        shutil.rmtree(store.parent, ignore_errors=True)
+    elif t.notes:
+        t.notes.append(f"{name} seed {seed}: store kept at {store}")
+    return t
+
+
+def format_table(tallies: dict[str, Tally]) -> str:
+    head = f"{'scenario':20} {'trials':>6} " + " ".join(f"{c:>11}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, t in tallies.items():
+        lines.append(f"{name:20} {t.trials:>6} " + " ".join(f"{getattr(t, c):>11}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=20, help="trials per scenario (default 20)")
+    p.add_argument("--quick", action="store_true", help="3 trials per scenario, store busy 3 s (for a test)")
+    p.add_argument("--busy-s", type=float, default=90.0, help="seconds the store is held busy (default 90)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="only these (repeatable)")
+    p.add_argument("--json", type=Path, default=None, help="also write the table here")
+    p.add_argument("--tmp", default=None, help="folder for the trial stores (default: the system's)")
+    p.add_argument("--keep", action="store_true", help="keep every trial's store")
+    cfg = p.parse_args(argv)
+    if cfg.quick:
+        cfg.trials, cfg.busy_s = 3, min(cfg.busy_s, 3.0)
+    if cfg.trials < 1 or cfg.busy_s <= 0:
+        p.error("--trials must be >= 1 and --busy-s > 0")
+    os.environ.update({"CTSSL_JOB_PLUGINS": PLUGIN})
+    import ctssl_core.jobs.testing  # noqa: F401 - registers "tick" in this process too
+
+    tallies: dict[str, Tally] = {}
+    for name in cfg.scenario or list(SCENARIOS):
+        tallies[name] = Tally()
+        for i in range(cfg.trials):
+            t = run_trial(name, cfg.seed * 100_003 + i, cfg)
+            tallies[name].add(t)
+            print(f"{name} trial {i + 1}/{cfg.trials}: " + ", ".join(f"{c} {getattr(t, c)}" for c in COLUMNS),
+                  flush=True)
+    print()
+    print(format_table(tallies))
+    notes = [n for t in tallies.values() for n in t.notes]
+    if notes:
+        print("\n" + "\n".join(notes))
+    if cfg.json:
+        cfg.json.write_text(json.dumps({k: asdict(v) for k, v in tallies.items()}, indent=2))
+    return 1 if any(getattr(t, c) for t in tallies.values() for c in COLUMNS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""experiments/fault_injection.py: its row check finds what is missing, and a quick run finds no fault."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ctssl_core.paths import REPO_ROOT, store_paths
+from ctssl_core.results.write import METRICS_FILE, RunLogger, finish_run, start_run, write_results
+
+SCRIPT = REPO_ROOT / "experiments" / "fault_injection.py"
+
+
+@pytest.fixture(scope="module")
+def fi():
+    spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fault_injection"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("fault_injection", None)
+
+
+def test_rows_lost_counts_lines_not_in_the_store_and_missing_results(tmp_path, fi):
+    store = tmp_path / "store"
+    start_run(store, "run-a", "finetune", "tick", "random", "none", {})
+    log = RunLogger(store, "run-a", background=False)
+    for s in range(3):
+        log({"step": s, "train/loss": 1.0 / (1 + s), "lr": 0.1})
+    log.close()  # merged: 6 rows
+    write_results(store, [{"run_id": "run-a", "task": "tick", "init": "random", "split": "test",
+                           "metric": "final_loss", "value": 0.25, "n": 3}])
+    finish_run(store, "run-a", "succeeded")
+    assert fi.rows_lost(store, ["run-a"]) == (0, [])
+    path = store_paths(store).run_dir("run-a") / METRICS_FILE
+    with open(path, "a") as f:  # written after the last merge and never merged: 2 values lost
+        f.write(json.dumps({"step": 3, "epoch": None, "wall_s": 1.0, "train/loss": 0.2, "lr": 0.1}) + "\n")
+        f.write('{"step": 4, "train/lo')  # a line cut by kill -9 is no row at all
+    n, notes = fi.rows_lost(store, ["run-a", "run-a"])
+    assert n == 2 and "run-a: 2 rows missing" in notes[0]
+    # a succeeded run without its results row
+    start_run(store, "run-b", "finetune", "tick", "random", "none", {})
+    finish_run(store, "run-b", "succeeded")
+    assert fi.rows_lost(store, ["run-b"])[0] == 1
+
+
+def test_table_lists_every_scenario_and_column(fi):
+    t = fi.Tally(trials=3, double_run=2)
+    t.add(fi.Tally(trials=1, lost=1))
+    assert (t.trials, t.lost, t.double_run) == (4, 1, 2)
+    table = fi.format_table({"kill9_worker": t, "store_busy": fi.Tally(trials=4)})
+    lines = table.splitlines()
+    assert lines[0].split() == ["scenario", "trials", *fi.COLUMNS]
+    assert lines[2].split() == ["kill9_worker", "4", "1", "2", "0", "0"]
+    assert lines[3].split() == ["store_busy", "4", "0", "0", "0", "0"]
+    assert set(fi.SCENARIOS) == {"kill9_worker", "kill9_runner", "kill9_training", "store_busy",
+                                 "cancel_during_eval"}
+    with pytest.raises(SystemExit):
+        fi.main(["--trials", "0"])
+
+
+@pytest.mark.slow
+def test_quick_fault_injection_run_finds_no_lost_double_run_wrong_state_or_lost_rows(tmp_path):
+    out = tmp_path / "fi.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), "--tmp", str(tmp_path)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert set(got) == {"kill9_worker", "kill9_runner", "kill9_training", "store_busy", "cancel_during_eval"}
+    for name, t in got.items():
+        assert t["trials"] == 3, name
+        assert (t["lost"], t["double_run"], t["wrong_state"], t["rows_lost"]) == (0, 0, 0, 0), (name, t["notes"])
+    assert "cancel_during_eval" in r.stdout and "rows_lost" in r.stdout
