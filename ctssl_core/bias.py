@@ -1050,7 +1050,8 @@ def scorecard(results: pd.DataFrame, truth: dict[str, bool] | dict[str, Any] | s
     need = {"emb_id", "analysis", "attribute", "flagged", "p_adjusted"}
     if not need <= set(results.columns):
         raise BiasError(f"scorecard needs bias_results columns {sorted(need)}; got {list(results.columns)}")
-    planted = truth if truth and all(isinstance(v, bool) for v in truth.values()) else planted_truth(truth)
+    is_map = isinstance(truth, dict) and bool(truth) and all(isinstance(v, bool) for v in truth.values())
+    planted = truth if is_map else planted_truth(truth)
     labels = labels or {}
     rows = []
     scored = results[results["analysis"].isin(SCORED_ANALYSES)]

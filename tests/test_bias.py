@@ -497,6 +497,9 @@ def test_scorecard_detects_each_planted_signal_and_not_the_null(tiny_cohort):
     res = pd.concat([bias.analyse_arrays(E, keys, None, cfg, emb_id="planted-enc"),
                      bias.analyse_arrays(noise, keys, None, cfg, emb_id="random-enc")], ignore_index=True)
     card = bias.scorecard(res, truth, labels={"planted-enc": "rotation", "random-enc": "random init"})
+    for given in (str(tiny_cohort / "truth.json"), tiny_cohort):                # what planted_truth reads works too
+        pd.testing.assert_frame_equal(bias.scorecard(res, given, labels={"planted-enc": "rotation",
+                                                                         "random-enc": "random init"}), card)
     assert set(card.encoder) == {"rotation", "random init"} and set(card.analysis) == {"probe", "ks", "separability"}
     pl = card[card.encoder == "rotation"].set_index(["attribute", "analysis"])
     for attr in ("age", "sex", "race"):
