@@ -4,17 +4,25 @@ downstream model perform differently across groups?
 Methods (Gichoya et al. 2022; Glocker et al. 2023; the paper's comparison with
 random init as the reference):
 
-* **probes** -- patient-level cross-validated linear probes (``probes.py``), the
-  difference to random init with a paired bootstrap CI;
+* **probes** -- patient-level nested-CV linear probes (``probes.py``) with an
+  exact permutation test; the difference to random init with a paired
+  bootstrap CI (description, never the detection);
 * **KS tests** -- two-sample Kolmogorov-Smirnov tests on the top PCA modes
   between subgroups (sex; each race pair; each pair of age bins; any other
-  categorical attribute such as ``control_group``), Benjamini-Hochberg
-  corrected over all tests of one encoder (Holm available);
+  attribute, numeric ones in quantile bins);
 * **separability** -- a k-nearest-neighbour vote predicting the group from the
   embedding, balanced accuracy, against a label-permutation null;
+* every test of one encoder is **one family** (``encoder_family``: weighted
+  Holm by default), and permutation counts are raised until the corrected
+  threshold is reachable (``min_permutations``); experiments/bias_null.py
+  measures the family-wise false-positive rate under the null;
 * **subgroup performance** of a downstream (PE) model -- AUROC per group,
-  TPR/FPR at one global threshold, gaps between groups with bootstrap CIs;
-  optional resampling of the test set to equal prevalence and age mix.
+  TPR/FPR at a threshold chosen on validation scores, gaps between groups with
+  bootstrap CIs and exact permutation p-values, Holm-corrected; groups too
+  small say 'too few'; optional resampling of the test set to equal
+  prevalence and age mix;
+* **scorecard** -- on a synthetic cohort, each analysis's verdict against the
+  planted truth (``planted_truth``, ``scorecard``).
 
 All tests run on **patient-level** embeddings (slices mean-pooled per patient):
 slices of one patient are not independent samples, and slice-level KS tests
