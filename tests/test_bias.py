@@ -166,15 +166,15 @@ def test_small_groups_report_too_few_instead_of_a_number():
 
 
 def test_subgroup_gaps_are_holm_corrected_and_hold_their_level_on_null_scores():
-    """20 null data sets (scores depend on the label, not on the 3 groups): raw gap p < 0.05 somewhere
-    in many, Holm-corrected flags in few. Bound: if the family-wise rate were exactly 5%,
-    P(more than 4 of 20) = 0.003, so a correct procedure fails this fixed seed with that probability."""
+    """12 null data sets (scores depend on the label, not on the 3 groups): Holm-corrected flags in few.
+    Bound: if the family-wise rate were exactly 5%, P(more than 3 of 12) = 0.002, so a correct
+    procedure fails this fixed seed with that probability."""
     from scipy.stats import binom
 
-    assert binom.sf(4, 20, 0.05) < 0.005
+    assert binom.sf(3, 12, 0.05) < 0.005
     rng = np.random.default_rng(22)
     any_flag, raw = 0, []
-    for _ in range(20):
+    for _ in range(12):
         n = 180
         g, y = rng.choice(["a", "b", "c"], n), rng.integers(0, 2, n)
         pk = np.array([f"p{i}" for i in range(n)])
@@ -185,7 +185,7 @@ def test_subgroup_gaps_are_holm_corrected_and_hold_their_level_on_null_scores():
         assert len(gaps) == 9 and (gaps["p_adjusted"] >= gaps["p_value"]).all()
         any_flag += bool(gaps["flagged"].any())
         raw += gaps["p_value"].tolist()
-    assert any_flag <= 4
+    assert any_flag <= 3
     # the raw permutation p-values are valid (at most ~alpha below alpha) and not degenerate; ties of the
     # discrete TPR/FPR gaps count against the observed value, which makes them a little conservative
     raw = np.array(raw)
