@@ -242,9 +242,9 @@ def _folds(groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarra
 FLAT_REL_STD = 1e-3
 # ridge penalties searched inside each training fold (on standardised features): from almost none to so
 # strong that the probe predicts the training mean, which is what a noise embedding deserves
-PENALTIES: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 17))
+PENALTIES: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 9))
 # permutations refitted together (as extra target columns of one ridge fit); bounds memory
-PERM_CHUNK = 256
+PERM_CHUNK = 1024
 
 
 def drop_flat_features(X_train: np.ndarray, rel: float = FLAT_REL_STD) -> np.ndarray:
@@ -421,7 +421,8 @@ def _permutation_null(X, y, T, cluster, kind, metric, n_perm, n_splits, seed) ->
     the procedure the real targets ran.
     """
     rng = np.random.default_rng(seed + 1)
-    idx = np.stack([_cluster_permutation(cluster, rng) for _ in range(n_perm)])       # (P, N)
+    _, first, inv = np.unique(cluster, return_index=True, return_inverse=True)
+    idx = np.stack([_cluster_permutation(first, inv, rng) for _ in range(n_perm)])     # (P, N)
     K = T.shape[1]
     null = np.empty(n_perm)
     for s in range(0, n_perm, PERM_CHUNK):
@@ -452,9 +453,9 @@ def permutation_p(obs: float, null: np.ndarray, lower_is_better: bool = False) -
     return float((1 + worse.sum()) / (1 + len(null)))
 
 
-def _cluster_permutation(cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row index that permutes targets between clusters (patients): ``y[idx]`` keeps each patient's rows on one target."""
-    _, first, inv = np.unique(cluster, return_index=True, return_inverse=True)
+def _cluster_permutation(first: np.ndarray, inv: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row index that permutes targets between clusters (patients): ``y[idx]`` keeps each patient's rows on one
+    target. ``first``/``inv``: ``np.unique(cluster, return_index=True, return_inverse=True)``, computed once."""
     return first[rng.permutation(len(first))][inv]
 
 

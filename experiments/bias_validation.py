@@ -60,10 +60,11 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from ctssl_core.bias import BiasConfig, analyse_arrays
+    from ctssl_core.bias import BiasConfig, analyse_arrays, planted_truth, scorecard
+    from ctssl_core.data.synth import PLANTED_EFFECTS
 
     torch.set_num_threads(1)
-    cfg = BiasConfig(n_boot=1000, n_perm=500, probe_perm=30)
+    cfg = BiasConfig(n_boot=1000)          # permutations: the defaults (500 probe, 1000 k-NN), above the minimum
     pd.set_option("display.width", 200)
     verdicts = []
     for race_effect in (0.5, 0.0):
@@ -86,13 +87,17 @@ def main() -> None:
             print("k-NN separability:", {r.attribute: f"{r.value:.2f} (p_adj {r.p_adjusted:.3g})" for r in sep.itertuples()})
             for s in pr[pr.metric.isin(["auroc", "macro_auroc", "r2"])]["sentence"]:
                 print("  ·", s)
-            flags = pr.groupby("attribute")["flagged"].any().to_dict()
-            want = {"age": True, "sex": True, "race": race_effect > 0, "control_group": False}
-            ok = {a: bool(flags.get(a)) == w for a, w in want.items()}
-            verdicts.append((race_effect, name, ok))
-    print("\n=== verdict (probe detection vs planted truth) ===")
-    for race_effect, name, ok in verdicts:
-        print(f"race_effect={race_effect} {name:>6}: " + ", ".join(f"{a} {'OK' if v else 'MISS'}" for a, v in ok.items()))
+            truth = planted_truth({"planted_effects": PLANTED_EFFECTS,
+                                   "effect_sizes": {"age_effect": 1.0, "sex_effect": 1.0, "race_effect": race_effect}})
+            truth.pop("site", None)                                     # no site column in these keys
+            card = scorecard(df, truth, labels={name: f"{name} (race_effect={race_effect})"})
+            verdicts.append(card)
+    print("\n=== scorecard (each analysis vs planted truth) ===")
+    card = pd.concat(verdicts, ignore_index=True)
+    print(card.pivot_table(index=["encoder", "attribute"], columns="analysis", values="outcome", aggfunc="first")
+          .to_string())
+    wrong = card[card.outcome == "false positive"]
+    print("false positives:", "none" if wrong.empty else "; ".join(wrong.sentence))
 
 
 if __name__ == "__main__":

@@ -166,24 +166,44 @@ def test_small_groups_report_too_few_instead_of_a_number():
 
 
 def test_subgroup_gaps_are_holm_corrected_and_hold_their_level_on_null_scores():
-    """30 null data sets (scores independent of the 4 groups): raw gap p < 0.05 somewhere in many,
-    Holm-corrected flags in few. Bound: if the family-wise rate were exactly 5%, P(> 5 of 30) = 0.003,
-    so a correct procedure fails this test about 1 time in 300 seeds (this seed is fixed)."""
+    """12 null data sets (scores depend on the label, not on the 3 groups): Holm-corrected flags in few.
+    Bound: if the family-wise rate were exactly 5%, P(more than 3 of 12) = 0.002, so a correct
+    procedure fails this fixed seed with that probability."""
+    from scipy.stats import binom
+
+    assert binom.sf(3, 12, 0.05) < 0.005
     rng = np.random.default_rng(22)
-    any_flag, any_raw = 0, 0
-    for _ in range(30):
-        n = 240
-        g, y = rng.choice(["a", "b", "c", "d"], n), rng.integers(0, 2, n)
+    any_flag, raw = 0, []
+    for _ in range(12):
+        n = 180
+        g, y = rng.choice(["a", "b", "c"], n), rng.integers(0, 2, n)
         pk = np.array([f"p{i}" for i in range(n)])
         df = bias.subgroup_rows(pd.DataFrame({"patient_key": pk, "score": rng.random(n) + 0.5 * y, "label": y}),
                                 pd.DataFrame({"patient_key": pk, "grp": g}),
-                                BiasConfig(n_boot=100, attributes=("grp",), threshold=0.75))
+                                BiasConfig(n_boot=50, n_perm=0, attributes=("grp",), threshold=0.75))
         gaps = df[df.metric.str.endswith("_gap")]
-        assert len(gaps) == 18 and (gaps["p_adjusted"] >= gaps["p_value"]).all()
+        assert len(gaps) == 9 and (gaps["p_adjusted"] >= gaps["p_value"]).all()
         any_flag += bool(gaps["flagged"].any())
-        any_raw += bool((gaps["p_value"] < 0.05).any())
-    assert any_flag <= 5
-    assert any_raw >= 8                       # uncorrected, 18 gaps flag in a large share of null runs
+        raw += gaps["p_value"].tolist()
+    assert any_flag <= 3
+    # the raw permutation p-values are valid (at most ~alpha below alpha) and not degenerate; ties of the
+    # discrete TPR/FPR gaps count against the observed value, which makes them a little conservative
+    raw = np.array(raw)
+    assert np.mean(raw < 0.05) <= 0.08 and 0.35 < raw.mean() < 0.75
+
+
+def test_gap_permutation_p_is_exact_and_keeps_class_counts():
+    rng = np.random.default_rng(23)
+    y = np.array([1] * 30 + [0] * 30)
+    in_a = np.array([True, False] * 30)
+    s = rng.random(60) + 2.0 * y * in_a                                # group a's positives score far higher
+    tpr_gap = np.mean(s[(y == 1) & in_a] >= 1.0) - np.mean(s[(y == 1) & ~in_a] >= 1.0)
+    assert bias.gap_permutation_p(y, s, in_a, "tpr", 1.0, tpr_gap, 199) == pytest.approx(1 / 200)
+    auc_gap = roc_auc_score(y[in_a], s[in_a]) - roc_auc_score(y[~in_a], s[~in_a])
+    assert bias.gap_permutation_p(y, s, in_a, "auroc", None, auc_gap, 199) == pytest.approx(1 / 200)
+    same = rng.random(60) + y                                          # no group effect
+    assert bias.gap_permutation_p(y, same, in_a, "fpr", 1.0, 0.0, 99) == pytest.approx(1.0)   # |null| >= 0 always
+    assert np.isnan(bias.gap_permutation_p(y, same, in_a, "auroc", None, float("nan"), 99))
 
 
 def test_subgroup_bad_input():
@@ -477,6 +497,9 @@ def test_scorecard_detects_each_planted_signal_and_not_the_null(tiny_cohort):
     res = pd.concat([bias.analyse_arrays(E, keys, None, cfg, emb_id="planted-enc"),
                      bias.analyse_arrays(noise, keys, None, cfg, emb_id="random-enc")], ignore_index=True)
     card = bias.scorecard(res, truth, labels={"planted-enc": "rotation", "random-enc": "random init"})
+    for given in (str(tiny_cohort / "truth.json"), tiny_cohort):                # what planted_truth reads works too
+        pd.testing.assert_frame_equal(bias.scorecard(res, given, labels={"planted-enc": "rotation",
+                                                                         "random-enc": "random init"}), card)
     assert set(card.encoder) == {"rotation", "random init"} and set(card.analysis) == {"probe", "ks", "separability"}
     pl = card[card.encoder == "rotation"].set_index(["attribute", "analysis"])
     for attr in ("age", "sex", "race"):

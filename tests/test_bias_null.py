@@ -33,9 +33,9 @@ def test_family_wise_false_positive_rate_of_the_whole_analysis_is_at_most_alpha(
     bn = _bias_null()
     n, bound = 20, 4
     assert binom.sf(bound, n, 0.05) < 0.005
-    df = bn.simulate_null(n, seed=7, sizes=bn.NullSizes(patients=(36, 48), dims=(8, 12), slices=(1, 2)),
-                          cfg=BiasConfig(n_boot=10, n_modes=3, sep_dims=12), subgroups=False)
-    assert len(df) == n and df.patients.between(36, 48).all() and df.dims.between(8, 12).all()
+    df = bn.simulate_null(n, seed=7, sizes=bn.NullSizes(patients=(36, 42), dims=(8, 10), slices=(1, 2)),
+                          cfg=BiasConfig(n_boot=10, n_modes=3, sep_dims=10), subgroups=False)
+    assert len(df) == n and df.patients.between(36, 42).all() and df.dims.between(8, 10).all()
     assert int(df.encoder_flag.sum()) <= bound, df.loc[df.encoder_flag, "flagged"].tolist()
     assert int(df.encoder_raw.sum()) >= n // 3          # raw p-values over ~40 tests: many false alarms
 

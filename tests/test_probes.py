@@ -81,9 +81,8 @@ def test_nested_cv_age_probe_is_about_zero_on_noise_where_a_fixed_penalty_overfi
     for seed in range(3):
         rng = np.random.default_rng(100 + seed)
         X, age = rng.normal(size=(190, 128)), rng.uniform(25, 85, 190)
-        r = probe(X, age, np.arange(190), "regression", n_boot=50, n_perm=19, seed=seed)
+        r = probe(X, age, np.arange(190), "regression", n_boot=50, seed=seed)
         r2s.append(r.metrics["r2"].value)
-        assert r.p_value > 0.05
         old = cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=10.0)), X, age, cv=5)
         fixed.append(1 - np.sum((age - old) ** 2) / np.sum((age - age.mean()) ** 2))
     assert all(-0.1 < v < 0.05 for v in r2s), r2s
