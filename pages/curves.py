@@ -68,7 +68,8 @@ if running:
 lost = sel[sel.checkpoint_ok == False].run_id.tolist()  # noqa: E712
 if lost:
     st.warning(f"Checkpoint file missing for {', '.join(lost)}: curves and results are kept, but the weights "
-               f"are gone; re-run the run ({hint('finetune')} / {hint('pretrain')}, with its settings) to recreate them.")
+               f"are gone; re-run the run ({hint('finetune')} / {hint('pretrain')}, with its settings) to "
+               f"recreate them.")
 failed = sel[sel.status == "failed"]
 for r in failed.itertuples():
     st.error(f"{r.run_id} failed: {r.error or 'no error recorded'}")

@@ -264,7 +264,8 @@ def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store
     vframe = next(f for f in frames if f.index.name == "strategy" and set(f.index) == set(verd.init)
                   and all(c.split(" · ")[1] in set(verd.metric) for c in f.columns))
     for r in verd.itertuples():
-        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+        want = f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == want
     main, _ = read.pivot_headline(read.key_endpoints(strategies))
     assert any(_same(f, main) for f in frames)
     assert "pe · twin_exam" in main.columns and "nodule · cpm" in main.columns
@@ -340,7 +341,8 @@ def _dashboard_strings() -> list[tuple[str, str]]:
     """(file, text) of every string literal the dashboard can show (f-string parts included, docstrings not)."""
     import ast
 
-    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py", REPO_ROOT / "ctssl_core/results/read.py"]
+    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py",
+             REPO_ROOT / "ctssl_core" / "results" / "read.py"]
     out = []
     for f in files:
         tree = ast.parse(f.read_text())
@@ -377,3 +379,57 @@ def test_every_command_the_pages_suggest_parses():
     # the checker rejects the old, wrong hints (so it would have caught them)
     for bad in ("ctssl embed --init random", "ctssl bias", "ctssl ingest", "ctssl finetune"):
         assert not parses(bad), bad
+
+
+def test_sidebar_offers_only_the_configured_stores(smoke_store, tmp_path, monkeypatch):
+    """Issue 13 item 17: the Store box took any path (read any store, create folders, start jobs anywhere)."""
+    from ctssl_core.commands.dashboard import allowed_stores
+
+    root = tmp_path / "stores"
+    for name in ("a", "b"):
+        with connect(root / name / "ctssl.duckdb") as con:
+            ensure_schema(con)
+    (root / "not_a_store").mkdir()
+    (root / "link").symlink_to(smoke_store, target_is_directory=True)        # points out of the root
+    env = {"CTSSL_STORE": str(smoke_store), "CTSSL_STORES_ROOT": str(root)}
+    assert allowed_stores(env) == [str(smoke_store), str(root / "a"), str(root / "b")]
+    assert allowed_stores({"CTSSL_STORE": str(smoke_store)}) == [str(smoke_store)]
+    assert allowed_stores({"CTSSL_STORE": str(smoke_store), "CTSSL_STORES_ROOT": str(tmp_path / "nope")}) == \
+        [str(smoke_store)]
+
+    monkeypatch.setenv("CTSSL_STORE", str(smoke_store))
+    monkeypatch.setenv("CTSSL_STORES_ROOT", str(root))
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception
+    assert not at.sidebar.text_input                                          # no free path box any more
+    box = at.sidebar.selectbox(key="ctssl_store_pick")
+    assert box.options == allowed_stores(env) and box.value == str(smoke_store)
+    assert "runs" in " ".join(c.value for c in at.sidebar.caption)          # the configured store is read
+    box.select(str(root / "a")).run()
+    assert not at.exception and at.session_state["ctssl_store"] == str(root / "a")
+    assert "No benchmark results in this store yet" in texts(at)
+
+
+def test_dashboard_warns_when_not_bound_to_loopback(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from ctssl_core.cli import main
+    from ctssl_core.commands.dashboard import exposure_warning
+
+    for addr in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(addr) is None, addr
+    for addr in ("0.0.0.0", "192.168.1.5", "::", "myhost.example"):
+        assert "not loopback" in exposure_warning(addr), addr
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
+    assert main(["dashboard", "--store", str(tmp_path), "--address", "0.0.0.0", "--stores-root", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "--address 0.0.0.0 is not loopback" in err and "SSH tunnel" in err
+    cmd, env = calls[0]
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert env["CTSSL_STORE"] == str(tmp_path) and env["CTSSL_STORES_ROOT"] == str(tmp_path)
+    assert main(["dashboard", "--store", str(tmp_path)]) == 0
+    assert "not loopback" not in capsys.readouterr().err
+    assert main(["dashboard", "--store", str(tmp_path), "--stores-root", str(tmp_path / "missing")]) == 2
+    assert "--stores-root" in capsys.readouterr().err
