@@ -1,4 +1,6 @@
-"""Learning curves: pick runs from a filterable table, overlay metrics; long runs downsampled on the server."""
+"""Learning curves: pick runs from a filterable table; one panel per metric, one colour per run (as in
+W&B/TensorBoard), the selected runs' settings side by side; long runs downsampled on the server, running
+ones refreshed live."""
 
 import streamlit as st
 
@@ -7,6 +9,7 @@ from ctssl_core.results.read import X_AXES, hint
 from pages.common import query, query_many, show_outdated_note
 
 MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
+REFRESH_S = 5      # live refresh of the plot while a selected run is still running
 
 st.title("Learning curves")
 info, runs = query_many(("store_info",), ("run_table",))
@@ -52,19 +55,42 @@ x_label = c1.radio("x axis", list(X_AXES), horizontal=True, key="lc_x")
 smoothing = c2.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="lc_smooth")
 log_y = c3.checkbox("log y", key="lc_log")
 
-data = query("curves", tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
-if data is None or data.empty:
-    st.info("Nothing to draw for this choice.")
-    st.stop()
-fig = charts.curves_fig(data, x_label, log_y, smoothing)
-st.plotly_chart(fig, width="stretch", key="lc_fig")
-st.caption(f"{len(data):,} points drawn, at most {charts.max_points_per_trace(fig):,} per series "
-           f"(min/max per bucket keeps spikes).")
-
 sel = runs[runs.run_id.isin(selected)]
 running = sel[sel.status == "running"].run_id.tolist()
+
+
+@st.fragment(run_every=REFRESH_S if running else None)
+def _plot() -> None:
+    """The plot alone reruns every few seconds while a run is live (cached reads refresh when the store changes)."""
+    data = query("curves", tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
+    if data is None or data.empty:
+        st.info("Nothing to draw for this choice.")
+        return
+    fig = charts.curves_fig(data, x_label, log_y, smoothing, runs=list(selected))
+    st.plotly_chart(fig, width="stretch", key="lc_fig")
+    st.caption(f"{len(data):,} points drawn, at most {charts.max_points_per_trace(fig):,} per series "
+               f"(min/max per bucket keeps spikes). One panel per metric, one colour per run."
+               + (f" Refreshing every {REFRESH_S} s while a run is live." if running else ""))
+
+
+_plot()
+
+configs = query("run_configs", tuple(selected))
+if len(configs) and len(selected) > 1:
+    st.subheader("Settings of the selected runs")
+    only_diff = st.toggle("Only settings that differ", True, key="lc_cfg_diff")
+    shown_cfg = configs[configs.differs] if only_diff else configs
+    if only_diff and shown_cfg.empty:
+        st.info("The selected runs share every setting.")
+    else:
+        st.dataframe(shown_cfg.set_index("setting"), width="stretch", key="lc_configs")
+    st.caption(f"{int(configs.differs.sum())} of {len(configs)} settings differ between the selected runs.")
+elif len(configs):
+    with st.expander("Settings of this run"):
+        st.dataframe(configs.drop(columns="differs").set_index("setting"), width="stretch", key="lc_configs")
+
 if running:
-    st.info(f"Still running: {', '.join(running)} — curves grow as its metrics are merged; reload to update.")
+    st.info(f"Still running: {', '.join(running)} — its curves grow as its metrics are merged.")
 lost = sel[sel.checkpoint_ok == False].run_id.tolist()  # noqa: E712
 if lost:
     st.warning(f"Checkpoint file missing for {', '.join(lost)}: curves and results are kept, but the weights "

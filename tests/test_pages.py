@@ -103,8 +103,8 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_runs").set_value([seeded.spike_run, seeded.run_ids[1]]).run()
     at.multiselect(key="lc_metrics").set_value(["train/loss"]).run()
     fig = specs(at)[0]
-    traces = {d["name"]: d for d in fig["data"]}
-    spike = traces[f"{seeded.spike_run} · train/loss"]
+    traces = {d["legendgroup"]: d for d in fig["data"]}
+    spike = traces[seeded.spike_run]
     assert max(len(d["x"]) for d in fig["data"]) <= 4000 < 6000
     assert max(spike["y"]) == SPIKE_VALUE and spike["x"][int(np.argmax(spike["y"]))] == seeded.spike_step
     assert "Checkpoint file missing" in texts(at) and seeded.run_ids[1] in texts(at)
@@ -117,6 +117,41 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_fraction").set_value([0.1]).run()
     assert set(at.multiselect(key="lc_runs").options) == set(
         read.run_table(seeded.root).query("init == 'random' and fraction == 0.1").run_id)
+
+
+def test_learning_curves_one_panel_per_metric_colour_per_run_and_config_diff(smoke_store):
+    """Issue 14 item 4: metrics no longer share one y axis labelled 'value'; colour follows the run."""
+    runs = read.run_table(smoke_store)
+    ft = runs[(runs.kind == "finetune") & (runs.task == "pe")].run_id.tolist()[:2]
+    at = open_page(smoke_store, "curves")
+    at.multiselect(key="lc_runs").set_value(ft).run()
+    names = read.metric_names(smoke_store, ft)
+    two = [n for n in names if "loss" in n][:1] + [n for n in names if "loss" not in n][:1]
+    at.multiselect(key="lc_metrics").set_value(two).run()
+    assert not at.exception
+    fig = specs(at)[0]
+    lay = fig["layout"]
+    assert lay["yaxis"]["title"]["text"] == sorted(two)[0] and lay["yaxis2"]["title"]["text"] == sorted(two)[1]
+    assert lay["xaxis2"]["matches"] == "x"
+    colour = {}
+    for d in fig["data"]:
+        colour.setdefault(d["legendgroup"], set()).add(d["line"]["color"])
+    assert set(colour) == set(ft) and all(len(c) == 1 for c in colour.values())      # one colour per run...
+    assert len({next(iter(c)) for c in colour.values()}) == 2                          # ...different runs differ
+    assert sum(d["showlegend"] for d in fig["data"]) == 2                              # each run once in the legend
+    want = read.curves(smoke_store, ft, two, "step", 4000)
+    for d in fig["data"]:
+        name = sorted(two)[0 if d["yaxis"] == "y" else 1]
+        w = want[(want.run_id == d["legendgroup"]) & (want.name == name)]
+        assert np.allclose(d["y"], w.y)
+    cfg = at.dataframe[-1].value if at.dataframe else None
+    diff = read.run_configs(smoke_store, ft)
+    assert cfg is not None and list(cfg.index) == diff[diff.differs].setting.tolist() and len(cfg)
+    assert "store" not in " ".join(diff.setting)
+    for setting, row in cfg.iterrows():
+        assert row[ft[0]] != row[ft[1]]
+    at.toggle(key="lc_cfg_diff").set_value(False).run()
+    assert len(at.dataframe[-1].value) == len(diff) > len(cfg)
 
 
 def test_embeddings_page_on_real_smoke_store(smoke_store):
