@@ -6,7 +6,7 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import X_AXES, hint
-from pages.common import query, query_many, show_outdated_note
+from pages.common import query, query_many, show_outdated_note, to_url, url_index, url_values
 
 MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
 REFRESH_S = 5      # live refresh of the plot while a selected run is still running
@@ -38,8 +38,9 @@ st.dataframe(shown[["run_id", "kind", "task", "init", "fraction", "seed", "statu
 st.caption(f"{len(shown):,} of {len(runs):,} runs. Click a column header to sort.")
 
 options = shown.run_id.tolist()
-selected = st.multiselect("Runs to plot", options, default=options[:3], key="lc_runs",
-                          max_selections=50)
+selected = st.multiselect("Runs to plot", options, default=url_values("run", options, options[:3])[:50],
+                          key="lc_runs", max_selections=50)
+to_url(run=selected)
 if not selected:
     st.info("Select one or more runs above.")
     st.stop()
@@ -49,9 +50,10 @@ if not names:
     st.info("These runs have no metrics merged yet; a running job's metrics appear after its next merge.")
     st.stop()
 default_metrics = [n for n in names if "loss" in n][:2] or names[:1]
-metrics = st.multiselect("Metrics", names, default=default_metrics, key="lc_metrics")
+metrics = st.multiselect("Metrics", names, default=url_values("metric", names, default_metrics), key="lc_metrics")
 c1, c2, c3 = st.columns([2, 2, 1])
-x_label = c1.radio("x axis", list(X_AXES), horizontal=True, key="lc_x")
+x_label = c1.radio("x axis", list(X_AXES), index=url_index("x", list(X_AXES)), horizontal=True, key="lc_x")
+to_url(metric=metrics, x=x_label)
 smoothing = c2.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="lc_smooth")
 log_y = c3.checkbox("log y", key="lc_log")
 

@@ -468,3 +468,68 @@ def test_dashboard_warns_when_not_bound_to_loopback(tmp_path, monkeypatch, capsy
     assert "not loopback" not in capsys.readouterr().err
     assert main(["dashboard", "--store", str(tmp_path), "--stores-root", str(tmp_path / "missing")]) == 2
     assert "--stores-root" in capsys.readouterr().err
+
+
+def _qp(at, key: str) -> list:
+    v = at.query_params[key]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _open_link(store, page: str, params: dict) -> AppTest:
+    """Open ``page`` the way a shared address does: page path + query parameters, fresh session."""
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.session_state["ctssl_store"] = str(store)
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py")
+        for k, v in params.items():       # a page switch in AppTest starts from the page's own URL
+            at.query_params[k] = v
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_deep_link_reproduces_the_compare_view(two_benchmark_store):
+    """Issue 14 item 5: a view (benchmark, task · metric) is an address that can be shared."""
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    other = next(b for b in bench.benchmark_id if b != read.latest_finished(bench))
+    at = open_page(store, "compare")
+    at.selectbox(key="benchmark_id").set_value(other).run()
+    at.selectbox(key="cmp_task_metric").set_value("nodule · cpm").run()
+    assert _qp(at, "benchmark") == [other] and _qp(at, "metric") == ["nodule · cpm"]
+    want = [x["layout"]["title"]["text"] for x in specs(at)]
+    link = {k: _qp(at, k)[0] for k in at.query_params}
+    again = _open_link(store, "compare", link)                                  # a fresh session from the link
+    assert again.selectbox(key="benchmark_id").value == other
+    assert again.selectbox(key="cmp_task_metric").value == "nodule · cpm"
+    assert [x["layout"]["title"]["text"] for x in specs(again)] == want
+    forest = next(x for x in specs(again) if "minus random init" in x["layout"]["title"]["text"])
+    f = read.forest(store, "nodule", "cpm", other)
+    assert sorted(v for d in forest["data"] for v in d["x"]) == pytest.approx(sorted(f.value))
+    # a stale or foreign link falls back to the defaults, without an error
+    bad = _open_link(store, "compare", {"benchmark": "bench-gone", "metric": "pe · nope"})
+    assert not bad.error and bad.selectbox(key="benchmark_id").value == read.latest_finished(bench)
+    assert bad.selectbox(key="cmp_task_metric").value == "pe · twin_exam"
+
+
+def test_deep_link_reproduces_curves_and_embedding_views(smoke_store):
+    runs = read.run_table(smoke_store)
+    ft = runs[(runs.kind == "finetune") & (runs.task == "nodule")].run_id.tolist()[-2:]
+    at = _open_link(smoke_store, "curves", {"run": ft, "x": "epoch"})          # repeated parameter: two runs
+    assert at.multiselect(key="lc_runs").value == ft and at.radio(key="lc_x").value == "epoch"
+    assert {d["legendgroup"] for d in specs(at)[0]["data"]} == set(ft)
+    assert _qp(at, "run") == ft
+    emb = read.embeddings(smoke_store)
+    eid = emb[emb.init != "random"].emb_id.iloc[-1]
+    view = _open_link(smoke_store, "embeddings", {"emb": eid, "proj": "pca", "color": "sex"})
+    assert view.selectbox(key="emb_id").value == eid and view.radio(key="emb_method").value == "pca"
+    assert view.selectbox(key="emb_color").value == "sex"
+    scat = [x for x in specs(view) if x["layout"]["title"]["text"].startswith("PCA")]
+    assert len(scat) == 2 and {d["name"] for d in scat[0]["data"]} <= {"F", "M", "unknown"}
+    series = read.series_list(smoke_store).series_key.tolist()
+    data = _open_link(smoke_store, "data", {"series": series[-1], "slice": "3"})
+    assert data.selectbox(key="data_series").value == series[-1] and data.slider(key="data_idx").value == 3
+    assert "slice 3 ·" in data.get("image")[0].proto.imgs[0].caption
