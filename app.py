@@ -9,14 +9,16 @@ from pathlib import Path
 
 import streamlit as st
 
-from ctssl_core.paths import default_store
+from ctssl_core.commands.dashboard import allowed_stores
+from ctssl_core.results.read import hint
 
 ROOT = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="ctssl — SSL for chest CT", layout="wide")
 
+STORES = allowed_stores()
 if "ctssl_store" not in st.session_state:
-    st.session_state["ctssl_store"] = str(default_store())
+    st.session_state["ctssl_store"] = STORES[0]
 
 # URL paths equal the file stems, so /compare etc. also work on a fresh server (see pages/common.py).
 pages = [
@@ -30,9 +32,19 @@ if (ROOT / "pages" / "jobs.py").exists():
     pages.append(st.Page(str(ROOT / "pages" / "jobs.py"), title="Jobs", url_path="jobs"))
 
 nav = st.navigation(pages)
+def _pick_store() -> None:
+    st.session_state["ctssl_store"] = st.session_state["ctssl_store_pick"]
+
+
 with st.sidebar:
-    st.text_input("Store", key="ctssl_store",
-                  help="Folder holding ctssl.duckdb. Defaults to $CTSSL_STORE or data/store.")
+    # A list, not a text box: visitors choose among the configured stores only (see allowed_stores).
+    # The session value itself is written only by code (this script, tests), never by a visitor.
+    current = st.session_state["ctssl_store"]
+    options = STORES if current in STORES else [current, *STORES]
+    st.session_state["ctssl_store_pick"] = current
+    st.selectbox("Store", options, key="ctssl_store_pick", on_change=_pick_store,
+                 help=f"The store given to {hint('dashboard')} ($CTSSL_STORE), and the stores under "
+                      f"`--stores-root` if one was given.")
     from pages.common import sidebar_status  # noqa: E402 - after set_page_config
 
     sidebar_status()

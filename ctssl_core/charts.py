@@ -169,27 +169,51 @@ def forest_fig(df: pd.DataFrame, task: str, metric: str, flagged: "set[str] | tu
                    yaxis={"categoryorder": "array", "categoryarray": rows[::-1], "type": "category"})
 
 
-def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smoothing: float = 0.0,
-               labels: dict[str, str] | None = None) -> go.Figure:
-    """Overlaid metric curves, one WebGL line per (run, metric).
+def run_colors(run_ids) -> dict[str, str]:
+    """One colour per run, in the order given (the order of the selection), the same in every panel."""
+    return {r: PALETTE[k % len(PALETTE)] for k, r in enumerate(dict.fromkeys(run_ids))}
 
-    With smoothing > 0 the raw (already downsampled) line is drawn faint and
-    the EMA on top, so spikes stay visible.
+
+def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smoothing: float = 0.0,
+               labels: dict[str, str] | None = None, runs: "list[str] | None" = None) -> go.Figure:
+    """Learning curves like W&B/TensorBoard: one panel per metric (its own y axis, named after it),
+    one colour per run across panels, x axes linked; WebGL lines.
+
+    With smoothing > 0 the raw (already downsampled) line is drawn faint and the EMA on top, so
+    spikes stay visible. ``runs`` fixes the colour order (default: sorted run ids).
     """
-    traces = []
     labels = labels or {}
-    for k, ((run, name), g) in enumerate(df.groupby(["run_id", "name"], sort=True)):
-        c = PALETTE[k % len(PALETTE)]
-        label = f"{labels.get(run, run)} · {name}"
-        x, y = g.x.to_numpy(), g.y.to_numpy()
-        if smoothing > 0:
-            traces.append(dict(type="scattergl", x=x, y=y, mode="lines", line=dict(color=_rgba(c, 0.25), width=1),
-                               showlegend=False, hoverinfo="skip", name=label + " (raw)"))
-            traces.append(dict(type="scattergl", x=x, y=smooth_ema(y, smoothing), mode="lines",
-                               line=dict(color=c, width=2), name=label))
-        else:
-            traces.append(dict(type="scattergl", x=x, y=y, mode="lines", line=dict(color=c, width=1.5), name=label))
-    return _figure(traces, "learning curves", x_label, "value", height=480, yaxis={"type": "log"} if log_y else {})
+    names = sorted(df.name.unique())
+    colors = run_colors(runs if runs is not None else sorted(df.run_id.unique()))
+    n = max(1, len(names))
+    gap = 0.06 if n > 1 else 0.0
+    h = (1 - gap * (n - 1)) / n
+    traces, layout = [], {}
+    shown = set()
+    for k, name in enumerate(names):            # panel k from the top
+        ax = "" if k == 0 else str(k + 1)
+        top = 1 - k * (h + gap)
+        layout[f"yaxis{ax}"] = {"title": {"text": name}, "domain": [max(0.0, top - h), top],
+                                **({"type": "log"} if log_y else {}), "anchor": f"x{ax}"}
+        layout[f"xaxis{ax}"] = {"anchor": f"y{ax}", **({"matches": "x"} if k else {}),
+                                "showticklabels": k == n - 1,
+                                "title": {"text": x_label if k == n - 1 else ""}}
+        for run, g in df[df.name == name].groupby("run_id", sort=False):
+            c = colors.get(run) or PALETTE[len(colors) % len(PALETTE)]
+            colors.setdefault(run, c)
+            label = labels.get(run, run)
+            x, y = g.x.to_numpy(), g.y.to_numpy()
+            common = dict(type="scattergl", mode="lines", xaxis=f"x{ax}", yaxis=f"y{ax}", legendgroup=run,
+                          name=label, hovertemplate=f"{label}<br>{name} %{{y:.4g}} at %{{x}}<extra></extra>")
+            if smoothing > 0:
+                traces.append({**common, "y": y, "x": x, "line": dict(color=_rgba(c, 0.25), width=1),
+                               "showlegend": False, "hoverinfo": "skip", "name": label + " (raw)"})
+                y = smooth_ema(y, smoothing)
+            traces.append({**common, "x": x, "y": y, "line": dict(color=c, width=2 if smoothing > 0 else 1.5),
+                           "showlegend": run not in shown})
+            shown.add(run)
+    return _figure(traces, "learning curves", x_label, names[0] if names else "value", height=120 + 260 * n,
+                   xaxis=layout.pop("xaxis", {}), yaxis=layout.pop("yaxis", {}), **layout)
 
 
 CONTINUOUS = {"age"}

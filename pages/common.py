@@ -100,6 +100,47 @@ def _guard(store: str, thunk, missing_ok: bool = False):
         st.stop()
 
 
+# ---------------------------------------------------------------- deep links (issue 14 item 5)
+def url_value(param: str, options: list, fallback=None):
+    """The value the URL names for ``param`` if it is one of ``options``, else ``fallback``.
+
+    Why validate: a link is visitor input; an unknown or stale value (a deleted run, another
+    benchmark) falls back to the page default instead of an error or an empty view.
+    """
+    v = st.query_params.get(param)
+    return v if v is not None and v in [str(o) for o in options] else fallback
+
+
+def url_values(param: str, options: list, fallback: list) -> list:
+    """Like :func:`url_value` for a multi-select: the URL's values that are options (all unknown: fallback)."""
+    known = [str(o) for o in options]
+    vals = [v for v in st.query_params.get_all(param) if v in known]
+    return vals or list(fallback)
+
+
+def url_index(param: str, options: list, default: int = 0) -> int:
+    """Index for a selectbox/radio: the URL's value when valid, else ``default``.
+
+    The URL is written back with the widget's value after every run (:func:`to_url`), so in steady
+    state this index equals the widget's value and sharing the address reproduces the view.
+    """
+    v = url_value(param, options)
+    return [str(o) for o in options].index(v) if v is not None else default
+
+
+def to_url(**params) -> None:
+    """Write page state into the address bar (lists as repeated params; None/empty removes the param)."""
+    for k, v in params.items():
+        if v is None or (isinstance(v, (list, tuple)) and not v):
+            if k in st.query_params:
+                del st.query_params[k]
+        elif isinstance(v, (list, tuple)):
+            if st.query_params.get_all(k) != [str(x) for x in v]:
+                st.query_params[k] = [str(x) for x in v]
+        elif st.query_params.get(k) != str(v):
+            st.query_params[k] = str(v)
+
+
 def benchmark_choice() -> str | None:
     """Sidebar selector of the store's benchmarks; returns the chosen id (None: the store has none).
 
@@ -110,7 +151,7 @@ def benchmark_choice() -> str | None:
     if bench.empty:
         return None
     ids = bench.benchmark_id.astype(str).tolist()
-    chosen = st.session_state.get("ctssl_benchmark")     # kept outside the widget: survives page switches
+    chosen = url_value("benchmark", ids) or st.session_state.get("ctssl_benchmark")  # link, else last choice
     if chosen not in ids:                                # first visit, or another store was chosen
         chosen = read.latest_finished(bench)
     labels = {r.benchmark_id: f"{r.benchmark_id} · {r.profile} · {r.status} · {str(r.started_at)[:16]}"
@@ -119,6 +160,7 @@ def benchmark_choice() -> str | None:
                                 key="benchmark_id",
                                 help="Results of one benchmark at a time; the latest finished one by default.")
     st.session_state["ctssl_benchmark"] = pick
+    to_url(benchmark=pick)
     return pick
 
 

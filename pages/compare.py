@@ -5,7 +5,7 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import HEADLINE, hint, init_order
-from pages.common import benchmark_choice, query, query_many, show_outdated_note
+from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index
 
 st.title("Compare pretraining strategies")
 bench_id = benchmark_choice()
@@ -22,7 +22,8 @@ if tm.empty:
 choices = [f"{t} · {m}" for t, m in zip(tm.task, tm.metric)]
 preferred = [f"{t} · {m}" for t, ms in HEADLINE.items() for m in ms]  # pe first: the paper's headline
 default = next((choices.index(c) for c in preferred if c in choices), 0)
-choice = st.selectbox("Task · metric", choices, index=default, key="cmp_task_metric")
+choice = st.selectbox("Task · metric", choices, index=url_index("metric", choices, default), key="cmp_task_metric")
+to_url(metric=choice)
 task, metric = choice.split(" · ")
 
 for r in sens[sens.task == task].itertuples():

@@ -4,7 +4,7 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import hint
-from pages.common import query, query_many, show_outdated_note
+from pages.common import query, query_many, show_outdated_note, to_url, url_index, url_value
 
 st.title("Data")
 info, summary, demo, prev, series, errors = query_many(
@@ -42,10 +42,13 @@ if series.empty:
     st.info("No series arrays in this store (older store or empty ingest).")
 else:
     v1, v2, v3 = st.columns([3, 2, 2])
-    key = v1.selectbox("Series", series.series_key.tolist(), key="data_series")
+    keys = series.series_key.tolist()
+    key = v1.selectbox("Series", keys, index=url_index("series", keys), key="data_series")
     s = series[series.series_key == key].iloc[0]
     n = int(s.n_slices) if s.n_slices == s.n_slices and s.n_slices else 1
-    idx = v1.slider("Slice", 0, max(n - 1, 0), n // 2, key="data_idx") if n > 1 else 0
+    idx = v1.slider("Slice", 0, max(n - 1, 0), int(url_value("slice", range(n), n // 2)), key="data_idx") \
+        if n > 1 else 0
+    to_url(series=key, slice=idx)
     window = v2.radio("Window", list(charts.WINDOWS), key="data_window")
     show_mask = v3.checkbox("Nodule mask overlay", True, key="data_mask")
     show_pe = v3.checkbox("Frame PE-positive slices", True, key="data_pe")

@@ -4,7 +4,7 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import hint
-from pages.common import query, query_many, show_outdated_note
+from pages.common import query, query_many, show_outdated_note, to_url, url_index
 
 COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
 MAX_POINTS = 5000
@@ -27,11 +27,13 @@ candidates = emb[emb.init != "random"]
 choices = (candidates if len(candidates) else emb).emb_id.tolist()
 labels = {r.emb_id: f"{r.init} · {r.encoder} · {r.split} ({r.n:,} {r.level}s)" for r in emb.itertuples()}
 c1, c2, c3 = st.columns([3, 1, 2])
-emb_id = c1.selectbox("Embedding", choices, format_func=lambda e: labels.get(e, e), key="emb_id")
+emb_id = c1.selectbox("Embedding", choices, index=url_index("emb", choices), format_func=lambda e: labels.get(e, e),
+                      key="emb_id")
 row = emb[emb.emb_id == emb_id].iloc[0]
 methods = sorted(row.methods or ["umap", "pca"], key=lambda m: m != "umap")  # UMAP first, as in the paper
-method = c2.radio("Projection", methods, horizontal=True, key="emb_method")
-color_by = c3.selectbox("Colour by", COLOR_BY, key="emb_color")
+method = c2.radio("Projection", methods, index=url_index("proj", methods), horizontal=True, key="emb_method")
+color_by = c3.selectbox("Colour by", COLOR_BY, index=url_index("color", COLOR_BY), key="emb_color")
+to_url(emb=emb_id, proj=method, color=color_by)
 
 view = query("embedding_view", emb_id, method, MAX_POINTS)
 ref_id = view["ref_id"]

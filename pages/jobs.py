@@ -13,7 +13,7 @@ import streamlit as st
 
 from ctssl_core import jobs
 from ctssl_core.db import StoreError
-from ctssl_core.results.read import hint
+from ctssl_core.results.read import hint as command_hint
 from pages.common import current_store
 
 REFRESH_S = 2.0
@@ -123,7 +123,8 @@ def _worker_status() -> None:
     wcol1, wcol2 = st.columns([4, 1])
     worker_pid = _safe(jobs.worker_running, store)
     wcol1.caption(f"Worker: running (pid {worker_pid})" if worker_pid else
-                  f"Worker: not running — it starts when you queue a job, or run {hint('worker')} in a terminal.")
+                  f"Worker: not running — it starts when you queue a job, or run {command_hint('worker')} "
+                  f"in a terminal.")
     if not worker_pid and wcol2.button("Start worker", key="jobs_start_worker"):
         pid = _safe(jobs.ensure_worker, store)
         st.toast(f"worker started (pid {pid})" if pid else "a worker is already running")
@@ -137,7 +138,7 @@ def live_jobs() -> None:
     if df is None:
         return
     if df.empty:
-        st.info(f"No jobs yet. Queue one with the form above, or {hint('jobs_submit')}.")
+        st.info(f"No jobs yet. Queue one with the form above, or {command_hint('jobs_submit')}.")
         return
     n_active = int(df["state"].isin(ACTIVE).sum())
     st.subheader(f"Jobs ({n_active} active)")

@@ -103,8 +103,8 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_runs").set_value([seeded.spike_run, seeded.run_ids[1]]).run()
     at.multiselect(key="lc_metrics").set_value(["train/loss"]).run()
     fig = specs(at)[0]
-    traces = {d["name"]: d for d in fig["data"]}
-    spike = traces[f"{seeded.spike_run} · train/loss"]
+    traces = {d["legendgroup"]: d for d in fig["data"]}
+    spike = traces[seeded.spike_run]
     assert max(len(d["x"]) for d in fig["data"]) <= 4000 < 6000
     assert max(spike["y"]) == SPIKE_VALUE and spike["x"][int(np.argmax(spike["y"]))] == seeded.spike_step
     assert "Checkpoint file missing" in texts(at) and seeded.run_ids[1] in texts(at)
@@ -117,6 +117,41 @@ def test_learning_curves_downsampled_with_spike_and_controls(seeded):
     at.multiselect(key="lc_fraction").set_value([0.1]).run()
     assert set(at.multiselect(key="lc_runs").options) == set(
         read.run_table(seeded.root).query("init == 'random' and fraction == 0.1").run_id)
+
+
+def test_learning_curves_one_panel_per_metric_colour_per_run_and_config_diff(smoke_store):
+    """Issue 14 item 4: metrics no longer share one y axis labelled 'value'; colour follows the run."""
+    runs = read.run_table(smoke_store)
+    ft = runs[(runs.kind == "finetune") & (runs.task == "pe")].run_id.tolist()[:2]
+    at = open_page(smoke_store, "curves")
+    at.multiselect(key="lc_runs").set_value(ft).run()
+    names = read.metric_names(smoke_store, ft)
+    two = [n for n in names if "loss" in n][:1] + [n for n in names if "loss" not in n][:1]
+    at.multiselect(key="lc_metrics").set_value(two).run()
+    assert not at.exception
+    fig = specs(at)[0]
+    lay = fig["layout"]
+    assert lay["yaxis"]["title"]["text"] == sorted(two)[0] and lay["yaxis2"]["title"]["text"] == sorted(two)[1]
+    assert lay["xaxis2"]["matches"] == "x"
+    colour = {}
+    for d in fig["data"]:
+        colour.setdefault(d["legendgroup"], set()).add(d["line"]["color"])
+    assert set(colour) == set(ft) and all(len(c) == 1 for c in colour.values())      # one colour per run...
+    assert len({next(iter(c)) for c in colour.values()}) == 2                          # ...different runs differ
+    assert sum(d["showlegend"] for d in fig["data"]) == 2                              # each run once in the legend
+    want = read.curves(smoke_store, ft, two, "step", 4000)
+    for d in fig["data"]:
+        name = sorted(two)[0 if d["yaxis"] == "y" else 1]
+        w = want[(want.run_id == d["legendgroup"]) & (want.name == name)]
+        assert np.allclose(d["y"], w.y)
+    cfg = at.dataframe[-1].value if at.dataframe else None
+    diff = read.run_configs(smoke_store, ft)
+    assert cfg is not None and list(cfg.index) == diff[diff.differs].setting.tolist() and len(cfg)
+    assert "store" not in " ".join(diff.setting)
+    for setting, row in cfg.iterrows():
+        assert row[ft[0]] != row[ft[1]]
+    at.toggle(key="lc_cfg_diff").set_value(False).run()
+    assert len(at.dataframe[-1].value) == len(diff) > len(cfg)
 
 
 def test_embeddings_page_on_real_smoke_store(smoke_store):
@@ -264,7 +299,8 @@ def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store
     vframe = next(f for f in frames if f.index.name == "strategy" and set(f.index) == set(verd.init)
                   and all(c.split(" · ")[1] in set(verd.metric) for c in f.columns))
     for r in verd.itertuples():
-        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+        want = f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
+        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == want
     main, _ = read.pivot_headline(read.key_endpoints(strategies))
     assert any(_same(f, main) for f in frames)
     assert "pe · twin_exam" in main.columns and "nodule · cpm" in main.columns
@@ -340,7 +376,8 @@ def _dashboard_strings() -> list[tuple[str, str]]:
     """(file, text) of every string literal the dashboard can show (f-string parts included, docstrings not)."""
     import ast
 
-    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py", REPO_ROOT / "ctssl_core/results/read.py"]
+    files = [*sorted((REPO_ROOT / "pages").glob("*.py")), REPO_ROOT / "app.py",
+             REPO_ROOT / "ctssl_core" / "results" / "read.py"]
     out = []
     for f in files:
         tree = ast.parse(f.read_text())
@@ -377,3 +414,122 @@ def test_every_command_the_pages_suggest_parses():
     # the checker rejects the old, wrong hints (so it would have caught them)
     for bad in ("ctssl embed --init random", "ctssl bias", "ctssl ingest", "ctssl finetune"):
         assert not parses(bad), bad
+
+
+def test_sidebar_offers_only_the_configured_stores(smoke_store, tmp_path, monkeypatch):
+    """Issue 13 item 17: the Store box took any path (read any store, create folders, start jobs anywhere)."""
+    from ctssl_core.commands.dashboard import allowed_stores
+
+    root = tmp_path / "stores"
+    for name in ("a", "b"):
+        with connect(root / name / "ctssl.duckdb") as con:
+            ensure_schema(con)
+    (root / "not_a_store").mkdir()
+    (root / "link").symlink_to(smoke_store, target_is_directory=True)        # points out of the root
+    env = {"CTSSL_STORE": str(smoke_store), "CTSSL_STORES_ROOT": str(root)}
+    assert allowed_stores(env) == [str(smoke_store), str(root / "a"), str(root / "b")]
+    assert allowed_stores({"CTSSL_STORE": str(smoke_store)}) == [str(smoke_store)]
+    assert allowed_stores({"CTSSL_STORE": str(smoke_store), "CTSSL_STORES_ROOT": str(tmp_path / "nope")}) == \
+        [str(smoke_store)]
+
+    monkeypatch.setenv("CTSSL_STORE", str(smoke_store))
+    monkeypatch.setenv("CTSSL_STORES_ROOT", str(root))
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception
+    assert not at.sidebar.text_input                                          # no free path box any more
+    box = at.sidebar.selectbox(key="ctssl_store_pick")
+    assert box.options == allowed_stores(env) and box.value == str(smoke_store)
+    assert "runs" in " ".join(c.value for c in at.sidebar.caption)          # the configured store is read
+    box.select(str(root / "a")).run()
+    assert not at.exception and at.session_state["ctssl_store"] == str(root / "a")
+    assert "No benchmark results in this store yet" in texts(at)
+
+
+def test_dashboard_warns_when_not_bound_to_loopback(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from ctssl_core.cli import main
+    from ctssl_core.commands.dashboard import exposure_warning
+
+    for addr in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(addr) is None, addr
+    for addr in ("0.0.0.0", "192.168.1.5", "::", "myhost.example"):
+        assert "not loopback" in exposure_warning(addr), addr
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
+    assert main(["dashboard", "--store", str(tmp_path), "--address", "0.0.0.0", "--stores-root", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "--address 0.0.0.0 is not loopback" in err and "SSH tunnel" in err
+    cmd, env = calls[0]
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert env["CTSSL_STORE"] == str(tmp_path) and env["CTSSL_STORES_ROOT"] == str(tmp_path)
+    assert main(["dashboard", "--store", str(tmp_path)]) == 0
+    assert "not loopback" not in capsys.readouterr().err
+    assert main(["dashboard", "--store", str(tmp_path), "--stores-root", str(tmp_path / "missing")]) == 2
+    assert "--stores-root" in capsys.readouterr().err
+
+
+def _qp(at, key: str) -> list:
+    v = at.query_params[key]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _open_link(store, page: str, params: dict) -> AppTest:
+    """Open ``page`` the way a shared address does: page path + query parameters, fresh session."""
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.session_state["ctssl_store"] = str(store)
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py")
+        for k, v in params.items():       # a page switch in AppTest starts from the page's own URL
+            at.query_params[k] = v
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_deep_link_reproduces_the_compare_view(two_benchmark_store):
+    """Issue 14 item 5: a view (benchmark, task · metric) is an address that can be shared."""
+    store = two_benchmark_store
+    bench = read.benchmarks(store)
+    other = next(b for b in bench.benchmark_id if b != read.latest_finished(bench))
+    at = open_page(store, "compare")
+    at.selectbox(key="benchmark_id").set_value(other).run()
+    at.selectbox(key="cmp_task_metric").set_value("nodule · cpm").run()
+    assert _qp(at, "benchmark") == [other] and _qp(at, "metric") == ["nodule · cpm"]
+    want = [x["layout"]["title"]["text"] for x in specs(at)]
+    link = {k: _qp(at, k)[0] for k in at.query_params}
+    again = _open_link(store, "compare", link)                                  # a fresh session from the link
+    assert again.selectbox(key="benchmark_id").value == other
+    assert again.selectbox(key="cmp_task_metric").value == "nodule · cpm"
+    assert [x["layout"]["title"]["text"] for x in specs(again)] == want
+    forest = next(x for x in specs(again) if "minus random init" in x["layout"]["title"]["text"])
+    f = read.forest(store, "nodule", "cpm", other)
+    assert sorted(v for d in forest["data"] for v in d["x"]) == pytest.approx(sorted(f.value))
+    # a stale or foreign link falls back to the defaults, without an error
+    bad = _open_link(store, "compare", {"benchmark": "bench-gone", "metric": "pe · nope"})
+    assert not bad.error and bad.selectbox(key="benchmark_id").value == read.latest_finished(bench)
+    assert bad.selectbox(key="cmp_task_metric").value == "pe · twin_exam"
+
+
+def test_deep_link_reproduces_curves_and_embedding_views(smoke_store):
+    runs = read.run_table(smoke_store)
+    ft = runs[(runs.kind == "finetune") & (runs.task == "nodule")].run_id.tolist()[-2:]
+    at = _open_link(smoke_store, "curves", {"run": ft, "x": "epoch"})          # repeated parameter: two runs
+    assert at.multiselect(key="lc_runs").value == ft and at.radio(key="lc_x").value == "epoch"
+    assert {d["legendgroup"] for d in specs(at)[0]["data"]} == set(ft)
+    assert _qp(at, "run") == ft
+    emb = read.embeddings(smoke_store)
+    eid = emb[emb.init != "random"].emb_id.iloc[-1]
+    view = _open_link(smoke_store, "embeddings", {"emb": eid, "proj": "pca", "color": "sex"})
+    assert view.selectbox(key="emb_id").value == eid and view.radio(key="emb_method").value == "pca"
+    assert view.selectbox(key="emb_color").value == "sex"
+    scat = [x for x in specs(view) if x["layout"]["title"]["text"].startswith("PCA")]
+    assert len(scat) == 2 and {d["name"] for d in scat[0]["data"]} <= {"F", "M", "unknown"}
+    series = read.series_list(smoke_store).series_key.tolist()
+    data = _open_link(smoke_store, "data", {"series": series[-1], "slice": "3"})
+    assert data.selectbox(key="data_series").value == series[-1] and data.slider(key="data_idx").value == 3
+    assert "slice 3 ·" in data.get("image")[0].proto.imgs[0].caption

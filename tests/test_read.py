@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -596,3 +598,22 @@ def test_deltas_highlight_only_after_correction(smoke_store, tmp_path):
     best = {"pe · slice_auroc": "rotation", "pe · twin_exam": "rotation", "nodule · cpm": "masked_region"}
     assert read.confirmed_best(best, d) == {"pe · slice_auroc": "rotation"}
     assert read.established(-0.2, -0.3, -0.1, "age_mae") == "gain" and read.established(0.1, -0.1, 0.3, "x") == ""
+
+
+def test_run_configs_side_by_side_with_diff(smoke_store):
+    runs = read.run_table(smoke_store)
+    a, b = runs[(runs.kind == "finetune") & (runs.task == "pe")].run_id.tolist()[:2]
+    c = read.run_configs(smoke_store, [a, b]).set_index("setting")
+    cfg = {r: json.loads(raw(smoke_store, "SELECT config FROM runs WHERE run_id = ?", [r]).config.iloc[0])
+           for r in (a, b)}
+    assert list(c.columns) == [a, b, "differs"]
+    for key in c.index:
+        top, *rest = key.split(".")
+        v = cfg[a].get(top, "–")
+        for part in rest:
+            v = v.get(part, "–") if isinstance(v, dict) else "–"
+        assert c.loc[key, a] == (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    assert c.differs.any() and not c.loc[~c.differs, [a, b]].nunique(axis=1).gt(1).any()
+    assert "store" not in c.index                                  # where it wrote is not a setting
+    assert read.run_configs(smoke_store, []).empty
+    assert list(read.run_configs(smoke_store, [a, "no-such-run"]).columns) == ["setting", a, "differs"]

@@ -741,6 +741,45 @@ def curves(store: str | Path, run_ids: Sequence[str], names: Sequence[str], x: s
     return df if len(df) else empty
 
 
+def _flatten(obj, prefix: str = "") -> dict[str, object]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists and scalars are leaves."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, object] = {}
+    for k, v in obj.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+# config keys that say where a run wrote, not how it trained: left out of the comparison
+CONFIG_NOISE = {"store"}
+
+
+def run_configs(store: str | Path, run_ids: Sequence[str]) -> pd.DataFrame:
+    """The selected runs' configs side by side: one row per setting (dotted key), one column per run,
+    and ``differs`` (True where the runs disagree, a missing key counting as a value). Why: two
+    curves can only be compared once one knows which settings separate the runs."""
+    if not run_ids:
+        return pd.DataFrame(columns=["setting", "differs"])
+    marks = ", ".join("?" * len(run_ids))
+    with _read(store) as con:
+        df = _select(con, "runs", ["run_id", "config"], f"run_id IN ({marks})", list(run_ids))
+    flat = {}
+    for r in df.itertuples():
+        try:
+            cfg = json.loads(r.config) if isinstance(r.config, str) and r.config else {}
+        except json.JSONDecodeError:
+            cfg = {"config": "(unreadable JSON)"}
+        flat[r.run_id] = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                          for k, v in _flatten(cfg).items() if k.split(".")[0] not in CONFIG_NOISE}
+    runs = [r for r in run_ids if r in flat]
+    keys = sorted(set().union(*(flat[r] for r in runs))) if runs else []
+    table = pd.DataFrame({r: [flat[r].get(k, "–") for k in keys] for r in runs}, index=pd.Index(keys, name="setting"))
+    table = table.astype(str)
+    table["differs"] = table.nunique(axis=1) > 1 if len(runs) else False
+    return table.reset_index()
+
+
 # ---------------------------------------------------------------- embeddings & bias
 def embeddings(store: str | Path) -> pd.DataFrame:
     """Embeddings with their available projections and whether their files still exist."""
