@@ -1001,13 +1001,13 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[
                 scores = pd.read_parquet(p)[["patient_key", "score", "label"]]
         reference = None if init == "random" else ref
         try:
-            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores)
+            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores, progress=log)
         except bias.BiasError as e:
             if scores is None:
                 raise
             # the subgroup part needs enough test patients per group; keep the embedding analysis
             log(f"bias: subgroup analysis of the {init} PE model skipped ({e})")
-            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg)
+            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, progress=log)
     return scorecard_rows(plan, root, frames, {ids["slice"]: init for init, ids in embeddings.items()})
 
 
