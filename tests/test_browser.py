@@ -124,9 +124,10 @@ def smoke_url(smoke_store, start_dashboard_module):
     return start_dashboard_module(smoke_store)
 
 
+# what plotly.js drew: ``_fullData`` holds the decoded arrays (the figure spec ships them base64-encoded)
 PLOTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => ({
-    title: g.layout.title.text, data: g.data.map(t => ({name: t.name, x: Array.from(t.x || []),
-                                                      y: Array.from(t.y || [])}))}))"""
+    title: g.layout.title.text, data: g._fullData.map(t => ({name: t.name, x: Array.from(t.x || []),
+                                                           y: Array.from(t.y || [])}))}))"""
 
 
 def test_forest_plot_values_equal_the_summaries_deltas(smoke_url, smoke_store, page):
