@@ -117,3 +117,51 @@ def test_sidebar_store_is_a_list_of_configured_stores(app_url, page):
     page.keyboard.press("Escape")
     no_errors(page)
     shot(page, "store_list")
+
+
+@pytest.fixture(scope="module")
+def smoke_url(smoke_store, start_dashboard_module):
+    return start_dashboard_module(smoke_store)
+
+
+# what plotly.js drew: ``_fullData`` holds the decoded arrays (the figure spec ships them base64-encoded)
+PLOTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => ({
+    title: g.layout.title.text, data: g._fullData.map(t => ({name: t.name, x: Array.from(t.x || []),
+                                                           y: Array.from(t.y || [])}))}))"""
+
+
+def test_forest_plot_values_equal_the_summaries_deltas(smoke_url, smoke_store, page):
+    """Issue 14: what the browser draws for 'how much better than random init' is the benchmark's deltas."""
+    import duckdb
+
+    goto_page(page, smoke_url, "compare", timeout_ms=TIMEOUT)
+    visible(page, "How much better than random init, and is it real?")
+    page.locator(".gtitle").filter(has_text="minus random init").first.wait_for(timeout=TIMEOUT)
+    forest = next(p for p in page.evaluate(PLOTS_JS) if "minus random init" in p["title"])
+    con = duckdb.connect(str(smoke_store / "ctssl.duckdb"), read_only=True)
+    try:
+        want = con.execute("SELECT init, value FROM summaries WHERE task = 'pe' "
+                           "AND metric IN ('delta_twin_exam', 'verdict_twin_exam')").df()
+    finally:
+        con.close()
+    got = sorted((y.split(" ")[0], x) for t in forest["data"] for x, y in zip(t["x"], t["y"]))
+    assert [i for i, _ in got] == sorted(want.init)
+    assert [x for _, x in got] == pytest.approx([v for _, v in sorted(zip(want.init, want.value))])
+    assert {t["name"] for t in forest["data"]} == {"strategies", "controls (not strategies)"}
+    no_errors(page)
+    shot(page, "compare_forest")
+
+
+def test_deep_link_reproduces_a_view(smoke_url, smoke_store, page):
+    """Issue 14: the address carries the view; opening it in a new tab shows the same thing."""
+    goto_page(page, smoke_url, "compare", timeout_ms=TIMEOUT)
+    pick(page, "Task · metric", "nodule · cpm")
+    page.locator(".gtitle").filter(has_text="nodule: cpm minus random init").first.wait_for(timeout=TIMEOUT)
+    link = page.url
+    assert "metric=nodule" in link and "benchmark=" in link
+    other = page.context.new_page()
+    other.goto(link, timeout=TIMEOUT)
+    wait_script_done(other, TIMEOUT)
+    other.locator(".gtitle").filter(has_text="nodule: cpm minus random init").first.wait_for(timeout=TIMEOUT)
+    assert [p["title"] for p in other.evaluate(PLOTS_JS)] == [p["title"] for p in page.evaluate(PLOTS_JS)]
+    no_errors(other)

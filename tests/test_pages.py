@@ -533,3 +533,27 @@ def test_deep_link_reproduces_curves_and_embedding_views(smoke_store):
     data = _open_link(smoke_store, "data", {"series": series[-1], "slice": "3"})
     assert data.selectbox(key="data_series").value == series[-1] and data.slider(key="data_idx").value == 3
     assert "slice 3 ·" in data.get("image")[0].proto.imgs[0].caption
+
+
+def test_data_viewer_readable_series_jump_to_findings_and_custom_window(smoke_store):
+    """Issue 14 item 7: series by readable name and dataset, jump to slices with findings, custom level/width."""
+    series = read.series_list(smoke_store)
+    assert series.label.str.match(r"#\d+ · synthetic · \d+ slices").all() and series.label.is_unique
+    with_pe = series[series.n_pe > 0].iloc[0]
+    at = open_page(smoke_store, "data")
+    box = at.selectbox(key="data_series")
+    assert box.format_func(box.value) == series.set_index("series_key").label[box.value]
+    at.selectbox(key="data_series").set_value(with_pe.series_key).run()
+    found = read.finding_slices(smoke_store, with_pe.series_key)
+    assert len(found) == with_pe.n_pe + (found.nodule_px > 0).sum() - (found.pe & (found.nodule_px > 0)).sum()
+    target = int(found[found.pe].idx.iloc[0])
+    at.selectbox(key="data_jump").set_value(target).run()
+    assert not at.exception and at.slider(key="data_idx").value == target
+    caption = at.get("image")[0].proto.imgs[0].caption
+    assert f"slice {target} ·" in caption and "PE present" in caption and with_pe.label in caption
+    at.radio(key="data_window").set_value("custom").run()
+    at.number_input(key="data_level").set_value(-500).run()
+    at.number_input(key="data_width").set_value(1200).run()
+    assert not at.exception
+    assert "custom (L -500, W 1200)" in at.get("image")[0].proto.imgs[0].caption
+    assert at.number_input(key="data_width").min == 1                      # a width of 0 cannot be entered

@@ -617,3 +617,19 @@ def test_run_configs_side_by_side_with_diff(smoke_store):
     assert "store" not in c.index                                  # where it wrote is not a setting
     assert read.run_configs(smoke_store, []).empty
     assert list(read.run_configs(smoke_store, [a, "no-such-run"]).columns) == ["setting", a, "differs"]
+
+
+def test_series_labels_and_finding_slices(smoke_store):
+    s = read.series_list(smoke_store).set_index("series_key")
+    want = raw(smoke_store, "SELECT series_key, count(*) FILTER (WHERE pe) AS n_pe, "
+                            "count(*) FILTER (WHERE nodule_px > 0) AS n_nod FROM slices GROUP BY ALL") \
+        .set_index("series_key")
+    assert (s.n_pe == want.n_pe.reindex(s.index)).all() and (s.n_nodule == want.n_nod.reindex(s.index)).all()
+    assert s.label.is_unique and (s.dataset == "synthetic").all()
+    key = want[(want.n_pe > 0)].index[0]
+    f = read.finding_slices(smoke_store, key)
+    rows = raw(smoke_store, "SELECT idx FROM slices WHERE series_key = ? AND (pe OR nodule_px > 0) ORDER BY idx",
+               [key])
+    assert f.idx.tolist() == rows.idx.tolist() and f.pe.sum() == want.n_pe[key]
+    assert f"{int(want.n_pe[key])} PE" in s.label[key]
+    assert read.finding_slices(smoke_store, "no-such-series").empty

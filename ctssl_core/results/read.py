@@ -938,10 +938,35 @@ def label_prevalence(store: str | Path) -> pd.DataFrame:
 
 
 def series_list(store: str | Path) -> pd.DataFrame:
+    """Series with their dataset, finding counts and a readable ``label`` ("#3 · synthetic · 64 slices ·
+    2 PE · 5 nodule"): a reader picks a series by what it holds, not by its hash.
+
+    Numbered by (dataset, series_key), so the number is stable while the store does not change.
+    """
     with _read(store) as con:
-        df = _select(con, "series", ["series_key", "n_slices", "height", "width", "site", "array_path", "mask_path",
-                                     "pixel_spacing_mm", "slice_thickness_mm"], order="series_key")
-    return df
+        have = _schema_columns(con)
+        df = _select(con, "series", ["series_key", "study_key", "n_slices", "height", "width", "site", "array_path",
+                                     "mask_path", "pixel_spacing_mm", "slice_thickness_mm"], have=have,
+                     order="series_key")
+        studies = _select(con, "studies", ["study_key", "dataset"], have=have)
+        sl = _select(con, "slices", ["series_key", "pe", "nodule_px"], have=have)
+    df = df.merge(studies, on="study_key", how="left")
+    counts = sl.assign(pe=sl.pe.fillna(False).astype(bool), nod=sl.nodule_px.fillna(0) > 0) \
+        .groupby("series_key").agg(n_pe=("pe", "sum"), n_nodule=("nod", "sum"))
+    df = df.join(counts, on="series_key").fillna({"n_pe": 0, "n_nodule": 0})
+    df = df.sort_values(["dataset", "series_key"], na_position="last").reset_index(drop=True)
+    df["label"] = [f"#{k + 1} · {d if isinstance(d, str) else 'unknown dataset'} · {int(n) if n == n else '?'} slices"
+                   + (f" · {int(p)} PE" if p else "") + (f" · {int(q)} nodule" if q else "")
+                   for k, (d, n, p, q) in enumerate(zip(df.dataset, df.n_slices, df.n_pe, df.n_nodule))]
+    return df.drop(columns=["study_key"])
+
+
+def finding_slices(store: str | Path, series_key: str) -> pd.DataFrame:
+    """Slices of one series that hold a finding: idx, pe (bool), nodule_px; ordered by idx."""
+    with _read(store) as con:
+        sl = _select(con, "slices", ["idx", "pe", "nodule_px"], "series_key = ? AND (pe OR nodule_px > 0)",
+                     [series_key], order="idx")
+    return sl.assign(pe=sl.pe.fillna(False).astype(bool), nodule_px=sl.nodule_px.fillna(0).astype(int))
 
 
 @dataclass
