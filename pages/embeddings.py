@@ -4,7 +4,7 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import hint
-from pages.common import query, query_many, show_outdated_note, to_url, url_index
+from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index
 
 COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
 MAX_POINTS = 5000
@@ -53,6 +53,22 @@ for col, eid, title, pts, total in [
         st.plotly_chart(charts.scatter_fig(pts, color_by, f"{method.upper()}: {title}"), width="stretch",
                         key=f"emb_scatter_{eid}")
         st.caption(f"{len(pts):,} of {total:,} points" + (" (seeded random sample)" if total > len(pts) else ""))
+
+card = query("bias_scorecard", benchmark_choice())
+if not card.empty:
+    st.subheader("Does the analysis find what was planted? (scorecard against the synthetic cohort's truth)")
+    wrong = card[card.right.eq(False)]
+    fp = wrong[wrong.outcome == "false positive"]
+    st.markdown(f"**{int(card.right.eq(True).sum())} of {int(card.right.notna().sum())}** (encoder, attribute, "
+                f"test) right. False positives (errors of the analysis): **{len(fp)}**; misses (the encoder does "
+                f"not carry the attribute, or the test lacks power at this size): **{len(wrong) - len(fp)}**.")
+    grid = card.assign(cell=card.outcome.where(card.right.notna(), "not run"),
+                       column=card.attribute + " · " + card.analysis).pivot(index="init", columns="column",
+                                                                            values="cell")
+    st.dataframe(grid, width="stretch")
+    with st.expander("Why each cell says what it says"):
+        for s in card.sentence:
+            st.markdown("- " + s)
 
 bias = view["bias"]
 if bias.empty:

@@ -557,3 +557,19 @@ def test_data_viewer_readable_series_jump_to_findings_and_custom_window(smoke_st
     assert not at.exception
     assert "custom (L -500, W 1200)" in at.get("image")[0].proto.imgs[0].caption
     assert at.number_input(key="data_width").min == 1                      # a width of 0 cannot be entered
+
+
+def test_embeddings_page_shows_the_bias_scorecard_of_the_benchmark(smoke_store):
+    """Issue 15 item 4: the scorecard the smoke benchmark wrote (every encoder x planted/null attribute x test)
+    is on the Embeddings & bias page, one cell per (encoder, attribute · test), counts as in the summaries."""
+    card = read.bias_scorecard(smoke_store)
+    assert len(card) and {"random", "masked_region", "rotation"} <= set(card.init)
+    assert set(card.outcome) <= {"hit", "miss", "false positive", "correct null", "not run"} and "" not in set(card.outcome)
+    assert (card.right.dropna() == card.outcome[card.right.notna()].isin(["hit", "correct null"])).all()
+    at = open_page(smoke_store, "embeddings")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    t = texts(at)
+    assert f"**{int(card.right.eq(True).sum())} of {int(card.right.notna().sum())}**" in t
+    grid = next(d.value for d in at.dataframe if "control_group · probe" in d.value.columns)
+    for r in card.itertuples():
+        assert grid.loc[r.init, f"{r.attribute} · {r.analysis}"] == (r.outcome if r.right is not None else "not run")

@@ -577,6 +577,39 @@ def strategy_verdicts(store: str | Path, benchmark_id: str | None = None) -> pd.
     return v[["task", "init", "metric", "verdict", "delta", "ci_low", "ci_high", "note"]].reset_index(drop=True)
 
 
+SCORECARD_ANALYSES = ("probe", "ks", "separability")
+
+
+def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
+    """The benchmark's bias scorecard against the synthetic cohort's planted truth (task ``bias`` rows,
+    ``scorecard_<attribute>_<analysis>``; written only for stores built from the benchmark's cohort).
+
+    Columns: init, attribute, analysis, right (True / False / None = not run), outcome (hit, miss,
+    false positive, correct null, not run: read from the sentence), sentence.
+    """
+    cols = ["init", "attribute", "analysis", "right", "outcome", "sentence"]
+    with _read(store) as con:
+        s = _summaries(con, benchmark_id, "task = 'bias' AND metric LIKE 'scorecard_%'")
+    if s.empty:
+        return pd.DataFrame(columns=cols)
+    out = []
+    for r in s.itertuples():
+        rest = r.metric.removeprefix("scorecard_")
+        analysis = next((a for a in SCORECARD_ANALYSES if rest.endswith("_" + a)), "")
+        note = r.note if isinstance(r.note, str) else ""
+        verdict = note.split(";", 1)[-1]                                   # bias._scorecard_sentence's wording
+        outcome = next((o for key, o in (("a false positive", "false positive"), ("does not flag it", "correct null"),
+                                         ("did not run", "not run"), ("a miss", "miss"), ("detects it", "hit"))
+                        if key in verdict), "")
+        out.append(dict(init=r.init, attribute=rest[: len(rest) - len(analysis) - 1] if analysis else rest,
+                        analysis=analysis, right=None if pd.isna(r.value) else bool(r.value),
+                        outcome=outcome, sentence=note))
+    order = {i: k for k, i in enumerate(init_order(set(s.init)))}
+    return (pd.DataFrame(out, columns=cols).sort_values(["init", "attribute", "analysis"],
+                                                         key=lambda c: c.map(order) if c.name == "init" else c)
+            .reset_index(drop=True))
+
+
 def competence(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
     """Pretext competence per strategy against its trivial baseline (task ``pretext`` rows).
 
