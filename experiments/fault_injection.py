@@ -97,8 +97,8 @@ def wait_for(pred, timeout: float, every: float = 0.05):
 # --------------------------------------------------------------------------- processes
 
 
-def store_processes(store: Path) -> dict[int, tuple[str | None, bool]]:
-    """Live processes working for ``store``: pid -> (job id, is a job command)."""
+def store_processes(store: Path) -> dict[int, tuple[str | None, bool, int]]:
+    """Live processes working for ``store``: pid -> (job id, is a job command, parent pid)."""
     from ctssl_core.jobs import procs
 
     out = {}
@@ -112,13 +112,27 @@ def store_processes(store: Path) -> dict[int, tuple[str | None, bool]]:
             cmd = (d / "cmdline").read_bytes()
         except OSError:
             continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
         is_command = TICK_MARK in cmd and b"ctssl_core.jobs.runner" not in cmd  # the runner's argv holds it too
-        out[pid] = (procs.environ_value(pid, "CTSSL_JOB_ID"), is_command)
+        out[pid] = (procs.environ_value(pid, "CTSSL_JOB_ID"), is_command, ppid)
     return out
 
 
+def commands_alive(store: Path) -> int:
+    """Job commands of ``store`` alive now, not counting a command's own children."""
+    seen = store_processes(store)
+    cmd_pids = {p for p, (_, is_cmd, _) in seen.items() if is_cmd}
+    return sum(1 for p in cmd_pids if seen[p][2] not in cmd_pids)
+
+
 class Monitor(threading.Thread):
-    """Samples /proc: counts moments with more job commands of the store alive than slots."""
+    """Samples /proc: counts moments with more job commands of the store alive than slots.
+
+    A command's own children are not another command: between fork and exec (e.g. the
+    ``git describe`` that ``start_run`` runs) a child still shows the command's argv."""
 
     def __init__(self, store: Path, every_s: float = 0.03):
         super().__init__(daemon=True)
@@ -129,9 +143,9 @@ class Monitor(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            commands = [j for j, is_cmd in store_processes(self.store).values() if is_cmd]
-            self.max_alive = max(self.max_alive, len(commands))
-            if len(commands) > SLOTS:
+            alive = commands_alive(self.store)
+            self.max_alive = max(self.max_alive, alive)
+            if alive > SLOTS:
                 self.overlaps += 1
             time.sleep(self.every_s)
 

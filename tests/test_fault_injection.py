@@ -75,3 +75,27 @@ def test_quick_fault_injection_run_finds_no_lost_double_run_wrong_state_or_lost_
         assert t["trials"] == 3, name
         assert (t["lost"], t["double_run"], t["wrong_state"], t["rows_lost"]) == (0, 0, 0, 0), (name, t["notes"])
     assert "cancel_during_eval" in r.stdout and "rows_lost" in r.stdout
+
+
+def test_a_commands_own_child_is_not_a_second_command(tmp_path, fi):
+    """Between fork and exec a child shows its parent's argv: one job, not a double run. Two
+    separate commands of the store are two."""
+    import os
+    import signal
+
+    store = tmp_path / "store"
+    script = (f"# {fi.TICK_MARK.decode()}\n"
+              "import os, sys, time\nif os.fork():\n    print('forked', flush=True)\ntime.sleep(120)\n")
+    started = []
+    try:
+        for n in (1, 2):
+            p = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "CTSSL_STORE": str(store)},
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+            started.append(p)
+            assert p.stdout.readline().strip() == "forked"
+            assert fi.commands_alive(store) == n
+        assert len(fi.store_processes(store)) == 4  # two commands, each with its child
+    finally:
+        for p in started:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
