@@ -23,6 +23,7 @@ kNN graph (see ``project_umap``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -404,7 +405,8 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
             run_id = r[0]
             init = r[1] if r[1] else r[2]
     init = init or run_cfg.get("task") or run_cfg.get("pretext") or Path(str(checkpoint)).stem
-    tag = run_id or f"ckpt-{_safe(Path(str(checkpoint)).resolve().parent.parent.name or Path(str(checkpoint)).stem)}"
+    # a checkpoint outside the store's runs: a digest of its path, not its folder names (which may name people)
+    tag = run_id or f"ckpt-{hashlib.sha256(str(Path(str(checkpoint)).resolve()).encode()).hexdigest()[:12]}"
     return enc, str(init), name, run_id, tag
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ctssl_core.checkpoint import CheckpointError, read_checkpoint
-from ctssl_core.paths import store_paths
+from ctssl_core.paths import scrub_paths, store_paths
 
 CARD_FORMAT = "ctssl-encoder-card/1"
 WEIGHTS = "encoder.safetensors"
@@ -100,11 +100,11 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
         "strategy": cfg.get("task"),
         "encoder": {"name": name, "kwargs": ckpt.get("encoder_kwargs") or {},
                     "n_params": int(sum(v.numel() for k, v in state.items() if v.is_floating_point()))},
-        "config": cfg,
+        "config": scrub_paths(cfg, root),
         "preprocessing": preprocessing(ckpt.get("encoder_kwargs") or {}),
         "data": {**dict(cfg.get("data") or {}), "store": Path(str(cfg.get("store", root))).name},
         "metrics": {"step": int(ckpt.get("step", 0)), **{k: v for k, v in metrics.items() if k != "step"}},
-        "run": _run_row(root, run_id),
+        "run": scrub_paths(_run_row(root, run_id), root),
         "weights": {"file": WEIGHTS, "sha256": digest, "bytes": weights.stat().st_size},
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "load": f"build_encoder({name!r}, **card['encoder']['kwargs']).load_state_dict(safetensors.torch.load_file('{WEIGHTS}'))",

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ctssl_core.config import ConfigError, to_dict
+from ctssl_core.paths import in_store
 
 BOOT_SEED = 12345          # every run draws the same bootstrap patients -> paired comparisons
 BOOT_FILE = "boot.npz"
@@ -400,7 +401,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         tcfg = dataclasses.replace(tcfg, batch_size=batch_size)
     run_id = run_id or rw.new_run_id("finetune", cfg.task, init_label)
     run_config = {**to_dict(cfg), "windows": [list(w) for w in encoder.windows],
-                  "init_label": init_label, "init_checkpoint": str(ckpt) if ckpt else None,
+                  "init_label": init_label, "init_checkpoint": in_store(ckpt, root) if ckpt else None,
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,

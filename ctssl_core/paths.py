@@ -64,5 +64,28 @@ class StorePaths:
         return self.runs / run_id
 
 
+def in_store(path: str | Path, root: str | Path) -> str:
+    """``path`` as recorded in configs, cards and results: relative to the store root (posix) when it
+    lies inside it, else the file name only -- never an absolute path, which names the user's folders
+    and cannot follow a store that is moved or shared."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    try:
+        return p.relative_to(r).as_posix()
+    except ValueError:
+        return p.name
+
+
+def scrub_paths(obj, root: str | Path):
+    """``obj`` (JSON-like: dicts, lists, strings) with every absolute path string made ``in_store``:
+    for what leaves the machine (export cards), whatever an older run recorded."""
+    if isinstance(obj, dict):
+        return {k: scrub_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_paths(v, root) for v in obj]
+    if isinstance(obj, str) and Path(obj).is_absolute():
+        return in_store(obj, root)
+    return obj
+
+
 def store_paths(root: str | Path | None = None) -> StorePaths:
     return StorePaths(Path(root) if root is not None else default_store())

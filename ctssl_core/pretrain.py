@@ -278,7 +278,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     run_id = distributed.broadcast_object(resume_run_id or new_run_id("pretrain", cfg.task, "random"), info)
     run_cfg = {"kind": "pretrain", "task": cfg.task, "encoder": cfg.encoder, "encoder_params": dict(cfg.encoder_params),
                "task_params": dataclasses.asdict(pretext) if dataclasses.is_dataclass(pretext) else {},
-               "pretrain": to_dict(cfg), "profile": profile, "store": str(root),
+               "pretrain": to_dict(cfg), "profile": profile, "store": Path(root).name,
                "data": {"n_slices": int(len(ids)), "image_size": image_size or int(store.height), "crop": crop or 0,
                         "windows": [list(w) for w in encoder.windows],
                         "split": cfg.split, "split_seed": cfg.split_seed, "world_size": info.world_size}}
