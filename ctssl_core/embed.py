@@ -389,12 +389,11 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
     from ctssl_core.checkpoint import load_encoder, read_checkpoint
 
     enc, run_cfg = load_encoder(checkpoint, store_root)
-    if cfg.windows is not None:
-        from ctssl_core.ops import resolve_windows
+    from ctssl_core.models import windows_mismatch
 
-        if resolve_windows(cfg.windows) != enc.windows:
-            raise EmbedError(f"{checkpoint} was trained on windows {[list(w) for w in enc.windows]}, not "
-                             f"{[list(w) for w in resolve_windows(cfg.windows)]}; drop embed.windows to use its own")
+    differs = windows_mismatch(enc, cfg.windows)
+    if differs:
+        raise EmbedError(f"{checkpoint} was trained {differs}; drop embed.windows to use its own")
     name = read_checkpoint(checkpoint, store_root).get("encoder_name") or cfg.encoder
     run_id, init = None, None
     sp = store_paths(store_root)

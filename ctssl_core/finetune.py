@@ -300,8 +300,7 @@ def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict
     """-> (encoder module, init label, checkpoint path or None, encoder name). ``windows``: the input
     windows for random init; for a checkpoint, None or equal to the checkpoint's (ConfigError otherwise)."""
     from ctssl_core import checkpoint as ck
-    from ctssl_core.models import build_encoder
-    from ctssl_core.ops import resolve_windows
+    from ctssl_core.models import build_encoder, windows_mismatch
     from ctssl_core.pretext import PRETEXT
 
     if init == "random":
@@ -312,9 +311,9 @@ def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict
         ref = latest_pretrain_checkpoint(store_root, init)
     enc, cfg = ck.load_encoder(ref, store_root)
     path = ck.resolve_checkpoint(ref, store_root)
-    if windows is not None and resolve_windows(windows) != enc.windows:
-        raise ConfigError(f"init {init!r} was pretrained on windows {[list(w) for w in enc.windows]}, not "
-                          f"{[list(w) for w in resolve_windows(windows)]}; fine-tune with its windows "
+    differs = windows_mismatch(enc, windows)
+    if differs:
+        raise ConfigError(f"init {init!r} was pretrained {differs}; fine-tune with its windows "
                           f"(drop downstream.windows) or pretrain with the ones you want")
     if init not in PRETEXT:  # a run id or path: label it with the pretext it was trained on
         label = str(cfg.get("task") or cfg.get("pretext") or _run_task(store_root, str(init)) or init)

@@ -66,6 +66,16 @@ def build_encoder(name: str, windows: Any = None, **kw: Any) -> Encoder:
     return encoder
 
 
+def windows_mismatch(encoder: Encoder, windows: Any) -> str | None:
+    """None when ``windows`` (None: whatever the encoder has) is the view ``encoder`` was trained on, else
+    the sentence saying both; fine-tuning and embedding a checkpoint raise it in their own error type."""
+    from ctssl_core.ops import resolve_windows
+
+    if windows is None or resolve_windows(windows) == encoder.windows:
+        return None
+    return f"on windows {[list(w) for w in encoder.windows]}, not {[list(w) for w in resolve_windows(windows)]}"
+
+
 __all__ = [
     "ENCODERS", "build_encoder", "Encoder", "ClassifierHead", "UNetDecoder", "build_dense_head",
     "dense_forward", "VQDecoderHead", "VQVAEEncoder", "ResNetEncoder",
