@@ -54,6 +54,8 @@ class BenchmarkConfig:
     pool: float = 0.0                                        # fraction of patients set apart as the unlabelled
                                                              # pretraining pool (disjoint from the labelled
                                                              # cohort; 0 = pretrain on the train split)
+    split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)   # train/val/test shares of the labelled cohort: a
+                                                             # small-label study wants a large test split
     controls: tuple[str, ...] = ()                           # tasks that get a positive (supervised on the
                                                              # pool's labels) and a negative (shuffled) control
     twins: bool = True                                       # PE: score counterfactual twins (synthetic stores)
@@ -92,6 +94,10 @@ class BenchmarkConfig:
         if not 0.0 <= self.pool < 1.0 or not 0.0 < self.alpha < 0.5:
             raise ConfigError(f"benchmark.pool must be in [0, 1) and benchmark.alpha in (0, 0.5), got "
                               f"{self.pool} and {self.alpha}")
+        fr = self.split_fractions
+        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6 or not (fr[0] > 0 and fr[2] > 0):
+            raise ConfigError(f"benchmark.split_fractions must be three shares (train, val, test) summing to 1 "
+                              f"with train and test > 0, e.g. [0.5, 0.1, 0.4]; got {list(fr)}")
         if 1.0 not in self.fractions:
             raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
                               "random init trained on all labels")
@@ -148,7 +154,7 @@ def result_config(cfg: dict) -> dict:
 
 
 def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
-                    pre_encoder: tuple[str, dict], pool: float = 0.0):
+                    pre_encoder: tuple[str, dict], pool: float = 0.0, split_fractions=(0.7, 0.15, 0.15)):
     """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys.
 
     The input windows are the pretraining's (``pretrain.windows``), so random init and every
@@ -159,7 +165,8 @@ def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int,
     per_task = {k: ds.pop(k) for k in ("pe", "nodule", "demographics") if k in ds}
     mapping = merge({"windows": input_windows(cfg)}, merge(ds, per_task.get(task) or {}))
     mapping = merge(mapping, {"task": task, "init": init, "fraction": fraction, "seed": seed,
-                              "split_seed": split_seed, "pool": pool, "encoder": pre_encoder[0],
+                              "split_seed": split_seed, "pool": pool,
+                              "split_fractions": list(split_fractions), "encoder": pre_encoder[0],
                               "encoder_kwargs": pre_encoder[1]})
     return build(FinetuneConfig, mapping, where="downstream.")
 
@@ -191,7 +198,8 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
     for s in bench.strategies:
         units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))  # id = plan key; the run id is found by config
     for task in bench.controls:
-        fc = finetune_config(cfg, task, "random", 1.0, 0, bench.split_seed, enc, bench.pool)
+        fc = finetune_config(cfg, task, "random", 1.0, 0, bench.split_seed, enc, bench.pool,
+                             bench.split_fractions)
         units.append(Unit("control", f"pc-{bench_hash}-{task}", task, POSITIVE, 1.0, 0,
                           spec=to_dict(dataclasses.replace(fc, train_split="pool"))))
         units.append(Unit("control", f"nc-{bench_hash}-{task}", task, NEGATIVE))
@@ -201,7 +209,8 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
         for init in [*inits, *(CONTROLS if task in bench.controls else ())]:
             for f in sorted(fracs):
                 for seed in bench.seeds_for(f):
-                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc, bench.pool)  # validates early
+                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc, bench.pool,
+                                         bench.split_fractions)  # validates early
                     build(TrainConfig, fc.train, where=f"downstream.{task}.train.")
                     rid = f"ft-{bench_hash}-{task}-{init}-f{f:g}-s{seed}"
                     units.append(Unit("finetune", rid, task, init, f, seed, spec=to_dict(fc)))
@@ -289,7 +298,8 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
 
 def pretrain_section(plan: Plan, strategy: str) -> dict:
     """The pretraining config of one strategy; with a pool, pretraining sees only the pool's patients."""
-    extra = {"split": "pool", "pool": plan.bench.pool} if plan.bench.pool else {}
+    extra = ({"split": "pool", "pool": plan.bench.pool, "split_fractions": list(plan.bench.split_fractions)}
+             if plan.bench.pool else {})
     return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed, **extra})
 
 
@@ -391,7 +401,7 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
 
     enc_name, enc_kw = pretrain_encoder(plan.config)
     mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
-                     "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
+                     "split_fractions": list(plan.bench.split_fractions), "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
     ecfg = build(emb.EmbedConfig, mapping, where="embed.")
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
     rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
@@ -874,7 +884,7 @@ def competence_rows(plan: Plan, root: Path, table: dict[str, dict[str, str]]):
     from ctssl_core.finetune import split_patient_idx
 
     store = SliceStore.open(root)
-    val = split_patient_idx(store, root, plan.bench.split_seed, plan.bench.pool)["val"]
+    val = split_patient_idx(store, root, plan.bench.split_seed, plan.bench.pool, plan.bench.split_fractions)["val"]
     ids = np.asarray(store.slice_ids)[np.isin(np.asarray(store.patient_idx), val)]
     rows: list[dict[str, Any]] = []
     flagged: list[str] = []
@@ -918,7 +928,8 @@ def position_rows(plan: Plan, root: Path, rows: list[dict[str, Any]]) -> tuple[l
     params = ((ds.get("pe") or {}).get("task_params")) or {}
     try:
         cis = position_baseline(SliceStore.open(root), root, plan.bench.split_seed,
-                                int(ds.get("n_boot", 1000)), params, pool=plan.bench.pool)
+                                int(ds.get("n_boot", 1000)), params, pool=plan.bench.pool,
+                                fractions=plan.bench.split_fractions)
     except ConfigError as e:
         return [], f"PE position baseline not computed: {e}"
     note = "slice position alone (train-split PE rate per z-decile): not a model, the anatomy-level shortcut"

@@ -50,6 +50,7 @@ class EmbedConfig:
     split_seed: int = 0                 # seed of the patient split (splits table)
     pool: float = 0.0                   # the split scheme's unlabelled pool fraction (benchmark.pool), so the
                                         # test split here is the one fine-tuning scores on
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # benchmark.split_fractions (same scheme)
     encoder: str = "resnet18"           # registry key used for --checkpoint random
     seed: int = 0                       # init seed for random
     batch_size: int = 64
@@ -216,7 +217,7 @@ def _safe(s: str) -> str:
 
 
 def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, split: str = "test",
-                 split_seed: int = 0, pool: float = 0.0) -> pd.DataFrame:
+                 split_seed: int = 0, pool: float = 0.0, fractions=(0.7, 0.15, 0.15)) -> pd.DataFrame:
     """Row keys + demographics for the slices of ``split`` (or the given ``slice_ids``), ordered by slice_id.
 
     Columns: slice_id, series_key, patient_key, idx, age, sex, race,
@@ -227,8 +228,8 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
     from ctssl_core.data.splits import split_scheme
 
     sp = store_paths(store_root)
-    scheme = split_scheme(split_seed, pool)
-    _ensure_splits(store_root, split_seed, pool)
+    scheme = split_scheme(split_seed, pool, fractions)
+    _ensure_splits(store_root, split_seed, pool, fractions)
     with connect(sp.db, read_only=True) as con:
         df = con.execute(
             """
@@ -252,13 +253,13 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
     return df.drop(columns=["attributes", "series_site"]).reset_index(drop=True)
 
 
-def _ensure_splits(store_root: str | Path, seed: int, pool: float = 0.0) -> None:
+def _ensure_splits(store_root: str | Path, seed: int, pool: float = 0.0, fractions=(0.7, 0.15, 0.15)) -> None:
     from ctssl_core.data.splits import get_or_create_splits, split_scheme
 
     with connect(store_paths(store_root).db, read_only=True) as con:
-        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [split_scheme(seed, pool)]).fetchone()[0]
+        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [split_scheme(seed, pool, fractions)]).fetchone()[0]
     if not have:
-        get_or_create_splits(store_root, seed, pool=pool)
+        get_or_create_splits(store_root, seed, fractions, pool=pool)
 
 
 def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -421,7 +422,8 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
     if not sp.db.exists():
         raise EmbedError(f"no ctssl store at {sp.root}; create one with `ctssl synth` + `ctssl ingest`")
     enc, init, name, run_id, tag = resolve_encoder(checkpoint, store_root, cfg)
-    keys = catalog_keys(store_root, split=cfg.split, split_seed=cfg.split_seed, pool=cfg.pool)
+    keys = catalog_keys(store_root, split=cfg.split, split_seed=cfg.split_seed, pool=cfg.pool,
+                        fractions=cfg.split_fractions)
     keys = even_per_series(keys, cfg.max_per_series)
     if keys.empty:
         raise EmbedError(f"split {cfg.split!r} (seed {cfg.split_seed}) has no slices in {sp.root}; choose another split")

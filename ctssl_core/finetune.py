@@ -46,6 +46,7 @@ class FinetuneConfig:
     seed: int = 0                     # training seed and patient-subset seed
     split_seed: int = 0               # patient-level train/val/test split (identical for every init)
     pool: float = 0.0                 # fraction of patients set apart as the unlabelled pretraining pool
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test shares of the labelled cohort
     train_split: str = "train"        # 'train' (the labelled cohort) | 'pool' (supervised pretraining on
                                       # the pool's labels: the positive control of the benchmark)
     encoder: str = "tiny"             # for random init; pretrained inits use the checkpoint's
@@ -99,11 +100,13 @@ def patient_keys(store) -> np.ndarray:
     return store.patients["patient_key"].to_numpy().astype(str)
 
 
-def split_patient_idx(store, store_root: Path, split_seed: int, pool: float = 0.0) -> dict[str, np.ndarray]:
-    """Patient indices (rows of ``store.patients``) per split (and the unlabelled pool when ``pool``)."""
+def split_patient_idx(store, store_root: Path, split_seed: int, pool: float = 0.0,
+                      fractions=(0.7, 0.15, 0.15)) -> dict[str, np.ndarray]:
+    """Patient indices (rows of ``store.patients``) per split (and the unlabelled pool when ``pool``)
+    of scheme (``split_seed``, ``pool``, ``fractions``)."""
     from ctssl_core.data.splits import get_or_create_splits
 
-    splits = get_or_create_splits(store_root, split_seed, pool=pool)
+    splits = get_or_create_splits(store_root, split_seed, fractions, pool=pool)
     keys = patient_keys(store)
     lab = np.array([splits.get(k, "") for k in keys])
     return {s: np.flatnonzero(lab == s) for s in ("pool", "train", "val", "test")}
@@ -276,12 +279,12 @@ def position_scores(store, train_ids: np.ndarray, ids: np.ndarray, n_bins: int =
 
 
 def position_baseline(store, store_root: Path, split_seed: int = 0, n_boot: int = 1000, task_params=None,
-                      pool: float = 0.0):
+                      pool: float = 0.0, fractions=(0.7, 0.15, 0.15)):
     """Every PE metric (with CIs) of ``position_scores`` on the test split of scheme (``split_seed``,
     ``pool``), the same test patients the fine-tunes are scored on: metric -> CI."""
     from ctssl_core.downstream import make_downstream
 
-    splits = split_patient_idx(store, Path(store_root), split_seed, pool)
+    splits = split_patient_idx(store, Path(store_root), split_seed, pool, fractions)
     train_ids = task_slices(store, "pe", splits["train"], role="train")
     test_ids = np.sort(task_slices(store, "pe", splits["test"], role="test"))
     if train_ids.size == 0 or test_ids.size == 0:
@@ -379,7 +382,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     t0 = time.perf_counter()
     store = store or SliceStore.open(root)
     tcfg = build(train_mod.TrainConfig, cfg.train, where="train.")
-    splits = split_patient_idx(store, root, cfg.split_seed, cfg.pool)
+    splits = split_patient_idx(store, root, cfg.split_seed, cfg.pool, cfg.split_fractions)
     train_pat = fraction_subset(splits[cfg.train_split], cfg.fraction, cfg.seed)
     train_ids = task_slices(store, cfg.task, train_pat, role="train", seed=cfg.seed, neg_ratio=cfg.nodule_neg_ratio)
     val_ids = task_slices(store, cfg.task, splits["val"], role="val", max_slices=cfg.val_max_slices)

@@ -42,6 +42,7 @@ class PretrainConfig:
                                                       # unlabelled pool (needs pool > 0), or on all
     split_seed: int = 0
     pool: float = 0.0                                 # fraction of patients set apart as the unlabelled pool
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # of the labelled cohort (part of the split scheme)
     max_slices: int = 0                               # cap on the slices used (0 = all), for quick runs
     probe_every: int = 0                              # online linear probe (PE AUROC on held-out slices) every N steps; 0 = off
     probe_slices: int = 256                           # held-out labelled slices the probe embeds
@@ -124,7 +125,7 @@ def train_positions(store: Any, root: Path, cfg: PretrainConfig) -> np.ndarray:
     if cfg.split != "all" and getattr(store, "patients", None) is not None and "patient_key" in store.patients:
         from ctssl_core.data.splits import get_or_create_splits
 
-        split_of = get_or_create_splits(root, cfg.split_seed, pool=cfg.pool)
+        split_of = get_or_create_splits(root, cfg.split_seed, cfg.split_fractions, pool=cfg.pool)
         keys = store.patients["patient_key"].to_numpy()
         in_train = np.array([split_of.get(k) == cfg.split for k in keys], dtype=bool)  # per patient row
         ids = ids[in_train[np.asarray(store.patient_idx)]]
@@ -142,7 +143,7 @@ def heldout_pe_ids(store: Any, root: Path, cfg: PretrainConfig) -> tuple[np.ndar
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     from ctssl_core.data.splits import get_or_create_splits
 
-    split_of = get_or_create_splits(root, cfg.split_seed, pool=cfg.pool)
+    split_of = get_or_create_splits(root, cfg.split_seed, cfg.split_fractions, pool=cfg.pool)
     keys = store.patients["patient_key"].to_numpy()
     held = np.array([split_of.get(k) in ("val", "test") for k in keys], dtype=bool)[np.asarray(store.patient_idx)]
     pe = np.asarray(store.labels("pe"), dtype=np.float64)

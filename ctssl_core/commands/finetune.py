@@ -6,7 +6,8 @@ from ctssl_core.cli import add_progress_option, add_set_option
 
 SECTION = "downstream"  # `--set KEY=...` means downstream.KEY
 # what `ctssl finetune` reads of a profile: the downstream section, the pretraining's architecture and the split scheme
-READS = ("downstream", "pretrain.encoder", "pretrain.encoder_params", "benchmark.split_seed", "benchmark.pool")
+READS = ("downstream", "pretrain.encoder", "pretrain.encoder_params", "benchmark.split_seed", "benchmark.pool",
+         "benchmark.split_fractions")
 
 HELP = "Fine-tune a downstream task (pe, nodule, demographics) from random init or a pretraining, and score it."
 
@@ -36,8 +37,9 @@ def run(args) -> int:
     cfg = resolve_profile(args.profile, profile_overrides(args.overrides, "finetune", SECTION, reads=READS))
     bench = cfg.get("benchmark") or {}
     split_seed, pool = int(bench.get("split_seed", 0)), float(bench.get("pool", 0.0))
+    fractions = tuple(bench.get("split_fractions", (0.7, 0.15, 0.15)))
     fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg),
-                         pool)
+                         pool, fractions)
     store = Path(args.store) if args.store else default_store()
     steps = int(fc.train.get("steps", 200))
     with tqdm(total=steps, disable=args.no_progress, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
