@@ -59,6 +59,11 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
                    help="no progress bars, log lines only (--quiet is the same flag)")
 
 
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    """``--json``: a listing command prints one JSON document (for scripts) instead of its table."""
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
 def add_track_option(p: argparse.ArgumentParser, flag: str = "--track", required: bool = False) -> None:
     """``--track mlflow:URI|tensorboard:DIR`` (repeatable): mirror the finished run(s) to a tracker
     (``trackers.py``; off by default). ``ctssl track`` spells it ``--to``, with the same values."""
