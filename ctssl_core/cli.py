@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "worker": "worker",
     "dashboard": "dashboard",
     "track": "track",
+    "annotate": "annotate",
 }
 
 

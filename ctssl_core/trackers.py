@@ -6,8 +6,9 @@ time -- after the command (``--track`` on pretrain/finetune/benchmark) or later 
 What a tracker gets (``RunRecord``): params = the run's resolved config flattened to dotted keys
 (absolute paths scrubbed to store-relative ones, as in export cards), the metric series of
 ``runs/<id>/metrics.jsonl``, the test results as final metrics (``<split>/<metric>``), tags (kind,
-task, init, encoder, fraction, seed, status...) and artifacts (the run's metrics.jsonl and, for a
-run with a checkpoint, its export folder: card.json + safetensors, never the pickled checkpoint).
+task, init, encoder, fraction, seed, status..., and the tags of ``ctssl annotate``), the run's name
+and notes (``ctssl annotate``) and artifacts (the run's metrics.jsonl and, for a run with a
+checkpoint, its export folder: card.json + safetensors, never the pickled checkpoint).
 
 One target grammar (``parse_target``): ``mlflow:<tracking URI or folder>`` (a folder means a local
 ``file:`` store) and ``tensorboard:<log dir>`` (one sub-folder of event files per run). mlflow and
@@ -53,6 +54,8 @@ class RunRecord:
     artifacts: list[Path] = field(default_factory=list)
     started: float | None = None                                  # unix seconds
     wall_s: float | None = None
+    name: str = ""                                                # `ctssl annotate --name`, else the run id
+    notes: str = ""                                               # `ctssl annotate --note`
 
 
 # ------------------------------------------------------------------ reading a run
@@ -103,7 +106,9 @@ def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = N
     cfg = json.loads(run["config"]) if isinstance(run["config"], str) else (run["config"] or {})
     params = {k: (v if len(v) <= _PARAM_MAX else v[:_PARAM_MAX - 3] + "...")
               for k, v in flatten(scrub_paths(cfg, sp.root)).items()}
-    tags = {k: str(run[k]) for k in TAG_COLUMNS if run.get(k) is not None}
+    user_tags = run.get("tags") or {}   # `ctssl annotate --tag`; the run's own columns win a clash
+    tags = {**(json.loads(user_tags) if isinstance(user_tags, str) else dict(user_tags)),
+            **{k: str(run[k]) for k in TAG_COLUMNS if run.get(k) is not None}}
     tags[RUN_ID_TAG] = run_id
     run_dir = sp.run_dir(run_id)
     artifacts = [run_dir / "metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
@@ -116,7 +121,8 @@ def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = N
     series = read_series(run_dir / "metrics.jsonl")
     final = {f"{s}/{m}": float(v) for s, m, v in results if v is not None and f"{s}/{m}" not in series}
     return RunRecord(run_id=run_id, params=params, series=series, final=final, tags=tags,
-                     artifacts=artifacts, started=started, wall_s=run.get("wall_s"))
+                     artifacts=artifacts, started=started, wall_s=run.get("wall_s"),
+                     name=run.get("name") or run_id, notes=run.get("notes") or "")
 
 
 # ------------------------------------------------------------------ targets
@@ -237,8 +243,9 @@ def to_mlflow(rec: RunRecord, where: str) -> str:
         if found:
             return f"{rec.run_id}: already in MLflow {uri} (experiment {name}, run {found[0].info.run_id})"
         start_ms = int((rec.started or 0) * 1000) or None
-        run = client.create_run(exp_id, start_time=start_ms, run_name=rec.run_id,
-                                tags={**rec.tags, "mlflow.note.content": f"mirrored from ctssl run {rec.run_id}"})
+        note = (rec.notes + "\n\n" if rec.notes else "") + f"mirrored from ctssl run {rec.run_id}"
+        run = client.create_run(exp_id, start_time=start_ms, run_name=rec.name or rec.run_id,
+                                tags={**rec.tags, "mlflow.note.content": note})
         mid = run.info.run_id
         base = start_ms or 0
         metrics = [Metric(_mlflow_key(k), v, base + int(1000 * (w or 0)), s)
@@ -281,7 +288,9 @@ def to_tensorboard(rec: RunRecord, where: str) -> str:
         table = "| param | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in sorted(rec.params.items()))
         writer.add_text("params", table, 0, walltime=start)
         writer.add_text("params_json", json.dumps(rec.params, sort_keys=True), 0, walltime=start)
-        writer.add_text("tags", json.dumps(rec.tags, sort_keys=True), 0, walltime=start)
+        writer.add_text("tags", json.dumps({**rec.tags, "name": rec.name}, sort_keys=True), 0, walltime=start)
+        if rec.notes:
+            writer.add_text("notes", rec.notes, 0, walltime=start)
         if rec.artifacts:
             writer.add_text("artifacts", ", ".join(p.name for p in rec.artifacts), 0, walltime=start)
     finally:

@@ -138,3 +138,43 @@ def test_finetune_track_mirrors_the_new_run_and_a_bad_target_stops_it_before_tra
 def _runs(store) -> list[str]:
     with connect(store_paths(store).db, read_only=True) as con:
         return [r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()]
+
+
+def test_annotations_are_stored_shown_and_carried_to_mlflow(smoke_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    rid, *_ = _store_run(store, "kind = 'pretrain' AND task = 'rotation'")
+    assert main(["annotate", rid, "--store", str(store), "--name", "rot baseline", "--tag", "owner=ana",
+                 "--tag", "lab=ct-1", "--note", "first try"]) == 0
+    assert main(["annotate", rid, "--store", str(store), "--tag", "lab=", "--tag", "round=2"]) == 0   # merge; lab removed
+    assert "name 'rot baseline', tags {\"owner\": \"ana\", \"round\": \"2\"}" in capsys.readouterr().out
+    with connect(store_paths(store).db, read_only=True) as con:
+        name, tags, notes = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [rid]).fetchone()
+    assert (name, json.loads(tags), notes) == ("rot baseline", {"owner": "ana", "round": "2"}, "first try")
+    assert main(["track", rid, "--to", f"mlflow:{tmp_path / 'ml'}", "--store", str(store)]) == 0
+    (run,) = _mlflow_run((tmp_path / "ml").as_uri(), rid)[1]
+    assert run.info.run_name == "rot baseline" and run.data.tags["owner"] == "ana" and run.data.tags["round"] == "2"
+    assert run.data.tags["mlflow.note.content"].startswith("first try") and run.data.tags["task"] == "rotation"
+    # bad input
+    for argv, message in ((["--tag", "owner"], "must look like KEY=VALUE"), ([], "nothing to change"),
+                          (["--tag", "a b=1"], "tag key 'a b'")):
+        assert main(["annotate", rid, "--store", str(store), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["annotate", "no-such-run", "--store", str(store), "--name", "x"]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+
+    # the dashboard's run table shows them, and its text filter finds the run by its name or a tag
+    from streamlit.testing.v1 import AppTest
+
+    from ctssl_core.paths import REPO_ROOT
+
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.session_state["ctssl_store"] = str(store)
+    at.run()
+    at.switch_page("pages/curves.py").run()
+    table = at.dataframe[0].value.set_index("run_id")
+    assert (table.loc[rid, "name"], table.loc[rid, "tags"], table.loc[rid, "notes"]) == \
+        ("rot baseline", "owner=ana, round=2", "first try")
+    for text in ("rot baseline", "owner=ana"):
+        at.text_input(key="lc_text").set_value(text).run()
+        assert at.dataframe[0].value.run_id.tolist() == [rid] and not at.exception
