@@ -178,3 +178,31 @@ def test_annotations_are_stored_shown_and_carried_to_mlflow(smoke_store, tmp_pat
     for text in ("rot baseline", "owner=ana"):
         at.text_input(key="lc_text").set_value(text).run()
         assert at.dataframe[0].value.run_id.tolist() == [rid] and not at.exception
+
+
+def test_benchmark_track_mirrors_its_runs_and_pretrainings(smoke_store, tmp_path, monkeypatch, capsys):
+    """`ctssl benchmark --track`: the study itself is the smoke store's (a re-run reuses every unit)."""
+    import ctssl_core.benchmark as bm
+
+    with connect(store_paths(smoke_store).db, read_only=True) as con:
+        bid = con.execute("SELECT run_id FROM runs WHERE kind = 'benchmark'").fetchone()[0]
+    monkeypatch.setattr(bm, "run_benchmark", lambda *a, **k: {"benchmark_id": bid, "ran": 0, "skipped": 1, "wall_s": 0.0})
+    tb = tmp_path / "tb"
+    assert main(["benchmark", "--profile", "smoke", "--store", str(smoke_store), "--quiet",
+                 "--track", f"tensorboard:{tb}"]) == 0
+    want = benchmark_runs(smoke_store, bid)
+    assert sorted(p.name for p in tb.iterdir()) == sorted(want)
+    assert capsys.readouterr().out.count("mirrored to TensorBoard") == len(want)
+
+
+def test_pretrain_track_mirrors_the_new_run(store_copy, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["pretrain", "--store", str(store_copy), "--profile", "smoke", "--no-progress", "--task", "rotation",
+                 "--set", "train.image_size=32", "--set", "train.batch_size=8", "--set", "train.steps=2",
+                 "--track", f"tensorboard:{tmp_path / 'tb'}"]) == 0
+    (rid,) = _runs(store_copy)
+    assert f"{rid}: mirrored to TensorBoard" in capsys.readouterr().out
+    acc = EventAccumulator(str(tmp_path / "tb" / rid))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in _store_run(store_copy, f"run_id = '{rid}'")[2]["train/loss"]]
