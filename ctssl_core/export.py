@@ -18,7 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctssl_core.checkpoint import EXPORT_CARD as CARD, EXPORT_WEIGHTS as WEIGHTS, FORMAT, CheckpointError, read_checkpoint
+from ctssl_core.checkpoint import EXPORT_CARD as CARD
+from ctssl_core.checkpoint import EXPORT_WEIGHTS as WEIGHTS
+from ctssl_core.checkpoint import FORMAT, CheckpointError, read_checkpoint
 from ctssl_core.paths import scrub_paths, store_paths
 
 CARD_FORMAT = "ctssl-encoder-card/1"
@@ -147,7 +149,8 @@ def read_export(weights: str | Path) -> dict[str, Any]:
     weights = Path(weights)
     card_file = weights.parent / CARD
     if not card_file.is_file():
-        raise CheckpointError(f"{weights.parent} has no {CARD}; export one with `ctssl export RUN_ID --out {weights.parent}`")
+        raise CheckpointError(f"{weights.parent} has no {CARD}; export one with "
+                              f"`ctssl export RUN_ID --out {weights.parent}`")
     if weights.name != WEIGHTS:
         raise CheckpointError(f"{weights} is not ctssl's {WEIGHTS} (torchvision/timm-named weights load into those "
                               f"libraries, not ctssl); pass the export folder {weights.parent}")

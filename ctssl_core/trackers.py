@@ -154,10 +154,10 @@ def check_targets(specs: list[str]) -> None:
 def _require(kind: str) -> None:
     import importlib.util
 
-    module = {"mlflow": "mlflow", "tensorboard": "tensorboard"}[kind]
+    module, dist = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboard", "tensorboard")}[kind]
     if importlib.util.find_spec(module) is None:
         raise TrackerError(f"--track {kind}: the {module} package is not installed; "
-                           f"`pip install ctssl[trackers]` (or `pip install {'mlflow-skinny' if kind == 'mlflow' else module}`)")
+                           f"`pip install ctssl[trackers]` (or `pip install {dist}`)")
 
 
 def mirror(store_root: str | Path, run_id: str, spec: str) -> str:
@@ -204,7 +204,8 @@ def benchmark_runs(store_root: str | Path, benchmark_id: str) -> list[str]:
 
 
 def mlflow_uri(where: str) -> str:
-    """A tracking URI as given (``file:``, ``sqlite:``, ``http(s):``, ``databricks``...), a plain folder as a ``file:`` URI."""
+    """A tracking URI as given (``file:``, ``sqlite:``, ``http(s):``, ``databricks``...); a plain folder
+    as a ``file:`` URI."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", where) and not re.match(r"^[a-zA-Z]:[\\/]", where):
         return where
     return Path(where).expanduser().resolve().as_uri()
@@ -260,7 +261,8 @@ def to_mlflow(rec: RunRecord, where: str) -> str:
         client.log_batch(mid, tags=[RunTag("ctssl.artifacts", ", ".join(p.name for p in rec.artifacts))])
         for path in rec.artifacts:
             client.log_artifact(mid, str(path))
-        status = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}.get(rec.tags.get("status"), "FINISHED")
+        status = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}.get(rec.tags.get("status"),
+                                                                                           "FINISHED")
         end_ms = base + int(1000 * rec.wall_s) if start_ms and rec.wall_s else None
         client.set_terminated(mid, status=status, end_time=end_ms)
     return f"{rec.run_id}: mirrored to MLflow {uri} (experiment {name}, run {mid})"

@@ -359,7 +359,8 @@ def fake_bias(monkeypatch):
 
 def test_bias_takes_full_paths_and_short_forms_and_refuses_another_section(fake_bias, store_copy, capsys):
     base = ["bias", "--emb", "e", "--store", str(store_copy)]
-    assert main([*base, "--set", "bias.n_boot=17", "--set", "correction=holm", "--set", "bias.attributes=[age,sex]"]) == 0
+    assert main([*base, "--set", "bias.n_boot=17", "--set", "correction=holm",
+                 "--set", "bias.attributes=[age,sex]"]) == 0
     (cfg,) = fake_bias
     assert cfg.n_boot == 17 and cfg.correction == "holm" and tuple(cfg.attributes) == ("age", "sex")
     assert main([*base, "--set", "embed.split=test"]) == 2
@@ -406,7 +407,8 @@ def test_jobs_list_and_kinds_print_json(job_store, capsys):
     assert main([*s, "list", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [j["job_id"] for j in got] == ids[::-1]            # newest first, as the table
-    assert [j["spec"]["params"]["steps"] for j in got] == [5, 2] and got[0]["total"] == 5 and {j["state"] for j in got} == {"queued"}
+    assert [j["spec"]["params"]["steps"] for j in got] == [5, 2] and got[0]["total"] == 5
+    assert {j["state"] for j in got} == {"queued"}
     assert main([*s, "list", "--json", "--state", "running"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main([*s, "kinds", "--json"]) == 0

@@ -73,7 +73,8 @@ def test_torchvision_and_timm_load_the_export_and_give_the_same_features(tmp_pat
     in_chans = enc.in_chans
     assert inter["file"] == TV_WEIGHTS and inter["in_chans"] == in_chans == (1 if windows is None else 3)
     state = load_file(str(tmp_path / "exp" / TV_WEIGHTS))
-    assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state and not any(k.startswith("fc.") for k in state)
+    assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
+    assert not any(k.startswith("fc.") for k in state)
 
     x = torch.randn(2, in_chans, 64, 64, generator=torch.Generator().manual_seed(1))   # (B, C, H, W)
     with torch.no_grad():
@@ -148,12 +149,14 @@ def test_an_export_folder_reads_as_a_checkpoint_and_refuses_a_changed_file(tmp_p
         for k, v in enc.state_dict().items():
             assert torch.equal(loaded.state_dict()[k], v), k
     loaded, card = load_exported(exp)
-    assert card["encoder"]["name"] == "tiny" and torch.equal(loaded.state_dict()["stem.0.weight"], enc.state_dict()["stem.0.weight"])
+    assert card["encoder"]["name"] == "tiny"
+    assert torch.equal(loaded.state_dict()["stem.0.weight"], enc.state_dict()["stem.0.weight"])
     # re-exporting an export keeps the run's id
     export_run(exp, tmp_path / "again", store_root=tmp_path)
     assert json.loads((tmp_path / "again" / "card.json").read_text())["run_id"] == "run"
 
-    (exp / "encoder.safetensors").write_bytes((tmp_path / "again" / "encoder.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    damaged = (tmp_path / "again" / "encoder.safetensors").read_bytes()[:-4] + b"\0\0\0\0"
+    (exp / "encoder.safetensors").write_bytes(damaged)
     with pytest.raises(CheckpointError, match="does not match the sha256"):
         read_checkpoint(exp)
     (exp / "card.json").unlink()

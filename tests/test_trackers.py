@@ -19,7 +19,8 @@ def _store_run(store, where: str) -> tuple[str, dict, dict[str, list[tuple[int, 
     """(run_id, config, metric series as merged into DuckDB, test results) of the first run matching ``where``."""
     with connect(store_paths(store).db, read_only=True) as con:
         rid, cfg = con.execute(f"SELECT run_id, config FROM runs WHERE {where} ORDER BY run_id LIMIT 1").fetchone()
-        rows = con.execute("SELECT name, step, value FROM metrics WHERE run_id = ? ORDER BY name, step", [rid]).fetchall()
+        rows = con.execute("SELECT name, step, value FROM metrics WHERE run_id = ? ORDER BY name, step",
+                           [rid]).fetchall()
         res = con.execute("SELECT split || '/' || metric, value FROM results WHERE run_id = ?", [rid]).fetchall()
     series: dict[str, list[tuple[int, float]]] = {}
     for name, step, value in rows:
@@ -146,7 +147,8 @@ def test_annotations_are_stored_shown_and_carried_to_mlflow(smoke_store, tmp_pat
     rid, *_ = _store_run(store, "kind = 'pretrain' AND task = 'rotation'")
     assert main(["annotate", rid, "--store", str(store), "--name", "rot baseline", "--tag", "owner=ana",
                  "--tag", "lab=ct-1", "--note", "first try"]) == 0
-    assert main(["annotate", rid, "--store", str(store), "--tag", "lab=", "--tag", "round=2"]) == 0   # merge; lab removed
+    # tags merge; an empty value removes one
+    assert main(["annotate", rid, "--store", str(store), "--tag", "lab=", "--tag", "round=2"]) == 0
     assert "name 'rot baseline', tags {\"owner\": \"ana\", \"round\": \"2\"}" in capsys.readouterr().out
     with connect(store_paths(store).db, read_only=True) as con:
         name, tags, notes = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [rid]).fetchone()
@@ -186,7 +188,8 @@ def test_benchmark_track_mirrors_its_runs_and_pretrainings(smoke_store, tmp_path
 
     with connect(store_paths(smoke_store).db, read_only=True) as con:
         bid = con.execute("SELECT run_id FROM runs WHERE kind = 'benchmark'").fetchone()[0]
-    monkeypatch.setattr(bm, "run_benchmark", lambda *a, **k: {"benchmark_id": bid, "ran": 0, "skipped": 1, "wall_s": 0.0})
+    monkeypatch.setattr(bm, "run_benchmark",
+                        lambda *a, **k: {"benchmark_id": bid, "ran": 0, "skipped": 1, "wall_s": 0.0})
     tb = tmp_path / "tb"
     assert main(["benchmark", "--profile", "smoke", "--store", str(smoke_store), "--quiet",
                  "--track", f"tensorboard:{tb}"]) == 0
@@ -205,4 +208,5 @@ def test_pretrain_track_mirrors_the_new_run(store_copy, tmp_path, capsys):
     assert f"{rid}: mirrored to TensorBoard" in capsys.readouterr().out
     acc = EventAccumulator(str(tmp_path / "tb" / rid))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in _store_run(store_copy, f"run_id = '{rid}'")[2]["train/loss"]]
+    series = _store_run(store_copy, f"run_id = '{rid}'")[2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in series["train/loss"]] and series["train/loss"]
