@@ -39,6 +39,7 @@ from ctssl_core.paths import store_paths
 
 FORMAT = 1
 LAST = "last.pt"
+EXPORT_WEIGHTS, EXPORT_CARD = "encoder.safetensors", "card.json"  # an export folder (export.py writes it)
 
 
 class CheckpointError(ConfigError):
@@ -163,9 +164,12 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(ref: str | Path, store_root: str | Path | None = None) -> Path:
-    """A checkpoint file from a path, a run folder, or a run id in the store."""
+    """A checkpoint file from a path, a run folder, an export folder (``ctssl export``: its
+    ``encoder.safetensors``) or a run id in the store."""
     p = Path(ref)
     candidates = [p, p / "checkpoints" / LAST, p / LAST]
+    if (p / EXPORT_CARD).is_file():
+        candidates.append(p / EXPORT_WEIGHTS)
     sp = store_paths(store_root)
     candidates += [sp.run_dir(str(ref)) / "checkpoints" / LAST]
     for c in candidates:
@@ -173,8 +177,8 @@ def resolve_checkpoint(ref: str | Path, store_root: str | Path | None = None) ->
             return c
     raise CheckpointError(
         f"no checkpoint found for {str(ref)!r}: looked for a file, <dir>/checkpoints/{LAST} and "
-        f"{sp.run_dir(str(ref)) / 'checkpoints' / LAST}. Pass a checkpoint path or the id of a run "
-        f"that has saved one (`ctssl pretrain` saves every ckpt_every steps)."
+        f"{sp.run_dir(str(ref)) / 'checkpoints' / LAST}. Pass a checkpoint path, an export folder (`ctssl export`) "
+        f"or the id of a run that has saved one (`ctssl pretrain` saves every ckpt_every steps)."
     )
 
 
@@ -185,8 +189,14 @@ def _legacy_numpy_globals() -> list[Any]:
 
 
 def read_checkpoint(ref: str | Path, store_root: str | Path | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); a file that needs arbitrary objects is refused."""
+    """Load a checkpoint safely (``weights_only=True``); a file that needs arbitrary objects is refused.
+    An export folder (or its ``encoder.safetensors``) reads as a checkpoint with an encoder and no
+    head/optimiser, so it works as ``--init`` / ``--checkpoint`` like a run."""
     path = resolve_checkpoint(ref, store_root)
+    if path.suffix == ".safetensors":  # an export folder's weights: no pickle at all
+        from ctssl_core.export import read_export
+
+        return read_export(path)
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

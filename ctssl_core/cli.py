@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "jobs": "jobs",
     "worker": "worker",
     "dashboard": "dashboard",
+    "track": "track",
+    "annotate": "annotate",
 }
 
 
@@ -56,6 +58,20 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
     """``--no-progress`` (alias ``--quiet``, its older name in some commands): no progress bars, log lines only."""
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
                    help="no progress bars, log lines only (--quiet is the same flag)")
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    """``--json``: a listing command prints one JSON document (for scripts) instead of its table."""
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
+def add_track_option(p: argparse.ArgumentParser, flag: str = "--track", required: bool = False) -> None:
+    """``--track mlflow:URI|tensorboard:DIR`` (repeatable): mirror the finished run(s) to a tracker
+    (``trackers.py``; off by default). ``ctssl track`` spells it ``--to``, with the same values."""
+    p.add_argument(flag, dest="track", action="append", default=[], required=required,
+                   metavar="mlflow:URI|tensorboard:DIR",
+                   help="mirror the finished run(s) to MLflow (a tracking URI, or a folder for a local file store) "
+                        "or TensorBoard (a log dir); repeatable; needs `pip install ctssl[trackers]`")
 
 
 def build_parser(available: dict[str, object] | None = None) -> argparse.ArgumentParser:

@@ -234,6 +234,24 @@ def profile_overrides(items: typing.Iterable[str], command: str, own: str,
     return out
 
 
+def spec_overrides(items: typing.Iterable[str], command: str, section: str) -> list[str]:
+    """``--set`` items for a command whose keys are not a profile section's (a job kind's spec fields:
+    ``ctssl jobs submit finetune --set finetune.fraction=0.05``): ``section.KEY=VALUE`` or the short
+    ``KEY=VALUE``, returned relative to ``section``. A key of a profile section is refused: it would
+    be read as a field of the same name, or not at all."""
+    out = []
+    for item in items:
+        parts, value = _split_override(item)
+        if parts[0] == section and len(parts) > 1:
+            parts = parts[1:]
+        elif parts[0] in SECTION_READERS and len(parts) > 1:
+            raise ConfigError(f"--set {item!r}: `ctssl {command}` takes the fields of a {section} job "
+                              f"({section}.FIELD=VALUE or FIELD=VALUE; `ctssl jobs kinds` lists them), "
+                              f"not keys of the {parts[0]!r} profile section")
+        out.append(f"{'.'.join(parts)}={value}")
+    return out
+
+
 def section_overrides(items: typing.Iterable[str], command: str, section: str) -> list[str]:
     """``--set`` items for a command that builds one section: checked as in :func:`profile_overrides`,
     returned relative to ``section`` (``embed.split=test`` and ``split=test`` both give ``split=test``)."""

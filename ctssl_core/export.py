@@ -5,7 +5,9 @@ from strangers nor readable outside PyTorch. ``encoder.safetensors`` holds only
 the encoder tensors (no optimiser, no head, no code); ``card.json`` says what
 they are: strategy, encoder architecture and kwargs (enough to rebuild it with
 ``build_encoder``), the resolved training config, the data it saw (counts, no
-patient identifiers) and its metrics.
+patient identifiers) and its metrics. A ResNet that is exactly torchvision's/timm's also gets
+``encoder.torchvision.safetensors`` under their key names (``interop.py``); the card's ``interop``
+section says how to load it, or why there is none.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctssl_core.checkpoint import CheckpointError, read_checkpoint
+from ctssl_core.checkpoint import EXPORT_CARD as CARD
+from ctssl_core.checkpoint import EXPORT_WEIGHTS as WEIGHTS
+from ctssl_core.checkpoint import FORMAT, CheckpointError, read_checkpoint
 from ctssl_core.paths import scrub_paths, store_paths
 
 CARD_FORMAT = "ctssl-encoder-card/1"
-WEIGHTS = "encoder.safetensors"
-CARD = "card.json"
 
 
 def preprocessing(encoder_kwargs: dict) -> dict:
@@ -36,6 +38,28 @@ def preprocessing(encoder_kwargs: dict) -> dict:
             "channels": len(ws),
             "scaling": "per window: x = clip((HU - (level - width / 2)) / width, 0, 1); channels stacked in the "
                        "order listed" + ("" if len(ws) > 1 else "; a 1-channel input is replicated to in_chans")}
+
+
+def _interop(out: Path, state: dict, name: str | None, kwargs: dict) -> dict[str, Any]:
+    """Write the torchvision/timm-named weights if the architecture maps exactly; the card's ``interop`` entry."""
+    from safetensors.torch import save_file
+
+    from ctssl_core.interop import WEIGHTS as TV_WEIGHTS, load_snippets, to_torchvision, torchvision_mismatch
+
+    tv_file = out / TV_WEIGHTS
+    why = torchvision_mismatch(name, kwargs)
+    if why:
+        tv_file.unlink(missing_ok=True)  # a re-export into the same folder must not leave an older run's file
+        return {"file": None, "reason": why + "; load the weights with ctssl (card['load'])"}
+    in_chans = int(state["stem.0.weight"].shape[1])  # (64, in_chans, 7, 7)
+    save_file(to_torchvision(state, name, kwargs), str(tv_file),
+              metadata={"format": CARD_FORMAT, "encoder": str(name), "keys": "torchvision/timm"})
+    load = load_snippets(str(name), in_chans)
+    return {"file": TV_WEIGHTS, "sha256": hashlib.sha256(tv_file.read_bytes()).hexdigest(), "in_chans": in_chans,
+            "torchvision": {"model": f"torchvision.models.{name}", "load": load["torchvision"]},
+            "timm": {"model": str(name), "load": load["timm"]},
+            "note": "no fc weights: the model's pooled features equal ctssl's encoder.embed(x) on the same input"}
+
 
 def _last_metrics(metrics_file: Path) -> dict[str, float]:
     """Last value of every metric in a run's metrics.jsonl (pure file read: no DuckDB)."""
@@ -81,7 +105,7 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
     ckpt = read_checkpoint(ref, store_root)
     ckpt_path = Path(ckpt["_path"])
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    run_id = run_dir.name
+    run_id = (ckpt.get("extra") or {}).get("export_of") or run_dir.name  # re-exporting an export keeps its run id
     root = store_paths(store_root).root
     cfg = dict(ckpt.get("config") or {})
     state = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["encoder"].items()}
@@ -91,6 +115,7 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS
     name = ckpt.get("encoder_name")
+    kwargs = ckpt.get("encoder_kwargs") or {}
     save_file(state, str(weights), metadata={"format": CARD_FORMAT, "encoder": str(name), "strategy": str(cfg.get("task"))})
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     metrics = _last_metrics(run_dir / "metrics.jsonl")
@@ -107,6 +132,7 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
         "run": scrub_paths(_run_row(root, run_id), root),
         "weights": {"file": WEIGHTS, "sha256": digest, "bytes": weights.stat().st_size},
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "interop": _interop(out, state, name, kwargs),
         "load": f"build_encoder({name!r}, **card['encoder']['kwargs']).load_state_dict(safetensors.torch.load_file('{WEIGHTS}'))",
     }
     card_path = out / CARD
@@ -114,17 +140,42 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
     return weights, card_path
 
 
-def load_exported(out_dir: str | Path):
-    """Rebuild the encoder of an export folder (strict load) -> (encoder, card)."""
+def read_export(weights: str | Path) -> dict[str, Any]:
+    """An export's ``encoder.safetensors`` (with ``card.json`` beside it) as the dict ``read_checkpoint``
+    returns: the encoder state, its name and kwargs, the run config and step; no head or optimiser.
+    The weights must match the card's sha256, so a swapped or damaged file is refused, not trained on."""
     from safetensors.torch import load_file
 
-    from ctssl_core.models import build_encoder
+    weights = Path(weights)
+    card_file = weights.parent / CARD
+    if not card_file.is_file():
+        raise CheckpointError(f"{weights.parent} has no {CARD}; export one with "
+                              f"`ctssl export RUN_ID --out {weights.parent}`")
+    if weights.name != WEIGHTS:
+        raise CheckpointError(f"{weights} is not ctssl's {WEIGHTS} (torchvision/timm-named weights load into those "
+                              f"libraries, not ctssl); pass the export folder {weights.parent}")
+    try:
+        card = json.loads(card_file.read_text())
+        enc_card = card["encoder"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{card_file} is not a ctssl export card ({e}); export again with `ctssl export`") from e
+    want = (card.get("weights") or {}).get("sha256")
+    if want and hashlib.sha256(weights.read_bytes()).hexdigest() != want:
+        raise CheckpointError(f"{weights} does not match the sha256 in {card_file}: the file was changed or damaged; "
+                              f"export it again")
+    return {"format": FORMAT, "encoder": load_file(str(weights)), "encoder_name": enc_card["name"],
+            "encoder_kwargs": enc_card.get("kwargs") or {}, "head": None, "optimizer": None, "scheduler": None,
+            "step": int((card.get("metrics") or {}).get("step", 0)), "rng": None, "loader": None,
+            "config": dict(card.get("config") or {}), "extra": {"export_of": card.get("run_id")}, "_path": str(weights)}
+
+
+def load_exported(out_dir: str | Path):
+    """Rebuild the encoder of an export folder (strict load) -> (encoder, card)."""
+    from ctssl_core.checkpoint import load_encoder
 
     out = Path(out_dir)
     card_file = out / CARD
     if not card_file.is_file():
         raise CheckpointError(f"{out} has no {CARD}; export one with `ctssl export RUN_ID --out {out}`")
-    card = json.loads(card_file.read_text())
-    enc = build_encoder(card["encoder"]["name"], **card["encoder"]["kwargs"])
-    enc.load_state_dict(load_file(str(out / WEIGHTS)), strict=True)
-    return enc, card
+    enc, _ = load_encoder(out)
+    return enc, json.loads(card_file.read_text())

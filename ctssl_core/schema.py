@@ -13,7 +13,7 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3   # 3: runs.name, runs.tags, runs.notes
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -105,7 +105,10 @@ TABLES: dict[str, str] = {
         wall_s DOUBLE,
         run_dir TEXT,                   -- relative to store root
         checkpoint TEXT,                -- relative path of the final checkpoint, if any
-        error TEXT
+        error TEXT,
+        name TEXT,                      -- a person's name for the run (`ctssl annotate`), shown beside the id
+        tags JSON,                      -- {"key": "value"} labels (`ctssl annotate --tag`), mirrored to trackers
+        notes TEXT                      -- free text about the run (`ctssl annotate --note`); never patient data
     """,
     "metrics": """
         run_id TEXT,

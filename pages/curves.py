@@ -25,16 +25,17 @@ tasks = f2.multiselect("Task", sorted(runs.task.dropna().unique()), key="lc_task
 inits = f3.multiselect("Init", sorted(runs.init.dropna().unique()), key="lc_init")
 fractions = f4.multiselect("Label fraction", sorted(runs.fraction.dropna().unique()), key="lc_fraction")
 seeds = f5.multiselect("Seed", sorted(runs.seed.dropna().unique()), key="lc_seed")
-text = f6.text_input("Run id contains", key="lc_text")
+text = f6.text_input("Run id, name or tag contains", key="lc_text")
 shown = runs
 for col, vals in [("kind", kinds), ("task", tasks), ("init", inits), ("fraction", fractions), ("seed", seeds)]:
     if vals:
         shown = shown[shown[col].isin(vals)]
 if text:
-    shown = shown[shown.run_id.str.contains(text, case=False, regex=False)]
+    words = shown.run_id + " " + shown.name.fillna("") + " " + shown.tags.fillna("")
+    shown = shown[words.str.contains(text, case=False, regex=False)]
 
-st.dataframe(shown[["run_id", "kind", "task", "init", "fraction", "seed", "status", "created_at", "wall_s",
-                    "checkpoint_ok"]], hide_index=True, width="stretch", height=240)
+st.dataframe(shown[["run_id", "name", "kind", "task", "init", "fraction", "seed", "status", "created_at", "wall_s",
+                    "checkpoint_ok", "tags", "notes"]], hide_index=True, width="stretch", height=240)
 st.caption(f"{len(shown):,} of {len(runs):,} runs. Click a column header to sort.")
 
 options = shown.run_id.tolist()

@@ -280,6 +280,7 @@ def _readme_set_examples() -> list[str]:
 
 def _build_section(section: str, overrides: list[str]):
     """Build the config a section command would build from these (relative) overrides."""
+    from ctssl_core.bias import BiasConfig
     from ctssl_core.config import build
     from ctssl_core.data.synth import SynthConfig
     from ctssl_core.embed import EmbedConfig
@@ -287,7 +288,8 @@ def _build_section(section: str, overrides: list[str]):
 
     if section == "pretrain":
         return resolve_config("rotation", overrides=overrides)
-    return build({"synth": SynthConfig, "embed": EmbedConfig}[section], {}, overrides, where=f"{section}.")
+    return build({"synth": SynthConfig, "embed": EmbedConfig, "bias": BiasConfig}[section], {}, overrides,
+                 where=f"{section}.")
 
 
 def test_every_readme_override_example_parses_and_sets_the_key_it_names():
@@ -297,7 +299,7 @@ def test_every_readme_override_example_parses_and_sets_the_key_it_names():
 
     parser = build_parser()
     examples = _readme_set_examples()
-    assert len(examples) >= 6
+    assert len(examples) >= 8
     refused = "ctssl synth --set embed.split=test"  # the README's example of a key the command does not read
     assert refused in examples
     for ex in examples:
@@ -306,6 +308,13 @@ def test_every_readme_override_example_parses_and_sets_the_key_it_names():
         if ex == refused:
             with pytest.raises(ConfigError, match="'embed' section"):
                 section_overrides(args.overrides, args.command, mod.SECTION)
+            continue
+        if args.command == "jobs":  # a job's fields: the section named by its kind
+            from ctssl_core.config import parse_overrides, spec_overrides
+            from ctssl_core.jobs.kinds import validate_spec
+
+            over = spec_overrides(args.overrides + args.params, "jobs submit", args.kind)
+            validate_spec(args.kind, parse_overrides(over), None)
             continue
         full = profile_overrides(args.overrides, args.command, mod.SECTION, getattr(mod, "READS", None))
         if hasattr(mod, "READS"):  # whole-profile commands
@@ -316,3 +325,95 @@ def test_every_readme_override_example_parses_and_sets_the_key_it_names():
     pre = _build_section("pretrain", section_overrides(["pretrain.train.steps=5"], "pretrain", "pretrain"))
     assert pre.train.steps == 5 and _build_section("pretrain", ["steps=5"]).train.steps == 5
     assert _build_section("synth", section_overrides(["n_patients=8"], "synth", "synth")).n_patients == 8
+
+
+# ------------------------------------------------------------------ bias and jobs submit: the same --set
+
+
+def test_bias_and_jobs_submit_take_the_same_set_option():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    jobs_sub = next(a for a in sub["jobs"]._actions if a.dest == "action").choices
+    for p, argv in ((sub["bias"], ["bias", "--emb", "e"]), (jobs_sub["submit"], ["jobs", "submit", "tick"])):
+        action = next(a for a in p._actions if a.dest == "overrides")
+        assert action.option_strings == ["--set"] and action.metavar == "SECTION.KEY=VALUE"
+        assert parser.parse_args([*argv, "--set", "a.b=1", "--set", "c=2"]).overrides == ["a.b=1", "c=2"]
+
+
+@pytest.fixture
+def fake_bias(monkeypatch):
+    """Record the BiasConfig `ctssl bias` builds instead of analysing (test_bias runs the real analysis)."""
+    import pandas as pd
+
+    import ctssl_core.bias as bias
+
+    seen = []
+
+    def analyse_encoder(store, emb, ref, cfg, pe_scores=None, progress=None):
+        seen.append(cfg)
+        return pd.DataFrame(columns=["analysis", "sentence", "flagged", "attribute"])
+
+    monkeypatch.setattr(bias, "analyse_encoder", analyse_encoder)
+    return seen
+
+
+def test_bias_takes_full_paths_and_short_forms_and_refuses_another_section(fake_bias, store_copy, capsys):
+    base = ["bias", "--emb", "e", "--store", str(store_copy)]
+    assert main([*base, "--set", "bias.n_boot=17", "--set", "correction=holm",
+                 "--set", "bias.attributes=[age,sex]"]) == 0
+    (cfg,) = fake_bias
+    assert cfg.n_boot == 17 and cfg.correction == "holm" and tuple(cfg.attributes) == ("age", "sex")
+    assert main([*base, "--set", "embed.split=test"]) == 2
+    err = capsys.readouterr().err
+    assert "'embed' section, which `ctssl bias` does not read" in err and "pass it to `ctssl embed`" in err
+    # a named attribute is checked against the store whichever spelling named it
+    assert main([*base, "--set", "bias.attributes=[age,weight]"]) == 2
+    assert "unknown attribute(s) ['weight']" in capsys.readouterr().err and len(fake_bias) == 1
+
+
+@pytest.fixture
+def job_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTSSL_JOB_PLUGINS", "ctssl_core.jobs.testing")   # the `tick` test kind
+    return tmp_path / "store"
+
+
+def test_jobs_submit_takes_set_and_still_the_positional_form_with_a_note(job_store, capsys):
+    from ctssl_core import jobs
+
+    s = ["jobs", "--store", str(job_store), "submit", "tick", "--no-worker"]
+    assert main([*s, "--set", "tick.steps=3", "--set", "interval_s=0.5"]) == 0
+    new = capsys.readouterr()
+    job_id = new.out.strip().splitlines()[0]
+    spec = jobs.get_job(job_store, job_id)["spec"]["params"]
+    assert spec["steps"] == 3 and spec["interval_s"] == 0.5 and "deprecated" not in new.err
+    assert main(["jobs", "--store", str(job_store), "submit", "tick", "steps=4", "--no-worker"]) == 0   # the old form
+    old = capsys.readouterr()
+    assert "note: positional key=value is deprecated; write --set steps=4" in old.err
+    assert jobs.get_job(job_store, old.out.strip().splitlines()[0])["spec"]["params"]["steps"] == 4
+    assert main([*s, "--set", "pretrain.train.steps=3"]) == 2
+    assert "takes the fields of a tick job" in capsys.readouterr().err
+    assert main([*s, "--set", "tick.steps=-1"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert len(jobs.list_jobs(job_store)) == 2
+
+
+def test_jobs_list_and_kinds_print_json(job_store, capsys):
+    from ctssl_core import jobs
+
+    s = ["jobs", "--store", str(job_store)]
+    assert main([*s, "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    ids = [jobs.submit(job_store, "tick", {"steps": n}) for n in (2, 5)]
+    assert main([*s, "list", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [j["job_id"] for j in got] == ids[::-1]            # newest first, as the table
+    assert [j["spec"]["params"]["steps"] for j in got] == [5, 2] and got[0]["total"] == 5
+    assert {j["state"] for j in got} == {"queued"}
+    assert main([*s, "list", "--json", "--state", "running"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main([*s, "kinds", "--json"]) == 0
+    kinds = json.loads(capsys.readouterr().out)
+    fields = {f["name"]: f for f in kinds["finetune"]["fields"]}
+    assert fields["fraction"]["min"] == 0.0 and fields["fraction"]["min_exclusive"] is True
+    assert fields["task"]["choices"] == ["demographics", "nodule", "pe"] and "random" in fields["init"]["choices"]
+    assert "steps" in {f["name"] for f in kinds["tick"]["fields"]}

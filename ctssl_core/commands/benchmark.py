@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctssl_core.cli import add_progress_option, add_set_option
+from ctssl_core.cli import add_progress_option, add_set_option, add_track_option
 from ctssl_core.config import SECTION_READERS
 
 SECTION = "benchmark"  # `--set KEY=...` means benchmark.KEY
@@ -18,6 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
     add_set_option(p, SECTION, "pretrain.train.steps=50 --set benchmark.fractions=[0.1,1.0]")
     add_progress_option(p)
+    add_track_option(p)
 
 
 def run(args) -> int:
@@ -25,9 +26,19 @@ def run(args) -> int:
     from ctssl_core.config import profile_overrides
 
     overrides = profile_overrides(args.overrides, "benchmark", SECTION, reads=READS)
+    if args.track:  # before the study: a typo or a missing extra fails now
+        from ctssl_core.trackers import check_targets
+
+        check_targets(args.track)
     res = run_benchmark(args.profile, args.store, overrides, progress=not args.no_progress)
     print(f"benchmark {res['benchmark_id']}: {res['ran']} units run, {res['skipped']} reused, "
           f"{res['wall_s']:.0f}s")
+    if args.track:
+        from ctssl_core.paths import store_paths
+        from ctssl_core.trackers import benchmark_runs, mirror_many
+
+        root = store_paths(args.store).root
+        mirror_many(root, benchmark_runs(root, res["benchmark_id"]), args.track)
     return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ctssl_core.cli import add_set_option
+
+SECTION = "bias"  # the profile section this command reads (`--set KEY=...` means bias.KEY)
+
 HELP = "bias analysis of an embedding against random init: probes, KS tests, separability, subgroup metrics"
 
 
@@ -13,9 +17,8 @@ def add_arguments(p) -> None:
                    help="parquet/csv of downstream PE scores (patient_key, score, label) for subgroup performance")
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
     p.add_argument("--profile", default=None, help="profile whose `bias` section sets defaults (smoke, quick, paper)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a BiasConfig field, e.g. --set n_boot=200 --set correction=holm "
-                        "--set attributes=[age,sex,bmi] (any demographics column; an unknown one is an error)")
+    add_set_option(p, SECTION, "bias.n_boot=200 --set bias.correction=holm --set bias.attributes=[age,sex,bmi] "
+                               "(any demographics column; an unknown one is an error)")
 
 
 def run(args) -> int:
@@ -24,12 +27,13 @@ def run(args) -> int:
     import pandas as pd
 
     from ctssl_core.bias import BiasConfig, analysable_attributes, analyse_encoder, check_attributes
-    from ctssl_core.config import ConfigError, build, load_profile
+    from ctssl_core.config import ConfigError, build, load_profile, section_overrides
     from ctssl_core.paths import store_paths
 
     base = dict(load_profile(args.profile).get("bias") or {}) if args.profile else {}
-    cfg = build(BiasConfig, base, args.overrides, where="bias.")
-    if "attributes" in base or any(o.split("=", 1)[0].strip() == "attributes" for o in args.overrides):
+    overrides = section_overrides(args.overrides, "bias", SECTION)
+    cfg = build(BiasConfig, base, overrides, where="bias.")
+    if "attributes" in base or any(o.split("=", 1)[0].strip() == "attributes" for o in overrides):
         # named by the user: each must exist (the default list may name control_group, which only synthetic data has)
         check_attributes(cfg.attributes, analysable_attributes(store_paths(args.store).root))
     scores = None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-HELP = "export a run's encoder as safetensors plus a JSON card (strategy, config, data, metrics)"
+HELP = ("export a run's encoder as safetensors plus a JSON card (strategy, config, data, metrics); a torchvision-"
+        "shaped ResNet also as encoder.torchvision.safetensors (torchvision/timm key names)")
 
 
 def add_arguments(p) -> None:
@@ -14,7 +15,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ctssl_core.export import export_run
 
+    import json
+
     weights, card = export_run(args.run_id, args.out, store_root=args.store)
     print(f"wrote {weights}")
+    interop = json.loads(card.read_text())["interop"]
+    if interop["file"]:
+        print(f"wrote {weights.parent / interop['file']} (torchvision/timm key names; "
+              f"load: {interop['timm']['load']})")
+    else:
+        print(f"no torchvision/timm weights: {interop['reason']}")
     print(f"wrote {card}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctssl_core.cli import add_progress_option, add_set_option
+from ctssl_core.cli import add_progress_option, add_set_option, add_track_option
 
 SECTION = "downstream"  # `--set KEY=...` means downstream.KEY
 # what `ctssl finetune` reads of a profile: the downstream section, the pretraining's architecture and the split scheme
@@ -22,6 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
     add_set_option(p, SECTION, "downstream.train.steps=50")
     add_progress_option(p)
+    add_track_option(p)
 
 
 def run(args) -> int:
@@ -41,6 +42,10 @@ def run(args) -> int:
     fc = finetune_config(cfg, args.task, args.init, args.fraction, args.seed, split_seed, pretrain_encoder(cfg),
                          pool, fractions)
     store = Path(args.store) if args.store else default_store()
+    if args.track:  # before training: a typo or a missing extra fails now
+        from ctssl_core.trackers import check_targets
+
+        check_targets(args.track)
     steps = int(fc.train.get("steps", 200))
     with tqdm(total=steps, disable=args.no_progress, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
         res = finetune(fc, store, profile=str(cfg.get("profile")), progress=lambda s: bar.update(s - bar.n))
@@ -48,6 +53,10 @@ def run(args) -> int:
           f"{res.n_train_slices} slices, {res.wall_s:.1f}s")
     for m, ci in res.metrics.items():
         print(f"  {m:16s} {ci.value:.4f}  [{ci.low:.4f}, {ci.high:.4f}]")
+    if args.track:
+        from ctssl_core.trackers import mirror_many
+
+        mirror_many(store, [res.run_id], args.track)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ctssl_core.cli import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, add_progress_option, add_set_option
+from ctssl_core.cli import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, add_progress_option, add_set_option, add_track_option
 
 SECTION = "pretrain"  # the profile section this command reads (`--set KEY=...` means pretrain.KEY)
 HELP = "pretrain an encoder with one self-supervised strategy (masked_region, next_slice, rotation, flip, denoise, composite)"
@@ -23,6 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a stopped run exactly where it stopped")
     add_progress_option(p)
+    add_track_option(p)
 
 
 def exit_code(status: str) -> int:
@@ -41,6 +42,10 @@ def run(args) -> int:
 
         raise ConfigError(f"give --task (one of {sorted(PRETEXT)}) or --resume RUN_ID")
     overrides = section_overrides(args.overrides, "pretrain", SECTION)
+    if args.track:  # before training: a typo or a missing extra fails now
+        from ctssl_core.trackers import check_targets
+
+        check_targets(args.track)
 
     def echo(msg: str) -> None:
         m = _RUN_LINE.match(msg)
@@ -56,6 +61,10 @@ def run(args) -> int:
         print(res.run_id)
         if res.status == "cancelled":
             print(f"ctssl pretrain: stopped by SIGTERM at step {res.steps}; {resume_hint(res.run_id)}", file=sys.stderr)
+        elif args.track:
+            from ctssl_core.trackers import mirror_many
+
+            mirror_many(args.store, [res.run_id], args.track)
     return exit_code(res.status)
 
 

@@ -723,7 +723,7 @@ def confirmed_best(best: dict[str, str], deltas_: pd.DataFrame) -> dict[str, str
 
 # ---------------------------------------------------------------- learning curves
 RUN_COLUMNS = ["run_id", "kind", "task", "init", "encoder", "fraction", "seed", "status", "created_at", "wall_s",
-               "checkpoint", "error"]
+               "checkpoint", "error", "name", "tags", "notes"]
 
 
 def run_table(store: str | Path) -> pd.DataFrame:
@@ -732,7 +732,17 @@ def run_table(store: str | Path) -> pd.DataFrame:
     with _read(store) as con:
         df = _select(con, "runs", RUN_COLUMNS, order="created_at DESC NULLS LAST, run_id")
     df["checkpoint_ok"] = [None if not isinstance(c, str) or not c else (root / c).exists() for c in df.checkpoint]
+    df["tags"] = [_tags_text(t) for t in df.tags]   # `ctssl annotate --tag`: "k=v, k=v" for a table cell
     return df
+
+
+def _tags_text(tags) -> str:
+    if not isinstance(tags, str) or not tags:
+        return ""
+    try:
+        return ", ".join(f"{k}={v}" for k, v in sorted(json.loads(tags).items()))
+    except (ValueError, AttributeError):
+        return tags
 
 
 def metric_names(store: str | Path, run_ids: Sequence[str]) -> list[str]:

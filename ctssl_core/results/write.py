@@ -442,6 +442,33 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
         raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
 
 
+def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
+                 tags: Mapping[str, str] | None = None, notes: str | None = None) -> dict[str, Any]:
+    """Set a run's name and notes and merge ``tags`` into its tags (a tag set to '' is removed).
+
+    Why: a run id says what ran, not why; people find runs by their own words, and trackers
+    (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change."""
+    check_run_id(run_id)
+    for k in (tags or {}):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$", str(k)):
+            raise ConfigError(f"tag key {k!r}: use up to 64 letters, digits and _ . - / (e.g. --tag owner=ana)")
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        raise ConfigError(f"no store at {sp.root}; pass --store (or set CTSSL_STORE)")
+    with connect(sp.db) as con:
+        ensure_schema_current(con)
+        row = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if row is None:
+            raise ConfigError(f"no run {run_id!r} in {sp.root}; pass the id that "
+                              f"pretrain/finetune printed")
+        merged = {**(json.loads(row[1]) if row[1] else {}), **{str(k): str(v) for k, v in (tags or {}).items()}}
+        merged = {k: v for k, v in merged.items() if v != ""}
+        new = (row[0] if name is None else (name or None), merged, row[2] if notes is None else (notes or None))
+        con.execute("UPDATE runs SET name = ?, tags = ?, notes = ? WHERE run_id = ?",
+                    [new[0], json.dumps(new[1], sort_keys=True), new[2], run_id])
+    return {"name": new[0], "tags": new[1], "notes": new[2]}
+
+
 # --------------------------------------------------------------------------- results / summaries
 
 

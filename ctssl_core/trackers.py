@@ -1,0 +1,304 @@
+"""Mirror finished ctssl runs into the experiment trackers people already use: MLflow and TensorBoard.
+
+Why a mirror and not a live logger: the results store stays the one source of truth (training never
+touches anything but its JSONL, ARCHITECTURE "Results"), and a run can be sent to a tracker at any
+time -- after the command (``--track`` on pretrain/finetune/benchmark) or later (``ctssl track``).
+What a tracker gets (``RunRecord``): params = the run's resolved config flattened to dotted keys
+(absolute paths scrubbed to store-relative ones, as in export cards), the metric series of
+``runs/<id>/metrics.jsonl``, the test results as final metrics (``<split>/<metric>``), tags (kind,
+task, init, encoder, fraction, seed, status..., and the tags of ``ctssl annotate``), the run's name
+and notes (``ctssl annotate``) and artifacts (the run's metrics.jsonl and, for a run with a
+checkpoint, its export folder: card.json + safetensors, never the pickled checkpoint).
+
+One target grammar (``parse_target``): ``mlflow:<tracking URI or folder>`` (a folder means a local
+``file:`` store) and ``tensorboard:<log dir>`` (one sub-folder of event files per run). mlflow and
+tensorboard are optional (``pip install ctssl[trackers]``) and imported only inside the functions
+that need them. Mirroring is idempotent: a run already in the target is reported, not duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ctssl_core.config import ConfigError
+from ctssl_core.paths import scrub_paths, store_paths
+
+TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
+               "status", "code_version")
+RUN_ID_TAG = "ctssl.run_id"   # how a mirror finds a run it already holds
+EXPERIMENT = "ctssl"          # MLflow experiment of runs outside a benchmark; a benchmark's runs: ctssl-<id>
+_PARAM_MAX = 6000             # MLflow's limit on a param value (longer ones are cut, marked with "...")
+
+
+class TrackerError(ConfigError):
+    """A tracker target that cannot be used as given; the message says what to do."""
+
+
+@dataclass
+class RunRecord:
+    """Everything a tracker receives about one run (read from the store, no DuckDB handle kept)."""
+
+    run_id: str
+    params: dict[str, str]
+    series: dict[str, list[tuple[int, float, float | None]]]   # name -> [(step, value, wall_s)]
+    final: dict[str, float]                                       # '<split>/<metric>' -> value
+    tags: dict[str, str]
+    artifacts: list[Path] = field(default_factory=list)
+    started: float | None = None                                  # unix seconds
+    wall_s: float | None = None
+    name: str = ""                                                # `ctssl annotate --name`, else the run id
+    notes: str = ""                                               # `ctssl annotate --note`
+
+
+# ------------------------------------------------------------------ reading a run
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"pretrain.train.steps": "5", ...}`` (lists as JSON)."""
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1] if prefix else "value"
+    return {key: obj if isinstance(obj, str) else json.dumps(obj, default=str)}
+
+
+def read_series(metrics_file: Path) -> dict[str, list[tuple[int, float, float | None]]]:
+    """A run's metrics.jsonl as one series per metric name (the parser ``results.write`` merges with)."""
+    from ctssl_core.results.write import _parse_lines
+
+    series: dict[str, list[tuple[int, float, float | None]]] = {}
+    if not metrics_file.is_file():
+        return series
+    for _, step, _, wall, name, value in _parse_lines("", metrics_file.read_bytes()):
+        series.setdefault(name, []).append((int(step or 0), value, wall))
+    return series
+
+
+def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = None) -> RunRecord:
+    """The ``RunRecord`` of ``run_id``; with ``artifacts_dir``, the run's export is written there to be logged."""
+    from ctssl_core.db import connect
+
+    sp = store_paths(store_root)
+    if not sp.db.exists():
+        raise TrackerError(f"no store at {sp.root}; pass --store (or set CTSSL_STORE)")
+    with connect(sp.db, read_only=True) as con:
+        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'"
+                                          ).fetchall()]
+        row = con.execute(f"SELECT {', '.join(cols)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        results = con.execute("SELECT split, metric, value FROM results WHERE run_id = ? ORDER BY split, metric",
+                              [run_id]).fetchall()
+    if row is None:
+        raise TrackerError(f"no run {run_id!r} in {sp.root}; list runs on the dashboard's Runs page or pass the id "
+                           f"that pretrain/finetune printed")
+    run = dict(zip(cols, row))
+    if run["status"] == "running":
+        raise TrackerError(f"run {run_id} is still running; mirror it once it has finished")
+    cfg = json.loads(run["config"]) if isinstance(run["config"], str) else (run["config"] or {})
+    params = {k: (v if len(v) <= _PARAM_MAX else v[:_PARAM_MAX - 3] + "...")
+              for k, v in flatten(scrub_paths(cfg, sp.root)).items()}
+    user_tags = run.get("tags") or {}   # `ctssl annotate --tag`; the run's own columns win a clash
+    tags = {**(json.loads(user_tags) if isinstance(user_tags, str) else dict(user_tags)),
+            **{k: str(run[k]) for k in TAG_COLUMNS if run.get(k) is not None}}
+    tags[RUN_ID_TAG] = run_id
+    run_dir = sp.run_dir(run_id)
+    artifacts = [run_dir / "metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
+    if artifacts_dir is not None and run.get("checkpoint") and (sp.root / run["checkpoint"]).is_file():
+        from ctssl_core.export import export_run
+
+        weights, card = export_run(sp.root / run["checkpoint"], artifacts_dir / "export", sp.root)
+        artifacts += sorted(p for p in weights.parent.iterdir() if p.is_file())
+    started = run["created_at"].replace(tzinfo=_dt.timezone.utc).timestamp() if run.get("created_at") else None
+    series = read_series(run_dir / "metrics.jsonl")
+    final = {f"{s}/{m}": float(v) for s, m, v in results if v is not None and f"{s}/{m}" not in series}
+    return RunRecord(run_id=run_id, params=params, series=series, final=final, tags=tags,
+                     artifacts=artifacts, started=started, wall_s=run.get("wall_s"),
+                     name=run.get("name") or run_id, notes=run.get("notes") or "")
+
+
+# ------------------------------------------------------------------ targets
+
+
+def parse_target(spec: str) -> tuple[str, str]:
+    """``mlflow:<uri|folder>`` / ``tensorboard:<dir>`` -> (tracker, location); anything else is a TrackerError."""
+    kind, sep, where = str(spec).partition(":")
+    if not sep or kind not in TRACKERS or not where:
+        raise TrackerError(f"--track {spec!r}: write mlflow:<tracking URI or folder> (e.g. mlflow:./mlruns, "
+                           f"mlflow:http://host:5000) or tensorboard:<log dir> (e.g. tensorboard:./tb)")
+    return kind, where
+
+
+def check_target(spec: str) -> tuple[str, str]:
+    """``parse_target`` plus: the tracker's package is installed. Commands call it before any work,
+    so a typo or a missing extra fails in a second, not after hours of training."""
+    kind, where = parse_target(spec)
+    _require(kind)
+    return kind, where
+
+
+def check_targets(specs: list[str]) -> None:
+    """``check_target`` for each ``--track`` value."""
+    for spec in specs:
+        check_target(spec)
+
+
+def _require(kind: str) -> None:
+    import importlib.util
+
+    module, dist = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboard", "tensorboard")}[kind]
+    if importlib.util.find_spec(module) is None:
+        raise TrackerError(f"--track {kind}: the {module} package is not installed; "
+                           f"`pip install ctssl[trackers]` (or `pip install {dist}`)")
+
+
+def mirror(store_root: str | Path, run_id: str, spec: str) -> str:
+    """Mirror one finished run to the target ``spec``; returns a line saying where it went."""
+    kind, where = check_target(spec)
+    with tempfile.TemporaryDirectory(prefix="ctssl-track-") as tmp:
+        rec = read_run(store_root, run_id, artifacts_dir=Path(tmp) if kind == "mlflow" else None)
+        return TRACKERS[kind](rec, where)
+
+
+def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
+                say: Callable[[str], None] = print) -> int:
+    """Every run to every target; returns how many mirrors were written or found."""
+    n = 0
+    for spec in specs:
+        for rid in run_ids:
+            say(mirror(store_root, rid, spec))
+            n += 1
+    return n
+
+
+def benchmark_runs(store_root: str | Path, benchmark_id: str) -> list[str]:
+    """The finished runs of a benchmark, oldest first, and the pretrainings they started from (a pretraining
+    is shared between benchmarks, so it carries no benchmark id; its fine-tunes name its checkpoint)."""
+    from ctssl_core.db import connect
+
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        rows = con.execute("SELECT run_id, config FROM runs WHERE benchmark_id = ? AND status != 'running' "
+                           "ORDER BY created_at, run_id", [benchmark_id]).fetchall()
+        ids = [r[0] for r in rows]
+        inits = set()
+        for _, cfg in rows:
+            ck = (json.loads(cfg) if isinstance(cfg, str) else (cfg or {})).get("init_checkpoint")
+            m = re.match(r"^runs/([^/]+)/", str(ck or ""))
+            if m and m.group(1) not in ids:
+                inits.add(m.group(1))
+        pre = [r[0] for r in con.execute(
+            f"SELECT run_id FROM runs WHERE run_id IN ({', '.join('?' * len(inits))}) AND status != 'running' "
+            f"ORDER BY created_at, run_id", sorted(inits)).fetchall()] if inits else []
+    return pre + ids
+
+
+# ------------------------------------------------------------------ MLflow
+
+
+def mlflow_uri(where: str) -> str:
+    """A tracking URI as given (``file:``, ``sqlite:``, ``http(s):``, ``databricks``...); a plain folder
+    as a ``file:`` URI."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", where) and not re.match(r"^[a-zA-Z]:[\\/]", where):
+        return where
+    return Path(where).expanduser().resolve().as_uri()
+
+
+@contextmanager
+def _file_store_allowed(uri: str) -> Iterator[None]:
+    """MLflow 3 keeps its folder store in maintenance and refuses it unless MLFLOW_ALLOW_FILE_STORE is set;
+    for a ``file:`` target (the local store the user asked for) set it for the duration of the mirror."""
+    key, old = "MLFLOW_ALLOW_FILE_STORE", os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    if uri.startswith("file:") and old is None:
+        os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+
+
+def _mlflow_key(name: str) -> str:
+    """MLflow accepts letters, digits and ``_-. /`` in metric and param names; anything else becomes ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+def to_mlflow(rec: RunRecord, where: str) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow_uri(where)
+    with _file_store_allowed(uri):
+        client = MlflowClient(tracking_uri=uri)
+        name = f"ctssl-{rec.tags['benchmark_id']}" if rec.tags.get("benchmark_id") else EXPERIMENT
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{rec.run_id}'", max_results=1)
+        if found:
+            return f"{rec.run_id}: already in MLflow {uri} (experiment {name}, run {found[0].info.run_id})"
+        start_ms = int((rec.started or 0) * 1000) or None
+        note = (rec.notes + "\n\n" if rec.notes else "") + f"mirrored from ctssl run {rec.run_id}"
+        run = client.create_run(exp_id, start_time=start_ms, run_name=rec.name or rec.run_id,
+                                tags={**rec.tags, "mlflow.note.content": note})
+        mid = run.info.run_id
+        base = start_ms or 0
+        metrics = [Metric(_mlflow_key(k), v, base + int(1000 * (w or 0)), s)
+                   for k, pts in rec.series.items() for s, v, w in pts]
+        last = max((s for pts in rec.series.values() for s, _, _ in pts), default=0)
+        metrics += [Metric(_mlflow_key(k), v, base + int(1000 * (rec.wall_s or 0)), last) for k, v in rec.final.items()]
+        params = [Param(_mlflow_key(k), v) for k, v in rec.params.items()]
+        for i in range(0, len(metrics), 1000):    # MLflow's batch limits: 1000 metrics, 100 params
+            client.log_batch(mid, metrics=metrics[i:i + 1000])
+        for i in range(0, len(params), 100):
+            client.log_batch(mid, params=params[i:i + 100])
+        client.log_batch(mid, tags=[RunTag("ctssl.artifacts", ", ".join(p.name for p in rec.artifacts))])
+        for path in rec.artifacts:
+            client.log_artifact(mid, str(path))
+        status = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}.get(rec.tags.get("status"),
+                                                                                           "FINISHED")
+        end_ms = base + int(1000 * rec.wall_s) if start_ms and rec.wall_s else None
+        client.set_terminated(mid, status=status, end_time=end_ms)
+    return f"{rec.run_id}: mirrored to MLflow {uri} (experiment {name}, run {mid})"
+
+
+# ------------------------------------------------------------------ TensorBoard
+
+
+def to_tensorboard(rec: RunRecord, where: str) -> str:
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = Path(where).expanduser() / rec.run_id
+    if log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*")):
+        return f"{rec.run_id}: already in TensorBoard {log_dir}"
+    start = rec.started or 0.0
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        last = 0
+        for name, pts in rec.series.items():
+            for step, value, wall in pts:
+                writer.add_scalar(name, value, step, walltime=start + (wall or 0.0))
+                last = max(last, step)
+        for name, value in rec.final.items():
+            writer.add_scalar(name, value, last, walltime=start + (rec.wall_s or 0.0))
+        table = "| param | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in sorted(rec.params.items()))
+        writer.add_text("params", table, 0, walltime=start)
+        writer.add_text("params_json", json.dumps(rec.params, sort_keys=True), 0, walltime=start)
+        writer.add_text("tags", json.dumps({**rec.tags, "name": rec.name}, sort_keys=True), 0, walltime=start)
+        if rec.notes:
+            writer.add_text("notes", rec.notes, 0, walltime=start)
+        if rec.artifacts:
+            writer.add_text("artifacts", ", ".join(p.name for p in rec.artifacts), 0, walltime=start)
+    finally:
+        writer.close()
+    return f"{rec.run_id}: mirrored to TensorBoard {log_dir}"
+
+
+# tracker name -> writer(RunRecord, location) -> message; a new tracker (e.g. W&B offline) is one entry
+TRACKERS: dict[str, Callable[[RunRecord, str], str]] = {"mlflow": to_mlflow, "tensorboard": to_tensorboard}

@@ -1,0 +1,212 @@
+"""Tracker bridge (issue 17 item 2): runs of the real smoke benchmark mirrored to a local MLflow file store and
+to TensorBoard event files hold the run's params (its resolved config), its metric series (as the store merged
+them) and its results, tags and export; read back with mlflow's client and tensorboard's EventAccumulator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ctssl_core.cli import main
+from ctssl_core.db import connect
+from ctssl_core.paths import store_paths
+from ctssl_core.trackers import RUN_ID_TAG, TrackerError, benchmark_runs, flatten, parse_target
+
+
+def _store_run(store, where: str) -> tuple[str, dict, dict[str, list[tuple[int, float]]], dict[str, float]]:
+    """(run_id, config, metric series as merged into DuckDB, test results) of the first run matching ``where``."""
+    with connect(store_paths(store).db, read_only=True) as con:
+        rid, cfg = con.execute(f"SELECT run_id, config FROM runs WHERE {where} ORDER BY run_id LIMIT 1").fetchone()
+        rows = con.execute("SELECT name, step, value FROM metrics WHERE run_id = ? ORDER BY name, step",
+                           [rid]).fetchall()
+        res = con.execute("SELECT split || '/' || metric, value FROM results WHERE run_id = ?", [rid]).fetchall()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, step, value in rows:
+        series.setdefault(name, []).append((step, value))
+    return rid, json.loads(cfg), series, dict(res)
+
+
+def _mlflow_run(uri: str, rid: str):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"   # reading a file store back (trackers sets it only while writing)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(exps, filter_string=f"tags.`{RUN_ID_TAG}` = '{rid}'")
+        return client, runs
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+
+
+def test_mlflow_mirror_holds_params_series_results_tags_and_the_export(smoke_store, tmp_path, capsys):
+    rid, cfg, series, results = _store_run(smoke_store, "kind = 'finetune' AND task = 'pe' AND init = 'rotation'")
+    assert len(series["train/loss"]) >= 2 and "test/exam_auroc" in results
+    target = tmp_path / "mlruns"
+    assert main(["track", rid, "--to", f"mlflow:{target}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: mirrored to MLflow file:" in capsys.readouterr().out
+    client, runs = _mlflow_run(target.as_uri(), rid)
+    (run,) = runs
+    data = run.data
+    assert data.params["train.steps"] == str(cfg["train"]["steps"]) and data.params["task"] == "pe"
+    assert data.params == {k: v for k, v in flatten(cfg).items() if not v.startswith("/")}   # no absolute paths here
+    for name, points in series.items():
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        assert hist == points, name
+    assert data.metrics["test/exam_auroc"] == pytest.approx(results["test/exam_auroc"])
+    assert data.tags["task"] == "pe" and data.tags["init"] == "rotation" and data.tags["status"] == "succeeded"
+    assert data.tags["benchmark_id"].startswith("bench-smoke-") and run.info.status == "FINISHED"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.jsonl", "card.json", "encoder.safetensors"} <= arts and "last.pt" not in arts
+    # mirroring again finds the run instead of adding a second one
+    assert main(["track", rid, "--to", f"mlflow:{target}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: already in MLflow" in capsys.readouterr().out
+    assert len(_mlflow_run(target.as_uri(), rid)[1]) == 1
+
+
+def test_tensorboard_mirror_holds_params_and_series(smoke_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rid, cfg, series, _ = _store_run(smoke_store, "kind = 'pretrain' AND task = 'rotation'")
+    assert main(["track", rid, "--to", f"tensorboard:{tmp_path / 'tb'}", "--store", str(smoke_store)]) == 0
+    acc = EventAccumulator(str(tmp_path / "tb" / rid), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert set(series) <= set(acc.Tags()["scalars"])
+    for name, points in series.items():
+        got = [(e.step, e.value) for e in acc.Scalars(name)]
+        assert [s for s, _ in got] == [s for s, _ in points], name
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), name   # float32 in events
+    params = json.loads(acc.Tensors("params_json/text_summary")[0].tensor_proto.string_val[0])
+    assert params["pretrain.train.steps"] == str(cfg["pretrain"]["train"]["steps"]) and params["task"] == "rotation"
+    tags = json.loads(acc.Tensors("tags/text_summary")[0].tensor_proto.string_val[0])
+    assert tags["kind"] == "pretrain" and tags[RUN_ID_TAG] == rid
+
+
+def test_a_benchmarks_runs_include_the_pretrainings_it_started_from(smoke_store):
+    with connect(store_paths(smoke_store).db, read_only=True) as con:
+        bid = con.execute("SELECT run_id FROM runs WHERE kind = 'benchmark'").fetchone()[0]
+        pre = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE kind = 'pretrain'").fetchall()}
+        own = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE benchmark_id = ?", [bid]).fetchall()}
+    got = benchmark_runs(smoke_store, bid)
+    assert set(got) == own | pre and len(got) == len(set(got)) and set(got[:len(pre)]) == pre
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("wandb:offline", "write mlflow:<tracking URI or folder>"),
+    ("mlflow:", "write mlflow:<tracking URI or folder>"),
+    ("tensorboard", "write mlflow:<tracking URI or folder>"),
+])
+def test_a_bad_target_is_a_clear_error(spec, message):
+    with pytest.raises(TrackerError, match=message):
+        parse_target(spec)
+
+
+def test_bad_input_on_the_command_line(smoke_store, tmp_path, capsys, monkeypatch):
+    assert main(["track", "no-such-run", "--to", f"tensorboard:{tmp_path}", "--store", str(smoke_store)]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert main(["track", "--to", f"tensorboard:{tmp_path}", "--store", str(smoke_store)]) == 2
+    assert "nothing to mirror" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert main(["track", "x", "--to", f"mlflow:{tmp_path}", "--store", str(smoke_store)]) == 2
+    assert "pip install ctssl[trackers]" in capsys.readouterr().err
+
+
+def test_finetune_track_mirrors_the_new_run_and_a_bad_target_stops_it_before_training(smoke_store, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    argv = ["finetune", "--task", "pe", "--profile", "smoke", "--store", str(store), "--quiet"]
+    n_runs = len(_runs(store))
+    assert main([*argv, "--track", "tensorboard"]) == 2
+    assert "write mlflow:" in capsys.readouterr().err and len(_runs(store)) == n_runs   # nothing trained
+    assert main([*argv, "--track", f"tensorboard:{tmp_path / 'tb'}"]) == 0
+    out = capsys.readouterr().out
+    (rid,) = set(_runs(store)) - set(_runs(smoke_store))
+    assert f"{rid}: mirrored to TensorBoard" in out
+    acc = EventAccumulator(str(tmp_path / "tb" / rid))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "test/exam_auroc" in acc.Tags()["scalars"]
+
+
+def _runs(store) -> list[str]:
+    with connect(store_paths(store).db, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()]
+
+
+def test_annotations_are_stored_shown_and_carried_to_mlflow(smoke_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    rid, *_ = _store_run(store, "kind = 'pretrain' AND task = 'rotation'")
+    assert main(["annotate", rid, "--store", str(store), "--name", "rot baseline", "--tag", "owner=ana",
+                 "--tag", "lab=ct-1", "--note", "first try"]) == 0
+    # tags merge; an empty value removes one
+    assert main(["annotate", rid, "--store", str(store), "--tag", "lab=", "--tag", "round=2"]) == 0
+    assert "name 'rot baseline', tags {\"owner\": \"ana\", \"round\": \"2\"}" in capsys.readouterr().out
+    with connect(store_paths(store).db, read_only=True) as con:
+        name, tags, notes = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [rid]).fetchone()
+    assert (name, json.loads(tags), notes) == ("rot baseline", {"owner": "ana", "round": "2"}, "first try")
+    assert main(["track", rid, "--to", f"mlflow:{tmp_path / 'ml'}", "--store", str(store)]) == 0
+    (run,) = _mlflow_run((tmp_path / "ml").as_uri(), rid)[1]
+    assert run.info.run_name == "rot baseline" and run.data.tags["owner"] == "ana" and run.data.tags["round"] == "2"
+    assert run.data.tags["mlflow.note.content"].startswith("first try") and run.data.tags["task"] == "rotation"
+    # bad input
+    for argv, message in ((["--tag", "owner"], "must look like KEY=VALUE"), ([], "nothing to change"),
+                          (["--tag", "a b=1"], "tag key 'a b'")):
+        assert main(["annotate", rid, "--store", str(store), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["annotate", "no-such-run", "--store", str(store), "--name", "x"]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+
+    # the dashboard's run table shows them, and its text filter finds the run by its name or a tag
+    from streamlit.testing.v1 import AppTest
+
+    from ctssl_core.paths import REPO_ROOT
+
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.session_state["ctssl_store"] = str(store)
+    at.run()
+    at.switch_page("pages/curves.py").run()
+    table = at.dataframe[0].value.set_index("run_id")
+    assert (table.loc[rid, "name"], table.loc[rid, "tags"], table.loc[rid, "notes"]) == \
+        ("rot baseline", "owner=ana, round=2", "first try")
+    for text in ("rot baseline", "owner=ana"):
+        at.text_input(key="lc_text").set_value(text).run()
+        assert at.dataframe[0].value.run_id.tolist() == [rid] and not at.exception
+
+
+def test_benchmark_track_mirrors_its_runs_and_pretrainings(smoke_store, tmp_path, monkeypatch, capsys):
+    """`ctssl benchmark --track`: the study itself is the smoke store's (a re-run reuses every unit)."""
+    import ctssl_core.benchmark as bm
+
+    with connect(store_paths(smoke_store).db, read_only=True) as con:
+        bid = con.execute("SELECT run_id FROM runs WHERE kind = 'benchmark'").fetchone()[0]
+    monkeypatch.setattr(bm, "run_benchmark",
+                        lambda *a, **k: {"benchmark_id": bid, "ran": 0, "skipped": 1, "wall_s": 0.0})
+    tb = tmp_path / "tb"
+    assert main(["benchmark", "--profile", "smoke", "--store", str(smoke_store), "--quiet",
+                 "--track", f"tensorboard:{tb}"]) == 0
+    want = benchmark_runs(smoke_store, bid)
+    assert sorted(p.name for p in tb.iterdir()) == sorted(want)
+    assert capsys.readouterr().out.count("mirrored to TensorBoard") == len(want)
+
+
+def test_pretrain_track_mirrors_the_new_run(store_copy, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["pretrain", "--store", str(store_copy), "--profile", "smoke", "--no-progress", "--task", "rotation",
+                 "--set", "train.image_size=32", "--set", "train.batch_size=8", "--set", "train.steps=2",
+                 "--track", f"tensorboard:{tmp_path / 'tb'}"]) == 0
+    (rid,) = _runs(store_copy)
+    assert f"{rid}: mirrored to TensorBoard" in capsys.readouterr().out
+    acc = EventAccumulator(str(tmp_path / "tb" / rid))
+    acc.Reload()
+    series = _store_run(store_copy, f"run_id = '{rid}'")[2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in series["train/loss"]] and series["train/loss"]
