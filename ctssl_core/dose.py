@@ -249,7 +249,8 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
 
 def dose_rows(plan, root: str | Path, embeddings: dict[str, dict[str, str]],
               log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[str], pd.DataFrame]:
-    """The dose-response of every benchmark encoder -> (summary rows with task 'bias_dose', lines, table).
+    """The dose-response of every benchmark encoder -> (summary rows with task 'bias_dose', lines, table),
+    when the profile asks for it (``bias.dose_response: true``); else nothing.
 
     Summary rows: metric ``race_<analysis>@<strength>``, value the statistic, ci_low the chance level
     (null mean for separability), note the corrected p and the verdict. Nothing (with a line saying
@@ -259,11 +260,13 @@ def dose_rows(plan, root: str | Path, embeddings: dict[str, dict[str, str]],
     from ctssl_core.config import build
 
     say = log or (lambda m: None)
+    bcfg = build(bias.BiasConfig, dict(plan.config.get("bias") or {}), where="bias.")
+    if not bcfg.dose_response:
+        return [], [], pd.DataFrame(columns=DOSE_COLUMNS)
     try:
         synth_cfg, indices, encoders, dcfg = plan_inputs(plan, root, embeddings)
     except (twins.TwinUnavailable, ConfigError) as e:
         return [], [f"race dose-response: not computed ({e})"], pd.DataFrame(columns=DOSE_COLUMNS)
-    bcfg = build(bias.BiasConfig, dict(plan.config.get("bias") or {}), where="bias.")
     df = dose_response(indices, synth_cfg, encoders, dcfg, bcfg, log=say)
     rows = [{"benchmark_id": plan.benchmark_id, "task": "bias_dose", "init": r.encoder,
              "metric": f"race_{r.analysis}@{r.strength:g}", "value": None if not np.isfinite(r.statistic) else r.statistic,

@@ -161,11 +161,14 @@ def test_dose_bad_inputs_say_what_to_do():
 
 def test_dose_rows_of_the_smoke_benchmark(smoke_store):
     from ctssl_core.benchmark import make_plan
+    from ctssl_core.config import merge
     from ctssl_core.dose import benchmark_embeddings, dose_rows
 
     plan = make_plan("smoke", store_root=smoke_store)
     emb = benchmark_embeddings(plan, smoke_store)
     assert set(emb) == {"random", *plan.bench.strategies}
+    assert dose_rows(plan, smoke_store, emb)[:2] == ([], [])                     # off unless the profile asks
+    plan = dataclasses.replace(plan, config=merge(plan.config, {"bias": {"dose_response": True}}))
     rows, lines, df = dose_rows(plan, smoke_store, emb)
     assert {r["task"] for r in rows} == {"bias_dose"} and len(rows) == len(df) == len(emb) * 3 * 3
     assert {r["metric"] for r in rows} >= {"race_probe@0", "race_probe@0.25", "race_probe@0.5"}

@@ -1,0 +1,79 @@
+"""Race dose-response of a finished benchmark's encoders (issue 15 item 1; ctssl_core/dose.py).
+
+The patients the benchmark's bias analysis embedded are rendered again in memory with the planted
+race effect at 0, half and full strength (same patients, same noise; only the knob changes), embedded
+by random init and every pretrained encoder of the benchmark, and the race analyses of bias.py run on
+each. Detection at strength 0 is a false positive of the analysis (the negative control without
+pretraining again); detection should rise with the strength.
+
+Run it after the benchmark, on the same store (smoke or quick; the store's slice size must equal the
+cohort's image size, as for the PE twins):
+
+    python -m ctssl_core.cli benchmark --profile smoke --store /tmp/s
+    python experiments/bias_dose_response.py --profile smoke --store /tmp/s [--strengths 0 0.25 0.5]
+
+Prints the table and the per-encoder sentences and writes
+experiments/results/bias_dose_<profile>_<date>.csv (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="smoke", help="the benchmark profile the store was built by")
+    ap.add_argument("--store", required=True, help="the benchmark's store folder")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="the benchmark's overrides, if any")
+    ap.add_argument("--strengths", type=float, nargs="*", default=[], help="race_effect values (default 0, half, full)")
+    ap.add_argument("--out", default="", help="CSV path (default experiments/results/bias_dose_<profile>_<date>.csv)")
+    args = ap.parse_args(argv)
+
+    import dataclasses
+
+    import pandas as pd
+
+    from ctssl_core import bias
+    from ctssl_core.benchmark import make_plan
+    from ctssl_core.config import ConfigError, build
+    from ctssl_core.dose import benchmark_embeddings, dose_response, dose_sentence, plan_inputs
+
+    t0 = time.perf_counter()
+    plan = make_plan(args.profile, args.overrides, args.store)
+    if plan.bench.threads:   # as run_benchmark: one thread is far faster on a CPU shared with other jobs
+        import torch
+
+        torch.set_num_threads(plan.bench.threads)
+    try:
+        synth_cfg, indices, encoders, dcfg = plan_inputs(plan, args.store, benchmark_embeddings(plan, args.store))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.strengths:
+        dcfg = dataclasses.replace(dcfg, strengths=tuple(args.strengths))
+    bcfg = build(bias.BiasConfig, dict(plan.config.get("bias") or {}), where="bias.")
+    print(f"{plan.benchmark_id}: {len(indices)} patients, encoders {sorted(encoders)}, configured race_effect "
+          f"{synth_cfg.race_effect:g}")
+    df = dose_response(indices, synth_cfg, encoders, dcfg, bcfg, log=print)
+    secs = time.perf_counter() - t0
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for enc in encoders:
+        for analysis in ("probe", "ks", "separability"):
+            print(dose_sentence(df, enc, analysis))
+    print(f"wall {secs:.1f} s (rendering, embedding and analysis)")
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
+                                           f"bias_dose_{plan.profile}_{date.today().isoformat()}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.assign(benchmark_id=plan.benchmark_id, patients=len(indices)).to_csv(out, index=False)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
