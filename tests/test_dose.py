@@ -159,23 +159,50 @@ def test_dose_bad_inputs_say_what_to_do():
         dose_response([0], tiny, {})
 
 
-def test_dose_rows_of_the_smoke_benchmark(smoke_store):
+def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store, tmp_path):
+    """dose_rows on the smoke benchmark (off unless the profile asks; every encoder x strength x test when on;
+    a line, not an error, without the cohort), and its rows read back by read.bias_dose and shown on the
+    Embeddings page."""
+    import shutil
+
+    from test_pages import open_page, texts
+
     from ctssl_core.benchmark import make_plan
     from ctssl_core.config import merge
     from ctssl_core.dose import benchmark_embeddings, dose_rows
+    from ctssl_core.results import read
+    from ctssl_core.results.write import write_summaries
 
-    plan = make_plan("smoke", store_root=smoke_store)
-    emb = benchmark_embeddings(plan, smoke_store)
+    root = tmp_path / "store"
+    shutil.copytree(smoke_store, root)
+    plan = make_plan("smoke", store_root=root)
+    emb = benchmark_embeddings(plan, root)
     assert set(emb) == {"random", *plan.bench.strategies}
-    assert dose_rows(plan, smoke_store, emb)[:2] == ([], [])                     # off unless the profile asks
+    assert dose_rows(plan, root, emb)[:2] == ([], [])                             # off unless the profile asks
     plan = dataclasses.replace(plan, config=merge(plan.config, {"bias": {"dose_response": True}}))
-    rows, lines, df = dose_rows(plan, smoke_store, emb)
+    gone = dataclasses.replace(plan, cohort=root / "no-cohort")
+    rows, lines, df = dose_rows(gone, root, emb)
+    assert rows == [] and df.empty and "not computed" in lines[0]
+    rows, lines, df = dose_rows(plan, root, emb)
     assert {r["task"] for r in rows} == {"bias_dose"} and len(rows) == len(df) == len(emb) * 3 * 3
     assert {r["metric"] for r in rows} >= {"race_probe@0", "race_probe@0.25", "race_probe@0.5"}
     assert sorted(df["encoder"].unique()) == sorted(emb) and df["n"].max() == 32
     assert "race dose-response" in lines[0] and len(lines) == 1 + 2 * len(emb)
-    # a plan whose cohort is missing: said, not raised
-    gone = dataclasses.replace(plan, cohort=smoke_store / "no-cohort")
-    rows, lines, df = dose_rows(gone, smoke_store, emb)
-    assert rows == [] and df.empty and "not computed" in lines[0]
-    assert isinstance(df, pd.DataFrame)
+    write_summaries(root, rows)
+    got = read.bias_dose(root, plan.benchmark_id)
+    assert len(got) == len(df)
+    want = df.rename(columns={"encoder": "init"}).set_index(["init", "analysis", "strength"])
+    for r in got.itertuples():
+        w = want.loc[(r.init, r.analysis, r.strength)]
+        assert r.statistic == pytest.approx(w.statistic) and r.detected == w.detected and r.metric == w.metric
+        assert r.p_adjusted == pytest.approx(w.p_adjusted, rel=1e-2)
+    assert not read.headline_table(root, plan.benchmark_id).task.eq("bias_dose").any()   # an analysis, not a metric
+    at = open_page(root, "embeddings")
+    assert "dose-response" in texts(at)
+    grid = next(d.value for d in at.dataframe if "race_effect 0" in d.value.columns)
+    assert list(grid.columns) == ["race_effect 0", "race_effect 0.25", "race_effect 0.5"]
+    probe = got[got.analysis == "probe"]
+    for r in probe.itertuples():
+        assert grid.loc[r.init, f"race_effect {r.strength:g}"].startswith(f"{r.statistic:.2f}")
+    assert read.bias_dose(smoke_store).empty                                   # the smoke profile leaves it off
+
