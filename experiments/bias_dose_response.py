@@ -14,6 +14,12 @@ cohort's image size, as for the PE twins):
 
 Prints the table and the per-encoder sentences and writes
 experiments/results/bias_dose_<profile>_<date>.csv (or --out).
+
+Cost without a benchmark (``--stand-ins N``): the profile's whole cohort rendered in memory and N random-init
+encoders of the profile's architecture standing in for random init + the strategies (same architecture, same
+cost; their numbers are random-init numbers, not the strategies'):
+
+    python experiments/bias_dose_response.py --profile quick --stand-ins 6
 """
 
 from __future__ import annotations
@@ -25,10 +31,33 @@ from datetime import date
 from pathlib import Path
 
 
+def stand_ins(plan, n: int):
+    """(SynthConfig, every patient, n random-init encoders, DoseConfig) from the profile alone."""
+    import torch
+
+    from ctssl_core.benchmark import input_windows, pretrain_encoder
+    from ctssl_core.config import build
+    from ctssl_core.data.synth import SynthConfig
+    from ctssl_core.dose import DoseConfig
+    from ctssl_core.models import build_encoder
+
+    synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
+    name, kw = pretrain_encoder(plan.config)
+    encoders = {}
+    for k in range(n):
+        torch.manual_seed(k)
+        encoders[f"random-s{k}"] = build_encoder(name, windows=input_windows(plan.config), **kw)
+    emb = plan.config.get("embed") or {}
+    dcfg = DoseConfig(batch_size=int(emb.get("batch_size", 64)), max_per_series=int(emb.get("max_per_series", 0)))
+    return synth_cfg, list(range(synth_cfg.n_patients)), encoders, dcfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="smoke", help="the benchmark profile the store was built by")
-    ap.add_argument("--store", required=True, help="the benchmark's store folder")
+    ap.add_argument("--store", default="", help="the benchmark's store folder")
+    ap.add_argument("--stand-ins", type=int, default=0,
+                    help="no store: render the profile's cohort and use this many random-init encoders (cost)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="the benchmark's overrides, if any")
     ap.add_argument("--strengths", type=float, nargs="*", default=[], help="race_effect values (default 0, half, full)")
     ap.add_argument("--out", default="", help="CSV path (default experiments/results/bias_dose_<profile>_<date>.csv)")
@@ -43,14 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     from ctssl_core.config import ConfigError, build
     from ctssl_core.dose import benchmark_embeddings, dose_response, dose_sentence, plan_inputs
 
-    t0 = time.perf_counter()
-    plan = make_plan(args.profile, args.overrides, args.store)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if not args.store and args.stand_ins < 1:
+        print("error: give --store (a finished benchmark's store) or --stand-ins N", file=sys.stderr)
+        return 2
+    plan = make_plan(args.profile, args.overrides, args.store or None)
     if plan.bench.threads:   # as run_benchmark: one thread is far faster on a CPU shared with other jobs
         import torch
 
         torch.set_num_threads(plan.bench.threads)
     try:
-        synth_cfg, indices, encoders, dcfg = plan_inputs(plan, args.store, benchmark_embeddings(plan, args.store))
+        if args.stand_ins:
+            synth_cfg, indices, encoders, dcfg = stand_ins(plan, args.stand_ins)
+        else:
+            synth_cfg, indices, encoders, dcfg = plan_inputs(plan, args.store, benchmark_embeddings(plan, args.store))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for enc in encoders:
         for analysis in ("probe", "ks", "separability"):
             print(dose_sentence(df, enc, analysis))
-    print(f"wall {secs:.1f} s (rendering, embedding and analysis)")
+    print(f"wall {secs:.1f} s, CPU {time.process_time() - c0:.1f} s (rendering, embedding and analysis)")
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
                                            f"bias_dose_{plan.profile}_{date.today().isoformat()}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
