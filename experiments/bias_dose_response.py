@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                                            f"bias_dose_{plan.profile}_{date.today().isoformat()}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     df.assign(benchmark_id=plan.benchmark_id, patients=len(indices)).to_csv(out, index=False)
-    print(f"wrote {out}")
+    repo = Path(__file__).resolve().parent.parent
+    print(f"wrote {out.resolve().relative_to(repo) if out.resolve().is_relative_to(repo) else out.name}")   # no path of the machine
     return 0
 
 

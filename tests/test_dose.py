@@ -90,6 +90,21 @@ def test_renders_equal_the_smoke_store(smoke_store):
         hu0, _ = render_at(cfg, [index[key]], 0.0, cache=cache)
         same = np.array_equal(hu0, hu)
         assert same == (pats.loc[key, "race"] == cfg.race_labels[0])
+    # the benchmark's encoders embed the renders exactly as they embedded the store: same vectors, row by row
+    from ctssl_core.dose import benchmark_embeddings, plan_inputs
+    from ctssl_core.embed import embed_array, load_embeddings
+
+    emb = benchmark_embeddings(plan, smoke_store)
+    synth_cfg, indices, encoders, dcfg = plan_inputs(plan, smoke_store, emb)
+    assert synth_cfg == cfg and set(encoders) == set(emb)
+    hu, keys = render_at(cfg, indices, cfg.race_effect, dcfg.max_per_series)
+    for init in ("random", plan.bench.strategies[0]):
+        E, stored_keys, _ = load_embeddings(smoke_store, emb[init]["slice"])
+        row = {(index[k], int(i)): r for r, (k, i) in enumerate(zip(stored_keys.patient_key, stored_keys.idx))}
+        assert sorted(row) == sorted(zip(keys.patient_key.astype(int), keys.idx))  # same patients and slices
+        mine = embed_array(encoders[init], lambda ids: hu[ids], np.arange(len(hu)))
+        want = E[[row[(int(k), int(i))] for k, i in zip(keys.patient_key, keys.idx)]]
+        np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-5)
     # the slices the embedder keeps with max_per_series (embed.even_per_series)
     assert slice_positions(8, 3).tolist() == [0, 4, 7]
     assert slice_positions(8, 0).tolist() == list(range(8))
