@@ -865,6 +865,10 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
         bias_rows, bias_lines = run_bias(plan, root, embeddings, log)
         rows += bias_rows
         notes += bias_lines
+        from ctssl_core.dose import dose_rows   # race re-rendered at 0..configured, when bias.dose_response
+
+        dose, dose_lines, _ = dose_rows(plan, root, embeddings, log)
+        rows, notes = rows + dose, notes + dose_lines
     rw.write_summaries(root, rows)
     df = pd.DataFrame.from_dict(table, orient="index")
     df.index.name = "init"

@@ -84,6 +84,9 @@ class BiasConfig:
     min_subgroup: int = 10             # subgroup performance: fewer patients in a group -> "too few", no number
     min_events: int = 5                # ... and fewer positives (TPR), negatives (FPR) or either (AUROC) likewise
     threshold: float | None = None     # PE score threshold for TPR/FPR when no validation scores are given
+    dose_response: bool = False        # benchmark: also run the race dose-response (dose.py) after the scorecard.
+                                       # Off by default: it renders and embeds the analysed patients 3 more times
+                                       # (smoke ~8 CPU-s; quick ~220 CPU-s for 6 encoders x 240 patients)
 
     def __post_init__(self) -> None:
         if self.correction not in ("bh", "holm"):

@@ -63,19 +63,30 @@ def patient_indices(cohort_dir: str | Path, secret_path: str | Path) -> dict[str
     return {key("patient", sample_demographics(cfg, i)["patient_id"]): i for i in range(cfg.n_patients)}
 
 
-def render_pair(cfg, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(hu with emboli, hu without, PE slice mask) int16 (S, H, W) x 2 and bool (S,), for one patient,
-    in the store's slice order (ascending z, as ingest orders a series by ImagePositionPatient)."""
+def render_stored(cfg, index: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """(hu int16 (S, H, W), PE slice mask bool (S,)) of cohort patient ``index`` as the store holds it:
+    the generator's own render (same rng stream) in the store's slice order (ascending z, as ingest
+    orders a series by ImagePositionPatient). ``params`` replaces ``sample_patient(cfg, index)`` for a
+    counterfactual render of the same patient (twins without emboli; another race-effect strength)."""
     from ctssl_core.data.phantom import phantom_volume, slice_z
     from ctssl_core.data.synth import STREAM_RENDER, _rng, sample_patient
 
-    p = sample_patient(cfg, index)
-    hu_with, _, pe = phantom_volume(p, _rng(cfg, index, STREAM_RENDER))
-    twin = dataclasses.replace(p, pe_defects=[])
-    hu_without, _, pe0 = phantom_volume(twin, _rng(cfg, index, STREAM_RENDER))
-    assert not pe0.any()
+    p = sample_patient(cfg, index) if params is None else params
+    hu, _, pe = phantom_volume(p, _rng(cfg, index, STREAM_RENDER))
     order = np.argsort(slice_z(p), kind="stable")                                  # (S,) ascending z
-    return hu_with[order], hu_without[order], pe[order]
+    return hu[order], pe[order]
+
+
+def render_pair(cfg, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hu with emboli, hu without, PE slice mask) int16 (S, H, W) x 2 and bool (S,), for one patient,
+    in the store's slice order (``render_stored``)."""
+    from ctssl_core.data.synth import sample_patient
+
+    p = sample_patient(cfg, index)
+    hu_with, pe = render_stored(cfg, index, p)
+    hu_without, pe0 = render_stored(cfg, index, dataclasses.replace(p, pe_defects=[]))
+    assert not pe0.any()
+    return hu_with, hu_without, pe
 
 
 class ArrayStore:

@@ -101,3 +101,23 @@ if len(sub):
     st.plotly_chart(charts.subgroup_fig(sub, metric), width="stretch", key="emb_sub")
     st.dataframe(sub[sub.metric == metric][["attribute", "group_a", "value", "ci_low", "ci_high"]]
                  .rename(columns={"group_a": "group"}), hide_index=True, width="stretch")
+
+dose = query("bias_dose", st.session_state.get("ctssl_benchmark"))   # the benchmark chosen above (benchmark_choice)
+if not dose.empty:
+    st.subheader("Does detection follow the planted race effect? (dose-response)")
+    st.caption("The same patients rendered again with the synthetic race effect at 0, half and full strength (same "
+               "anatomy and noise; only the knob changes) and embedded by each encoder. At 0 race has no imaging "
+               "correlate, so a detection there is a false positive of the analysis.")
+    tests = [a for a in ("probe", "separability", "ks") if a in set(dose.analysis)]
+    test = st.radio("Test", tests, horizontal=True, key="emb_dose_test")
+    d = dose[dose.analysis == test]
+    cells = d.assign(cell=["n/r" if v != v else f"{v:.2f}" + (" · detected" if x is True else "")
+                           for v, x in zip(d.statistic, d.detected)])
+    grid = cells.pivot(index="init", columns="strength", values="cell")
+    st.dataframe(grid.rename(columns=lambda s: f"race_effect {s:g}"), width="stretch", key="emb_dose")
+    st.caption(f"{d.metric.iloc[0]}; chance {d.chance.dropna().iloc[0]:.2f}. Detected = corrected p below alpha "
+               f"(Holm over the race tests)." if d.chance.notna().any() else f"{d.metric.iloc[0]}.")
+    wrong = dose[(dose.strength == 0) & dose.detected.eq(True)]
+    for r in wrong.itertuples():
+        st.warning(f"{r.init}: the {r.analysis} test detects race with no planted effect (corrected p "
+                   f"{r.p_adjusted:.2g}): a false positive of the analysis.")

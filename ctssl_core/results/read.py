@@ -43,6 +43,7 @@ DERIVED_METRICS = {"speed_ratio", "labels_saved"}
 ANALYSIS_PREFIXES = ("delta_", "verdict_", "sensitivity_", "mde_")
 ANALYSIS_METRICS = DERIVED_METRICS | {"labels_needed"}
 PRETEXT_TASK = "pretext"
+DOSE_TASK = "bias_dose"       # the race dose-response (dose.dose_rows): an analysis, not a metric of an init
 # the endpoints a reader needs to judge the study (issue 12 item 4), in display order
 KEY_ENDPOINTS = {"pe": ["twin_exam", "twin_slice", "slice_auroc_zstrat", "slice_auroc"],
                  "nodule": ["cpm", "lesion_sens_at_1fp", "exam_dice", "dice"]}
@@ -307,7 +308,8 @@ def _prefer_test(df: pd.DataFrame) -> pd.DataFrame:
 
 def is_value_row(task: str, metric: str) -> bool:
     """True for a summaries row that is a metric value of an init (not a delta, verdict, competence...)."""
-    return task != PRETEXT_TASK and metric not in ANALYSIS_METRICS and not metric.startswith(ANALYSIS_PREFIXES)
+    return (task not in (PRETEXT_TASK, DOSE_TASK) and metric not in ANALYSIS_METRICS
+            and not metric.startswith(ANALYSIS_PREFIXES))
 
 
 def headline_table(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
@@ -606,6 +608,36 @@ def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
                         outcome=outcome, sentence=note))
     order = {i: k for k, i in enumerate(init_order(set(s.init)))}
     return (pd.DataFrame(out, columns=cols).sort_values(["init", "attribute", "analysis"],
+                                                         key=lambda c: c.map(order) if c.name == "init" else c)
+            .reset_index(drop=True))
+
+
+def bias_dose(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
+    """The benchmark's race dose-response (task ``bias_dose`` rows, metric ``race_<analysis>@<strength>``;
+    written when the profile sets ``bias.dose_response``, see ``dose.dose_rows``).
+
+    Columns: init, analysis, strength, statistic (the test's statistic: probe AUROC, k-NN balanced
+    accuracy, largest KS D), chance (None for KS), metric, p_adjusted, detected (True / False / None =
+    not run: read from the note), ordered by init, analysis and strength.
+    """
+    import re
+
+    cols = ["init", "analysis", "strength", "statistic", "chance", "metric", "p_adjusted", "detected"]
+    with _read(store) as con:
+        s = _summaries(con, benchmark_id, "task = 'bias_dose'")
+    if s.empty:
+        return pd.DataFrame(columns=cols)
+    out = []
+    for r in s.itertuples():
+        analysis, _, strength = r.metric.removeprefix("race_").partition("@")
+        note = r.note if isinstance(r.note, str) else ""
+        p = re.search(r"corrected p ([-+.0-9eEnaif]+)", note)
+        verdict = note.rsplit(";", 1)[-1].strip()
+        out.append(dict(init=r.init, analysis=analysis, strength=float(strength), statistic=r.value, chance=r.ci_low,
+                        metric=note.split(";", 1)[0], p_adjusted=float(p.group(1)) if p else np.nan,
+                        detected={"detected": True, "not detected": False}.get(verdict)))
+    order = {i: k for k, i in enumerate(init_order(set(s.init)))}
+    return (pd.DataFrame(out, columns=cols).sort_values(["init", "analysis", "strength"],
                                                          key=lambda c: c.map(order) if c.name == "init" else c)
             .reset_index(drop=True))
 
