@@ -394,15 +394,24 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     return unit.run_id
 
 
+def embed_config(plan: Plan):
+    """The benchmark's ``EmbedConfig``: the profile's ``embed`` section on the benchmark's encoder, split
+    scheme and input windows (what the embed units and the bias dose-response both embed with)."""
+    from ctssl_core import embed as emb
+
+    mapping = merge({"encoder": pretrain_encoder(plan.config)[0], "split_seed": plan.bench.split_seed,
+                     "pool": plan.bench.pool, "split_fractions": list(plan.bench.split_fractions),
+                     "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
+    return build(emb.EmbedConfig, mapping, where="embed.")
+
+
 def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
     """Embed the evaluation split with one init (embed.run_embed); returns its embedding ids."""
     from ctssl_core import embed as emb
     from ctssl_core.results import write as rw
 
     enc_name, enc_kw = pretrain_encoder(plan.config)
-    mapping = merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
-                     "split_fractions": list(plan.bench.split_fractions), "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
-    ecfg = build(emb.EmbedConfig, mapping, where="embed.")
+    ecfg = embed_config(plan)
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
     rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
                  profile=plan.profile, benchmark_id=plan.benchmark_id)

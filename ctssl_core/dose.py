@@ -213,10 +213,9 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
     slice embedding. Raises ``twins.TwinUnavailable`` when the store cannot be re-rendered.
     """
     from ctssl_core import twins
-    from ctssl_core.benchmark import input_windows, pretrain_encoder
-    from ctssl_core.config import build, merge
+    from ctssl_core.benchmark import embed_config
     from ctssl_core.data.store import SliceStore
-    from ctssl_core.embed import EmbedConfig, load_embeddings, resolve_encoder
+    from ctssl_core.embed import load_embeddings, resolve_encoder
     from ctssl_core.paths import store_paths
 
     if not (Path(plan.cohort) / "truth.json").is_file():
@@ -228,10 +227,7 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
     index = twins.patient_indices(plan.cohort, store_paths(root).secret)
     if not set(store.patients["patient_key"].astype(str)) <= set(index):
         raise twins.TwinUnavailable("the store holds patients that are not this benchmark's synthetic cohort")
-    enc_name = pretrain_encoder(plan.config)[0]
-    ecfg = build(EmbedConfig, merge({"encoder": enc_name, "split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
-                                     "windows": input_windows(plan.config)}, plan.config.get("embed") or {}),
-                 where="embed.")
+    ecfg = embed_config(plan)
     first = embeddings.get("random") or next(iter(embeddings.values()))
     _, keys, _ = load_embeddings(root, first["slice"])
     size = int(store.read(store.slice_ids[:1]).shape[-1])
