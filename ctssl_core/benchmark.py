@@ -647,9 +647,41 @@ def seed_mean(boots: dict, init: str, frac: float, key: str) -> np.ndarray | flo
 
 # what the sensitivity check and the verdicts read, in order of preference (the first present)
 SENSITIVITY_METRICS = {"pe": ("twin_exam", "exam_auroc"), "nodule": ("cpm", "dice")}
+CHANCE = {"twin_exam": 0.5, "exam_auroc": 0.5, "cpm": 0.0, "dice": 0.0}   # what a model that learned nothing scores
 
 
-def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, dict[str, str]]):
+def ceiling_line(plan: Plan, root: Path | None, task: str, metric: str) -> tuple[dict | None, str | None]:
+    """Is the task learnable at this scale at all? The positive control's source model (trained with
+    every label of the pool) scored on the test split -> (summary row, line), or (None, None) when it
+    did not run. When even full supervision on the pool does not score above chance (CI includes it),
+    no pretraining can show a gain on this endpoint: the insensitivity is in the task at this
+    resolution and budget, not in the number of test patients."""
+    unit = next((u for u in plan.units if u.kind == "control" and u.task == task and u.init == POSITIVE), None)
+    if unit is None or root is None:
+        return None, None
+    try:
+        boot = _unit_boot(root, unit)
+    except (OSError, ValueError):
+        return None, None
+    if metric not in boot or f"point/{metric}" not in boot:
+        return None, None
+    v = float(boot[f"point/{metric}"])
+    lo, hi = _quantile_ci(boot[metric])
+    chance = CHANCE[metric]
+    learned = bool(np.isfinite(lo) and lo > chance)
+    word = "above chance" if learned else "NOT above chance"
+    line = (f"  Task ceiling: the positive control's source (supervised on all pool labels) scores {metric} "
+            f"{_fmt(v, lo, hi)} on the test split, {word} ({chance:g})"
+            + ("." if learned else " - the task is not learned at this resolution and budget even with full "
+               "supervision, so no pretraining strategy can show a gain on this endpoint here."))
+    row = {"benchmark_id": plan.benchmark_id, "task": task, "init": POSITIVE, "metric": f"ceiling_{metric}",
+           "value": _n(v), "ci_low": _n(lo), "ci_high": _n(hi),
+           "note": f"positive control's source model on the test split; {word} ({chance:g})"}
+    return row, line
+
+
+def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, dict[str, str]],
+                     root: Path | None = None):
     """Can this benchmark detect a gain, and does each strategy give one? -> (summary rows, lines).
 
     At the smallest label fraction, per task: the positive control minus random init (paired,
@@ -704,6 +736,10 @@ def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, di
                              "value": _n(mde), "ci_low": None, "ci_high": None,
                              "note": "half-width of the 95% CI of the positive control's paired delta"})
                 lines.append(f"- {task}: {word}. {note}.")
+                crow, cline = ceiling_line(plan, root, task, metric)
+                if crow is not None:
+                    rows.append(crow)
+                    lines.append(cline)
             nd = delta(NEGATIVE, bench.alpha)
             if nd is not None and np.isfinite(nd[1]):
                 bad = nd[1] > 0
@@ -862,7 +898,7 @@ def summarise(plan: Plan, root: Path, embeddings: dict[str, dict[str, str]], log
     comp_rows, comp_lines = competence_rows(plan, root, table)
     rows += comp_rows
     notes += comp_lines
-    sens_rows, sens_lines = sensitivity_rows(plan, all_boots, table)
+    sens_rows, sens_lines = sensitivity_rows(plan, all_boots, table, root)
     rows += sens_rows
     notes += sens_lines
     if "pe" in bench.tasks:

@@ -279,3 +279,38 @@ def test_every_benchmark_scores_its_bias_analysis_against_the_planted_truth(smok
     assert null.note.str.contains("has no imaging correlate").all()
     summary = (store_paths(smoke_store).run_dir(bid) / "summary.md").read_text()
     assert "bias scorecard against the planted truth" in summary
+
+
+@pytest.mark.parametrize("source_mean, learned", [(0.62, True), (0.5, False)])
+def test_ceiling_says_whether_the_task_is_learned_even_with_full_supervision(tmp_path, source_mean, learned):
+    """The positive control's source model is scored on the test split; when its CI includes chance the
+    summary says the task is not learned at this scale (so no strategy can show a gain), else that it is."""
+    from ctssl_core.benchmark import sensitivity_rows
+    from ctssl_core.controls import POSITIVE
+    from ctssl_core.finetune import BOOT_FILE
+    from ctssl_core.paths import store_paths
+
+    plan = _plan(tmp_path)
+    unit = next(u for u in plan.units if u.kind == "control" and u.task == "pe" and u.init == POSITIVE)
+    run_dir = store_paths(tmp_path).run_dir(unit.run_id)
+    run_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    per_patient = source_mean + 0.1 * rng.standard_normal(80)                 # (P,)
+    draws = rng.integers(0, 80, size=(400, 80))
+    np.savez(run_dir / BOOT_FILE, twin_exam=per_patient[draws].mean(1),       # what finetune writes
+             **{"point/twin_exam": np.float64(per_patient.mean())})
+    rows, lines = sensitivity_rows(plan, {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
+    ceiling = next(r for r in rows if r["metric"] == "ceiling_twin_exam")
+    assert ceiling["value"] == pytest.approx(per_patient.mean())
+    assert (ceiling["ci_low"] > 0.5) is learned
+    line = next(line for line in lines if "Task ceiling" in line)
+    assert ("NOT above chance" in line) is (not learned)
+    assert ("no pretraining strategy can show a gain" in line) is (not learned)
+
+
+def test_ceiling_is_silent_when_the_positive_control_has_not_run(tmp_path):
+    from ctssl_core.benchmark import sensitivity_rows
+
+    rows, lines = sensitivity_rows(_plan(tmp_path), {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
+    assert not any(r["metric"].startswith("ceiling_") for r in rows)
+    assert not any("Task ceiling" in line for line in lines)
