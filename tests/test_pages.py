@@ -214,8 +214,11 @@ def test_embeddings_scatter_pair_probes_and_caveat(seeded):
     at.selectbox(key="emb_color").select("age").run()
     age = [x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")][0]
     assert len(age["data"]) == 1 and "colorscale" in age["data"][0]["marker"]
-    at.radio(key="emb_method").set_value("pca").run()
-    assert specs(at)[0]["layout"]["title"]["text"].startswith("PCA")
+    # UMAP and PCA side by side, for the encoder and (below) for its random-init reference
+    titles = [x["layout"]["title"]["text"] for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]
+    assert [t.split(":")[0] for t in titles] == ["UMAP", "PCA", "UMAP", "PCA"]
+    assert ["random init" in t for t in titles] == [False, False, True, True]
+    assert "UMAP was not computed" not in texts(at)
 
 
 def test_data_page_counts_viewer_and_errors(seeded):
@@ -524,9 +527,9 @@ def test_deep_link_reproduces_curves_and_embedding_views(smoke_store):
     assert _qp(at, "run") == ft
     emb = read.embeddings(smoke_store)
     eid = emb[emb.init != "random"].emb_id.iloc[-1]
-    view = _open_link(smoke_store, "embeddings", {"emb": eid, "proj": "pca", "color": "sex"})
-    assert view.selectbox(key="emb_id").value == eid and view.radio(key="emb_method").value == "pca"
-    assert view.selectbox(key="emb_color").value == "sex"
+    view = _open_link(smoke_store, "embeddings", {"emb": eid, "color": "sex", "point": "2"})
+    assert view.selectbox(key="emb_id").value == eid and view.selectbox(key="emb_color").value == "sex"
+    assert view.number_input(key="emb_point").value == 2 and "point 2 ·" in view.get("image")[0].proto.imgs[0].caption
     scat = [x for x in specs(view) if x["layout"]["title"]["text"].startswith("PCA")]
     assert len(scat) == 2 and {d["name"] for d in scat[0]["data"]} <= {"F", "M", "unknown"}
     series = read.series_list(smoke_store).series_key.tolist()
