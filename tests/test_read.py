@@ -634,3 +634,44 @@ def test_series_labels_and_finding_slices(smoke_store):
     assert f.idx.tolist() == rows.idx.tolist() and f.pe.sum() == want.n_pe[key]
     assert f"{int(want.n_pe[key])} PE" in s.label[key]
     assert read.finding_slices(smoke_store, "no-such-series").empty
+
+
+# ---------------------------------------------------------------- bias scorecard storage (issue 15)
+def test_scorecard_outcome_is_stored_by_the_benchmark_and_read_directly(smoke_store):
+    """The benchmark stores each scorecard row's outcome; the reader takes it as stored, not from the sentence."""
+    bid = read.latest_finished(read.benchmarks(smoke_store))
+    stored = raw(smoke_store, "SELECT init, metric, value, outcome FROM summaries WHERE benchmark_id = ? AND "
+                              "metric LIKE 'scorecard_%'", [bid])
+    assert len(stored) and set(stored.outcome) <= set(read.SCORECARD_OUTCOMES)
+    right = stored.outcome.isin(["hit", "correct null"])
+    assert (stored.value.isna() == (stored.outcome == "not run")).all()
+    assert (stored.value.dropna() == right[stored.value.notna()].astype(float)).all()
+    card = read.bias_scorecard(smoke_store, bid)
+    got = dict(zip(card.init + "/scorecard_" + card.attribute + "_" + card.analysis, card.outcome))
+    assert got == dict(zip(stored.init + "/" + stored.metric, stored.outcome))
+
+
+def test_scorecard_of_a_store_before_the_outcome_column_is_parsed_from_the_sentence(smoke_store, tmp_path):
+    """A schema-2 store (no summaries.outcome) still reads: the outcome comes back from each sentence."""
+    import shutil
+
+    from ctssl_core.db import connect
+
+    root = tmp_path / "old"
+    root.mkdir()
+    shutil.copy(smoke_store / "ctssl.duckdb", root / "ctssl.duckdb")
+    with connect(root / "ctssl.duckdb") as con:
+        con.execute("ALTER TABLE summaries DROP COLUMN outcome")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    new, old = read.bias_scorecard(smoke_store), read.bias_scorecard(root)
+    assert len(old) == len(new) and "" not in set(old.outcome)
+    pd.testing.assert_frame_equal(old, new)
+
+
+def test_scorecard_outcome_prefers_the_stored_value_then_the_sentence():
+    sentence = "rotation: race has a planted imaging correlate; the KS tests detects it (smallest corrected p 0.01): right."
+    assert read.scorecard_outcome("miss", sentence) == "miss"                    # stored wins
+    assert read.scorecard_outcome(None, sentence) == "hit"                       # older store: the sentence
+    assert read.scorecard_outcome("nonsense", "x: y; the probe flags it: WRONG, a false positive of the analysis.") \
+        == "false positive"
+    assert read.scorecard_outcome(None, None) == "" and read.scorecard_outcome(float("nan"), "no verdict here") == ""

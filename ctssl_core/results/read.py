@@ -488,12 +488,13 @@ def derived(store: str | Path, metric: str, benchmark_id: str | None = None) -> 
 
 
 # ---------------------------------------------------------------- could the study find a gain? (issue 12)
-def _summaries(con, benchmark_id: str | None, where: str = "", params: Sequence = ()) -> pd.DataFrame:
+def _summaries(con, benchmark_id: str | None, where: str = "", params: Sequence = (),
+               extra: Sequence[str] = ()) -> pd.DataFrame:
     clauses, args = ([where] if where else []), list(params)
     if benchmark_id:
         clauses.append("benchmark_id = ?")
         args.append(benchmark_id)
-    return _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high", "note"],
+    return _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high", "note", *extra],
                    " AND ".join(clauses), args)
 
 
@@ -578,6 +579,19 @@ def strategy_verdicts(store: str | Path, benchmark_id: str | None = None) -> pd.
 
 
 SCORECARD_ANALYSES = ("probe", "ks", "separability")
+SCORECARD_OUTCOMES = ("hit", "miss", "false positive", "correct null", "not run")
+# stores before schema 3 kept the outcome only inside the sentence (bias._scorecard_sentence's wording)
+_OUTCOME_WORDS = (("a false positive", "false positive"), ("does not flag it", "correct null"),
+                  ("did not run", "not run"), ("a miss", "miss"), ("detects it", "hit"))
+
+
+def scorecard_outcome(stored, sentence) -> str:
+    """The scorecard row's outcome: the stored ``summaries.outcome`` (schema 3 on), else — a store written
+    before it — parsed back from the sentence; '' when neither says."""
+    if isinstance(stored, str) and stored in SCORECARD_OUTCOMES:
+        return stored
+    verdict = sentence.split(";", 1)[-1] if isinstance(sentence, str) else ""
+    return next((o for key, o in _OUTCOME_WORDS if key in verdict), "")
 
 
 def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
@@ -585,11 +599,11 @@ def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
     ``scorecard_<attribute>_<analysis>``; written only for stores built from the benchmark's cohort).
 
     Columns: init, attribute, analysis, right (True / False / None = not run), outcome (hit, miss,
-    false positive, correct null, not run: read from the sentence), sentence.
+    false positive, correct null, not run: as stored, or from the sentence in older stores), sentence.
     """
     cols = ["init", "attribute", "analysis", "right", "outcome", "sentence"]
     with _read(store) as con:
-        s = _summaries(con, benchmark_id, "task = 'bias' AND metric LIKE 'scorecard_%'")
+        s = _summaries(con, benchmark_id, "task = 'bias' AND metric LIKE 'scorecard_%'", extra=["outcome"])
     if s.empty:
         return pd.DataFrame(columns=cols)
     out = []
@@ -597,13 +611,9 @@ def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
         rest = r.metric.removeprefix("scorecard_")
         analysis = next((a for a in SCORECARD_ANALYSES if rest.endswith("_" + a)), "")
         note = r.note if isinstance(r.note, str) else ""
-        verdict = note.split(";", 1)[-1]                                   # bias._scorecard_sentence's wording
-        outcome = next((o for key, o in (("a false positive", "false positive"), ("does not flag it", "correct null"),
-                                         ("did not run", "not run"), ("a miss", "miss"), ("detects it", "hit"))
-                        if key in verdict), "")
         out.append(dict(init=r.init, attribute=rest[: len(rest) - len(analysis) - 1] if analysis else rest,
                         analysis=analysis, right=None if pd.isna(r.value) else bool(r.value),
-                        outcome=outcome, sentence=note))
+                        outcome=scorecard_outcome(r.outcome, note), sentence=note))
     order = {i: k for k, i in enumerate(init_order(set(s.init)))}
     return (pd.DataFrame(out, columns=cols).sort_values(["init", "attribute", "analysis"],
                                                          key=lambda c: c.map(order) if c.name == "init" else c)
