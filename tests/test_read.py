@@ -675,3 +675,81 @@ def test_scorecard_outcome_prefers_the_stored_value_then_the_sentence():
     assert read.scorecard_outcome("nonsense", "x: y; the probe flags it: WRONG, a false positive of the analysis.") \
         == "false positive"
     assert read.scorecard_outcome(None, None) == "" and read.scorecard_outcome(float("nan"), "no verdict here") == ""
+
+
+# ---------------------------------------------------------------- embeddings: colour by any attribute, point -> slice
+def test_attribute_kind_numeric_codes_text_and_empty():
+    s = pd.Series
+    assert read.attribute_kind(s(["23.4", "19.0", None, "31.25"])) == "numeric"        # CSV text, fractional
+    assert read.attribute_kind(s([float(v) for v in range(40)])) == "numeric"           # many whole values
+    assert read.attribute_kind(s(["1", "2", "3", "1"])) == "categorical"                # a handful of codes
+    assert read.attribute_kind(s([0.0, 1.0, np.nan])) == "categorical"                  # a 0/1 label
+    assert read.attribute_kind(s(["A", "B", "7"])) == "categorical"
+    assert read.attribute_kind(s([True, False])) == "categorical"
+    assert read.attribute_kind(s([61.0, 70.0]), "age") == "numeric"                     # age is always a scale
+    assert read.attribute_kind(s([None, "", "  "], dtype=object)) == "empty"
+    assert read.attribute_kind(s([], dtype=float)) == "empty"
+
+
+def test_embedding_view_colours_by_every_stored_attribute(attributes_store):
+    """Issue 14 item 6: extra demographics columns reach the points; kinds decide the colour scale."""
+    emb = read.embeddings(attributes_store)
+    eid = emb[(emb.init != "random") & (emb.level == "slice")].emb_id.iloc[0]
+    view = read.embedding_view(attributes_store, eid)
+    assert view["methods"] == ["pca"] and view["ref_id"] is not None     # the smoke profile skips UMAP
+    pts, ref = view["points"]["pca"], view["ref_points"]["pca"]
+    kinds = dict(zip(view["attributes"].attribute, view["attributes"].kind))
+    assert list(kinds)[:5] == ["race", "sex", "age", "site", "control_group"]
+    assert kinds["age"] == "numeric" and kinds["bmi"] == "numeric" and kinds["scanner_code"] == "categorical"
+    assert kinds["race"] == "categorical" and kinds["sex"] == "empty"          # the CSV said "not recorded"
+    assert not {"row", "x", "y", "patient_key", "series_key", "slice_id", "idx"} & set(kinds)
+    pats = read.patient_attributes(attributes_store).set_index("patient_key")
+    for p in (pts, ref):                                                 # joined by patient, order kept
+        assert p.bmi.tolist() == pats.bmi.reindex(p.patient_key).tolist()
+    keys = pd.read_parquet(attributes_store / emb.set_index("emb_id").keys_path[eid])
+    assert pts.series_key.tolist() == keys.series_key.iloc[pts.row].tolist()
+    n_known = dict(zip(view["attributes"].attribute, view["attributes"].n_known))
+    assert n_known["bmi"] == len(pts) and n_known["sex"] == 0 and pts.sex.isna().all()
+    assert keys.sex.notna().all()                  # the keys file's snapshot had sex: the catalog, now, wins
+    assert "patient_key" not in read.demographics(attributes_store).columns
+    assert "bmi" in read.demographics(attributes_store).columns
+
+
+def test_point_slice_is_the_slice_the_point_came_from(smoke_store):
+    emb = read.embeddings(smoke_store).set_index("emb_id")
+    eid = emb[(emb.init != "random") & (emb.level == "slice")].index[0]
+    keys = pd.read_parquet(smoke_store / emb.keys_path[eid])
+    row = len(keys) // 2
+    ps = read.point_slice(smoke_store, eid, row)
+    series = read.series_list(smoke_store).set_index("series_key")
+    assert (ps.row, ps.level, ps.series_key, ps.idx) == (row, "slice", keys.series_key[row], int(keys.idx[row]))
+    assert ps.series_label == series.label[ps.series_key] and ps.n_slices == int(series.n_slices[ps.series_key])
+    arr = np.load(smoke_store / series.array_path[ps.series_key])               # (S, H, W) int16
+    assert np.array_equal(ps.view.hu, arr[ps.idx])
+    assert ps.attributes["race"] == keys.race[row] and "patient_key" not in ps.attributes
+    exam = emb[(emb.init == emb.init[eid]) & (emb.level == "exam")].index[0]
+    ek = pd.read_parquet(smoke_store / emb.keys_path[exam])
+    ep = read.point_slice(smoke_store, exam, 0)                                  # an exam: its middle slice
+    assert ep.level == "exam" and ep.series_key == ek.series_key[0] and ep.idx == ep.n_slices // 2
+    with pytest.raises(read.ResultFileMissing, match=rf"point {len(keys)} is not in embedding .*0\.\.{len(keys) - 1}"):
+        read.point_slice(smoke_store, eid, len(keys))
+    with pytest.raises(read.ResultFileMissing, match="not in this store"):
+        read.point_slice(smoke_store, "emb-gone", 0)
+
+
+def test_a_plotly_selection_maps_back_to_its_points():
+    pts = pd.DataFrame({"x": np.arange(6.0), "y": np.zeros(6), "race": ["B", "A", "B", None, "A", "B"],
+                        "bmi": [20.5, 21.0, 22.5, 23.0, 24.5, 25.0]})
+    fig = charts.scatter_fig(pts, "race", "t", kind="categorical")
+    assert [t.name for t in fig.data] == ["A", "B", "unknown"]
+    # curve 1 (B) point 2 is the third B: position 5; curve 2 point 0 is the unknown one; bad entries are ignored
+    sel = [{"curve_number": 1, "point_index": 2}, {"curve_number": 2, "point_index": 0},
+           {"curve_number": 7, "point_index": 0}, {"curve_number": 0, "point_index": 9}, {}]
+    assert charts.selected_positions(pts, "race", "categorical", sel) == [5, 3]
+    for k, t in enumerate(fig.data):                                             # the same partition as the figure
+        assert list(t.x) == pts.x.iloc[charts.scatter_groups(pts, "race", "categorical")[k][1]].tolist()
+    num = charts.scatter_fig(pts, "bmi", "t", kind="numeric")
+    assert len(num.data) == 1 and np.allclose(num.data[0].marker.color, pts.bmi)
+    assert charts.selected_positions(pts, "bmi", "numeric", [{"curve_number": 0, "point_index": 4}]) == [4]
+    one = charts.scatter_fig(pts.assign(e=None), "e", "t", kind="empty")        # empty: one colour, one trace
+    assert len(one.data) == 1 and one.data[0].marker.color is None and len(one.data[0].x) == 6

@@ -990,13 +990,28 @@ def patient_attributes(store: str | Path) -> pd.DataFrame:
     return pd.concat([df.drop(columns=["attributes"]), extra], axis=1)
 
 
+SERIES_LEVEL = {"site"}   # per series in the keys file (series.site), not a patient's value
+
+
 def _join_attributes(pts: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """Points with the patient attributes their keys file lacks (the keys file holds those known at embed
-    time; the catalog may hold more). Row order is kept."""
-    extra = [c for c in patients.columns if c != "patient_key" and c not in pts.columns]
-    if "patient_key" not in pts.columns or not extra:
+    """Points with their patients' attributes as the catalog holds them now, row order kept.
+
+    Why the catalog wins over the keys file: the keys file is a snapshot taken when ``ctssl embed`` ran;
+    a demographics CSV applied later (corrected, or with new columns) is what the store knows of the
+    patients. Per-series and per-slice columns (site, pe) stay as the keys file has them; a point whose
+    patient is not in the catalog keeps its snapshot.
+    """
+    if "patient_key" not in pts.columns or patients.empty:
         return pts
-    return pts.merge(patients[["patient_key", *extra]], on="patient_key", how="left")
+    cols = [c for c in patients.columns if c != "patient_key" and c not in SERIES_LEVEL]
+    cat = patients.drop_duplicates("patient_key").set_index("patient_key")[cols]
+    known = pts.patient_key.isin(cat.index).to_numpy()
+    now = cat.reindex(pts.patient_key.to_numpy())
+    out = pts.copy()
+    for c in cols:
+        new = now[c].to_numpy()
+        out[c] = np.where(known, new, out[c].to_numpy()) if c in out.columns else new
+    return out
 
 
 @dataclass
