@@ -753,3 +753,17 @@ def test_a_plotly_selection_maps_back_to_its_points():
     assert charts.selected_positions(pts, "bmi", "numeric", [{"curve_number": 0, "point_index": 4}]) == [4]
     one = charts.scatter_fig(pts.assign(e=None), "e", "t", kind="empty")        # empty: one colour, one trace
     assert len(one.data) == 1 and one.data[0].marker.color is None and len(one.data[0].x) == 6
+
+
+def test_summaries_with_alternative_metrics_stay_in_their_benchmark(tmp_path):
+    """A where clause with OR (delta_ OR verdict_, sensitivity_ OR mde_) must not let another benchmark's rows in:
+    it is parenthesised before the benchmark filter is ANDed on."""
+    from ctssl_core.results.write import write_summaries
+
+    rows = [dict(benchmark_id=b, task="pe", init="rotation", metric=m, value=v, ci_low=v - 0.1, ci_high=v + 0.1)
+            for b, v in (("bench-a", 0.1), ("bench-b", 0.3)) for m in ("delta_slice_auroc", "verdict_slice_auroc")]
+    write_summaries(tmp_path, rows)
+    for bid, v in (("bench-a", 0.1), ("bench-b", 0.3)):
+        d = read.deltas(tmp_path, bid)
+        assert len(d) == 2 and (d.value == v).all(), (bid, d)
+    assert len(read.deltas(tmp_path)) == 4

@@ -494,8 +494,9 @@ def _summaries(con, benchmark_id: str | None, where: str = "", params: Sequence 
     if benchmark_id:
         clauses.append("benchmark_id = ?")
         args.append(benchmark_id)
+    # each clause in parentheses: a caller's "a OR b" must not swallow the benchmark filter
     return _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high", "note", *extra],
-                   " AND ".join(clauses), args)
+                   " AND ".join(f"({c})" for c in clauses), args)
 
 
 def _fractions(con, benchmark_id: str | None, task: str, metric: str) -> list[float]:
