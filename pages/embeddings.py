@@ -59,7 +59,7 @@ elif "umap" not in methods:
             f"`pip install 'ctssl[umap]'`).")
 
 kind = kinds.get(color_by) if color_by else None
-hover = list(dict.fromkeys(h for h in ["row", "idx", color_by, "age", "sex", "race"] if h))
+hover = list(dict.fromkeys(h for h in ["row", color_by, "age", "sex", "race"] if h))  # row: type it below
 drawn = []  # (source, embedding, method, points, selection event)
 for source, eid in [("this encoder", emb_id), ("random init", ref_id)]:
     title = labels.get(eid, eid) if source == "this encoder" else f"random init · {labels.get(eid, eid)}"

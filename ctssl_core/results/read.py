@@ -949,7 +949,8 @@ def attribute_kind(values: pd.Series, name: str = "") -> str:
     handful of whole-number codes (more than ``MAX_CODES`` distinct values, or any fraction); age always is.
     """
     known = values.dropna()
-    known = known[known.astype(str).str.strip() != ""]
+    if known.dtype == object:                        # text: blank cells count as unknown
+        known = known[known.astype(str).str.strip() != ""]
     if known.empty:
         return "empty"
     if pd.api.types.is_bool_dtype(known):
@@ -975,7 +976,9 @@ def colour_attributes(points: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for c in names:
         kind = attribute_kind(points[c], c)
-        known = 0 if kind == "empty" else int((points[c].notna() & (points[c].astype(str).str.strip() != "")).sum())
+        v = points[c]
+        known = 0 if kind == "empty" else int((v.notna() & (v.astype(str).str.strip() != "")).sum()
+                                              if v.dtype == object else v.notna().sum())
         rows.append((c, kind, known))
     return pd.DataFrame(rows, columns=["attribute", "kind", "n_known"])
 
@@ -1050,8 +1053,8 @@ def point_slice(store: str | Path, emb_id: str, row: int) -> PointSlice:
             raise ResultFileStale(f"the keys file of embedding {emb_id} has no series_key/idx columns (an older "
                                   f"ctssl); re-run {hint('embed')} to rebuild it.")
         k = _join_attributes(keys.iloc[[int(row)]].reset_index(drop=True), patient_attributes(store)).iloc[0]
-        series = series_list(store).set_index("series_key")
         sk = str(k.series_key)
+        series = series_list(store, only=sk).set_index("series_key")
         if sk not in series.index:
             raise ResultFileMissing(f"series {sk} of point {row} is no longer in this store; re-run "
                                     f"{hint('embed')} after re-ingesting.")
@@ -1122,11 +1125,13 @@ def label_prevalence(store: str | Path) -> pd.DataFrame:
     return df
 
 
-def series_list(store: str | Path) -> pd.DataFrame:
+def series_list(store: str | Path, only: str | None = None) -> pd.DataFrame:
     """Series with their dataset, finding counts and a readable ``label`` ("#3 · synthetic · 64 slices ·
     2 PE · 5 nodule"): a reader picks a series by what it holds, not by its hash.
 
     Numbered by (dataset, series_key), so the number is stable while the store does not change.
+    ``only``: just that series' row (same number and label), counting only its slices — the
+    embedding viewer names one series per rerun and must not scan every slice for it.
     """
     with _read(store) as con:
         have = _schema_columns(con)
@@ -1134,7 +1139,8 @@ def series_list(store: str | Path) -> pd.DataFrame:
                                      "mask_path", "pixel_spacing_mm", "slice_thickness_mm"], have=have,
                      order="series_key")
         studies = _select(con, "studies", ["study_key", "dataset"], have=have)
-        sl = _select(con, "slices", ["series_key", "pe", "nodule_px"], have=have)
+        sl = _select(con, "slices", ["series_key", "pe", "nodule_px"], *(("series_key = ?", [only]) if only else ()),
+                     have=have)
     df = df.merge(studies, on="study_key", how="left")
     counts = sl.assign(pe=sl.pe.fillna(False).astype(bool), nod=sl.nodule_px.fillna(0) > 0) \
         .groupby("series_key").agg(n_pe=("pe", "sum"), n_nodule=("nod", "sum"))
@@ -1143,6 +1149,8 @@ def series_list(store: str | Path) -> pd.DataFrame:
     df["label"] = [f"#{k + 1} · {d if isinstance(d, str) else 'unknown dataset'} · {int(n) if n == n else '?'} slices"
                    + (f" · {int(p)} PE" if p else "") + (f" · {int(q)} nodule" if q else "")
                    for k, (d, n, p, q) in enumerate(zip(df.dataset, df.n_slices, df.n_pe, df.n_nodule))]
+    if only is not None:
+        df = df[df.series_key == only].reset_index(drop=True)
     return df.drop(columns=["study_key"])
 
 
