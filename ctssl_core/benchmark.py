@@ -1074,7 +1074,7 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[
 def scorecard_rows(plan: Plan, root: Path, frames: dict, labels: dict[str, str]) -> tuple[list[dict], list[str]]:
     """``bias.scorecard`` of every encoder against ``truth.json`` of the benchmark's synthetic cohort:
     summary rows (task 'bias', metric ``scorecard_<attribute>_<analysis>``, value 1 right / 0 wrong,
-    the sentence as note) and lines saying plainly where the analysis is wrong. Nothing when the
+    the outcome (hit, miss, false positive, correct null, not run) and the sentence as note) and lines saying plainly where the analysis is wrong. Nothing when the
     store was not built from that cohort (real data has no planted truth)."""
     import pandas as pd
 
@@ -1097,7 +1097,7 @@ def scorecard_rows(plan: Plan, root: Path, frames: dict, labels: dict[str, str])
     rows = [{"benchmark_id": plan.benchmark_id, "task": "bias", "init": r.encoder,
              "metric": f"scorecard_{r.attribute}_{r.analysis}",
              "value": None if r.correct is None else float(bool(r.correct)), "ci_low": None, "ci_high": None,
-             "note": r.sentence} for r in card.itertuples()]
+             "note": r.sentence, "outcome": r.outcome} for r in card.itertuples()]
     ran = card[card.correct.notna()]
     wrong = ran[~ran.correct.astype(bool)]
     fp = wrong[wrong.outcome == "false positive"]

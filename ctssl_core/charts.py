@@ -219,8 +219,49 @@ def curves_fig(df: pd.DataFrame, x_label: str = "step", log_y: bool = False, smo
 CONTINUOUS = {"age"}
 
 
-def scatter_fig(points: pd.DataFrame, color_by: str, title: str, hover: list[str] | None = None) -> go.Figure:
-    """2-D embedding scatter coloured by a patient attribute (categorical: one trace per group)."""
+def _scatter_kind(points: pd.DataFrame, color_by: str, kind: str | None) -> str:
+    """'numeric', 'categorical' or 'none' (one colour): ``kind`` when given (``read.attribute_kind``), else guessed."""
+    if color_by not in points.columns or kind == "empty" or points[color_by].isna().all():
+        return "none"
+    if kind in ("numeric", "categorical"):
+        return kind
+    numeric = color_by in CONTINUOUS or (pd.api.types.is_float_dtype(points[color_by])
+                                         and points[color_by].nunique() > 12)
+    return "numeric" if numeric else "categorical"
+
+
+def scatter_groups(points: pd.DataFrame, color_by: str, kind: str | None = None) -> list[tuple[str, np.ndarray]]:
+    """The traces of ``scatter_fig``: [(name, positions of their points in ``points``)], in trace order.
+
+    Why shared: a Plotly selection names a point by (curve_number, point_index) within its trace;
+    ``selected_positions`` maps it back through this same partition, so the two cannot disagree.
+    """
+    k = _scatter_kind(points, color_by, kind)
+    everyone = np.arange(len(points))
+    if k == "none":
+        return [("points", everyone)]
+    if k == "numeric":
+        return [(color_by, everyone)]
+    vals = points[color_by].astype(str).where(points[color_by].notna(), "unknown").to_numpy()
+    return [(v, np.flatnonzero(vals == v)) for v in sorted(set(vals))]
+
+
+def selected_positions(points: pd.DataFrame, color_by: str, kind: str | None, selected: list[dict]) -> list[int]:
+    """Positions in ``points`` of the points a Plotly selection event names (``curve_number``, ``point_index``);
+    entries that name no point of this figure are ignored."""
+    groups = scatter_groups(points, color_by, kind)
+    out = []
+    for p in selected or []:
+        c, i = p.get("curve_number"), p.get("point_index", p.get("point_number"))
+        if isinstance(c, int) and isinstance(i, int) and 0 <= c < len(groups) and 0 <= i < len(groups[c][1]):
+            out.append(int(groups[c][1][i]))
+    return out
+
+
+def scatter_fig(points: pd.DataFrame, color_by: str, title: str, hover: list[str] | None = None,
+                kind: str | None = None) -> go.Figure:
+    """2-D embedding scatter coloured by a patient attribute: ``kind`` 'numeric' = one trace on a
+    continuous scale, 'categorical' = one trace per value, 'empty'/absent column = one colour."""
     hover = [h for h in (hover or ["slice_id", "age", "sex", "race", "site"]) if h in points.columns]
     # one pre-joined hover string per point: plotly deep-copies object arrays element by element,
     # so one string column is ~5x cheaper than a 5-column customdata
@@ -230,23 +271,21 @@ def scatter_fig(points: pd.DataFrame, color_by: str, title: str, hover: list[str
         for h in hover[1:]:
             joined = joined + f"<br>{h}: " + points[h].astype(str)
         text = joined.to_numpy(dtype=object)
-    custom, tmpl = text, "%{customdata}<extra></extra>"
+    tmpl = "%{customdata}<extra></extra>"
     x, y = points.x.to_numpy(), points.y.to_numpy()
+    k = _scatter_kind(points, color_by, kind)
     traces = []
-    if color_by not in points.columns:
-        traces.append(dict(type="scattergl", x=x, y=y, mode="markers", marker=dict(size=4), name="points"))
-    elif color_by in CONTINUOUS or (pd.api.types.is_float_dtype(points[color_by]) and points[color_by].nunique() > 12):
-        traces.append(dict(type="scattergl", x=x, y=y, mode="markers", name=color_by, customdata=custom,
-                           hovertemplate=tmpl,
-                           marker=dict(size=4, color=points[color_by].to_numpy(), colorscale="Viridis",
-                                       colorbar=dict(title=dict(text=color_by)), opacity=0.8)))
-    else:
-        vals = points[color_by].astype(str).where(points[color_by].notna(), "unknown").to_numpy()
-        for k, v in enumerate(sorted(set(vals))):
-            m = vals == v
-            traces.append(dict(type="scattergl", x=x[m], y=y[m], mode="markers", name=v,
-                               customdata=custom[m] if custom is not None else None, hovertemplate=tmpl,
-                               marker=dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.75)))
+    for n, (name, pos) in enumerate(scatter_groups(points, color_by, kind)):
+        t = dict(type="scattergl", x=x[pos], y=y[pos], mode="markers", name=name,
+                 customdata=text[pos] if text is not None else None, hovertemplate=tmpl)
+        if k == "none":
+            t["marker"] = dict(size=4)
+        elif k == "numeric":
+            t["marker"] = dict(size=4, color=pd.to_numeric(points[color_by], errors="coerce").to_numpy(),
+                               colorscale="Viridis", colorbar=dict(title=dict(text=color_by)), opacity=0.8)
+        else:
+            t["marker"] = dict(size=4, color=PALETTE[n % len(PALETTE)], opacity=0.75)
+        traces.append(t)
     return _figure(traces, title, "dim 1", "dim 2", height=440)
 
 

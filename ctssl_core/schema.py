@@ -13,7 +13,7 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3   # 3: runs.name, runs.tags, runs.notes
+SCHEMA_VERSION = 3   # 3: runs.name, runs.tags, runs.notes; summaries.outcome (the bias scorecard's outcome)
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -144,7 +144,8 @@ TABLES: dict[str, str] = {
         value DOUBLE,
         ci_low DOUBLE,
         ci_high DOUBLE,
-        note TEXT
+        note TEXT,
+        outcome TEXT                    -- bias scorecard rows: hit | miss | false positive | correct null | not run
     """,
     "benchmarks": """
         benchmark_id TEXT PRIMARY KEY,

@@ -104,8 +104,10 @@ def page_work(store: str, load, load_many, s) -> dict:
     def embeddings():
         _, emb = many(("store_info",), ("embeddings",))
         e = emb[emb.init != "random"].emb_id.iloc[0]
-        view = q("embedding_view", e, "umap", EMB_POINTS)
-        figs = [charts.scatter_fig(view["points"], "race", e), charts.scatter_fig(view["ref_points"], "race", "ref")]
+        view = q("embedding_view", e, EMB_POINTS)   # the page draws every projection of both, side by side
+        figs = [charts.scatter_fig(pts, "race", f"{m} {e}") for side in ("points", "ref_points")
+                for m, pts in view[side].items() if pts is not None]
+        q("point_slice", e, 0)                      # the point -> slice viewer
         b = view["bias"]
         figs += [charts.probe_fig(b[b.analysis == "probe"]), charts.ks_fig(b[b.analysis == "ks"]),
                  charts.subgroup_fig(b[b.analysis == "subgroup"], "auroc")]

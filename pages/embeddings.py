@@ -4,9 +4,8 @@ import streamlit as st
 
 from ctssl_core import charts
 from ctssl_core.results.read import hint
-from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index
+from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index, url_value
 
-COLOR_BY = ["race", "sex", "age", "site", "control_group", "pe"]
 MAX_POINTS = 5000
 
 st.title("Embeddings & bias")
@@ -26,33 +25,101 @@ st.info("A probe that predicts race (or sex, age) well shows the information is 
 candidates = emb[emb.init != "random"]
 choices = (candidates if len(candidates) else emb).emb_id.tolist()
 labels = {r.emb_id: f"{r.init} · {r.encoder} · {r.split} ({r.n:,} {r.level}s)" for r in emb.itertuples()}
-c1, c2, c3 = st.columns([3, 1, 2])
+c1, c2 = st.columns([3, 2])
 emb_id = c1.selectbox("Embedding", choices, index=url_index("emb", choices), format_func=lambda e: labels.get(e, e),
                       key="emb_id")
-row = emb[emb.emb_id == emb_id].iloc[0]
-methods = sorted(row.methods or ["umap", "pca"], key=lambda m: m != "umap")  # UMAP first, as in the paper
-method = c2.radio("Projection", methods, index=url_index("proj", methods), horizontal=True, key="emb_method")
-color_by = c3.selectbox("Colour by", COLOR_BY, index=url_index("color", COLOR_BY), key="emb_color")
-to_url(emb=emb_id, proj=method, color=color_by)
-
-view = query("embedding_view", emb_id, method, MAX_POINTS)
-ref_id = view["ref_id"]
+view = query("embedding_view", emb_id, MAX_POINTS)
+ref_id, methods, attrs = view["ref_id"], view["methods"], view["attributes"]
+kinds = dict(zip(attrs.attribute, attrs.kind))
+options = attrs.attribute.tolist()
+asked = st.query_params.get("color")
+color_by = None
+if options:
+    color_by = c2.selectbox("Colour by", options, index=url_index("color", options), key="emb_color",
+                            format_func=lambda a: f"{a} ({kinds.get(a, '?')})",
+                            help="Any attribute the store holds for these patients, including extra columns of "
+                                 "your demographics CSV: numeric ones on a continuous scale, the rest one colour "
+                                 "per value.")
+    if asked is not None and asked not in options:
+        st.info(f"This embedding's patients have no attribute **{asked}** (the link may be from another store); "
+                f"coloured by **{color_by}** instead. Known: {', '.join(options)}.")
+    if kinds.get(color_by) == "empty":
+        st.info(f"No point of this embedding has a value for **{color_by}**, so every point has one colour. "
+                f"Add it with a demographics CSV beside your DICOM folder and {hint('ingest')}.")
+elif methods:
+    st.info(f"The points of this embedding carry no patient attributes, so every point has one colour. Add them "
+            f"with a demographics CSV beside your DICOM folder and {hint('ingest')}.")
 for msg in view["missing"]:
     st.warning(msg)
-left, right = st.columns(2)
-for col, eid, title, pts, total in [
-        (left, emb_id, labels.get(emb_id, emb_id), view["points"], view["total"]),
-        (right, ref_id, f"random init · {labels.get(ref_id, ref_id)}" if ref_id else None, view["ref_points"],
-         view["ref_total"])]:
-    with col:
-        if eid is None:
-            st.info(f"No random-init embedding to compare with; {hint('embed_random')} computes one.")
-            continue
+if not methods:
+    st.info(f"No projection is stored for this embedding; {hint('embed')} computes PCA and UMAP.")
+elif "umap" not in methods:
+    st.info(f"UMAP was not computed for this embedding (the profile sets `embed.umap: false`, or `--no-umap` was "
+            f"given), so only PCA is shown. {hint('embed')} computes both (UMAP needs the `umap` extra: "
+            f"`pip install 'ctssl[umap]'`).")
+
+kind = kinds.get(color_by) if color_by else None
+hover = list(dict.fromkeys(h for h in ["row", color_by, "age", "sex", "race"] if h))  # row: type it below
+drawn = []  # (source, embedding, method, points, selection event)
+for source, eid in [("this encoder", emb_id), ("random init", ref_id)]:
+    title = labels.get(eid, eid) if source == "this encoder" else f"random init · {labels.get(eid, eid)}"
+    if eid is None:
+        st.info(f"No random-init embedding to compare with; {hint('embed_random')} computes one.")
+        continue
+    cols = st.columns(max(1, len(methods)))
+    for col, method in zip(cols, methods):
+        pts, total = view[("" if source == "this encoder" else "ref_") + "points"][method], \
+            view[("" if source == "this encoder" else "ref_") + "total"][method]
         if pts is None:
             continue
-        st.plotly_chart(charts.scatter_fig(pts, color_by, f"{method.upper()}: {title}"), width="stretch",
-                        key=f"emb_scatter_{eid}")
-        st.caption(f"{len(pts):,} of {total:,} points" + (" (seeded random sample)" if total > len(pts) else ""))
+        with col:
+            event = st.plotly_chart(charts.scatter_fig(pts, color_by or "", f"{method.upper()}: {title}", hover, kind),
+                                    width="stretch", key=f"emb_scatter_{eid}_{method}", on_select="rerun",
+                                    selection_mode="points")
+            st.caption(f"{len(pts):,} of {total:,} points" + (" (seeded random sample)" if total > len(pts) else ""))
+        drawn.append((source, eid, method, pts, event))
+
+# ---- from a point to its slice: a chart selection (click, box or lasso) or the point's row typed in
+sources = {"this encoder": emb_id, **({"random init": ref_id} if ref_id else {})}
+for source, eid, method, pts, event in drawn:
+    sel = ((event or {}).get("selection") or {}).get("points") or []
+    pos = charts.selected_positions(pts, color_by or "", kind, sel)
+    seen = f"emb_seen_{eid}_{method}"
+    if pos and st.session_state.get(seen) != pos:         # a new selection on this chart: show its first point
+        st.session_state["emb_point_from"], st.session_state["emb_point"] = source, int(pts.row.iloc[pos[0]])
+    st.session_state[seen] = pos
+if st.session_state.get("emb_point_from") not in sources:
+    st.session_state.pop("emb_point_from", None)
+
+st.subheader("From a point to its slice")
+p1, p2, p3 = st.columns([2, 1, 3])
+source = p1.radio("Point of", list(sources), horizontal=True, key="emb_point_from")
+point_emb = sources[source]
+n_rows = int(emb.set_index("emb_id").n.get(point_emb, 0) or 0)
+shown = next((d[3] for d in drawn if d[1] == point_emb), None)
+first = int(shown.row.iloc[0]) if shown is not None and len(shown) else 0
+if n_rows and st.session_state.get("emb_point", 0) > n_rows - 1:      # the previous embedding had more rows
+    st.session_state["emb_point"] = first
+seed = {} if "emb_point" in st.session_state else {"value": int(url_value("point", range(n_rows), first))}
+row = int(p2.number_input("Point (row)", 0, max(n_rows - 1, 0), step=1, key="emb_point", **seed,
+                          help="Select a point on a chart, or type the row its hover shows."))
+window = p3.radio("Window", list(charts.WINDOWS), horizontal=True, key="emb_window")
+to_url(emb=emb_id, color=color_by, point=row)
+ps = query("point_slice", point_emb, row, missing_ok=True) if n_rows else None
+if ps is not None:
+    level, width = charts.WINDOWS[window]
+    v = ps.view
+    rgb = charts.overlay(charts.apply_window(v.hu, level, width), v.mask,
+                         border=(255, 200, 0) if v.pe else None)
+    where = (f"slice {ps.idx} of {ps.n_slices}" if ps.level == "slice"
+             else f"exam point: its middle slice, {ps.idx} of {ps.n_slices}")
+    pe_text = {True: "PE present", False: "no PE", None: "PE unknown"}[v.pe]
+    i1, i2 = st.columns([2, 3])
+    i1.image(rgb, width="stretch",
+             caption=f"point {ps.row} · {ps.series_label} · {where} · {window} (L {level}, W {width}) · {pe_text} · "
+                     f"nodule pixels: {v.nodule_px or 0}")
+    i2.markdown(f"**Series** `{ps.series_key}` (pseudonymised) · **{where}**")
+    i2.dataframe({k: [str(x)] for k, x in ps.attributes.items()}, hide_index=True, width="stretch")
 
 card = query("bias_scorecard", benchmark_choice())
 if not card.empty:

@@ -72,3 +72,28 @@ def two_benchmark_store(smoke_store, tmp_path_factory):
     shutil.copytree(smoke_store, root)
     run_benchmark("smoke", store_root=root, overrides=["downstream.n_boot=20"], progress=False, log=lambda m: None)
     return root
+
+
+@pytest.fixture(scope="session")
+def attributes_store(smoke_store, tmp_path_factory):
+    """A copy of ``smoke_store`` (without run folders and checkpoints) after a user's demographics CSV brought
+    extra columns, applied by ingest's own writer (``apply_demographics``): ``bmi`` (fractional numbers),
+    ``scanner_code`` (whole-number codes 1-3), and ``sex`` "not recorded" for everyone (stored as unknown, so
+    the attribute is empty). Read-only by convention."""
+    import pandas as pd
+
+    from ctssl_core.benchmark import make_plan
+    from ctssl_core.data.adapters.demographics import apply_demographics
+    from ctssl_core.data.pseudonym import Pseudonymiser
+    from ctssl_core.paths import store_paths
+
+    root = tmp_path_factory.mktemp("attributes") / "store"
+    shutil.copytree(smoke_store, root, ignore=shutil.ignore_patterns("runs", "*.pt"))
+    key = Pseudonymiser.for_store(store_paths(root).secret)
+    ids = pd.read_csv(make_plan("smoke", store_root=root).cohort / "demographics.csv").PatientID.astype(str)
+    extra = pd.DataFrame({"PatientID": ids, "bmi": [f"{18.5 + 0.37 * i:.2f}" for i in range(len(ids))],
+                          "scanner_code": [str(i % 3 + 1) for i in range(len(ids))],
+                          "sex": "not recorded"})
+    extra.to_csv(root / "extra_demographics.csv", index=False)
+    apply_demographics(store_paths(root).db, root / "extra_demographics.csv", key)
+    return root

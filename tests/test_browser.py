@@ -85,8 +85,7 @@ def test_embeddings(app_url, page):
     goto_page(page, url, "embeddings", timeout_ms=TIMEOUT)
     visible(page, "not that a downstream model")
     page.locator(".gtitle").filter(has_text="UMAP").first.wait_for(timeout=TIMEOUT)
-    choose_radio(page, "Projection", "pca")
-    page.locator(".gtitle").filter(has_text="PCA").first.wait_for(timeout=TIMEOUT)
+    page.locator(".gtitle").filter(has_text="PCA").first.wait_for(timeout=TIMEOUT)   # side by side, no toggle
     visible(page, "A linear probe predicts race")
     no_errors(page)
     shot(page, "embeddings")
@@ -165,3 +164,37 @@ def test_deep_link_reproduces_a_view(smoke_url, smoke_store, page):
     other.locator(".gtitle").filter(has_text="nodule: cpm minus random init").first.wait_for(timeout=TIMEOUT)
     assert [p["title"] for p in other.evaluate(PLOTS_JS)] == [p["title"] for p in page.evaluate(PLOTS_JS)]
     no_errors(other)
+
+
+# screen position of point ``i`` of trace ``t`` in the first plot whose title starts with ``prefix``
+POINT_JS = """([prefix, t, i]) => {
+    const g = Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .find(g => ((g._fullLayout && g._fullLayout.title && g._fullLayout.title.text) || '')
+            .replace(/<[^>]+>/g, '').startsWith(prefix));
+    if (!g) return {titles: Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .map(g => g._fullLayout && g._fullLayout.title ? g._fullLayout.title.text : null)};
+    const fl = g._fullLayout, box = g.getBoundingClientRect(), tr = g._fullData[t];
+    return {x: box.left + fl._size.l + fl.xaxis.d2p(tr.x[i]), y: box.top + fl._size.t + fl.yaxis.d2p(tr.y[i]),
+            hover: tr.customdata ? String(tr.customdata[i]) : ''};
+}"""
+
+
+def test_clicking_an_embedding_point_opens_its_slice(smoke_url, smoke_store, page):
+    """Issue 14 item 6: a click on a point of the scatter (Plotly selection) shows the slice it came from."""
+    goto_page(page, smoke_url, "embeddings", timeout_ms=TIMEOUT)
+    page.locator(".gtitle").filter(has_text="PCA").first.wait_for(timeout=TIMEOUT)
+    plot = page.locator(".js-plotly-plot").first
+    plot.scroll_into_view_if_needed()
+    pt = page.evaluate(POINT_JS, ["PCA", 0, 1])
+    assert "hover" in pt, pt
+    row = int(pt["hover"].split("<br>")[0].removeprefix("row: "))               # the hover names the point's row
+    assert page.get_by_label("Point (row)", exact=True).input_value() != str(row)   # not the default point
+    page.mouse.move(pt["x"], pt["y"])
+    page.mouse.click(pt["x"], pt["y"])
+    wait_script_done(page, TIMEOUT)
+    caption = page.get_by_test_id("stImage").first
+    caption.wait_for(timeout=TIMEOUT)
+    page.get_by_text(f"point {row} ·").first.wait_for(state="visible", timeout=TIMEOUT)
+    assert page.get_by_label("Point (row)", exact=True).input_value() == str(row)
+    no_errors(page)
+    shot(page, "embeddings_point_slice")

@@ -214,8 +214,11 @@ def test_embeddings_scatter_pair_probes_and_caveat(seeded):
     at.selectbox(key="emb_color").select("age").run()
     age = [x for x in specs(at) if x["layout"]["title"]["text"].startswith("UMAP")][0]
     assert len(age["data"]) == 1 and "colorscale" in age["data"][0]["marker"]
-    at.radio(key="emb_method").set_value("pca").run()
-    assert specs(at)[0]["layout"]["title"]["text"].startswith("PCA")
+    # UMAP and PCA side by side, for the encoder and (below) for its random-init reference
+    titles = [x["layout"]["title"]["text"] for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]
+    assert [t.split(":")[0] for t in titles] == ["UMAP", "PCA", "UMAP", "PCA"]
+    assert ["random init" in t for t in titles] == [False, False, True, True]
+    assert "UMAP was not computed" not in texts(at)
 
 
 def test_data_page_counts_viewer_and_errors(seeded):
@@ -524,9 +527,9 @@ def test_deep_link_reproduces_curves_and_embedding_views(smoke_store):
     assert _qp(at, "run") == ft
     emb = read.embeddings(smoke_store)
     eid = emb[emb.init != "random"].emb_id.iloc[-1]
-    view = _open_link(smoke_store, "embeddings", {"emb": eid, "proj": "pca", "color": "sex"})
-    assert view.selectbox(key="emb_id").value == eid and view.radio(key="emb_method").value == "pca"
-    assert view.selectbox(key="emb_color").value == "sex"
+    view = _open_link(smoke_store, "embeddings", {"emb": eid, "color": "sex", "point": "2"})
+    assert view.selectbox(key="emb_id").value == eid and view.selectbox(key="emb_color").value == "sex"
+    assert view.number_input(key="emb_point").value == 2 and "point 2 ·" in view.get("image")[0].proto.imgs[0].caption
     scat = [x for x in specs(view) if x["layout"]["title"]["text"].startswith("PCA")]
     assert len(scat) == 2 and {d["name"] for d in scat[0]["data"]} <= {"F", "M", "unknown"}
     series = read.series_list(smoke_store).series_key.tolist()
@@ -573,3 +576,55 @@ def test_embeddings_page_shows_the_bias_scorecard_of_the_benchmark(smoke_store):
     grid = next(d.value for d in at.dataframe if "control_group · probe" in d.value.columns)
     for r in card.itertuples():
         assert grid.loc[r.init, f"{r.attribute} · {r.analysis}"] == (r.outcome if r.right is not None else "not run")
+
+
+def _scatters(at) -> list[dict]:
+    return [x for x in specs(at) if x["layout"]["title"]["text"].startswith(("UMAP", "PCA"))]
+
+
+def test_embeddings_colour_by_any_attribute_and_from_a_point_to_its_slice(attributes_store):
+    """Issue 14 item 6 on a benchmark-built store whose demographics CSV brought extra columns: the colour-by
+    list holds them (numeric on a scale, codes discrete, an empty one said), PCA alone is explained, and a
+    point's row opens the slice it came from, windowed, named by readable series and slice index."""
+    at = open_page(attributes_store, "embeddings")
+    assert not at.error, [e.value for e in at.error]
+    eid = at.selectbox(key="emb_id").value
+    view = read.embedding_view(attributes_store, eid)
+    pts = view["points"]["pca"]
+    box = at.selectbox(key="emb_color")
+    assert box.value == "race" and {"bmi (numeric)", "scanner_code (categorical)", "sex (empty)",
+                                    "control_group (categorical)", "age (numeric)"} <= set(box.options)
+    assert "UMAP was not computed" in texts(at) and len(_scatters(at)) == 2        # PCA: encoder | random init
+    box.set_value("bmi").run()
+    enc = _scatters(at)[0]["data"]
+    assert len(enc) == 1 and "colorscale" in enc[0]["marker"]
+    assert np.allclose(enc[0]["marker"]["color"], pd.to_numeric(pts.bmi))
+    at.selectbox(key="emb_color").set_value("scanner_code").run()
+    assert {d["name"] for d in _scatters(at)[0]["data"]} == {"1", "2", "3"}
+    at.selectbox(key="emb_color").set_value("sex").run()
+    assert "No point of this embedding has a value for **sex**" in texts(at)
+    assert [d["name"] for d in _scatters(at)[0]["data"]] == ["points"]
+    # from a point to its slice
+    keys = pd.read_parquet(attributes_store / read.embeddings(attributes_store).set_index("emb_id").keys_path[eid])
+    row = int(pts.row.iloc[len(pts) // 3])
+    at.number_input(key="emb_point").set_value(row).run()
+    assert not at.exception and not at.error
+    ps = read.point_slice(attributes_store, eid, row)
+    (image,) = at.get("image")
+    caption = image.proto.imgs[0].caption
+    assert f"point {row} · {ps.series_label} · slice {int(keys.idx[row])} of {ps.n_slices}" in caption
+    assert "mediastinum (L 40, W 400)" in caption and ps.series_key == keys.series_key[row]
+    assert f"`{ps.series_key}`" in texts(at) and "patient_key" not in texts(at)
+    at.radio(key="emb_window").set_value("lung").run()
+    assert "lung (L -600, W 1500)" in at.get("image")[0].proto.imgs[0].caption
+    at.radio(key="emb_point_from").set_value("random init").run()                # the reference's points too
+    assert not at.exception and f"point {at.number_input(key='emb_point').value} ·" in \
+        at.get("image")[0].proto.imgs[0].caption
+    assert at.query_params["point"] == str(at.number_input(key="emb_point").value)
+
+
+def test_embeddings_link_with_an_unknown_attribute_says_so(attributes_store):
+    at = _open_link(attributes_store, "embeddings", {"color": "smoker"})
+    assert not at.exception and not at.error
+    assert "have no attribute **smoker**" in texts(at) and "bmi" in texts(at)
+    assert at.selectbox(key="emb_color").value == "race" and len(_scatters(at)) == 2

@@ -286,8 +286,9 @@ def test_projection_rows_beyond_keys_are_refused(smoke_store, tmp_path):
     keys.iloc[: len(keys) // 2].to_parquet(root / r.keys_path, index=False)  # keys of some other, smaller run
     with pytest.raises(read.ResultFileMissing, match=r"keys file has only \d+ rows.*ctssl embed"):
         read.projection(root, r.emb_id, "pca")
-    view = read.embedding_view(root, r.emb_id, "pca")  # the page still renders, with the message
-    assert view["points"] is None and any("ctssl embed" in m for m in view["missing"])
+    view = read.embedding_view(root, r.emb_id)  # the page still renders, with the message
+    assert view["methods"] == ["pca"] and view["points"]["pca"] is None
+    assert any("ctssl embed" in m for m in view["missing"])
 
 
 def test_projection_missing_file_or_method_says_what_to_run(seeded, tmp_path):
@@ -633,3 +634,136 @@ def test_series_labels_and_finding_slices(smoke_store):
     assert f.idx.tolist() == rows.idx.tolist() and f.pe.sum() == want.n_pe[key]
     assert f"{int(want.n_pe[key])} PE" in s.label[key]
     assert read.finding_slices(smoke_store, "no-such-series").empty
+
+
+# ---------------------------------------------------------------- bias scorecard storage (issue 15)
+def test_scorecard_outcome_is_stored_by_the_benchmark_and_read_directly(smoke_store):
+    """The benchmark stores each scorecard row's outcome; the reader takes it as stored, not from the sentence."""
+    bid = read.latest_finished(read.benchmarks(smoke_store))
+    stored = raw(smoke_store, "SELECT init, metric, value, outcome FROM summaries WHERE benchmark_id = ? AND "
+                              "metric LIKE 'scorecard_%'", [bid])
+    assert len(stored) and set(stored.outcome) <= set(read.SCORECARD_OUTCOMES)
+    right = stored.outcome.isin(["hit", "correct null"])
+    assert (stored.value.isna() == (stored.outcome == "not run")).all()
+    assert (stored.value.dropna() == right[stored.value.notna()].astype(float)).all()
+    card = read.bias_scorecard(smoke_store, bid)
+    got = dict(zip(card.init + "/scorecard_" + card.attribute + "_" + card.analysis, card.outcome))
+    assert got == dict(zip(stored.init + "/" + stored.metric, stored.outcome))
+
+
+def test_scorecard_of_a_store_before_the_outcome_column_is_parsed_from_the_sentence(smoke_store, tmp_path):
+    """A schema-2 store (no summaries.outcome) still reads: the outcome comes back from each sentence."""
+    import shutil
+
+    from ctssl_core.db import connect
+
+    root = tmp_path / "old"
+    root.mkdir()
+    shutil.copy(smoke_store / "ctssl.duckdb", root / "ctssl.duckdb")
+    with connect(root / "ctssl.duckdb") as con:
+        con.execute("ALTER TABLE summaries DROP COLUMN outcome")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    new, old = read.bias_scorecard(smoke_store), read.bias_scorecard(root)
+    assert len(old) == len(new) and "" not in set(old.outcome)
+    pd.testing.assert_frame_equal(old, new)
+
+
+def test_scorecard_outcome_prefers_the_stored_value_then_the_sentence():
+    sentence = "rotation: race has a planted imaging correlate; the KS tests detects it (smallest corrected p 0.01): right."
+    assert read.scorecard_outcome("miss", sentence) == "miss"                    # stored wins
+    assert read.scorecard_outcome(None, sentence) == "hit"                       # older store: the sentence
+    assert read.scorecard_outcome("nonsense", "x: y; the probe flags it: WRONG, a false positive of the analysis.") \
+        == "false positive"
+    assert read.scorecard_outcome(None, None) == "" and read.scorecard_outcome(float("nan"), "no verdict here") == ""
+
+
+# ---------------------------------------------------------------- embeddings: colour by any attribute, point -> slice
+def test_attribute_kind_numeric_codes_text_and_empty():
+    s = pd.Series
+    assert read.attribute_kind(s(["23.4", "19.0", None, "31.25"])) == "numeric"        # CSV text, fractional
+    assert read.attribute_kind(s([float(v) for v in range(40)])) == "numeric"           # many whole values
+    assert read.attribute_kind(s(["1", "2", "3", "1"])) == "categorical"                # a handful of codes
+    assert read.attribute_kind(s([0.0, 1.0, np.nan])) == "categorical"                  # a 0/1 label
+    assert read.attribute_kind(s(["A", "B", "7"])) == "categorical"
+    assert read.attribute_kind(s([True, False])) == "categorical"
+    assert read.attribute_kind(s([61.0, 70.0]), "age") == "numeric"                     # age is always a scale
+    assert read.attribute_kind(s([None, "", "  "], dtype=object)) == "empty"
+    assert read.attribute_kind(s([], dtype=float)) == "empty"
+
+
+def test_embedding_view_colours_by_every_stored_attribute(attributes_store):
+    """Issue 14 item 6: extra demographics columns reach the points; kinds decide the colour scale."""
+    emb = read.embeddings(attributes_store)
+    eid = emb[(emb.init != "random") & (emb.level == "slice")].emb_id.iloc[0]
+    view = read.embedding_view(attributes_store, eid)
+    assert view["methods"] == ["pca"] and view["ref_id"] is not None     # the smoke profile skips UMAP
+    pts, ref = view["points"]["pca"], view["ref_points"]["pca"]
+    kinds = dict(zip(view["attributes"].attribute, view["attributes"].kind))
+    assert list(kinds)[:5] == ["race", "sex", "age", "site", "control_group"]
+    assert kinds["age"] == "numeric" and kinds["bmi"] == "numeric" and kinds["scanner_code"] == "categorical"
+    assert kinds["race"] == "categorical" and kinds["sex"] == "empty"          # the CSV said "not recorded"
+    assert not {"row", "x", "y", "patient_key", "series_key", "slice_id", "idx"} & set(kinds)
+    pats = read.patient_attributes(attributes_store).set_index("patient_key")
+    for p in (pts, ref):                                                 # joined by patient, order kept
+        assert p.bmi.tolist() == pats.bmi.reindex(p.patient_key).tolist()
+    keys = pd.read_parquet(attributes_store / emb.set_index("emb_id").keys_path[eid])
+    assert pts.series_key.tolist() == keys.series_key.iloc[pts.row].tolist()
+    n_known = dict(zip(view["attributes"].attribute, view["attributes"].n_known))
+    assert n_known["bmi"] == len(pts) and n_known["sex"] == 0 and pts.sex.isna().all()
+    assert keys.sex.notna().all()                  # the keys file's snapshot had sex: the catalog, now, wins
+    assert "patient_key" not in read.demographics(attributes_store).columns
+    assert "bmi" in read.demographics(attributes_store).columns
+
+
+def test_point_slice_is_the_slice_the_point_came_from(smoke_store):
+    emb = read.embeddings(smoke_store).set_index("emb_id")
+    eid = emb[(emb.init != "random") & (emb.level == "slice")].index[0]
+    keys = pd.read_parquet(smoke_store / emb.keys_path[eid])
+    row = len(keys) // 2
+    ps = read.point_slice(smoke_store, eid, row)
+    series = read.series_list(smoke_store).set_index("series_key")
+    assert (ps.row, ps.level, ps.series_key, ps.idx) == (row, "slice", keys.series_key[row], int(keys.idx[row]))
+    assert ps.series_label == series.label[ps.series_key] and ps.n_slices == int(series.n_slices[ps.series_key])
+    arr = np.load(smoke_store / series.array_path[ps.series_key])               # (S, H, W) int16
+    assert np.array_equal(ps.view.hu, arr[ps.idx])
+    assert ps.attributes["race"] == keys.race[row] and "patient_key" not in ps.attributes
+    exam = emb[(emb.init == emb.init[eid]) & (emb.level == "exam")].index[0]
+    ek = pd.read_parquet(smoke_store / emb.keys_path[exam])
+    ep = read.point_slice(smoke_store, exam, 0)                                  # an exam: its middle slice
+    assert ep.level == "exam" and ep.series_key == ek.series_key[0] and ep.idx == ep.n_slices // 2
+    with pytest.raises(read.ResultFileMissing, match=rf"point {len(keys)} is not in embedding .*0\.\.{len(keys) - 1}"):
+        read.point_slice(smoke_store, eid, len(keys))
+    with pytest.raises(read.ResultFileMissing, match="not in this store"):
+        read.point_slice(smoke_store, "emb-gone", 0)
+
+
+def test_a_plotly_selection_maps_back_to_its_points():
+    pts = pd.DataFrame({"x": np.arange(6.0), "y": np.zeros(6), "race": ["B", "A", "B", None, "A", "B"],
+                        "bmi": [20.5, 21.0, 22.5, 23.0, 24.5, 25.0]})
+    fig = charts.scatter_fig(pts, "race", "t", kind="categorical")
+    assert [t.name for t in fig.data] == ["A", "B", "unknown"]
+    # curve 1 (B) point 2 is the third B: position 5; curve 2 point 0 is the unknown one; bad entries are ignored
+    sel = [{"curve_number": 1, "point_index": 2}, {"curve_number": 2, "point_index": 0},
+           {"curve_number": 7, "point_index": 0}, {"curve_number": 0, "point_index": 9}, {}]
+    assert charts.selected_positions(pts, "race", "categorical", sel) == [5, 3]
+    for k, t in enumerate(fig.data):                                             # the same partition as the figure
+        assert list(t.x) == pts.x.iloc[charts.scatter_groups(pts, "race", "categorical")[k][1]].tolist()
+    num = charts.scatter_fig(pts, "bmi", "t", kind="numeric")
+    assert len(num.data) == 1 and np.allclose(num.data[0].marker.color, pts.bmi)
+    assert charts.selected_positions(pts, "bmi", "numeric", [{"curve_number": 0, "point_index": 4}]) == [4]
+    one = charts.scatter_fig(pts.assign(e=None), "e", "t", kind="empty")        # empty: one colour, one trace
+    assert len(one.data) == 1 and one.data[0].marker.color is None and len(one.data[0].x) == 6
+
+
+def test_summaries_with_alternative_metrics_stay_in_their_benchmark(tmp_path):
+    """A where clause with OR (delta_ OR verdict_, sensitivity_ OR mde_) must not let another benchmark's rows in:
+    it is parenthesised before the benchmark filter is ANDed on."""
+    from ctssl_core.results.write import write_summaries
+
+    rows = [dict(benchmark_id=b, task="pe", init="rotation", metric=m, value=v, ci_low=v - 0.1, ci_high=v + 0.1)
+            for b, v in (("bench-a", 0.1), ("bench-b", 0.3)) for m in ("delta_slice_auroc", "verdict_slice_auroc")]
+    write_summaries(tmp_path, rows)
+    for bid, v in (("bench-a", 0.1), ("bench-b", 0.3)):
+        d = read.deltas(tmp_path, bid)
+        assert len(d) == 2 and (d.value == v).all(), (bid, d)
+    assert len(read.deltas(tmp_path)) == 4

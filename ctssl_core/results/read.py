@@ -490,13 +490,15 @@ def derived(store: str | Path, metric: str, benchmark_id: str | None = None) -> 
 
 
 # ---------------------------------------------------------------- could the study find a gain? (issue 12)
-def _summaries(con, benchmark_id: str | None, where: str = "", params: Sequence = ()) -> pd.DataFrame:
+def _summaries(con, benchmark_id: str | None, where: str = "", params: Sequence = (),
+               extra: Sequence[str] = ()) -> pd.DataFrame:
     clauses, args = ([where] if where else []), list(params)
     if benchmark_id:
         clauses.append("benchmark_id = ?")
         args.append(benchmark_id)
-    return _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high", "note"],
-                   " AND ".join(clauses), args)
+    # each clause in parentheses: a caller's "a OR b" must not swallow the benchmark filter
+    return _select(con, "summaries", ["task", "init", "metric", "value", "ci_low", "ci_high", "note", *extra],
+                   " AND ".join(f"({c})" for c in clauses), args)
 
 
 def _fractions(con, benchmark_id: str | None, task: str, metric: str) -> list[float]:
@@ -580,6 +582,19 @@ def strategy_verdicts(store: str | Path, benchmark_id: str | None = None) -> pd.
 
 
 SCORECARD_ANALYSES = ("probe", "ks", "separability")
+SCORECARD_OUTCOMES = ("hit", "miss", "false positive", "correct null", "not run")
+# stores before schema 3 kept the outcome only inside the sentence (bias._scorecard_sentence's wording)
+_OUTCOME_WORDS = (("a false positive", "false positive"), ("does not flag it", "correct null"),
+                  ("did not run", "not run"), ("a miss", "miss"), ("detects it", "hit"))
+
+
+def scorecard_outcome(stored, sentence) -> str:
+    """The scorecard row's outcome: the stored ``summaries.outcome`` (schema 3 on), else — a store written
+    before it — parsed back from the sentence; '' when neither says."""
+    if isinstance(stored, str) and stored in SCORECARD_OUTCOMES:
+        return stored
+    verdict = sentence.split(";", 1)[-1] if isinstance(sentence, str) else ""
+    return next((o for key, o in _OUTCOME_WORDS if key in verdict), "")
 
 
 def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
@@ -587,11 +602,11 @@ def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
     ``scorecard_<attribute>_<analysis>``; written only for stores built from the benchmark's cohort).
 
     Columns: init, attribute, analysis, right (True / False / None = not run), outcome (hit, miss,
-    false positive, correct null, not run: read from the sentence), sentence.
+    false positive, correct null, not run: as stored, or from the sentence in older stores), sentence.
     """
     cols = ["init", "attribute", "analysis", "right", "outcome", "sentence"]
     with _read(store) as con:
-        s = _summaries(con, benchmark_id, "task = 'bias' AND metric LIKE 'scorecard_%'")
+        s = _summaries(con, benchmark_id, "task = 'bias' AND metric LIKE 'scorecard_%'", extra=["outcome"])
     if s.empty:
         return pd.DataFrame(columns=cols)
     out = []
@@ -599,13 +614,9 @@ def bias_scorecard(store: str | Path, benchmark_id: str | None = None) -> pd.Dat
         rest = r.metric.removeprefix("scorecard_")
         analysis = next((a for a in SCORECARD_ANALYSES if rest.endswith("_" + a)), "")
         note = r.note if isinstance(r.note, str) else ""
-        verdict = note.split(";", 1)[-1]                                   # bias._scorecard_sentence's wording
-        outcome = next((o for key, o in (("a false positive", "false positive"), ("does not flag it", "correct null"),
-                                         ("did not run", "not run"), ("a miss", "miss"), ("detects it", "hit"))
-                        if key in verdict), "")
         out.append(dict(init=r.init, attribute=rest[: len(rest) - len(analysis) - 1] if analysis else rest,
                         analysis=analysis, right=None if pd.isna(r.value) else bool(r.value),
-                        outcome=outcome, sentence=note))
+                        outcome=scorecard_outcome(r.outcome, note), sentence=note))
     order = {i: k for k, i in enumerate(init_order(set(s.init)))}
     return (pd.DataFrame(out, columns=cols).sort_values(["init", "attribute", "analysis"],
                                                          key=lambda c: c.map(order) if c.name == "init" else c)
@@ -931,26 +942,174 @@ def _attach_keys(pts: pd.DataFrame, keys: pd.DataFrame, what: str) -> pd.DataFra
     return pd.concat([pts.reset_index(drop=True), keys.iloc[rows].reset_index(drop=True)], axis=1)
 
 
-def embedding_view(store: str | Path, emb_id: str, method: str, max_points: int = 5000) -> dict:
-    """Everything the Embeddings page shows for one embedding, in one connection.
+def embedding_view(store: str | Path, emb_id: str, max_points: int = 5000) -> dict:
+    """Everything the Embeddings page shows for one embedding, in one connection: every stored
+    projection (UMAP first, then PCA) of it and of its random-init reference, side by side.
 
-    Returns {ref_id, points, total, ref_points, ref_total, missing: [messages], bias}.
-    A deleted projection file becomes a message in ``missing``, not an error, so
-    the rest of the page still renders.
+    Returns {ref_id, methods, points: {method: DataFrame | None}, total: {method: int}, ref_points,
+    ref_total (same shapes), missing: [messages], bias, attributes (``colour_attributes`` of the points)}.
+    Points carry every patient attribute the store holds (``patient_attributes``), so the page can colour
+    by a column a user's demographics CSV brought. A deleted projection file becomes a message in
+    ``missing``, not an error, so the rest of the page still renders.
     """
-    out: dict = {"missing": []}
+    out: dict = {"missing": [], "points": {}, "total": {}, "ref_points": {}, "ref_total": {}}
     with session(store):
+        emb = embeddings(store)
+        mine = emb[emb.emb_id == emb_id]
+        out["methods"] = sorted(mine.methods.iloc[0], key=lambda m: m != "umap") if len(mine) else []
         out["ref_id"] = reference_for(store, emb_id)
+        patients = patient_attributes(store)
         for key, eid in (("", emb_id), ("ref_", out["ref_id"])):
-            out[f"{key}points"], out[f"{key}total"] = None, 0
-            if eid is None:
-                continue
-            try:
-                out[f"{key}points"], out[f"{key}total"] = projection(store, eid, method, max_points)
-            except ResultFileMissing as e:
-                out["missing"].append(str(e))
+            for method in out["methods"]:
+                out[f"{key}points"][method], out[f"{key}total"][method] = None, 0
+                if eid is None:
+                    continue
+                try:
+                    pts, total = projection(store, eid, method, max_points)
+                except ResultFileMissing as e:
+                    out["missing"].append(str(e))
+                    continue
+                out[f"{key}points"][method], out[f"{key}total"][method] = _join_attributes(pts, patients), total
         out["bias"] = bias_results(store, emb_id)
+    shown = [p for p in out["points"].values() if p is not None]
+    out["attributes"] = colour_attributes(shown[0] if shown else pd.DataFrame())
     return out
+
+
+# the columns of a point that locate it (not attributes to colour by); the keys are pseudonymous hashes
+POINT_KEYS = ("row", "x", "y", "slice_id", "series_key", "patient_key", "idx", "split", "n_slices")
+COLOUR_FIRST = ("race", "sex", "age", "site", "control_group", "pe")   # the planted/common ones lead the list
+ALWAYS_NUMERIC = {"age"}
+MAX_CODES = 12          # a numeric column with at most this many whole-number values is a code (site 0..3, 0/1)
+
+
+def attribute_kind(values: pd.Series, name: str = "") -> str:
+    """'numeric' (a continuous colour scale), 'categorical' (one colour per value) or 'empty' (no known value).
+
+    Why this rule: a demographics CSV's extra columns are stored as text ("7", "23.4", "B"), so the
+    type says little. A column is numeric when every known value parses as a number and it is not a
+    handful of whole-number codes (more than ``MAX_CODES`` distinct values, or any fraction); age always is.
+    """
+    known = values.dropna()
+    if known.dtype == object:                        # text: blank cells count as unknown
+        known = known[known.astype(str).str.strip() != ""]
+    if known.empty:
+        return "empty"
+    if pd.api.types.is_bool_dtype(known):
+        return "categorical"
+    num = pd.to_numeric(known, errors="coerce")
+    if num.isna().any():
+        return "categorical"
+    if name in ALWAYS_NUMERIC:
+        return "numeric"
+    fractional = bool((num != np.floor(num)).any())
+    return "numeric" if fractional or num.nunique() > MAX_CODES else "categorical"
+
+
+def colour_attributes(points: pd.DataFrame) -> pd.DataFrame:
+    """What the points can be coloured by: every column but the locating keys (``POINT_KEYS``).
+
+    Columns: attribute, kind (``attribute_kind``), n_known (points with a value). The common
+    attributes come first (``COLOUR_FIRST``), then the rest alphabetically; empty ones are kept so the
+    page can say they are empty rather than silently drawing one colour.
+    """
+    names = [c for c in points.columns if c not in POINT_KEYS]
+    names = [c for c in COLOUR_FIRST if c in names] + sorted(c for c in names if c not in COLOUR_FIRST)
+    rows = []
+    for c in names:
+        kind = attribute_kind(points[c], c)
+        v = points[c]
+        known = 0 if kind == "empty" else int((v.notna() & (v.astype(str).str.strip() != "")).sum()
+                                              if v.dtype == object else v.notna().sum())
+        rows.append((c, kind, known))
+    return pd.DataFrame(rows, columns=["attribute", "kind", "n_known"])
+
+
+def patient_attributes(store: str | Path) -> pd.DataFrame:
+    """One row per patient: patient_key (pseudonymous), age, sex, race and every attribute in
+    ``patients.attributes`` (site, control_group, any column a demographics CSV brought)."""
+    with _read(store) as con:
+        df = _select(con, "patients", ["patient_key", "age", "sex", "race", "attributes"], order="patient_key")
+    attrs = [json.loads(a) if isinstance(a, str) and a else {} for a in df.attributes]
+    extra = pd.DataFrame(attrs, index=df.index)
+    extra = extra.drop(columns=[c for c in extra.columns if c in ("patient_key", "age", "sex", "race")])
+    return pd.concat([df.drop(columns=["attributes"]), extra], axis=1)
+
+
+SERIES_LEVEL = {"site"}   # per series in the keys file (series.site), not a patient's value
+
+
+def _join_attributes(pts: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    """Points with their patients' attributes as the catalog holds them now, row order kept.
+
+    Why the catalog wins over the keys file: the keys file is a snapshot taken when ``ctssl embed`` ran;
+    a demographics CSV applied later (corrected, or with new columns) is what the store knows of the
+    patients. Per-series and per-slice columns (site, pe) stay as the keys file has them; a point whose
+    patient is not in the catalog keeps its snapshot.
+    """
+    if "patient_key" not in pts.columns or patients.empty:
+        return pts
+    cols = [c for c in patients.columns if c != "patient_key" and c not in SERIES_LEVEL]
+    cat = patients.drop_duplicates("patient_key").set_index("patient_key")[cols]
+    known = pts.patient_key.isin(cat.index).to_numpy()
+    now = cat.reindex(pts.patient_key.to_numpy())
+    out = pts.copy()
+    for c in cols:
+        new = now[c].to_numpy()
+        out[c] = np.where(known, new, out[c].to_numpy()) if c in out.columns else new
+    return out
+
+
+@dataclass
+class PointSlice:
+    row: int                   # the point's row in the embedding (its keys file)
+    level: str                 # 'slice' | 'exam'
+    series_key: str            # pseudonymous hash
+    series_label: str          # readable name (``series_list``)
+    idx: int                   # the slice shown: the point's own, or an exam's middle slice
+    n_slices: int
+    view: "SliceView"
+    attributes: dict           # the point's patient attributes (no keys)
+
+
+def point_slice(store: str | Path, emb_id: str, row: int) -> PointSlice:
+    """From a point of an embedding to the slice it came from (an exam point: its series' middle slice).
+
+    Why by row: a projection point's ``row`` indexes the embedding's keys file whatever the sample or
+    projection, so one number names the point on the UMAP and the PCA alike.
+    """
+    root = Path(store)
+    with session(store):
+        with _read(store) as con:
+            emb = _select(con, "embeddings", ["keys_path", "level", "n"], "emb_id = ?", [emb_id])
+        if emb.empty:
+            raise ResultFileMissing(f"embedding {emb_id} is not in this store; pick another one.")
+        rel = emb.keys_path.iloc[0]
+        if not isinstance(rel, str) or not (root / rel).exists():
+            raise ResultFileMissing(f"the keys file of embedding {emb_id} ({rel}) is missing; "
+                                    f"re-run {hint('embed')} to rebuild it.")
+        keys = pd.read_parquet(root / rel)
+        if not 0 <= int(row) < len(keys):
+            raise ResultFileMissing(f"point {row} is not in embedding {emb_id} (its rows are 0..{len(keys) - 1}).")
+        if not {"series_key", "idx"} <= set(keys.columns):
+            raise ResultFileStale(f"the keys file of embedding {emb_id} has no series_key/idx columns (an older "
+                                  f"ctssl); re-run {hint('embed')} to rebuild it.")
+        k = _join_attributes(keys.iloc[[int(row)]].reset_index(drop=True), patient_attributes(store)).iloc[0]
+        sk = str(k.series_key)
+        series = series_list(store, only=sk).set_index("series_key")
+        if sk not in series.index:
+            raise ResultFileMissing(f"series {sk} of point {row} is no longer in this store; re-run "
+                                    f"{hint('embed')} after re-ingesting.")
+        n = int(series.n_slices[sk]) if series.n_slices[sk] == series.n_slices[sk] else 1
+        idx = int(k.idx) if int(k.idx) >= 0 else n // 2        # exam rows have idx -1 (embed.exam_table)
+        view = load_slice(store, sk, idx)
+    attrs = {c: k[c] for c in k.index if c not in POINT_KEYS and c != "pe_exam" and not _is_missing(k[c])}
+    return PointSlice(row=int(row), level=str(emb.level.iloc[0]), series_key=sk, series_label=str(series.label[sk]),
+                      idx=idx, n_slices=n, view=view, attributes=attrs)
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
 def bias_results(store: str | Path, emb_id: str, analysis: str | None = None) -> pd.DataFrame:
@@ -987,11 +1146,7 @@ def demographics(store: str | Path) -> pd.DataFrame:
 
     The pseudonymous patient key is left out: the page has no use for it.
     """
-    with _read(store) as con:
-        df = _select(con, "patients", ["age", "sex", "race", "attributes"])
-    attrs = [json.loads(a) if isinstance(a, str) and a else {} for a in df.attributes]
-    extra = pd.DataFrame(attrs, index=df.index)
-    return pd.concat([df.drop(columns=["attributes"]), extra], axis=1)
+    return patient_attributes(store).drop(columns=["patient_key"])
 
 
 def label_prevalence(store: str | Path) -> pd.DataFrame:
@@ -1012,11 +1167,13 @@ def label_prevalence(store: str | Path) -> pd.DataFrame:
     return df
 
 
-def series_list(store: str | Path) -> pd.DataFrame:
+def series_list(store: str | Path, only: str | None = None) -> pd.DataFrame:
     """Series with their dataset, finding counts and a readable ``label`` ("#3 · synthetic · 64 slices ·
     2 PE · 5 nodule"): a reader picks a series by what it holds, not by its hash.
 
     Numbered by (dataset, series_key), so the number is stable while the store does not change.
+    ``only``: just that series' row (same number and label), counting only its slices — the
+    embedding viewer names one series per rerun and must not scan every slice for it.
     """
     with _read(store) as con:
         have = _schema_columns(con)
@@ -1024,7 +1181,8 @@ def series_list(store: str | Path) -> pd.DataFrame:
                                      "mask_path", "pixel_spacing_mm", "slice_thickness_mm"], have=have,
                      order="series_key")
         studies = _select(con, "studies", ["study_key", "dataset"], have=have)
-        sl = _select(con, "slices", ["series_key", "pe", "nodule_px"], have=have)
+        sl = _select(con, "slices", ["series_key", "pe", "nodule_px"], *(("series_key = ?", [only]) if only else ()),
+                     have=have)
     df = df.merge(studies, on="study_key", how="left")
     counts = sl.assign(pe=sl.pe.fillna(False).astype(bool), nod=sl.nodule_px.fillna(0) > 0) \
         .groupby("series_key").agg(n_pe=("pe", "sum"), n_nodule=("nod", "sum"))
@@ -1033,6 +1191,8 @@ def series_list(store: str | Path) -> pd.DataFrame:
     df["label"] = [f"#{k + 1} · {d if isinstance(d, str) else 'unknown dataset'} · {int(n) if n == n else '?'} slices"
                    + (f" · {int(p)} PE" if p else "") + (f" · {int(q)} nodule" if q else "")
                    for k, (d, n, p, q) in enumerate(zip(df.dataset, df.n_slices, df.n_pe, df.n_nodule))]
+    if only is not None:
+        df = df[df.series_key == only].reset_index(drop=True)
     return df.drop(columns=["study_key"])
 
 
