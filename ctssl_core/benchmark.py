@@ -201,7 +201,8 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
         fc = finetune_config(cfg, task, "random", 1.0, 0, bench.split_seed, enc, bench.pool,
                              bench.split_fractions)
         units.append(Unit("control", f"pc-{bench_hash}-{task}", task, POSITIVE, 1.0, 0,
-                          spec=to_dict(dataclasses.replace(fc, train_split="pool"))))
+                          # the source trains its encoder even when the readout protocol freezes it
+                          spec=to_dict(dataclasses.replace(fc, train_split="pool", freeze_encoder=False))))
         units.append(Unit("control", f"nc-{bench_hash}-{task}", task, NEGATIVE))
     inits = ["random", *bench.strategies]
     for task in bench.tasks:
@@ -378,7 +379,8 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     if unit.init == controls.POSITIVE:
         fc = build(FinetuneConfig, dict(unit.spec))
         finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-                 store=store, init_label=f"{controls.POSITIVE}-source")
+                 store=store, init_label=f"{controls.POSITIVE}-source",
+                 twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
         return unit.run_id
     source = pretrain_ids[f"{controls.POSITIVE}:{unit.task}"]
     enc_name = pretrain_encoder(plan.config)[0]
@@ -663,7 +665,9 @@ def ceiling_line(plan: Plan, root: Path | None, task: str, metric: str) -> tuple
         boot = _unit_boot(root, unit)
     except (OSError, ValueError):
         return None, None
-    if metric not in boot or f"point/{metric}" not in boot:
+    # the sensitivity metric, else the task's next one (a source scored without twins has no twin_exam)
+    metric = next((m for m in (metric, *SENSITIVITY_METRICS[task]) if m in boot and f"point/{m}" in boot), None)
+    if metric is None:
         return None, None
     v = float(boot[f"point/{metric}"])
     lo, hi = _quantile_ci(boot[metric])

@@ -314,3 +314,32 @@ def test_ceiling_is_silent_when_the_positive_control_has_not_run(tmp_path):
     rows, lines = sensitivity_rows(_plan(tmp_path), {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
     assert not any(r["metric"].startswith("ceiling_") for r in rows)
     assert not any("Task ceiling" in line for line in lines)
+
+
+def test_frozen_readout_freezes_every_finetune_but_not_the_positive_control_source(tmp_path):
+    """With ``downstream.freeze_encoder`` (the frozen-encoder readout), every fine-tune unit keeps its init's
+    encoder fixed, but the positive control's source is supervised training: it must train its encoder."""
+    plan = _plan(tmp_path, ["downstream.freeze_encoder=true"])
+    pc = [u for u in plan.units if u.kind == "control" and u.spec]
+    ft = [u for u in plan.units if u.kind == "finetune"]
+    assert pc and all(u.spec["freeze_encoder"] is False for u in pc)
+    assert ft and all(u.spec["freeze_encoder"] is True for u in ft)
+    assert all(u.spec["freeze_encoder"] is False for u in _plan(tmp_path / "b").units if u.kind == "finetune")
+
+
+def test_ceiling_falls_back_to_the_tasks_next_metric(tmp_path):
+    """A source scored without twins has no twin_exam: the ceiling is read from exam_auroc instead."""
+    from ctssl_core.benchmark import sensitivity_rows
+    from ctssl_core.controls import POSITIVE
+    from ctssl_core.finetune import BOOT_FILE
+    from ctssl_core.paths import store_paths
+
+    plan = _plan(tmp_path)
+    unit = next(u for u in plan.units if u.kind == "control" and u.task == "pe" and u.init == POSITIVE)
+    run_dir = store_paths(tmp_path).run_dir(unit.run_id)
+    run_dir.mkdir(parents=True)
+    np.savez(run_dir / BOOT_FILE, exam_auroc=np.linspace(0.4, 0.6, 200), **{"point/exam_auroc": np.float64(0.5)})
+    rows, lines = sensitivity_rows(plan, {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
+    ceiling = next(r for r in rows if r["metric"].startswith("ceiling_"))
+    assert ceiling["metric"] == "ceiling_exam_auroc" and ceiling["value"] == pytest.approx(0.5)
+    assert any("NOT above chance" in line for line in lines)
