@@ -90,3 +90,17 @@ def test_bulk_inserts_batch_and_skip_empty_input():
     catalog.insert_rows(con, "INSERT INTO t VALUES", [(i, str(i)) for i in range(901)], batch=400)  # 3 statements
     catalog.insert_columns(con, "INSERT INTO t", [("INTEGER", [1000, 1001]), ("TEXT", ["x", "y"])])
     assert con.execute("SELECT count(*), sum(a), max(b) FROM t").fetchone() == (903, sum(range(901)) + 2001, "y")
+
+
+def test_finetune_finds_the_newest_pretraining_through_the_store_api(smoke_store, tmp_path):
+    from ctssl_core.db import StoreError
+    from ctssl_core.finetune import latest_pretrain_checkpoint
+
+    ck = store_api.checkpoints(smoke_store)
+    task = ck["task"].iloc[0]
+    newest = store_api.pretrain_checkpoints(smoke_store, task)[0]
+    assert latest_pretrain_checkpoint(smoke_store, task) == smoke_store / newest
+    with pytest.raises(StoreError, match="ctssl pretrain --task no_such_pretext"):
+        latest_pretrain_checkpoint(smoke_store, "no_such_pretext")
+    with pytest.raises(StoreError, match="ctssl pretrain --task rotation"):   # no store: same advice
+        latest_pretrain_checkpoint(tmp_path, "rotation")
