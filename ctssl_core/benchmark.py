@@ -226,38 +226,22 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
 
 def _finished_runs(store_root: Path) -> dict[str, str | None]:
     """run_id -> checkpoint of every succeeded run."""
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
+    from ctssl_core.results.store_api import succeeded_runs
 
-    sp = store_paths(store_root)
-    if not sp.db.exists():
-        return {}
-    with connect(sp.db, read_only=True) as con:
-        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "runs" not in have:
-            return {}
-        return dict(con.execute("SELECT run_id, checkpoint FROM runs WHERE status = 'succeeded'").fetchall())
+    return succeeded_runs(store_root)
 
 
 def _store_has_slices(store_root: Path) -> bool:
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
+    from ctssl_core.data.catalog import has_slices
 
-    sp = store_paths(store_root)
-    if not sp.db.exists():
-        return False
-    with connect(sp.db, read_only=True) as con:
-        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        return "slices" in have and con.execute("SELECT count(*) FROM slices").fetchone()[0] > 0
+    return has_slices(store_root)
 
 
 def _store_sizes(store_root: Path) -> set[int]:
     """The stored in-plane sizes of the store's series."""
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
+    from ctssl_core.data.catalog import series_heights
 
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        return {int(r[0]) for r in con.execute("SELECT DISTINCT height FROM series").fetchall()}
+    return series_heights(store_root)
 
 
 def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progress: bool = False) -> None:
@@ -307,20 +291,12 @@ def pretrain_section(plan: Plan, strategy: str) -> dict:
 def find_pretrain(plan: Plan, strategy: str, store_root: Path) -> str | None:
     """Run id of a finished pretraining whose resolved config equals this plan's (reuse), else None."""
     from ctssl_core import pretrain as pre_mod
-    from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
+    from ctssl_core.results.store_api import pretrain_runs
 
     want = to_dict(pre_mod.resolve_config(strategy, base=pretrain_section(plan, strategy)))
     sp = store_paths(store_root)
-    if not sp.db.exists():
-        return None
-    with connect(sp.db, read_only=True) as con:
-        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "runs" not in have:
-            return None
-        rows = con.execute("SELECT run_id, config, checkpoint FROM runs WHERE kind = 'pretrain' AND task = ? "
-                           "AND status = 'succeeded' ORDER BY ended_at DESC", [strategy]).fetchall()
-    for run_id, cfg_json, ckpt in rows:
+    for run_id, cfg_json, ckpt in pretrain_runs(store_root, strategy):
         try:
             got = json.loads(cfg_json or "{}").get("pretrain")
         except ValueError:

@@ -618,14 +618,10 @@ def patient_attributes(store_root: str | Path) -> pd.DataFrame:
     stored in the catalog in the first place (the demographics adapter drops
     identifier-like columns), and ``analysable_attributes`` never offers one.
     """
+    from ctssl_core.data.catalog import patients_table
     from ctssl_core.data.store import _expand_attributes
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
 
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        df = con.execute("SELECT patient_key, age, sex, race, CAST(attributes AS VARCHAR) AS attributes "
-                         "FROM patients ORDER BY patient_key").df()
-    return _expand_attributes(df).drop(columns=["attributes"])
+    return _expand_attributes(patients_table(store_root)).drop(columns=["attributes"])
 
 
 def _looks_like_identifier(name: str) -> bool:
@@ -917,37 +913,21 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_bias_results(store_root: str | Path, df: pd.DataFrame) -> int:
     """Replace the rows of each (emb_id, reference_emb_id, analysis) in ``df`` with ``df``'s rows."""
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
-    from ctssl_core.schema import ensure_schema
+    from ctssl_core.results.store_api import replace_bias_results
 
     out = df[BIAS_COLUMNS].copy()
     for c in ("value", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_value", "p_adjusted"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
     out["flagged"] = out["flagged"].astype("boolean")
-    with connect(store_paths(store_root).db) as con:
-        ensure_schema(con)
-        for (e, r, a) in out[["emb_id", "reference_emb_id", "analysis"]].drop_duplicates().itertuples(index=False):
-            con.execute("DELETE FROM bias_results WHERE emb_id = ? AND reference_emb_id IS NOT DISTINCT FROM ? AND analysis = ?",
-                        [e, None if r is None or (isinstance(r, float) and math.isnan(r)) else r, a])
-        con.register("bias_df", out)
-        con.execute(f"INSERT INTO bias_results ({', '.join(BIAS_COLUMNS)}) SELECT {', '.join(BIAS_COLUMNS)} FROM bias_df")
-        con.unregister("bias_df")
+    replace_bias_results(store_root, out, BIAS_COLUMNS)
     return len(out)
 
 
 def find_reference(store_root: str | Path, emb_id: str) -> str | None:
     """The random-init embedding of the same split, level and encoder as ``emb_id`` (newest), if any."""
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
+    from ctssl_core.results.store_api import random_reference
 
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        row = con.execute("SELECT split, level, encoder FROM embeddings WHERE emb_id = ?", [emb_id]).fetchone()
-        if row is None:
-            return None
-        ref = con.execute("SELECT emb_id FROM embeddings WHERE init = 'random' AND split = ? AND level = ? AND encoder = ? "
-                          "AND emb_id <> ? ORDER BY created_at DESC LIMIT 1", [row[0], row[1], row[2], emb_id]).fetchone()
-    return ref[0] if ref else None
+    return random_reference(store_root, emb_id)
 
 
 def with_attributes(keys: pd.DataFrame, table: pd.DataFrame, attributes: tuple[str, ...]) -> pd.DataFrame:

@@ -36,8 +36,12 @@ import numpy as np
 import pandas as pd
 
 from ctssl_core.config import ConfigError
-from ctssl_core.db import StoreError, connect
+from ctssl_core.data.catalog import slice_rows, split_size
+from ctssl_core.db import StoreError
 from ctssl_core.paths import store_paths
+from ctssl_core.results.store_api import (
+    embedding_row, projection_path, replace_embedding, replace_projection, run_origin,
+)
 
 
 class EmbedError(StoreError):
@@ -227,22 +231,9 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
     """
     from ctssl_core.data.splits import split_scheme
 
-    sp = store_paths(store_root)
     scheme = split_scheme(split_seed, pool, fractions)
     _ensure_splits(store_root, split_seed, pool, fractions)
-    with connect(sp.db, read_only=True) as con:
-        df = con.execute(
-            """
-            SELECT s.slice_id, s.series_key, se.patient_key, s.idx, p.age, p.sex, p.race,
-                   CAST(p.attributes AS VARCHAR) AS attributes, se.site AS series_site,
-                   CAST(s.pe AS DOUBLE) AS pe, CAST(st.pe_exam AS DOUBLE) AS pe_exam, sp.split
-            FROM slices s
-            JOIN series se USING (series_key)
-            LEFT JOIN patients p ON p.patient_key = se.patient_key
-            LEFT JOIN studies st ON st.study_key = se.study_key
-            LEFT JOIN (SELECT patient_key, split FROM splits WHERE seed = ?) sp ON sp.patient_key = se.patient_key
-            ORDER BY s.slice_id
-            """, [scheme]).df()
+    df = slice_rows(store_root, scheme)
     if split != "all":
         df = df[df["split"] == split]
     if slice_ids is not None:
@@ -256,9 +247,7 @@ def catalog_keys(store_root: str | Path, slice_ids: np.ndarray | None = None, sp
 def _ensure_splits(store_root: str | Path, seed: int, pool: float = 0.0, fractions=(0.7, 0.15, 0.15)) -> None:
     from ctssl_core.data.splits import get_or_create_splits, split_scheme
 
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        have = con.execute("SELECT count(*) FROM splits WHERE seed = ?", [split_scheme(seed, pool, fractions)]).fetchone()[0]
-    if not have:
+    if not split_size(store_root, split_scheme(seed, pool, fractions)):
         get_or_create_splits(store_root, seed, fractions, pool=pool)
 
 
@@ -279,8 +268,6 @@ def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
 def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd.DataFrame, *, run_id: str | None,
                     init: str, encoder: str, split: str, level: str) -> dict[str, Any]:
     """Write ``<emb_id>.npy`` + ``<emb_id>.parquet`` and (re)place the ``embeddings`` row."""
-    from ctssl_core.schema import ensure_schema
-
     if len(E) != len(keys):
         raise EmbedError(f"embeddings ({len(E)} rows) and keys ({len(keys)} rows) differ; nothing written")
     sp = store_paths(store_root)
@@ -293,26 +280,17 @@ def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd
     row = dict(emb_id=emb_id, run_id=run_id, init=init, encoder=encoder, split=split, level=level,
                path=str(npy.relative_to(sp.root)), keys_path=str(pq.relative_to(sp.root)), n=int(len(E)),
                dim=int(E.shape[1]), created_at=_now())
-    with connect(sp.db) as con:
-        ensure_schema(con)
-        con.execute("DELETE FROM embeddings WHERE emb_id = ?", [emb_id])
-        con.execute("DELETE FROM projections WHERE emb_id = ?", [emb_id])
-        con.execute(f"INSERT INTO embeddings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    replace_embedding(store_root, row)
     return row
 
 
 def load_embeddings(store_root: str | Path, emb_id: str) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
     """(vectors (N, D) float32, keys DataFrame, embeddings row) of ``emb_id``."""
     sp = store_paths(store_root)
-    with connect(sp.db, read_only=True) as con:
-        cur = con.execute("SELECT * FROM embeddings WHERE emb_id = ?", [emb_id])
-        r = cur.fetchone()
-        cols = [d[0] for d in cur.description]
-        if r is None:
-            known = [x[0] for x in con.execute("SELECT emb_id FROM embeddings ORDER BY created_at DESC LIMIT 10").fetchall()]
-            raise EmbedError(f"no embeddings {emb_id!r} in {sp.root}; run `ctssl embed --checkpoint RUN_ID|random` "
-                             f"first. Known: {known or 'none'}")
-    row = dict(zip(cols, r))
+    row, known = embedding_row(store_root, emb_id)
+    if row is None:
+        raise EmbedError(f"no embeddings {emb_id!r} in {sp.root}; run `ctssl embed --checkpoint RUN_ID|random` "
+                         f"first. Known: {known or 'none'}")
     E = np.load(sp.root / row["path"], mmap_mode="r")
     keys = pd.read_parquet(sp.root / row["keys_path"])
     if len(E) != len(keys):
@@ -323,8 +301,6 @@ def load_embeddings(store_root: str | Path, emb_id: str) -> tuple[np.ndarray, pd
 def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | None = None,
                         log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """PCA (always) and UMAP (if ``cfg.umap``) of ``emb_id``; parquet ``row, x, y`` + ``projections`` rows."""
-    from ctssl_core.schema import ensure_schema
-
     cfg = cfg or EmbedConfig()
     say = log or (lambda m: None)
     E, keys, _ = load_embeddings(store_root, emb_id)
@@ -356,10 +332,7 @@ def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | 
         pd.DataFrame({"row": rows_idx.astype(np.int64), "x": xy[:, 0], "y": xy[:, 1]}).to_parquet(path, index=False)
         row = dict(emb_id=emb_id, method=method, params=json.dumps(params), seconds=float(secs), n_points=int(len(rows_idx)),
                    sampled=bool(sampled), path=str(path.relative_to(sp.root)))
-        with connect(sp.db) as con:
-            ensure_schema(con)
-            con.execute("DELETE FROM projections WHERE emb_id = ? AND method = ?", [emb_id, method])
-            con.execute(f"INSERT INTO projections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        replace_projection(store_root, row)
         say(f"{method} of {emb_id}: {len(rows_idx)} points in {secs:.1f}s" + (" (sampled)" if sampled else ""))
         out.append(row)
     return out
@@ -368,11 +341,10 @@ def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | 
 def load_projection(store_root: str | Path, emb_id: str, method: str = "pca") -> pd.DataFrame:
     """Stored projection joined with the embedding's keys (x, y + demographics)."""
     sp = store_paths(store_root)
-    with connect(sp.db, read_only=True) as con:
-        r = con.execute("SELECT path FROM projections WHERE emb_id = ? AND method = ?", [emb_id, method]).fetchone()
-    if r is None:
+    path = projection_path(store_root, emb_id, method)
+    if path is None:
         raise EmbedError(f"no {method} projection of {emb_id!r}; run `ctssl embed` (projections are made with the embeddings)")
-    pts = pd.read_parquet(sp.root / r[0])
+    pts = pd.read_parquet(sp.root / path)
     _, keys, _ = load_embeddings(store_root, emb_id)
     return pd.concat([pts.reset_index(drop=True), keys.iloc[pts["row"].to_numpy()].reset_index(drop=True)], axis=1)
 
@@ -397,13 +369,10 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
         raise EmbedError(f"{checkpoint} was trained {differs}; drop embed.windows to use its own")
     name = read_checkpoint(checkpoint, store_root).get("encoder_name") or cfg.encoder
     run_id, init = None, None
-    sp = store_paths(store_root)
-    if sp.db.exists():
-        with connect(sp.db, read_only=True) as con:
-            r = con.execute("SELECT run_id, task, init FROM runs WHERE run_id = ?", [str(checkpoint)]).fetchone()
-        if r is not None:
-            run_id = r[0]
-            init = r[1] if r[1] else r[2]
+    r = run_origin(store_root, str(checkpoint))
+    if r is not None:
+        run_id = r[0]
+        init = r[1] if r[1] else r[2]
     init = init or run_cfg.get("task") or run_cfg.get("pretext") or Path(str(checkpoint)).stem
     # a checkpoint outside the store's runs: a digest of its path, not its folder names (which may name people)
     tag = run_id or f"ckpt-{hashlib.sha256(str(Path(str(checkpoint)).resolve()).encode()).hexdigest()[:12]}"

@@ -79,15 +79,14 @@ def _last_metrics(metrics_file: Path) -> dict[str, float]:
 
 def _run_row(store_root: Path, run_id: str) -> dict[str, Any]:
     """The run's row and downstream results if the store has them (read-only, short connection)."""
-    from ctssl_core.db import StoreError, connect
+    from ctssl_core.db import StoreError
+    from ctssl_core.results.store_api import run_card
 
     db = store_paths(store_root).db
     if not db.exists():
         return {}
     try:
-        with connect(db, read_only=True) as con:
-            row = con.execute("SELECT status, code_version, wall_s, created_at FROM runs WHERE run_id = ?", [run_id]).fetchone()
-            res = con.execute("SELECT task, split, metric, value FROM results WHERE run_id = ?", [run_id]).fetchall()
+        row, res = run_card(store_root, run_id)
     except (StoreError, Exception):  # noqa: BLE001 - the card is still useful without the row
         return {}
     out: dict[str, Any] = {}

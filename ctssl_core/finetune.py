@@ -305,6 +305,7 @@ def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict
     from ctssl_core import checkpoint as ck
     from ctssl_core.models import build_encoder, windows_mismatch
     from ctssl_core.pretext import PRETEXT
+    from ctssl_core.results.store_api import run_task
 
     if init == "random":
         return build_encoder(encoder, windows=windows, **encoder_kwargs), "random", None, encoder
@@ -319,34 +320,17 @@ def resolve_init(init: str, store_root: Path, encoder: str, encoder_kwargs: dict
         raise ConfigError(f"init {init!r} was pretrained {differs}; fine-tune with its windows "
                           f"(drop downstream.windows) or pretrain with the ones you want")
     if init not in PRETEXT:  # a run id or path: label it with the pretext it was trained on
-        label = str(cfg.get("task") or cfg.get("pretext") or _run_task(store_root, str(init)) or init)
+        label = str(cfg.get("task") or cfg.get("pretext") or run_task(store_root, str(init)) or init)
     return enc, label, path, getattr(enc, "name", encoder)
 
 
-def _run_task(store_root: Path, run_id: str) -> str | None:
-    from ctssl_core.db import connect
-    from ctssl_core.paths import store_paths
-
-    p = store_paths(store_root).db
-    if not p.exists():
-        return None
-    with connect(p, read_only=True) as con:
-        got = con.execute("SELECT task FROM runs WHERE run_id = ?", [run_id]).fetchall()
-    return got[0][0] if got else None
-
-
 def latest_pretrain_checkpoint(store_root: Path, pretext: str) -> Path:
-    from ctssl_core.db import StoreError, connect
+    from ctssl_core.db import StoreError
     from ctssl_core.paths import store_paths
+    from ctssl_core.results.store_api import pretrain_checkpoints
 
     sp = store_paths(store_root)
-    rows = []
-    if sp.db.exists():
-        with connect(sp.db, read_only=True) as con:
-            rows = con.execute(
-                "SELECT checkpoint FROM runs WHERE kind = 'pretrain' AND task = ? AND status = 'succeeded' "
-                "AND checkpoint IS NOT NULL ORDER BY ended_at DESC", [pretext]).fetchall()
-    for (c,) in rows:
+    for c in pretrain_checkpoints(store_root, pretext):
         p = Path(c) if Path(c).is_absolute() else sp.root / c
         if p.is_file():
             return p

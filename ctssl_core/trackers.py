@@ -86,21 +86,15 @@ def read_series(metrics_file: Path) -> dict[str, list[tuple[int, float, float | 
 
 def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = None) -> RunRecord:
     """The ``RunRecord`` of ``run_id``; with ``artifacts_dir``, the run's export is written there to be logged."""
-    from ctssl_core.db import connect
+    from ctssl_core.results.store_api import run_record
 
     sp = store_paths(store_root)
     if not sp.db.exists():
         raise TrackerError(f"no store at {sp.root}; pass --store (or set CTSSL_STORE)")
-    with connect(sp.db, read_only=True) as con:
-        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'"
-                                          ).fetchall()]
-        row = con.execute(f"SELECT {', '.join(cols)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        results = con.execute("SELECT split, metric, value FROM results WHERE run_id = ? ORDER BY split, metric",
-                              [run_id]).fetchall()
-    if row is None:
+    run, results = run_record(store_root, run_id)
+    if run is None:
         raise TrackerError(f"no run {run_id!r} in {sp.root}; list runs on the dashboard's Runs page or pass the id "
                            f"that pretrain/finetune printed")
-    run = dict(zip(cols, row))
     if run["status"] == "running":
         raise TrackerError(f"run {run_id} is still running; mirror it once it has finished")
     cfg = json.loads(run["config"]) if isinstance(run["config"], str) else (run["config"] or {})
@@ -182,22 +176,17 @@ def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
 def benchmark_runs(store_root: str | Path, benchmark_id: str) -> list[str]:
     """The finished runs of a benchmark, oldest first, and the pretrainings they started from (a pretraining
     is shared between benchmarks, so it carries no benchmark id; its fine-tunes name its checkpoint)."""
-    from ctssl_core.db import connect
+    from ctssl_core.results.store_api import benchmark_run_configs, finished_of
 
-    with connect(store_paths(store_root).db, read_only=True) as con:
-        rows = con.execute("SELECT run_id, config FROM runs WHERE benchmark_id = ? AND status != 'running' "
-                           "ORDER BY created_at, run_id", [benchmark_id]).fetchall()
-        ids = [r[0] for r in rows]
-        inits = set()
-        for _, cfg in rows:
-            ck = (json.loads(cfg) if isinstance(cfg, str) else (cfg or {})).get("init_checkpoint")
-            m = re.match(r"^runs/([^/]+)/", str(ck or ""))
-            if m and m.group(1) not in ids:
-                inits.add(m.group(1))
-        pre = [r[0] for r in con.execute(
-            f"SELECT run_id FROM runs WHERE run_id IN ({', '.join('?' * len(inits))}) AND status != 'running' "
-            f"ORDER BY created_at, run_id", sorted(inits)).fetchall()] if inits else []
-    return pre + ids
+    rows = benchmark_run_configs(store_root, benchmark_id)
+    ids = [r[0] for r in rows]
+    inits = set()
+    for _, cfg in rows:
+        ck = (json.loads(cfg) if isinstance(cfg, str) else (cfg or {})).get("init_checkpoint")
+        m = re.match(r"^runs/([^/]+)/", str(ck or ""))
+        if m and m.group(1) not in ids:
+            inits.add(m.group(1))
+    return finished_of(store_root, sorted(inits)) + ids
 
 
 # ------------------------------------------------------------------ MLflow

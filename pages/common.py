@@ -44,35 +44,46 @@ def current_store() -> str:
     return str(st.session_state.get("ctssl_store") or default_store()).strip()
 
 
+def _name(fn) -> str:
+    """The cache key of a read.py function; anything else is a programming error, said plainly."""
+    if getattr(fn, "__module__", None) != read.__name__ or not callable(fn):
+        raise TypeError(f"query functions come from ctssl_core.results.read, got {fn!r}")
+    return fn.__qualname__
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
-def _load(fn: str, store: str, version: int, args: tuple, kwargs: tuple):
-    """Cached call of ``read.<fn>(store, *args, **kwargs)``; ``version`` changes when the store is written."""
-    return getattr(read, fn)(store, *args, **dict(kwargs))
+def _load(name: str, _fn, store: str, version: int, args: tuple, kwargs: tuple):
+    """Cached ``_fn(store, *args, **kwargs)``; ``name`` (the function's) keys the cache in place of the
+    unhashed ``_fn``, and ``version`` changes when the store is written."""
+    return _fn(store, *args, **dict(kwargs))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _load_many(store: str, version: int, calls: tuple) -> list:
-    """Cached batch of read.py calls on one connection (see ``read.session``)."""
+def _load_many(store: str, version: int, key: tuple, _calls: tuple) -> list:
+    """Cached batch of read.py calls on one connection (see ``read.session``); ``key`` names ``_calls``."""
     with read.session(store):
-        return [getattr(read, fn)(store, *args) for fn, *args in calls]
+        return [fn(store, *args) for fn, *args in _calls]
 
 
 def query_many(*calls: tuple) -> list:
-    """``query_many(("run_table",), ("derived", "speed_ratio"))`` -> [DataFrame, DataFrame]: one connection."""
+    """``query_many((read.run_table,), (read.derived, "speed_ratio"))`` -> [DataFrame, DataFrame]: one connection."""
     store = current_store()
-    return _guard(store, lambda: _load_many(store, read.store_version(store), tuple(calls)))
+    key = tuple((_name(fn), *args) for fn, *args in calls)
+    return _guard(store, lambda: _load_many(store, read.store_version(store), key, tuple(calls)))
 
 
-def query(fn: str, *args, missing_ok: bool = False, **kwargs):
-    """Run a read.py query for the current store, turning store problems into messages.
+def query(fn, *args, missing_ok: bool = False, **kwargs):
+    """Run a read.py query (the function, e.g. ``read.forest``) for the current store, turning store
+    problems into messages.
 
     A missing/busy/unreadable store stops the page with a message. A missing
     result *file* (``ResultFileMissing``) shows a warning and returns None when
     ``missing_ok`` so that the rest of the page still renders.
     """
     store = current_store()
-    return _guard(store, lambda: _load(fn, store, read.store_version(store), args, tuple(sorted(kwargs.items()))),
-                  missing_ok)
+    name = _name(fn)
+    return _guard(store, lambda: _load(name, fn, store, read.store_version(store), args,
+                                       tuple(sorted(kwargs.items()))), missing_ok)
 
 
 def _guard(store: str, thunk, missing_ok: bool = False):
@@ -147,7 +158,7 @@ def benchmark_choice() -> str | None:
     Defaults to the latest finished benchmark (``read.latest_finished``); pages
     filter their tables by it so two benchmarks are never mixed.
     """
-    bench = query("benchmarks")
+    bench = query(read.benchmarks)
     if bench.empty:
         return None
     ids = bench.benchmark_id.astype(str).tolist()
@@ -168,7 +179,7 @@ def sidebar_status() -> None:
     """One caption with what the store holds, and the older-schema note if any."""
     store = current_store()
     try:
-        info = _load("store_info", store, read.store_version(store), (), ())
+        info = _load(_name(read.store_info), read.store_info, store, read.store_version(store), (), ())
     except StoreMissing:
         st.caption(f"No store at `{store}` yet.")
         return
@@ -184,7 +195,7 @@ def sidebar_status() -> None:
 
 def show_outdated_note(info: "read.StoreInfo | None" = None) -> None:
     """Say once per page when the store is from an older schema (what is missing, how to upgrade)."""
-    info = info if info is not None else query("store_info")
+    info = info if info is not None else query(read.store_info)
     msg = info.message()
     if msg:
         with st.expander("This store is from an older ctssl version", expanded=False):

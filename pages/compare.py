@@ -4,14 +4,16 @@ differences (controls apart), label-fraction curves, bars with CIs, segmentation
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results import read
 from ctssl_core.results.read import HEADLINE, hint, init_order
 from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index
 
 st.title("Compare pretraining strategies")
 bench_id = benchmark_choice()
 info, tm, table, speed, saved, sens, comp = query_many(
-    ("store_info",), ("task_metrics", bench_id), ("headline_table", bench_id), ("derived", "speed_ratio", bench_id),
-    ("derived", "labels_saved", bench_id), ("sensitivity", bench_id), ("competence", bench_id))
+    (read.store_info,), (read.task_metrics, bench_id), (read.headline_table, bench_id),
+    (read.derived, "speed_ratio", bench_id), (read.derived, "labels_saved", bench_id), (read.sensitivity, bench_id),
+    (read.competence, bench_id))
 show_outdated_note(info)
 
 if tm.empty:
@@ -31,7 +33,7 @@ for r in sens[sens.task == task].itertuples():
 
 st.subheader("How much better than random init, and is it real?")
 flagged = set(comp[comp.flag].init) if len(comp) else set()
-fdf = query("forest", task, metric, bench_id)
+fdf = query(read.forest, task, metric, bench_id)
 if fdf.empty:
     st.info(f"The benchmark wrote no paired differences for {task} · {metric}; re-run {hint('benchmark_quick')} "
             "with this version to get them.")
@@ -44,7 +46,7 @@ else:
                + (f" ⚠ = pretext did not clearly beat its trivial baseline ({', '.join(sorted(flagged))})."
                   if flagged else ""))
 
-curves = query("fraction_curves", task, metric, bench_id)
+curves = query(read.fraction_curves, task, metric, bench_id)
 inits = init_order(curves.init)
 strategies = [i for i in inits if i not in charts.CONTROL_INITS and i != "random"]
 bands = st.multiselect("CI bands for", inits, default=[i for i in ["random", *strategies[:1]] if i in inits],
@@ -89,7 +91,7 @@ b = cb.selectbox("B", inits, index=inits.index("random") if "random" in inits el
 if a == b:
     st.info("Pick two different strategies.")
 else:
-    diff = query("pairwise", task, metric, a, b, bench_id)
+    diff = query(read.pairwise, task, metric, a, b, bench_id)
     if diff.empty:
         st.info(f"{a} and {b} share no label fraction for {task} · {metric}.")
     else:

@@ -5,6 +5,7 @@ ones refreshed live."""
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results import read
 from ctssl_core.results.read import X_AXES, hint
 from pages.common import query, query_many, show_outdated_note, to_url, url_index, url_values
 
@@ -12,7 +13,7 @@ MAX_POINTS = 4000  # per series, after min/max (M4) downsampling in DuckDB
 REFRESH_S = 5      # live refresh of the plot while a selected run is still running
 
 st.title("Learning curves")
-info, runs = query_many(("store_info",), ("run_table",))
+info, runs = query_many((read.store_info,), (read.run_table,))
 show_outdated_note(info)
 
 if runs.empty:
@@ -46,7 +47,7 @@ if not selected:
     st.info("Select one or more runs above.")
     st.stop()
 
-names = query("metric_names", tuple(selected))
+names = query(read.metric_names, tuple(selected))
 if not names:
     st.info("These runs have no metrics merged yet; a running job's metrics appear after its next merge.")
     st.stop()
@@ -65,7 +66,7 @@ running = sel[sel.status == "running"].run_id.tolist()
 @st.fragment(run_every=REFRESH_S if running else None)
 def _plot() -> None:
     """The plot alone reruns every few seconds while a run is live (cached reads refresh when the store changes)."""
-    data = query("curves", tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
+    data = query(read.curves, tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
     if data is None or data.empty:
         st.info("Nothing to draw for this choice.")
         return
@@ -78,7 +79,7 @@ def _plot() -> None:
 
 _plot()
 
-configs = query("run_configs", tuple(selected))
+configs = query(read.run_configs, tuple(selected))
 if len(configs) and len(selected) > 1:
     st.subheader("Settings of the selected runs")
     only_diff = st.toggle("Only settings that differ", True, key="lc_cfg_diff")

@@ -4,13 +4,14 @@ name, jump to slices with findings, preset or custom window), ingest errors."""
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results import read
 from ctssl_core.results.read import hint
 from pages.common import query, query_many, show_outdated_note, to_url, url_index, url_value
 
 st.title("Data")
 info, summary, demo, prev, series, errors = query_many(
-    ("store_info",), ("cohort_summary",), ("demographics",), ("label_prevalence",), ("series_list",),
-    ("ingest_errors",))
+    (read.store_info,), (read.cohort_summary,), (read.demographics,), (read.label_prevalence,), (read.series_list,),
+    (read.ingest_errors,))
 show_outdated_note(info)
 
 if summary["patients"] == 0 and summary["slices"] == 0:
@@ -49,7 +50,7 @@ else:
                        key="data_series", help="Numbered by dataset; PE / nodule = slices with that finding.")
     s = series[series.series_key == key].iloc[0]
     n = int(s.n_slices) if s.n_slices == s.n_slices and s.n_slices else 1
-    findings = query("finding_slices", key)
+    findings = query(read.finding_slices, key)
     if n > 1 and st.session_state.get("data_idx", 0) > n - 1:   # the previous series was longer
         st.session_state["data_idx"] = n // 2
     if n > 1 and len(findings):
@@ -77,7 +78,7 @@ else:
         level, width = charts.WINDOWS[window]
     show_mask = v3.checkbox("Nodule mask overlay", True, key="data_mask")
     show_pe = v3.checkbox("Frame PE-positive slices", True, key="data_pe")
-    view = query("load_slice", key, int(idx), missing_ok=True)
+    view = query(read.load_slice, key, int(idx), missing_ok=True)
     if view is not None:
         gray = charts.apply_window(view.hu, level, width)
         rgb = charts.overlay(gray, view.mask if show_mask else None,

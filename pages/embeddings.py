@@ -3,13 +3,14 @@
 import streamlit as st
 
 from ctssl_core import charts
+from ctssl_core.results import read
 from ctssl_core.results.read import hint
 from pages.common import benchmark_choice, query, query_many, show_outdated_note, to_url, url_index, url_value
 
 MAX_POINTS = 5000
 
 st.title("Embeddings & bias")
-info, emb = query_many(("store_info",), ("embeddings",))
+info, emb = query_many((read.store_info,), (read.embeddings,))
 show_outdated_note(info)
 
 if emb.empty:
@@ -28,7 +29,7 @@ labels = {r.emb_id: f"{r.init} · {r.encoder} · {r.split} ({r.n:,} {r.level}s)"
 c1, c2 = st.columns([3, 2])
 emb_id = c1.selectbox("Embedding", choices, index=url_index("emb", choices), format_func=lambda e: labels.get(e, e),
                       key="emb_id")
-view = query("embedding_view", emb_id, MAX_POINTS)
+view = query(read.embedding_view, emb_id, MAX_POINTS)
 ref_id, methods, attrs = view["ref_id"], view["methods"], view["attributes"]
 kinds = dict(zip(attrs.attribute, attrs.kind))
 options = attrs.attribute.tolist()
@@ -105,7 +106,7 @@ row = int(p2.number_input("Point (row)", 0, max(n_rows - 1, 0), step=1, key="emb
                           help="Select a point on a chart, or type the row its hover shows."))
 window = p3.radio("Window", list(charts.WINDOWS), horizontal=True, key="emb_window")
 to_url(emb=emb_id, color=color_by, point=row)
-ps = query("point_slice", point_emb, row, missing_ok=True) if n_rows else None
+ps = query(read.point_slice, point_emb, row, missing_ok=True) if n_rows else None
 if ps is not None:
     level, width = charts.WINDOWS[window]
     v = ps.view
@@ -121,7 +122,7 @@ if ps is not None:
     i2.markdown(f"**Series** `{ps.series_key}` (pseudonymised) · **{where}**")
     i2.dataframe({k: [str(x)] for k, x in ps.attributes.items()}, hide_index=True, width="stretch")
 
-card = query("bias_scorecard", benchmark_choice())
+card = query(read.bias_scorecard, benchmark_choice())
 if not card.empty:
     st.subheader("Does the analysis find what was planted? (scorecard against the synthetic cohort's truth)")
     wrong = card[card.right.eq(False)]
@@ -169,7 +170,7 @@ if len(sub):
     st.dataframe(sub[sub.metric == metric][["attribute", "group_a", "value", "ci_low", "ci_high"]]
                  .rename(columns={"group_a": "group"}), hide_index=True, width="stretch")
 
-dose = query("bias_dose", st.session_state.get("ctssl_benchmark"))   # the benchmark chosen above (benchmark_choice)
+dose = query(read.bias_dose, st.session_state.get("ctssl_benchmark"))   # the benchmark chosen above (benchmark_choice)
 if not dose.empty:
     st.subheader("Does detection follow the planted race effect? (dose-response)")
     st.caption("The same patients rendered again with the synthetic race effect at 0, half and full strength (same "

@@ -8,6 +8,7 @@ and each strategy's pretext competence. The query layer (``results/read.py``) co
 import pandas as pd
 import streamlit as st
 
+from ctssl_core.results import read
 from ctssl_core.results.read import (confirmed_best, fmt_ci, hint, key_endpoints, pivot_headline, split_controls,
                                      verdicts)
 from pages.common import benchmark_choice, query_many, show_outdated_note
@@ -15,8 +16,9 @@ from pages.common import benchmark_choice, query_many, show_outdated_note
 st.title("Which pretraining strategy should I use?")
 bench_id = benchmark_choice()
 info_store, table, bench, info, sens, verd, comp, deltas = query_many(
-    ("store_info",), ("headline_table", bench_id), ("benchmarks",), ("run_overview",), ("sensitivity", bench_id),
-    ("strategy_verdicts", bench_id), ("competence", bench_id), ("deltas", bench_id))
+    (read.store_info,), (read.headline_table, bench_id), (read.benchmarks,), (read.run_overview,),
+    (read.sensitivity, bench_id), (read.strategy_verdicts, bench_id), (read.competence, bench_id),
+    (read.deltas, bench_id))
 show_outdated_note(info_store)
 
 if table.empty:

@@ -65,15 +65,14 @@ def list_errors(root, store) -> list[tuple[str, str]]:
     """(relative path, reason) of the files under ``root`` recorded in ``ingest_errors``."""
     from pathlib import Path
 
+    from ctssl_core.data.catalog import ingest_error_reasons
     from ctssl_core.data.ingest import find_files, path_key
     from ctssl_core.data.pseudonym import Pseudonymiser
-    from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
 
     paths = store_paths(store)
     key = Pseudonymiser.for_store(paths.secret)
-    with connect(paths.db, read_only=True) as con:
-        reason_of = dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
+    reason_of = ingest_error_reasons(store)
     root = Path(root).resolve()
     out = []
     for f in find_files(root):

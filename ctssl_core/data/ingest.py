@@ -41,6 +41,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from ctssl_core.config import ConfigError
+from ctssl_core.data.catalog import insert_columns, insert_rows
 from ctssl_core.data.dicom import (
     HU_MAX,
     HU_MIN,
@@ -1562,33 +1563,6 @@ def _bar(progress: bool, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="file" if "scan" in desc else "slice", dynamic_ncols=True)
-
-
-def insert_rows(con, sql: str, rows: list[tuple], batch: int = 400) -> None:
-    """``sql`` like "INSERT INTO t VALUES"; rows go in multi-row VALUES statements.
-
-    DuckDB's ``executemany`` runs one statement per row (~25 ms each with a primary key),
-    which would make the catalog the ingest bottleneck.
-    """
-    if not rows:
-        return
-    n = len(rows[0])
-    ph = "(" + ", ".join("?" * n) + ")"
-    for i in range(0, len(rows), batch):
-        part = rows[i:i + batch]
-        con.execute(f"{sql} {', '.join([ph] * len(part))}", [v for r in part for v in r])
-
-
-def insert_columns(con, sql: str, columns: list[tuple[str, list]]) -> None:
-    """``sql`` like "INSERT INTO t"; one LIST parameter per column, unnested server-side.
-
-    For per-slice rows this is ~8x cheaper than multi-row VALUES, whose SQL text (thousands of
-    placeholders) DuckDB must parse on every call.
-    """
-    if not columns or not columns[0][1]:
-        return
-    sel = ", ".join(f"unnest(${i + 1}::{typ}[])" for i, (typ, _) in enumerate(columns))
-    con.execute(f"{sql} SELECT {sel}", [list(vals) for _, vals in columns])
 
 
 def hold_back_beside_transient(plans: list[SeriesPlan], errors: list[tuple[str, str, str]]

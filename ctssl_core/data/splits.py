@@ -112,7 +112,7 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=DEFAULT_FR
         if new:
             strata = {k: s for k, s in rows if k in set(new)}
             assigned = make_splits(new, seed, fractions, strata, pool=pool)
-            from ctssl_core.data.ingest import insert_columns
+            from ctssl_core.data.catalog import insert_columns
 
             con.execute("BEGIN")
             insert_columns(con, "INSERT INTO splits", [("TEXT", list(assigned)), ("INTEGER", [scheme] * len(assigned)),

@@ -16,10 +16,11 @@ from ctssl_core.jobs.kinds import (
     JOB_KINDS, JobKind, JobSpecError, build_argv, field_choices, job_kinds, validate_spec,
 )
 from ctssl_core.jobs.queue import (
-    FINAL, STATES, JobStateError, absolute_store, cancel, checkpoints, get_job, job_dir, job_results, job_run_ids,
+    FINAL, STATES, JobStateError, absolute_store, cancel, get_job, job_dir, job_results, job_run_ids,
     list_jobs, log_tail, reconcile, resume, submit,
 )
 from ctssl_core.jobs.worker import Worker, WorkerBusy, ensure_worker, worker_running
+from ctssl_core.results.store_api import checkpoints
 
 __all__ = [
     "BACKENDS", "Backend", "Handle", "LocalBackend", "JOB_KINDS", "JobKind", "JobSpecError", "build_argv",

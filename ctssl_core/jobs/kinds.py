@@ -90,7 +90,7 @@ def profile_choices(store_root: Path | None = None) -> list[str]:
 
 def init_choices(store_root: Path | None) -> list[str]:
     """``random``, plus every pretext key and run id with a checkpoint that exists in the store."""
-    from ctssl_core.jobs.queue import checkpoints
+    from ctssl_core.results.store_api import checkpoints
     out = ["random"]
     if store_root is not None:
         ck = checkpoints(store_root)
@@ -100,7 +100,7 @@ def init_choices(store_root: Path | None) -> list[str]:
 
 def checkpoint_choices(store_root: Path | None) -> list[str]:
     """Run ids with a checkpoint on disk, plus ``random`` (the untrained reference)."""
-    from ctssl_core.jobs.queue import checkpoints
+    from ctssl_core.results.store_api import checkpoints
     return ["random"] + (list(checkpoints(store_root)["run_id"]) if store_root is not None else [])
 
 

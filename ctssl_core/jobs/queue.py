@@ -133,21 +133,6 @@ def _read_df(store_root: str | Path, sql: str, params: list | None = None):
 # --------------------------------------------------------------------------- reading
 
 
-def checkpoints(store_root: str | Path):
-    """Succeeded pretraining runs whose checkpoint file exists: run_id, task, encoder, checkpoint, ended_at."""
-    import pandas as pd
-
-    df = _read_df(store_root, """
-        SELECT run_id, task, encoder, checkpoint, ended_at FROM runs
-        WHERE kind = 'pretrain' AND status = 'succeeded' AND checkpoint IS NOT NULL
-        ORDER BY ended_at DESC""")
-    if df.empty:
-        return pd.DataFrame(columns=["run_id", "task", "encoder", "checkpoint", "ended_at"])
-    root = Path(store_root)
-    keep = df["checkpoint"].map(lambda p: (root / p).exists() if not Path(p).is_absolute() else Path(p).exists())
-    return df[keep].reset_index(drop=True)
-
-
 JOB_COLUMNS = ["job_id", "kind", "spec", "state", "backend", "created_at", "started_at", "ended_at",
                "heartbeat_at", "pid", "pgid", "claimed_by", "progress", "step", "total", "current",
                "log_path", "run_id", "error", "attempts", "cancel_requested"]

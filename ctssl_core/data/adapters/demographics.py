@@ -118,60 +118,43 @@ def read_csv(path: str | Path) -> tuple[str, list[tuple[int, str, dict]], dict[s
 def apply_demographics(db, csv_path: str | Path, key, summary=None) -> dict:
     """Update ``patients`` (and ``series.site``) from the CSV. Returns a report dict (also put on ``summary``)."""
     from ctssl_core.config import ConfigError
-    from ctssl_core.data.ingest import insert_rows
-    from ctssl_core.db import connect
+    from ctssl_core.data.catalog import demographic_state, update_demographics
 
     kind, rows, dropped = read_csv(csv_path)
     if dropped:
         warnings.warn(dropped_message(csv_path, dropped), IdentifierColumnsDropped, stacklevel=2)
-    with connect(db) as con:
-        patients = {r[0]: (r[1], r[2], r[3], r[4]) for r in
-                    con.execute("SELECT patient_key, age, sex, race, attributes FROM patients").fetchall()}
-        study_patient = dict(con.execute("SELECT study_key, patient_key FROM studies").fetchall())
-        updates: dict[str, list] = {}
-        site_rows = []
-        unmatched = []
-        for line, raw, vals in rows:
-            if kind == "patient":
-                pk = key("patient", raw)
-                sk = None
-            else:
-                sk = key("study", raw)
-                pk = study_patient.get(sk)
-            if pk is None or pk not in patients:
-                unmatched.append(line)
-                continue
-            age, sex, race, attrs = updates.get(pk) or list(patients[pk])
-            attrs = json.loads(attrs) if isinstance(attrs, str) and attrs else (attrs or {})
-            if "age" in vals:
-                try:
-                    age = float(vals["age"])
-                except ValueError:
-                    raise ConfigError(f"{csv_path} line {line}: age {vals['age']!r} is not a number (years)") from None
-            if "sex" in vals:
-                sex = _norm_sex(vals["sex"])
-            if "race" in vals:
-                race = vals["race"]
-            for k, v in vals.items():
-                if k not in CORE:
-                    attrs[k] = v
-            updates[pk] = [age, sex, race, attrs]
-            if "site" in vals:
-                site_rows.append((sk, pk, vals["site"]))
-        con.execute("BEGIN")
-        if updates:
-            con.execute("CREATE TEMP TABLE _demo (patient_key TEXT, age DOUBLE, sex TEXT, race TEXT, attributes JSON)")
-            insert_rows(con, "INSERT INTO _demo VALUES",
-                        [(pk, a, s, r, json.dumps(at)) for pk, (a, s, r, at) in updates.items()])
-            con.execute("UPDATE patients SET age = d.age, sex = d.sex, race = d.race, attributes = d.attributes "
-                        "FROM _demo d WHERE patients.patient_key = d.patient_key")
-            con.execute("DROP TABLE _demo")
-        for sk, pk, site in site_rows:
-            if sk is not None:
-                con.execute("UPDATE series SET site = ? WHERE study_key = ?", [site, sk])
-            else:
-                con.execute("UPDATE series SET site = ? WHERE patient_key = ?", [site, pk])
-        con.execute("COMMIT")
+    patients, study_patient = demographic_state(db)
+    updates: dict[str, list] = {}
+    site_rows = []
+    unmatched = []
+    for line, raw, vals in rows:
+        if kind == "patient":
+            pk = key("patient", raw)
+            sk = None
+        else:
+            sk = key("study", raw)
+            pk = study_patient.get(sk)
+        if pk is None or pk not in patients:
+            unmatched.append(line)
+            continue
+        age, sex, race, attrs = updates.get(pk) or list(patients[pk])
+        attrs = json.loads(attrs) if isinstance(attrs, str) and attrs else (attrs or {})
+        if "age" in vals:
+            try:
+                age = float(vals["age"])
+            except ValueError:
+                raise ConfigError(f"{csv_path} line {line}: age {vals['age']!r} is not a number (years)") from None
+        if "sex" in vals:
+            sex = _norm_sex(vals["sex"])
+        if "race" in vals:
+            race = vals["race"]
+        for k, v in vals.items():
+            if k not in CORE:
+                attrs[k] = v
+        updates[pk] = [age, sex, race, attrs]
+        if "site" in vals:
+            site_rows.append((sk, pk, vals["site"]))
+    update_demographics(db, updates, site_rows)
     report = {"rows": len(rows), "matched": len(updates), "unmatched_lines": unmatched,
               "patients_without_row": len(set(patients) - set(updates)), "dropped_columns": sorted(dropped)}
     if summary is not None:
