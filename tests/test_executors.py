@@ -84,6 +84,35 @@ def test_units_declare_threads_and_the_device_their_config_asks_for(ray_local, t
     assert ray_local.is_initialized()                         # it did not shut down an instance it did not start
 
 
+def test_scheduler_passes_results_to_the_units_that_need_them_and_raises_the_first_failure(ray_local):
+    """``run_in_order`` on Ray with toy units (name, the key it needs): a unit gets its provider's result;
+    after a failure the started units end and are yielded, nothing new starts, and the failure is raised."""
+    from ctssl_core.executors import RayEngine, run_in_order
+
+    def unit(name, got):                                      # runs in a Ray worker
+        if name == "bad":
+            raise ValueError("boom: a unit failed")
+        return f"{name}({got})"
+
+    def run(units, out):
+        for u, result in run_in_order(RayEngine(), units, {}, unit, args=lambda u, ids: (u[0], ids.get(u[1])),
+                                      needs=lambda u: u[1], provides=lambda u: u[0],
+                                      resources=lambda u: Resources(1, "cpu")):
+            out.append((u[0], result))
+        return sorted(out)
+
+    assert run([("p", None), ("f", "p"), ("g", "f")], []) == [("f", "f(p(None))"), ("g", "g(f(p(None)))"),
+                                                              ("p", "p(None)")]
+    seen: list = []
+    with pytest.raises(ValueError, match="boom"):             # the unit's own exception type, through Ray
+        run([("p", None), ("bad", "p"), ("f", "p"), ("after", "bad")], seen)
+    seen = [name for name, _ in seen]
+    assert sorted(seen) == ["f", "p"]                         # f was started with bad, so it ended and counts
+    with pytest.raises(ConfigError, match=r"never ran: \['nothing'\]"):
+        run([("p", None), ("orphan", "nothing")], [])
+    assert ray_local.is_initialized()
+
+
 def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_local(smoke_store, tmp_path,
                                                                                     ray_local, monkeypatch):
     """Three fine-tunes of the smoke store (built by the local executor) are unfinished. Through Ray: the
