@@ -69,9 +69,12 @@ class BenchmarkConfig:
     workers: int = 1                                         # units run in this many processes at once
                                                              # (each with `threads` threads); 1 = in-process
     executor: str = "local"                                  # engine of the units (executors.EXECUTORS): local
-                                                             # (`workers` processes) or ray (one task per unit)
+                                                             # (`workers` processes), ray or slurm (one task or
+                                                             # job per unit)
     ray_address: str = ""                                    # executor=ray: '' starts a local Ray instance;
                                                              # 'ray://host:10001' or 'auto' joins a cluster
+    slurm_partition: str = ""                                # executor=slurm: '' = the cluster's default
+    slurm_timeout_min: int = 240                             # executor=slurm: each unit's time limit
 
     def __post_init__(self) -> None:
         from ctssl_core.downstream import DOWNSTREAM
@@ -89,6 +92,9 @@ class BenchmarkConfig:
         from ctssl_core.executors import check_executor
 
         check_executor(self.executor)
+        if self.slurm_timeout_min < 1:
+            raise ConfigError(f"benchmark.slurm_timeout_min must be >= 1 (minutes per unit), got "
+                              f"{self.slurm_timeout_min}")
         if self.workers < 1 or self.threads < 0:
             raise ConfigError(f"benchmark.workers must be >= 1 and benchmark.threads >= 0, got "
                               f"{self.workers} and {self.threads}")
@@ -149,7 +155,7 @@ def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 # execution settings: they change how fast a benchmark runs, not what it computes
-EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address")
+EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address", "slurm_partition", "slurm_timeout_min")
 
 
 def result_config(cfg: dict) -> dict:
@@ -578,7 +584,7 @@ def _run_on_engine(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[
 
     if not todo:
         return
-    engine = EXECUTORS[plan.bench.executor].from_config(plan.bench)
+    engine = EXECUTORS[plan.bench.executor].from_config(plan.bench, root.resolve())
     root_s = str(root.resolve())   # the path every worker (or cluster node) opens
     yield from run_in_order(engine, todo, pretrain_ids, _worker_unit,
                             args=lambda u, ids: (plan, u, root_s, ids, plan.bench.threads),

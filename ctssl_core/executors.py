@@ -11,6 +11,8 @@ registry line, and every engine runs the units in the same order with the same s
   its device, on a local Ray instance or the cluster at ``benchmark.ray_address``. Ray queues tasks by
   resources, so the scheduler hands it every ready unit at once. The store must be a path every
   node sees (a shared filesystem) and ``ctssl`` must be installed on every node.
+* ``slurm``: each unit one Slurm job through submitit (``cpus_per_task`` = threads or 1, one GPU when
+  its device is ``cuda``), submitted from a login node; pickles and logs in ``<store>/slurm/``.
 
 The job queue (``jobs/backends.py``) runs whole commands - a process group with a log and a
 heartbeat; these engines run function calls inside one benchmark command.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -41,8 +44,8 @@ class Engine(Protocol):
     slots: int | None   # calls the scheduler keeps started at once; None = every ready unit (the engine queues)
 
     @classmethod
-    def from_config(cls, bench: Any) -> "Engine":
-        """The engine for a ``BenchmarkConfig`` (it reads its own settings: workers, ray_address)."""
+    def from_config(cls, bench: Any, root: Any) -> "Engine":
+        """The engine for a ``BenchmarkConfig`` and a store root (it reads its own settings: workers, ...)."""
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any: ...
 
@@ -71,7 +74,7 @@ class PoolEngine:
         self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
     @classmethod
-    def from_config(cls, bench: Any) -> "PoolEngine":
+    def from_config(cls, bench: Any, root: Any) -> "PoolEngine":
         return cls(bench.workers)
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
@@ -93,12 +96,30 @@ class PoolEngine:
         self._ex.shutdown(wait=True, cancel_futures=True)
 
 
-class RayEngine:
+class _TermGuard:
+    """While an engine is open, SIGTERM (the job queue's cancel) becomes KeyboardInterrupt, so the scheduler
+    cancels the units it handed out rather than the process dying with them still queued on a cluster."""
+
+    _prev_term: Any = None
+    _term = False
+
+    def _guard_term(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._prev_term = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._term = True
+        raise _stopped_by_term()
+
+    def _restore_term(self) -> None:
+        if self._prev_term is not None:
+            signal.signal(signal.SIGTERM, self._prev_term)
+            self._prev_term = None
+
+
+class RayEngine(_TermGuard):
     """Units as Ray tasks. Joins the Ray instance this process already has (tests, notebooks), else
     starts a local one (``address`` empty) or connects to ``address``; it shuts down only what it started.
-
-    SIGTERM (the job queue's cancel) is turned into KeyboardInterrupt while the engine is open, so the
-    scheduler cancels the outstanding tasks rather than the process dying with them still queued.
     """
 
     name = "ray"
@@ -119,17 +140,10 @@ class RayEngine:
                                   f"check benchmark.ray_address ('' starts a local instance)") from e
         self.gpus = float(ray.cluster_resources().get("GPU", 0))
         self._remotes: dict[Callable, Any] = {}
-        self._prev_term: Any = None
-        self._term = False
-        if threading.current_thread() is threading.main_thread():
-            self._prev_term = signal.signal(signal.SIGTERM, self._on_term)
-
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self._term = True
-        raise _stopped_by_term()
+        self._guard_term()
 
     @classmethod
-    def from_config(cls, bench: Any) -> "RayEngine":
+    def from_config(cls, bench: Any, root: Any) -> "RayEngine":
         return cls(bench.ray_address)
 
     def num_gpus(self, res: Resources) -> float:
@@ -171,9 +185,7 @@ class RayEngine:
             self._ray.cancel(h, force=True)
 
     def close(self) -> None:
-        if self._prev_term is not None:
-            signal.signal(signal.SIGTERM, self._prev_term)
-            self._prev_term = None
+        self._restore_term()
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
 
@@ -184,9 +196,63 @@ def _stopped_by_term() -> KeyboardInterrupt:
     return stop
 
 
-EXECUTORS: dict[str, type] = {"local": PoolEngine, "ray": RayEngine}
+class SlurmEngine(_TermGuard):
+    """Units as Slurm jobs through submitit, polled every ``poll_s``. ``cluster`` is submitit's: None means
+    Slurm (refused where ``sbatch`` is missing); 'local' runs each job as a subprocess here (tests)."""
+
+    name = "slurm"
+    slots = None
+    poll_s = 2.0
+
+    def __init__(self, folder: Any, partition: str = "", timeout_min: int = 240, cluster: str | None = None):
+        try:
+            import submitit
+        except ImportError as e:
+            raise ConfigError(NO_SUBMITIT) from e
+        if cluster is None and submitit.SlurmExecutor.affinity() <= 0:   # submitit would fall back to 'local'
+            raise ConfigError("benchmark.executor=slurm: no Slurm on this machine (sbatch not found); run the "
+                              "benchmark from a Slurm login node, or use benchmark.executor=local or ray")
+        self._ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster or "slurm")
+        self._ex.update_parameters(timeout_min=int(timeout_min),
+                                   **({"slurm_partition": partition} if partition and self._ex.cluster == "slurm"
+                                      else {}))
+        self._guard_term()
+
+    @classmethod
+    def from_config(cls, bench: Any, root: Any) -> "SlurmEngine":
+        from pathlib import Path
+
+        return cls(Path(root) / "slurm", bench.slurm_partition, bench.slurm_timeout_min)
+
+    def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
+        self._ex.update_parameters(cpus_per_task=max(1, res.cpus), gpus_per_node=int(res.device.startswith("cuda")))
+        return self._ex.submit(fn, *args)
+
+    def wait(self, handles: list) -> list:
+        while True:
+            done = [h for h in handles if h.done()]
+            if done:
+                return done
+            time.sleep(self.poll_s)
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def cancel(self, handles: list) -> None:
+        """scancel (SIGINT for a local job): a running unit unwinds and its run is left resumable."""
+        for h in handles:
+            if not h.done():
+                h.cancel(check=False)
+
+    def close(self) -> None:
+        self._restore_term()
+
+
+EXECUTORS: dict[str, type] = {"local": PoolEngine, "ray": RayEngine, "slurm": SlurmEngine}
 NO_RAY = ("benchmark.executor=ray needs Ray, which is not installed: pip install 'ctssl[ray]' "
           "(or run with benchmark.executor=local)")
+NO_SUBMITIT = ("benchmark.executor=slurm needs submitit, which is not installed: pip install 'ctssl[slurm]' "
+               "(or run with benchmark.executor=local)")
 
 
 def check_executor(name: str) -> None:
@@ -197,6 +263,8 @@ def check_executor(name: str) -> None:
         raise ConfigError(f"benchmark.executor: unknown {name!r}; choose from {sorted(EXECUTORS)}")
     if name == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError(NO_RAY)
+    if name == "slurm" and importlib.util.find_spec("submitit") is None:
+        raise ConfigError(NO_SUBMITIT)
 
 
 def run_in_order(engine: Engine, todo: list, ids: dict[str, Any], call: Callable, args: Callable[[Any, dict], tuple],

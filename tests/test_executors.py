@@ -182,3 +182,44 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
     for col in ("value", "ci_low", "ci_high"):
         np.testing.assert_allclose(viaray[col].to_numpy(float), local[col].to_numpy(float), rtol=1e-6, atol=1e-9,
                                    equal_nan=True)
+
+
+def test_slurm_engine_runs_units_as_submitit_jobs_and_cancels_them_on_sigterm(tmp_path, monkeypatch):
+    """submitit's local cluster (each unit a subprocess here; no Slurm on CI): results reach the units that
+    need them; SIGTERM to the benchmark process cancels the running job (SIGINT: it unwinds) and is raised
+    as a SIGTERM stop; without Slurm, executor=slurm is refused with what to do."""
+    import submitit
+
+    from ctssl_core.executors import SlurmEngine, run_in_order
+
+    driver, marks = os.getpid(), tmp_path / "marks"
+    marks.mkdir()
+
+    def unit(name, got):                                      # runs in a submitit job (a subprocess)
+        if name == "stop":
+            os.kill(driver, signal.SIGTERM)
+            time.sleep(120)                                   # interrupted by the cancel long before
+        (marks / name).touch()
+        return f"{name}({got})"
+
+    def run(units):
+        engine = SlurmEngine(tmp_path / "jobs", cluster="local")
+        engine.poll_s = 0.05
+        return sorted(r for _, r in run_in_order(engine, units, {}, unit, args=lambda u, ids: (u[0], ids.get(u[1])),
+                                                 needs=lambda u: u[1], provides=lambda u: u[0],
+                                                 resources=lambda u: Resources(1, "cpu")))
+
+    term_before = signal.getsignal(signal.SIGTERM)
+    assert run([("p", None), ("f", "p")]) == ["f(p(None))", "p(None)"]
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run([("p", None), ("stop", "p")])
+    assert getattr(stop.value, "signal", None) == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is term_before
+    assert sorted(p.name for p in marks.iterdir()) == ["f", "p"]     # the cancelled unit never finished
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: -1))
+    with pytest.raises(ConfigError, match="no Slurm on this machine"):
+        SlurmEngine(tmp_path / "jobs")
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(ConfigError, match=r"pip install 'ctssl\[slurm\]'"):
+        check_executor("slurm")
