@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,13 @@ class BenchmarkConfig:
                                                              # far faster on a CPU shared with other jobs
     workers: int = 1                                         # units run in this many processes at once
                                                              # (each with `threads` threads); 1 = in-process
+    executor: str = "local"                                  # engine of the units (executors.EXECUTORS): local
+                                                             # (`workers` processes), ray or slurm (one task or
+                                                             # job per unit)
+    ray_address: str = ""                                    # executor=ray: '' starts a local Ray instance;
+                                                             # 'ray://host:10001' or 'auto' joins a cluster
+    slurm_partition: str = ""                                # executor=slurm: '' = the cluster's default
+    slurm_timeout_min: int = 240                             # executor=slurm: each unit's time limit
 
     def __post_init__(self) -> None:
         from ctssl_core.downstream import DOWNSTREAM
@@ -81,6 +89,12 @@ class BenchmarkConfig:
         for f in (*self.fractions, *self.demographics_fractions):
             if not 0 < f <= 1:
                 raise ConfigError(f"benchmark fractions must lie in (0, 1], got {f}")
+        from ctssl_core.executors import check_executor
+
+        check_executor(self.executor)
+        if self.slurm_timeout_min < 1:
+            raise ConfigError(f"benchmark.slurm_timeout_min must be >= 1 (minutes per unit), got "
+                              f"{self.slurm_timeout_min}")
         if self.workers < 1 or self.threads < 0:
             raise ConfigError(f"benchmark.workers must be >= 1 and benchmark.threads >= 0, got "
                               f"{self.workers} and {self.threads}")
@@ -141,12 +155,12 @@ def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 # execution settings: they change how fast a benchmark runs, not what it computes
-EXECUTION_KEYS = ("workers", "threads")
+EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address", "slurm_partition", "slurm_timeout_min")
 
 
 def result_config(cfg: dict) -> dict:
     """The profile minus its name and execution settings: what the benchmark id hashes, so a
-    benchmark resumed with another ``workers``/``threads`` reuses its finished units."""
+    benchmark resumed with another ``workers``/``threads``/``executor`` reuses its finished units."""
     out = {k: v for k, v in cfg.items() if k != "profile"}
     if isinstance(out.get("benchmark"), dict):
         out["benchmark"] = {k: v for k, v in out["benchmark"].items() if k not in EXECUTION_KEYS}
@@ -448,13 +462,13 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
                 embeddings[u.init] = json.loads(p.read_text())
     status = "failed"
     try:
-        runner = _run_serial if plan.bench.workers == 1 or len(todo) <= 1 else _run_parallel
-        for u, result in runner(plan, todo, root, pretrain_ids, bar):
-            if provides(u):
-                pretrain_ids[provides(u)] = result
-            elif u.kind == "embed":
-                embeddings[u.init] = result
-            bar.update(1)
+        with closing(run_units(plan, todo, root, pretrain_ids, bar)) as finished:  # closing: an interrupt
+            for u, result in finished:                                              # cancels the engine's units
+                if provides(u):
+                    pretrain_ids[provides(u)] = result
+                elif u.kind == "embed":
+                    embeddings[u.init] = result
+                bar.update(1)
         bar.close()
         table = summarise(plan, root, embeddings, log)
         status = "succeeded"
@@ -515,73 +529,64 @@ def _run_serial(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str
         yield u, run_unit(plan, u, root, pretrain_ids, store)
 
 
+def run_units(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
+    """``(unit, result)`` for each unit of ``todo`` as it ends: in this process, one after the other, for the
+    local executor with one worker (or a single unit); else on the configured engine (``executors``)."""
+    if plan.bench.executor == "local" and (plan.bench.workers == 1 or len(todo) <= 1):
+        return _run_serial(plan, todo, root, pretrain_ids, bar)
+    return _run_on_engine(plan, todo, root, pretrain_ids, bar)
+
+
+def unit_device(plan: Plan, u: Unit) -> str:
+    """The device a unit's config asks for ('cpu', 'cuda' or 'auto'): what an engine reserves a GPU for."""
+    if u.kind == "embed":
+        return embed_config(plan).device
+    if u.kind == "pretrain":
+        return str((pretrain_section(plan, u.task).get("train") or {}).get("device", "auto"))
+    if u.kind == "control" and u.init == NEGATIVE:
+        return "cpu"                                   # shuffles a checkpoint's weights: no training
+    return str((u.spec.get("train") or {}).get("device", "auto"))
+
+
+def unit_resources(plan: Plan, u: Unit):
+    from ctssl_core.executors import Resources
+
+    return Resources(cpus=plan.bench.threads or 1, device=unit_device(plan, u))
+
+
+def _run_on_engine(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
+    """Units on ``plan.bench.executor``'s engine, each once the pretraining (or positive control) it needs
+    exists. Each unit writes its own runs and results through the store's short, lock-retrying DuckDB
+    connections; see ``executors.run_in_order`` for failures and cancel."""
+    from ctssl_core.executors import EXECUTORS, run_in_order
+
+    if not todo:
+        return
+    engine = EXECUTORS[plan.bench.executor].from_config(plan.bench, root.resolve())
+    root_s = str(root.resolve())   # the path every worker (or cluster node) opens
+    yield from run_in_order(engine, todo, pretrain_ids, _worker_unit,
+                            args=lambda u, ids: (plan, u, root_s, ids, plan.bench.threads),
+                            needs=needs, provides=provides, resources=lambda u: unit_resources(plan, u),
+                            on_running=lambda us: bar.set_postfix_str(" | ".join(_label(u) for u in us)))
+
+
 _WORKER_STORE: dict[str, Any] = {}
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def _worker_unit(plan: Plan, u: Unit, root: str, pretrain_ids: dict[str, str]):
-    """Child-process entry: one unit, with this process's memory-mapped store reused across its units."""
+def _worker_unit(plan: Plan, u: Unit, root: str, pretrain_ids: dict[str, str], threads: int = 0):
+    """Engine-side entry (a pool process or a Ray worker): one unit, with this process's memory-mapped
+    store reused across the units it runs."""
     from ctssl_core.data.store import SliceStore
 
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     store = _WORKER_STORE.get(root)
     if store is None and u.kind in ("finetune", "control"):
         store = _WORKER_STORE[root] = SliceStore.open(Path(root))
     return run_unit(plan, u, Path(root), pretrain_ids, store)
-
-
-def _run_parallel(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
-    """Run units in ``plan.bench.workers`` spawned processes, each once its pretraining exists.
-
-    A unit that needs a strategy's encoder waits for that pretraining; the rest
-    start in plan order (pretrainings first, so they unblock the others soonest).
-    Each process writes its own runs and results through the store's short,
-    lock-retrying DuckDB connections. The first failure stops new starts, lets
-    the running units finish (their results are kept), and is raised.
-    """
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    pending = list(todo)
-    ids = dict(pretrain_ids)
-    failed: BaseException | None = None
-    ex = ProcessPoolExecutor(plan.bench.workers, mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(plan.bench.threads,))
-    running: dict[Any, Unit] = {}
-    try:
-        while pending or running:
-            while failed is None and len(running) < plan.bench.workers:
-                ready = next((u for u in pending if needs(u) is None or needs(u) in ids), None)
-                if ready is None:
-                    break
-                pending.remove(ready)
-                running[ex.submit(_worker_unit, plan, ready, str(root), dict(ids))] = ready
-            if not running:
-                if failed is None:
-                    missing = sorted({str(needs(u)) for u in pending})
-                    failed = ConfigError(f"units wait for pretraining(s) that never ran: {missing}")
-                break
-            bar.set_postfix_str(" | ".join(_label(u) for u in running.values()))
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in finished:
-                u = running.pop(fut)
-                try:
-                    result = fut.result()
-                except BaseException as e:  # noqa: BLE001 - re-raised once the running units end
-                    failed = failed or e
-                    continue
-                if provides(u):
-                    ids[provides(u)] = result
-                yield u, result
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-    if failed is not None:
-        raise failed
 
 
 # ------------------------------------------------------------------ summaries

@@ -6,6 +6,13 @@ claimed job, poll it, cancel it. A Ray Jobs backend would map ``start`` to
 ``get_job_status`` and ``cancel`` to ``stop_job``; a Slurm one to
 ``sbatch``/``squeue``/``scancel``. The job's state machine, queue and page
 do not change.
+
+Not built yet, because it is not a small step: the queue reconciles and cancels
+jobs by pid/process group from any process (``ctssl jobs cancel``, a restarted
+worker), and a job must outlive the worker that started it. A plain Ray task is
+owned by the process that submitted it and dies with it; Ray Jobs needs the job
+server of ``ray[default]`` (the dashboard). Within one job, a benchmark already
+spreads its units over Ray: ``ctssl_core/executors.py`` (``benchmark.executor``).
 """
 
 from __future__ import annotations
