@@ -296,9 +296,15 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
 
 
 def pretrain_section(plan: Plan, strategy: str) -> dict:
-    """The pretraining config of one strategy; with a pool, pretraining sees only the pool's patients."""
-    extra = ({"split": "pool", "pool": plan.bench.pool, "split_fractions": list(plan.bench.split_fractions)}
-             if plan.bench.pool else {})
+    """The pretraining config of one strategy, on the benchmark's split scheme: with a pool it sees only the
+    pool's patients, else the train split of the same (seed, fractions) the fine-tunes are scored on (never
+    their test patients). The default fractions are left implicit so that existing runs are still reused."""
+    from ctssl_core.data.splits import DEFAULT_FRACTIONS
+
+    fr = tuple(float(f) for f in plan.bench.split_fractions)
+    extra: dict[str, Any] = {} if fr == DEFAULT_FRACTIONS else {"split_fractions": list(fr)}
+    if plan.bench.pool:
+        extra.update({"split": "pool", "pool": plan.bench.pool})
     return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed, **extra})
 
 
@@ -391,9 +397,15 @@ def embed_config(plan: Plan):
     scheme and input windows (what the embed units and the bias dose-response both embed with)."""
     from ctssl_core import embed as emb
 
-    mapping = merge({"encoder": pretrain_encoder(plan.config)[0], "split_seed": plan.bench.split_seed,
-                     "pool": plan.bench.pool, "split_fractions": list(plan.bench.split_fractions),
-                     "windows": input_windows(plan.config)}, plan.config.get("embed") or {})
+    scheme = {"split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
+              "split_fractions": list(plan.bench.split_fractions)}
+    section = dict(plan.config.get("embed") or {})
+    clash = sorted(k for k in scheme if k in section)
+    if clash:
+        raise ConfigError(f"embed.{clash[0]} cannot be set in a benchmark profile: embeddings use the benchmark's "
+                          f"split scheme (benchmark.split_seed / pool / split_fractions); remove it from `embed`")
+    mapping = merge({"encoder": pretrain_encoder(plan.config)[0], "windows": input_windows(plan.config)},
+                    merge(section, scheme))
     return build(emb.EmbedConfig, mapping, where="embed.")
 
 
@@ -630,13 +642,13 @@ def seed_mean(boots: dict, init: str, frac: float, key: str) -> np.ndarray | flo
 
 # what the sensitivity check and the verdicts read, in order of preference (the first present)
 SENSITIVITY_METRICS = {"pe": ("twin_exam", "exam_auroc"), "nodule": ("cpm", "dice")}
-CHANCE = {"twin_exam": 0.5, "exam_auroc": 0.5, "cpm": 0.0, "dice": 0.0}   # what a model that learned nothing scores
 
 
 def ceiling_line(plan: Plan, root: Path | None, task: str, metric: str) -> tuple[dict | None, str | None]:
     """Is the task learnable at this scale at all? The positive control's source model (trained with
-    every label of the pool) scored on the test split -> (summary row, line), or (None, None) when it
-    did not run. When even full supervision on the pool does not score above chance (CI includes it),
+    every label of the pool) scored on the test split -> (summary row, line); (None, None) when the plan
+    has no positive control, (None, line saying so) when it has no test scores. When even full
+    supervision on the pool does not score above ``LEARNED_FLOOR`` (its CI includes the floor),
     no pretraining can show a gain on this endpoint: the insensitivity is in the task at this
     resolution and budget, not in the number of test patients."""
     unit = next((u for u in plan.units if u.kind == "control" and u.task == task and u.init == POSITIVE), None)
@@ -644,24 +656,26 @@ def ceiling_line(plan: Plan, root: Path | None, task: str, metric: str) -> tuple
         return None, None
     try:
         boot = _unit_boot(root, unit)
-    except (OSError, ValueError):
-        return None, None
+    except FileNotFoundError:
+        return None, f"  Task ceiling: unknown (the positive control's source {unit.run_id} has no test scores)."
     # the sensitivity metric, else the task's next one (a source scored without twins has no twin_exam)
     metric = next((m for m in (metric, *SENSITIVITY_METRICS[task]) if m in boot and f"point/{m}" in boot), None)
     if metric is None:
         return None, None
-    v = float(boot[f"point/{metric}"])
-    lo, hi = _quantile_ci(boot[metric])
-    chance = CHANCE[metric]
-    learned = bool(np.isfinite(lo) and lo > chance)
-    word = "above chance" if learned else "NOT above chance"
+    from ctssl_core.evaluate.bootstrap import _percentile_ci   # the CI of the run's own results row
+
+    ci = _percentile_ci(float(boot[f"point/{metric}"]), boot[metric], 0.05)
+    v, lo, hi = ci.value, ci.low, ci.high
+    floor = LEARNED_FLOOR[metric]      # one definition of "learned" (also used for labels saved / speed)
+    learned = bool(np.isfinite(lo) and lo > floor)
+    word = "above the learned floor" if learned else "NOT above the learned floor"
     line = (f"  Task ceiling: the positive control's source (supervised on all pool labels) scores {metric} "
-            f"{_fmt(v, lo, hi)} on the test split, {word} ({chance:g})"
+            f"{_fmt(v, lo, hi)} on the test split, {word} ({floor:g})"
             + ("." if learned else " - the task is not learned at this resolution and budget even with full "
                "supervision, so no pretraining strategy can show a gain on this endpoint here."))
     row = {"benchmark_id": plan.benchmark_id, "task": task, "init": POSITIVE, "metric": f"ceiling_{metric}",
            "value": _n(v), "ci_low": _n(lo), "ci_high": _n(hi),
-           "note": f"positive control's source model on the test split; {word} ({chance:g})"}
+           "note": f"positive control's source model on the test split; {word} ({floor:g})"}
     return row, line
 
 
@@ -722,9 +736,8 @@ def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, di
                              "note": "half-width of the 95% CI of the positive control's paired delta"})
                 lines.append(f"- {task}: {word}. {note}.")
                 crow, cline = ceiling_line(plan, root, task, metric)
-                if crow is not None:
-                    rows.append(crow)
-                    lines.append(cline)
+                rows += [crow] if crow is not None else []
+                lines += [cline] if cline is not None else []
             nd = delta(NEGATIVE, bench.alpha)
             if nd is not None and np.isfinite(nd[1]):
                 bad = nd[1] > 0
@@ -757,7 +770,7 @@ def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, di
 
 # Below these, random init has not learned the task at all: "labels saved" and "learns N x faster"
 # relative to it would be artefacts of noise (0 >= 0 is "reached" at the first fraction and step).
-LEARNED_FLOOR = {"dice": 0.05, "cpm": 0.1, "exam_auroc": 0.55, "race_auroc": 0.55}
+LEARNED_FLOOR = {"dice": 0.05, "cpm": 0.1, "exam_auroc": 0.55, "race_auroc": 0.55, "twin_exam": 0.5}
 
 
 def _learned(metric: str, value: float) -> bool:

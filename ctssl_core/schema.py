@@ -13,7 +13,8 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3   # 3: runs.name, runs.tags, runs.notes; summaries.outcome (the bias scorecard's outcome)
+SCHEMA_VERSION = 4   # 3: runs.name, runs.tags, runs.notes; 4: summaries.outcome (the bias scorecard's outcome).
+                     # Two branches both stamped 3; 4 makes every store either of them built add the other's column
 
 TABLES: dict[str, str] = {
     "meta": """

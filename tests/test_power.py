@@ -304,16 +304,16 @@ def test_ceiling_says_whether_the_task_is_learned_even_with_full_supervision(tmp
     assert ceiling["value"] == pytest.approx(per_patient.mean())
     assert (ceiling["ci_low"] > 0.5) is learned
     line = next(line for line in lines if "Task ceiling" in line)
-    assert ("NOT above chance" in line) is (not learned)
+    assert ("NOT above the learned floor" in line) is (not learned)
     assert ("no pretraining strategy can show a gain" in line) is (not learned)
 
 
-def test_ceiling_is_silent_when_the_positive_control_has_not_run(tmp_path):
+def test_ceiling_says_unknown_when_the_positive_control_has_no_scores(tmp_path):
     from ctssl_core.benchmark import sensitivity_rows
 
     rows, lines = sensitivity_rows(_plan(tmp_path), {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
     assert not any(r["metric"].startswith("ceiling_") for r in rows)
-    assert not any("Task ceiling" in line for line in lines)
+    assert any("Task ceiling: unknown" in line and "pc-" in line for line in lines)
 
 
 def test_frozen_readout_freezes_every_finetune_but_not_the_positive_control_source(tmp_path):
@@ -342,4 +342,33 @@ def test_ceiling_falls_back_to_the_tasks_next_metric(tmp_path):
     rows, lines = sensitivity_rows(plan, {"pe": _boots(0.0, 0.0)}, {}, tmp_path)
     ceiling = next(r for r in rows if r["metric"].startswith("ceiling_"))
     assert ceiling["metric"] == "ceiling_exam_auroc" and ceiling["value"] == pytest.approx(0.5)
-    assert any("NOT above chance" in line for line in lines)
+    assert any("NOT above the learned floor (0.55)" in line for line in lines)
+
+
+def test_pretraining_uses_the_benchmarks_split_fractions_without_a_pool(tmp_path):
+    """Without a pool, pretraining reads the train split: it must be the train split of the fine-tunes' own
+    scheme, or pretraining would see their test patients."""
+    from ctssl_core.benchmark import pretrain_section
+
+    plan = _plan(tmp_path, ["benchmark.pool=0", "benchmark.controls=[]", "benchmark.split_fractions=[0.5,0.1,0.4]"])
+    sec = pretrain_section(plan, "rotation")
+    assert sec["split_fractions"] == [0.5, 0.1, 0.4] and "pool" not in sec
+    default = pretrain_section(_plan(tmp_path / "d", ["benchmark.pool=0", "benchmark.controls=[]"]), "rotation")
+    assert "split_fractions" not in default          # default scheme: existing pretraining runs are reused
+
+
+def test_embed_section_cannot_override_the_benchmarks_split_scheme(tmp_path):
+    from ctssl_core.benchmark import embed_config
+    from ctssl_core.config import ConfigError
+
+    ecfg = embed_config(_plan(tmp_path, ["benchmark.split_fractions=[0.5,0.1,0.4]"]))
+    assert tuple(ecfg.split_fractions) == (0.5, 0.1, 0.4) and ecfg.pool == 0.5
+    with pytest.raises(ConfigError, match="embed.pool cannot be set"):
+        embed_config(_plan(tmp_path / "b", ["embed.pool=0.2"]))
+
+
+def test_ceiling_rows_are_analyses_not_values_of_an_init():
+    from ctssl_core.results.read import is_value_row
+
+    assert not is_value_row("pe", "ceiling_twin_exam") and not is_value_row("nodule", "ceiling_cpm")
+    assert is_value_row("nodule", "cpm")

@@ -40,7 +40,7 @@ HEADLINE = {"pe": ["twin_exam", "slice_auroc", "exam_auroc"], "nodule": ["cpm", 
 DERIVED_METRICS = {"speed_ratio", "labels_saved"}
 # summaries rows that are analyses of the values, not values: shown by their own views, never in the
 # strategy x metric table (deltas, verdicts, sensitivity, MDE, labels needed; pretext competence)
-ANALYSIS_PREFIXES = ("delta_", "verdict_", "sensitivity_", "mde_")
+ANALYSIS_PREFIXES = ("delta_", "verdict_", "sensitivity_", "mde_", "ceiling_")
 ANALYSIS_METRICS = DERIVED_METRICS | {"labels_needed"}
 PRETEXT_TASK = "pretext"
 DOSE_TASK = "bias_dose"       # the race dose-response (dose.dose_rows): an analysis, not a metric of an init
