@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreError
 
 DOSE_ANALYSES = ("probe", "ks", "separability")
 DOSE_COLUMNS = ["encoder", "strength", "analysis", "metric", "statistic", "chance", "p_value", "p_adjusted",
@@ -238,6 +239,9 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
     encoders = {}
     for init, ids in embeddings.items():
         run_id = load_embeddings(root, ids["slice"])[2]["run_id"]
+        if not run_id and init != "random":   # never stand a random encoder in for a trained one
+            raise ConfigError(f"the {init} embedding {ids['slice']} names no encoder run; re-run the benchmark's "
+                              f"embed unit for {init} (delete its run folder) before the dose-response")
         encoders[init] = resolve_encoder(run_id or "random", root, ecfg)[0]
     dcfg = DoseConfig(batch_size=ecfg.batch_size, device=ecfg.device, max_per_series=ecfg.max_per_series)
     return synth_cfg, indices, encoders, dcfg
@@ -261,13 +265,14 @@ def dose_rows(plan, root: str | Path, embeddings: dict[str, dict[str, str]],
         return [], [], pd.DataFrame(columns=DOSE_COLUMNS)
     try:
         synth_cfg, indices, encoders, dcfg = plan_inputs(plan, root, embeddings)
-    except (twins.TwinUnavailable, ConfigError) as e:
-        return [], [f"race dose-response: not computed ({e})"], pd.DataFrame(columns=DOSE_COLUMNS)
-    df = dose_response(indices, synth_cfg, encoders, dcfg, bcfg, log=say)
+        df = dose_response(indices, synth_cfg, encoders, dcfg, bcfg, log=say)
+    except (ConfigError, StoreError) as e:   # an optional step: the benchmark's own summaries are still written
+        return [], [f"race dose-response: not computed ({type(e).__name__}: {e})"], pd.DataFrame(columns=DOSE_COLUMNS)
     rows = [{"benchmark_id": plan.benchmark_id, "task": "bias_dose", "init": r.encoder,
              "metric": f"race_{r.analysis}@{r.strength:g}", "value": None if not np.isfinite(r.statistic) else r.statistic,
              "ci_low": None if not np.isfinite(r.chance) else r.chance, "ci_high": None,
-             "note": (f"{r.metric}; corrected p {r.p_adjusted:.3g} (Holm over the race tests); "
+             "note": (f"{r.metric}; corrected p {r.p_adjusted:.3g} ({bcfg.correction} over the race tests only, "
+                      f"not the scorecard's whole family); "
                       + ("detected" if r.detected else "not detected" if r.detected is not None else "not run"))}
             for r in df.itertuples()]
     lines = [f"race dose-response ({len(indices)} patients re-rendered at race_effect "

@@ -168,8 +168,12 @@ def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
     n = 0
     for spec in specs:
         for rid in run_ids:
-            say(mirror(store_root, rid, spec))
-            n += 1
+            try:
+                say(mirror(store_root, rid, spec))
+                n += 1
+            except Exception as e:  # noqa: BLE001 -- a tracker outage must not turn finished runs into a failure
+                say(f"run {rid} is finished and kept; mirroring it to {spec} failed ({type(e).__name__}: {e}); "
+                    f"retry with `ctssl track {rid} --to {spec}`")
     return n
 
 

@@ -122,7 +122,8 @@ if ps is not None:
     i2.markdown(f"**Series** `{ps.series_key}` (pseudonymised) · **{where}**")
     i2.dataframe({k: [str(x)] for k, x in ps.attributes.items()}, hide_index=True, width="stretch")
 
-card = query(read.bias_scorecard, benchmark_choice())
+bench_id = benchmark_choice()
+card = query(read.bias_scorecard, bench_id)
 if not card.empty:
     st.subheader("Does the analysis find what was planted? (scorecard against the synthetic cohort's truth)")
     wrong = card[card.right.eq(False)]
@@ -170,7 +171,7 @@ if len(sub):
     st.dataframe(sub[sub.metric == metric][["attribute", "group_a", "value", "ci_low", "ci_high"]]
                  .rename(columns={"group_a": "group"}), hide_index=True, width="stretch")
 
-dose = query(read.bias_dose, st.session_state.get("ctssl_benchmark"))   # the benchmark chosen above (benchmark_choice)
+dose = query(read.bias_dose, bench_id)
 if not dose.empty:
     st.subheader("Does detection follow the planted race effect? (dose-response)")
     st.caption("The same patients rendered again with the synthetic race effect at 0, half and full strength (same "
@@ -183,8 +184,10 @@ if not dose.empty:
                            for v, x in zip(d.statistic, d.detected)])
     grid = cells.pivot(index="init", columns="strength", values="cell")
     st.dataframe(grid.rename(columns=lambda s: f"race_effect {s:g}"), width="stretch", key="emb_dose")
-    st.caption(f"{d.metric.iloc[0]}; chance {d.chance.dropna().iloc[0]:.2f}. Detected = corrected p below alpha "
-               f"(Holm over the race tests)." if d.chance.notna().any() else f"{d.metric.iloc[0]}.")
+    chance = sorted({round(float(c), 2) for c in d.chance.dropna()})
+    st.caption(f"{d.metric.iloc[0]}; chance " + (f"{chance[0]:.2f}" if len(chance) == 1 else "varies per cell (a "
+               "permutation null)" if chance else "n/a") + ". Detected = corrected p below alpha, corrected over the "
+               "race tests of this dose-response only (the scorecard above corrects over every attribute).")
     wrong = dose[(dose.strength == 0) & dose.detected.eq(True)]
     for r in wrong.itertuples():
         st.warning(f"{r.init}: the {r.analysis} test detects race with no planted effect (corrected p "

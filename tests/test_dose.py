@@ -198,6 +198,10 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
     gone = dataclasses.replace(plan, cohort=root / "no-cohort")
     rows, lines, df = dose_rows(gone, root, emb)
     assert rows == [] and df.empty and "not computed" in lines[0]
+    strat = plan.bench.strategies[0]                       # an embedding that names no encoder run: refused, not
+    fake = {**emb, strat: dict(emb[strat], slice="no-such-embedding")}   # replaced by a random encoder
+    rows, lines, _ = dose_rows(plan, root, fake)
+    assert rows == [] and "not computed (EmbedError" in lines[0]
     rows, lines, df = dose_rows(plan, root, emb)
     assert {r["task"] for r in rows} == {"bias_dose"} and len(rows) == len(df) == len(emb) * 3 * 3
     assert {r["metric"] for r in rows} >= {"race_probe@0", "race_probe@0.25", "race_probe@0.5"}

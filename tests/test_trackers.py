@@ -210,3 +210,21 @@ def test_pretrain_track_mirrors_the_new_run(store_copy, tmp_path, capsys):
     acc.Reload()
     series = _store_run(store_copy, f"run_id = '{rid}'")[2]
     assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in series["train/loss"]] and series["train/loss"]
+
+
+def test_a_tracker_failure_keeps_the_run_and_says_how_to_retry(smoke_store, tmp_path, monkeypatch, capsys):
+    """An outage of the tracker after training: the finished run is kept, the user is told how to retry, and
+    `ctssl track` exits non-zero (nothing is reported as mirrored)."""
+    from ctssl_core import trackers
+
+    rid = _runs(smoke_store)[0]
+
+    def down(*a, **k):
+        raise ConnectionError("tracker unreachable")
+
+    monkeypatch.setattr(trackers, "mirror", down)
+    said: list[str] = []
+    assert trackers.mirror_many(smoke_store, [rid], [f"tensorboard:{tmp_path}"], say=said.append) == 0
+    assert f"run {rid} is finished and kept" in said[0] and f"ctssl track {rid} --to tensorboard:" in said[0]
+    assert main(["track", rid, "--to", f"tensorboard:{tmp_path}", "--store", str(smoke_store)]) == 1
+    assert "ConnectionError: tracker unreachable" in capsys.readouterr().out

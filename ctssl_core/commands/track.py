@@ -25,5 +25,5 @@ def run(args) -> int:
     if not runs:
         raise ConfigError("nothing to mirror: give RUN_ID(s) or --benchmark ID" if not args.benchmark else
                           f"benchmark {args.benchmark!r} has no finished runs in {root}")
-    mirror_many(root, runs, args.track)
-    return 0
+    written = mirror_many(root, runs, args.track)
+    return 0 if written == len(runs) * len(args.track) else 1   # each failure was said, with its retry command
