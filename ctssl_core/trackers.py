@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreError
 from ctssl_core.paths import scrub_paths, store_paths
 
 TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
@@ -171,6 +172,8 @@ def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
             try:
                 say(mirror(store_root, rid, spec))
                 n += 1
+            except (ConfigError, StoreError):   # bad input (unknown run, bad target): the CLI says what to do
+                raise
             except Exception as e:  # noqa: BLE001 -- a tracker outage must not turn finished runs into a failure
                 say(f"run {rid} is finished and kept; mirroring it to {spec} failed ({type(e).__name__}: {e}); "
                     f"retry with `ctssl track {rid} --to {spec}`")

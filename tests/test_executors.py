@@ -134,7 +134,8 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
     def slow_after_first(plan, u, root, ids, threads=0):      # runs in a Ray worker (cloudpickled by value)
         (calls / f"{u.run_id}.{time.time_ns()}").touch()      # one file per execution
         if u.run_id != first:
-            for _ in range(1200):                              # until the first unit has finished (<= 60 s)
+            for _ in range(12000):                             # until the first unit has finished (<= 600 s:
+                                                               # a loaded 2-core CPU took > 60 s)
                 if (calls / "first.done").exists():
                     break
                 time.sleep(0.05)
