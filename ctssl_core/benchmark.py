@@ -238,26 +238,6 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
 # ------------------------------------------------------------------ store helpers
 
 
-def _finished_runs(store_root: Path) -> dict[str, str | None]:
-    """run_id -> checkpoint of every succeeded run."""
-    from ctssl_core.results.store_api import succeeded_runs
-
-    return succeeded_runs(store_root)
-
-
-def _store_has_slices(store_root: Path) -> bool:
-    from ctssl_core.data.catalog import has_slices
-
-    return has_slices(store_root)
-
-
-def _store_sizes(store_root: Path) -> set[int]:
-    """The stored in-plane sizes of the store's series."""
-    from ctssl_core.data.catalog import series_heights
-
-    return series_heights(store_root)
-
-
 def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progress: bool = False) -> None:
     """Generate the synthetic cohort and ingest it when the store has no slices yet.
 
@@ -265,11 +245,12 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
     the profile's ``ingest.size`` (e.g. a store left by an older profile): that is refused with
     what to do, rather than training the profile on data it was not written for.
     """
+    from ctssl_core.data.catalog import has_slices, series_heights
     from ctssl_core.data.ingest import IngestConfig
 
-    if _store_has_slices(store_root):
+    if has_slices(store_root):
         want = build(IngestConfig, plan.config.get("ingest") or {}, where="ingest.").size
-        have = _store_sizes(store_root)
+        have = series_heights(store_root)
         if have and have != {want}:
             raise ConfigError(f"the store at {store_root} holds {'/'.join(map(str, sorted(have)))}-px slices but "
                               f"profile {plan.profile!r} is set up for {want}-px slices; use another --store "
@@ -440,6 +421,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     from ctssl_core.data.store import SliceStore
     from ctssl_core.paths import default_store, store_paths
     from ctssl_core.results import write as rw
+    from ctssl_core.results.store_api import succeeded_runs
 
     t0 = time.perf_counter()
     root = Path(store_root) if store_root is not None else default_store()
@@ -452,7 +434,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
                  plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id)
-    done = _finished_runs(root)
+    done = succeeded_runs(root)   # run_id -> checkpoint of every succeeded run
     pretrain_ids: dict[str, str] = {}
     for u in plan.units:
         if u.kind == "pretrain":
