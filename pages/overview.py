@@ -49,12 +49,15 @@ st.subheader("Verdict per strategy")
 if len(verd):
     cells = verd.assign(text=[f"{v}: {fmt_ci(d, lo, hi)}" for v, d, lo, hi in
                               zip(verd.verdict, verd.delta, verd.ci_low, verd.ci_high)],
-                        column=verd.task + " · " + verd.metric)
-    st.dataframe(cells.pivot(index="init", columns="column", values="text").rename_axis("strategy"),
-                 width="stretch", key="ov_verdicts")
+                        column=verd.task + " · " + verd.metric + " vs " + verd.reference)
+    st.dataframe(cells.pivot(index="init", columns="column", values="text").rename_axis("strategy")
+                 [list(dict.fromkeys(cells.column))], width="stretch", key="ov_verdicts")
     st.caption(f"The benchmark's verdict: difference from random init at the smallest label fraction "
                f"({verd.note.iloc[0].split(',', 1)[-1].strip()}). 'insensitive' means the positive control "
-               f"could not be told from random init either, so no conclusion about the strategy is possible.")
+               f"could not be told from random init either, so no conclusion about the strategy is possible."
+               + (" 'vs negative control': the difference from the positive control's weights shuffled within "
+                  "each layer (same weight statistics, no learned features) — a gain there is a gain from "
+                  "features, not from the weights' scale." if (verd.reference == "negative control").any() else ""))
 else:
     for line in verdicts(strategies):
         st.markdown("- " + line)

@@ -300,10 +300,12 @@ def test_overview_shows_sensitivity_verdicts_controls_and_competence(smoke_store
     frames = [d.value for d in at.dataframe]
     verd = read.strategy_verdicts(smoke_store)
     vframe = next(f for f in frames if f.index.name == "strategy" and set(f.index) == set(verd.init)
-                  and all(c.split(" · ")[1] in set(verd.metric) for c in f.columns))
+                  and all(c.split(" · ")[1].split(" vs ")[0] in set(verd.metric) for c in f.columns))
+    assert set(verd.reference) == {"random init", "negative control"}      # the smoke profile runs both controls
     for r in verd.itertuples():
         want = f"{r.verdict}: {read.fmt_ci(r.delta, r.ci_low, r.ci_high)}"
-        assert vframe.loc[r.init, f"{r.task} · {r.metric}"] == want
+        assert vframe.loc[r.init, f"{r.task} · {r.metric} vs {r.reference}"] == want
+    assert "a gain there is a gain from features" in t
     main, _ = read.pivot_headline(read.key_endpoints(strategies))
     assert any(_same(f, main) for f in frames)
     assert "pe · twin_exam" in main.columns and "nodule · cpm" in main.columns

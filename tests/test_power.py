@@ -372,3 +372,49 @@ def test_ceiling_rows_are_analyses_not_values_of_an_init():
 
     assert not is_value_row("pe", "ceiling_twin_exam") and not is_value_row("nodule", "ceiling_cpm")
     assert is_value_row("nodule", "cpm")
+
+
+def _boots_nc(gain_nc: float, gain_strategy: float, seeds=(0, 1, 2), n=400, p=60):
+    """Like ``_boots`` but the negative control (shuffled weights) also gains ``gain_nc`` over random init;
+    rotation gains as much as the negative control, masked_region ``gain_strategy``. Patients share one
+    noise draw across inits (paired), so the deltas are tight."""
+    rng = np.random.default_rng(1)
+    draws = rng.integers(0, p, size=(n, p))
+    out = {}
+    for s in seeds:
+        base = 0.5 + 0.15 * rng.standard_normal(p)                                # (P,) shared by every init
+        for init, gain in (("random", 0.0), ("masked_region", gain_strategy), ("rotation", gain_nc),
+                           ("positive_control", 0.3), ("negative_control", gain_nc)):
+            per_patient = base + gain + 0.02 * rng.standard_normal(p)             # (P,)
+            out[(init, 0.1, s)] = {"cpm": per_patient[draws].mean(1), "point/cpm": np.float64(per_patient.mean())}
+    return out
+
+
+def test_strategies_are_also_judged_against_the_negative_control(tmp_path):
+    """A gain over random init that the shuffled weights match is not a gain from features: rotation
+    'gains' over random init by exactly the negative control's gain, masked_region gains beyond it."""
+    from ctssl_core.benchmark import sensitivity_rows
+
+    plan = _plan(tmp_path)
+    rows, lines = sensitivity_rows(plan, {"nodule": _boots_nc(0.1, 0.25)}, {})
+    vs_random = {r["init"]: r for r in rows if r["metric"] == "verdict_cpm"}
+    vs_nc = {r["init"]: r for r in rows if r["metric"] == "ncverdict_cpm"}
+    assert vs_random["rotation"]["note"].startswith("gain") and vs_random["masked_region"]["note"].startswith("gain")
+    assert vs_nc["masked_region"]["note"].startswith("gain beyond weight statistics")
+    assert vs_nc["rotation"]["note"].startswith("no gain beyond weight statistics")
+    assert vs_nc["masked_region"]["value"] == pytest.approx(0.15, abs=0.01)
+    assert vs_nc["rotation"]["ci_low"] < 0 < vs_nc["rotation"]["ci_high"]
+    # one family: 2 strategies x (random init on pe and nodule + each one's negative control) -> 1 - 0.05 / 8
+    assert tuple(plan.bench.strategies) == ("masked_region", "rotation") and tuple(plan.bench.controls) == ("pe", "nodule")
+    assert all("99.38%" in r["note"] for r in [*vs_random.values(), *vs_nc.values()])
+    assert any("masked_region gain beyond weight statistics" in line for line in lines)
+
+
+def test_without_a_negative_control_there_is_no_second_reference(tmp_path):
+    from ctssl_core.benchmark import sensitivity_rows
+
+    plan = _plan(tmp_path, ["benchmark.controls=[pe]"])
+    rows, _ = sensitivity_rows(plan, {"nodule": _boots_nc(0.1, 0.25)}, {})
+    assert not [r for r in rows if r["metric"].startswith("ncverdict_")]
+    # family: 2 strategies x (random init on pe and nodule + pe's negative control) -> 1 - 0.05 / 6
+    assert all("99.17%" in r["note"] for r in rows if r["metric"] == "verdict_cpm")

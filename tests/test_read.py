@@ -556,10 +556,14 @@ def test_sensitivity_says_sensitive_when_the_positive_control_wins(smoke_store, 
 def test_strategy_verdicts_and_competence_match_summaries(smoke_store):
     v = read.strategy_verdicts(smoke_store)
     want = raw(smoke_store, "SELECT task, init, metric, value, ci_low, ci_high, note FROM summaries "
-                            "WHERE metric LIKE 'verdict_%'")
+                            "WHERE metric LIKE 'verdict_%' OR metric LIKE 'ncverdict_%'")
     assert len(v) == len(want) and set(v.init) <= {"masked_region", "rotation"}
-    m = v.merge(want.assign(metric=want.metric.str.removeprefix("verdict_")), on=["task", "init", "metric"])
-    assert np.allclose(m.delta, m.value) and (m.verdict == m.note_y.str.split(":").str[0]).all()
+    want = want.assign(reference=np.where(want.metric.str.startswith("nc"), "negative control", "random init"),
+                       metric=want.metric.str.replace(r"^(nc)?verdict_", "", regex=True))
+    assert set(want.reference) == {"random init", "negative control"}
+    m = v.merge(want, on=["task", "init", "metric", "reference"])
+    assert len(m) == len(v) and np.allclose(m.delta, m.value) and (m.verdict == m.note_y.str.split(":").str[0]).all()
+    assert list(v.reference) == sorted(v.reference, key=lambda r: r != "random init")   # random init first
     c = read.competence(smoke_store).set_index("init")
     gains = raw(smoke_store, "SELECT init, value, ci_low FROM summaries WHERE task = 'pretext' "
                              "AND metric = 'competence_gain'").set_index("init")

@@ -40,7 +40,7 @@ HEADLINE = {"pe": ["twin_exam", "slice_auroc", "exam_auroc"], "nodule": ["cpm", 
 DERIVED_METRICS = {"speed_ratio", "labels_saved"}
 # summaries rows that are analyses of the values, not values: shown by their own views, never in the
 # strategy x metric table (deltas, verdicts, sensitivity, MDE, labels needed; pretext competence)
-ANALYSIS_PREFIXES = ("delta_", "verdict_", "sensitivity_", "mde_", "ceiling_")
+ANALYSIS_PREFIXES = ("delta_", "verdict_", "ncverdict_", "sensitivity_", "mde_", "ceiling_")
 ANALYSIS_METRICS = DERIVED_METRICS | {"labels_needed"}
 PRETEXT_TASK = "pretext"
 DOSE_TASK = "bias_dose"       # the race dose-response (dose.dose_rows): an analysis, not a metric of an init
@@ -568,17 +568,22 @@ def sensitivity(store: str | Path, benchmark_id: str | None = None) -> pd.DataFr
 
 
 def strategy_verdicts(store: str | Path, benchmark_id: str | None = None) -> pd.DataFrame:
-    """The benchmark's Bonferroni-corrected verdict per strategy and task (``verdict_<m>`` rows).
+    """The benchmark's Bonferroni-corrected verdict per strategy and task: against random init
+    (``verdict_<m>`` rows) and, where the task ran its negative control, against it (``ncverdict_<m>``).
 
-    Columns: task, init, metric, verdict (the word(s) before the note's colon: gain, loss,
-    insensitive, no detectable gain ...), delta, ci_low, ci_high (adjusted CI), note.
+    Columns: task, init, metric, reference ("random init" or "negative control"), verdict (the
+    word(s) before the note's colon: gain, loss, insensitive, no detectable gain ...), delta,
+    ci_low, ci_high (adjusted CI), note. Rows against random init come first.
     """
     with _read(store) as con:
-        v = _summaries(con, benchmark_id, "metric LIKE 'verdict_%'")
-    v = v.assign(metric=v.metric.str.removeprefix("verdict_"),
+        v = _summaries(con, benchmark_id, "starts_with(metric, 'verdict_') OR starts_with(metric, 'ncverdict_')")
+    nc = v.metric.str.startswith("ncverdict_")
+    v = v.assign(metric=v.metric.str.replace(r"^(nc)?verdict_", "", regex=True),
+                 reference=np.where(nc, "negative control", "random init"), _nc=nc,
                  verdict=[str(n).split(":")[0] if isinstance(n, str) else "" for n in v.note])
-    v = v.rename(columns={"value": "delta"})
-    return v[["task", "init", "metric", "verdict", "delta", "ci_low", "ci_high", "note"]].reset_index(drop=True)
+    v = v.rename(columns={"value": "delta"}).sort_values("_nc", kind="stable")
+    return v[["task", "init", "metric", "reference", "verdict", "delta", "ci_low", "ci_high",
+              "note"]].reset_index(drop=True)
 
 
 SCORECARD_ANALYSES = ("probe", "ks", "separability")
