@@ -98,10 +98,10 @@ def slice_rows(store_root: str | Path, scheme: int):
             """, [scheme]).df()
 
 
-def ingest_error_reasons(store_root: str | Path) -> dict[str, str]:
-    """path key -> reason of every file recorded in ``ingest_errors``."""
+def ingest_error_reasons(store_root: str | Path) -> dict[str, tuple[str, str]]:
+    """path key -> (reason, detail) of every file recorded in ``ingest_errors``."""
     with connect(store_paths(store_root).db, read_only=True) as con:
-        return dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
+        return {r[0]: (r[1], r[2] or "") for r in con.execute("SELECT path, reason, detail FROM ingest_errors").fetchall()}
 
 
 def demographic_state(db: str | Path) -> tuple[dict[str, tuple], dict[str, str]]:
