@@ -424,6 +424,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     it unless the caller set one (a pretraining is shared between benchmarks and has no benchmark_id)."""
     from tqdm import tqdm
 
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.store import SliceStore
     from ctssl_core.paths import default_store, store_paths
     from ctssl_core.results import write as rw
@@ -439,9 +440,11 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
 
         torch.set_num_threads(plan.bench.threads)
     ensure_data(plan, root, log, progress=progress)
-    rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
+    dataset = store_dataset(root)  # the store's own data (a user's rsna-pe/lidc/generic store), not assumed synthetic
+    rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset=dataset, config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
-                 plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels)
+                 plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
+                 dataset=dataset)
     done = succeeded_runs(root)   # run_id -> checkpoint of every succeeded run
     pretrain_ids: dict[str, str] = {}
     for u in plan.units:

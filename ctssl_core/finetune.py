@@ -360,6 +360,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
 
     from ctssl_core import train as train_mod
     from ctssl_core.config import build
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
     from ctssl_core.results import write as rw
@@ -393,7 +394,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
-                           dataset=_dataset(store), labels=labels)
+                           dataset=store_dataset(root), labels=labels)
     logger = rw.RunLogger(root, run_id)
     curve_path = run_dir / CURVE_FILE
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -491,10 +492,3 @@ def read_boot(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _num(v: float) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
-
-
-def _dataset(store) -> str | None:
-    try:
-        return ",".join(sorted({str(x) for x in store.slices.get("dataset", [])})) or None
-    except Exception:  # noqa: BLE001 - a label for the runs table only
-        return None

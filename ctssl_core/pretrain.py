@@ -230,6 +230,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     import torch
 
     from ctssl_core import distributed
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
     from ctssl_core.models import build_encoder
@@ -289,7 +290,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     logger = None
     if info.is_main:
         start_run(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
-                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=None, labels=labels)
+                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=store_dataset(root), labels=labels)
         logger = RunLogger(root, run_id)
         echo(f"run {run_id}: {cfg.task} on {cfg.encoder}, {len(ids)} slices, {cfg.train.steps} steps, device {device}")
 
