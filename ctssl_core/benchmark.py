@@ -143,6 +143,8 @@ class Plan:
     benchmark_id: str
     units: list[Unit]
     cohort: Path
+    labels: dict | None = None  # name/tags/notes (`--name/--tag/--note`) of every run this benchmark starts;
+                                # not part of any id: a re-run with other labels reuses the finished units
 
 
 def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -318,7 +320,8 @@ def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path) -> str:
     path = store_paths(store_root).run_dir(plan.benchmark_id) / f"pretrain-{unit.task}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"pretrain": pretrain_section(plan, unit.task)}))
-    res = pre_mod.run_pretrain(unit.task, store_root, config_path=path, progress=False, echo=lambda m: None)
+    res = pre_mod.run_pretrain(unit.task, store_root, config_path=path, progress=False, echo=lambda m: None,
+                               labels=plan.labels)
     if res.status != "succeeded":
         raise ConfigError(f"pretraining {unit.task} ended {res.status}; re-run the same command: finished units "
                           f"are reused and this pretraining starts again")
@@ -334,7 +337,7 @@ def run_finetune_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_
         spec["init"] = pretrain_ids[needs(unit)]
     fc = build(FinetuneConfig, spec)
     finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-             progress=progress, store=store, init_label=unit.init,
+             progress=progress, store=store, init_label=unit.init, labels=plan.labels,
              twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
 
 
@@ -356,14 +359,14 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     if unit.init == controls.POSITIVE:
         fc = build(FinetuneConfig, dict(unit.spec))
         finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-                 store=store, init_label=f"{controls.POSITIVE}-source",
+                 store=store, init_label=f"{controls.POSITIVE}-source", labels=plan.labels,
                  twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
         return unit.run_id
     source = pretrain_ids[f"{controls.POSITIVE}:{unit.task}"]
     enc_name = pretrain_encoder(plan.config)[0]
     run_dir = rw.start_run(store_root, unit.run_id, "control", unit.task, controls.NEGATIVE, enc_name,
                            {"kind": "control", "control": controls.NEGATIVE, "source_run": source, "seed": 0},
-                           profile=plan.profile, benchmark_id=plan.benchmark_id)
+                           profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels)
     try:
         ckpt = controls.write_negative_control(source, run_dir / "checkpoints" / "last.pt", store_root, seed=0)
     except BaseException as e:
@@ -399,7 +402,7 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
     ecfg = embed_config(plan)
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
     rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
-                 profile=plan.profile, benchmark_id=plan.benchmark_id)
+                 profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels)
     try:
         ids = emb.run_embed(store_root, ref, ecfg)
     except BaseException as e:
@@ -414,10 +417,14 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
 
 
 def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=(), progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a benchmark; returns {'benchmark_id', 'table' (DataFrame), 'wall_s', 'ran', 'skipped'}."""
+                  log: Callable[[str], None] = print, labels: dict | None = None) -> dict[str, Any]:
+    """Run (or resume) a benchmark; returns {'benchmark_id', 'table' (DataFrame), 'wall_s', 'ran', 'skipped'}.
+
+    ``labels`` (``results.write.check_labels``) go on every run it starts, with a ``benchmark`` tag naming
+    it unless the caller set one (a pretraining is shared between benchmarks and has no benchmark_id)."""
     from tqdm import tqdm
 
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.store import SliceStore
     from ctssl_core.paths import default_store, store_paths
     from ctssl_core.results import write as rw
@@ -426,14 +433,18 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     t0 = time.perf_counter()
     root = Path(store_root) if store_root is not None else default_store()
     plan = make_plan(profile, overrides, root)
+    if labels:
+        plan.labels = {**labels, "tags": {"benchmark": plan.benchmark_id, **(labels.get("tags") or {})}}
     if plan.bench.threads:
         import torch
 
         torch.set_num_threads(plan.bench.threads)
     ensure_data(plan, root, log, progress=progress)
-    rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset="synthetic", config=plan.config)
+    dataset = store_dataset(root)  # the store's own data (a user's rsna-pe/lidc/generic store), not assumed synthetic
+    rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset=dataset, config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
-                 plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id)
+                 plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
+                 dataset=dataset)
     done = succeeded_runs(root)   # run_id -> checkpoint of every succeeded run
     pretrain_ids: dict[str, str] = {}
     for u in plan.units:

@@ -74,6 +74,27 @@ def add_track_option(p: argparse.ArgumentParser, flag: str = "--track", required
                         "or TensorBoard (a log dir); repeatable; needs `pip install ctssl[trackers]`")
 
 
+def add_label_options(p: argparse.ArgumentParser, at_start: bool = True) -> None:
+    """``--name NAME``, ``--tag KEY=VALUE`` (repeatable), ``--note TEXT`` (alias ``--notes``): a run's
+    labels, the same flags in ``ctssl annotate`` (after the fact) and in pretrain/finetune/benchmark
+    (at run start, so the dashboard shows them while the run trains). ``label_args`` checks them."""
+    when = "the run(s) this command starts" if at_start else "the run"
+    p.add_argument("--name", default=None, help=f"a short name shown beside the id of {when} ('' clears it)")
+    p.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"tag {when} (repeatable; KEY= removes a tag)")
+    p.add_argument("--note", "--notes", dest="note", default=None, metavar="TEXT",
+                   help=f"free text about {when} ('' clears it); no patient data")
+
+
+def label_args(args: argparse.Namespace) -> dict | None:
+    """The checked labels of ``add_label_options`` (``results.write.check_labels``: one validation for
+    annotate and run start), or None when none was given. Raises ConfigError (exit 2) on a bad tag."""
+    from ctssl_core.results.write import check_labels
+
+    labels = check_labels(args.name, args.tags, args.note)
+    return labels if (args.name is not None or args.note is not None or args.tags) else None
+
+
 def build_parser(available: dict[str, object] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctssl",

@@ -344,13 +344,15 @@ def latest_pretrain_checkpoint(store_root: Path, pretext: str) -> Path:
 def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = None,
              benchmark_id: str | None = None, profile: str | None = None,
              progress: Callable[[int], None] | None = None, store=None,
-             init_label: str | None = None, twin_cohort: str | Path | None = None) -> FinetuneResult:
+             init_label: str | None = None, twin_cohort: str | Path | None = None,
+             labels: dict | None = None) -> FinetuneResult:
     """Train and score one (task, init, fraction, seed). Resumes a run folder that has a checkpoint.
 
     ``init_label`` names the init in the results (the pretext key) when
     ``cfg.init`` is a run id or path; by default it is read from the run.
     ``twin_cohort``: the synthetic cohort the store was built from; a PE model is then also
     scored on counterfactual twins of its test patients (``twins.py``).
+    ``labels``: the run's name/tags/notes (``results.write.check_labels``), stored with its row.
     """
     import time
 
@@ -358,6 +360,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
 
     from ctssl_core import train as train_mod
     from ctssl_core.config import build
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
     from ctssl_core.results import write as rw
@@ -391,7 +394,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
-                           dataset=_dataset(store))
+                           dataset=store_dataset(root), labels=labels)
     logger = rw.RunLogger(root, run_id)
     curve_path = run_dir / CURVE_FILE
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -489,10 +492,3 @@ def read_boot(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _num(v: float) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
-
-
-def _dataset(store) -> str | None:
-    try:
-        return ",".join(sorted({str(x) for x in store.slices.get("dataset", [])})) or None
-    except Exception:  # noqa: BLE001 - a label for the runs table only
-        return None

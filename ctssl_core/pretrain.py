@@ -223,11 +223,14 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
 def run_pretrain(task: str | None, store_root: str | Path | None = None, profile: str | None = None,
                  config_path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
                  resume_run_id: str | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> PretrainResult:
-    """Pretrain one strategy on a store and record it. Raises ConfigError/StoreError with advice."""
+                 echo: Callable[[str], None] = print, labels: dict | None = None) -> PretrainResult:
+    """Pretrain one strategy on a store and record it. Raises ConfigError/StoreError with advice.
+
+    ``labels``: the run's name/tags/notes (``results.write.check_labels``), stored with its row."""
     import torch
 
     from ctssl_core import distributed
+    from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
     from ctssl_core.models import build_encoder
@@ -287,7 +290,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     logger = None
     if info.is_main:
         start_run(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
-                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=None)
+                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=store_dataset(root), labels=labels)
         logger = RunLogger(root, run_id)
         echo(f"run {run_id}: {cfg.task} on {cfg.encoder}, {len(ids)} slices, {cfg.train.steps} steps, device {device}")
 

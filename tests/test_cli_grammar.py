@@ -99,7 +99,7 @@ def fake_finetune(monkeypatch):
 
     seen = []
 
-    def finetune(fc, store, profile=None, progress=None):
+    def finetune(fc, store, profile=None, progress=None, labels=None):
         seen.append(fc)
         return SimpleNamespace(run_id="r", init=fc.init, n_train_patients=1, n_train_slices=1, wall_s=0.0, metrics={})
 
@@ -127,7 +127,7 @@ def test_benchmark_routes_short_forms_to_its_own_section(monkeypatch, tmp_path, 
 
     seen = {}
 
-    def run_benchmark(profile, store, overrides, progress=True):
+    def run_benchmark(profile, store, overrides, progress=True, labels=None):
         seen["cfg"], seen["progress"] = bm.resolve_profile(profile, overrides), progress
         return {"benchmark_id": "b", "ran": 0, "skipped": 0, "wall_s": 0.0}
 

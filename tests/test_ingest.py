@@ -259,6 +259,43 @@ def test_cli_ingest_prints_summary(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_cli_list_errors_as_json(tmp_path, capsys):
+    """`--list-errors --json`: one JSON array on stdout (path relative to DIR, reason, the catalog's detail and the
+    summary's advice), the summary table on stderr; `--json` alone: the summary as a JSON object. The paths reach
+    the terminal only: no file of the store holds them."""
+    import json
+
+    from ctssl_core.cli import main
+    from ctssl_core.data.ingest import REASONS
+
+    src, st = tmp_path / "src", tmp_path / "st"
+    write_series(src / "a", phantom(3, 16, 16), patient_id="P1")
+    good = write_series(src / "broken", phantom(1, 16, 16), patient_id="P2", names=["cut-short.dcm"])[0]
+    good.write_bytes(good.read_bytes()[:-300])         # a DICOM cut off in its pixel data: truncated
+    (src / "readme.txt").write_text("x")
+    base = ["ingest", str(src), "--store", str(st), "--size", "16", "--workers", "1", "--quiet"]
+    assert main([*base, "--json"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["files_found"], summary["slices"], summary["errors"]) == (5, 3, 2)
+    assert summary["errors_by_reason"] == {"not_dicom": 1, "truncated": 1} and summary["store"] == str(st)
+    assert "3 slices" in err and "not_dicom" in err     # the table is still shown, on stderr
+    assert main([*base, "--list-errors", "--json"]) == 0
+    out, err = capsys.readouterr()
+    listed = json.loads(out)
+    assert [(e["path"], e["reason"]) for e in listed] == [("readme.txt", "not_dicom"),
+                                                          ("broken/cut-short.dcm", "truncated")]
+    assert all(e["what_to_do"] == REASONS[e["reason"]] and len(e["detail"]) > 20 for e in listed)
+    assert "files: 5 found" in err
+    # the text listing is unchanged
+    assert main([*base, "--list-errors"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("broken/cut-short.dcm")
+    for f in st.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"cut-short" not in data and b"readme.txt" not in data, f
+
+
 def test_gantry_tilt_recorded_in_selection_rule(tmp_path):
     t = np.deg2rad(12.0)
     write_series(tmp_path / "src", phantom(3, 16, 16), gantry_tilt=12.0,

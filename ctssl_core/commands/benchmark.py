@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctssl_core.cli import add_progress_option, add_set_option, add_track_option
+from ctssl_core.cli import add_label_options, add_progress_option, add_set_option, add_track_option
 from ctssl_core.config import SECTION_READERS
 
 SECTION = "benchmark"  # `--set KEY=...` means benchmark.KEY
@@ -19,18 +19,21 @@ def add_arguments(p) -> None:
     add_set_option(p, SECTION, "pretrain.train.steps=50 --set benchmark.fractions=[0.1,1.0]")
     add_progress_option(p)
     add_track_option(p)
+    add_label_options(p)
 
 
 def run(args) -> int:
     from ctssl_core.benchmark import run_benchmark
+    from ctssl_core.cli import label_args
     from ctssl_core.config import profile_overrides
 
+    labels = label_args(args)  # a bad tag stops here, before any data or run row is made
     overrides = profile_overrides(args.overrides, "benchmark", SECTION, reads=READS)
     if args.track:  # before the study: a typo or a missing extra fails now
         from ctssl_core.trackers import check_targets
 
         check_targets(args.track)
-    res = run_benchmark(args.profile, args.store, overrides, progress=not args.no_progress)
+    res = run_benchmark(args.profile, args.store, overrides, progress=not args.no_progress, labels=labels)
     print(f"benchmark {res['benchmark_id']}: {res['ran']} units run, {res['skipped']} reused, "
           f"{res['wall_s']:.0f}s")
     if args.track:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctssl_core.cli import add_progress_option, add_set_option, add_track_option
+from ctssl_core.cli import add_label_options, add_progress_option, add_set_option, add_track_option
 
 SECTION = "downstream"  # `--set KEY=...` means downstream.KEY
 # what `ctssl finetune` reads of a profile: the downstream section, the pretraining's architecture and the split scheme
@@ -23,6 +23,7 @@ def add_arguments(p) -> None:
     add_set_option(p, SECTION, "downstream.train.steps=50")
     add_progress_option(p)
     add_track_option(p)
+    add_label_options(p)
 
 
 def run(args) -> int:
@@ -31,10 +32,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ctssl_core.benchmark import finetune_config, pretrain_encoder, resolve_profile
+    from ctssl_core.cli import label_args
     from ctssl_core.config import profile_overrides
     from ctssl_core.finetune import finetune
     from ctssl_core.paths import default_store
 
+    labels = label_args(args)  # a bad tag stops here, before a run row exists
     cfg = resolve_profile(args.profile, profile_overrides(args.overrides, "finetune", SECTION, reads=READS))
     bench = cfg.get("benchmark") or {}
     split_seed, pool = int(bench.get("split_seed", 0)), float(bench.get("pool", 0.0))
@@ -48,7 +51,8 @@ def run(args) -> int:
         check_targets(args.track)
     steps = int(fc.train.get("steps", 200))
     with tqdm(total=steps, disable=args.no_progress, desc=f"finetune {args.task} {args.init}", unit="step") as bar:
-        res = finetune(fc, store, profile=str(cfg.get("profile")), progress=lambda s: bar.update(s - bar.n))
+        res = finetune(fc, store, profile=str(cfg.get("profile")), progress=lambda s: bar.update(s - bar.n),
+                       labels=labels)
     print(f"run {res.run_id}: {args.task} from {res.init}, {res.n_train_patients} training patients, "
           f"{res.n_train_slices} slices, {res.wall_s:.1f}s")
     for m, ci in res.metrics.items():

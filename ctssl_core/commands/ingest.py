@@ -1,4 +1,8 @@
-"""`ctssl ingest DIR`: DICOM folder -> slice store + catalog."""
+"""`ctssl ingest DIR`: DICOM folder -> slice store + catalog.
+
+``--list-errors`` maps the catalog's keyed path hashes back to the files under DIR, on this terminal
+only (the store never holds a path); ``--json`` prints that listing (or, alone, the ingest summary) as
+one JSON document on stdout for scripts, the human lines going to stderr."""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--list-errors", action="store_true",
                    help="print the path and reason of every file under DIR that was not ingested (paths are shown "
                         "here only; the catalog stores keyed hashes of them)")
+    p.add_argument("--json", action="store_true",
+                   help="stdout is one JSON document: with --list-errors an array of {path (relative to DIR), "
+                        "reason, detail, what_to_do}, else the ingest summary; the summary table goes to stderr")
 
 
 def run(args) -> int:
@@ -49,6 +56,16 @@ def run(args) -> int:
     with warnings.catch_warnings():  # the summary table names dropped columns; no warning traceback line
         warnings.simplefilter("ignore", IdentifierColumnsDropped)
         summary = ingest(args.dir, store, cfg, progress=not args.no_progress)
+    if args.json:
+        import dataclasses
+        import json
+        import sys
+
+        print(f"store: {store}\n{summary.table()}", file=sys.stderr)
+        doc = error_records(args.dir, store) if args.list_errors else {"store": str(store),
+                                                                       **dataclasses.asdict(summary)}
+        print(json.dumps(doc, indent=2))
+        return 0
     print(f"store: {store}")
     print(summary.table())
     if args.list_errors:
@@ -62,11 +79,19 @@ def interrupted_hint(args, exc) -> str:
 
 
 def list_errors(root, store) -> list[tuple[str, str]]:
-    """(relative path, reason) of the files under ``root`` recorded in ``ingest_errors``."""
+    """(relative path, reason) of the files under ``root`` recorded in ``ingest_errors``, by reason then path."""
+    return [(e["path"], e["reason"]) for e in error_records(root, store)]
+
+
+def error_records(root, store) -> list[dict[str, str]]:
+    """``{path, reason, detail, what_to_do}`` of each file under ``root`` recorded in ``ingest_errors``, by
+    reason then path: ``path`` relative to ``root``, found by hashing each file's path with the store's key
+    (the catalog holds only the hash); ``detail`` is the catalog's sentence, ``what_to_do`` the reason's
+    advice from the summary table."""
     from pathlib import Path
 
     from ctssl_core.data.catalog import ingest_error_reasons
-    from ctssl_core.data.ingest import find_files, path_key
+    from ctssl_core.data.ingest import REASONS, find_files, path_key
     from ctssl_core.data.pseudonym import Pseudonymiser
     from ctssl_core.paths import store_paths
 
@@ -79,5 +104,6 @@ def list_errors(root, store) -> list[tuple[str, str]]:
         rel = Path(f).relative_to(root).as_posix()
         k = path_key(key, rel)
         if k in reason_of:
-            out.append((rel, reason_of[k]))
-    return sorted(out, key=lambda t: (t[1], t[0]))
+            reason, detail = reason_of[k]
+            out.append({"path": rel, "reason": reason, "detail": detail, "what_to_do": REASONS.get(reason, "")})
+    return sorted(out, key=lambda e: (e["reason"], e["path"]))

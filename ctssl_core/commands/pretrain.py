@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from ctssl_core.cli import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, add_progress_option, add_set_option, add_track_option
+from ctssl_core.cli import (EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, add_label_options, add_progress_option,
+                            add_set_option, add_track_option)
 
 SECTION = "pretrain"  # the profile section this command reads (`--set KEY=...` means pretrain.KEY)
 HELP = "pretrain an encoder with one self-supervised strategy (masked_region, next_slice, rotation, flip, denoise, composite)"
@@ -24,6 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a stopped run exactly where it stopped")
     add_progress_option(p)
     add_track_option(p)
+    add_label_options(p)
 
 
 def exit_code(status: str) -> int:
@@ -34,9 +36,11 @@ def exit_code(status: str) -> int:
 def run(args) -> int:
     import sys
 
+    from ctssl_core.cli import label_args
     from ctssl_core.config import ConfigError, section_overrides
     from ctssl_core.pretrain import run_pretrain
 
+    labels = label_args(args)  # a bad tag stops here, before a run row exists
     if not args.task and not args.resume:
         from ctssl_core.pretext import PRETEXT
 
@@ -54,7 +58,8 @@ def run(args) -> int:
         print(msg, flush=True)
 
     res = run_pretrain(args.task, store_root=args.store, profile=args.profile, config_path=args.config,
-                       overrides=overrides, resume_run_id=args.resume, progress=not args.no_progress, echo=echo)
+                       overrides=overrides, resume_run_id=args.resume, progress=not args.no_progress, echo=echo,
+                       labels=labels)
     from ctssl_core.distributed import env_world
 
     if env_world()[0] == 0:  # under torchrun only rank 0 prints the run id

@@ -64,6 +64,17 @@ def series_heights(store_root: str | Path) -> set[int]:
         return {int(r[0]) for r in con.execute("SELECT DISTINCT height FROM series").fetchall()}
 
 
+def store_dataset(store_root: str | Path) -> str | None:
+    """The datasets of the store's studies ('synthetic', 'rsna-pe', 'lidc', 'generic'), comma-joined in
+    order, or None for an empty store: the label a run or benchmark records of what it was trained on."""
+    with connect(store_paths(store_root).db, read_only=True) as con:
+        if "studies" not in _tables(con):
+            return None
+        found = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM studies WHERE dataset IS NOT NULL "
+                                           "ORDER BY dataset").fetchall()]
+    return ",".join(found) or None
+
+
 def patients_table(store_root: str | Path):
     """DataFrame: patient_key, age, sex, race, attributes (JSON text), ordered by patient_key."""
     with connect(store_paths(store_root).db, read_only=True) as con:
@@ -98,10 +109,10 @@ def slice_rows(store_root: str | Path, scheme: int):
             """, [scheme]).df()
 
 
-def ingest_error_reasons(store_root: str | Path) -> dict[str, str]:
-    """path key -> reason of every file recorded in ``ingest_errors``."""
+def ingest_error_reasons(store_root: str | Path) -> dict[str, tuple[str, str]]:
+    """path key -> (reason, detail) of every file recorded in ``ingest_errors``."""
     with connect(store_paths(store_root).db, read_only=True) as con:
-        return dict(con.execute("SELECT path, reason FROM ingest_errors").fetchall())
+        return {r[0]: (r[1], r[2] or "") for r in con.execute("SELECT path, reason, detail FROM ingest_errors").fetchall()}
 
 
 def demographic_state(db: str | Path) -> tuple[dict[str, tuple], dict[str, str]]:

@@ -367,11 +367,14 @@ class RunLogger:
 def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: str, encoder: str,
               config: Mapping[str, Any] | Any, fraction: float | None = None, seed: int | None = None,
               profile: str | None = None, benchmark_id: str | None = None,
-              dataset: str | None = None) -> Path:
+              dataset: str | None = None, labels: Mapping[str, Any] | None = None) -> Path:
     """Create ``runs/<run_id>/`` (config.json) and the ``runs`` row (status running). Returns the run dir.
 
     Starting an existing run id again (resume) sets it back to running and keeps
-    its created_at, metrics and offset.
+    its created_at, metrics and offset. ``labels`` ({name, tags, notes}, as ``check_labels``
+    returns them; ``--name/--tag/--note`` of pretrain, finetune and benchmark) are written in the
+    same transaction as the row, so the dashboard shows them while the run trains; on a resume
+    they change the run's labels as ``annotate_run`` would.
     """
     import dataclasses
 
@@ -394,6 +397,8 @@ def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: s
                    config = excluded.config, code_version = excluded.code_version""",
             [run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id, dataset,
              cfg_json, code_version(), utcnow(), rel])
+        if labels:
+            _apply_labels(con, run_id, **labels)
     job_dir = os.environ.get(JOB_DIR_ENV)
     if job_dir:
         try:
@@ -442,6 +447,46 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
         raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
 
 
+TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
+
+
+def check_labels(name: str | None = None, tags: Mapping[str, str] | Iterable[str] | None = None,
+                 notes: str | None = None) -> dict[str, Any]:
+    """A run's labels checked before anything is written: ``{"name", "tags", "notes"}``.
+
+    Why one function: ``ctssl annotate`` and the ``--name/--tag/--note`` of pretrain, finetune and
+    benchmark must accept and refuse the same input, and a bad tag must stop a command before its
+    run row exists. ``tags`` is a mapping or the ``KEY=VALUE`` strings of ``--tag`` (``KEY=``
+    removes a tag). Raises ConfigError saying what to type instead."""
+    if tags is not None and not isinstance(tags, Mapping):
+        parsed: dict[str, str] = {}
+        for item in tags:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--tag {item!r} must look like KEY=VALUE (e.g. --tag owner=ana; KEY= removes it)")
+            parsed[key.strip()] = value
+        tags = parsed
+    for k in (tags or {}):
+        if not TAG_KEY.match(str(k)):
+            raise ConfigError(f"tag key {k!r}: use up to 64 letters, digits and _ . - / (e.g. --tag owner=ana)")
+    return {"name": name, "tags": {str(k): str(v) for k, v in (tags or {}).items()}, "notes": notes}
+
+
+def _apply_labels(con, run_id: str, name: str | None = None, tags: Mapping[str, str] | None = None,
+                  notes: str | None = None) -> dict[str, Any] | None:
+    """Merge checked labels into the run's row on an open connection (None: no such run).
+    A tag set to '' is removed; name/notes None keep the old value, '' clears it."""
+    row = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        return None
+    merged = {**(json.loads(row[1]) if row[1] else {}), **(tags or {})}
+    merged = {k: v for k, v in merged.items() if v != ""}
+    new = (row[0] if name is None else (name or None), merged, row[2] if notes is None else (notes or None))
+    con.execute("UPDATE runs SET name = ?, tags = ?, notes = ? WHERE run_id = ?",
+                [new[0], json.dumps(new[1], sort_keys=True), new[2], run_id])
+    return {"name": new[0], "tags": new[1], "notes": new[2]}
+
+
 def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
                  tags: Mapping[str, str] | None = None, notes: str | None = None) -> dict[str, Any]:
     """Set a run's name and notes and merge ``tags`` into its tags (a tag set to '' is removed).
@@ -449,24 +494,17 @@ def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
     Why: a run id says what ran, not why; people find runs by their own words, and trackers
     (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change."""
     check_run_id(run_id)
-    for k in (tags or {}):
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$", str(k)):
-            raise ConfigError(f"tag key {k!r}: use up to 64 letters, digits and _ . - / (e.g. --tag owner=ana)")
+    labels = check_labels(name, tags, notes)
     sp = store_paths(store_root)
     if not sp.db.exists():
         raise ConfigError(f"no store at {sp.root}; pass --store (or set CTSSL_STORE)")
     with connect(sp.db) as con:
         ensure_schema_current(con)
-        row = con.execute("SELECT name, tags, notes FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        if row is None:
-            raise ConfigError(f"no run {run_id!r} in {sp.root}; pass the id that "
-                              f"pretrain/finetune printed")
-        merged = {**(json.loads(row[1]) if row[1] else {}), **{str(k): str(v) for k, v in (tags or {}).items()}}
-        merged = {k: v for k, v in merged.items() if v != ""}
-        new = (row[0] if name is None else (name or None), merged, row[2] if notes is None else (notes or None))
-        con.execute("UPDATE runs SET name = ?, tags = ?, notes = ? WHERE run_id = ?",
-                    [new[0], json.dumps(new[1], sort_keys=True), new[2], run_id])
-    return {"name": new[0], "tags": new[1], "notes": new[2]}
+        got = _apply_labels(con, run_id, **labels)
+    if got is None:
+        raise ConfigError(f"no run {run_id!r} in {sp.root}; pass the id that "
+                          f"pretrain/finetune printed")
+    return got
 
 
 # --------------------------------------------------------------------------- results / summaries
