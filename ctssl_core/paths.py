@@ -12,14 +12,37 @@ Layout of a store (see data/README.md)::
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _is_checkout(root: Path) -> bool:
+    """Is ctssl_core running from a source checkout (a clone, or ``pip install -e``)? An installed wheel
+    lives in site-packages, next to every other package: no pyproject.toml beside it."""
+    return (root / "pyproject.toml").is_file() and not {"site-packages", "dist-packages"} & set(root.parts)
+
+
+def user_data_dir(app: str = "ctssl") -> Path:
+    """The platform's per-user data folder (the XDG base directory on Linux, Application Support on
+    macOS, LOCALAPPDATA on Windows): where an installed ctssl keeps cohorts and its store."""
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / app
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / app
+    return Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / app
+
+
 def data_root() -> Path:
-    return Path(os.environ.get("CTSSL_DATA", REPO_ROOT / "data"))
+    """Where synthetic cohorts and the default store live: ``CTSSL_DATA`` when set; else ``data/`` of
+    the checkout (what the README's ``make demo`` uses); else, for an installed package, the user's data
+    folder, never site-packages (read-only for many users, and wiped by an upgrade)."""
+    if os.environ.get("CTSSL_DATA"):
+        return Path(os.environ["CTSSL_DATA"])
+    return REPO_ROOT / "data" if _is_checkout(REPO_ROOT) else user_data_dir()
 
 
 def default_store() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -17,6 +18,17 @@ import pytest
 from browser_harness import browser, page  # noqa: E402,F401
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The checkout's data/ folder is the user's (their cohorts, their store): the suite writes its cohorts
+# (a benchmark generates its synthetic cohort under CTSSL_DATA) to a folder of its own, removed at the end.
+_OWN_DATA = None if "CTSSL_DATA" in os.environ else tempfile.mkdtemp(prefix="ctssl-test-data-")
+if _OWN_DATA:
+    os.environ["CTSSL_DATA"] = _OWN_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_DATA:
+        shutil.rmtree(_OWN_DATA, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,31 @@ def test_without_the_umap_extra_projection_says_what_to_install(monkeypatch):
     E = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
     with pytest.raises(EmbedError, match=r"pip install 'ctssl\[umap\]'.*--no-umap"):
         project_umap(E, pca_dims=4, n_neighbors=3)
+
+
+def test_an_installed_package_keeps_its_data_in_the_users_data_folder_never_site_packages(monkeypatch, tmp_path):
+    """Issue 17: data/ beside the installed package would be inside site-packages. A checkout keeps
+    data/ (the README's make demo), an install uses the platform's user data folder, CTSSL_DATA wins."""
+    from ctssl_core import paths
+
+    site = tmp_path / "venv" / "lib" / "python3.12" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(paths, "REPO_ROOT", site)
+    monkeypatch.delenv("CTSSL_DATA", raising=False)
+    monkeypatch.delenv("CTSSL_STORE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(paths.sys, "platform", "linux")
+    assert paths.data_root() == tmp_path / "xdg" / "ctssl"
+    assert paths.default_store() == tmp_path / "xdg" / "ctssl" / "store"
+    (site / "pyproject.toml").write_text("")           # even a stray pyproject in site-packages is not a checkout
+    assert paths.data_root() == tmp_path / "xdg" / "ctssl"
+    monkeypatch.setattr(paths.sys, "platform", "darwin")
+    monkeypatch.setattr(paths.Path, "home", lambda: tmp_path / "home")
+    assert paths.data_root() == tmp_path / "home" / "Library" / "Application Support" / "ctssl"
+    checkout = tmp_path / "clone"
+    (checkout / "ctssl_core").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    monkeypatch.setattr(paths, "REPO_ROOT", checkout)
+    assert paths.data_root() == checkout / "data"
+    monkeypatch.setenv("CTSSL_DATA", str(tmp_path / "mine"))
+    assert paths.data_root() == tmp_path / "mine"

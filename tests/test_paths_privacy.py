@@ -48,3 +48,12 @@ def test_an_outside_checkpoint_is_embedded_under_a_digest_not_its_folder_names(s
     shutil.copy(Path(smoke_store) / "runs" / pre / "checkpoints" / "last.pt", outside)
     tag = resolve_encoder(str(outside), smoke_store, EmbedConfig())[4]
     assert tag.startswith("ckpt-") and "jane" not in tag and "ckpts" not in tag
+
+
+def test_the_suite_writes_no_cohort_or_store_into_the_checkouts_data_folder():
+    """A test run must not leave cohorts in the user's data/ (CI found data/cohorts/smoke-* after the suite)."""
+    from ctssl_core.paths import REPO_ROOT, data_root, default_cohort, default_store
+
+    inside = (REPO_ROOT / "data").resolve()
+    for p in (data_root(), default_cohort("smoke-x"), default_store()):
+        assert not p.resolve().is_relative_to(inside), p
