@@ -447,11 +447,18 @@ def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
     """Set a run's name and notes and merge ``tags`` into its tags (a tag set to '' is removed).
 
     Why: a run id says what ran, not why; people find runs by their own words, and trackers
-    (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change."""
+    (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change.
+    A key of ctssl's own tags (``trackers.reserved_tag``: kind, task, benchmark_id..., ctssl.*, mlflow.*)
+    is refused, so a user tag can never pose as one in a tracker; setting one to '' (removing it) is
+    allowed, to clean a store written before the rule."""
+    from ctssl_core.trackers import reserved_tag, reserved_tag_message
+
     check_run_id(run_id)
-    for k in (tags or {}):
+    for k, v in (tags or {}).items():
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$", str(k)):
             raise ConfigError(f"tag key {k!r}: use up to 64 letters, digits and _ . - / (e.g. --tag owner=ana)")
+        if reserved_tag(k) and str(v) != "":
+            raise ConfigError(reserved_tag_message(k))
     sp = store_paths(store_root)
     if not sp.db.exists():
         raise ConfigError(f"no store at {sp.root}; pass --store (or set CTSSL_STORE)")
