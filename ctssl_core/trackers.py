@@ -18,7 +18,7 @@ URI with ``user:password@`` or a query string is refused (MLflow reads MLFLOW_TR
 MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN from the environment instead), and the refusal shows it
 redacted (``redact``), so a secret typed on the command line is never echoed, logged or stored.
 
-Tags: ctssl's own (``TAG_COLUMNS``, ``ctssl.*``, ``mlflow.*``, ``name``) always win; ``ctssl annotate``
+Tags: ctssl's own (``results.write.TAG_COLUMNS``, ``ctssl.*``, ``mlflow.*``, ``name``) always win; ``ctssl annotate``
 refuses a user tag with such a key (``reserved_tag``), and one left in an older store is not mirrored.
 
 mlflow and tensorboard are optional (``pip install ctssl[trackers]``) and imported only inside the
@@ -44,12 +44,10 @@ from typing import Any, Callable, Iterator
 from ctssl_core.config import ConfigError
 from ctssl_core.db import StoreError
 from ctssl_core.paths import scrub_paths, store_paths
+from ctssl_core.results.write import TAG_COLUMNS, reserved_tag   # the run columns a mirror tags; ctssl's own keys
 
-TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
-               "status", "code_version")
 RUN_ID_TAG = "ctssl.run_id"   # how a mirror finds a run it already holds
 MIRROR_TAG = "ctssl.mirror"   # "incomplete" from the mirror's first write, "complete" after its last
-RESERVED_TAG_PREFIXES = ("ctssl.", "mlflow.")   # ctssl's and MLflow's own tags (mlflow.runName, .note.content...)
 MLFLOW_SCHEMES = ("file", "http", "https")      # the MLflow back ends ctssl supports and tests
 SUPPORTED_TARGETS = ("mlflow:<folder> (a local MLflow file store, e.g. mlflow:./mlruns), mlflow:file:<path>, "
                      "mlflow:http(s)://host[:port][/path] (a tracking server) or tensorboard:<local log dir> "
@@ -138,20 +136,6 @@ def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = N
     return RunRecord(run_id=run_id, params=params, series=series, final=final, tags=tags,
                      artifacts=artifacts, started=started, wall_s=run.get("wall_s"),
                      name=run.get("name") or run_id, notes=run.get("notes") or "")
-
-
-def reserved_tag(key: str) -> bool:
-    """Whether a user tag key would stand in for one of ctssl's own (a run column such as ``kind`` or
-    ``benchmark_id``, which also picks the MLflow experiment; ``name``; ``ctssl.*``; ``mlflow.*``).
-    Why: a mirror's tags are how people filter runs, so a user tag must never masquerade as one."""
-    k = str(key).lower()
-    return k in TAG_COLUMNS or k == "name" or k.startswith(RESERVED_TAG_PREFIXES)
-
-
-def reserved_tag_message(key: str) -> str:
-    return (f"tag key {key!r} is reserved for ctssl's own tags ({', '.join(TAG_COLUMNS)}, name, "
-            f"{', '.join(p + '*' for p in RESERVED_TAG_PREFIXES)}), which ctssl sets from the run itself; "
-            f"choose another key (e.g. --tag my_{str(key).replace('.', '_')}=...)")
 
 
 # ------------------------------------------------------------------ targets

@@ -442,17 +442,36 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
         raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
 
 
+# the run columns a tracker mirror carries as tags (trackers.read_run), and the prefixes of ctssl's and
+# MLflow's own tags (ctssl.run_id, ctssl.mirror; mlflow.runName, mlflow.note.content...)
+TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
+               "status", "code_version")
+RESERVED_TAG_PREFIXES = ("ctssl.", "mlflow.")
+
+
+def reserved_tag(key: str) -> bool:
+    """Whether a user tag key would stand in for one of ctssl's own (a run column such as ``kind`` or
+    ``benchmark_id``, which also picks the MLflow experiment; ``name``; ``ctssl.*``; ``mlflow.*``).
+    Why: a mirror's tags are how people filter runs, so a user tag must never masquerade as one."""
+    k = str(key).lower()
+    return k in TAG_COLUMNS or k == "name" or k.startswith(RESERVED_TAG_PREFIXES)
+
+
+def reserved_tag_message(key: str) -> str:
+    return (f"tag key {key!r} is reserved for ctssl's own tags ({', '.join(TAG_COLUMNS)}, name, "
+            f"{', '.join(p + '*' for p in RESERVED_TAG_PREFIXES)}), which ctssl sets from the run itself; "
+            f"choose another key (e.g. --tag my_{str(key).replace('.', '_')}=...)")
+
+
 def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
                  tags: Mapping[str, str] | None = None, notes: str | None = None) -> dict[str, Any]:
     """Set a run's name and notes and merge ``tags`` into its tags (a tag set to '' is removed).
 
     Why: a run id says what ran, not why; people find runs by their own words, and trackers
     (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change.
-    A key of ctssl's own tags (``trackers.reserved_tag``: kind, task, benchmark_id..., ctssl.*, mlflow.*)
+    A key of ctssl's own tags (``reserved_tag``: kind, task, benchmark_id..., ctssl.*, mlflow.*)
     is refused, so a user tag can never pose as one in a tracker; setting one to '' (removing it) is
     allowed, to clean a store written before the rule."""
-    from ctssl_core.trackers import reserved_tag, reserved_tag_message
-
     check_run_id(run_id)
     for k, v in (tags or {}).items():
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$", str(k)):
