@@ -207,6 +207,9 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
     assert {r["metric"] for r in rows} >= {"race_probe@0", "race_probe@0.25", "race_probe@0.5"}
     assert sorted(df["encoder"].unique()) == sorted(emb) and df["n"].max() == 32
     assert "race dose-response" in lines[0] and len(lines) == 1 + 2 * len(emb)
+    # ci_low / ci_high are a CI's bounds to every reader of summaries: these statistics have none, so null
+    # (the chance level is not a lower bound; it travels in the note)
+    assert all(r["ci_low"] is None and r["ci_high"] is None for r in rows)
     write_summaries(root, rows)
     got = read.bias_dose(root, plan.benchmark_id)
     assert len(got) == len(df)
@@ -215,6 +218,15 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
         w = want.loc[(r.init, r.analysis, r.strength)]
         assert r.statistic == pytest.approx(w.statistic) and r.detected == w.detected and r.metric == w.metric
         assert r.p_adjusted == pytest.approx(w.p_adjusted, rel=1e-2)
+        assert (np.isnan(r.chance) and np.isnan(w.chance)) or r.chance == pytest.approx(w.chance, rel=1e-5)
+    assert got[got.analysis == "ks"].chance.isna().all() and (got[got.analysis == "probe"].chance == 0.5).all()
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    with connect(store_paths(root).db, read_only=True) as con:
+        stored = con.execute("SELECT count(*), count(ci_low), count(ci_high) FROM summaries WHERE task = 'bias_dose' "
+                             "AND benchmark_id = ?", [plan.benchmark_id]).fetchone()
+    assert stored == (len(rows), 0, 0)
     assert not read.headline_table(root, plan.benchmark_id).task.eq("bias_dose").any()   # an analysis, not a metric
     at = open_page(root, "embeddings")
     assert "dose-response" in texts(at)
@@ -224,4 +236,9 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
     for r in probe.itertuples():
         assert grid.loc[r.init, f"race_effect {r.strength:g}"].startswith(f"{r.statistic:.2f}")
     assert read.bias_dose(smoke_store).empty                                   # the smoke profile leaves it off
+    # a store written before the chance level moved into the note held it in ci_low: still read as chance
+    old = dict(rows[0], benchmark_id="bench-old", ci_low=0.5, note=rows[0]["note"].replace(
+        rows[0]["note"].split(";")[1] + ";", ""))
+    write_summaries(root, [old])
+    assert "chance" not in old["note"] and read.bias_dose(root, "bench-old").chance.tolist() == [0.5]
 
