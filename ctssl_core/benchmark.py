@@ -377,8 +377,9 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
 
 
 def embed_config(plan: Plan):
-    """The benchmark's ``EmbedConfig``: the profile's ``embed`` section on the benchmark's encoder, split
-    scheme and input windows (what the embed units and the bias dose-response both embed with)."""
+    """The benchmark's ``EmbedConfig``: the profile's ``embed`` section on the benchmark's encoder (name and
+    ``pretrain.encoder_params``, so random init is the strategies' architecture), split scheme and input
+    windows (what the embed units and the bias dose-response both embed with)."""
     from ctssl_core import embed as emb
 
     scheme = {"split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
@@ -388,7 +389,8 @@ def embed_config(plan: Plan):
     if clash:
         raise ConfigError(f"embed.{clash[0]} cannot be set in a benchmark profile: embeddings use the benchmark's "
                           f"split scheme (benchmark.split_seed / pool / split_fractions); remove it from `embed`")
-    mapping = merge({"encoder": pretrain_encoder(plan.config)[0], "windows": input_windows(plan.config)},
+    name, kwargs = pretrain_encoder(plan.config)
+    mapping = merge({"encoder": name, "encoder_kwargs": kwargs, "windows": input_windows(plan.config)},
                     merge(section, scheme))
     return build(emb.EmbedConfig, mapping, where="embed.")
 

@@ -252,9 +252,11 @@ def dose_rows(plan, root: str | Path, embeddings: dict[str, dict[str, str]],
     """The dose-response of every benchmark encoder -> (summary rows with task 'bias_dose', lines, table),
     when the profile asks for it (``bias.dose_response: true``); else nothing.
 
-    Summary rows: metric ``race_<analysis>@<strength>``, value the statistic, ci_low the chance level
-    (null mean for separability), note the corrected p and the verdict. Nothing (with a line saying
-    why) when the store cannot be re-rendered.
+    Summary rows: metric ``race_<analysis>@<strength>``, value the statistic, note the test's metric, its
+    chance level (null mean for separability, nan for KS), the corrected p and the verdict
+    (``read.bias_dose`` parses them). ci_low / ci_high are null: these statistics have no CI here, and
+    every reader of summaries takes those columns for a CI's bounds (the chance level once stood in
+    ci_low). Nothing (with a line saying why) when the store cannot be re-rendered.
     """
     from ctssl_core import bias, twins
     from ctssl_core.config import build
@@ -270,8 +272,9 @@ def dose_rows(plan, root: str | Path, embeddings: dict[str, dict[str, str]],
         return [], [f"race dose-response: not computed ({type(e).__name__}: {e})"], pd.DataFrame(columns=DOSE_COLUMNS)
     rows = [{"benchmark_id": plan.benchmark_id, "task": "bias_dose", "init": r.encoder,
              "metric": f"race_{r.analysis}@{r.strength:g}", "value": None if not np.isfinite(r.statistic) else r.statistic,
-             "ci_low": None if not np.isfinite(r.chance) else r.chance, "ci_high": None,
-             "note": (f"{r.metric}; corrected p {r.p_adjusted:.3g} ({bcfg.correction} over the race tests only, "
+             "ci_low": None, "ci_high": None,
+             "note": (f"{r.metric}; chance {r.chance:.6g}; corrected p {r.p_adjusted:.3g} ({bcfg.correction} over "
+                      f"the race tests only, "
                       f"not the scorecard's whole family); "
                       + ("detected" if r.detected else "not detected" if r.detected is not None else "not run"))}
             for r in df.itertuples()]

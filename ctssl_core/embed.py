@@ -27,7 +27,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +56,9 @@ class EmbedConfig:
                                         # test split here is the one fine-tuning scores on
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # benchmark.split_fractions (same scheme)
     encoder: str = "resnet18"           # registry key used for --checkpoint random
+    encoder_kwargs: dict = field(default_factory=dict)   # its build_encoder options (width, in_chans...): a
+                                        # benchmark passes pretrain.encoder_params, so random init is the same
+                                        # architecture as the strategies' encoders (a checkpoint uses its own)
     seed: int = 0                       # init seed for random
     batch_size: int = 64
     device: str = "cpu"
@@ -356,9 +359,15 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
     if checkpoint == "random":
         from ctssl_core.models import build_encoder
 
+        if "windows" in cfg.encoder_kwargs:
+            raise EmbedError("embed.encoder_kwargs must not set windows; set embed.windows (pretrain.windows in a "
+                             "benchmark) instead")
         torch.manual_seed(cfg.seed)
-        enc = build_encoder(cfg.encoder, windows=cfg.windows)
-        return enc, "random", cfg.encoder, None, f"random-{cfg.encoder}-s{cfg.seed}"
+        enc = build_encoder(cfg.encoder, windows=cfg.windows, **cfg.encoder_kwargs)
+        # other options, another architecture: a digest keeps it from overwriting the default's embeddings
+        opts = (f"-k{hashlib.sha256(json.dumps(cfg.encoder_kwargs, sort_keys=True).encode()).hexdigest()[:8]}"
+                if cfg.encoder_kwargs else "")
+        return enc, "random", cfg.encoder, None, f"random-{cfg.encoder}{opts}-s{cfg.seed}"
     from ctssl_core.checkpoint import load_encoder, read_checkpoint
 
     enc, run_cfg = load_encoder(checkpoint, store_root)

@@ -10,10 +10,23 @@ task, init, encoder, fraction, seed, status..., and the tags of ``ctssl annotate
 and notes (``ctssl annotate``) and artifacts (the run's metrics.jsonl and, for a run with a
 checkpoint, its export folder: card.json + safetensors, never the pickled checkpoint).
 
-One target grammar (``parse_target``): ``mlflow:<tracking URI or folder>`` (a folder means a local
-``file:`` store) and ``tensorboard:<log dir>`` (one sub-folder of event files per run). mlflow and
-tensorboard are optional (``pip install ctssl[trackers]``) and imported only inside the functions
-that need them. Mirroring is idempotent: a run already in the target is reported, not duplicated.
+One target grammar (``parse_target``): ``mlflow:<folder>`` (a local ``file:`` store), ``mlflow:file:...``,
+``mlflow:http(s)://host[:port][/path]`` (a tracking server) and ``tensorboard:<local log dir>`` (one sub-folder
+of event files per run). Other MLflow back ends (``databricks``, ``sqlite:``, database URIs...) are refused:
+they need credentials or drivers ctssl neither supports nor tests. A target never carries credentials: a
+URI with ``user:password@`` or a query string is refused (MLflow reads MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN from the environment instead), and the refusal shows it
+redacted (``redact``), so a secret typed on the command line is never echoed, logged or stored.
+
+Tags: ctssl's own (``results.write.TAG_COLUMNS``, ``ctssl.*``, ``mlflow.*``, ``name``) always win; ``ctssl annotate``
+refuses a user tag with such a key (``reserved_tag``), and one left in an older store is not mirrored.
+
+mlflow and tensorboard are optional (``pip install ctssl[trackers]``) and imported only inside the
+functions that need them. Mirroring is idempotent: a run already in the target is reported, not
+duplicated. A mirror cut short (the process killed mid-mirror) is not mistaken for a finished one: an
+MLflow mirror is tagged ``ctssl.mirror = incomplete`` until its last write, and a later mirror replaces
+an incomplete one (deleted, then written whole); a TensorBoard mirror is written beside the log dir and
+renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -31,10 +44,14 @@ from typing import Any, Callable, Iterator
 from ctssl_core.config import ConfigError
 from ctssl_core.db import StoreError
 from ctssl_core.paths import scrub_paths, store_paths
+from ctssl_core.results.write import TAG_COLUMNS, reserved_tag   # the run columns a mirror tags; ctssl's own keys
 
-TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
-               "status", "code_version")
 RUN_ID_TAG = "ctssl.run_id"   # how a mirror finds a run it already holds
+MIRROR_TAG = "ctssl.mirror"   # "incomplete" from the mirror's first write, "complete" after its last
+MLFLOW_SCHEMES = ("file", "http", "https")      # the MLflow back ends ctssl supports and tests
+SUPPORTED_TARGETS = ("mlflow:<folder> (a local MLflow file store, e.g. mlflow:./mlruns), mlflow:file:<path>, "
+                     "mlflow:http(s)://host[:port][/path] (a tracking server) or tensorboard:<local log dir> "
+                     "(e.g. tensorboard:./tb)")
 EXPERIMENT = "ctssl"          # MLflow experiment of runs outside a benchmark; a benchmark's runs: ctssl-<id>
 _PARAM_MAX = 6000             # MLflow's limit on a param value (longer ones are cut, marked with "...")
 
@@ -101,8 +118,9 @@ def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = N
     cfg = json.loads(run["config"]) if isinstance(run["config"], str) else (run["config"] or {})
     params = {k: (v if len(v) <= _PARAM_MAX else v[:_PARAM_MAX - 3] + "...")
               for k, v in flatten(scrub_paths(cfg, sp.root)).items()}
-    user_tags = run.get("tags") or {}   # `ctssl annotate --tag`; the run's own columns win a clash
-    tags = {**(json.loads(user_tags) if isinstance(user_tags, str) else dict(user_tags)),
+    user_tags = run.get("tags") or {}   # `ctssl annotate --tag`; a reserved key (older stores) is not mirrored
+    user_tags = json.loads(user_tags) if isinstance(user_tags, str) else dict(user_tags)
+    tags = {**{k: str(v) for k, v in user_tags.items() if not reserved_tag(k)},
             **{k: str(run[k]) for k in TAG_COLUMNS if run.get(k) is not None}}
     tags[RUN_ID_TAG] = run_id
     run_dir = sp.run_dir(run_id)
@@ -123,12 +141,46 @@ def read_run(store_root: str | Path, run_id: str, artifacts_dir: Path | None = N
 # ------------------------------------------------------------------ targets
 
 
+_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*:(?://)?)(?P<userinfo>[^/\s?#]*@)")
+_QUERY_VALUE = re.compile(r"(?P<key>[?&;][^=&;#\s]*=)(?P<value>[^&;#\s]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URI in it masked: ``user:pw@`` -> ``***@`` and every query
+    value -> ``***`` (a token may hide under any name). For messages, so a refused target never echoes
+    the secret that was typed."""
+    text = _SECRET_IN_URI.sub(lambda m: m.group("scheme") + "***@", str(text))
+    return _QUERY_VALUE.sub(lambda m: m.group("key") + "***", text)
+
+
+def _scheme(where: str) -> str | None:
+    """The URI scheme of a target location, lower case, or None for a plain path (``C:\\x`` is a path)."""
+    if re.match(r"^[a-zA-Z]:[\\/]", where):
+        return None
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", where)
+    return m.group(1).lower() if m else None
+
+
 def parse_target(spec: str) -> tuple[str, str]:
-    """``mlflow:<uri|folder>`` / ``tensorboard:<dir>`` -> (tracker, location); anything else is a TrackerError."""
+    """``mlflow:<folder|file:|http(s):>`` / ``tensorboard:<dir>`` -> (tracker, location); anything else,
+    an unsupported back end, or credentials in the location is a TrackerError (the target shown redacted)."""
     kind, sep, where = str(spec).partition(":")
+    shown = redact(spec)
     if not sep or kind not in TRACKERS or not where:
-        raise TrackerError(f"--track {spec!r}: write mlflow:<tracking URI or folder> (e.g. mlflow:./mlruns, "
-                           f"mlflow:http://host:5000) or tensorboard:<log dir> (e.g. tensorboard:./tb)")
+        raise TrackerError(f"--track {shown!r}: write {SUPPORTED_TARGETS}")
+    scheme = _scheme(where)
+    if scheme is not None and any(c in where for c in "@?#"):
+        raise TrackerError(f"--track {shown!r}: a target carries no credentials (user:password@ or a query "
+                           f"string): they would end up in shell history, process lists and logs. Give the "
+                           f"plain URI and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                           f"MLFLOW_TRACKING_TOKEN in the environment")
+    backend = scheme or where.strip().lower()
+    unsupported = (kind == "mlflow" and (scheme not in (None, *MLFLOW_SCHEMES)
+                                         or backend in ("databricks", "databricks-uc", "uc"))) or \
+                  (kind == "tensorboard" and scheme is not None)
+    if unsupported:
+        raise TrackerError(f"--track {shown!r}: {kind} target {backend!r} is not supported (it needs credentials "
+                           f"or drivers ctssl neither supports nor tests); use {SUPPORTED_TARGETS}")
     return kind, where
 
 
@@ -175,8 +227,8 @@ def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
             except (ConfigError, StoreError):   # bad input (unknown run, bad target): the CLI says what to do
                 raise
             except Exception as e:  # noqa: BLE001 -- a tracker outage must not turn finished runs into a failure
-                say(f"run {rid} is finished and kept; mirroring it to {spec} failed ({type(e).__name__}: {e}); "
-                    f"retry with `ctssl track {rid} --to {spec}`")
+                say(redact(f"run {rid} is finished and kept; mirroring it to {spec} failed ({type(e).__name__}: {e}); "
+                           f"retry with `ctssl track {rid} --to {spec}`"))
     return n
 
 
@@ -200,9 +252,9 @@ def benchmark_runs(store_root: str | Path, benchmark_id: str) -> list[str]:
 
 
 def mlflow_uri(where: str) -> str:
-    """A tracking URI as given (``file:``, ``sqlite:``, ``http(s):``, ``databricks``...); a plain folder
-    as a ``file:`` URI."""
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", where) and not re.match(r"^[a-zA-Z]:[\\/]", where):
+    """A tracking URI as given (``file:``, ``http(s):``; ``parse_target`` refuses the others); a plain
+    folder as a ``file:`` URI."""
+    if _scheme(where) is not None:
         return where
     return Path(where).expanduser().resolve().as_uri()
 
@@ -236,13 +288,16 @@ def to_mlflow(rec: RunRecord, where: str) -> str:
         name = f"ctssl-{rec.tags['benchmark_id']}" if rec.tags.get("benchmark_id") else EXPERIMENT
         exp = client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else client.create_experiment(name)
-        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{rec.run_id}'", max_results=1)
-        if found:
-            return f"{rec.run_id}: already in MLflow {uri} (experiment {name}, run {found[0].info.run_id})"
+        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{rec.run_id}'", max_results=100)
+        done = [r for r in found if _mirror_complete(r)]
+        if done:
+            return f"{rec.run_id}: already in MLflow {uri} (experiment {name}, run {done[0].info.run_id})"
+        for stale in found:   # a mirror cut short (process killed): replaced whole, so the target holds one run
+            client.delete_run(stale.info.run_id)
         start_ms = int((rec.started or 0) * 1000) or None
         note = (rec.notes + "\n\n" if rec.notes else "") + f"mirrored from ctssl run {rec.run_id}"
         run = client.create_run(exp_id, start_time=start_ms, run_name=rec.name or rec.run_id,
-                                tags={**rec.tags, "mlflow.note.content": note})
+                                tags={**rec.tags, "mlflow.note.content": note, MIRROR_TAG: "incomplete"})
         mid = run.info.run_id
         base = start_ms or 0
         metrics = [Metric(_mlflow_key(k), v, base + int(1000 * (w or 0)), s)
@@ -261,7 +316,16 @@ def to_mlflow(rec: RunRecord, where: str) -> str:
                                                                                            "FINISHED")
         end_ms = base + int(1000 * rec.wall_s) if start_ms and rec.wall_s else None
         client.set_terminated(mid, status=status, end_time=end_ms)
-    return f"{rec.run_id}: mirrored to MLflow {uri} (experiment {name}, run {mid})"
+        client.set_tag(mid, MIRROR_TAG, "complete")   # the last write: only now is the mirror whole
+    replaced = f"; replaced {len(found)} incomplete mirror(s) of an interrupted `ctssl track`" if found else ""
+    return f"{rec.run_id}: mirrored to MLflow {uri} (experiment {name}, run {mid}{replaced})"
+
+
+def _mirror_complete(run) -> bool:
+    """An MLflow run of ours that holds the whole mirror: tagged complete, or (mirrors written before the
+    tag existed, whose last write was ``set_terminated``) no tag and no longer RUNNING."""
+    tag = run.data.tags.get(MIRROR_TAG)
+    return tag == "complete" if tag is not None else run.info.status != "RUNNING"
 
 
 # ------------------------------------------------------------------ TensorBoard
@@ -270,11 +334,17 @@ def to_mlflow(rec: RunRecord, where: str) -> str:
 def to_tensorboard(rec: RunRecord, where: str) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
+    import shutil
+
     log_dir = Path(where).expanduser() / rec.run_id
     if log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*")):
         return f"{rec.run_id}: already in TensorBoard {log_dir}"
+    # written beside the log dir and renamed into place when whole: a mirror cut short (process killed)
+    # leaves only this folder, which the next mirror removes, never a partial log dir taken for a done one
+    partial = log_dir.parent / f".{rec.run_id}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     start = rec.started or 0.0
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = SummaryWriter(log_dir=str(partial))
     try:
         last = 0
         for name, pts in rec.series.items():
@@ -293,6 +363,9 @@ def to_tensorboard(rec: RunRecord, where: str) -> str:
             writer.add_text("artifacts", ", ".join(p.name for p in rec.artifacts), 0, walltime=start)
     finally:
         writer.close()
+    if log_dir.is_dir():
+        log_dir.rmdir()   # an empty folder (no event files, checked above); anything else in it stops here
+    os.replace(partial, log_dir)
     return f"{rec.run_id}: mirrored to TensorBoard {log_dir}"
 
 

@@ -188,3 +188,41 @@ def test_embed_config_rejects_bad_values(bad):
 def test_umap_too_few_points_is_a_clear_error():
     with pytest.raises(EmbedError, match="at least 5 points"):
         embed.project_umap(np.zeros((3, 8), np.float32))
+
+
+def test_random_init_is_the_architecture_and_view_of_the_benchmarks_encoders(store_copy, capsys):
+    """A smoke benchmark whose encoders are built with options (pretrain.encoder_params: width 0.5): the random
+    init it embeds (and the dose-response re-embeds) with is the same architecture, with the same windows, as
+    a strategy encoder that benchmark pretrains, not the registry default; and a bad option says so."""
+    import torch
+
+    from ctssl_core.benchmark import embed_config, make_plan
+    from ctssl_core.config import ConfigError
+    from ctssl_core.cli import main
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    params = "pretrain.encoder_params={width: 0.5}"
+    plan = make_plan("smoke", overrides=[params], store_root=store_copy)
+    ecfg = embed_config(plan)
+    assert ecfg.encoder_kwargs == {"width": 0.5} and ecfg.windows == plan.config["pretrain"]["windows"]
+    assert main(["pretrain", "--store", str(store_copy), "--profile", "smoke", "--no-progress", "--task", "rotation",
+                 "--set", params, "--set", "train.image_size=32", "--set", "train.batch_size=8",
+                 "--set", "train.steps=2"]) == 0
+    capsys.readouterr()
+    with connect(store_paths(store_copy).db, read_only=True) as con:
+        (rid,) = con.execute("SELECT run_id FROM runs WHERE kind = 'pretrain'").fetchone()
+    pre, *_ = embed.resolve_encoder(rid, store_copy, ecfg)
+    rnd, init, name, run_id, tag = embed.resolve_encoder("random", store_copy, ecfg)
+    assert (init, name, run_id) == ("random", "tiny", None)
+    assert {k: v.shape for k, v in rnd.state_dict().items()} == {k: v.shape for k, v in pre.state_dict().items()}
+    assert rnd.windows == pre.windows and rnd.kwargs == pre.kwargs and rnd.embed_dim == pre.embed_dim
+    x = torch.zeros(2, len(rnd.windows), 32, 32)
+    assert rnd.embed(x).shape == pre.embed(x).shape
+    # another architecture, another embedding id: the default random init's embeddings are not overwritten
+    default = embed.resolve_encoder("random", store_copy, EmbedConfig(encoder="tiny", windows=ecfg.windows))
+    assert default[4] == "random-tiny-s0" and tag.startswith("random-tiny-k") and tag.endswith("-s0")
+    with pytest.raises(ConfigError, match="unknown option.*'depth'"):
+        embed.resolve_encoder("random", store_copy, EmbedConfig(encoder="tiny", encoder_kwargs={"depth": 3}))
+    with pytest.raises(EmbedError, match="set embed.windows"):
+        embed.resolve_encoder("random", store_copy, EmbedConfig(encoder="tiny", encoder_kwargs={"windows": "paper"}))

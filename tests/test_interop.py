@@ -194,3 +194,68 @@ def test_an_export_folder_works_as_init_and_as_checkpoint(smoke_store, tmp_path,
     assert main(["embed", "--checkpoint", str(exp), "--store", str(store), "--no-umap", "--no-progress",
                  "--set", "embed.max_per_series=2"]) == 0
     assert "exam embeddings: ckpt-" in capsys.readouterr().out
+
+
+def _edited_export(tmp_path, edit):
+    """An export the production writer made, with its card then changed by ``edit(card)``."""
+    _, ckpt = _checkpoint(tmp_path, "tiny")
+    exp = tmp_path / "exp"
+    export_run(ckpt, exp, store_root=tmp_path)
+    card = json.loads((exp / "card.json").read_text())
+    edit(card)
+    (exp / "card.json").write_text(json.dumps(card))
+    return exp
+
+
+def test_an_export_whose_card_has_no_sha256_is_refused(tmp_path):
+    """Without the digest the weights cannot be checked: refused, with what to do, not loaded unchecked."""
+    exp = _edited_export(tmp_path, lambda c: c["weights"].pop("sha256"))
+    with pytest.raises(CheckpointError, match=r"card\.json: field 'weights\.sha256' is missing .* `ctssl export RUN_ID"):
+        read_checkpoint(exp)
+    with pytest.raises(CheckpointError, match="weights.sha256"):
+        load_exported(exp)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["encoder"].pop("name"), "encoder.name"),
+    (lambda c: c.__setitem__("encoder", "tiny"), "encoder"),
+    (lambda c: c.pop("encoder"), "encoder"),
+    (lambda c: c["encoder"].__setitem__("kwargs", ["width", 1]), "encoder.kwargs"),
+    (lambda c: c.__setitem__("weights", "abc"), "weights.sha256"),
+    (lambda c: c["weights"].__setitem__("sha256", 12), "weights.sha256"),
+    (lambda c: c["metrics"].__setitem__("step", "seven"), "metrics.step"),
+    (lambda c: c.__setitem__("metrics", [1, 2]), "metrics"),
+    (lambda c: c.__setitem__("config", "rotation"), "config"),
+    (lambda c: c.__setitem__("run_id", 5), "run_id"),
+])
+def test_a_malformed_card_names_the_file_and_the_field(tmp_path, edit, field):
+    exp = _edited_export(tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(exp)
+    assert f"{exp / 'card.json'}: field {field!r}" in str(e.value) and "ctssl export" in str(e.value)
+
+
+def test_a_card_that_is_not_an_object_or_not_json_is_refused_plainly(tmp_path):
+    exp = _edited_export(tmp_path, lambda c: None)
+    (exp / "card.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"field '\(top level\)' must be a JSON object, not list"):
+        read_checkpoint(exp)
+    (exp / "card.json").write_text('{"encoder": ')
+    with pytest.raises(CheckpointError, match=r"card\.json is not readable JSON"):
+        read_checkpoint(exp)
+
+
+def test_re_exporting_an_export_keeps_its_metrics_and_run(smoke_store, tmp_path):
+    """A smoke pretraining exported, then its export folder exported again (without the store, as someone who
+    was sent the folder would): the second card holds the first card's metrics and run row."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    with connect(store_paths(smoke_store).db, read_only=True) as con:
+        rid = con.execute("SELECT run_id FROM runs WHERE kind = 'pretrain' AND status = 'succeeded' "
+                          "ORDER BY run_id LIMIT 1").fetchone()[0]
+    _, first = export_run(rid, tmp_path / "exp", smoke_store)
+    _, again = export_run(tmp_path / "exp", tmp_path / "again", tmp_path / "elsewhere")
+    one, two = json.loads(first.read_text()), json.loads(again.read_text())
+    assert len(one["metrics"]) > 1 and "train/loss" in one["metrics"] and one["run"]["status"] == "succeeded"
+    assert two["metrics"] == one["metrics"] and two["run"] == one["run"] and two["run_id"] == rid

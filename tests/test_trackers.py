@@ -96,9 +96,9 @@ def test_a_benchmarks_runs_include_the_pretrainings_it_started_from(smoke_store)
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("wandb:offline", "write mlflow:<tracking URI or folder>"),
-    ("mlflow:", "write mlflow:<tracking URI or folder>"),
-    ("tensorboard", "write mlflow:<tracking URI or folder>"),
+    ("wandb:offline", "write mlflow:<folder>"),
+    ("mlflow:", "write mlflow:<folder>"),
+    ("tensorboard", "write mlflow:<folder>"),
 ])
 def test_a_bad_target_is_a_clear_error(spec, message):
     with pytest.raises(TrackerError, match=message):
@@ -228,3 +228,162 @@ def test_a_tracker_failure_keeps_the_run_and_says_how_to_retry(smoke_store, tmp_
     assert f"run {rid} is finished and kept" in said[0] and f"ctssl track {rid} --to tensorboard:" in said[0]
     assert main(["track", rid, "--to", f"tensorboard:{tmp_path}", "--store", str(smoke_store)]) == 1
     assert "ConnectionError: tracker unreachable" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ review fixes: targets, tags, interrupted mirrors
+
+
+@pytest.mark.parametrize("spec, backend", [
+    ("mlflow:databricks", "databricks"),
+    ("mlflow:databricks://my-profile", "databricks"),
+    ("mlflow:databricks-uc", "databricks-uc"),
+    ("mlflow:sqlite:///mlflow.db", "sqlite"),
+    ("mlflow:postgresql://db/mlflow", "postgresql"),
+    ("tensorboard:s3://bucket/tb", "s3"),
+])
+def test_an_unsupported_backend_is_refused_with_the_supported_ones(spec, backend):
+    with pytest.raises(TrackerError) as e:
+        parse_target(spec)
+    msg = str(e.value)
+    assert f"target {backend!r} is not supported" in msg
+    assert "mlflow:<folder>" in msg and "mlflow:http(s)://host" in msg and "tensorboard:<local log dir>" in msg
+
+
+@pytest.mark.parametrize("spec", [
+    "mlflow:http://ana:s3cr3t-pw@tracker.example:5000",
+    "mlflow:https://tracker.example/mlflow?token=s3cr3t-pw",
+    "mlflow:https://ana:s3cr3t-pw@tracker.example/?access_token=s3cr3t-pw",
+    "mlflow:ana:s3cr3t-pw@tracker.example",
+])
+def test_credentials_in_a_target_are_refused_and_never_echoed(spec, smoke_store, capsys):
+    with pytest.raises(TrackerError) as e:
+        parse_target(spec)
+    assert "s3cr3t" not in str(e.value) and "***" in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
+    rid = _runs(smoke_store)[0]
+    assert main(["track", rid, "--to", spec, "--store", str(smoke_store)]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cr3t" not in out + err and "carries no credentials" in err
+
+
+def test_supported_targets_parse_and_redact_masks_any_uri_secret():
+    from ctssl_core.trackers import redact
+
+    assert parse_target("mlflow:./mlruns") == ("mlflow", "./mlruns")
+    assert parse_target("mlflow:file:///tmp/mlruns") == ("mlflow", "file:///tmp/mlruns")
+    assert parse_target("mlflow:http://tracker:5000") == ("mlflow", "http://tracker:5000")
+    assert parse_target("mlflow:https://tracker.example/mlflow") == ("mlflow", "https://tracker.example/mlflow")
+    assert parse_target("mlflow:C:\\mlruns") == ("mlflow", "C:\\mlruns")          # a Windows folder, not a scheme
+    assert parse_target("tensorboard:./tb@v2") == ("tensorboard", "./tb@v2")      # a plain folder may hold an @
+    assert redact("failed on http://u:p@ss@h:5000/x?token=abc&x=1 now") == "failed on http://***@h:5000/x?token=***&x=*** now"
+
+
+def test_a_user_tag_cannot_pose_as_a_ctssl_tag(smoke_store, tmp_path, capsys):
+    """`ctssl annotate` refuses ctssl's and MLflow's own tag keys (a pretraining has no benchmark_id, and that
+    tag would move its mirror into another benchmark's experiment); a reserved tag left by an older store is
+    not mirrored, and ctssl's own tags win."""
+    from ctssl_core.trackers import read_run
+
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    rid, *_ = _store_run(store, "kind = 'pretrain' AND task = 'rotation'")
+    for key in ("benchmark_id", "kind", "ctssl.run_id", "ctssl.mirror", "mlflow.runName", "MLflow.user", "name"):
+        assert main(["annotate", rid, "--store", str(store), "--tag", f"{key}=x"]) == 2
+        err = capsys.readouterr().err
+        assert f"tag key {key!r} is reserved for ctssl's own tags" in err and "choose another key" in err
+    assert main(["annotate", rid, "--store", str(store), "--tag", "owner=ana"]) == 0
+    # an older store holding reserved user tags: ctssl's own tags win, the others are not mirrored
+    with connect(store_paths(store).db) as con:
+        con.execute("UPDATE runs SET tags = ? WHERE run_id = ?",
+                    [json.dumps({"owner": "ana", "benchmark_id": "evil", "kind": "finetune", "mlflow.runName": "x",
+                                 RUN_ID_TAG: "other"}), rid])
+    tags = read_run(store, rid).tags
+    assert tags["owner"] == "ana" and tags["kind"] == "pretrain" and tags[RUN_ID_TAG] == rid
+    assert "benchmark_id" not in tags and "mlflow.runName" not in tags
+    assert main(["track", rid, "--to", f"mlflow:{tmp_path / 'ml'}", "--store", str(store)]) == 0
+    assert "(experiment ctssl," in capsys.readouterr().out
+    (run,) = _mlflow_run((tmp_path / "ml").as_uri(), rid)[1]
+    assert run.data.tags["kind"] == "pretrain" and "benchmark_id" not in run.data.tags and run.info.run_name == rid
+    # removing a reserved tag an older store holds is allowed (that is how such a store is cleaned)
+    assert main(["annotate", rid, "--store", str(store), "--tag", "benchmark_id="]) == 0
+    assert "benchmark_id" not in capsys.readouterr().out
+
+
+class _Killed(BaseException):
+    """Stands in for the process being killed mid-mirror: nothing after the raise runs."""
+
+
+def test_an_mlflow_mirror_cut_short_is_replaced_whole_by_the_next_track(smoke_store, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from ctssl_core import trackers
+
+    rid, cfg, series, _ = _store_run(smoke_store, "kind = 'pretrain' AND task = 'rotation'")
+    target = tmp_path / "mlruns"
+    calls = []
+
+    def killed(self, *a, **k):   # the first artifact upload: metrics and params are in, the run is RUNNING
+        calls.append(a)
+        raise _Killed()
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", killed)
+    with pytest.raises(_Killed):
+        trackers.mirror(smoke_store, rid, f"mlflow:{target}")
+    monkeypatch.undo()
+    (stale,) = _mlflow_run(target.as_uri(), rid)[1]
+    assert stale.info.status == "RUNNING" and calls   # what a killed process leaves
+    assert main(["track", rid, "--to", f"mlflow:{target}", "--store", str(smoke_store)]) == 0
+    out = capsys.readouterr().out
+    assert f"{rid}: mirrored to MLflow" in out and "replaced 1 incomplete mirror(s)" in out
+    client, runs = _mlflow_run(target.as_uri(), rid)
+    (run,) = runs                                      # one run: the stale one is gone, not duplicated
+    assert run.info.run_id != stale.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags[trackers.MIRROR_TAG] == "complete"
+    assert {"metrics.jsonl", "card.json", "encoder.safetensors"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    for name, points in series.items():                # whole, and nothing logged twice
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)) == points, name
+    assert run.data.params["pretrain.train.steps"] == str(cfg["pretrain"]["train"]["steps"])
+    assert main(["track", rid, "--to", f"mlflow:{target}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: already in MLflow" in capsys.readouterr().out and len(_mlflow_run(target.as_uri(), rid)[1]) == 1
+
+
+def test_a_finished_mirror_from_before_the_completion_tag_is_kept(smoke_store, tmp_path, capsys):
+    """A mirror written before ``ctssl.mirror`` existed ended with set_terminated: FINISHED means whole."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    rid, *_ = _store_run(smoke_store, "kind = 'pretrain'")   # a pretraining: experiment "ctssl" (no benchmark)
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        client = MlflowClient(tracking_uri=(tmp_path / "ml").as_uri())
+        run = client.create_run(client.create_experiment("ctssl"), tags={RUN_ID_TAG: rid})
+        client.set_terminated(run.info.run_id, status="FINISHED")
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    assert main(["track", rid, "--to", f"mlflow:{tmp_path / 'ml'}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: already in MLflow" in capsys.readouterr().out
+
+
+def test_a_tensorboard_mirror_cut_short_is_written_whole_by_the_next_track(smoke_store, tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ctssl_core import trackers
+
+    rid, _, series, _ = _store_run(smoke_store, "kind = 'pretrain' AND task = 'rotation'")
+
+    def killed(self, *a, **k):   # the scalars are written, the params are not
+        raise _Killed()
+
+    monkeypatch.setattr(SummaryWriter, "add_text", killed)
+    with pytest.raises(_Killed):
+        trackers.mirror(smoke_store, rid, f"tensorboard:{tmp_path / 'tb'}")
+    monkeypatch.undo()
+    assert not (tmp_path / "tb" / rid).exists()        # nothing that looks like a finished mirror
+    assert main(["track", rid, "--to", f"tensorboard:{tmp_path / 'tb'}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: mirrored to TensorBoard" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == [rid]   # the partial folder is gone
+    acc = EventAccumulator(str(tmp_path / "tb" / rid), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert set(series) <= set(acc.Tags()["scalars"]) and "params_json/text_summary" in acc.Tags()["tensors"]
+    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in series["train/loss"]]

@@ -633,8 +633,10 @@ def bias_dose(store: str | Path, benchmark_id: str | None = None) -> pd.DataFram
     written when the profile sets ``bias.dose_response``, see ``dose.dose_rows``).
 
     Columns: init, analysis, strength, statistic (the test's statistic: probe AUROC, k-NN balanced
-    accuracy, largest KS D), chance (None for KS), metric, p_adjusted, detected (True / False / None =
-    not run: read from the note), ordered by init, analysis and strength.
+    accuracy, largest KS D), chance (NaN for KS), metric, p_adjusted, detected (True / False / None =
+    not run), all but the statistic read from the note, ordered by init, analysis and strength.
+    Stores written before the chance level moved into the note held it in ci_low; it is read from
+    there only when the note has none.
     """
     import re
 
@@ -648,8 +650,10 @@ def bias_dose(store: str | Path, benchmark_id: str | None = None) -> pd.DataFram
         analysis, _, strength = r.metric.removeprefix("race_").partition("@")
         note = r.note if isinstance(r.note, str) else ""
         p = re.search(r"corrected p ([-+.0-9eEnaif]+)", note)
+        c = re.search(r"; chance ([-+.0-9eEnaif]+)", note)
+        chance = float(c.group(1)) if c else (np.nan if pd.isna(r.ci_low) else float(r.ci_low))
         verdict = note.rsplit(";", 1)[-1].strip()
-        out.append(dict(init=r.init, analysis=analysis, strength=float(strength), statistic=r.value, chance=r.ci_low,
+        out.append(dict(init=r.init, analysis=analysis, strength=float(strength), statistic=r.value, chance=chance,
                         metric=note.split(";", 1)[0], p_adjusted=float(p.group(1)) if p else np.nan,
                         detected={"detected": True, "not detected": False}.get(verdict)))
     order = {i: k for k, i in enumerate(init_order(set(s.init)))}

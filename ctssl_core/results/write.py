@@ -447,6 +447,27 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
         raise ConfigError(f"finish_run: no run {run_id!r} in {root}; call start_run first")
 
 
+# the run columns a tracker mirror carries as tags (trackers.read_run), and the prefixes of ctssl's and
+# MLflow's own tags (ctssl.run_id, ctssl.mirror; mlflow.runName, mlflow.note.content...)
+TAG_COLUMNS = ("kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
+               "status", "code_version")
+RESERVED_TAG_PREFIXES = ("ctssl.", "mlflow.")
+
+
+def reserved_tag(key: str) -> bool:
+    """Whether a user tag key would stand in for one of ctssl's own (a run column such as ``kind`` or
+    ``benchmark_id``, which also picks the MLflow experiment; ``name``; ``ctssl.*``; ``mlflow.*``).
+    Why: a mirror's tags are how people filter runs, so a user tag must never masquerade as one."""
+    k = str(key).lower()
+    return k in TAG_COLUMNS or k == "name" or k.startswith(RESERVED_TAG_PREFIXES)
+
+
+def reserved_tag_message(key: str) -> str:
+    return (f"tag key {key!r} is reserved for ctssl's own tags ({', '.join(TAG_COLUMNS)}, name, "
+            f"{', '.join(p + '*' for p in RESERVED_TAG_PREFIXES)}), which ctssl sets from the run itself; "
+            f"choose another key (e.g. --tag my_{str(key).replace('.', '_')}=...)")
+
+
 TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 
 
@@ -457,7 +478,8 @@ def check_labels(name: str | None = None, tags: Mapping[str, str] | Iterable[str
     Why one function: ``ctssl annotate`` and the ``--name/--tag/--note`` of pretrain, finetune and
     benchmark must accept and refuse the same input, and a bad tag must stop a command before its
     run row exists. ``tags`` is a mapping or the ``KEY=VALUE`` strings of ``--tag`` (``KEY=``
-    removes a tag). Raises ConfigError saying what to type instead."""
+    removes a tag; a key of ctssl's own tags, ``reserved_tag``, is refused
+    unless it is being removed). Raises ConfigError saying what to type instead."""
     if tags is not None and not isinstance(tags, Mapping):
         parsed: dict[str, str] = {}
         for item in tags:
@@ -469,6 +491,8 @@ def check_labels(name: str | None = None, tags: Mapping[str, str] | Iterable[str
     for k in (tags or {}):
         if not TAG_KEY.match(str(k)):
             raise ConfigError(f"tag key {k!r}: use up to 64 letters, digits and _ . - / (e.g. --tag owner=ana)")
+        if reserved_tag(k) and str(tags[k]) != "":
+            raise ConfigError(reserved_tag_message(k))
     return {"name": name, "tags": {str(k): str(v) for k, v in (tags or {}).items()}, "notes": notes}
 
 
@@ -492,7 +516,10 @@ def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
     """Set a run's name and notes and merge ``tags`` into its tags (a tag set to '' is removed).
 
     Why: a run id says what ran, not why; people find runs by their own words, and trackers
-    (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change."""
+    (``trackers.py``) carry them along. Returns the run's name, tags and notes after the change.
+    A key of ctssl's own tags (``reserved_tag``: kind, task, benchmark_id..., ctssl.*, mlflow.*)
+    is refused, so a user tag can never pose as one in a tracker; setting one to '' (removing it) is
+    allowed, to clean a store written before the rule."""
     check_run_id(run_id)
     labels = check_labels(name, tags, notes)
     sp = store_paths(store_root)
