@@ -78,6 +78,7 @@ def test_pretrain_labels_are_stored_at_start(smoke_copy, seen_at_start, capsys):
     (["--tag", "owner"], "--tag 'owner' must look like KEY=VALUE"),
     (["--tag", "=ana"], "must look like KEY=VALUE"),
     (["--tag", "a b=1"], "tag key 'a b': use up to 64 letters"),
+    (["--tag", "benchmark_id=other"], "tag key 'benchmark_id' is reserved for ctssl's own tags"),
 ])
 def test_a_bad_tag_stops_before_a_run_row_exists(smoke_copy, tmp_path, command, bad, message, capsys):
     before = _labels(smoke_copy)
