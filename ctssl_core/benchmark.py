@@ -1078,7 +1078,7 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[
     bcfg = build(bias.BiasConfig, mapping, where="bias.")
     import pandas as pd
 
-    from ctssl_core.finetune import EXAM_SCORES
+    from ctssl_core.finetune import read_exam_scores
     from ctssl_core.paths import store_paths
 
     ref = embeddings.get("random", {}).get("slice")
@@ -1087,14 +1087,17 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[
         # subgroup performance of this init's full-label PE model (first seed), when there is one
         pe_units = sorted((u for u in plan.units if u.kind == "finetune" and u.task == "pe" and u.init == init
                            and u.fraction == 1.0), key=lambda u: u.seed)
-        scores = None
-        if pe_units:
-            p = store_paths(root).run_dir(pe_units[0].run_id) / EXAM_SCORES
-            if p.exists():
-                scores = pd.read_parquet(p)[["patient_key", "score", "label"]]
+        scores = val_scores = None
+        if pe_units:   # validation scores choose the TPR/FPR threshold (never the test scores themselves)
+            scores, val_scores = read_exam_scores(store_paths(root).run_dir(pe_units[0].run_id))
+            if val_scores is not None and val_scores["label"].nunique() < 2:
+                log(f"bias: the {init} PE model's validation exams are all one class, so no TPR/FPR threshold "
+                    f"can be chosen from them (AUROC per group only; set bias.threshold for TPR/FPR)")
+                val_scores = None
         reference = None if init == "random" else ref
         try:
-            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores, progress=log)
+            frames[init] = bias.analyse_encoder(root, ids["slice"], reference, bcfg, pe_scores=scores, progress=log,
+                                                pe_val_scores=None if scores is None else val_scores)
         except bias.BiasError as e:
             if scores is None:
                 raise

@@ -35,7 +35,8 @@ from ctssl_core.paths import in_store
 BOOT_SEED = 12345          # every run draws the same bootstrap patients -> paired comparisons
 BOOT_FILE = "boot.npz"
 CURVE_FILE = "curve.jsonl"
-EXAM_SCORES = "exam_scores.parquet"
+EXAM_SCORES = "exam_scores.parquet"            # PE exam scores of the test split (subgroup performance)
+VAL_EXAM_SCORES = "exam_scores_val.parquet"    # ... of the validation split (the subgroup TPR/FPR threshold)
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,13 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         cis, samples = score_outputs(task, out, cfg.n_boot)
         if cfg.task == "pe":
             save_exam_scores(task, out, store, run_dir)
+            # every slice of every validation exam (val_ids is capped by val_max_slices for speed during
+            # training): an exam score over a subset of its slices would not be on the test scores' scale
+            val_all = task_slices(store, cfg.task, splits["val"], role="test")
+            if val_all.size:
+                vout = collect_outputs(task, encoder, head, store, val_all, cfg.eval_batch_size, device,
+                                       tcfg.image_size)
+                save_exam_scores(task, vout, store, run_dir, VAL_EXAM_SCORES)
             if twin_cohort is not None:
                 from ctssl_core import twins as tw
 
@@ -461,9 +469,11 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
                           time.perf_counter() - t0)
 
 
-def save_exam_scores(task, out: dict[str, np.ndarray], store, run_dir: Path) -> None:
-    """Per-exam PE scores of the test split (patient_key, exam, score, label) for the subgroup
-    analysis of ``bias.analyse_encoder``. Keys are the store's pseudonyms, never patient identifiers."""
+def save_exam_scores(task, out: dict[str, np.ndarray], store, run_dir: Path, name: str = EXAM_SCORES) -> None:
+    """Per-exam PE scores (patient_key, exam, score, label) of one split for the subgroup analysis of
+    ``bias.analyse_encoder``: the test split's (``EXAM_SCORES``) are measured, the validation split's
+    (``VAL_EXAM_SCORES``) choose the TPR/FPR threshold. Keys are the store's pseudonyms, never patient
+    identifiers."""
     import pandas as pd
 
     from ctssl_core import evaluate as ev
@@ -473,7 +483,16 @@ def save_exam_scores(task, out: dict[str, np.ndarray], store, run_dir: Path) -> 
     first = {e: p for e, p in zip(out["exam"][::-1], out["patient"][::-1])}
     keys = patient_keys(store)
     pd.DataFrame({"patient_key": [keys[first[e]] for e in exams], "exam": exams.astype(np.int64),
-                  "score": score, "label": label.astype(np.int64)}).to_parquet(Path(run_dir) / EXAM_SCORES)
+                  "score": score, "label": label.astype(np.int64)}).to_parquet(Path(run_dir) / name)
+
+
+def read_exam_scores(run_dir: str | Path) -> tuple["pd.DataFrame | None", "pd.DataFrame | None"]:
+    """(test, validation) PE exam scores (patient_key, score, label) a fine-tune saved; None where absent
+    (not a PE run, or a run written before validation scores were saved)."""
+    import pandas as pd
+
+    got = [Path(run_dir) / n for n in (EXAM_SCORES, VAL_EXAM_SCORES)]
+    return tuple(pd.read_parquet(p)[["patient_key", "score", "label"]] if p.is_file() else None for p in got)
 
 
 def read_curve(run_dir: Path) -> list[dict[str, float]]:

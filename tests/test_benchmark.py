@@ -175,3 +175,42 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
 
     own = load_or_create_secret(tmp_path / "c" / "secret")
     assert not create_secret(tmp_path / "c" / "secret", b"x" * 32) and own == load_or_create_secret(tmp_path / "c" / "secret")
+
+
+def test_pe_runs_save_validation_exam_scores_that_set_the_subgroup_threshold(smoke_store):
+    """Issue 15: the TPR/FPR threshold of the subgroup analysis comes from the validation split. A PE
+    fine-tune of the real smoke benchmark saves its validation exams' scores (every slice of each exam,
+    the same aggregation as the test scores), on the val split's patients only, and the benchmark's bias
+    step chooses its threshold from them."""
+    import duckdb
+    import pandas as pd
+
+    from ctssl_core.data.store import SliceStore
+    from ctssl_core.finetune import patient_keys, read_exam_scores, split_patient_idx
+    from ctssl_core.paths import store_paths
+
+    plan = make_plan("smoke", store_root=smoke_store)
+    unit = next(u for u in plan.units if u.kind == "finetune" and u.task == "pe" and u.init == "random"
+                and u.fraction == 1.0)
+    test, val = read_exam_scores(store_paths(smoke_store).run_dir(unit.run_id))
+    assert test is not None and val is not None and len(val)
+    store = SliceStore.open(smoke_store)
+    splits = split_patient_idx(store, smoke_store, plan.bench.split_seed, plan.bench.pool, plan.bench.split_fractions)
+    keys = patient_keys(store)
+    assert set(val.patient_key) == {keys[i] for i in splits["val"]}        # every validation patient, no other
+    assert not set(val.patient_key) & set(test.patient_key)
+    assert val.score.between(0, 1).all() and set(val.label) <= {0, 1}
+    # the exam label is the max of its slice labels, over every slice of the exam
+    pe = pd.Series(np.asarray(store.labels("pe"), dtype=float)).groupby(np.asarray(store.patient_idx)).max()
+    by_key = {keys[i]: int(v) for i, v in pe.items() if i in set(splits["val"])}
+    assert [by_key[k] for k in val.patient_key] == list(val.label)
+    con = duckdb.connect(str(store_paths(smoke_store).db), read_only=True)
+    try:
+        sentences = [r[0] for r in con.execute("SELECT sentence FROM bias_results WHERE analysis = 'subgroup' "
+                                               "AND metric = 'tpr'").fetchall()]
+    finally:
+        con.close()
+    if val.label.nunique() == 2:
+        assert sentences and all("chosen on validation scores" in s for s in sentences)
+    else:   # one-class validation exams cannot choose a threshold: said so, never the test scores
+        assert sentences and all("no threshold" in s for s in sentences)

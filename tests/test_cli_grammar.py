@@ -347,10 +347,15 @@ def fake_bias(monkeypatch):
 
     import ctssl_core.bias as bias
 
-    seen = []
+    class Seen(list):
+        scores: list            # (pe_scores, pe_val_scores) of each call
 
-    def analyse_encoder(store, emb, ref, cfg, pe_scores=None, progress=None):
+    seen = Seen()
+    seen.scores = []
+
+    def analyse_encoder(store, emb, ref, cfg, pe_scores=None, progress=None, pe_val_scores=None):
         seen.append(cfg)
+        seen.scores.append((pe_scores, pe_val_scores))
         return pd.DataFrame(columns=["analysis", "sentence", "flagged", "attribute"])
 
     monkeypatch.setattr(bias, "analyse_encoder", analyse_encoder)
@@ -369,6 +374,36 @@ def test_bias_takes_full_paths_and_short_forms_and_refuses_another_section(fake_
     # a named attribute is checked against the store whichever spelling named it
     assert main([*base, "--set", "bias.attributes=[age,weight]"]) == 2
     assert "unknown attribute(s) ['weight']" in capsys.readouterr().err and len(fake_bias) == 1
+
+
+def test_bias_takes_validation_scores_beside_a_runs_test_scores_or_from_val_scores(fake_bias, store_copy, tmp_path,
+                                                                                    capsys):
+    """Subgroup TPR/FPR thresholds come from validation scores: a PE run folder holds both files, and
+    `--scores <run>/exam_scores.parquet` picks up the validation file beside it; `--val-scores` names one."""
+    import pandas as pd
+
+    run = tmp_path / "run"
+    run.mkdir()
+    test = pd.DataFrame({"patient_key": ["a", "b"], "score": [0.2, 0.9], "label": [0, 1]})
+    val = pd.DataFrame({"patient_key": ["c", "d"], "score": [0.3, 0.7], "label": [0, 1]})
+    test.to_parquet(run / "exam_scores.parquet")
+    base = ["bias", "--emb", "e", "--store", str(store_copy), "--scores", str(run / "exam_scores.parquet")]
+    assert main(base) == 0
+    got_test, got_val = fake_bias.scores[-1]
+    assert got_test.equals(test) and got_val is None                     # nothing beside it yet
+    val.to_parquet(run / "exam_scores_val.parquet")
+    assert main(base) == 0
+    assert fake_bias.scores[-1][1].equals(val)
+    assert "exam_scores_val.parquet (beside --scores) choose the TPR/FPR threshold" in capsys.readouterr().out
+    val.assign(score=[0.1, 0.2]).to_csv(tmp_path / "v.csv", index=False)
+    assert main([*base, "--val-scores", str(tmp_path / "v.csv")]) == 0   # named: wins over the file beside
+    assert list(fake_bias.scores[-1][1].score) == [0.1, 0.2]
+    n = len(fake_bias)
+    assert main(["bias", "--emb", "e", "--store", str(store_copy), "--val-scores", str(tmp_path / "v.csv")]) == 2
+    assert "pass --scores as well" in capsys.readouterr().err
+    assert main([*base, "--val-scores", str(tmp_path / "no.csv")]) == 2
+    assert "--val-scores" in (err := capsys.readouterr().err) and "does not exist" in err
+    assert len(fake_bias) == n                                                 # refused before any analysis
 
 
 @pytest.fixture

@@ -14,7 +14,11 @@ def add_arguments(p) -> None:
     p.add_argument("--reference", default=None, metavar="EMB_ID",
                    help="reference embedding (default: the newest random-init one of the same split/level/encoder)")
     p.add_argument("--scores", default=None, metavar="PATH",
-                   help="parquet/csv of downstream PE scores (patient_key, score, label) for subgroup performance")
+                   help="parquet/csv of downstream PE scores (patient_key, score, label) for subgroup performance, "
+                        "e.g. a PE fine-tune's <store>/runs/RUN_ID/exam_scores.parquet")
+    p.add_argument("--val-scores", default=None, metavar="PATH",
+                   help="the same model's validation-split scores (same columns): they choose the TPR/FPR threshold "
+                        "(default: exam_scores_val.parquet beside --scores when there; else bias.threshold)")
     p.add_argument("--store", default=None, help="store folder (default: $CTSSL_STORE or data/store)")
     p.add_argument("--profile", default=None, help="profile whose `bias` section sets defaults (smoke, quick, paper)")
     add_set_option(p, SECTION, "bias.n_boot=200 --set bias.correction=holm --set bias.attributes=[age,sex,bmi] "
@@ -36,13 +40,26 @@ def run(args) -> int:
     if "attributes" in base or any(o.split("=", 1)[0].strip() == "attributes" for o in overrides):
         # named by the user: each must exist (the default list may name control_group, which only synthetic data has)
         check_attributes(cfg.attributes, analysable_attributes(store_paths(args.store).root))
-    scores = None
-    if args.scores:
-        path = Path(args.scores)
+    from ctssl_core.finetune import EXAM_SCORES, VAL_EXAM_SCORES
+
+    def table(flag: str, path: Path):
         if not path.exists():
-            raise ConfigError(f"--scores {path} does not exist; pass a parquet or csv with patient_key, score, label")
-        scores = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    df = analyse_encoder(store_paths(args.store).root, args.emb, args.reference, cfg, pe_scores=scores, progress=print)
+            raise ConfigError(f"{flag} {path} does not exist; pass a parquet or csv with patient_key, score, label")
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+    scores = val_scores = None
+    if args.val_scores and not args.scores:
+        raise ConfigError("--val-scores only chooses the threshold for --scores: pass --scores as well")
+    if args.scores:
+        scores = table("--scores", Path(args.scores))
+        val_path = Path(args.val_scores) if args.val_scores else None
+        beside = Path(args.scores).with_name(VAL_EXAM_SCORES)
+        if val_path is None and Path(args.scores).name == EXAM_SCORES and beside.is_file():
+            val_path = beside
+            print(f"validation scores: {beside} (beside --scores) choose the TPR/FPR threshold")
+        val_scores = table("--val-scores", val_path) if val_path is not None else None
+    df = analyse_encoder(store_paths(args.store).root, args.emb, args.reference, cfg, pe_scores=scores, progress=print,
+                         pe_val_scores=val_scores)
     ks = df[df["analysis"] == "ks"]
     for s in df.loc[df["analysis"] != "ks", "sentence"]:
         print(s)
