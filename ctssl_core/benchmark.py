@@ -247,7 +247,7 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
     the profile's ``ingest.size`` (e.g. a store left by an older profile): that is refused with
     what to do, rather than training the profile on data it was not written for.
     """
-    from ctssl_core.data.catalog import has_slices, series_heights
+    from ctssl_core.data.catalog import has_slices, series_heights, store_dataset
     from ctssl_core.data.ingest import IngestConfig
 
     if has_slices(store_root):
@@ -257,6 +257,15 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
             raise ConfigError(f"the store at {store_root} holds {'/'.join(map(str, sorted(have)))}-px slices but "
                               f"profile {plan.profile!r} is set up for {want}-px slices; use another --store "
                               f"(or delete this one to rebuild it), or --set ingest.size={min(have)}")
+        dataset = store_dataset(store_root) or "unlabelled"
+        if "synthetic" not in dataset.split(","):
+            say(f"using the {dataset} data already in {store_root} (the profile's synth section is not used)")
+        elif not holds_plan_cohort(plan, store_root):
+            raise ConfigError(
+                f"the store at {store_root} holds a synthetic cohort other than the one profile {plan.profile!r} is "
+                f"set up for ({plan.cohort.name}, {plan.config.get('synth', {}).get('n_patients', '?')} patients): its "
+                f"results would describe that cohort, not this profile's design. Use another store, e.g. "
+                f"--store {Path(store_root).parent / ('store-' + plan.profile)}, or delete this one to rebuild it")
         return
     from ctssl_core.data.ingest import ingest
     from ctssl_core.data.pseudonym import create_secret
@@ -268,11 +277,37 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
     generate_cohort(synth_cfg, plan.cohort, progress=progress)
     # synthetic patients have no real identity: a key derived from the cohort config makes the
     # seeded patient splits (and so every result) the same in any store built from this cohort
-    create_secret(store_paths(store_root).secret,
-                  hashlib.sha256(f"ctssl-synthetic-cohort:{config_hash(to_dict(synth_cfg), 64)}".encode()).digest())
+    create_secret(store_paths(store_root).secret, synthetic_key(synth_cfg))
     say(f"ingesting {plan.cohort} -> {store_root}")
     ingest(plan.cohort, store_root, build(IngestConfig, plan.config.get("ingest") or {}, where="ingest."),
            progress=progress)
+
+
+def synthetic_key(synth_cfg) -> bytes:
+    """The pseudonym key of a store built from the synthetic cohort ``synth_cfg`` (never real data)."""
+    return hashlib.sha256(f"ctssl-synthetic-cohort:{config_hash(to_dict(synth_cfg), 64)}".encode()).digest()
+
+
+def holds_plan_cohort(plan: Plan, store_root: Path) -> bool:
+    """Does the store hold exactly the plan's synthetic cohort? Why: `--profile study` on a store that
+    `quick` built would otherwise run the study's design on quick's patients, and say nothing.
+    Yes when the benchmark built it (its key is the one derived from the plan's synth config), or when
+    its patients are exactly the plan's cohort's (a cohort made with `ctssl synth` and ingested by hand)."""
+    from ctssl_core import twins
+    from ctssl_core.data.catalog import patients_table
+    from ctssl_core.data.pseudonym import load_or_create_secret
+    from ctssl_core.data.synth import SynthConfig, output_config
+    from ctssl_core.paths import store_paths
+
+    secret = store_paths(store_root).secret
+    synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
+    if secret.is_file() and load_or_create_secret(secret) == synthetic_key(synth_cfg):
+        return True
+    if not (plan.cohort / "truth.json").is_file() or not secret.is_file():
+        return False
+    if output_config(twins.cohort_config(plan.cohort)) != output_config(synth_cfg):
+        return False                  # the folder holds a cohort made with other settings
+    return set(patients_table(store_root).patient_key) == set(twins.patient_indices(plan.cohort, secret))
 
 
 # ------------------------------------------------------------------ units

@@ -170,6 +170,24 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
     other = make_plan("smoke", over + ["ingest.size=64"], tmp_path / "a")
     with pytest.raises(ConfigError, match="holds 32-px slices .* set up for 64-px"):
         ensure_data(other, tmp_path / "a", lambda m: None)
+    # another synthetic cohort's profile (here: 12 patients instead of 10) refuses the store instead of
+    # running its design on these patients; the same profile again reuses it
+    bigger = make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort12'}", "synth.n_patients=12",
+                                 "synth.slices_per_exam=4"], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"holds a synthetic cohort other than the one profile 'smoke' is set up for \(cohort12, 12 patients\).* --store "):
+        ensure_data(bigger, tmp_path / "a", lambda m: None)
+    said = []
+    ensure_data(plan, tmp_path / "a", said.append)
+    assert said == []
+    # a cohort made with `ctssl synth` and ingested by hand (the store's own random key) is the plan's too
+    from ctssl_core.data.ingest import IngestConfig, ingest
+
+    ingest(tmp_path / "cohort", tmp_path / "by_hand", IngestConfig(size=32), progress=False)
+    ensure_data(plan, tmp_path / "by_hand", said.append)
+    with pytest.raises(ConfigError, match="holds a synthetic cohort other than"):
+        ensure_data(make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=9",
+                                        "synth.slices_per_exam=4"], tmp_path / "a"), tmp_path / "by_hand", said.append)
+    assert said == []
     # a real-data store (secret not made by the benchmark) keeps its own random key
     from ctssl_core.data.pseudonym import create_secret, load_or_create_secret
 
