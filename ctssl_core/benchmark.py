@@ -64,6 +64,10 @@ class BenchmarkConfig:
     probes: bool = True                                      # demographics route (a): frozen-embedding probes
     bias: bool = True                                        # run bias.analyse_encoder on the embeddings
     cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
+    data: str = "synthetic"                                  # synthetic: an empty store gets the profile's
+                                                             # synthetic cohort (generated and ingested, said);
+                                                             # store: only what is in the store (your data),
+                                                             # an empty store is refused
     threads: int = 0                                         # torch CPU threads; 0 = torch's default. 1 is
                                                              # far faster on a CPU shared with other jobs
     workers: int = 1                                         # units run in this many processes at once
@@ -112,6 +116,9 @@ class BenchmarkConfig:
         if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6 or not (fr[0] > 0 and fr[2] > 0):
             raise ConfigError(f"benchmark.split_fractions must be three shares (train, val, test) summing to 1 "
                               f"with train and test > 0, e.g. [0.5, 0.1, 0.4]; got {list(fr)}")
+        if self.data not in ("synthetic", "store"):
+            raise ConfigError(f"benchmark.data must be 'synthetic' (generate the profile's cohort into an empty "
+                              f"store) or 'store' (use only the store's data), got {self.data!r}")
         if 1.0 not in self.fractions:
             raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
                               "random init trained on all labels")
@@ -241,7 +248,9 @@ def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) 
 
 
 def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progress: bool = False) -> None:
-    """Generate the synthetic cohort and ingest it when the store has no slices yet.
+    """Generate the synthetic cohort and ingest it when the store has no slices yet and the profile
+    asks for synthetic data (``benchmark.data``); with ``data: store`` an empty store is refused, so a
+    mistyped --store never fills up with a synthetic cohort in place of the user's data.
 
     A store that already holds slices is used as it is, unless its slice size differs from
     the profile's ``ingest.size`` (e.g. a store left by an older profile): that is refused with
@@ -267,12 +276,18 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
                 f"results would describe that cohort, not this profile's design. Use another store, e.g. "
                 f"--store {Path(store_root).parent / ('store-' + plan.profile)}, or delete this one to rebuild it")
         return
+    if plan.bench.data == "store":
+        raise ConfigError(f"the store at {store_root} holds no slices, and benchmark.data is 'store': ingest your "
+                          f"data first (ctssl ingest DIR --store {store_root} --size "
+                          f"{build(IngestConfig, plan.config.get('ingest') or {}, where='ingest.').size}), or "
+                          f"--set benchmark.data=synthetic to generate the profile's synthetic cohort there")
     from ctssl_core.data.ingest import ingest
     from ctssl_core.data.pseudonym import create_secret
     from ctssl_core.data.synth import SynthConfig, generate_cohort
     from ctssl_core.paths import store_paths
 
-    say(f"synthetic cohort -> {plan.cohort} (reused when its config matches)")
+    say(f"the store is empty and benchmark.data is 'synthetic': generating the profile's synthetic cohort "
+        f"-> {plan.cohort} (reused when its config matches)")
     synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
     generate_cohort(synth_cfg, plan.cohort, progress=progress)
     # synthetic patients have no real identity: a key derived from the cohort config makes the

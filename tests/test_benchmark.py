@@ -232,3 +232,16 @@ def test_pe_runs_save_validation_exam_scores_that_set_the_subgroup_threshold(smo
         assert sentences and all("chosen on validation scores" in s for s in sentences)
     else:   # one-class validation exams cannot choose a threshold: said so, never the test scores
         assert sentences and all("no threshold" in s for s in sentences)
+
+
+def test_benchmark_data_is_synthetic_or_store_and_store_never_generates(tmp_path):
+    """Issue 16 item 2: generating synthetic data is an explicit choice (benchmark.data), not a fallback."""
+    from ctssl_core.benchmark import ensure_data
+
+    with pytest.raises(ConfigError, match="benchmark.data must be 'synthetic' .* or 'store'"):
+        BenchmarkConfig(data="auto")
+    plan = make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort'}", "benchmark.data=store"], tmp_path / "s")
+    with pytest.raises(ConfigError, match=r"holds no slices, and benchmark.data is 'store': ingest your data first "
+                                          r"\(ctssl ingest DIR --store .* --size 32\)"):
+        ensure_data(plan, tmp_path / "s", lambda m: None)
+    assert not (tmp_path / "cohort").exists()

@@ -85,8 +85,15 @@ def test_rsna_pe_layout_ingest_data_page_finetune_and_benchmark(work, capsys):
     err = capsys.readouterr().err
     assert "holds 32-px slices but profile 'quick' is set up for 128-px slices" in err and "--set ingest.size=32" in err
     assert _rows(store, "SELECT count(*) FROM benchmarks") == [(0,)]
+    # 4. README step 4 says --set benchmark.data=store: a mistyped (empty) store is refused, never filled
+    #    with a synthetic cohort
+    typo = work / "stroe"
+    assert main(["benchmark", *SMALL, "--store", str(typo), "--set", "benchmark.data=store", "--quiet"]) == 2
+    assert "holds no slices, and benchmark.data is 'store': ingest your data first" in capsys.readouterr().err
+    assert not (work / "ctssl-data").exists() and (not typo.exists() or not (typo / "slices").exists())
     # 4. the benchmark on the user's store: it trains on it and records it, it does not generate a cohort
-    assert main(["benchmark", *SMALL, "--store", str(store), "--set", "benchmark.strategies=[rotation]",
+    assert main(["benchmark", *SMALL, "--store", str(store), "--set", "benchmark.data=store",
+                 "--set", "benchmark.strategies=[rotation]",
                  "--set", "benchmark.tasks=[pe]", "--set", "benchmark.controls=[]", "--set", "benchmark.pool=0",
                  "--set", "benchmark.fractions=[1.0]", "--set", "benchmark.probes=false",
                  "--set", "benchmark.bias=false", "--set", "pretrain.train.steps=2", *STEPS]) == 0
