@@ -260,17 +260,26 @@ def mlflow_uri(where: str) -> str:
 
 
 @contextmanager
-def _file_store_allowed(uri: str) -> Iterator[None]:
-    """MLflow 3 keeps its folder store in maintenance and refuses it unless MLFLOW_ALLOW_FILE_STORE is set;
-    for a ``file:`` target (the local store the user asked for) set it for the duration of the mirror."""
-    key, old = "MLFLOW_ALLOW_FILE_STORE", os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    if uri.startswith("file:") and old is None:
-        os.environ[key] = "true"
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the duration of a mirror, then the environment as it was: a tracker
+    library reads its settings from there, and ctssl's choices must not leak into the rest of the process."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(key, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _file_store_allowed(uri: str):
+    """MLflow 3 keeps its folder store in maintenance and refuses it unless MLFLOW_ALLOW_FILE_STORE is set;
+    for a ``file:`` target (the local store the user asked for) set it for the duration of the mirror."""
+    key = "MLFLOW_ALLOW_FILE_STORE"
+    return _environ({key: "true"} if uri.startswith("file:") and key not in os.environ else {})
 
 
 def _mlflow_key(name: str) -> str:
