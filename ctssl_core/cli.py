@@ -66,12 +66,13 @@ def add_json_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_track_option(p: argparse.ArgumentParser, flag: str = "--track", required: bool = False) -> None:
-    """``--track mlflow:URI|tensorboard:DIR`` (repeatable): mirror the finished run(s) to a tracker
+    """``--track mlflow:URI|tensorboard:DIR|wandb:DIR`` (repeatable): mirror the finished run(s) to a tracker
     (``trackers.py``; off by default). ``ctssl track`` spells it ``--to``, with the same values."""
     p.add_argument(flag, dest="track", action="append", default=[], required=required,
-                   metavar="mlflow:URI|tensorboard:DIR",
-                   help="mirror the finished run(s) to MLflow (a tracking URI, or a folder for a local file store) "
-                        "or TensorBoard (a log dir); repeatable; needs `pip install ctssl[trackers]`")
+                   metavar="mlflow:URI|tensorboard:DIR|wandb:DIR",
+                   help="mirror the finished run(s) to MLflow (a tracking URI, or a folder for a local file store), "
+                        "TensorBoard (a log dir) or W&B (offline runs in a local folder, for `wandb sync`); "
+                        "repeatable; needs `pip install ctssl[trackers]`")
 
 
 def add_label_options(p: argparse.ArgumentParser, at_start: bool = True) -> None:

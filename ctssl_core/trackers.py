@@ -1,4 +1,4 @@
-"""Mirror finished ctssl runs into the experiment trackers people already use: MLflow and TensorBoard.
+"""Mirror finished ctssl runs into the experiment trackers people already use: MLflow, TensorBoard and W&B.
 
 Why a mirror and not a live logger: the results store stays the one source of truth (training never
 touches anything but its JSONL, ARCHITECTURE "Results"), and a run can be sent to a tracker at any
@@ -11,8 +11,11 @@ and notes (``ctssl annotate``) and artifacts (the run's metrics.jsonl and, for a
 checkpoint, its export folder: card.json + safetensors, never the pickled checkpoint).
 
 One target grammar (``parse_target``): ``mlflow:<folder>`` (a local ``file:`` store), ``mlflow:file:...``,
-``mlflow:http(s)://host[:port][/path]`` (a tracking server) and ``tensorboard:<local log dir>`` (one sub-folder
-of event files per run). Other MLflow back ends (``databricks``, ``sqlite:``, database URIs...) are refused:
+``mlflow:http(s)://host[:port][/path]`` (a tracking server), ``tensorboard:<local log dir>`` (one sub-folder
+of event files per run) and ``wandb:<local folder>`` (Weights & Biases offline runs, ``<folder>/wandb/offline-run-*``,
+which the user uploads with ``wandb sync`` when and where they choose). W&B is offline only: ctssl never logs in,
+reads an API key or opens a connection for it, so a W&B target that names a server (a URI) or asks for ``online``
+is refused. Other MLflow back ends (``databricks``, ``sqlite:``, database URIs...) are refused:
 they need credentials or drivers ctssl neither supports nor tests. A target never carries credentials: a
 URI with ``user:password@`` or a query string is refused (MLflow reads MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN from the environment instead), and the refusal shows it
@@ -21,12 +24,12 @@ redacted (``redact``), so a secret typed on the command line is never echoed, lo
 Tags: ctssl's own (``results.write.TAG_COLUMNS``, ``ctssl.*``, ``mlflow.*``, ``name``) always win; ``ctssl annotate``
 refuses a user tag with such a key (``reserved_tag``), and one left in an older store is not mirrored.
 
-mlflow and tensorboard are optional (``pip install ctssl[trackers]``) and imported only inside the
+mlflow, tensorboard and wandb are optional (``pip install ctssl[trackers]``) and imported only inside the
 functions that need them. Mirroring is idempotent: a run already in the target is reported, not
 duplicated. A mirror cut short (the process killed mid-mirror) is not mistaken for a finished one: an
 MLflow mirror is tagged ``ctssl.mirror = incomplete`` until its last write, and a later mirror replaces
-an incomplete one (deleted, then written whole); a TensorBoard mirror is written beside the log dir and
-renamed into place when complete.
+an incomplete one (deleted, then written whole); a TensorBoard mirror, and a W&B offline run, is written
+beside its final place and renamed into it when complete.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ RUN_ID_TAG = "ctssl.run_id"   # how a mirror finds a run it already holds
 MIRROR_TAG = "ctssl.mirror"   # "incomplete" from the mirror's first write, "complete" after its last
 MLFLOW_SCHEMES = ("file", "http", "https")      # the MLflow back ends ctssl supports and tests
 SUPPORTED_TARGETS = ("mlflow:<folder> (a local MLflow file store, e.g. mlflow:./mlruns), mlflow:file:<path>, "
-                     "mlflow:http(s)://host[:port][/path] (a tracking server) or tensorboard:<local log dir> "
-                     "(e.g. tensorboard:./tb)")
+                     "mlflow:http(s)://host[:port][/path] (a tracking server), tensorboard:<local log dir> "
+                     "(e.g. tensorboard:./tb) or wandb:<local folder> (W&B offline runs, e.g. wandb:./wandb-runs; "
+                     "upload them with `wandb sync`)")
 EXPERIMENT = "ctssl"          # MLflow experiment of runs outside a benchmark; a benchmark's runs: ctssl-<id>
 _PARAM_MAX = 6000             # MLflow's limit on a param value (longer ones are cut, marked with "...")
+_EXPORTING = ("mlflow", "wandb")   # the trackers that receive the run's export (card + safetensors) as artifacts
 
 
 class TrackerError(ConfigError):
@@ -162,13 +167,18 @@ def _scheme(where: str) -> str | None:
 
 
 def parse_target(spec: str) -> tuple[str, str]:
-    """``mlflow:<folder|file:|http(s):>`` / ``tensorboard:<dir>`` -> (tracker, location); anything else,
-    an unsupported back end, or credentials in the location is a TrackerError (the target shown redacted)."""
+    """``mlflow:<folder|file:|http(s):>`` / ``tensorboard:<dir>`` / ``wandb:<dir>`` -> (tracker, location);
+    anything else, an unsupported back end, a W&B target that would go online, or credentials in the location
+    is a TrackerError (the target shown redacted)."""
     kind, sep, where = str(spec).partition(":")
     shown = redact(spec)
     if not sep or kind not in TRACKERS or not where:
         raise TrackerError(f"--track {shown!r}: write {SUPPORTED_TARGETS}")
     scheme = _scheme(where)
+    if kind == "wandb" and (scheme is not None or where.strip().lower() in ("online", "offline")):
+        raise TrackerError(f"--track {shown!r}: ctssl writes W&B runs in offline mode only, into a local folder "
+                           f"(no login, no API key, no network): write wandb:<folder> (e.g. wandb:./wandb-runs), "
+                           f"then upload them yourself with `wandb sync <folder>/wandb/offline-run-*`")
     if scheme is not None and any(c in where for c in "@?#"):
         raise TrackerError(f"--track {shown!r}: a target carries no credentials (user:password@ or a query "
                            f"string): they would end up in shell history, process lists and logs. Give the "
@@ -201,7 +211,8 @@ def check_targets(specs: list[str]) -> None:
 def _require(kind: str) -> None:
     import importlib.util
 
-    module, dist = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboard", "tensorboard")}[kind]
+    module, dist = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboard", "tensorboard"),
+                    "wandb": ("wandb", "wandb")}[kind]
     if importlib.util.find_spec(module) is None:
         raise TrackerError(f"--track {kind}: the {module} package is not installed; "
                            f"`pip install ctssl[trackers]` (or `pip install {dist}`)")
@@ -211,7 +222,7 @@ def mirror(store_root: str | Path, run_id: str, spec: str) -> str:
     """Mirror one finished run to the target ``spec``; returns a line saying where it went."""
     kind, where = check_target(spec)
     with tempfile.TemporaryDirectory(prefix="ctssl-track-") as tmp:
-        rec = read_run(store_root, run_id, artifacts_dir=Path(tmp) if kind == "mlflow" else None)
+        rec = read_run(store_root, run_id, artifacts_dir=Path(tmp) if kind in _EXPORTING else None)
         return TRACKERS[kind](rec, where)
 
 
@@ -260,17 +271,26 @@ def mlflow_uri(where: str) -> str:
 
 
 @contextmanager
-def _file_store_allowed(uri: str) -> Iterator[None]:
-    """MLflow 3 keeps its folder store in maintenance and refuses it unless MLFLOW_ALLOW_FILE_STORE is set;
-    for a ``file:`` target (the local store the user asked for) set it for the duration of the mirror."""
-    key, old = "MLFLOW_ALLOW_FILE_STORE", os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    if uri.startswith("file:") and old is None:
-        os.environ[key] = "true"
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the duration of a mirror, then the environment as it was: a tracker
+    library reads its settings from there, and ctssl's choices must not leak into the rest of the process."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(key, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _file_store_allowed(uri: str):
+    """MLflow 3 keeps its folder store in maintenance and refuses it unless MLFLOW_ALLOW_FILE_STORE is set;
+    for a ``file:`` target (the local store the user asked for) set it for the duration of the mirror."""
+    key = "MLFLOW_ALLOW_FILE_STORE"
+    return _environ({key: "true"} if uri.startswith("file:") and key not in os.environ else {})
 
 
 def _mlflow_key(name: str) -> str:
@@ -369,5 +389,98 @@ def to_tensorboard(rec: RunRecord, where: str) -> str:
     return f"{rec.run_id}: mirrored to TensorBoard {log_dir}"
 
 
-# tracker name -> writer(RunRecord, location) -> message; a new tracker (e.g. W&B offline) is one entry
-TRACKERS: dict[str, Callable[[RunRecord, str], str]] = {"mlflow": to_mlflow, "tensorboard": to_tensorboard}
+# ------------------------------------------------------------------ Weights & Biases (offline)
+
+
+WANDB_PROJECT = "ctssl"      # one W&B project; a benchmark's runs are grouped by its id (W&B's run groups)
+_WANDB_TAG_MAX = 64          # W&B refuses a longer tag; the exact tags are also in the config (``ctssl.tags``)
+
+
+def wandb_runs(where: str | Path, run_id: str) -> list[Path]:
+    """The offline W&B runs of ``run_id`` in ``<where>/wandb`` (a folder appears there only once complete)."""
+    runs = Path(where).expanduser() / "wandb"
+    name = re.compile(r"^offline-run-\d{8}_\d{6}-" + re.escape(run_id) + "$")
+    found = runs.glob("offline-run-*") if runs.is_dir() else []
+    return sorted(p for p in found if name.match(p.name) and (p / f"run-{run_id}.wandb").is_file())
+
+
+def _wandb_history(series: dict[str, list[tuple[int, float, float | None]]]) -> list[tuple[int, dict[str, float]]]:
+    """The series as W&B history rows, one per step in step order: W&B indexes a run's history by a step
+    that only grows, so the series (logged one after another for MLflow and TensorBoard) are merged by step.
+    A step a series holds twice keeps its last value."""
+    rows: dict[int, dict[str, float]] = {}
+    for name, pts in series.items():
+        for step, value, _ in pts:
+            rows.setdefault(step, {})[name] = value
+    return sorted(rows.items())
+
+
+def to_wandb(rec: RunRecord, where: str) -> str:
+    """One offline W&B run (``wandb.init(mode="offline")``): config = the params (plus the exact tags as
+    ``ctssl.tags``), history = the metric series at their steps, summary = the test results, run id = the ctssl
+    run id, name/notes/tags (``key=value``) and group = the benchmark; the export as a ``model`` artifact.
+    Written under a hidden folder and moved into ``<where>/wandb`` when whole (a killed mirror leaves nothing
+    that looks finished); the wandb-core service it starts is shut down before returning."""
+    import shutil
+
+    out = Path(where).expanduser().resolve()
+    done = wandb_runs(out, rec.run_id)
+    if done:
+        return f"{rec.run_id}: already in W&B (offline) {done[0]}"
+    home = out / ".ctssl-wandb"   # wandb's own folders for this target: nothing in the user's home directory
+    partial, staging = home / f"{rec.run_id}.partial", home / "staging" / rec.run_id
+    shutil.rmtree(partial, ignore_errors=True)   # what a mirror cut short left; it is written whole again
+    shutil.rmtree(staging, ignore_errors=True)
+    partial.mkdir(parents=True)
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",   # no network, no Sentry
+           "WANDB_DATA_DIR": str(staging),            # artifact files wait here for `wandb sync` to upload them
+           "WANDB_CACHE_DIR": str(home / "cache"),
+           "WANDB_CONFIG_DIR": str(home / "config")}  # the user's global W&B settings (entity, server) are not read
+    with _environ(env):
+        import wandb
+        from wandb.sdk import wandb_setup
+
+        ours = getattr(wandb_setup, "_singleton", None) is None   # W&B not otherwise in use here: stop it after
+        settings = wandb.Settings(mode="offline", silent=True, console="off", disable_git=True, save_code=False,
+                                  x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
+                                  x_save_requirements=False)
+        tags = sorted({t if len(t) <= _WANDB_TAG_MAX else t[:_WANDB_TAG_MAX - 3] + "..."
+                       for t in (f"{k}={v}" for k, v in rec.tags.items())})
+        note = (rec.notes + "\n\n" if rec.notes else "") + f"mirrored from ctssl run {rec.run_id}"
+        failed = rec.tags.get("status") in ("failed", "cancelled")
+        try:
+            run = wandb.init(dir=str(partial), project=WANDB_PROJECT, id=rec.run_id, name=rec.name or rec.run_id,
+                             notes=note, tags=tags, group=rec.tags.get("benchmark_id"), job_type=rec.tags.get("kind"),
+                             config={**rec.params, "ctssl.tags": dict(rec.tags)}, settings=settings,
+                             reinit="create_new")
+            try:
+                for step, row in _wandb_history(rec.series):
+                    run.log(row, step=step)
+                run.summary.update(rec.final)
+                if rec.artifacts:
+                    art = wandb.Artifact(f"ctssl-export-{rec.run_id}", type="model",
+                                         metadata={RUN_ID_TAG: rec.run_id})
+                    for path in rec.artifacts:
+                        art.add_file(str(path), name=path.name)
+                    run.log_artifact(art)
+            finally:
+                run.finish(exit_code=1 if failed else 0)   # also when cut short: the run folder stays in partial
+            (run_dir,) = (partial / "wandb").glob(f"offline-run-*-{rec.run_id}")
+        finally:
+            if ours:
+                wandb.teardown()   # stops the wandb-core process, so no service outlives the mirror
+                for sock in Path(tempfile.gettempdir()).glob(f"wandb-{os.getpid()}-*"):
+                    try:
+                        sock.rmdir()   # the folder of its socket, which wandb-core leaves behind (empty)
+                    except OSError:
+                        pass
+    (out / "wandb").mkdir(parents=True, exist_ok=True)
+    final = out / "wandb" / run_dir.name
+    os.replace(run_dir, final)
+    shutil.rmtree(partial, ignore_errors=True)
+    return f"{rec.run_id}: mirrored to W&B (offline) {final}; upload it with `wandb sync {final}`"
+
+
+# tracker name -> writer(RunRecord, location) -> message; a new tracker is one entry
+TRACKERS: dict[str, Callable[[RunRecord, str], str]] = {"mlflow": to_mlflow, "tensorboard": to_tensorboard,
+                                                        "wandb": to_wandb}

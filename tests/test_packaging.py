@@ -30,7 +30,7 @@ PROJECT = PYPROJECT["project"]
 
 # Imports that may come from an extra only (import name -> extra). They must be imported lazily
 # (inside a function) so that the default install imports every ctssl_core module.
-OPTIONAL = {"umap": "umap", "mlflow": "trackers", "ray": "ray", "submitit": "slurm"}
+OPTIONAL = {"umap": "umap", "mlflow": "trackers", "wandb": "trackers", "ray": "ray", "submitit": "slurm"}
 
 
 def norm(name: str) -> str:

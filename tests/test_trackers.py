@@ -1,18 +1,23 @@
-"""Tracker bridge (issue 17 item 2): runs of the real smoke benchmark mirrored to a local MLflow file store and
-to TensorBoard event files hold the run's params (its resolved config), its metric series (as the store merged
-them) and its results, tags and export; read back with mlflow's client and tensorboard's EventAccumulator."""
+"""Tracker bridge (issue 17 item 2): runs of the real smoke benchmark mirrored to a local MLflow file store, to
+TensorBoard event files and to offline W&B runs hold the run's params (its resolved config), its metric series
+(as the store merged them) and its results, tags and export; read back with mlflow's client, tensorboard's
+EventAccumulator and wandb's own record reader. No test touches the network: W&B targets are folders, and a
+W&B target that would go online is refused before wandb is imported."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from ctssl_core.cli import main
 from ctssl_core.db import connect
 from ctssl_core.paths import store_paths
-from ctssl_core.trackers import RUN_ID_TAG, TrackerError, benchmark_runs, flatten, parse_target
+from ctssl_core.trackers import RUN_ID_TAG, TrackerError, benchmark_runs, flatten, parse_target, wandb_runs
 
 
 def _store_run(store, where: str) -> tuple[str, dict, dict[str, list[tuple[int, float]]], dict[str, float]]:
@@ -96,7 +101,8 @@ def test_a_benchmarks_runs_include_the_pretrainings_it_started_from(smoke_store)
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("wandb:offline", "write mlflow:<folder>"),
+    ("wandb", "write mlflow:<folder>"),
+    ("wandb:offline", "write wandb:<folder>"),
     ("mlflow:", "write mlflow:<folder>"),
     ("tensorboard", "write mlflow:<folder>"),
 ])
@@ -387,3 +393,198 @@ def test_a_tensorboard_mirror_cut_short_is_written_whole_by_the_next_track(smoke
     acc.Reload()
     assert set(series) <= set(acc.Tags()["scalars"]) and "params_json/text_summary" in acc.Tags()["tensors"]
     assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in series["train/loss"]]
+
+
+# ------------------------------------------------------------------ Weights & Biases (offline)
+
+
+def _records(run_dir: Path) -> dict:
+    """What an offline W&B run folder holds, from its ``.wandb`` record file (wandb's DataStore + protobuf
+    records): run (id, name, notes, tags, group, config), history rows, summary, artifacts, exit code."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    (path,) = run_dir.glob("run-*.wandb")
+    ds = datastore.DataStore()
+    ds.open_for_scan(str(path))
+    out: dict = {"run": None, "config": {}, "history": [], "summary": {}, "artifacts": [], "exit": None}
+    while (data := ds.scan_data()) is not None:
+        r = pb.Record()
+        r.ParseFromString(data)
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = r.run
+            out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+        elif kind == "config":
+            out["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
+        elif kind == "history":
+            out["history"].append({_key(i): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "summary":
+            out["summary"].update({_key(u): json.loads(u.value_json) for u in r.summary.update})
+        elif kind == "artifact":
+            out["artifacts"].append(r.artifact)
+        elif kind == "exit":
+            out["exit"] = r.exit.exit_code
+    ds.close()
+    return out
+
+
+def _key(item) -> str:
+    """A history/summary item's key (wandb writes ``train/loss`` as a one-element ``nested_key``)."""
+    return item.key or "/".join(item.nested_key)
+
+
+def _wandb_children() -> list[str]:
+    """wandb-core processes started by this test process (wandb's service); a mirror must leave none."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and "wandb-core" in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_wandb_offline_run_holds_params_series_results_tags_and_the_export(smoke_store, tmp_path, capsys):
+    rid, cfg, series, results = _store_run(smoke_store, "kind = 'finetune' AND task = 'pe' AND init = 'rotation'")
+    assert len(series["train/loss"]) >= 2 and "test/exam_auroc" in results
+    target = tmp_path / "wb"
+    assert main(["track", rid, "--to", f"wandb:{target}", "--store", str(smoke_store)]) == 0
+    out, err = capsys.readouterr()
+    (run_dir,) = (target / "wandb").iterdir()
+    assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(f"-{rid}")
+    assert out == f"{rid}: mirrored to W&B (offline) {run_dir}; upload it with `wandb sync {run_dir}`\n" and not err
+    assert not _wandb_children()                                   # wandb-core was shut down, its socket folder gone
+    assert not list(Path(tempfile.gettempdir()).glob(f"wandb-{os.getpid()}-*"))
+    got = _records(run_dir)
+    run = got["run"]
+    assert run.run_id == rid and run.project == "ctssl" and run.display_name == rid and run.job_type == "finetune"
+    assert run.run_group.startswith("bench-smoke-") and run.notes == f"mirrored from ctssl run {rid}"
+    tags = dict(t.split("=", 1) for t in run.tags)
+    assert tags["task"] == "pe" and tags["init"] == "rotation" and tags["status"] == "succeeded"
+    assert tags["kind"] == "finetune" and tags[RUN_ID_TAG] == rid
+    params = {k: v for k, v in got["config"].items() if k not in ("_wandb", "ctssl.tags")}
+    assert params["train.steps"] == str(cfg["train"]["steps"]) and params["task"] == "pe"
+    assert params == {k: v for k, v in flatten(cfg).items() if not v.startswith("/")}   # no absolute paths here
+    assert got["config"]["ctssl.tags"]["benchmark_id"] == run.run_group
+    for name, points in series.items():                            # every point, at its step
+        hist = [(row["_step"], row[name]) for row in got["history"] if name in row]
+        assert hist == points, name
+    assert got["summary"]["test/exam_auroc"] == pytest.approx(results["test/exam_auroc"])
+    (art,) = got["artifacts"]
+    files = {c.path for c in art.manifest.contents}
+    assert art.type == "model" and {"metrics.jsonl", "card.json", "encoder.safetensors"} <= files
+    assert "last.pt" not in files and got["exit"] == 0
+    for c in art.manifest.contents:                                # staged inside the target, for `wandb sync`
+        assert Path(c.local_path).is_file() and Path(c.local_path).is_relative_to(target)
+    # mirroring again finds the run instead of adding a second one
+    assert main(["track", rid, "--to", f"wandb:{target}", "--store", str(smoke_store)]) == 0
+    assert capsys.readouterr().out == f"{rid}: already in W&B (offline) {run_dir}\n"
+    assert wandb_runs(target, rid) == [run_dir] and not _wandb_children()
+
+
+def test_a_wandb_mirror_cut_short_is_written_whole_by_the_next_track(smoke_store, tmp_path, monkeypatch, capsys):
+    """The process killed mid-mirror (after the history, before the artifact): nothing in ``<dir>/wandb`` looks
+    like a finished run; the next `ctssl track` writes the run whole, once, and clears what was left."""
+    import wandb
+
+    from ctssl_core import trackers
+
+    rid, _, series, _ = _store_run(smoke_store, "kind = 'pretrain' AND task = 'rotation'")
+    target = tmp_path / "wb"
+
+    def killed(self, *a, **k):
+        raise _Killed()
+
+    monkeypatch.setattr(wandb.Artifact, "add_file", killed)
+    with pytest.raises(_Killed):
+        trackers.mirror(smoke_store, rid, f"wandb:{target}")
+    monkeypatch.undo()
+    assert wandb_runs(target, rid) == [] and not (target / "wandb").exists()
+    assert (target / ".ctssl-wandb" / f"{rid}.partial").is_dir() and not _wandb_children()
+    assert main(["track", rid, "--to", f"wandb:{target}", "--store", str(smoke_store)]) == 0
+    assert f"{rid}: mirrored to W&B (offline)" in capsys.readouterr().out
+    (run_dir,) = (target / "wandb").iterdir()                       # one run, no duplicate
+    assert wandb_runs(target, rid) == [run_dir] and not (target / ".ctssl-wandb" / f"{rid}.partial").exists()
+    got = _records(run_dir)
+    assert [(r["_step"], r["train/loss"]) for r in got["history"] if "train/loss" in r] == series["train/loss"]
+    assert len(got["artifacts"]) == 1 and got["exit"] == 0 and not _wandb_children()
+
+
+def test_wandb_track_on_finetune_and_labels_and_reserved_tags(smoke_store, tmp_path, capsys):
+    """`--track wandb:DIR` on a command mirrors the new run; `ctssl annotate`'s name, note and tags are carried,
+    and a reserved tag key left by an older store is not (ctssl's own tags win), as for MLflow."""
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    argv = ["finetune", "--task", "pe", "--profile", "smoke", "--store", str(store), "--quiet",
+            "--name", "pe baseline", "--tag", "owner=ana", "--notes", "first try"]
+    assert main([*argv, "--track", f"wandb:{tmp_path / 'wb'}"]) == 0
+    (rid,) = set(_runs(store)) - set(_runs(smoke_store))
+    assert f"{rid}: mirrored to W&B (offline)" in capsys.readouterr().out
+    run = _records(wandb_runs(tmp_path / "wb", rid)[0])["run"]
+    assert run.display_name == "pe baseline" and run.notes == f"first try\n\nmirrored from ctssl run {rid}"
+    assert "owner=ana" in run.tags and "kind=finetune" in run.tags
+    # an older store's reserved user tags: not mirrored, ctssl's own win
+    pre, *_ = _store_run(store, "kind = 'pretrain' AND task = 'rotation'")
+    with connect(store_paths(store).db) as con:
+        con.execute("UPDATE runs SET tags = ? WHERE run_id = ?",
+                    [json.dumps({"owner": "bo", "benchmark_id": "evil", "kind": "finetune", RUN_ID_TAG: "x"}), pre])
+    assert main(["track", pre, "--to", f"wandb:{tmp_path / 'wb'}", "--store", str(store)]) == 0
+    got = _records(wandb_runs(tmp_path / "wb", pre)[0])
+    assert sorted(got["run"].tags) == sorted(f"{k}={v}" for k, v in got["config"]["ctssl.tags"].items())
+    assert "owner=bo" in got["run"].tags and "kind=pretrain" in got["run"].tags
+    assert f"{RUN_ID_TAG}={pre}" in got["run"].tags and not any(t.startswith("benchmark_id=") for t in got["run"].tags)
+    assert got["run"].run_group == "" and not _wandb_children()
+
+
+@pytest.mark.parametrize("spec", [
+    "wandb:online",
+    "wandb:offline",
+    "wandb:https://api.wandb.ai",
+    "wandb:https://ana:s3cr3t-pw@wandb.example/?api_key=s3cr3t-pw",
+    "wandb:wandb://entity/project",
+])
+def test_a_wandb_target_that_would_go_online_is_refused(spec, smoke_store, capsys):
+    with pytest.raises(TrackerError, match="offline mode only") as e:
+        parse_target(spec)
+    assert "write wandb:<folder>" in str(e.value) and "s3cr3t" not in str(e.value)
+    rid = _runs(smoke_store)[0]
+    assert main(["track", rid, "--to", spec, "--store", str(smoke_store)]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cr3t" not in out + err and "wandb sync" in err
+
+
+def test_wandb_bad_input_exits_2(smoke_store, tmp_path, capsys, monkeypatch):
+    assert parse_target("wandb:./wandb-runs") == ("wandb", "./wandb-runs")
+    assert main(["track", "no-such-run", "--to", f"wandb:{tmp_path}", "--store", str(smoke_store)]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err and not (tmp_path / "wandb").exists()
+    assert main(["track", "x", "--to", "wandb:", "--store", str(smoke_store)]) == 2
+    assert "wandb:<local folder>" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main(["track", _runs(smoke_store)[0], "--to", f"wandb:{tmp_path}", "--store", str(smoke_store)]) == 2
+    assert "the wandb package is not installed" in capsys.readouterr().err
+
+
+def test_a_wandb_failure_keeps_the_run_and_says_how_to_retry(smoke_store, tmp_path, monkeypatch, capsys):
+    import wandb
+
+    rid = _runs(smoke_store)[0]
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    assert main(["track", rid, "--to", f"wandb:{tmp_path / 'wb'}", "--store", str(smoke_store)]) == 1
+    out = capsys.readouterr().out
+    assert f"run {rid} is finished and kept" in out and "OSError: disk full" in out
+    assert f"retry with `ctssl track {rid} --to wandb:{tmp_path / 'wb'}`" in out
+    assert wandb_runs(tmp_path / "wb", rid) == [] and not _wandb_children()

@@ -1,10 +1,10 @@
-"""`ctssl track RUN_ID... --to mlflow:URI|tensorboard:DIR`: mirror finished runs into an experiment tracker."""
+"""`ctssl track RUN_ID... --to mlflow:URI|tensorboard:DIR|wandb:DIR`: mirror finished runs into an experiment tracker."""
 
 from __future__ import annotations
 
 from ctssl_core.cli import add_track_option
 
-HELP = "mirror finished runs (params, metric series, results, tags, export) to MLflow or TensorBoard"
+HELP = "mirror finished runs (params, metric series, results, tags, export) to MLflow, TensorBoard or W&B (offline)"
 
 
 def add_arguments(p) -> None:
