@@ -307,7 +307,9 @@ def _rebuild_with_key(con, table: str, body: str, key: list[str]) -> None:
             con.execute("COMMIT")
     except BaseException:
         if own:
-            con.execute("ROLLBACK")
+            from ctssl_core.db import rollback_quietly
+
+            rollback_quietly(con)
         raise
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ctssl_core.config import ConfigError, to_dict
-from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
+from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect, rollback_quietly
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
@@ -288,7 +288,7 @@ def claim(store_root: str | Path, worker_id: str, resources: tuple[str, ...] = (
                 [worker_id, utcnow(), utcnow()]).fetchall()
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
             raise
         return got
 
@@ -594,7 +594,7 @@ def resume(store_root: str | Path, job_id: str) -> str:
                 con.execute(_INSERT, row)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
             raise
         return bool(mine)
 
