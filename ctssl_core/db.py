@@ -46,16 +46,6 @@ def is_lock_error(exc: BaseException) -> bool:
     return any(m.lower() in str(exc).lower() for m in LOCK_MARKERS)
 
 
-def rollback_quietly(con) -> None:
-    """ROLLBACK after an error inside a transaction, never raising itself.
-
-    Why: a COMMIT that failed (disk full) has already ended the transaction, and DuckDB then
-    refuses the ROLLBACK ("no transaction is active"); raised from an ``except`` block, that
-    error replaced the real one in every message ("could not record the end (cannot rollback)")."""
-    with contextlib.suppress(Exception):
-        con.execute("ROLLBACK")
-
-
 def is_disk_full(exc: BaseException | None) -> bool:
     """True when ``exc``, or an exception it was raised from or while handling, is a full disk.
 

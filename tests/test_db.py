@@ -189,7 +189,8 @@ def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
     from the except block, and the job runner logged that instead of the full disk."""
     import duckdb
 
-    from ctssl_core.db import is_disk_full, rollback_quietly
+    from ctssl_core.db import is_disk_full
+    from ctssl_core.schema import rollback_quietly
     from ctssl_core.results.write import RunLogger, _merge_one, start_run
 
     store = tmp_path / "store"

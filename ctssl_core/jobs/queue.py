@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ctssl_core.config import ConfigError, to_dict
-from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect, rollback_quietly
+from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
 from ctssl_core.results.write import ensure_schema_once, merge_pending, tail_metrics, utcnow
+from ctssl_core.schema import rollback_quietly
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ctssl_core.config import ConfigError
-from ctssl_core.db import StoreBusy, connect, rollback_quietly
+from ctssl_core.db import StoreBusy, connect
 from ctssl_core.paths import REPO_ROOT, store_paths
-from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current
+from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current, rollback_quietly
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 METRICS_FILE = "metrics.jsonl"
