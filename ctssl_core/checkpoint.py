@@ -24,6 +24,7 @@ allow-list of exactly the numpy array globals such a tuple needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from ctssl_core.config import ConfigError
+from ctssl_core.db import StoreFull, is_disk_full
 from ctssl_core.paths import store_paths
 
 FORMAT = 1
@@ -121,13 +123,37 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
 
 # ---------------- save / load ----------------
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``.
+
+    A failed write removes its temp file: on a full disk the half-written temp file (as large as
+    the checkpoint could get) kept the disk full, so the run could not even record that it had
+    failed and its job never ended. ``torch.save`` gets a Python file, not a path, because with
+    a path a full disk surfaces only as "unexpected pos ..." from torch's C++ writer; through a
+    Python file the OSError (ENOSPC) stays in the exception chain, and a full disk is raised as
+    ``StoreFull`` (exit 2) saying what to do."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise StoreFull(_disk_full_message(path)) from e
+        raise
     return path
+
+
+def _disk_full_message(path: Path) -> str:
+    run = path.parent.parent.name if path.parent.name == "checkpoints" else None
+    how = (f"`ctssl pretrain --resume {run}` for a pretraining, `ctssl jobs resume JOB_ID` for a job"
+           if run else "run the command again")
+    kept = "the previous checkpoint there is unchanged" if path.is_file() else "no earlier checkpoint was kept"
+    return (f"no space left on the disk holding {path.parent}: checkpoint {path.name} was not written ({kept}). "
+            f"Free space on that disk, then continue ({how}).")
 
 
 def save_checkpoint(

@@ -10,6 +10,7 @@ see ``results/write.py``), so locks are held for milliseconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 import time
 from pathlib import Path
@@ -33,8 +34,34 @@ class StoreBusy(StoreError):
     pass
 
 
+class StoreFull(StoreError):
+    """The disk holding the store is full (or over quota); the message says what was kept and how to go on."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded")
+
+
 def is_lock_error(exc: BaseException) -> bool:
     return any(m.lower() in str(exc).lower() for m in LOCK_MARKERS)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when ``exc``, or an exception it was raised from or while handling, is a full disk.
+
+    Why the text and the chain, not only ``errno``: DuckDB reports ENOSPC only in its message
+    (an IOException or a TransactionException on COMMIT), and ``torch.save`` into a Python file
+    raises a RuntimeError whose ``__context__`` is the OSError. Without this the user sees a
+    traceback instead of "free space and go on"."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(m in str(exc) for m in DISK_FULL_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @contextlib.contextmanager

@@ -307,8 +307,20 @@ def _rebuild_with_key(con, table: str, body: str, key: list[str]) -> None:
             con.execute("COMMIT")
     except BaseException:
         if own:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
         raise
+
+
+def rollback_quietly(con) -> None:
+    """ROLLBACK after an error inside a transaction, never raising itself.
+
+    Why: a COMMIT that failed (disk full) has already ended the transaction, and DuckDB then
+    refuses the ROLLBACK ("no transaction is active"); raised from an ``except`` block, that
+    error replaced the real one in every message ("could not record the end (cannot rollback)")."""
+    try:
+        con.execute("ROLLBACK")
+    except Exception:  # noqa: BLE001 - the transaction is gone either way; the caller raises the real error
+        pass
 
 
 def ensure_schema(con) -> None:

@@ -20,6 +20,24 @@ from ``--seed``. Scenarios:
   seconds while a job runs: the job must succeed, not be killed as dead or hung.
 - ``cancel_during_eval``: the job is cancelled during its scoring phase: it must end
   ``cancelled``, its run ``cancelled``, with no results row.
+- ``disk_full_ingest``: the store is a tmpfs mount. Part of a tiny synthetic cohort is ingested,
+  then the rest is added and the filesystem is shrunk to leave a random share of the space the
+  rest needs: that ``ctssl ingest`` must end with a clear message (exit 0 or 2, never a
+  traceback), leave what was stored before unchanged, record the files it could not store as
+  retryable (``transient``, never a permanent reason); once the filesystem is enlarged, a re-run
+  of the same command must give a store equal to a reference ingest into a roomy store (same
+  series, pixel arrays and catalog rows).
+- ``disk_full_checkpoint``: a real (tiny, ``smoke``) pretraining job on a store on a tmpfs is
+  cancelled at a random step (its SIGTERM checkpoint is the last good one); the filesystem is
+  shrunk to leave a random share of a checkpoint's size free and the job is resumed: it must end
+  ``failed`` with a message about disk space, ``checkpoints/last.pt`` unchanged and loadable, no
+  partial checkpoint file left; once enlarged, ``jobs resume`` must continue the same run from
+  that checkpoint and succeed. Not the ``tick`` kind: it writes its own JSON checkpoint, not
+  through ``ctssl_core.checkpoint``.
+
+The two disk-full scenarios mount tmpfs (``mount -t tmpfs``, ``mount -o remount,size=``): run as
+root, or under ``unshare -rm`` (an unprivileged user and mount namespace); every mount is
+unmounted when its trial ends.
 
 Counted per scenario, over all trials (all must be 0):
 
@@ -29,7 +47,13 @@ Counted per scenario, over all trials (all must be 0):
 - ``wrong_state``: jobs or runs whose final state is not the expected one, results written by
   a cancelled run;
 - ``rows_lost``: metric values written to a run's ``metrics.jsonl`` that are not in the store,
-  plus missing results rows of succeeded runs.
+  plus missing results rows of succeeded runs (a pretraining writes none); for
+  ``disk_full_ingest`` also catalog rows and stored arrays missing or different from the
+  reference ingest.
+
+For ``disk_full_ingest``, ``lost`` counts series of the reference store never stored after the
+re-run, and ``wrong_state`` a failure reported without a clear message, a file recorded for good
+(not retryable), damage to what was stored before, or a store left unusable.
 
 Prints a table (and ``--json PATH`` writes it); exit status 1 if any count is not 0.
 """
@@ -57,6 +81,7 @@ if str(REPO_ROOT) not in sys.path:
 
 PLUGIN = "ctssl_core.jobs.testing"
 TICK_MARK = b"from ctssl_core.results.write import RunLogger"  # in the tick command's argv
+PRETRAIN_MARK = b"ctssl_core.cli\x00pretrain\x00"  # a pretrain job's command (disk_full_checkpoint)
 SLOTS = 1  # every worker here runs with --max-cpu-jobs 1
 COLUMNS = ("lost", "double_run", "wrong_state", "rows_lost")
 
@@ -71,12 +96,18 @@ class Tally:
     wrong_state: int = 0
     rows_lost: int = 0
     notes: list[str] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)  # how the fault showed (disk full: which path failed)
 
     def add(self, other: "Tally") -> None:
         self.trials += other.trials
         for c in COLUMNS:
             setattr(self, c, getattr(self, c) + getattr(other, c))
         self.notes += other.notes
+        for k, v in other.seen.items():
+            self.seen[k] = self.seen.get(k, 0) + v
+
+    def saw(self, what: str) -> None:
+        self.seen[what] = self.seen.get(what, 0) + 1
 
 
 def _env() -> dict[str, str]:
@@ -116,7 +147,8 @@ def store_processes(store: Path) -> dict[int, tuple[str | None, bool, int]]:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[-1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        is_command = TICK_MARK in cmd and b"ctssl_core.jobs.runner" not in cmd  # the runner's argv holds it too
+        is_command = ((TICK_MARK in cmd or PRETRAIN_MARK in cmd)
+                      and b"ctssl_core.jobs.runner" not in cmd)  # the runner's argv holds it too
         out[pid] = (procs.environ_value(pid, "CTSSL_JOB_ID"), is_command, ppid)
     return out
 
@@ -189,7 +221,8 @@ def final_state(store: Path, job_id: str, timeout: float) -> str | None:
 
 def rows_lost(store: Path, run_ids: list[str]) -> tuple[int, list[str]]:
     """Metric values in each run's metrics.jsonl missing from the ``metrics`` table, plus a missing
-    results row for each succeeded run. Returns (count, notes)."""
+    results row for each succeeded run that is not a pretraining (a pretraining's product is its
+    checkpoint; it writes no results rows). Returns (count, notes)."""
     from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
     from ctssl_core.results.write import METRICS_FILE, _RESERVED
@@ -207,9 +240,9 @@ def rows_lost(store: Path, run_ids: list[str]) -> tuple[int, list[str]]:
                 expected |= {(rec["step"], k) for k in rec if k not in _RESERVED}
             have = set(con.execute("SELECT step, name FROM metrics WHERE run_id = ?", [rid]).fetchall())
             missing = expected - have
-            status = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall()
+            status = con.execute("SELECT status, kind FROM runs WHERE run_id = ?", [rid]).fetchall()
             n_res = con.execute("SELECT count(*) FROM results WHERE run_id = ?", [rid]).fetchone()[0]
-            if status and status[0][0] == "succeeded" and n_res == 0:
+            if status and status[0][0] == "succeeded" and status[0][1] != "pretrain" and n_res == 0:
                 missing.add(("results", "final_loss"))
             if missing:
                 lost += len(missing)
@@ -359,7 +392,255 @@ def cancel_during_eval(store, rng, cfg, t, workers):
     return runs
 
 
-SCENARIOS = {f.__name__: f for f in (kill9_worker, kill9_runner, kill9_training, store_busy, cancel_during_eval)}
+# --------------------------------------------------------------------------- disk full
+
+MIB = 1 << 20
+ROOMY = 256 * MIB  # the tmpfs size when space is "freed"
+_reference: dict[str, Path] = {}  # built once per process: the synthetic cohort and its roomy reference store
+
+
+def _mount_cmd(*args: str) -> None:
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"mount {' '.join(args)} failed: {r.stderr.strip() or r.returncode}. The disk-full "
+                           f"scenarios need tmpfs mounts: run as root or under `unshare -rm`")
+
+
+def mount_tmpfs(where: Path, size: int) -> None:
+    """A tmpfs of ``size`` bytes on ``where`` (an empty folder)."""
+    _mount_cmd("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where))
+
+
+def resize_tmpfs(where: Path, size: int) -> None:
+    """Shrink or enlarge the tmpfs on ``where`` (never below what it holds: the kernel refuses that)."""
+    _mount_cmd("-o", f"remount,size={max(size, used_bytes(where) + 4096)}", str(where))
+
+
+def unmount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def used_bytes(where: Path) -> int:
+    st = os.statvfs(where)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _ctssl(*args: str, store: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**_env(), **({"CTSSL_STORE": str(store)} if store else {})}
+    return subprocess.run([sys.executable, "-m", "ctssl_core.cli", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+INGEST_SIZE = "32"  # the smoke profile's stored size: small arrays, a store of a few MiB
+
+
+def reference(cfg: argparse.Namespace) -> dict[str, Path]:
+    """The tiny synthetic cohort (``ctssl synth --preset tiny``) and a reference ingest of it into a
+    roomy store; built once per process under ``--tmp``."""
+    if _reference:
+        return _reference
+    root = Path(tempfile.mkdtemp(prefix="fi-reference-", dir=cfg.tmp)).resolve()
+    cohort, store = root / "cohort", root / "store"
+    for args in (("synth", "--preset", "tiny", "--out", str(cohort), "--no-progress"),
+                 ("ingest", str(cohort), "--store", str(store), "--size", INGEST_SIZE, "--no-progress")):
+        r = _ctssl(*args)
+        if r.returncode != 0:
+            raise RuntimeError(f"ctssl {args[0]} for the reference failed: {r.stdout[-800:]}{r.stderr[-800:]}")
+    _reference.update(root=root, cohort=cohort, store=store)
+    return _reference
+
+
+CATALOG = {  # table -> columns compared with the reference (times of the ingest itself left out)
+    "patients": "patient_key, age, sex, race, attributes",
+    "studies": "study_key, patient_key, dataset, pe_exam, exam_labels",
+    "series": "* EXCLUDE (ingested_at)",
+    "slices": "* EXCLUDE (slice_id)",  # a running number in ingest order: a two-part ingest numbers differently
+    "ingested_files": "path, size, status",
+    "ingest_errors": "path, reason",
+}
+
+
+def catalog_rows(store: Path) -> dict[str, set[tuple]]:
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+
+    with connect(store_paths(store).db, read_only=True) as con:
+        return {t: set(map(tuple, con.execute(f"SELECT {cols} FROM {t}").fetchall())) for t, cols in CATALOG.items()}
+
+
+def stored_arrays(store: Path) -> dict[str, str]:
+    """Every stored array (slices/, masks/) -> sha256 of its bytes; temp files included, so a leftover shows."""
+    import hashlib
+
+    return {str(f.relative_to(store)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for d in ("slices", "masks") if (store / d).is_dir() for f in sorted((store / d).iterdir())}
+
+
+def _copy_key(src_store: Path, store: Path) -> None:
+    """The reference store's pseudonym key (and its synthetic marker, if any): the same key gives
+    the same patient/series keys, so the catalogs can be compared row for row."""
+    from ctssl_core.data.pseudonym import synthetic_marker
+    from ctssl_core.paths import store_paths
+
+    key = store_paths(src_store).secret
+    for f in (key, synthetic_marker(key)):
+        if f.exists():
+            shutil.copy2(f, store / f.name)
+
+
+def disk_full_ingest(store, rng, cfg, t, workers):
+    ref = reference(cfg)
+    _copy_key(ref["store"], store)
+    src, held = store.parent / "src", store.parent / "held"
+    shutil.copytree(ref["cohort"], src)  # copy2: same sizes and mtimes as the reference's files
+    held.mkdir()
+    patients = sorted(p.name for p in (src / "dicom").iterdir())
+    n_held = rng.randint(1, len(patients) - 1)
+    for name in rng.sample(patients, n_held):
+        shutil.move(src / "dicom" / name, held / name)
+    args = ("ingest", str(src), "--store", str(store), "--size", INGEST_SIZE, "--no-progress")
+    r = _ctssl(*args)
+    if r.returncode != 0:
+        raise RuntimeError(f"first ingest (roomy) failed: {r.stdout[-600:]}{r.stderr[-600:]}")
+    before_rows, before_arrays = catalog_rows(store), stored_arrays(store)
+    for d in held.iterdir():
+        shutil.move(d, src / "dicom" / d.name)
+    # what the rest adds: its share of the reference's arrays (the DuckDB file is mostly there after the
+    # first part; counting it, with a 1 MiB floor, left the disk roomy enough in 5 or 6 trials of 20)
+    arrays = sum(f.stat().st_size for d in ("slices", "masks") for f in (ref["store"] / d).iterdir())
+    need = arrays * n_held / len(patients)
+    free = int(rng.uniform(0.0, 0.8) * need)
+    resize_tmpfs(store, used_bytes(store) + free)
+    r = _ctssl(*args)
+    out = r.stdout + r.stderr
+    n_transient = sum(1 for ln in out.splitlines() if ln.startswith("transient "))
+    t.saw("ingest exit 2, store full" if r.returncode == 2 and "is full" in out else
+          "ingest exit 0, files left transient" if r.returncode == 0 and n_transient else
+          "ingest exit 0, disk did not fill" if r.returncode == 0 else f"ingest exit {r.returncode}")
+    if r.returncode not in (0, 2) or "Traceback" in out:
+        t.wrong_state += 1
+        t.notes.append(f"ingest on a full disk: exit {r.returncode}, not a clear message: {out[-700:]}")
+    elif r.returncode == 2 and not ("space" in out.lower() and "ingest" in out):
+        t.wrong_state += 1
+        t.notes.append(f"ingest on a full disk: exit 2 without saying to free space and re-run: {out[-400:]}")
+    try:
+        now_rows, now_arrays = catalog_rows(store), stored_arrays(store)
+    except Exception as e:  # noqa: BLE001 - an unreadable store is the finding
+        t.wrong_state += 1
+        t.notes.append(f"store unusable after the full disk: {type(e).__name__}: {e}")
+    else:
+        for table in ("patients", "studies", "series", "slices"):
+            gone = before_rows[table] - now_rows[table]
+            if gone:
+                t.wrong_state += 1
+                t.notes.append(f"{table}: {len(gone)} rows stored before the full disk changed or gone")
+        changed = [k for k, v in before_arrays.items() if now_arrays.get(k) != v]
+        if changed:
+            t.wrong_state += 1
+            t.notes.append(f"arrays stored before the full disk changed or gone: {changed[:3]}")
+        final = {reason for _, reason in now_rows["ingest_errors"]} - {"transient"}
+        if final:
+            t.wrong_state += 1
+            t.notes.append(f"full disk recorded as {sorted(final)}, not as transient (retryable)")
+        if r.returncode == 0 and "transient" in out and "run ingest again" not in out:
+            t.wrong_state += 1
+            t.notes.append(f"transient errors without saying to run ingest again: {out[-400:]}")
+    resize_tmpfs(store, ROOMY)
+    r = _ctssl(*args)
+    if r.returncode != 0:
+        t.wrong_state += 1
+        t.notes.append(f"re-run after space was freed: exit {r.returncode}: {(r.stdout + r.stderr)[-600:]}")
+    want_rows, want_arrays = catalog_rows(ref["store"]), stored_arrays(ref["store"])
+    got_rows, got_arrays = catalog_rows(store), stored_arrays(store)
+    series_lost = {row[0] for row in want_rows["series"]} - {row[0] for row in got_rows["series"]}
+    t.lost += len(series_lost)
+    if series_lost:
+        t.notes.append(f"{len(series_lost)} series never stored after the re-run")
+    for table in CATALOG:
+        diff = want_rows[table] ^ got_rows[table]
+        if diff:
+            t.rows_lost += len(want_rows[table] - got_rows[table]) or len(diff)
+            t.notes.append(f"{table}: {len(want_rows[table] - got_rows[table])} reference rows missing or "
+                           f"different, {len(got_rows[table] - want_rows[table])} extra, e.g. {sorted(diff, key=str)[:2]}")
+    bad = sorted(k for k in want_arrays.keys() | got_arrays.keys() if want_arrays.get(k) != got_arrays.get(k))
+    if bad:
+        t.rows_lost += len(bad)
+        t.notes.append(f"{len(bad)} stored arrays missing, extra or different from the reference: {bad[:3]}")
+    return []
+
+
+def disk_full_checkpoint(store, rng, cfg, t, workers):
+    import hashlib
+
+    from ctssl_core import jobs
+    from ctssl_core.checkpoint import read_checkpoint
+    from ctssl_core.paths import store_paths
+
+    ref = reference(cfg)
+    for f in ref["store"].iterdir():  # the ingested store, without its runs
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, store / f.name)
+    steps = 24
+    job_id = jobs.submit(store, "pretrain", {"task": "masked_region", "steps": steps, "profile": "smoke",
+                                             "device": "cpu"})
+    workers.append(start_worker(store))
+    at = rng.randint(3, steps - 8)  # above the first logged step, so a restart from 0 shows
+    if not wait_for(lambda: (jobs.get_job(store, job_id)["step"] or -1) >= at, 300, every=0.2):
+        t.lost += 1
+        t.notes.append(f"{job_id}: never reached step {at}")
+        return jobs.job_run_ids(store, job_id)
+    jobs.cancel(store, job_id, wait=True)
+    if expect_state(t, store, job_id, "cancelled", 120, "pretraining cancelled for its checkpoint") != "cancelled":
+        return jobs.job_run_ids(store, job_id)
+    run_id = jobs.job_run_ids(store, job_id)[-1]
+    ckdir = store_paths(store).run_dir(run_id) / "checkpoints"
+    last = ckdir / "last.pt"
+    good = hashlib.sha256(last.read_bytes()).hexdigest()
+    good_step = int(read_checkpoint(last)["step"])
+    resize_tmpfs(store, used_bytes(store) + int(rng.uniform(0.05, 0.9) * last.stat().st_size))
+    full_id = jobs.resume(store, job_id)
+    got = expect_state(t, store, full_id, "failed", 300, "resumed onto a full disk")
+    error = jobs.get_job(store, full_id, live=False)["error"] or ""
+    t.saw("failed: checkpoint not written, disk full" if "checkpoint last.pt was not written" in error else
+          "failed: disk full elsewhere" if "space" in error.lower() else f"ended {got}")
+    if got == "failed" and "space" not in error.lower():
+        t.wrong_state += 1
+        t.notes.append(f"{full_id}: failed without a message about disk space: {error[-400:]}")
+    if hashlib.sha256(last.read_bytes()).hexdigest() != good:
+        t.wrong_state += 1
+        t.notes.append(f"{run_id}: last.pt changed by the failed write")
+    try:
+        read_checkpoint(last)
+    except Exception as e:  # noqa: BLE001
+        t.wrong_state += 1
+        t.notes.append(f"{run_id}: last.pt unreadable after the full disk: {e}")
+    leftovers = sorted(p.name for p in ckdir.iterdir() if p.name != "last.pt")
+    if leftovers:
+        t.wrong_state += 1
+        t.notes.append(f"{run_id}: partial checkpoint files left: {leftovers}")
+    resize_tmpfs(store, ROOMY)
+    if got not in jobs.FINAL:
+        return jobs.job_run_ids(store, job_id) + jobs.job_run_ids(store, full_id)
+    metrics = store_paths(store).run_dir(run_id) / "metrics.jsonl"
+    n_before = len(metrics.read_bytes())
+    final_id = jobs.resume(store, full_id)
+    expect_state(t, store, final_id, "succeeded", 300, "resumed after space was freed")
+    runs = [r for j in (job_id, full_id, final_id) for r in jobs.job_run_ids(store, j)]
+    if set(runs) != {run_id}:
+        t.wrong_state += 1
+        t.notes.append(f"{job_id}: resumes made runs {runs}, not one run")
+    final_step = int(read_checkpoint(last)["step"])
+    new_steps = [json.loads(ln)["step"] for ln in metrics.read_bytes()[n_before:].decode().splitlines() if ln.strip()]
+    if final_step != steps or not new_steps or min(new_steps) <= good_step:  # continued, not started again
+        t.wrong_state += 1
+        t.notes.append(f"{final_id}: from checkpoint step {good_step} it logged steps {new_steps[:3]}... "
+                       f"and ended at step {final_step} of {steps}")
+    t.double_run += attempts(store, [job_id, full_id, final_id])
+    return runs
+
+
+SCENARIOS = {f.__name__: f for f in (kill9_worker, kill9_runner, kill9_training, store_busy, cancel_during_eval,
+                                      disk_full_ingest, disk_full_checkpoint)}
+ON_TMPFS = ("disk_full_ingest", "disk_full_checkpoint")  # their store is a tmpfs mount
 
 
 # --------------------------------------------------------------------------- driver
@@ -370,6 +651,22 @@ def run_trial(name: str, seed: int, cfg: argparse.Namespace) -> Tally:
     t = Tally(trials=1)
     store = Path(tempfile.mkdtemp(prefix=f"fi-{name}-", dir=cfg.tmp)).resolve() / "store"
     store.mkdir(parents=True)
+    mounted = False
+    try:
+        if name in ON_TMPFS:
+            mount_tmpfs(store, ROOMY)
+            mounted = True
+        return _trial(name, seed, cfg, t, store)
+    finally:
+        if mounted:
+            if t.notes:  # keep what the trial left for a look, before the mount goes
+                shutil.copytree(store, store.parent / "store-kept", dirs_exist_ok=True, ignore_dangling_symlinks=True)
+            unmount(store)
+        if not cfg.keep and not t.notes:
+            shutil.rmtree(store.parent, ignore_errors=True)
+
+
+def _trial(name: str, seed: int, cfg: argparse.Namespace, t: Tally, store: Path) -> Tally:
     workers: list[subprocess.Popen] = []
     mon = Monitor(store)
     mon.start()
@@ -393,10 +690,9 @@ def run_trial(name: str, seed: int, cfg: argparse.Namespace) -> Tally:
     except Exception as e:  # noqa: BLE001
         t.rows_lost += 1
         t.notes.append(f"{name} seed {seed}: could not check rows: {type(e).__name__}: {e}")
-    if not cfg.keep and not t.notes:
-        shutil.rmtree(store.parent, ignore_errors=True)
-    elif t.notes:
-        t.notes.append(f"{name} seed {seed}: store kept at {store}")
+    if t.notes:
+        kept = store.parent / "store-kept" if name in ON_TMPFS else store
+        t.notes.append(f"{name} seed {seed}: store kept at {kept}")
     return t
 
 
@@ -427,15 +723,22 @@ def main(argv: list[str] | None = None) -> int:
     import ctssl_core.jobs.testing  # noqa: F401 - registers "tick" in this process too
 
     tallies: dict[str, Tally] = {}
-    for name in cfg.scenario or list(SCENARIOS):
-        tallies[name] = Tally()
-        for i in range(cfg.trials):
-            t = run_trial(name, cfg.seed * 100_003 + i, cfg)
-            tallies[name].add(t)
-            print(f"{name} trial {i + 1}/{cfg.trials}: " + ", ".join(f"{c} {getattr(t, c)}" for c in COLUMNS),
-                  flush=True)
+    try:
+        for name in cfg.scenario or list(SCENARIOS):
+            tallies[name] = Tally()
+            for i in range(cfg.trials):
+                t = run_trial(name, cfg.seed * 100_003 + i, cfg)
+                tallies[name].add(t)
+                print(f"{name} trial {i + 1}/{cfg.trials}: " + ", ".join(f"{c} {getattr(t, c)}" for c in COLUMNS),
+                      flush=True)
+    finally:
+        if _reference and not cfg.keep:
+            shutil.rmtree(_reference["root"], ignore_errors=True)
     print()
     print(format_table(tallies))
+    for name, t in tallies.items():
+        if t.seen:
+            print(f"{name}: " + "; ".join(f"{k}: {v}" for k, v in sorted(t.seen.items())))
     notes = [n for t in tallies.values() for n in t.notes]
     if notes:
         print("\n" + "\n".join(notes))

@@ -158,3 +158,60 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tm
     with pytest.raises(CheckpointError, match="refused to load checkpoint"):
         load_encoder(path)
     assert not marker.exists()   # the payload never ran
+
+
+def _torch_save_on_a_full_disk(obj, f):
+    """What torch.save does when the disk fills (seen on a 1 MiB tmpfs): part of the file is
+    written, then a RuntimeError from its C++ writer; the OSError (ENOSPC) of the Python file
+    it was writing is its context. Given a path, it is the same minus that context."""
+    import errno
+    import os
+
+    fh = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+    fh.write(b"PK\x03\x04" + b"\0" * 4096)
+    if fh is not f:  # a path: torch's own C++ writer, no Python error to chain
+        fh.close()
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """experiments/fault_injection.py disk_full_checkpoint: the half-written temp file stayed,
+    kept the disk full, and the run could not even record its failure (its job never ended);
+    the error was torch's "unexpected pos", nothing about space."""
+    from ctssl_core.db import StoreFull
+
+    ckdir = tmp_path / "runs" / "pretrain-rotation-x" / "checkpoints"
+    save_tiny(ckdir / "last.pt")
+    good = (ckdir / "last.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    with pytest.raises(StoreFull) as e:
+        save_tiny(ckdir / "last.pt")
+    msg = str(e.value)
+    assert "no space left on the disk holding" in msg and "the previous checkpoint there is unchanged" in msg
+    assert "Free space on that disk" in msg and "ctssl pretrain --resume pretrain-rotation-x" in msg
+    assert [p.name for p in ckdir.iterdir()] == ["last.pt"] and (ckdir / "last.pt").read_bytes() == good
+    assert read_checkpoint(ckdir / "last.pt")["step"] == 7
+
+
+def test_a_full_disk_before_any_checkpoint_says_none_was_kept(tmp_path, monkeypatch):
+    from ctssl_core.db import StoreFull
+
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    with pytest.raises(StoreFull, match="no earlier checkpoint was kept.*run the command again"):
+        save_tiny(tmp_path / "out" / "model.pt")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_another_write_error_is_raised_as_it_is_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    def broken(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("cannot pickle this")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        save_tiny(tmp_path / "ck" / "last.pt")
+    assert list((tmp_path / "ck").iterdir()) == []

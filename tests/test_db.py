@@ -135,3 +135,74 @@ def test_store_from_a_newer_ctssl_is_refused_never_downgraded(tmp_path, capsys):
     assert "newer ctssl" in err and "Traceback" not in err
     with connect(db) as con:
         assert con.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION + 1),)]
+
+
+def test_is_disk_full_reads_errno_duckdb_messages_and_the_exception_chain():
+    import errno
+
+    import duckdb
+
+    from ctssl_core.db import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(duckdb.IOException('IO Error: Could not write file "x.wal": No space left on device'))
+    try:  # torch.save into a Python file on a full disk: a RuntimeError whose context is the OSError
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+    except RuntimeError as e:
+        assert is_disk_full(e)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(duckdb.IOException("Could not set lock on file"))
+    assert not is_disk_full(RuntimeError("unexpected pos 704 vs 598"))
+    assert not is_disk_full(None)
+
+
+class _CommitFailsOnFullDisk:
+    """A DuckDB connection whose COMMIT fails as on a full disk: DuckDB ends the transaction
+    itself, so a later ROLLBACK raises "no transaction is active"."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def execute(self, sql, *a):
+        if sql == "COMMIT":
+            self.con.execute("ROLLBACK")
+            raise duckdb_io_error()
+        return self.con.execute(sql, *a)
+
+    def __getattr__(self, name):  # register, unregister, ...: the real connection's
+        return getattr(self.con, name)
+
+
+def duckdb_io_error():
+    import duckdb
+
+    return duckdb.TransactionException('TransactionContext Error: Failed to commit: Could not write file '
+                                       '"ctssl.duckdb.wal": No space left on device')
+
+
+def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
+    """Before, merging metrics on a full disk raised "cannot rollback - no transaction is active"
+    from the except block, and the job runner logged that instead of the full disk."""
+    import duckdb
+
+    from ctssl_core.db import is_disk_full
+    from ctssl_core.schema import rollback_quietly
+    from ctssl_core.results.write import RunLogger, _merge_one, start_run
+
+    store = tmp_path / "store"
+    start_run(store, "run-a", "finetune", "tick", "random", "none", {})
+    log = RunLogger(store, "run-a", background=False)
+    log({"step": 0, "train/loss": 1.0})
+    with connect(store / "ctssl.duckdb") as con:
+        with pytest.raises(duckdb.TransactionException) as e:
+            _merge_one(_CommitFailsOnFullDisk(con), store, "run-a")
+        assert is_disk_full(e.value) and "cannot rollback" not in str(e.value)
+        rollback_quietly(con)  # no transaction: nothing raised
+        assert con.execute("SELECT count(*) FROM metrics WHERE run_id = 'run-a'").fetchone()[0] == 0
+    log.close()  # the disk has room again: the rows arrive
+    with connect(store / "ctssl.duckdb", read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM metrics WHERE run_id = 'run-a'").fetchone()[0] == 1

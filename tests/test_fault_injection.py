@@ -58,19 +58,23 @@ def test_table_lists_every_scenario_and_column(fi):
     assert lines[2].split() == ["kill9_worker", "4", "1", "2", "0", "0"]
     assert lines[3].split() == ["store_busy", "4", "0", "0", "0", "0"]
     assert set(fi.SCENARIOS) == {"kill9_worker", "kill9_runner", "kill9_training", "store_busy",
-                                 "cancel_during_eval"}
+                                 "cancel_during_eval", "disk_full_ingest", "disk_full_checkpoint"}
     with pytest.raises(SystemExit):
         fi.main(["--trials", "0"])
+
+
+PROCESS_SCENARIOS = ("kill9_worker", "kill9_runner", "kill9_training", "store_busy", "cancel_during_eval")
 
 
 @pytest.mark.slow
 def test_quick_fault_injection_run_finds_no_lost_double_run_wrong_state_or_lost_rows(tmp_path):
     out = tmp_path / "fi.json"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), "--tmp", str(tmp_path)],
+    picks = [a for name in PROCESS_SCENARIOS for a in ("--scenario", name)]
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", *picks, "--json", str(out), "--tmp", str(tmp_path)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     got = json.loads(out.read_text())
-    assert set(got) == {"kill9_worker", "kill9_runner", "kill9_training", "store_busy", "cancel_during_eval"}
+    assert set(got) == set(PROCESS_SCENARIOS)
     for name, t in got.items():
         assert t["trials"] == 3, name
         assert (t["lost"], t["double_run"], t["wrong_state"], t["rows_lost"]) == (0, 0, 0, 0), (name, t["notes"])
@@ -95,6 +99,74 @@ def test_a_commands_own_child_is_not_a_second_command(tmp_path, fi):
             assert p.stdout.readline().strip() == "forked"
             assert fi.commands_alive(store) == n
         assert len(fi.store_processes(store)) == 4  # two commands, each with its child
+    finally:
+        for p in started:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def mount_prefix() -> list[str]:
+    """How to run a command that mounts tmpfs: as it is when root, else in an unprivileged user and
+    mount namespace (``unshare -rm``). Raises, never skips, where neither works: the disk-full
+    scenarios then cannot run on this machine, and the failure says so."""
+    import os
+    import shutil
+
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-rm"]
+    raise AssertionError("the disk-full scenarios need tmpfs mounts: run the tests as root, or enable "
+                         "unprivileged user namespaces (`unshare -rm true` must work)")
+
+
+@pytest.mark.slow
+def test_quick_disk_full_run_ingest_and_checkpoint_lose_nothing(tmp_path):
+    """A real full disk (a tmpfs shrunk under the store): ingest and a pretraining checkpoint."""
+    out = tmp_path / "fi.json"
+    r = subprocess.run([*mount_prefix(), sys.executable, str(SCRIPT), "--quick", "--scenario", "disk_full_ingest",
+                        "--scenario", "disk_full_checkpoint", "--json", str(out), "--tmp", str(tmp_path)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert set(got) == {"disk_full_ingest", "disk_full_checkpoint"}
+    for name, t in got.items():
+        assert t["trials"] == 3, name
+        assert (t["lost"], t["double_run"], t["wrong_state"], t["rows_lost"]) == (0, 0, 0, 0), (name, t["notes"])
+    # the disk did fill: every checkpoint trial failed on its checkpoint write, ingest said so each time
+    assert got["disk_full_checkpoint"]["seen"] == {"failed: checkpoint not written, disk full": 3}
+    assert "ingest exit 0, disk did not fill" not in got["disk_full_ingest"]["seen"]
+    assert sum(got["disk_full_ingest"]["seen"].values()) == 3
+    assert "tmpfs" not in subprocess.run(["sh", "-c", f"grep {tmp_path} /proc/mounts || true"],
+                                         capture_output=True, text=True).stdout  # every mount undone
+
+
+def test_a_pretraining_needs_no_results_row_other_runs_do(tmp_path, fi):
+    """A pretraining's product is its checkpoint: a succeeded one without results rows loses nothing."""
+    store = tmp_path / "store"
+    start_run(store, "pre-a", "pretrain", "rotation", "random", "tiny", {})
+    finish_run(store, "pre-a", "succeeded")
+    start_run(store, "fin-a", "finetune", "pe", "random", "tiny", {})
+    finish_run(store, "fin-a", "succeeded")
+    assert fi.rows_lost(store, ["pre-a"]) == (0, [])
+    assert fi.rows_lost(store, ["fin-a"])[0] == 1
+
+
+def test_a_pretrain_job_command_counts_as_a_job_command(tmp_path, fi):
+    """disk_full_checkpoint runs real pretrain jobs: the monitor must see them to count overlaps."""
+    import os
+    import signal
+
+    store = tmp_path / "store"
+    started = []
+    try:
+        for argv in (["-c", "import time; time.sleep(120)", "ctssl_core.cli", "pretrain", "--resume", "r"],
+                     ["-c", "import time; time.sleep(120)", "ctssl_core.cli", "worker"]):
+            p = subprocess.Popen([sys.executable, *argv], env={**os.environ, "CTSSL_STORE": str(store)},
+                                 start_new_session=True)
+            started.append(p)
+        assert fi.wait_for(lambda: len(fi.store_processes(store)) == 2, 30)
+        assert fi.commands_alive(store) == 1  # the pretrain, not the worker
     finally:
         for p in started:
             os.killpg(p.pid, signal.SIGKILL)

@@ -260,3 +260,101 @@ def test_second_ingest_leaves_the_first_ingests_temp_files(tmp_path, monkeypatch
     monkeypatch.setattr(ingest_mod, "_pid_alive", lambda pid: pid == 4242)
     assert ingest(tmp_path / "b", store, IngestConfig(size=16, workers=1), progress=False).series == 1
     assert writing.exists() and not crashed.exists()
+
+
+def test_a_short_write_on_a_full_disk_is_retried_not_recorded_as_decode_failed(tmp_path, monkeypatch):
+    """numpy reports a full disk as a short write with no errno ("16384 requested and 10176
+    written", seen in experiments/fault_injection.py disk_full_ingest); it was recorded as
+    decode_failed ("re-export the series") for good."""
+    import os
+    from types import SimpleNamespace
+
+    vol = phantom(3, 32, 32, seed=4)
+    write_series(tmp_path / "src" / "s", vol, patient_id="PB")
+    store = tmp_path / "st"
+    real_save, real_statvfs = np.save, os.statvfs
+
+    def short_write(path, arr):
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY partial")
+        raise OSError(f"{arr.nbytes} requested and 10 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=0, f_frsize=4096))  # the disk is full
+    s = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert s.series == 0 and s.errors_by_reason == {"transient": 3}
+    assert _status_and_reasons(store) == ({"retry": 3}, {"transient": 3})
+    assert list(store_paths(store).slices.iterdir()) == []
+    with connect(store_paths(store).db, read_only=True) as con:
+        detail = con.execute("SELECT any_value(detail) FROM ingest_errors").fetchone()[0]
+    assert "No space left on device" in detail and "requested and 10 written" in detail and "retries it" in detail
+    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    again = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert again.files_new == 3 and again.slices == 3 and _status_and_reasons(store) == ({"ok": 3}, {})
+
+
+def test_a_short_write_with_room_left_is_an_io_error_still_retried(tmp_path, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    write_series(tmp_path / "src" / "s", phantom(2, 32, 32, seed=5), patient_id="PC")
+
+    def short_write(path, arr):
+        raise OSError("8 requested and 0 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=1 << 30, f_frsize=4096))
+    s = ingest(tmp_path / "src", tmp_path / "st", IngestConfig(size=32, workers=1), progress=False)
+    assert s.errors_by_reason == {"transient": 2}
+    with connect(store_paths(tmp_path / "st").db, read_only=True) as con:
+        detail = con.execute("SELECT any_value(detail) FROM ingest_errors").fetchone()[0]
+    assert "[Errno 5]" in detail and "8 requested and 0 written" in detail and "No space" not in detail
+
+
+def test_a_full_disk_under_the_catalog_stops_ingest_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """DuckDB reports a full disk only in its message, on COMMIT; ingest stopped with a
+    traceback (exit 1). Now: StoreFull (exit 2) saying that nothing stored is lost and to free
+    space and run the same command again; that re-run completes."""
+    import duckdb
+
+    from ctssl_core import cli
+    from ctssl_core.data import ingest as ingest_mod
+    from ctssl_core.db import StoreFull
+
+    vol = phantom(3, 32, 32, seed=6)
+    write_series(tmp_path / "src" / "s", vol, patient_id="PD")
+    store = tmp_path / "st"
+    real = ingest_mod._record_errors
+
+    def full(*a, **k):
+        raise duckdb.TransactionException('TransactionContext Error: Failed to commit: Could not write file '
+                                          '"ctssl.duckdb.wal": No space left on device')
+
+    monkeypatch.setattr(ingest_mod, "_build_and_commit", full)
+    with pytest.raises(StoreFull, match="is full .*No space left on device.*Free space on that disk.*"
+                                        "run the same `ctssl ingest` again"):
+        ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    rc = cli.main(["ingest", str(tmp_path / "src"), "--store", str(store), "--size", "32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ctssl ingest: error: the disk holding the store" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert ingest_mod._record_errors is real
+    again = ingest(tmp_path / "src", store, IngestConfig(size=32, workers=1), progress=False)
+    assert again.files_new == 3 and again.slices == 3 and again.errors == 0
+    np.testing.assert_array_equal(np.load(next(store_paths(store).slices.glob("*.npy"))), vol)
+
+
+def test_other_catalog_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import duckdb
+
+    from ctssl_core.data import ingest as ingest_mod
+
+    write_series(tmp_path / "src" / "s", phantom(2, 32, 32, seed=7), patient_id="PE")
+
+    def broken(*a, **k):
+        raise duckdb.ConstraintException("Constraint Error: duplicate key")
+
+    monkeypatch.setattr(ingest_mod, "_build_and_commit", broken)
+    with pytest.raises(duckdb.ConstraintException, match="duplicate key"):
+        ingest(tmp_path / "src", tmp_path / "st", IngestConfig(size=32, workers=1), progress=False)

@@ -899,15 +899,36 @@ def _tmp_name(stem: str, pid: int | None = None, host: str | None = None) -> str
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
     """Write under a temp name, then rename: readers never see a half-written array. A failed write
-    (disk full) removes its temp file, so the failure leaves nothing behind."""
+    (disk full) removes its temp file, so the failure leaves nothing behind.
+
+    numpy reports a full disk as a short write, ``OSError("16384 requested and 10176 written")``
+    with no errno, which ``is_transient`` cannot tell from a bad file: the series was recorded
+    ``decode_failed`` for good ("re-export the series"). A short write is never the DICOM's fault,
+    so it is raised again as ENOSPC when the disk has less room than the array, else EIO: both
+    transient, so the next run retries the files."""
     tmp = path.with_name(_tmp_name(path.stem))
     try:
         np.save(tmp, np.ascontiguousarray(arr))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno is None:
+            raise _short_write_error(e, path, arr.nbytes) from e
         raise
+
+
+def _short_write_error(e: OSError, path: Path, nbytes: int) -> OSError:
+    """An errno-less short write as the OSError it stands for (see ``_atomic_save``)."""
+    import errno
+
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < nbytes + (1 << 16)  # the header and the filesystem's own blocks
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, f"{os.strerror(code)} (writing {path.name}: {e})")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1117,7 +1138,18 @@ def ingest(root: str | Path, store_root: str | Path, cfg: IngestConfig | None = 
             # Fork now: no thread is running yet, and every page this process writes later while the
             # worker lives costs a copy-on-write fault; pages allocated after the fork cost none.
             ex.submit(int)
-        summary = _ingest(root, store_root, cfg, progress, ex, t0)
+        try:
+            summary = _ingest(root, store_root, cfg, progress, ex, t0)
+        except Exception as e:
+            from ctssl_core.db import StoreError, StoreFull, is_disk_full
+
+            if isinstance(e, StoreError) or not is_disk_full(e):
+                raise
+            raise StoreFull(
+                f"the disk holding the store {Path(store_root).resolve()} is full ({scrub(e, 160)}). Nothing "
+                f"stored before is lost, and the files this run could not store are not marked done. Free space "
+                f"on that disk (or ingest into a store on a larger one), then run the same `ctssl ingest` again: "
+                f"files already in the store are skipped, the rest are retried.") from e
     summary.seconds = time.perf_counter() - t0  # the workers' exit included
     summary.slices_per_s = summary.slices / summary.seconds if summary.seconds > 0 else 0.0
     return summary

@@ -27,6 +27,7 @@ from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
 from ctssl_core.results.write import ensure_schema_once, merge_pending, tail_metrics, utcnow
+from ctssl_core.schema import rollback_quietly
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -288,7 +289,7 @@ def claim(store_root: str | Path, worker_id: str, resources: tuple[str, ...] = (
                 [worker_id, utcnow(), utcnow()]).fetchall()
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
             raise
         return got
 
@@ -594,7 +595,7 @@ def resume(store_root: str | Path, job_id: str) -> str:
                 con.execute(_INSERT, row)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
             raise
         return bool(mine)
 

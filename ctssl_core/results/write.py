@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 from ctssl_core.config import ConfigError
 from ctssl_core.db import StoreBusy, connect
 from ctssl_core.paths import REPO_ROOT, store_paths
-from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current
+from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current, rollback_quietly
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 METRICS_FILE = "metrics.jsonl"
@@ -198,7 +198,7 @@ def _merge_one(con, store_root: Path, run_id: str) -> int:
         con.execute("COMMIT")
         return len(rows)
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback_quietly(con)
         raise
 
 
@@ -566,7 +566,7 @@ def _insert_rows(store_root: str | Path, table: str, rows: Iterable[Mapping[str,
                 con.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders})", v)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback_quietly(con)
             raise
     return len(rows)
 
