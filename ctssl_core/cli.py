@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.run(args) or 0)
     except (ConfigError, StoreError, FileNotFoundError) as e:
         print(f"ctssl {args.command}: error: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):      # e.g. the store could not record the run's end either
+            print(f"ctssl {args.command}: also: {note}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         # library code that stops on SIGTERM and unwinds with KeyboardInterrupt marks it `e.signal = "SIGTERM"`

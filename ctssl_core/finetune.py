@@ -459,11 +459,8 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         logger.close()
         rw.finish_run(root, run_id, "succeeded", checkpoint=fres.checkpoint)
     except BaseException as e:
-        try:
-            logger.close()
-        finally:
-            status = "cancelled" if isinstance(e, KeyboardInterrupt) else "failed"
-            rw.finish_run(root, run_id, status, error=f"{type(e).__name__}: {e}"[:2000])
+        rw.end_run_after(e, root, run_id, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=f"{type(e).__name__}: {e}"[:2000], close=logger.close)
         raise
     return FinetuneResult(run_id, init_label, cis, read_curve(run_dir), int(train_pat.size), int(train_ids.size),
                           time.perf_counter() - t0)

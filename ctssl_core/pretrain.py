@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -235,7 +236,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     from ctssl_core.data.store import SliceStore
     from ctssl_core.models import build_encoder
     from ctssl_core.pretext import make_pretext
-    from ctssl_core.results.write import RunLogger, finish_run, new_run_id, start_run
+    from ctssl_core.results.write import RunLogger, end_run_after, finish_run, new_run_id, start_run
     from ctssl_core.train import fit, resolve_device
 
     root = store_paths(store_root).root
@@ -342,9 +343,14 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         if bar is not None:
             bar.close()
         if logger is not None:
-            logger.close()
             last = run_dir / "checkpoints" / "last.pt"
-            finish_run(root, run_id, status, checkpoint=last if last.is_file() else None, error=error)
+            ckpt = last if last.is_file() else None
+            failing = sys.exc_info()[1]
+            if failing is not None:      # a second failure (a full disk under the store) must not hide this one
+                end_run_after(failing, root, run_id, status, checkpoint=ckpt, error=error, close=logger.close)
+            else:
+                logger.close()
+                finish_run(root, run_id, status, checkpoint=ckpt, error=error)
         distributed.cleanup()
     if info.is_main:
         losses = (f"loss {res.first_loss:.4f} -> {res.final_loss:.4f}" if res.first_loss is not None

@@ -120,3 +120,46 @@ def test_resume_with_another_architecture_is_refused(trained, capsys):
     store, rid = trained
     assert main(["pretrain", "--store", str(store), "--resume", rid, "--no-progress", "--set", "encoder=resnet18"]) == 2
     assert "checkpoint is tiny, you asked for resnet18" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_stores_end_of_run_does_not_hide_the_error_that_stopped_training(
+        store_copy, monkeypatch, capsys):
+    """Fault injection (seed 19 of disk_full_checkpoint): the checkpoint write fails on a full disk, then the
+    store's record of the run's end fails on the same disk. The command must still end with the first error
+    (StoreFull: exit 2, what to do), the second one reported beside it, not a traceback that replaces it."""
+    import ctssl_core.pretrain as pretrain_mod
+    import ctssl_core.results.write as rw
+    from ctssl_core.db import StoreError, StoreFull
+
+    def full_fit(*a, **k):
+        raise StoreFull("no space left on the disk of the store while saving a checkpoint; free space and run "
+                        "`ctssl pretrain --resume RUN`")
+
+    def broken_finish(*a, **k):
+        raise StoreError("IO Error: No space left on device (DuckDB COMMIT)")
+
+    monkeypatch.setattr("ctssl_core.train.fit", full_fit)
+    monkeypatch.setattr(rw, "finish_run", broken_finish)
+    assert pretrain_mod  # the module reads train.fit at call time
+    assert pretrain(store_copy, "--task", "rotation", "--set", "steps=4") == 2
+    err = capsys.readouterr().err
+    assert "no space left on the disk of the store while saving a checkpoint" in err
+    assert "could not record its end in the store (StoreError: IO Error: No space left" in err
+    assert "Traceback" not in err
+
+
+def test_end_run_after_keeps_the_original_error_and_notes_the_second():
+    from ctssl_core.results.write import end_run_after
+
+    original = OSError(28, "No space left on device")
+    calls = []
+
+    def close():
+        calls.append("close")
+        raise RuntimeError("metrics merge failed")
+
+    end_run_after(original, "/nonexistent/store", "pt-x", "failed", close=close)
+    notes = getattr(original, "__notes__", [])
+    assert calls == ["close"] and len(notes) == 2
+    assert "could not close its log in the store (RuntimeError: metrics merge failed)" in notes[0]
+    assert "could not record its end in the store" in notes[1]

@@ -409,6 +409,27 @@ def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: s
     return run_dir
 
 
+def end_run_after(original: BaseException, store_root: str | Path, run_id: str, status: str,
+                  checkpoint: str | Path | None = None, error: str | None = None, close=None) -> None:
+    """Record the end of a run that ``original`` stopped (close its logger, then ``finish_run``) without
+    letting a second failure replace ``original``.
+
+    Why: a full disk that stops a checkpoint also stops the store's write of the run's end; raised from
+    the except block, that second error (a DuckDB traceback) hid the first (the disk is full, free space
+    and resume), and the CLI exited 1 instead of 2 with what to do. The second failure becomes a note on
+    ``original``, which the caller re-raises."""
+    for what, step in (("close its log", close),
+                       ("record its end", lambda: finish_run(store_root, run_id, status, checkpoint=checkpoint,
+                                                             error=error))):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception as e2:  # noqa: BLE001 - reported on the original error, never raised over it
+            original.add_note(f"ctssl could not {what} in the store ({type(e2).__name__}: {str(e2)[:300]}); "
+                              f"the run may show as running until it is resumed or the job is reconciled")
+
+
 def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str | Path | None = None,
                error: str | None = None) -> None:
     """Merge the run's pending metrics, then set its final status, end time, wall time, checkpoint."""
