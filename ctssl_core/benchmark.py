@@ -164,7 +164,8 @@ def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 # execution settings: they change how fast a benchmark runs, not what it computes
-EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address", "slurm_partition", "slurm_timeout_min")
+EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address", "slurm_partition", "slurm_timeout_min",
+                  "data")   # data: whether an empty store may be filled, never what a filled one computes
 
 
 def result_config(cfg: dict) -> dict:
@@ -272,7 +273,8 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
         elif not holds_plan_cohort(plan, store_root):
             raise ConfigError(
                 f"the store at {store_root} holds a synthetic cohort other than the one profile {plan.profile!r} is "
-                f"set up for ({plan.cohort.name}, {plan.config.get('synth', {}).get('n_patients', '?')} patients): its "
+                f"set up for ({plan.cohort.name}, {plan.config.get('synth', {}).get('n_patients', '?')} patients), or only "
+                f"part of it (an ingest that was stopped): its "
                 f"results would describe that cohort, not this profile's design. Use another store, e.g. "
                 f"--store {Path(store_root).parent / ('store-' + plan.profile)}, or delete this one to rebuild it")
         return
@@ -316,13 +318,15 @@ def holds_plan_cohort(plan: Plan, store_root: Path) -> bool:
 
     secret = store_paths(store_root).secret
     synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
+    stored = set(patients_table(store_root).patient_key)
     if secret.is_file() and load_or_create_secret(secret) == synthetic_key(synth_cfg):
-        return True
+        # the benchmark built it; all of it? (an ingest stopped by a full disk or Ctrl-C keeps what it stored)
+        return len(stored) == synth_cfg.n_patients
     if not (plan.cohort / "truth.json").is_file() or not secret.is_file():
         return False
     if output_config(twins.cohort_config(plan.cohort)) != output_config(synth_cfg):
         return False                  # the folder holds a cohort made with other settings
-    return set(patients_table(store_root).patient_key) == set(twins.patient_indices(plan.cohort, secret))
+    return stored == set(twins.patient_indices(plan.cohort, secret))
 
 
 # ------------------------------------------------------------------ units
@@ -839,8 +843,10 @@ def nc_verdicts(bench, bid: str, task: str, metric: str, f0: float, adj: float, 
             verdict = "below the negative control"
         elif sensitive is False:
             verdict = "insensitive"
+        elif sensitive:
+            verdict = "no detectable gain beyond weight statistics"
         else:
-            verdict = "no gain beyond weight statistics"
+            verdict = "no detectable difference (sensitivity unknown)"
         rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": f"ncverdict_{metric}",
                      "value": _n(d[0]), "ci_low": _n(d[1]), "ci_high": _n(d[2]),
                      "note": f"{verdict}: minus the negative control (shuffled weights) at {f0 * PERCENT:g}% "
@@ -849,7 +855,8 @@ def nc_verdicts(bench, bid: str, task: str, metric: str, f0: float, adj: float, 
     if rows:
         lines.append(f"  Against the negative control (same weight statistics, no learned structure): "
                      + (f"{', '.join(gains)} gain beyond weight statistics." if gains
-                        else "no strategy gains beyond weight statistics."))
+                        else "no strategy shows a detectable gain beyond weight statistics." if sensitive
+                        else "no conclusion (the benchmark is not shown sensitive on this task)."))
     return rows
 
 

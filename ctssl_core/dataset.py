@@ -56,7 +56,7 @@ class SliceDataset(Dataset):
 
             pats = split_patient_idx(self.store, self.store.root, split_seed, pool, tuple(split_fractions))[split]
             ids = ids[np.isin(np.asarray(self.store.patient_idx), pats)]
-        self.slice_ids = ids
+        self.slice_ids = ids                                  # store positions, not slice ids
         self._keys = np.asarray(self.store.patients["patient_key"])
 
     def __len__(self) -> int:
@@ -67,12 +67,13 @@ class SliceDataset(Dataset):
 
         if not -len(self) <= i < len(self):
             raise IndexError(f"slice {i} of a dataset of {len(self)}")
-        sid = int(self.slice_ids[i])
+        pos = int(self.slice_ids[i])                         # a store position (labels, patients are by position)
+        sid = int(np.asarray(self.store.slice_ids)[pos])     # the global slice id (what read / read_mask take)
         hu = torch.from_numpy(self.store.read([sid]).astype(np.float32))           # (1, H, W)
         x = ops.model_input(hu[:, None], self.windows)                              # (1, 1, H, W) or (1, 1, C, H, W)
         image = x[0, 0] if x.dim() == 5 else x[0]                                   # (C, H, W)
-        pidx = int(np.asarray(self.store.patient_idx)[sid])
-        return {"image": image, "pe": float(self.store.labels("pe")[sid]),
+        pidx = int(np.asarray(self.store.patient_idx)[pos])
+        return {"image": image, "pe": float(self.store.labels("pe")[pos]),
                 "nodule_mask": torch.from_numpy(self.store.read_mask([sid])[0]),
-                "slice_id": int(np.asarray(self.store.slice_ids)[sid]), "patient_key": str(self._keys[pidx]),
-                "index": int(np.asarray(self.store.idx_in_series)[sid])}
+                "slice_id": sid, "patient_key": str(self._keys[pidx]),
+                "index": int(np.asarray(self.store.idx_in_series)[pos])}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -323,6 +322,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
             bar.update(step - bar.n)
 
     status, error = "failed", None
+    failing: BaseException | None = None     # what stopped training (the `finally` records the end around it)
     try:
         train_cfg = cfg.train
         if eval_fn is not None:
@@ -335,9 +335,11 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     except KeyboardInterrupt as e:
         status, error = "cancelled", "interrupted; resume with `ctssl pretrain --resume " + run_id + "`"
         e.run_id = run_id                          # the CLI's resume hint names the run
+        failing = e
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the CLI to print
         error = f"{type(e).__name__}: {e}"
+        failing = e
         raise
     finally:
         if bar is not None:
@@ -345,7 +347,6 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         if logger is not None:
             last = run_dir / "checkpoints" / "last.pt"
             ckpt = last if last.is_file() else None
-            failing = sys.exc_info()[1]
             if failing is not None:      # a second failure (a full disk under the store) must not hide this one
                 end_run_after(failing, root, run_id, status, checkpoint=ckpt, error=error, close=logger.close)
             else:

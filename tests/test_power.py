@@ -401,7 +401,7 @@ def test_strategies_are_also_judged_against_the_negative_control(tmp_path):
     vs_nc = {r["init"]: r for r in rows if r["metric"] == "ncverdict_cpm"}
     assert vs_random["rotation"]["note"].startswith("gain") and vs_random["masked_region"]["note"].startswith("gain")
     assert vs_nc["masked_region"]["note"].startswith("gain beyond weight statistics")
-    assert vs_nc["rotation"]["note"].startswith("no gain beyond weight statistics")
+    assert vs_nc["rotation"]["note"].startswith("no detectable gain beyond weight statistics")
     assert vs_nc["masked_region"]["value"] == pytest.approx(0.15, abs=0.01)
     assert vs_nc["rotation"]["ci_low"] < 0 < vs_nc["rotation"]["ci_high"]
     # one family: 2 strategies x (random init on pe and nodule + each one's negative control) -> 1 - 0.05 / 8

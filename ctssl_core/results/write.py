@@ -426,8 +426,12 @@ def end_run_after(original: BaseException, store_root: str | Path, run_id: str, 
         try:
             step()
         except Exception as e2:  # noqa: BLE001 - reported on the original error, never raised over it
-            original.add_note(f"ctssl could not {what} in the store ({type(e2).__name__}: {str(e2)[:300]}); "
-                              f"the run may show as running until it is resumed or the job is reconciled")
+            note = (f"ctssl could not {what} in the store ({type(e2).__name__}: {str(e2)[:300]}); "
+                    f"the run may show as running until it is resumed or the job is reconciled")
+            try:
+                original.__notes__ = [*getattr(original, "__notes__", ()), note]   # add_note is Python >= 3.11
+            except Exception:  # noqa: BLE001 - an exception type that takes no attributes keeps its own message
+                pass
 
 
 def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str | Path | None = None,
