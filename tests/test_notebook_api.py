@@ -96,3 +96,30 @@ def test_slice_dataset_items_are_the_stores_slices_windowed_with_their_labels(sm
         ct.SliceDataset(store, split="tset")
     with pytest.raises(ConfigError, match="needs pool > 0"):
         ct.SliceDataset(store, split="pool")
+
+
+def test_slice_dataset_pairs_each_image_with_its_own_labels_when_a_series_was_left_out(smoke_store, tmp_path):
+    """A damaged series (here the first one, truncated) is left out by SliceStore.open, so slice ids no longer
+    equal store positions: every item's image must still be its own slice's, with that slice's labels."""
+    import shutil
+
+    import ctssl_core as ct
+    from ctssl_core import ops
+    from ctssl_core.data.store import SliceStore
+
+    root = tmp_path / "store"
+    shutil.copytree(smoke_store, root, ignore=shutil.ignore_patterns("runs", "embeddings"))
+    store0 = SliceStore.open(root)
+    rel = store0.series["array_path"].iloc[0]                      # the series holding slice ids 0..n-1
+    with open(root / rel, "r+b") as f:
+        f.truncate(64)
+    store = SliceStore.open(root)
+    assert store.unreadable and int(np.asarray(store.slice_ids)[0]) > 0    # ids start after the gap
+    ds = ct.SliceDataset(store)
+    assert len(ds) == len(store)
+    for pos in (0, len(ds) // 2, len(ds) - 1):
+        sid = int(np.asarray(store.slice_ids)[pos])
+        item = ds[pos]
+        want = ops.window(torch.from_numpy(store.read([sid])[0].astype(np.float32)))
+        assert item["slice_id"] == sid and torch.equal(item["image"][0], want)
+        assert item["pe"] == pytest.approx(store.labels("pe")[pos], nan_ok=True)
