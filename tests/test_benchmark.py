@@ -179,6 +179,18 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
     said = []
     ensure_data(plan, tmp_path / "a", said.append)
     assert said == []
+    # part of the cohort only (an ingest stopped by a full disk or Ctrl-C keeps what it stored): refused, not
+    # trained on as if it were the whole cohort
+    import shutil
+
+    import duckdb
+
+    shutil.copytree(tmp_path / "a", tmp_path / "partial")
+    con = duckdb.connect(str(store_paths(tmp_path / "partial").db))
+    con.execute("DELETE FROM patients WHERE patient_key = (SELECT min(patient_key) FROM patients)")
+    con.close()
+    with pytest.raises(ConfigError, match=r"or only part of it \(an ingest that was stopped\)"):
+        ensure_data(plan, tmp_path / "partial", said.append)
     # a cohort made with `ctssl synth` and ingested by hand (the store's own random key) is the plan's too
     from ctssl_core.data.ingest import IngestConfig, ingest
 
