@@ -806,16 +806,7 @@ def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, di
             d = delta(init, adj)
             if d is None or not np.isfinite(d[1]):
                 continue
-            if d[1] > 0:
-                verdict = "gain"
-            elif d[2] < 0:
-                verdict = "loss"
-            elif sensitive is False:
-                verdict = "insensitive"
-            elif sensitive:
-                verdict = f"no detectable gain (MDE ~{mde:.3f})"
-            else:
-                verdict = "no detectable difference (sensitivity unknown)"
+            verdict = judge(d, sensitive, "gain", "loss", f"no detectable gain (MDE ~{mde:.3f})")
             rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": f"verdict_{metric}",
                          "value": _n(d[0]), "ci_low": _n(d[1]), "ci_high": _n(d[2]),
                          "note": f"{verdict}: minus random init at {f0 * PERCENT:g}% labels, "
@@ -824,6 +815,20 @@ def sensitivity_rows(plan: Plan, all_boots: dict[str, dict], table: dict[str, di
         if task in bench.controls:
             rows += nc_verdicts(bench, bid, task, metric, f0, adj, sensitive, delta, table, lines)
     return rows, lines
+
+
+def judge(d: tuple[float, float, float], sensitive: bool | None, gain: str, loss: str, no_gain: str) -> str:
+    """The verdict word(s) of one adjusted paired difference (point, low, high) against a reference:
+    ``gain`` / ``loss`` when the interval excludes 0; otherwise "insensitive" on a task the positive
+    control could not show sensitive, ``no_gain`` on a sensitive one, and "sensitivity unknown" without
+    controls, so a null is never read as "no gain" where the benchmark could not have seen one."""
+    if d[1] > 0:
+        return gain
+    if d[2] < 0:
+        return loss
+    if sensitive is False:
+        return "insensitive"
+    return no_gain if sensitive else "no detectable difference (sensitivity unknown)"
 
 
 def nc_verdicts(bench, bid: str, task: str, metric: str, f0: float, adj: float, sensitive: bool | None,
@@ -836,17 +841,10 @@ def nc_verdicts(bench, bid: str, task: str, metric: str, f0: float, adj: float, 
         d = delta(init, adj, NEGATIVE)
         if d is None or not np.isfinite(d[1]):
             continue
+        verdict = judge(d, sensitive, "gain beyond weight statistics", "below the negative control",
+                        "no detectable gain beyond weight statistics")
         if d[1] > 0:
-            verdict = "gain beyond weight statistics"
             gains.append(init)
-        elif d[2] < 0:
-            verdict = "below the negative control"
-        elif sensitive is False:
-            verdict = "insensitive"
-        elif sensitive:
-            verdict = "no detectable gain beyond weight statistics"
-        else:
-            verdict = "no detectable difference (sensitivity unknown)"
         rows.append({"benchmark_id": bid, "task": task, "init": init, "metric": f"ncverdict_{metric}",
                      "value": _n(d[0]), "ci_low": _n(d[1]), "ci_high": _n(d[2]),
                      "note": f"{verdict}: minus the negative control (shuffled weights) at {f0 * PERCENT:g}% "
