@@ -1,11 +1,12 @@
 """The whole study in one resumable command: data -> pretraining x strategies -> downstream x
 inits x label fractions x seeds -> probes + embeddings -> summaries.
 
-A benchmark is a deterministic list of *units* (one pretraining, one
-fine-tuning, one embedding). Each unit has a run id derived from the hash of
-the config that determines it, so re-running the same profile skips every
-unit whose run already succeeded (resume after an interruption), and a
-pretraining is reused by any benchmark whose pretraining config is identical.
+The plan (``plan.py``) is a deterministic list of typed *units* (pretraining, control,
+fine-tuning, embedding, then the analysis), each with its resolved config and identity
+(``unit_hash``). This module runs it: it skips every unit whose run already succeeded with the
+same identity (resume after an interruption; a pretraining is reused by any benchmark, or hand
+run, that resolves to the same config), runs the rest in order of what they need (in-process or
+on an engine of ``executors.py``), and then analyses what the store holds.
 
 Summaries (``summaries`` table, plus ``summary.csv``/``summary.md`` in the
 benchmark's run folder), all with 95% patient-bootstrap CIs:
@@ -23,226 +24,16 @@ import json
 import math
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ctssl_core.config import ConfigError, build, load_profile, merge, parse_overrides, to_dict
+from ctssl_core.config import ConfigError, build, config_hash, to_dict
 from ctssl_core.controls import CONTROLS, NEGATIVE, POSITIVE
+from ctssl_core.plan import (Plan, Unit, label, make_plan, needs, pretrain_encoder, provides, unit_resources)
 
 PERCENT = 100.0
-
-
-def _registered_strategies() -> tuple[str, ...]:
-    from ctssl_core.pretext import strategies
-
-    return strategies()
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    strategies: tuple[str, ...] = field(default_factory=lambda: _registered_strategies())  # pretext registry
-    tasks: tuple[str, ...] = ("pe", "nodule", "demographics")
-    fractions: tuple[float, ...] = (0.05, 0.25, 1.0)          # pe and nodule label fractions
-    demographics_fractions: tuple[float, ...] = (1.0,)
-    seeds: tuple[int, ...] = (0,)                            # seeds at every fraction
-    small_fraction_seeds: tuple[int, ...] = (0, 1, 2)        # seeds at fractions <= small_fraction
-    small_fraction: float = 0.25
-    split_seed: int = 0
-    speed_frac: float = 0.9                                  # learning speed: fraction of random's best
-    pool: float = 0.0                                        # fraction of patients set apart as the unlabelled
-                                                             # pretraining pool (disjoint from the labelled
-                                                             # cohort; 0 = pretrain on the train split)
-    split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)   # train/val/test shares of the labelled cohort: a
-                                                             # small-label study wants a large test split
-    controls: tuple[str, ...] = ()                           # tasks that get a positive (supervised on the
-                                                             # pool's labels) and a negative (shuffled) control
-    twins: bool = True                                       # PE: score counterfactual twins (synthetic stores)
-    alpha: float = 0.05                                      # family-wise error of the verdicts (Bonferroni)
-    probes: bool = True                                      # demographics route (a): frozen-embedding probes
-    bias: bool = True                                        # run bias.analyse_encoder on the embeddings
-    cohort: str = ""                                         # cohort folder; '' = data/cohorts/<profile>-<hash>
-    data: str = "synthetic"                                  # synthetic: an empty store gets the profile's
-                                                             # synthetic cohort (generated and ingested, said);
-                                                             # store: only what is in the store (your data),
-                                                             # an empty store is refused
-    threads: int = 0                                         # torch CPU threads; 0 = torch's default. 1 is
-                                                             # far faster on a CPU shared with other jobs
-    workers: int = 1                                         # units run in this many processes at once
-                                                             # (each with `threads` threads); 1 = in-process
-    executor: str = "local"                                  # engine of the units (executors.EXECUTORS): local
-                                                             # (`workers` processes), ray or slurm (one task or
-                                                             # job per unit)
-    ray_address: str = ""                                    # executor=ray: '' starts a local Ray instance;
-                                                             # 'ray://host:10001' or 'auto' joins a cluster
-    slurm_partition: str = ""                                # executor=slurm: '' = the cluster's default
-    slurm_timeout_min: int = 240                             # executor=slurm: each unit's time limit
-
-    def __post_init__(self) -> None:
-        from ctssl_core.downstream import DOWNSTREAM
-        from ctssl_core.pretext import PRETEXT
-
-        bad = [s for s in self.strategies if s not in PRETEXT]
-        if bad:
-            raise ConfigError(f"benchmark.strategies: unknown {bad}; choose from {sorted(PRETEXT)}")
-        bad = [t for t in self.tasks if t not in DOWNSTREAM]
-        if bad:
-            raise ConfigError(f"benchmark.tasks: unknown {bad}; choose from {sorted(DOWNSTREAM)}")
-        for f in (*self.fractions, *self.demographics_fractions):
-            if not 0 < f <= 1:
-                raise ConfigError(f"benchmark fractions must lie in (0, 1], got {f}")
-        from ctssl_core.executors import check_executor
-
-        check_executor(self.executor)
-        if self.slurm_timeout_min < 1:
-            raise ConfigError(f"benchmark.slurm_timeout_min must be >= 1 (minutes per unit), got "
-                              f"{self.slurm_timeout_min}")
-        if self.workers < 1 or self.threads < 0:
-            raise ConfigError(f"benchmark.workers must be >= 1 and benchmark.threads >= 0, got "
-                              f"{self.workers} and {self.threads}")
-        bad = [t for t in self.controls if t not in ("pe", "nodule") or t not in self.tasks]
-        if bad:
-            raise ConfigError(f"benchmark.controls: {bad} must be among the benchmark's pe/nodule tasks "
-                              f"{[t for t in self.tasks if t in ('pe', 'nodule')]}")
-        if self.controls and not self.pool:
-            raise ConfigError("benchmark.controls need an unlabelled pool whose labels train the positive "
-                              "control: set benchmark.pool (e.g. 0.5), or benchmark.controls=[]")
-        if not 0.0 <= self.pool < 1.0 or not 0.0 < self.alpha < 0.5:
-            raise ConfigError(f"benchmark.pool must be in [0, 1) and benchmark.alpha in (0, 0.5), got "
-                              f"{self.pool} and {self.alpha}")
-        fr = self.split_fractions
-        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6 or not (fr[0] > 0 and fr[2] > 0):
-            raise ConfigError(f"benchmark.split_fractions must be three shares (train, val, test) summing to 1 "
-                              f"with train and test > 0, e.g. [0.5, 0.1, 0.4]; got {list(fr)}")
-        if self.data not in ("synthetic", "store"):
-            raise ConfigError(f"benchmark.data must be 'synthetic' (generate the profile's cohort into an empty "
-                              f"store) or 'store' (use only the store's data), got {self.data!r}")
-        if 1.0 not in self.fractions:
-            raise ConfigError("benchmark.fractions must include 1.0: labels saved is measured against "
-                              "random init trained on all labels")
-
-    def seeds_for(self, fraction: float) -> tuple[int, ...]:
-        return tuple(sorted(set(self.seeds) | (set(self.small_fraction_seeds) if fraction <= self.small_fraction else set())))
-
-
-def config_hash(obj: Any, n: int = 8) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-@dataclass
-class Unit:
-    kind: str                   # 'pretrain' | 'finetune' | 'embed'
-    run_id: str
-    task: str
-    init: str
-    fraction: float | None = None
-    seed: int | None = None
-    spec: dict = field(default_factory=dict)
-
-
-@dataclass
-class Plan:
-    profile: str
-    config: dict                # the merged profile (after overrides)
-    bench: BenchmarkConfig
-    benchmark_id: str
-    units: list[Unit]
-    cohort: Path
-    labels: dict | None = None  # name/tags/notes (`--name/--tag/--note`) of every run this benchmark starts;
-                                # not part of any id: a re-run with other labels reuses the finished units
-
-
-def resolve_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    cfg = merge(load_profile(profile), parse_overrides(overrides))
-    allowed = {"profile", "synth", "ingest", "pretrain", "downstream", "embed", "bias", "benchmark"}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ConfigError(f"profile {profile!r}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
-    return cfg
-
-
-# execution settings: they change how fast a benchmark runs, not what it computes
-EXECUTION_KEYS = ("workers", "threads", "executor", "ray_address", "slurm_partition", "slurm_timeout_min",
-                  "data")   # data: whether an empty store may be filled, never what a filled one computes
-
-
-def result_config(cfg: dict) -> dict:
-    """The profile minus its name and execution settings: what the benchmark id hashes, so a
-    benchmark resumed with another ``workers``/``threads``/``executor`` reuses its finished units."""
-    out = {k: v for k, v in cfg.items() if k != "profile"}
-    if isinstance(out.get("benchmark"), dict):
-        out["benchmark"] = {k: v for k, v in out["benchmark"].items() if k not in EXECUTION_KEYS}
-    return out
-
-
-def finetune_config(cfg: dict, task: str, init: str, fraction: float, seed: int, split_seed: int,
-                    pre_encoder: tuple[str, dict], pool: float = 0.0, split_fractions=(0.7, 0.15, 0.15)):
-    """FinetuneConfig for one unit: downstream common keys <- downstream.<task> keys <- unit keys.
-
-    The input windows are the pretraining's (``pretrain.windows``), so random init and every
-    pretrained init see the data through the same view."""
-    from ctssl_core.finetune import FinetuneConfig
-
-    ds = dict(cfg.get("downstream") or {})
-    per_task = {k: ds.pop(k) for k in ("pe", "nodule", "demographics") if k in ds}
-    mapping = merge({"windows": input_windows(cfg)}, merge(ds, per_task.get(task) or {}))
-    mapping = merge(mapping, {"task": task, "init": init, "fraction": fraction, "seed": seed,
-                              "split_seed": split_seed, "pool": pool,
-                              "split_fractions": list(split_fractions), "encoder": pre_encoder[0],
-                              "encoder_kwargs": pre_encoder[1]})
-    return build(FinetuneConfig, mapping, where="downstream.")
-
-
-def input_windows(cfg: dict):
-    """The profile's model-input windows (``pretrain.windows``; the paper's single window when unset)."""
-    return (cfg.get("pretrain") or {}).get("windows", "paper")
-
-
-def pretrain_encoder(cfg: dict) -> tuple[str, dict]:
-    pre = cfg.get("pretrain") or {}
-    return str(pre.get("encoder", "tiny")), dict(pre.get("encoder_params") or {})
-
-
-def make_plan(profile: str, overrides=(), store_root: str | Path | None = None) -> Plan:
-    from ctssl_core.paths import default_cohort
-    from ctssl_core.train import TrainConfig
-
-    cfg = resolve_profile(profile, overrides)
-    bench = build(BenchmarkConfig, cfg.get("benchmark") or {}, where="benchmark.")
-    name = str(cfg.get("profile", profile))
-    data_hash = config_hash({"synth": cfg.get("synth"), "ingest": cfg.get("ingest")})
-    cohort = Path(bench.cohort) if bench.cohort else default_cohort(f"{name}-{data_hash}")
-    pre_hash = config_hash({"data": data_hash, "pretrain": cfg.get("pretrain"), "split": bench.split_seed})
-    bench_hash = config_hash(result_config(cfg))
-    benchmark_id = f"bench-{name}-{bench_hash}"
-    enc = pretrain_encoder(cfg)
-    units: list[Unit] = []
-    for s in bench.strategies:
-        units.append(Unit("pretrain", f"pretrain-{s}-{pre_hash}", s, s))  # id = plan key; the run id is found by config
-    for task in bench.controls:
-        fc = finetune_config(cfg, task, "random", 1.0, 0, bench.split_seed, enc, bench.pool,
-                             bench.split_fractions)
-        units.append(Unit("control", f"pc-{bench_hash}-{task}", task, POSITIVE, 1.0, 0,
-                          # the source trains its encoder even when the readout protocol freezes it
-                          spec=to_dict(dataclasses.replace(fc, train_split="pool", freeze_encoder=False))))
-        units.append(Unit("control", f"nc-{bench_hash}-{task}", task, NEGATIVE))
-    inits = ["random", *bench.strategies]
-    for task in bench.tasks:
-        fracs = bench.demographics_fractions if task == "demographics" else bench.fractions
-        for init in [*inits, *(CONTROLS if task in bench.controls else ())]:
-            for f in sorted(fracs):
-                for seed in bench.seeds_for(f):
-                    fc = finetune_config(cfg, task, init, f, seed, bench.split_seed, enc, bench.pool,
-                                         bench.split_fractions)  # validates early
-                    build(TrainConfig, fc.train, where=f"downstream.{task}.train.")
-                    rid = f"ft-{bench_hash}-{task}-{init}-f{f:g}-s{seed}"
-                    units.append(Unit("finetune", rid, task, init, f, seed, spec=to_dict(fc)))
-    if bench.probes or bench.bias:
-        for init in inits:
-            units.append(Unit("embed", f"embed-{bench_hash}-{init}", "embed", init))
-    return Plan(name, cfg, bench, benchmark_id, units, cohort)
 
 
 # ------------------------------------------------------------------ store helpers
@@ -258,10 +49,9 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
     what to do, rather than training the profile on data it was not written for.
     """
     from ctssl_core.data.catalog import has_slices, series_heights, store_dataset
-    from ctssl_core.data.ingest import IngestConfig
 
     if has_slices(store_root):
-        want = build(IngestConfig, plan.config.get("ingest") or {}, where="ingest.").size
+        want = plan.ingest.size
         have = series_heights(store_root)
         if have and have != {want}:
             raise ConfigError(f"the store at {store_root} holds {'/'.join(map(str, sorted(have)))}-px slices but "
@@ -273,7 +63,7 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
         elif not holds_plan_cohort(plan, store_root):
             raise ConfigError(
                 f"the store at {store_root} holds a synthetic cohort other than the one profile {plan.profile!r} is "
-                f"set up for ({plan.cohort.name}, {plan.config.get('synth', {}).get('n_patients', '?')} patients), or only "
+                f"set up for ({plan.cohort.name}, {plan.synth.n_patients} patients), or only "
                 f"part of it (an ingest that was stopped): its "
                 f"results would describe that cohort, not this profile's design. Use another store, e.g. "
                 f"--store {Path(store_root).parent / ('store-' + plan.profile)}, or delete this one to rebuild it")
@@ -281,23 +71,21 @@ def ensure_data(plan: Plan, store_root: Path, say: Callable[[str], None], progre
     if plan.bench.data == "store":
         raise ConfigError(f"the store at {store_root} holds no slices, and benchmark.data is 'store': ingest your "
                           f"data first (ctssl ingest DIR --store {store_root} --size "
-                          f"{build(IngestConfig, plan.config.get('ingest') or {}, where='ingest.').size}), or "
+                          f"{plan.ingest.size}), or "
                           f"--set benchmark.data=synthetic to generate the profile's synthetic cohort there")
     from ctssl_core.data.ingest import ingest
     from ctssl_core.data.pseudonym import create_secret
-    from ctssl_core.data.synth import SynthConfig, generate_cohort
+    from ctssl_core.data.synth import generate_cohort
     from ctssl_core.paths import store_paths
 
     say(f"the store is empty and benchmark.data is 'synthetic': generating the profile's synthetic cohort "
         f"-> {plan.cohort} (reused when its config matches)")
-    synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
-    generate_cohort(synth_cfg, plan.cohort, progress=progress)
+    generate_cohort(plan.synth, plan.cohort, progress=progress)
     # synthetic patients have no real identity: a key derived from the cohort config makes the
     # seeded patient splits (and so every result) the same in any store built from this cohort
-    create_secret(store_paths(store_root).secret, synthetic_key(synth_cfg))
+    create_secret(store_paths(store_root).secret, synthetic_key(plan.synth))
     say(f"ingesting {plan.cohort} -> {store_root}")
-    ingest(plan.cohort, store_root, build(IngestConfig, plan.config.get("ingest") or {}, where="ingest."),
-           progress=progress)
+    ingest(plan.cohort, store_root, plan.ingest, progress=progress)
 
 
 def synthetic_key(synth_cfg) -> bytes:
@@ -313,11 +101,11 @@ def holds_plan_cohort(plan: Plan, store_root: Path) -> bool:
     from ctssl_core import twins
     from ctssl_core.data.catalog import patients_table
     from ctssl_core.data.pseudonym import load_or_create_secret
-    from ctssl_core.data.synth import SynthConfig, output_config
+    from ctssl_core.data.synth import output_config
     from ctssl_core.paths import store_paths
 
     secret = store_paths(store_root).secret
-    synth_cfg = build(SynthConfig, plan.config.get("synth") or {}, where="synth.")
+    synth_cfg = plan.synth
     stored = set(patients_table(store_root).patient_key)
     if secret.is_file() and load_or_create_secret(secret) == synthetic_key(synth_cfg):
         # the benchmark built it; all of it? (an ingest stopped by a full disk or Ctrl-C keeps what it stored)
@@ -332,49 +120,24 @@ def holds_plan_cohort(plan: Plan, store_root: Path) -> bool:
 # ------------------------------------------------------------------ units
 
 
-def pretrain_section(plan: Plan, strategy: str) -> dict:
-    """The pretraining config of one strategy, on the benchmark's split scheme: with a pool it sees only the
-    pool's patients, else the train split of the same (seed, fractions) the fine-tunes are scored on (never
-    their test patients). The default fractions are left implicit so that existing runs are still reused."""
-    from ctssl_core.data.splits import DEFAULT_FRACTIONS
-
-    fr = tuple(float(f) for f in plan.bench.split_fractions)
-    extra: dict[str, Any] = {} if fr == DEFAULT_FRACTIONS else {"split_fractions": list(fr)}
-    if plan.bench.pool:
-        extra.update({"split": "pool", "pool": plan.bench.pool})
-    return merge(plan.config.get("pretrain") or {}, {"task": strategy, "split_seed": plan.bench.split_seed, **extra})
-
-
-def find_pretrain(plan: Plan, strategy: str, store_root: Path) -> str | None:
-    """Run id of a finished pretraining whose resolved config equals this plan's (reuse), else None."""
-    from ctssl_core import pretrain as pre_mod
+def find_pretrain(unit: Unit, store_root: Path) -> str | None:
+    """Run id of a finished pretraining with the unit's identity (its resolved config's hash, stored by
+    ``run_pretrain`` for every pretraining, by hand or by a benchmark) whose checkpoint exists, else None."""
     from ctssl_core.paths import store_paths
-    from ctssl_core.results.store_api import pretrain_runs
+    from ctssl_core.results.store_api import runs_with_hash
 
-    want = to_dict(pre_mod.resolve_config(strategy, base=pretrain_section(plan, strategy)))
     sp = store_paths(store_root)
-    for run_id, cfg_json, ckpt in pretrain_runs(store_root, strategy):
-        try:
-            got = json.loads(cfg_json or "{}").get("pretrain")
-        except ValueError:
-            continue
-        if got == want and ckpt and (sp.root / ckpt).is_file():
+    for run_id, ckpt in runs_with_hash(store_root, "pretrain", unit.unit_hash):
+        if ckpt and (sp.root / ckpt).is_file():
             return run_id
     return None
 
 
 def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path) -> str:
-    """Pretrain one strategy with the profile's ``pretrain`` section; returns the run id."""
+    """Pretrain one strategy with its resolved ``PretrainConfig``; returns the run id."""
     from ctssl_core import pretrain as pre_mod
-    from ctssl_core.paths import store_paths
 
-    import yaml
-
-    # run_pretrain takes its config from a YAML file: write the resolved section beside the benchmark
-    path = store_paths(store_root).run_dir(plan.benchmark_id) / f"pretrain-{unit.task}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"pretrain": pretrain_section(plan, unit.task)}))
-    res = pre_mod.run_pretrain(unit.task, store_root, config_path=path, progress=False, echo=lambda m: None,
+    res = pre_mod.run_pretrain(unit.task, store_root, config=unit.config, progress=False, echo=lambda m: None,
                                labels=plan.labels)
     if res.status != "succeeded":
         raise ConfigError(f"pretraining {unit.task} ended {res.status}; re-run the same command: finished units "
@@ -384,14 +147,13 @@ def run_pretrain_unit(plan: Plan, unit: Unit, store_root: Path) -> str:
 
 def run_finetune_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_ids: dict[str, str],
                       progress=None) -> None:
-    from ctssl_core.finetune import FinetuneConfig, finetune
+    from ctssl_core.finetune import finetune
 
-    spec = dict(unit.spec)
+    fc = unit.config
     if unit.init != "random":
-        spec["init"] = pretrain_ids[needs(unit)]
-    fc = build(FinetuneConfig, spec)
+        fc = dataclasses.replace(fc, init=pretrain_ids[needs(unit)])   # the run id of what it starts from
     finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-             progress=progress, store=store, init_label=unit.init, labels=plan.labels,
+             progress=progress, store=store, init_label=unit.init, labels=plan.labels, unit_hash=unit.unit_hash,
              twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
 
 
@@ -407,20 +169,20 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     """Positive control: supervised training on the pool's labels (a fine-tune with train_split='pool');
     negative control: that encoder shuffled within each layer. Returns the run id holding the checkpoint."""
     from ctssl_core import controls
-    from ctssl_core.finetune import FinetuneConfig, finetune
+    from ctssl_core.finetune import finetune
     from ctssl_core.results import write as rw
 
     if unit.init == controls.POSITIVE:
-        fc = build(FinetuneConfig, dict(unit.spec))
-        finetune(fc, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
-                 store=store, init_label=f"{controls.POSITIVE}-source", labels=plan.labels,
+        finetune(unit.config, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
+                 store=store, init_label=f"{controls.POSITIVE}-source", labels=plan.labels, unit_hash=unit.unit_hash,
                  twin_cohort=twin_cohort(plan, store_root) if unit.task == "pe" else None)
         return unit.run_id
     source = pretrain_ids[f"{controls.POSITIVE}:{unit.task}"]
     enc_name = pretrain_encoder(plan.config)[0]
     run_dir = rw.start_run(store_root, unit.run_id, "control", unit.task, controls.NEGATIVE, enc_name,
                            {"kind": "control", "control": controls.NEGATIVE, "source_run": source, "seed": 0},
-                           profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels)
+                           profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
+                           unit_hash=unit.unit_hash)
     try:
         ckpt = controls.write_negative_control(source, run_dir / "checkpoints" / "last.pt", store_root, seed=0)
     except BaseException as e:
@@ -430,35 +192,15 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     return unit.run_id
 
 
-def embed_config(plan: Plan):
-    """The benchmark's ``EmbedConfig``: the profile's ``embed`` section on the benchmark's encoder (name and
-    ``pretrain.encoder_params``, so random init is the strategies' architecture), split scheme and input
-    windows (what the embed units and the bias dose-response both embed with)."""
-    from ctssl_core import embed as emb
-
-    scheme = {"split_seed": plan.bench.split_seed, "pool": plan.bench.pool,
-              "split_fractions": list(plan.bench.split_fractions)}
-    section = dict(plan.config.get("embed") or {})
-    clash = sorted(k for k in scheme if k in section)
-    if clash:
-        raise ConfigError(f"embed.{clash[0]} cannot be set in a benchmark profile: embeddings use the benchmark's "
-                          f"split scheme (benchmark.split_seed / pool / split_fractions); remove it from `embed`")
-    name, kwargs = pretrain_encoder(plan.config)
-    mapping = merge({"encoder": name, "encoder_kwargs": kwargs, "windows": input_windows(plan.config)},
-                    merge(section, scheme))
-    return build(emb.EmbedConfig, mapping, where="embed.")
-
-
 def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
     """Embed the evaluation split with one init (embed.run_embed); returns its embedding ids."""
     from ctssl_core import embed as emb
     from ctssl_core.results import write as rw
 
-    enc_name, enc_kw = pretrain_encoder(plan.config)
-    ecfg = embed_config(plan)
+    ecfg = unit.config
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
-    rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, enc_name, to_dict(ecfg),
-                 profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels)
+    rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, ecfg.encoder, to_dict(ecfg),
+                 profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels, unit_hash=unit.unit_hash)
     try:
         ids = emb.run_embed(store_root, ref, ecfg)
     except BaseException as e:
@@ -484,11 +226,11 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     from ctssl_core.data.store import SliceStore
     from ctssl_core.paths import default_store, store_paths
     from ctssl_core.results import write as rw
-    from ctssl_core.results.store_api import succeeded_runs
+    from ctssl_core.results.store_api import succeeded_units
 
     t0 = time.perf_counter()
     root = Path(store_root) if store_root is not None else default_store()
-    plan = make_plan(profile, overrides, root)
+    plan = make_plan(profile, overrides)
     if labels:
         plan.labels = {**labels, "tags": {"benchmark": plan.benchmark_id, **(labels.get("tags") or {})}}
     if plan.bench.threads:
@@ -500,27 +242,34 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     rw.start_benchmark(root, plan.benchmark_id, profile=plan.profile, dataset=dataset, config=plan.config)
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
                  plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
-                 dataset=dataset)
-    done = succeeded_runs(root)   # run_id -> checkpoint of every succeeded run
+                 dataset=dataset, unit_hash=plan.analyse.unit_hash)
+    stored = succeeded_units(root)   # run_id -> (checkpoint, unit_hash) of every succeeded run
     pretrain_ids: dict[str, str] = {}
-    for u in plan.units:
+    done: set[str] = set()
+    for u in plan.runs:
         if u.kind == "pretrain":
-            found = find_pretrain(plan, u.task, root)
+            found = find_pretrain(u, root)
             if found:
                 pretrain_ids[u.task] = found
-                done[u.run_id] = found
-        elif u.kind == "control" and u.run_id in done:
-            pretrain_ids[provides(u)] = u.run_id
-    todo = [u for u in plan.units if u.run_id not in done]
-    log(f"benchmark {plan.benchmark_id}: {len(plan.units)} units, {len(plan.units) - len(todo)} already done")
-    bar = tqdm(total=len(plan.units), initial=len(plan.units) - len(todo), disable=not progress,
-               desc="benchmark", unit="run", dynamic_ncols=True)
+                done.add(u.run_id)
+        elif u.run_id in stored:
+            had = stored[u.run_id][1]
+            if had is not None and had != u.unit_hash:   # stored before the code's defaults changed it
+                log(f"{label(u)}: its resolved config changed since run {u.run_id} was made; running it again")
+                continue
+            done.add(u.run_id)
+            if u.kind == "control":
+                pretrain_ids[provides(u)] = u.run_id
+    todo = [u for u in plan.runs if u.run_id not in done]
+    n = len(plan.runs)
+    log(f"benchmark {plan.benchmark_id}: {n} units, {n - len(todo)} already done")
+    bar = tqdm(total=n, initial=n - len(todo), disable=not progress, desc="benchmark", unit="run",
+               dynamic_ncols=True)
     embeddings: dict[str, dict[str, str]] = {}
-    for u in plan.units:
-        if u.run_id in done and u.kind == "embed":
-            p = store_paths(root).run_dir(u.run_id) / "embeddings.json"
-            if p.exists():
-                embeddings[u.init] = json.loads(p.read_text())
+    for u in plan.of_kind("embed"):
+        p = store_paths(root).run_dir(u.run_id) / "embeddings.json"
+        if u.run_id in done and p.exists():
+            embeddings[u.init] = json.loads(p.read_text())
     status = "failed"
     try:
         with closing(run_units(plan, todo, root, pretrain_ids, bar)) as finished:  # closing: an interrupt
@@ -538,29 +287,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
         rw.finish_benchmark(root, plan.benchmark_id, status)
         rw.finish_run(root, plan.benchmark_id, status)
     return {"benchmark_id": plan.benchmark_id, "table": table, "wall_s": time.perf_counter() - t0,
-            "ran": len(todo), "skipped": len(plan.units) - len(todo)}
-
-
-def _label(u: Unit) -> str:
-    return f"{u.kind} {u.task} {u.init}" + (f" f={u.fraction:g} s={u.seed}" if u.fraction else "")
-
-
-def provides(u: Unit) -> str | None:
-    """The key under which a unit's result (a run id with a checkpoint) is found by the units after it."""
-    if u.kind == "pretrain":
-        return u.task
-    if u.kind == "control":
-        return f"{u.init}:{u.task}"
-    return None
-
-
-def needs(u: Unit) -> str | None:
-    """The ``provides`` key a unit waits for (None: it can start at once)."""
-    if u.kind == "control":
-        return f"{POSITIVE}:{u.task}" if u.init == NEGATIVE else None
-    if u.kind == "pretrain" or u.init == "random":
-        return None
-    return f"{u.init}:{u.task}" if u.init in CONTROLS else u.init
+            "ran": len(todo), "skipped": n - len(todo)}
 
 
 def run_unit(plan: Plan, u: Unit, root: Path, pretrain_ids: dict[str, str], store=None):
@@ -584,7 +311,7 @@ def _run_serial(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str
 
     store = None
     for u in todo:
-        bar.set_postfix_str(_label(u))
+        bar.set_postfix_str(label(u))
         if u.kind in ("finetune", "control"):
             store = store or SliceStore.open(root)
         yield u, run_unit(plan, u, root, pretrain_ids, store)
@@ -596,23 +323,6 @@ def run_units(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, 
     if plan.bench.executor == "local" and (plan.bench.workers == 1 or len(todo) <= 1):
         return _run_serial(plan, todo, root, pretrain_ids, bar)
     return _run_on_engine(plan, todo, root, pretrain_ids, bar)
-
-
-def unit_device(plan: Plan, u: Unit) -> str:
-    """The device a unit's config asks for ('cpu', 'cuda' or 'auto'): what an engine reserves a GPU for."""
-    if u.kind == "embed":
-        return embed_config(plan).device
-    if u.kind == "pretrain":
-        return str((pretrain_section(plan, u.task).get("train") or {}).get("device", "auto"))
-    if u.kind == "control" and u.init == NEGATIVE:
-        return "cpu"                                   # shuffles a checkpoint's weights: no training
-    return str((u.spec.get("train") or {}).get("device", "auto"))
-
-
-def unit_resources(plan: Plan, u: Unit):
-    from ctssl_core.executors import Resources
-
-    return Resources(cpus=plan.bench.threads or 1, device=unit_device(plan, u))
 
 
 def _run_on_engine(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
@@ -628,7 +338,7 @@ def _run_on_engine(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[
     yield from run_in_order(engine, todo, pretrain_ids, _worker_unit,
                             args=lambda u, ids: (plan, u, root_s, ids, plan.bench.threads),
                             needs=needs, provides=provides, resources=lambda u: unit_resources(plan, u),
-                            on_running=lambda us: bar.set_postfix_str(" | ".join(_label(u) for u in us)))
+                            on_running=lambda us: bar.set_postfix_str(" | ".join(label(u) for u in us)))
 
 
 _WORKER_STORE: dict[str, Any] = {}
@@ -1026,7 +736,7 @@ def competence_rows(plan: Plan, root: Path, table: dict[str, dict[str, str]]):
     rows: list[dict[str, Any]] = []
     flagged: list[str] = []
     for s in plan.bench.strategies:
-        rid = find_pretrain(plan, s, root)
+        rid = find_pretrain(plan.pretraining(s), root)
         if rid is None or s not in comp.BASELINE_NAMES or ids.size < 2:
             continue
         try:
@@ -1090,7 +800,7 @@ def probe_rows(plan: Plan, root: Path, embeddings, table, log) -> list[dict[str,
     from ctssl_core import probes
     from ctssl_core.results import write as rw
 
-    n_boot = int((plan.config.get("downstream") or {}).get("n_boot", 1000))
+    n_boot = plan.analyse.config.n_boot
     results: dict[str, dict] = {}
     for init, ids in embeddings.items():
         E, keys, _ = emb.load_embeddings(root, ids["slice"])
@@ -1129,7 +839,7 @@ def run_bias(plan: Plan, root: Path, embeddings, log) -> tuple[list[dict], list[
     (``scorecard_rows``) -> (summary rows, lines)."""
     from ctssl_core import bias
 
-    mapping = dict(plan.config.get("bias") or {})
+    mapping = dict(plan.analyse.config.bias)
     bcfg = build(bias.BiasConfig, mapping, where="bias.")
     import pandas as pd
 

@@ -172,6 +172,13 @@ def build(cls: type[T], mapping: Mapping[str, Any] | None = None, overrides: typ
         raise ConfigError(f"{cls.__name__}: {e}") from e
 
 
+def config_hash(obj: Any, n: int = 8) -> str:
+    """A short stable hash of a JSON-able config (sorted keys): the identity of a benchmark, a unit, a cohort."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dataclass -> plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -214,7 +214,7 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
     slice embedding. Raises ``twins.TwinUnavailable`` when the store cannot be re-rendered.
     """
     from ctssl_core import twins
-    from ctssl_core.benchmark import embed_config
+    from ctssl_core.plan import embed_config
     from ctssl_core.data.store import SliceStore
     from ctssl_core.embed import load_embeddings, resolve_encoder
     from ctssl_core.paths import store_paths
@@ -228,7 +228,7 @@ def plan_inputs(plan, root: str | Path, embeddings: dict[str, dict[str, str]]):
     index = twins.patient_indices(plan.cohort, store_paths(root).secret)
     if not set(store.patients["patient_key"].astype(str)) <= set(index):
         raise twins.TwinUnavailable("the store holds patients that are not this benchmark's synthetic cohort")
-    ecfg = embed_config(plan)
+    ecfg = embed_config(plan.config, plan.bench)
     first = embeddings.get("random") or next(iter(embeddings.values()))
     _, keys, _ = load_embeddings(root, first["slice"])
     size = int(store.read(store.slice_ids[:1]).shape[-1])

@@ -346,7 +346,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
              benchmark_id: str | None = None, profile: str | None = None,
              progress: Callable[[int], None] | None = None, store=None,
              init_label: str | None = None, twin_cohort: str | Path | None = None,
-             labels: dict | None = None) -> FinetuneResult:
+             labels: dict | None = None, unit_hash: str | None = None) -> FinetuneResult:
     """Train and score one (task, init, fraction, seed). Resumes a run folder that has a checkpoint.
 
     ``init_label`` names the init in the results (the pretext key) when
@@ -354,6 +354,8 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     ``twin_cohort``: the synthetic cohort the store was built from; a PE model is then also
     scored on counterfactual twins of its test patients (``twins.py``).
     ``labels``: the run's name/tags/notes (``results.write.check_labels``), stored with its row.
+    ``unit_hash``: the benchmark unit's identity (``plan.Unit.unit_hash``), stored with the run so that a
+    resumed benchmark reruns the unit when its resolved config changed.
     """
     import time
 
@@ -395,7 +397,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
-                           dataset=store_dataset(root), labels=labels)
+                           dataset=store_dataset(root), labels=labels, unit_hash=unit_hash)
     logger = rw.RunLogger(root, run_id)
     curve_path = run_dir / CURVE_FILE
     resume = (run_dir / "checkpoints" / "last.pt").is_file()

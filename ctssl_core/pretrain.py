@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
-from ctssl_core.config import ConfigError, build, load_profile, merge, parse_overrides, to_dict
+from ctssl_core.config import ConfigError, build, config_hash, load_profile, merge, parse_overrides, to_dict
 from ctssl_core.paths import store_paths
 from ctssl_core.train import TrainConfig
 
@@ -46,6 +46,12 @@ class PretrainConfig:
     max_slices: int = 0                               # cap on the slices used (0 = all), for quick runs
     probe_every: int = 0                              # online linear probe (PE AUROC on held-out slices) every N steps; 0 = off
     probe_slices: int = 256                           # held-out labelled slices the probe embeds
+
+
+def pretrain_hash(cfg: PretrainConfig) -> str:
+    """A pretraining's identity: the hash of its resolved config, stored as ``runs.unit_hash``. A benchmark
+    finds a finished pretraining by it (``plan.PretrainUnit``), whoever started the run."""
+    return config_hash(to_dict(cfg), 16)
 
 
 @dataclass
@@ -223,9 +229,13 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
 def run_pretrain(task: str | None, store_root: str | Path | None = None, profile: str | None = None,
                  config_path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
                  resume_run_id: str | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = print, labels: dict | None = None) -> PretrainResult:
+                 echo: Callable[[str], None] = print, labels: dict | None = None,
+                 config: PretrainConfig | None = None) -> PretrainResult:
     """Pretrain one strategy on a store and record it. Raises ConfigError/StoreError with advice.
 
+    ``config``: an already resolved config (a benchmark's unit), used as it is; else it is resolved from
+    ``profile``/``config_path``/``overrides``. Either way the run stores its identity
+    (``plan.pretrain_hash``), by which a benchmark finds and reuses it.
     ``labels``: the run's name/tags/notes (``results.write.check_labels``), stored with its row."""
     import torch
 
@@ -240,7 +250,11 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
 
     root = store_paths(store_root).root
     base = None
-    if resume_run_id:
+    if config is not None:
+        if resume_run_id or profile or config_path or overrides:
+            raise ConfigError("run_pretrain takes a resolved config or the profile/config/overrides to resolve it "
+                              "from, not both")
+    elif resume_run_id:
         saved = store_paths(root).run_dir(resume_run_id) / "config.json"
         if not saved.is_file():
             raise ConfigError(f"cannot resume {resume_run_id!r}: no {saved}. List runs in the dashboard or "
@@ -252,7 +266,10 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
         task, profile, config_path = None, saved_cfg.get("profile"), None
     elif profile is None and config_path is None:
         profile = default_profile()
-    cfg = resolve_config(task, None if resume_run_id else profile, config_path, overrides, base=base)
+    cfg = config if config is not None else resolve_config(task, None if resume_run_id else profile, config_path,
+                                                           overrides, base=base)
+    if task and cfg.task != task:
+        raise ConfigError(f"the config pretrains {cfg.task!r}, not {task!r}")
     pretext = make_pretext(cfg.task, **dict(cfg.tasks.get(cfg.task, {}) or {}))
 
     info = distributed.init_from_env(cfg.train.device)
@@ -290,7 +307,8 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     logger = None
     if info.is_main:
         start_run(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
-                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=store_dataset(root), labels=labels)
+                  config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=store_dataset(root), labels=labels,
+                  unit_hash=pretrain_hash(cfg))
         logger = RunLogger(root, run_id)
         echo(f"run {run_id}: {cfg.task} on {cfg.encoder}, {len(ids)} slices, {cfg.train.steps} steps, device {device}")
 

@@ -13,8 +13,9 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4   # 3: runs.name, runs.tags, runs.notes; 4: summaries.outcome (the bias scorecard's outcome).
-                     # Two branches both stamped 3; 4 makes every store either of them built add the other's column
+SCHEMA_VERSION = 5   # 3: runs.name, runs.tags, runs.notes; 4: summaries.outcome (the bias scorecard's outcome).
+                     # Two branches both stamped 3; 4 makes every store either of them built add the other's column.
+                     # 5: runs.unit_hash (a run's unit identity; older pretrainings get theirs from their config)
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -109,7 +110,8 @@ TABLES: dict[str, str] = {
         error TEXT,
         name TEXT,                      -- a person's name for the run (`ctssl annotate`), shown beside the id
         tags JSON,                      -- {"key": "value"} labels (`ctssl annotate --tag`), mirrored to trackers
-        notes TEXT                      -- free text about the run (`ctssl annotate --note`); never patient data
+        notes TEXT,                     -- free text about the run (`ctssl annotate --note`); never patient data
+        unit_hash TEXT                  -- identity of the unit it computes: hash of its resolved config (plan.py)
     """,
     "metrics": """
         run_id TEXT,
@@ -342,7 +344,27 @@ def ensure_schema(con) -> None:
         key = _primary_key(body)
         if key and table in existing and pks.get(table, []) != key:  # made before its key existed
             _rebuild_with_key(con, table, body, key)
+        if table == "runs" and "unit_hash" not in have and "runs" in existing:
+            _backfill_pretrain_hashes(con)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+
+def _backfill_pretrain_hashes(con) -> None:
+    """Give the pretrainings of a store made before ``runs.unit_hash`` their identity, computed from the
+    resolved config each stored (``pretrain`` in its config JSON) exactly as ``pretrain.pretrain_hash`` does,
+    so a benchmark keeps reusing them. Fine-tunes keep none: a benchmark finds those by run id."""
+    import json
+
+    from ctssl_core.config import config_hash
+
+    rows = con.execute("SELECT run_id, config FROM runs WHERE kind = 'pretrain' AND unit_hash IS NULL").fetchall()
+    for run_id, cfg in rows:
+        try:
+            section = json.loads(cfg or "{}").get("pretrain")
+        except (ValueError, AttributeError):
+            continue          # an unreadable config: the run is simply not reused
+        if isinstance(section, dict):
+            con.execute("UPDATE runs SET unit_hash = ? WHERE run_id = ?", [config_hash(section, 16), run_id])
 
 
 def ensure_schema_current(con) -> None:

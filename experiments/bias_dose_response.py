@@ -35,7 +35,7 @@ def stand_ins(plan, n: int):
     """(SynthConfig, every patient, n random-init encoders, DoseConfig) from the profile alone."""
     import torch
 
-    from ctssl_core.benchmark import input_windows, pretrain_encoder
+    from ctssl_core.plan import input_windows, pretrain_encoder
     from ctssl_core.config import build
     from ctssl_core.data.synth import SynthConfig
     from ctssl_core.dose import DoseConfig
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from ctssl_core import bias
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
     from ctssl_core.config import ConfigError, build
     from ctssl_core.dose import benchmark_embeddings, dose_response, dose_sentence, plan_inputs
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.store and args.stand_ins < 1:
         print("error: give --store (a finished benchmark's store) or --stand-ins N", file=sys.stderr)
         return 2
-    plan = make_plan(args.profile, args.overrides, args.store or None)
+    plan = make_plan(args.profile, args.overrides)
     if plan.bench.threads:   # as run_benchmark: one thread is far faster on a CPU shared with other jobs
         import torch
 

@@ -94,7 +94,7 @@ def attributes_store(smoke_store, tmp_path_factory):
     the attribute is empty). Read-only by convention."""
     import pandas as pd
 
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
     from ctssl_core.data.adapters.demographics import apply_demographics
     from ctssl_core.data.pseudonym import Pseudonymiser
     from ctssl_core.paths import store_paths
@@ -102,7 +102,7 @@ def attributes_store(smoke_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("attributes") / "store"
     shutil.copytree(smoke_store, root, ignore=shutil.ignore_patterns("runs", "*.pt"))
     key = Pseudonymiser.for_store(store_paths(root).secret)
-    ids = pd.read_csv(make_plan("smoke", store_root=root).cohort / "demographics.csv").PatientID.astype(str)
+    ids = pd.read_csv(make_plan("smoke").cohort / "demographics.csv").PatientID.astype(str)
     extra = pd.DataFrame({"PatientID": ids, "bmi": [f"{18.5 + 0.37 * i:.2f}" for i in range(len(ids))],
                           "scanner_code": [str(i % 3 + 1) for i in range(len(ids))],
                           "sex": "not recorded"})

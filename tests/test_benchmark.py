@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctssl_core.benchmark import BenchmarkConfig, make_plan
+from ctssl_core.plan import BenchmarkConfig, make_plan
 from ctssl_core.config import ConfigError
 
 RESULT_TABLES = ("runs", "metrics", "metric_offsets", "results", "summaries", "benchmarks", "splits",
@@ -15,8 +15,8 @@ RESULT_TABLES = ("runs", "metrics", "metric_offsets", "results", "summaries", "b
 def test_plan_is_deterministic_and_adds_seeds_at_small_fractions(tmp_path):
     over = ["benchmark.fractions=[0.1,0.5,1.0]", "benchmark.small_fraction=0.1",
             "benchmark.small_fraction_seeds=[0,1,2]", "benchmark.strategies=[rotation]"]
-    a = make_plan("smoke", over, tmp_path)
-    b = make_plan("smoke", over, tmp_path)
+    a = make_plan("smoke", over)
+    b = make_plan("smoke", over)
     assert [u.run_id for u in a.units] == [u.run_id for u in b.units]
     assert len({u.run_id for u in a.units}) == len(a.units)
     pe = [(u.init, u.fraction, u.seed) for u in a.units if u.kind == "finetune" and u.task == "pe"]
@@ -25,7 +25,7 @@ def test_plan_is_deterministic_and_adds_seeds_at_small_fractions(tmp_path):
     assert {i for i, _, _ in pe} == {"random", "rotation", "positive_control", "negative_control"}
     demo = {u.fraction for u in a.units if u.kind == "finetune" and u.task == "demographics"}
     assert demo == {1.0}
-    c = make_plan("smoke", over + ["downstream.train.steps=5"], tmp_path)
+    c = make_plan("smoke", over + ["downstream.train.steps=5"])
     assert c.benchmark_id != a.benchmark_id            # a different protocol is a different benchmark
 
 
@@ -35,9 +35,9 @@ def test_bad_benchmark_configs_say_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         BenchmarkConfig(strategies=("jigsaw",))
     with pytest.raises(ConfigError, match="unknown section"):
-        make_plan("smoke", ["finetune.steps=3"], tmp_path)
+        make_plan("smoke", ["finetune.steps=3"])
     with pytest.raises(ConfigError, match="unknown config key"):
-        make_plan("smoke", ["downstream.stepz=3"], tmp_path)
+        make_plan("smoke", ["downstream.stepz=3"])
 
 
 def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, capsys):
@@ -117,23 +117,33 @@ def test_smoke_benchmark_end_to_end_fills_every_table_and_resumes(tmp_path, caps
     assert "| init |" in (run_dir / "summary.md").read_text()
     assert "PE baseline: slice position alone gives slice AUROC" in (run_dir / "summary.md").read_text()
 
-    # resume: mark one fine-tuning unfinished; a re-run redoes only that one and reuses the rest
+    # resume: mark one fine-tuning unfinished, and give another the identity of another config (a run made
+    # before the code's defaults changed); a re-run redoes only those two. A run from before unit hashes
+    # existed (NULL) is found by its run id, as before.
     con = duckdb.connect(str(sp.db))
     try:
-        (rid,) = con.execute("SELECT run_id FROM runs WHERE kind = 'finetune' AND task = 'pe' "
-                             "ORDER BY run_id LIMIT 1").fetchone()
+        (rid,), (changed,), (legacy,) = con.execute(
+            "SELECT run_id FROM runs WHERE kind = 'finetune' AND task = 'pe' ORDER BY run_id LIMIT 3").fetchall()
+        want = con.execute("SELECT unit_hash FROM runs WHERE run_id = ?", [changed]).fetchone()[0]
+        assert want is not None and len(want) == 16
         con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [rid])
+        con.execute("UPDATE runs SET unit_hash = 'another-config' WHERE run_id = ?", [changed])
+        con.execute("UPDATE runs SET unit_hash = NULL WHERE run_id = ?", [legacy])
     finally:
         con.close()
     from ctssl_core.benchmark import run_benchmark
 
+    said: list[str] = []
     res2 = run_benchmark("smoke", store, [f"benchmark.cohort={tmp_path / 'cohort'}"], progress=False,
-                         log=lambda m: None)
-    assert res2["ran"] == 1 and res2["benchmark_id"] == bid
+                         log=said.append)
+    assert res2["ran"] == 2 and res2["benchmark_id"] == bid
+    assert any(changed in m and "resolved config changed" in m for m in said)
     con = duckdb.connect(str(sp.db), read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
         assert con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()[0] == "succeeded"
+        assert con.execute("SELECT unit_hash FROM runs WHERE run_id = ?", [changed]).fetchone()[0] == want
+        assert con.execute("SELECT unit_hash FROM runs WHERE run_id = ?", [legacy]).fetchone()[0] is None
         dup = con.execute("SELECT count(*) FROM (SELECT run_id, metric, count(*) c FROM results "
                           "GROUP BY 1, 2, split HAVING c > 1)").fetchone()[0]
         assert dup == 0
@@ -159,7 +169,7 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
     from ctssl_core.paths import store_paths
 
     over = [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=10", "synth.slices_per_exam=4"]
-    plan = make_plan("smoke", over, tmp_path / "a")
+    plan = make_plan("smoke", over)
     got = []
     for name in ("a", "b"):
         ensure_data(plan, tmp_path / name, lambda m: None)
@@ -167,13 +177,13 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
         assert store_paths(tmp_path / name).secret.stat().st_mode & 0o077 == 0   # owner-only, like a random key
     assert got[0] == got[1] and len(got[0]) == 10
     # a store written for another slice size (e.g. by an older profile) is refused, not trained on
-    other = make_plan("smoke", over + ["ingest.size=64"], tmp_path / "a")
+    other = make_plan("smoke", over + ["ingest.size=64"])
     with pytest.raises(ConfigError, match="holds 32-px slices .* set up for 64-px"):
         ensure_data(other, tmp_path / "a", lambda m: None)
     # another synthetic cohort's profile (here: 12 patients instead of 10) refuses the store instead of
     # running its design on these patients; the same profile again reuses it
     bigger = make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort12'}", "synth.n_patients=12",
-                                 "synth.slices_per_exam=4"], tmp_path / "a")
+                                 "synth.slices_per_exam=4"])
     with pytest.raises(ConfigError, match=r"holds a synthetic cohort other than the one profile 'smoke' is set up for \(cohort12, 12 patients\).* --store "):
         ensure_data(bigger, tmp_path / "a", lambda m: None)
     said = []
@@ -198,7 +208,7 @@ def test_stores_built_from_one_synthetic_cohort_get_the_same_splits(tmp_path):
     ensure_data(plan, tmp_path / "by_hand", said.append)
     with pytest.raises(ConfigError, match="holds a synthetic cohort other than"):
         ensure_data(make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=9",
-                                        "synth.slices_per_exam=4"], tmp_path / "a"), tmp_path / "by_hand", said.append)
+                                        "synth.slices_per_exam=4"]), tmp_path / "by_hand", said.append)
     assert said == []
     # a real-data store (secret not made by the benchmark) keeps its own random key
     from ctssl_core.data.pseudonym import create_secret, load_or_create_secret
@@ -219,7 +229,7 @@ def test_pe_runs_save_validation_exam_scores_that_set_the_subgroup_threshold(smo
     from ctssl_core.finetune import patient_keys, read_exam_scores, split_patient_idx
     from ctssl_core.paths import store_paths
 
-    plan = make_plan("smoke", store_root=smoke_store)
+    plan = make_plan("smoke")
     unit = next(u for u in plan.units if u.kind == "finetune" and u.task == "pe" and u.init == "random"
                 and u.fraction == 1.0)
     test, val = read_exam_scores(store_paths(smoke_store).run_dir(unit.run_id))
@@ -252,7 +262,7 @@ def test_benchmark_data_is_synthetic_or_store_and_store_never_generates(tmp_path
 
     with pytest.raises(ConfigError, match="benchmark.data must be 'synthetic' .* or 'store'"):
         BenchmarkConfig(data="auto")
-    plan = make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort'}", "benchmark.data=store"], tmp_path / "s")
+    plan = make_plan("smoke", [f"benchmark.cohort={tmp_path / 'cohort'}", "benchmark.data=store"])
     with pytest.raises(ConfigError, match=r"holds no slices, and benchmark.data is 'store': ingest your data first "
                                           r"\(ctssl ingest DIR --store .* --size 32\)"):
         ensure_data(plan, tmp_path / "s", lambda m: None)

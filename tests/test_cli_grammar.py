@@ -124,11 +124,12 @@ def test_finetune_refuses_keys_it_would_ignore(fake_finetune, tmp_path, capsys):
 
 def test_benchmark_routes_short_forms_to_its_own_section(monkeypatch, tmp_path, capsys):
     import ctssl_core.benchmark as bm
+    from ctssl_core.plan import resolve_profile
 
     seen = {}
 
     def run_benchmark(profile, store, overrides, progress=True, labels=None):
-        seen["cfg"], seen["progress"] = bm.resolve_profile(profile, overrides), progress
+        seen["cfg"], seen["progress"] = resolve_profile(profile, overrides), progress
         return {"benchmark_id": "b", "ran": 0, "skipped": 0, "wall_s": 0.0}
 
     monkeypatch.setattr(bm, "run_benchmark", run_benchmark)
@@ -295,7 +296,7 @@ def _build_section(section: str, overrides: list[str]):
 def test_every_readme_override_example_parses_and_sets_the_key_it_names():
     import shlex
 
-    from ctssl_core.benchmark import resolve_profile
+    from ctssl_core.plan import resolve_profile
 
     parser = build_parser()
     examples = _readme_set_examples()

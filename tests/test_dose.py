@@ -65,13 +65,13 @@ def test_only_the_race_knob_changes_the_render():
 
 
 def test_renders_equal_the_smoke_store(smoke_store):
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
     from ctssl_core.data.store import SliceStore
     from ctssl_core.dose import render_at, slice_positions
     from ctssl_core.paths import store_paths
     from ctssl_core.twins import cohort_config, patient_indices
 
-    plan = make_plan("smoke", store_root=smoke_store)
+    plan = make_plan("smoke")
     cfg = cohort_config(plan.cohort)
     index = patient_indices(plan.cohort, store_paths(smoke_store).secret)
     store = SliceStore.open(smoke_store)
@@ -194,7 +194,7 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
 
     from test_pages import open_page, texts
 
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
     from ctssl_core.config import merge
     from ctssl_core.dose import benchmark_embeddings, dose_rows
     from ctssl_core.results import read
@@ -202,7 +202,7 @@ def test_dose_rows_of_the_smoke_benchmark_reach_the_embeddings_page(smoke_store,
 
     root = tmp_path / "store"
     shutil.copytree(smoke_store, root)
-    plan = make_plan("smoke", store_root=root)
+    plan = make_plan("smoke")
     emb = benchmark_embeddings(plan, root)
     assert set(emb) == {"random", *plan.bench.strategies}
     assert dose_rows(plan, root, emb)[:2] == ([], [])                             # off unless the profile asks

@@ -196,15 +196,15 @@ def test_random_init_is_the_architecture_and_view_of_the_benchmarks_encoders(sto
     a strategy encoder that benchmark pretrains, not the registry default; and a bad option says so."""
     import torch
 
-    from ctssl_core.benchmark import embed_config, make_plan
+    from ctssl_core.plan import embed_config, make_plan
     from ctssl_core.config import ConfigError
     from ctssl_core.cli import main
     from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
 
     params = "pretrain.encoder_params={width: 0.5}"
-    plan = make_plan("smoke", overrides=[params], store_root=store_copy)
-    ecfg = embed_config(plan)
+    plan = make_plan("smoke", overrides=[params])
+    ecfg = embed_config(plan.config, plan.bench)
     assert ecfg.encoder_kwargs == {"width": 0.5} and ecfg.windows == plan.config["pretrain"]["windows"]
     assert main(["pretrain", "--store", str(store_copy), "--profile", "smoke", "--no-progress", "--task", "rotation",
                  "--set", params, "--set", "train.image_size=32", "--set", "train.batch_size=8",

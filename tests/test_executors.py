@@ -12,7 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from ctssl_core.benchmark import BenchmarkConfig, make_plan, run_benchmark, unit_resources
+from ctssl_core.benchmark import run_benchmark
+
+from ctssl_core.plan import BenchmarkConfig, make_plan, unit_resources
 from ctssl_core.config import ConfigError
 from ctssl_core.executors import Resources, check_executor
 
@@ -66,7 +68,7 @@ def test_bad_executor_settings_say_what_to_do(monkeypatch):
 def test_units_declare_threads_and_the_device_their_config_asks_for(ray_local, tmp_path):
     from ctssl_core.executors import RayEngine
 
-    plan = make_plan("smoke", ["benchmark.threads=3", "downstream.train.device=cuda"], tmp_path)
+    plan = make_plan("smoke", ["benchmark.threads=3", "downstream.train.device=cuda"])
     res = {u.kind + ("-nc" if u.init == "negative_control" and u.kind == "control" else ""): unit_resources(plan, u)
            for u in plan.units}
     assert {r.cpus for r in res.values()} == {3}
@@ -124,7 +126,7 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
     store = tmp_path / "store"
     shutil.copytree(smoke_store, store)
     over = ["benchmark.executor=ray"]
-    plan = make_plan("smoke", over, store)
+    plan = make_plan("smoke", over)
     redo = [u.run_id for u in plan.units if u.kind == "finetune" and u.task == "pe"][:3]
     first = redo[0]
     _invalidate(store, redo)
@@ -171,7 +173,7 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
 
     monkeypatch.setattr(bm, "_worker_unit", counted)
     out = run_benchmark("smoke", store, over, progress=False, log=lambda m: None)
-    assert out["ran"] == 2 and out["skipped"] == len(plan.units) - 2
+    assert out["ran"] == 2 and out["skipped"] == len(plan.runs) - 2
     assert sorted(p.name for p in again.iterdir()) == sorted(redo[1:])      # nothing finished ran again
     assert (_query(store, "SELECT status FROM runs WHERE run_id IN (SELECT unnest(?))", [redo]).status
             == "succeeded").all()

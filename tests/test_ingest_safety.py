@@ -132,13 +132,14 @@ def test_cli_ingest_refusal_of_real_data_is_a_clear_message(tmp_path, capsys):
 
 def test_benchmark_store_marks_its_key_and_refuses_real_data(tmp_path):
     """End to end: the store `ctssl benchmark` builds (ensure_data) carries the synthetic marker."""
-    from ctssl_core.benchmark import ensure_data, make_plan
+    from ctssl_core.benchmark import ensure_data
+    from ctssl_core.plan import make_plan
     from ctssl_core.data.pseudonym import is_synthetic_key
 
     store = tmp_path / "store"
     over = [f"benchmark.cohort={tmp_path / 'cohort'}", "synth.n_patients=2", "synth.slices_per_exam=4",
             "ingest.size=32"]
-    ensure_data(make_plan("smoke", over, store), store, lambda m: None)
+    ensure_data(make_plan("smoke", over), store, lambda m: None)
     assert is_synthetic_key(store_paths(store).secret) and _catalog_counts(store)[0] == 2
     write_series(tmp_path / "real" / "s", phantom(2, 32, 32), patient_id="REAL-PID")
     with pytest.raises(ConfigError, match="fresh store"):

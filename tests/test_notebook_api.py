@@ -31,14 +31,14 @@ def test_import_ctssl_core_is_light_and_names_its_api():
 def test_a_notebook_reads_the_store_trains_on_it_and_loads_an_export(smoke_store, tmp_path):
     """What the README's notebook paragraph promises, in a fresh interpreter: a DataLoader over the test split
     in the encoder's own windows, an exported encoder applied to a batch, the benchmark's table read back."""
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
     from ctssl_core.export import export_run
 
-    plan = make_plan("smoke", store_root=smoke_store)
+    plan = make_plan("smoke")
     pre = next(u for u in plan.units if u.kind == "pretrain")
     from ctssl_core.benchmark import find_pretrain
 
-    run_id = find_pretrain(plan, pre.init, smoke_store)
+    run_id = find_pretrain(pre, smoke_store)
     export_run(run_id, tmp_path / "export", smoke_store)
     b = plan.bench
     script = textwrap.dedent(f"""

@@ -182,10 +182,10 @@ def test_a_finetune_unit_gives_the_same_weights_whatever_ran_before_in_the_proce
 
 
 def _plan(tmp_path, over=()):
-    from ctssl_core.benchmark import make_plan
+    from ctssl_core.plan import make_plan
 
     return make_plan("smoke", ["benchmark.fractions=[0.1,1.0]", "benchmark.small_fraction=0.1",
-                               "benchmark.small_fraction_seeds=[0,1,2]", *over], tmp_path)
+                               "benchmark.small_fraction_seeds=[0,1,2]", *over])
 
 
 def _boots(gain_pc: float, gain_strategy: float, seeds=(0, 1, 2), n=400, p=60):
@@ -240,7 +240,7 @@ def test_seed_mean_carries_the_spread_between_seeds():
 
 
 def test_plan_has_controls_after_their_sources_and_bad_control_configs_fail(tmp_path):
-    from ctssl_core.benchmark import BenchmarkConfig, needs, provides
+    from ctssl_core.plan import BenchmarkConfig, needs, provides
 
     plan = _plan(tmp_path)
     seen: set = set()
@@ -253,7 +253,7 @@ def test_plan_has_controls_after_their_sources_and_bad_control_configs_fail(tmp_
     assert {"positive_control", "negative_control"} <= inits
     assert not {u.init for u in plan.units if u.task == "demographics"} & {"positive_control"}
     pc = next(u for u in plan.units if u.kind == "control" and u.init == "positive_control")
-    assert pc.spec["train_split"] == "pool" and pc.spec["pool"] == 0.5
+    assert pc.config.train_split == "pool" and pc.config.pool == 0.5
     with pytest.raises(ConfigError, match="need an unlabelled pool"):
         BenchmarkConfig(controls=("pe",))
     with pytest.raises(ConfigError, match="controls"):
@@ -320,11 +320,11 @@ def test_frozen_readout_freezes_every_finetune_but_not_the_positive_control_sour
     """With ``downstream.freeze_encoder`` (the frozen-encoder readout), every fine-tune unit keeps its init's
     encoder fixed, but the positive control's source is supervised training: it must train its encoder."""
     plan = _plan(tmp_path, ["downstream.freeze_encoder=true"])
-    pc = [u for u in plan.units if u.kind == "control" and u.spec]
+    pc = [u for u in plan.units if u.kind == "control" and u.config is not None]
     ft = [u for u in plan.units if u.kind == "finetune"]
-    assert pc and all(u.spec["freeze_encoder"] is False for u in pc)
-    assert ft and all(u.spec["freeze_encoder"] is True for u in ft)
-    assert all(u.spec["freeze_encoder"] is False for u in _plan(tmp_path / "b").units if u.kind == "finetune")
+    assert pc and all(u.config.freeze_encoder is False for u in pc)
+    assert ft and all(u.config.freeze_encoder is True for u in ft)
+    assert all(u.config.freeze_encoder is False for u in _plan(tmp_path / "b").units if u.kind == "finetune")
 
 
 def test_ceiling_falls_back_to_the_tasks_next_metric(tmp_path):
@@ -348,23 +348,23 @@ def test_ceiling_falls_back_to_the_tasks_next_metric(tmp_path):
 def test_pretraining_uses_the_benchmarks_split_fractions_without_a_pool(tmp_path):
     """Without a pool, pretraining reads the train split: it must be the train split of the fine-tunes' own
     scheme, or pretraining would see their test patients."""
-    from ctssl_core.benchmark import pretrain_section
-
     plan = _plan(tmp_path, ["benchmark.pool=0", "benchmark.controls=[]", "benchmark.split_fractions=[0.5,0.1,0.4]"])
-    sec = pretrain_section(plan, "rotation")
-    assert sec["split_fractions"] == [0.5, 0.1, 0.4] and "pool" not in sec
-    default = pretrain_section(_plan(tmp_path / "d", ["benchmark.pool=0", "benchmark.controls=[]"]), "rotation")
-    assert "split_fractions" not in default          # default scheme: existing pretraining runs are reused
+    cfg = plan.pretraining("rotation").config
+    assert tuple(cfg.split_fractions) == (0.5, 0.1, 0.4) and (cfg.split, cfg.pool) == ("train", 0.0)
+    pooled = _plan(tmp_path / "d", ["benchmark.pool=0.5"]).pretraining("rotation").config
+    assert (pooled.split, pooled.pool) == ("pool", 0.5)
 
 
 def test_embed_section_cannot_override_the_benchmarks_split_scheme(tmp_path):
-    from ctssl_core.benchmark import embed_config
+    from ctssl_core.plan import embed_config
     from ctssl_core.config import ConfigError
 
-    ecfg = embed_config(_plan(tmp_path, ["benchmark.split_fractions=[0.5,0.1,0.4]"]))
+    plan = _plan(tmp_path, ["benchmark.split_fractions=[0.5,0.1,0.4]"])
+    ecfg = embed_config(plan.config, plan.bench)
     assert tuple(ecfg.split_fractions) == (0.5, 0.1, 0.4) and ecfg.pool == 0.5
+    assert all(u.config == ecfg for u in plan.of_kind("embed"))
     with pytest.raises(ConfigError, match="embed.pool cannot be set"):
-        embed_config(_plan(tmp_path / "b", ["embed.pool=0.2"]))
+        _plan(tmp_path / "b", ["embed.pool=0.2"])
 
 
 def test_ceiling_rows_are_analyses_not_values_of_an_init():

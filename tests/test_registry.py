@@ -31,7 +31,7 @@ class Upside(DenseTask):
 
 
 def test_default_strategies_come_from_the_registry(monkeypatch):
-    from ctssl_core.benchmark import BenchmarkConfig
+    from ctssl_core.plan import BenchmarkConfig
 
     assert strategies() == ("masked_region", "next_slice", "rotation", "flip", "denoise")   # not composite
     monkeypatch.setitem(PRETEXT, "upside", Upside)

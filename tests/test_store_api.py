@@ -18,8 +18,8 @@ from ctssl_core.results import store_api
 def test_missing_store_reads_as_nothing_there(tmp_path):
     assert store_api.run_task(tmp_path, "r1") is None
     assert store_api.run_origin(tmp_path, "r1") is None
-    assert store_api.succeeded_runs(tmp_path) == {}
-    assert store_api.pretrain_runs(tmp_path, "rotation") == []
+    assert store_api.succeeded_units(tmp_path) == {}
+    assert store_api.runs_with_hash(tmp_path, "pretrain", "0" * 16) == []
     assert store_api.pretrain_checkpoints(tmp_path, "rotation") == []
     ck = store_api.checkpoints(tmp_path)
     assert ck.empty and list(ck.columns) == ["run_id", "task", "encoder", "checkpoint", "ended_at"]
@@ -30,16 +30,23 @@ def test_missing_store_reads_as_nothing_there(tmp_path):
 
 
 def test_run_queries_agree_on_the_smoke_store(smoke_store):
-    done = store_api.succeeded_runs(smoke_store)
-    pre = {t: store_api.pretrain_runs(smoke_store, t) for t in {store_api.run_task(smoke_store, r) for r in done}}
-    pre_ids = [rid for rows in pre.values() for rid, _, _ in rows]
-    assert pre_ids and set(pre_ids) <= set(done)
-    for task, rows in pre.items():
-        assert store_api.pretrain_checkpoints(smoke_store, task) == [c for _, _, c in rows if c is not None]
-        for rid, cfg, ckpt in rows:
-            assert store_api.run_task(smoke_store, rid) == task
-            assert store_api.run_origin(smoke_store, rid)[:2] == (rid, task)
-            assert "pretrain" in json.loads(cfg) and done[rid] == ckpt
+    from ctssl_core.plan import make_plan
+
+    done = store_api.succeeded_units(smoke_store)
+    plan = make_plan("smoke")
+    pre_ids = []
+    for unit in plan.of_kind("pretrain"):              # the benchmark's pretrainings, found by their identity
+        rows = store_api.runs_with_hash(smoke_store, "pretrain", unit.unit_hash)
+        assert len(rows) == 1, unit.task
+        (rid, ckpt), = rows
+        pre_ids.append(rid)
+        assert store_api.pretrain_checkpoints(smoke_store, unit.task) == [ckpt]
+        assert store_api.run_task(smoke_store, rid) == unit.task
+        assert store_api.run_origin(smoke_store, rid)[:2] == (rid, unit.task)
+        assert done[rid] == (ckpt, unit.unit_hash)
+        assert store_api.runs_with_hash(smoke_store, "finetune", unit.unit_hash) == []   # kind is part of it
+    for unit in plan.of_kind("finetune"):              # every fine-tune stored the identity the plan gives it
+        assert done[unit.run_id][1] == unit.unit_hash
     ck = store_api.checkpoints(smoke_store)
     assert set(ck["run_id"]) == set(pre_ids)                     # every smoke pretraining kept its checkpoint
     assert all((smoke_store / c).is_file() for c in ck["checkpoint"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ctssl_core import ops
-from ctssl_core.benchmark import input_windows, resolve_profile
+from ctssl_core.plan import input_windows, resolve_profile
 from ctssl_core.config import build
 from ctssl_core.data.phantom import nodule_masks_by_slice, phantom_volume
 from ctssl_core.data.synth import STREAM_RENDER, SynthConfig, _rng, sample_patient

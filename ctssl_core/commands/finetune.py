@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from ctssl_core.benchmark import finetune_config, pretrain_encoder, resolve_profile
+    from ctssl_core.plan import finetune_config, pretrain_encoder, resolve_profile
     from ctssl_core.cli import label_args
     from ctssl_core.config import profile_overrides
     from ctssl_core.finetune import finetune

@@ -24,6 +24,11 @@ def _tables(con) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
+def _columns(con, table: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                      [table]).fetchall()}
+
+
 # ------------------------------------------------------------------ runs
 
 
@@ -47,28 +52,33 @@ def run_origin(store_root: str | Path, run_id: str) -> tuple[str, str | None, st
     return tuple(r) if r is not None else None
 
 
-def succeeded_runs(store_root: str | Path) -> dict[str, str | None]:
-    """run_id -> checkpoint (store-relative) of every succeeded run; {} without a store or ``runs``."""
+def succeeded_units(store_root: str | Path) -> dict[str, tuple[str | None, str | None]]:
+    """run_id -> (checkpoint (store-relative), unit_hash) of every succeeded run; {} without a store or
+    ``runs``. A run made before ``runs.unit_hash`` existed has None there."""
     sp = store_paths(store_root)
     if not sp.db.exists():
         return {}
     with connect(sp.db, read_only=True) as con:
         if "runs" not in _tables(con):
             return {}
-        return dict(con.execute("SELECT run_id, checkpoint FROM runs WHERE status = 'succeeded'").fetchall())
+        hashed = "unit_hash" in _columns(con, "runs")
+        return {r[0]: (r[1], r[2]) for r in con.execute(
+            f"SELECT run_id, checkpoint, {'unit_hash' if hashed else 'NULL'} FROM runs "
+            f"WHERE status = 'succeeded'").fetchall()}
 
 
-def pretrain_runs(store_root: str | Path, task: str) -> list[tuple[str, str | None, str | None]]:
-    """(run_id, config JSON, checkpoint) of the succeeded pretrainings of ``task``, newest first."""
+def runs_with_hash(store_root: str | Path, kind: str, unit_hash: str) -> list[tuple[str, str | None]]:
+    """(run_id, checkpoint) of the succeeded runs of ``kind`` that computed the unit ``unit_hash``, newest
+    first: how a benchmark finds a pretraining it can reuse, whoever ran it."""
     sp = store_paths(store_root)
     if not sp.db.exists():
         return []
     with connect(sp.db, read_only=True) as con:
-        if "runs" not in _tables(con):
-            return []
+        if "runs" not in _tables(con) or "unit_hash" not in _columns(con, "runs"):
+            return []                 # an older store: upgraded (and its pretrainings hashed) on its next write
         return [tuple(r) for r in con.execute(
-            "SELECT run_id, config, checkpoint FROM runs WHERE kind = 'pretrain' AND task = ? "
-            "AND status = 'succeeded' ORDER BY ended_at DESC", [task]).fetchall()]
+            "SELECT run_id, checkpoint FROM runs WHERE kind = ? AND unit_hash = ? AND status = 'succeeded' "
+            "ORDER BY ended_at DESC, run_id", [kind, unit_hash]).fetchall()]
 
 
 def pretrain_checkpoints(store_root: str | Path, task: str) -> list[str]:

@@ -367,8 +367,12 @@ class RunLogger:
 def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: str, encoder: str,
               config: Mapping[str, Any] | Any, fraction: float | None = None, seed: int | None = None,
               profile: str | None = None, benchmark_id: str | None = None,
-              dataset: str | None = None, labels: Mapping[str, Any] | None = None) -> Path:
+              dataset: str | None = None, labels: Mapping[str, Any] | None = None,
+              unit_hash: str | None = None) -> Path:
     """Create ``runs/<run_id>/`` (config.json) and the ``runs`` row (status running). Returns the run dir.
+
+    ``unit_hash``: the identity of the unit the run computes (``plan.py``; a pretraining's is
+    ``pretrain.pretrain_hash``), by which a benchmark finds it again.
 
     Starting an existing run id again (resume) sets it back to running and keeps
     its created_at, metrics and offset. ``labels`` ({name, tags, notes}, as ``check_labels``
@@ -391,12 +395,13 @@ def start_run(store_root: str | Path, run_id: str, kind: str, task: str, init: s
         ensure_schema(con)
         con.execute(
             """INSERT INTO runs (run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id,
-                                 dataset, config, code_version, status, created_at, run_dir)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)
+                                 dataset, config, code_version, status, created_at, run_dir, unit_hash)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
                ON CONFLICT (run_id) DO UPDATE SET status = 'running', ended_at = NULL, error = NULL,
-                   config = excluded.config, code_version = excluded.code_version""",
+                   config = excluded.config, code_version = excluded.code_version,
+                   unit_hash = coalesce(excluded.unit_hash, runs.unit_hash)""",
             [run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id, dataset,
-             cfg_json, code_version(), utcnow(), rel])
+             cfg_json, code_version(), utcnow(), rel, unit_hash])
         if labels:
             _apply_labels(con, run_id, **labels)
     job_dir = os.environ.get(JOB_DIR_ENV)
