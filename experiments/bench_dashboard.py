@@ -4,7 +4,9 @@ For every page we time what one Streamlit rerun does — the page's cached
 loaders (``pages/common._load``, i.e. ``st.cache_data`` around
 ``results/read.py``) plus building its plotly figures:
 
-- cold: empty cache (first visit after the store changed), DuckDB file already on disk;
+- cold: empty cache (first visit after the store changed), DuckDB file already on disk; the median of
+  ``--cold-repeats`` visits, the pages' caches cleared before each (one visit is too noisy on a shared
+  2-core machine to compare two versions);
 - warm: cache hit (any later rerun: a widget change that does not change the query);
 - AppTest warm: a full script rerun of the real page under ``streamlit.testing`` (Streamlit overhead included).
 
@@ -168,6 +170,7 @@ def main() -> int:
     ap.add_argument("--emb", type=int, default=20000)
     ap.add_argument("--reuse", action="store_true", help="reuse an existing benchmark store")
     ap.add_argument("--no-apptest", action="store_true")
+    ap.add_argument("--cold-repeats", type=int, default=5, help="cold visits per page (median reported)")
     args = ap.parse_args()
 
     root = Path(args.store)
@@ -195,7 +198,12 @@ def main() -> int:
     work = page_work(store, _load, _load_many, s)
     rows = []
     for page, fn in work.items():
-        cold, pts = timed(fn)
+        colds = []
+        for _ in range(max(1, args.cold_repeats)):
+            _load.clear()
+            _load_many.clear()
+            colds.append(timed(fn))
+        cold, pts = statistics.median(t for t, _ in colds), colds[-1][1]
         warm = statistics.median(timed(fn)[0] for _ in range(5))
         at_warm = float("nan") if args.no_apptest else apptest_warm(store, page)
         rows.append((page, cold, warm, at_warm, pts))
