@@ -4,7 +4,9 @@ For every page we time what one Streamlit rerun does — the page's cached
 loaders (``pages/common._load``, i.e. ``st.cache_data`` around
 ``results/read.py``) plus building its plotly figures:
 
-- cold: empty cache (first visit after the store changed), DuckDB file already on disk;
+- cold: empty cache (first visit after the store changed), DuckDB file already on disk; the median of
+  ``--cold-repeats`` visits, the pages' caches cleared before each (one visit is too noisy on a shared
+  2-core machine to compare two versions);
 - warm: cache hit (any later rerun: a widget change that does not change the query);
 - AppTest warm: a full script rerun of the real page under ``streamlit.testing`` (Streamlit overhead included).
 
@@ -67,58 +69,69 @@ def page_work(store: str, load, load_many, s) -> dict:
     """One rerun's data + figures per page, mirroring pages/*.py (same batched, cached loaders)."""
     v = read.store_version(store)
 
-    def q(fn, *args, **kw):
-        return load(fn, store, v, args, tuple(sorted(kw.items())))
+    bench_id = read.latest_finished(read.benchmarks(store))   # the pages' default benchmark
 
-    def many(*calls):
-        return load_many(store, v, tuple(calls))
+    def q(fn, *args, **kw):                 # pages/common.query: the function itself, its name keys the cache
+        return load(fn.__qualname__, fn, store, v, args, tuple(sorted(kw.items())))
+
+    def many(*calls):                       # pages/common.query_many
+        return load_many(store, v, tuple((fn.__qualname__, *args) for fn, *args in calls), tuple(calls))
 
     def overview():
-        _, t, _, _ = many(("store_info",), ("headline_table",), ("benchmarks",), ("run_overview",))
+        _, t, _, _, _, _, _, _ = many(
+            (read.store_info,), (read.headline_table, bench_id), (read.benchmarks,), (read.run_overview,),
+            (read.sensitivity, bench_id), (read.strategy_verdicts, bench_id), (read.competence, bench_id),
+            (read.deltas, bench_id))
         read.verdicts(t)
         read.pivot_headline(t)
         return 0
 
     def compare():
-        _, _, t, speed, _ = many(("store_info",), ("task_metrics",), ("headline_table",),
-                                 ("derived", "speed_ratio"), ("derived", "labels_saved"))
-        c = q("fraction_curves", "pe", "slice_auroc")
+        _, _, t, speed, _, _, _ = many(
+            (read.store_info,), (read.task_metrics, bench_id), (read.headline_table, bench_id),
+            (read.derived, "speed_ratio", bench_id), (read.derived, "labels_saved", bench_id),
+            (read.sensitivity, bench_id), (read.competence, bench_id))
+        q(read.forest, "pe", "slice_auroc", bench_id)
+        c = q(read.fraction_curves, "pe", "slice_auroc", bench_id)
         figs = [charts.fraction_curves_fig(c, "pe", "slice_auroc")]
         for task, g in t.groupby("task"):
             g = g[g.metric == g.metric.iloc[0]]
             figs.append(charts.bars_fig(g, task, g.metric.iloc[0]))
         figs.append(charts.bars_fig(speed, "speed", "ratio", 1.0))
-        figs.append(charts.pairwise_fig(q("pairwise", "pe", "slice_auroc", "masked_region", "random"),
+        figs.append(charts.pairwise_fig(q(read.pairwise, "pe", "slice_auroc", "masked_region", "random", bench_id),
                                         "masked_region", "random", "slice_auroc"))
         return max(charts.max_points_per_trace(f) for f in figs)
 
     sel = tuple(s.run_ids[:3])
 
     def curves():
-        _, runs = many(("store_info",), ("run_table",))
-        names = q("metric_names", sel)
-        data = q("curves", sel, tuple(n for n in names if "loss" in n), "step", CURVE_POINTS)
+        _, runs = many((read.store_info,), (read.run_table,))
+        names = q(read.metric_names, sel)
+        data = q(read.curves, sel, tuple(n for n in names if "loss" in n), "step", CURVE_POINTS)
+        q(read.run_configs, sel)
         fig = charts.curves_fig(data, "step", False, 0.6)
         return charts.max_points_per_trace(fig)
 
     def embeddings():
-        _, emb = many(("store_info",), ("embeddings",))
+        _, emb = many((read.store_info,), (read.embeddings,))
         e = emb[emb.init != "random"].emb_id.iloc[0]
-        view = q("embedding_view", e, EMB_POINTS)   # the page draws every projection of both, side by side
+        view = q(read.embedding_view, e, EMB_POINTS)   # the page draws every projection of both, side by side
         figs = [charts.scatter_fig(pts, "race", f"{m} {e}") for side in ("points", "ref_points")
                 for m, pts in view[side].items() if pts is not None]
-        q("point_slice", e, 0)                      # the point -> slice viewer
+        q(read.point_slice, e, 0)                     # the point -> slice viewer
+        q(read.bias_scorecard, bench_id)
+        q(read.bias_dose, bench_id)
         b = view["bias"]
         figs += [charts.probe_fig(b[b.analysis == "probe"]), charts.ks_fig(b[b.analysis == "ks"]),
                  charts.subgroup_fig(b[b.analysis == "subgroup"], "auroc")]
         return max(charts.max_points_per_trace(f) for f in figs)
 
     def data():
-        _, _, demo, prev, series, _ = many(("store_info",), ("cohort_summary",), ("demographics",),
-                                           ("label_prevalence",), ("series_list",), ("ingest_errors",))
+        _, _, demo, prev, series, _ = many((read.store_info,), (read.cohort_summary,), (read.demographics,),
+                                           (read.label_prevalence,), (read.series_list,), (read.ingest_errors,))
         figs = [charts.histogram_fig(demo[a], a) for a in ["age", "sex", "race", "site", "control_group"]]
         figs.append(charts.prevalence_fig(prev))
-        view = q("load_slice", series.series_key.iloc[0], 2)
+        view = q(read.load_slice, series.series_key.iloc[0], 2)
         charts.overlay(charts.apply_window(view.hu, -600, 1500), view.mask)
         return max(charts.max_points_per_trace(f) for f in figs)
 
@@ -157,6 +170,7 @@ def main() -> int:
     ap.add_argument("--emb", type=int, default=20000)
     ap.add_argument("--reuse", action="store_true", help="reuse an existing benchmark store")
     ap.add_argument("--no-apptest", action="store_true")
+    ap.add_argument("--cold-repeats", type=int, default=5, help="cold visits per page (median reported)")
     args = ap.parse_args()
 
     root = Path(args.store)
@@ -184,7 +198,12 @@ def main() -> int:
     work = page_work(store, _load, _load_many, s)
     rows = []
     for page, fn in work.items():
-        cold, pts = timed(fn)
+        colds = []
+        for _ in range(max(1, args.cold_repeats)):
+            _load.clear()
+            _load_many.clear()
+            colds.append(timed(fn))
+        cold, pts = statistics.median(t for t, _ in colds), colds[-1][1]
         warm = statistics.median(timed(fn)[0] for _ in range(5))
         at_warm = float("nan") if args.no_apptest else apptest_warm(store, page)
         rows.append((page, cold, warm, at_warm, pts))

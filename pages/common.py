@@ -60,9 +60,12 @@ def _load(name: str, _fn, store: str, version: int, args: tuple, kwargs: tuple):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _load_many(store: str, version: int, key: tuple, _calls: tuple) -> list:
-    """Cached batch of read.py calls on one connection (see ``read.session``); ``key`` names ``_calls``."""
-    with read.session(store):
-        return [fn(store, *args) for fn, *args in _calls]
+    """Cached batch of read.py calls on one connection (``read.snapshot``); ``key`` names ``_calls``.
+
+    The cache is keyed by the store path string (``store``), never by the Snapshot, which lives only
+    for this batch."""
+    with read.snapshot(store) as snap:
+        return [fn(snap, *args) for fn, *args in _calls]
 
 
 def query_many(*calls: tuple) -> list:

@@ -64,6 +64,29 @@ def texts(at) -> str:
     return "\n".join(str(p) for p in parts)
 
 
+def test_a_page_batch_opens_the_store_once_and_is_cached_by_its_path(seeded, monkeypatch):
+    """query_many's loader: one read.snapshot per batch, and a cache keyed by the store path string (a
+    Snapshot lives for one batch only, so keying by it would never hit and would pin a closed connection)."""
+    from pages.common import _load_many
+
+    opened, real = [], read.connect
+    monkeypatch.setattr(read, "connect", lambda db, *a, **kw: opened.append(str(db)) or real(db, *a, **kw))
+    calls = ((read.store_info,), (read.run_table,), (read.derived, "speed_ratio"), (read.embeddings,))
+    key = tuple((fn.__qualname__, *args) for fn, *args in calls)
+    _load_many.clear()
+    v = read.store_version(seeded.root)
+    first = _load_many(str(seeded.root), v, key, calls)
+    again = _load_many(str(seeded.root), v, key, calls)
+    assert opened == [str(seeded.root / "ctssl.duckdb")]      # four queries, one connection; then a cache hit
+    assert first[0].root == seeded.root and not isinstance(first[0].root, read.Snapshot)
+    for got, want in zip(first[1:], (read.run_table(seeded.root), read.derived(seeded.root, "speed_ratio"),
+                                     read.embeddings(seeded.root))):
+        pd.testing.assert_frame_equal(got, want)
+    for a, b in zip(first[1:], again[1:]):
+        pd.testing.assert_frame_equal(a, b)
+    _load_many.clear()
+
+
 def test_overview_table_verdicts_and_dataset(seeded):
     at = open_page(seeded.root, "overview")
     df = at.dataframe[0].value

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 
 from ctssl_core import charts
 from ctssl_core.config import ConfigError
-from ctssl_core.db import StoreMissing
+from ctssl_core.db import StoreError, StoreMissing
 from ctssl_core.results import read
 from ctssl_core.results.downsample import m4_sql, minmax_downsample, smooth_ema
 from ctssl_core.results.seed import SPIKE_VALUE, SeedConfig, seed_old_schema_store, seed_store
@@ -426,17 +429,89 @@ def test_reads_what_the_real_writer_wrote(tmp_path):
     assert np.allclose(df.y.to_numpy(), [1.0 / (s + 1) for s in range(30) if s != 7])
 
 
-def test_session_shares_one_connection_and_gives_the_same_answers(seeded):
-    alone = read.headline_table(seeded.root), read.run_table(seeded.root)
-    with read.session(seeded.root):
-        with read._read(seeded.root) as a, read._read(seeded.root) as b:
-            assert a is b
-        shared = read.headline_table(seeded.root), read.run_table(seeded.root)
-    pd.testing.assert_frame_equal(alone[0], shared[0])
-    pd.testing.assert_frame_equal(alone[1], shared[1])
-    with pytest.raises(StoreMissing):
-        with read.session(seeded.root / "nowhere"):
+@pytest.fixture
+def connects(monkeypatch):
+    """The store files ``read`` opens, in order (``read.connect`` wrapped, still connecting for real)."""
+    opened: list[str] = []
+    real = read.connect
+
+    def counting(db, *a, **kw):
+        opened.append(str(db))
+        return real(db, *a, **kw)
+
+    monkeypatch.setattr(read, "connect", counting)
+    return opened
+
+
+def _batch(store, emb_id):
+    return (read.headline_table(store), read.run_table(store), read.store_info(store).counts,
+            read.embedding_view(store, emb_id, 100), read.point_slice(store, emb_id, 0).series_key)
+
+
+def _same_batch(a, b):
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+    assert a[2] == b[2] and a[4] == b[4]
+    assert a[3]["methods"] == b[3]["methods"] and a[3]["ref_id"] == b[3]["ref_id"]
+    for m in a[3]["methods"]:
+        pd.testing.assert_frame_equal(a[3]["points"][m], b[3]["points"][m])
+
+
+def test_snapshot_runs_a_batch_on_one_connection_with_the_same_answers(seeded, connects):
+    db = str(seeded.root / "ctssl.duckdb")
+    emb_id = read.embeddings(seeded.root).query("init != 'random'").emb_id.iloc[0]
+    connects.clear()
+    alone = _batch(seeded.root, emb_id)
+    assert len(connects) >= 5                           # each query (and embedding_view once) opens its own
+    connects.clear()
+    with read.snapshot(seeded.root) as s:
+        assert os.fspath(s) == str(seeded.root) and Path(s) == seeded.root and str(s) == str(seeded.root)
+        shared = _batch(s, emb_id)                      # embedding_view/point_slice batch inside the batch
+        with read._read(s) as a, read.snapshot(s) as b:
+            assert a is s and b is s
+        assert not s.closed                             # a nested snapshot(s) leaves closing to its owner
+    assert connects == [db]
+    _same_batch(alone, shared)
+    with pytest.raises(StoreMissing, match="no ctssl store"):
+        with read.snapshot(seeded.root / "nowhere"):
             pass
+
+
+def test_a_snapshot_used_after_its_block_says_so(seeded, connects):
+    with read.snapshot(seeded.root) as s:
+        read.run_table(s)
+    assert s.closed and "closed" in repr(s)
+    for use in (lambda: read.run_table(s), lambda: read.embedding_view(s, "emb-x"), lambda: s.execute("SELECT 1"),
+                lambda: read.snapshot(s).__enter__()):
+        with pytest.raises(read.SnapshotClosed, match=r"closed when its `with read.snapshot\(...\)` block ended"):
+            use()
+    assert issubclass(read.SnapshotClosed, StoreError)   # the pages show it as a message, not a traceback
+    assert connects == [str(seeded.root / "ctssl.duckdb")]     # nothing reopened behind the caller's back
+
+
+def test_a_snapshot_serves_only_its_own_store(seeded, old_store, connects):
+    other = old_store
+    want = read.run_table(other)
+    own = read.run_table(seeded.root)
+    assert len(want) and sorted(want.run_id) != sorted(own.run_id)     # two different stores
+    connects.clear()
+    with read.snapshot(seeded.root) as s:
+        mine = read.run_table(s)
+        theirs = read.run_table(other)                  # another store inside the block: its own connection
+        with read.snapshot(other) as o:
+            assert o is not s and Path(o) == Path(other)
+            pd.testing.assert_frame_equal(read.run_table(o), want)
+    pd.testing.assert_frame_equal(theirs, want)
+    pd.testing.assert_frame_equal(mine, own)
+    assert connects == [str(seeded.root / "ctssl.duckdb"), str(Path(other) / "ctssl.duckdb"),
+                        str(Path(other) / "ctssl.duckdb")]
+
+
+def test_the_read_module_keeps_no_connection_state():
+    """Issue 16: no hidden connection state; the only way to share a connection is a Snapshot argument."""
+    assert not hasattr(read, "session")
+    assert not [k for k, v in vars(read).items()
+                if isinstance(v, (contextvars.ContextVar, read.Snapshot, duckdb.DuckDBPyConnection))]
 
 
 def test_baseline_rows_go_last_and_are_never_best():

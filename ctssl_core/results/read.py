@@ -3,7 +3,8 @@
 Why a layer: pages stay thin (cache, then layout), SQL lives in one place, and
 everything here is testable without Streamlit. Every function takes the store
 root first, opens the DuckDB file read-only for milliseconds (``db.connect``
-retries while a writer holds the lock) and closes it again.
+retries while a writer holds the lock) and closes it again; a batch of queries
+shares one connection by passing a :class:`Snapshot` (``read.snapshot``) as the store.
 
 Robustness contract (the dashboard must never show a stack trace):
 - a missing store raises :class:`~ctssl_core.db.StoreMissing` (message names the command);
@@ -16,9 +17,9 @@ Robustness contract (the dashboard must never show a stack trace):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -92,37 +93,88 @@ def lower_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- plumbing
-# (store, connection, schema columns) shared by the queries inside one `session()`
-_SESSION: contextvars.ContextVar = contextvars.ContextVar("ctssl_read_session", default=None)
+class SnapshotClosed(StoreError):
+    """A :class:`Snapshot` was used after the ``with read.snapshot(...)`` block that opened it ended."""
 
 
-@contextlib.contextmanager
-def session(store: str | Path, timeout_s: float = 10.0) -> Iterator[None]:
-    """Run several queries on ONE short read-only connection (a page's batch of loads).
+class Snapshot(os.PathLike):
+    """One open read-only connection to a store, passed to the queries in place of the store path.
 
-    Why: opening the DuckDB file costs 20-150 ms on the 2-core machine, more
-    than most of our queries; a page that runs six queries would pay it six
-    times. The connection still lives only as long as the batch.
+    Why: opening the DuckDB file costs 20-150 ms on the 2-core machine, more than most of our
+    queries; a page that runs six queries would pay it six times. ``with read.snapshot(store) as s``
+    opens it once and ``read.<query>(s, ...)`` runs on it; without a Snapshot a query opens and
+    closes its own connection. The state is explicit (this object, handed to each call), so a query
+    can only ever use the connection of the store it was given, and the connection still lives only
+    as long as the ``with`` block (a writer waits at most that long).
+
+    A Snapshot is an ``os.PathLike`` of the store root, so every query that builds file paths from
+    its store argument (``Path(store) / rel``) works unchanged. It also executes SQL like a DuckDB
+    connection (``execute``) and knows the store's schema columns (read once, on first use).
     """
-    if _SESSION.get() is not None:
-        yield
-        return
-    with connect(store_paths(store).db, read_only=True, timeout_s=timeout_s) as con:
-        token = _SESSION.set((str(Path(store)), con, _query_columns(con)))
-        try:
-            yield
-        finally:
-            _SESSION.reset(token)
+
+    def __init__(self, root: str | os.PathLike, con) -> None:
+        self.root = Path(root)
+        self._con = con
+        self._columns: dict[str, list[str]] | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:               # messages that name the store show its path
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"Snapshot({str(self.root)!r}, {'closed' if self._con is None else 'open'})"
+
+    @property
+    def closed(self) -> bool:
+        return self._con is None
+
+    @property
+    def con(self):
+        """The open DuckDB connection; a closed Snapshot says how to get a new one."""
+        if self._con is None:
+            raise SnapshotClosed(f"the snapshot of the store at {self.root} was closed when its "
+                                 f"`with read.snapshot(...)` block ended; open a new one, or pass the store path.")
+        return self._con
+
+    def execute(self, sql: str, params: Sequence | None = None):
+        """``con.execute`` on this snapshot's connection (the queries use a Snapshot as their connection)."""
+        return self.con.execute(sql, params)
+
+    @property
+    def columns(self) -> dict[str, list[str]]:
+        """{table: [column, ...]} of the store's schema: read once per Snapshot, needed by every ``_select``."""
+        if self._columns is None:
+            self._columns = _query_columns(self.con)
+        return self._columns
+
+    def _close(self) -> None:
+        self._con = None
 
 
 @contextlib.contextmanager
-def _read(store: str | Path, timeout_s: float = 10.0) -> Iterator:
-    shared = _SESSION.get()
-    if shared is not None and shared[0] == str(Path(store)):
-        yield shared[1]
+def snapshot(store: str | os.PathLike, timeout_s: float = 10.0) -> Iterator[Snapshot]:
+    """Open ``store`` read-only once for a batch of queries: ``with read.snapshot(store) as s: read.runs(s)``.
+
+    Given a Snapshot that is still open (a query that batches its own queries, called inside a
+    page's batch), yields that same Snapshot and leaves closing it to its owner.
+    """
+    if isinstance(store, Snapshot):
+        _ = store.con                      # a closed one raises SnapshotClosed here, not mid-query
+        yield store
         return
     with connect(store_paths(store).db, read_only=True, timeout_s=timeout_s) as con:
-        yield con
+        snap = Snapshot(store, con)
+        try:
+            yield snap
+        finally:
+            snap._close()
+
+
+def _read(store: str | os.PathLike, timeout_s: float = 10.0) -> Iterator[Snapshot]:
+    """What every query runs its SQL on: ``store``'s own Snapshot when it is one, else a short one of its own."""
+    return snapshot(store, timeout_s)
 
 
 def store_version(store: str | Path) -> int:
@@ -138,11 +190,8 @@ def store_version(store: str | Path) -> int:
     return v
 
 
-def _schema_columns(con) -> dict[str, list[str]]:
-    shared = _SESSION.get()
-    if shared is not None and shared[1] is con:
-        return shared[2]
-    return _query_columns(con)
+def _schema_columns(con: Snapshot) -> dict[str, list[str]]:
+    return con.columns
 
 
 def _query_columns(con) -> dict[str, list[str]]:
@@ -962,7 +1011,7 @@ def embedding_view(store: str | Path, emb_id: str, max_points: int = 5000) -> di
     ``missing``, not an error, so the rest of the page still renders.
     """
     out: dict = {"missing": [], "points": {}, "total": {}, "ref_points": {}, "ref_total": {}}
-    with session(store):
+    with snapshot(store) as store:
         emb = embeddings(store)
         mine = emb[emb.emb_id == emb_id]
         out["methods"] = sorted(mine.methods.iloc[0], key=lambda m: m != "umap") if len(mine) else []
@@ -1088,7 +1137,7 @@ def point_slice(store: str | Path, emb_id: str, row: int) -> PointSlice:
     projection, so one number names the point on the UMAP and the PCA alike.
     """
     root = Path(store)
-    with session(store):
+    with snapshot(store) as store:
         with _read(store) as con:
             emb = _select(con, "embeddings", ["keys_path", "level", "n"], "emb_id = ?", [emb_id])
         if emb.empty:
