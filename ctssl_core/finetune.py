@@ -367,6 +367,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
     from ctssl_core.results import write as rw
+    from ctssl_core.results.runfolder import RunLogger
 
     root = Path(store_root)
     t0 = time.perf_counter()
@@ -398,7 +399,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
                            dataset=store_dataset(root), labels=labels, unit_hash=unit_hash)
-    logger = rw.RunLogger(root, run_id)
+    logger = RunLogger(root, run_id)
     curve_path = run_dir / CURVE_FILE
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     if not resume and curve_path.exists():

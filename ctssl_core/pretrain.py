@@ -7,7 +7,7 @@ so downstream evaluation never sees a pretraining patient), builds the pretext
 task and encoder, records a ``runs`` row, trains with the one loop in
 ``train.py`` and records the outcome. Checkpoints go to
 ``<store>/runs/<run_id>/checkpoints/last.pt``; metrics to
-``runs/<run_id>/metrics.jsonl`` (merged into DuckDB by ``RunLogger``).
+``runs/<run_id>/metrics.jsonl`` (``RunLogger``; the store merges it, see ``results/runfolder.py``).
 
 Under ``torchrun`` every rank trains on its shard; rank 0 alone writes the
 store.
@@ -245,7 +245,8 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     from ctssl_core.data.store import SliceStore
     from ctssl_core.models import build_encoder
     from ctssl_core.pretext import make_pretext
-    from ctssl_core.results.write import RunLogger, end_run_after, finish_run, new_run_id, start_run
+    from ctssl_core.results.runfolder import RunLogger
+    from ctssl_core.results.write import end_run_after, finish_run, new_run_id, start_run
     from ctssl_core.train import fit, resolve_device
 
     root = store_paths(store_root).root

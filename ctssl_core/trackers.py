@@ -97,12 +97,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 def read_series(metrics_file: Path) -> dict[str, list[tuple[int, float, float | None]]]:
     """A run's metrics.jsonl as one series per metric name (the parser ``results.write`` merges with)."""
-    from ctssl_core.results.write import _parse_lines
+    from ctssl_core.results.runfolder import parse_lines
 
     series: dict[str, list[tuple[int, float, float | None]]] = {}
     if not metrics_file.is_file():
         return series
-    for _, step, _, wall, name, value in _parse_lines("", metrics_file.read_bytes()):
+    for _, step, _, wall, name, value in parse_lines("", metrics_file.read_bytes()):
         series.setdefault(name, []).append((int(step or 0), value, wall))
     return series
 

@@ -80,7 +80,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 PLUGIN = "ctssl_core.jobs.testing"
-TICK_MARK = b"from ctssl_core.results.write import RunLogger"  # in the tick command's argv
+TICK_MARK = b"from ctssl_core.results.runfolder import RunLogger"  # in the tick command's argv
 PRETRAIN_MARK = b"ctssl_core.cli\x00pretrain\x00"  # a pretrain job's command (disk_full_checkpoint)
 SLOTS = 1  # every worker here runs with --max-cpu-jobs 1
 COLUMNS = ("lost", "double_run", "wrong_state", "rows_lost")
@@ -225,7 +225,7 @@ def rows_lost(store: Path, run_ids: list[str]) -> tuple[int, list[str]]:
     checkpoint; it writes no results rows). Returns (count, notes)."""
     from ctssl_core.db import connect
     from ctssl_core.paths import store_paths
-    from ctssl_core.results.write import METRICS_FILE, _RESERVED
+    from ctssl_core.results.runfolder import METRICS_FILE, RESERVED as _RESERVED
 
     lost, notes = 0, []
     with connect(store_paths(store).db, read_only=True) as con:

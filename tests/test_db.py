@@ -191,11 +191,12 @@ def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
 
     from ctssl_core.db import is_disk_full
     from ctssl_core.schema import rollback_quietly
-    from ctssl_core.results.write import RunLogger, _merge_one, start_run
+    from ctssl_core.results.runfolder import RunLogger
+    from ctssl_core.results.write import _merge_one, merge_pending, start_run
 
     store = tmp_path / "store"
     start_run(store, "run-a", "finetune", "tick", "random", "none", {})
-    log = RunLogger(store, "run-a", background=False)
+    log = RunLogger(store, "run-a")
     log({"step": 0, "train/loss": 1.0})
     with connect(store / "ctssl.duckdb") as con:
         with pytest.raises(duckdb.TransactionException) as e:
@@ -203,6 +204,7 @@ def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
         assert is_disk_full(e.value) and "cannot rollback" not in str(e.value)
         rollback_quietly(con)  # no transaction: nothing raised
         assert con.execute("SELECT count(*) FROM metrics WHERE run_id = 'run-a'").fetchone()[0] == 0
-    log.close()  # the disk has room again: the rows arrive
+    log.close()
+    assert merge_pending(store, "run-a") == 1       # the disk has room again: the rows arrive
     with connect(store / "ctssl.duckdb", read_only=True) as con:
         assert con.execute("SELECT count(*) FROM metrics WHERE run_id = 'run-a'").fetchone()[0] == 1

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from ctssl_core.paths import REPO_ROOT, store_paths
-from ctssl_core.results.write import METRICS_FILE, RunLogger, finish_run, start_run, write_results
+from ctssl_core.results.runfolder import METRICS_FILE, RunLogger
+from ctssl_core.results.write import finish_run, start_run, write_results
 
 SCRIPT = REPO_ROOT / "experiments" / "fault_injection.py"
 
@@ -28,10 +29,10 @@ def fi():
 def test_rows_lost_counts_lines_not_in_the_store_and_missing_results(tmp_path, fi):
     store = tmp_path / "store"
     start_run(store, "run-a", "finetune", "tick", "random", "none", {})
-    log = RunLogger(store, "run-a", background=False)
+    log = RunLogger(store, "run-a")
     for s in range(3):
         log({"step": s, "train/loss": 1.0 / (1 + s), "lr": 0.1})
-    log.close()  # merged: 6 rows
+    log.close()
     write_results(store, [{"run_id": "run-a", "task": "tick", "init": "random", "split": "test",
                            "metric": "final_loss", "value": 0.25, "n": 3}])
     finish_run(store, "run-a", "succeeded")

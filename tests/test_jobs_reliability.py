@@ -604,7 +604,7 @@ def test_no_hang_verdict_for_a_command_that_ended_or_when_hang_detection_is_off(
 
 def test_progress_token_counts_the_commands_output_and_metrics_not_the_runners_own_lines(store):
     from ctssl_core.jobs.runner import progress_token
-    from ctssl_core.results.write import RunLogger
+    from ctssl_core.results.runfolder import RunLogger
 
     job_id = jobs.submit(store, "tick", {"steps": 1})
     jd = queue.job_dir(store, job_id)
@@ -616,7 +616,7 @@ def test_progress_token_counts_the_commands_output_and_metrics_not_the_runners_o
     (jd / "runs.txt").write_text("run-tick-1\n")
     t1 = progress_token(store, job_id, own)
     assert t1 != t0                                  # a new run is progress
-    log = RunLogger(store, "run-tick-1", background=False)
+    log = RunLogger(store, "run-tick-1")
     log({"step": 0, "train/loss": 1.0})
     t2 = progress_token(store, job_id, own)
     assert t2 != t1                                  # a metrics line is progress
@@ -724,7 +724,7 @@ def test_closing_runs_retries_a_conflict_with_another_thread_merging_the_same_ru
     job_id = running_job(store, here(), None, None)
     W.start_run(store, "run-x", "finetune", "tick", "random", "none", {})
     lines = "".join(f'{{"step": {s}, "epoch": null, "wall_s": 0.1, "train/loss": 1.0}}\n' for s in range(4))
-    (store_paths(store).run_dir("run-x") / W.METRICS_FILE).write_text(lines)  # written, never merged (killed)
+    (store_paths(store).run_dir("run-x") / "metrics.jsonl").write_text(lines)  # written, never merged (killed)
     (queue.job_dir(store, job_id)).mkdir(parents=True, exist_ok=True)
     (queue.job_dir(store, job_id) / "runs.txt").write_text("run-x\n")
     real_merge, calls = queue.merge_pending, []

@@ -411,22 +411,36 @@ def test_figures_carry_the_data(seeded):
     assert len(a.data) == 1 and np.allclose(a.data[0].marker.color, pts.age)
 
 
-def test_reads_what_the_real_writer_wrote(tmp_path):
-    """Contract check against results/write.py: a running run's merged metrics show up, NaN values are skipped."""
+def test_reads_what_the_real_writer_wrote_live_and_merged(tmp_path):
+    """Contract check against the real writers: a running run's curve shows every whole line its training
+    process wrote, before the store merged any (the training side never writes DuckDB), half of them merged,
+    and all merged - always the same points, never one twice; NaN values are skipped."""
     from ctssl_core.results import write
+    from ctssl_core.results.runfolder import RunLogger
 
-    write.start_run(tmp_path, "ft-pe-rotation-1", "finetune", "pe", "rotation", "tiny", {"lr": 1e-3},
-                    fraction=0.1, seed=0)
-    with write.RunLogger(tmp_path, "ft-pe-rotation-1", background=False) as log:
-        for step in range(30):
-            log({"step": step, "epoch": step / 10, "train/loss": 1.0 / (step + 1) if step != 7 else float("nan")})
-        log.flush()
+    rid = "ft-pe-rotation-1"
+    write.start_run(tmp_path, rid, "finetune", "pe", "rotation", "tiny", {"lr": 1e-3}, fraction=0.1, seed=0)
+    want = [1.0 / (s + 1) for s in range(30) if s != 7]
+    log = RunLogger(tmp_path, rid)
+    for step in range(15):
+        log({"step": step, "epoch": step / 10, "train/loss": 1.0 / (step + 1) if step != 7 else float("nan")})
+    assert write.merge_pending(tmp_path, rid) == 14       # the job runner's merge: half the run (one NaN: no row)
+    for step in range(15, 30):
+        log({"step": step, "epoch": step / 10, "train/loss": 1.0 / (step + 1), "val/dice": 0.5})
+    with open(log.path, "a") as f:
+        f.write('{"step": 30, "train/lo')                # a line being written is not read
     runs = read.run_table(tmp_path)
-    assert runs.run_id.tolist() == ["ft-pe-rotation-1"] and runs.status.iloc[0] == "running"
-    assert read.metric_names(tmp_path, ["ft-pe-rotation-1"]) == ["train/loss"]
-    df = read.curves(tmp_path, ["ft-pe-rotation-1"], ["train/loss"], "epoch")
-    assert len(df) == 29 and 0.7 not in df.x.round(6).tolist()  # the NaN at step 7 is not drawn
-    assert np.allclose(df.y.to_numpy(), [1.0 / (s + 1) for s in range(30) if s != 7])
+    assert runs.run_id.tolist() == [rid] and runs.status.iloc[0] == "running"
+    assert read.metric_names(tmp_path, [rid]) == ["train/loss", "val/dice"]   # val/dice only in the folder
+    for merged in (False, True):
+        df = read.curves(tmp_path, [rid], ["train/loss"], "epoch").sort_values("x")
+        assert len(df) == 29 and 0.7 not in df.x.round(6).tolist()  # the NaN at step 7 is not drawn
+        assert np.allclose(df.y.to_numpy(), want)
+        with read.snapshot(tmp_path) as snap:                 # the same inside a page's batch
+            assert len(read.curves(snap, [rid], ["train/loss"], "step")) == 29
+        log.close()
+        write.finish_run(tmp_path, rid, "succeeded")          # merges the rest
+    assert read.curves(tmp_path, [rid], ["val/dice"], "step").y.tolist() == [0.5] * 15
 
 
 @pytest.fixture

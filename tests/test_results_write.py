@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from ctssl_core.config import ConfigError
 from ctssl_core.db import connect
 from ctssl_core.paths import store_paths
 from ctssl_core.results import write as W
+from ctssl_core.results.runfolder import RunLogger
 
 
 def _q(root, sql, params=()):
@@ -34,19 +34,19 @@ def test_run_lifecycle_and_metrics_merge(tmp_path):
     rid = W.new_run_id("pretrain", "rotation", "random")
     run_dir = W.start_run(tmp_path, rid, "pretrain", "rotation", "random", "tiny", {"lr": 0.001}, seed=3)
     assert json.loads((run_dir / "config.json").read_text()) == {"lr": 0.001}
-    log = W.RunLogger(tmp_path, rid, flush_every_s=3600)
+    log = RunLogger(tmp_path, rid)
     for s in range(5):
         log({"step": s, "epoch": s / 5, "wall_s": 0.1 * s, "train/loss": 1.0 / (s + 1), "lr": 1e-3,
              "note": "not a number"})
-    # nothing merged yet (rate-limited), but every line is on disk
+    log.close()
+    # the training side wrote its run folder only: every line is on disk, none in the store yet
     assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 5
-    log.close()
+    W.finish_run(tmp_path, rid, "succeeded", checkpoint=run_dir / "checkpoints" / "last.pt")   # the store merges
     rows = _q(tmp_path, "SELECT step, name, value FROM metrics WHERE run_id=? ORDER BY step, name", [rid])
     assert len(rows) == 10  # 2 numeric metrics x 5 steps; the string is skipped
     assert rows[0] == (0, "lr", 1e-3) and rows[1] == (0, "train/loss", 1.0)
     assert rows[-1] == (4, "train/loss", pytest.approx(0.2))
-    W.finish_run(tmp_path, rid, "succeeded", checkpoint=run_dir / "checkpoints" / "last.pt")
     status, ckpt, wall, cv = _q(tmp_path, "SELECT status, checkpoint, wall_s, code_version FROM runs")[0]
     assert status == "succeeded" and ckpt == f"runs/{rid}/checkpoints/last.pt"
     assert wall >= 0 and cv
@@ -77,30 +77,47 @@ def test_merge_pending_takes_only_whole_lines_and_resumes_after_crash(tmp_path):
     assert off == os.path.getsize(path)
 
 
-def test_logger_periodic_flush_merges_without_close(tmp_path):
+def test_the_run_logger_never_opens_the_store(tmp_path, monkeypatch):
+    """The training loop's logger writes the run folder only: with every DuckDB connection refused it logs,
+    closes, and its lines reach the store when the store merges them (here finish_run)."""
+    import ctssl_core.db as db
+
     rid = "finetune-pe-random-2"
     W.start_run(tmp_path, rid, "finetune", "pe", "random", "tiny", {}, fraction=0.05)
-    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0, background=False)  # merge on every call
-    log({"step": 1, "epoch": 0.0, "train/loss": 0.5})
-    assert _q(tmp_path, "SELECT step, name, value FROM metrics") == [(1, "train/loss", 0.5)]
-    # wall_s filled automatically when the caller gives none
-    assert _q(tmp_path, "SELECT wall_s FROM metrics")[0][0] >= 0
+    real = db.connect
+
+    def refused(*a, **k):
+        raise AssertionError("the training side opened DuckDB")
+
+    for mod in (db, W):
+        monkeypatch.setattr(mod, "connect", refused)
+    log = RunLogger(tmp_path, rid)
+    for s in range(3):
+        log({"step": s, "epoch": 0.0, "train/loss": 0.5 / (s + 1)})
     log.close()
+    log.close()                                         # idempotent
     with pytest.raises(ConfigError, match="closed"):
-        log({"step": 2})
+        log({"step": 3})
+    for mod in (db, W):
+        monkeypatch.setattr(mod, "connect", real)
+    W.finish_run(tmp_path, rid, "succeeded")
+    assert _q(tmp_path, "SELECT step, name, value FROM metrics ORDER BY step") == [
+        (0, "train/loss", 0.5), (1, "train/loss", 0.25), (2, "train/loss", pytest.approx(0.5 / 3))]
+    assert _q(tmp_path, "SELECT min(wall_s) FROM metrics")[0][0] >= 0   # filled when the caller gives none
 
 
 def test_restart_of_same_run_keeps_created_at_and_metrics(tmp_path):
     rid = "pretrain-r-random-3"
     W.start_run(tmp_path, rid, "pretrain", "r", "random", "tiny", {})
-    with W.RunLogger(tmp_path, rid) as log:
+    with RunLogger(tmp_path, rid) as log:
         log({"step": 0, "loss": 1.0})
     W.finish_run(tmp_path, rid, "failed", error="killed")
     created = _q(tmp_path, "SELECT created_at FROM runs")[0][0]
     W.start_run(tmp_path, rid, "pretrain", "r", "random", "tiny", {})
     assert _q(tmp_path, "SELECT status, error, created_at FROM runs") == [("running", None, created)]
-    with W.RunLogger(tmp_path, rid) as log:
+    with RunLogger(tmp_path, rid) as log:
         log({"step": 1, "loss": 0.5})
+    assert W.merge_pending(tmp_path, rid) == 1                  # only the new line
     assert _q(tmp_path, "SELECT step FROM metrics ORDER BY step") == [(0,), (1,)]
 
 
@@ -135,19 +152,3 @@ def test_results_summaries_benchmarks(tmp_path):
     with pytest.raises(ConfigError, match="no benchmark"):
         W.finish_benchmark(tmp_path, "nope")
     assert _q(tmp_path, "SELECT count(*) FROM results")[0][0] == 2  # bad rows added nothing
-
-
-def test_background_merge_happens_while_logging(tmp_path):
-    rid = "pretrain-bg-random-4"
-    W.start_run(tmp_path, rid, "pretrain", "bg", "random", "tiny", {})
-    log = W.RunLogger(tmp_path, rid, flush_every_s=0.0)  # background thread merges
-    deadline = time.monotonic() + 60
-    s = 0
-    while _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 0:
-        assert time.monotonic() < deadline, "background merge never happened"
-        log({"step": s, "loss": float(s)})
-        s += 1
-        time.sleep(0.05)
-    log.close()
-    assert log._thread is not None and not log._thread.is_alive()
-    assert _q(tmp_path, "SELECT count(*), count(DISTINCT step) FROM metrics") == [(s, s)]

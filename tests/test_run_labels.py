@@ -12,7 +12,7 @@ import pytest
 from ctssl_core.cli import main
 from ctssl_core.db import connect
 from ctssl_core.paths import store_paths
-from ctssl_core.results import write as rw
+from ctssl_core.results.runfolder import RunLogger
 
 
 def _labels(store) -> dict[str, tuple]:
@@ -34,13 +34,13 @@ def seen_at_start(monkeypatch):
     """The labels of each run as the store holds them when its RunLogger opens, i.e. after ``start_run`` and
     before the first training step (what the dashboard shows for a running job)."""
     seen: dict[str, tuple] = {}
-    real = rw.RunLogger.__init__
+    real = RunLogger.__init__
 
     def spy(self, store_root, run_id, *a, **k):
         seen[run_id] = _labels(store_root)[run_id]
         real(self, store_root, run_id, *a, **k)
 
-    monkeypatch.setattr(rw.RunLogger, "__init__", spy)
+    monkeypatch.setattr(RunLogger, "__init__", spy)
     return seen
 
 

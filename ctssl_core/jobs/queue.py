@@ -26,7 +26,8 @@ from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
 from ctssl_core.paths import store_paths
-from ctssl_core.results.write import ensure_schema_once, merge_pending, tail_metrics, utcnow
+from ctssl_core.results.runfolder import tail_metrics
+from ctssl_core.results.write import ensure_schema_once, merge_pending, utcnow
 from ctssl_core.schema import rollback_quietly
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")

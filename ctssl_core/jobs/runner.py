@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
-from ctssl_core.results.write import JOB_DIR_ENV, tail_metrics, utcnow
+from ctssl_core.results.runfolder import tail_metrics
+from ctssl_core.results.write import JOB_DIR_ENV, utcnow
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -248,7 +249,7 @@ def progress_token(store: Path, job_id: str, own_log_bytes: int = 0) -> tuple:
     Sizes only, no file times: times come from the wall clock, which may step."""
     from ctssl_core.jobs import queue
     from ctssl_core.paths import store_paths
-    from ctssl_core.results.write import METRICS_FILE
+    from ctssl_core.results.runfolder import METRICS_FILE
 
     def size(p: Path) -> int:
         try:
@@ -276,17 +277,28 @@ def _kill_group() -> None:
 
 
 def _beat(store: Path, job_id: str, total: int | None) -> bool:
-    """One heartbeat with progress from the newest run's metrics tail. Returns cancel_requested.
+    """One heartbeat with progress from the newest run's metrics tail, then the store's merge of the lines
+    the job's training process wrote to its run folder (it never writes DuckDB itself: results/runfolder.py),
+    so a long run's metrics reach the store while it trains. Returns cancel_requested.
 
-    Raises on a store error (the Supervisor logs, backs off and retries)."""
+    Raises on a store error (the Supervisor logs, backs off and retries); a merge that finds the store busy
+    waits for the next beat (the lines stay in the file, merged exactly once later)."""
+    from ctssl_core.db import StoreBusy
     from ctssl_core.jobs import queue
+    from ctssl_core.results.write import merge_pending
 
     run_ids = queue.job_run_ids(store, job_id)
     rec = tail_metrics(store, run_ids[-1]) if run_ids else None
     step = int(rec["step"]) if rec and rec.get("step") is not None else None
     current = {k: v for k, v in rec.items() if k not in ("step", "epoch")} if rec else None
-    return queue.heartbeat(store, job_id, step=step, total=total, current=current,
-                           run_id=run_ids[-1] if run_ids else None)
+    cancel = queue.heartbeat(store, job_id, step=step, total=total, current=current,
+                             run_id=run_ids[-1] if run_ids else None)
+    if run_ids:
+        try:
+            merge_pending(store, run_ids[-1], timeout_s=2.0)
+        except StoreBusy:
+            pass
+    return cancel
 
 
 if __name__ == "__main__":

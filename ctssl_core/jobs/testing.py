@@ -21,7 +21,8 @@ from ctssl_core.jobs.kinds import JOB_KINDS, JobKind
 TICK_SCRIPT = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-from ctssl_core.results.write import RunLogger, finish_run, new_run_id, start_run, write_results
+from ctssl_core.results.runfolder import RunLogger
+from ctssl_core.results.write import finish_run, new_run_id, start_run, write_results
 store, steps, interval, resume, fail_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 eval_s = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 stop = []
@@ -32,7 +33,7 @@ ckpt = run_dir / "checkpoints" / "last.json"
 ckpt.parent.mkdir(exist_ok=True)
 start = json.loads(ckpt.read_text())["step"] + 1 if (resume and ckpt.exists()) else 0
 print(f"tick run {rid}: steps {start}..{steps - 1}", flush=True)
-log = RunLogger(store, rid, flush_every_s=2.0)
+log = RunLogger(store, rid)
 t0 = time.monotonic()
 for s in range(start, steps):
     if stop:

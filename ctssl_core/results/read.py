@@ -846,7 +846,30 @@ def _tags_text(tags) -> str:
         return tags
 
 
+def _unmerged(store, con, run_ids: Sequence[str], have: dict) -> pd.DataFrame:
+    """The metric rows of lines the store has not merged yet (a run still training: its process only writes
+    its run folder, see ``results/runfolder.py``): each run's whole lines after its merged byte offset.
+    A merge landing between the offset query and the file read can show a point twice; never one less."""
+    from ctssl_core.results.runfolder import metrics_path, parse_lines, whole_lines_after
+
+    offsets: dict[str, int] = {}
+    if "metric_offsets" in have:
+        marks = ", ".join("?" * len(run_ids))
+        offsets = dict(con.execute(f"SELECT run_id, byte_offset FROM metric_offsets WHERE run_id IN ({marks})",
+                                   list(run_ids)).fetchall())
+    rows: list[tuple] = []
+    for rid in run_ids:
+        try:
+            path = metrics_path(store, rid)
+        except ConfigError:
+            continue                  # not a run id (never a folder)
+        rows += parse_lines(rid, whole_lines_after(path, int(offsets.get(rid, 0))))
+    return pd.DataFrame(rows, columns=["run_id", "step", "epoch", "wall_s", "name", "value"]).astype(
+        {"run_id": object, "step": "Int64", "epoch": float, "wall_s": float, "name": object, "value": float})
+
+
 def metric_names(store: str | Path, run_ids: Sequence[str]) -> list[str]:
+    """The metric names the runs logged: merged ones and those still only in a running run's folder."""
     if not run_ids:
         return []
     with _read(store) as con:
@@ -856,14 +879,16 @@ def metric_names(store: str | Path, run_ids: Sequence[str]) -> list[str]:
         marks = ", ".join("?" * len(run_ids))
         rows = con.execute(f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({marks}) ORDER BY name",
                            list(run_ids)).fetchall()
-    return [r[0] for r in rows]
+        pending = _unmerged(store, con, run_ids, have)
+    return sorted({r[0] for r in rows} | set(pending["name"]))
 
 
 def curves(store: str | Path, run_ids: Sequence[str], names: Sequence[str], x: str = "step",
            max_points: int = DEFAULT_MAX_POINTS) -> pd.DataFrame:
     """Metric curves (run_id, name, x, y), reduced in DuckDB to <= ``max_points`` per series.
 
-    ``x`` is 'step', 'epoch' or 'wall_s'. Spikes survive: see downsample.py.
+    ``x`` is 'step', 'epoch' or 'wall_s'. Spikes survive: see downsample.py. A running run's lines that
+    the store has not merged yet are read from its folder, so a live curve needs no writer.
     """
     if x not in X_AXES.values():
         raise ConfigError(f"x axis must be one of {sorted(X_AXES.values())}, got {x!r}")
@@ -877,11 +902,22 @@ def curves(store: str | Path, run_ids: Sequence[str], names: Sequence[str], x: s
             return empty
         if x not in have["metrics"]:
             raise ResultFileMissing(f"this store's metrics have no {x!r} column (older ctssl); plot against step.")
+        pending = _unmerged(store, con, run_ids, have)
         r_marks, n_marks = ", ".join("?" * len(run_ids)), ", ".join("?" * len(names))
-        source = (f"SELECT run_id, name, CAST({x} AS DOUBLE) AS x, value AS y FROM metrics "
+        table = "metrics"
+        if len(pending):
+            view = f"_ctssl_unmerged_{id(pending):x}"       # unique per call: a Snapshot's connection is shared
+            con.con.register(view, pending)
+            table = f"(SELECT run_id, step, epoch, wall_s, name, value FROM metrics UNION ALL " \
+                    f"SELECT run_id, step, epoch, wall_s, name, value FROM {view})"
+        source = (f"SELECT run_id, name, CAST({x} AS DOUBLE) AS x, value AS y FROM {table} "
                   f"WHERE run_id IN ({r_marks}) AND name IN ({n_marks}) "
                   f"AND {x} IS NOT NULL AND isfinite(value)")
-        df = con.execute(m4_sql(source, ["run_id", "name"], max_points), [*run_ids, *names]).df()
+        try:
+            df = con.execute(m4_sql(source, ["run_id", "name"], max_points), [*run_ids, *names]).df()
+        finally:
+            if len(pending):
+                con.con.unregister(view)
     return df if len(df) else empty
 
 

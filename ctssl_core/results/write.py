@@ -2,15 +2,14 @@
 
 Why this shape: DuckDB lets one process write *or* many read, never both
 (DESIGN.md §5), and a training process that held the file open would lock the
-dashboard out for hours. So training never holds DuckDB. ``RunLogger`` appends
-one JSON line per ``log(dict)`` call to ``runs/<run_id>/metrics.jsonl`` (cheap,
-crash-safe, never blocks on a lock) and, at most every ``flush_every_s``
-seconds, merges the new whole lines into the long ``metrics`` table in ONE
-short transaction that also advances ``metric_offsets.byte_offset``. Because
-the rows and the offset commit together, every line is merged exactly once,
-even if the process dies between two merges; whatever a dead process left in
-the file is merged later by ``merge_pending`` (the worker and the dashboard's
-reconcile call it).
+dashboard out for hours. So the training loop never opens DuckDB: ``RunLogger``
+(``results/runfolder.py``) appends one JSON line per ``log(dict)`` call to
+``runs/<run_id>/metrics.jsonl``, and the store merges the new whole lines into the
+long ``metrics`` table in ONE short transaction that also advances
+``metric_offsets.byte_offset``: ``finish_run`` when the run ends, ``merge_pending``
+from the job runner's heartbeat and the worker's reconcile. Because the rows and the
+offset commit together, every line is merged exactly once, even if a process dies
+between two merges. Until a line is merged, ``results/read.py`` shows it from the file.
 
 Every other write (``start_run``, ``finish_run``, ``write_results`` ...) is one
 short ``connect()`` + ``ensure_schema`` + statement.
@@ -21,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
-import math
 import os
 import re
 import secrets
@@ -34,15 +32,14 @@ from typing import Any, Iterable, Mapping
 from ctssl_core.config import ConfigError
 from ctssl_core.db import StoreBusy, connect
 from ctssl_core.paths import REPO_ROOT, store_paths
+from ctssl_core.results.runfolder import as_number, check_run_id, metrics_path, parse_lines, whole_lines_after
 from ctssl_core.schema import TABLES, _columns, ensure_schema, ensure_schema_current, rollback_quietly
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
-METRICS_FILE = "metrics.jsonl"
 # Env var set by the job runner: start_run appends each run id it starts to
 # ``$CTSSL_JOB_DIR/runs.txt`` so a job can find the run(s) its command made
 # without every command growing a ``--run-id`` flag.
 JOB_DIR_ENV = "CTSSL_JOB_DIR"
-_RESERVED = ("step", "epoch", "wall_s")
 
 
 _SCHEMA_DONE: set[tuple[str, int]] = set()
@@ -94,64 +91,7 @@ def new_run_id(kind: str, task: str, init: str) -> str:
     return f"{_slug(kind)}-{_slug(task)}-{_slug(init)}-{stamp}-{secrets.token_hex(3)}"
 
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def check_run_id(run_id: str) -> str:
-    """Run ids become folder names: refuse anything that could escape ``runs/``."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or ".." in run_id:
-        raise ConfigError(
-            f"invalid run id {run_id!r}: use letters, digits, '_', '-', '.' only "
-            f"(make one with results.write.new_run_id)")
-    return run_id
-
-
-def _as_number(value: Any) -> float | None:
-    """Metric values: python/numpy/torch scalars -> float; anything else -> None (skipped)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            v = item()
-        except (TypeError, ValueError, RuntimeError):
-            return None
-        return float(v) if isinstance(v, (int, float, bool)) else None
-    return None
-
-
 # --------------------------------------------------------------------------- metrics
-
-
-def _parse_lines(run_id: str, chunk: bytes) -> list[tuple]:
-    """Whole JSONL lines -> long rows (run_id, step, epoch, wall_s, name, value).
-
-    A line that is not valid JSON (disk corruption, a foreign writer) is skipped
-    rather than blocking every later line of the run forever.
-    """
-    rows: list[tuple] = []
-    for raw in chunk.split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(rec, dict):
-            continue
-        step, epoch, wall = rec.get("step"), rec.get("epoch"), rec.get("wall_s")
-        for name, value in rec.items():
-            if name in _RESERVED:
-                continue
-            v = _as_number(value)
-            if v is None:
-                continue
-            rows.append((run_id, None if step is None else int(step),
-                         None if epoch is None else float(epoch),
-                         None if wall is None else float(wall), str(name), v))
-    return rows
 
 
 def _insert_metric_rows(con, rows: list[tuple]) -> None:
@@ -175,23 +115,19 @@ def _insert_metric_rows(con, rows: list[tuple]) -> None:
 
 
 def _merge_one(con, store_root: Path, run_id: str) -> int:
-    """Merge the unmerged whole lines of one run inside the caller's open connection."""
-    path = store_paths(store_root).run_dir(run_id) / METRICS_FILE
+    """Merge the unmerged whole lines of one run's folder inside the caller's open connection."""
+    path = metrics_path(store_root, run_id)
     if not path.exists():
         return 0
     con.execute("BEGIN TRANSACTION")
     try:
         got = con.execute("SELECT byte_offset FROM metric_offsets WHERE run_id = ?", [run_id]).fetchall()
         offset = int(got[0][0]) if got else 0
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n")
-        if end < 0:  # nothing new, or only a half-written last line
+        chunk = whole_lines_after(path, offset)
+        if not chunk:  # nothing new, or only a half-written last line
             con.execute("ROLLBACK")
             return 0
-        chunk = chunk[: end + 1]
-        rows = _parse_lines(run_id, chunk)
+        rows = parse_lines(run_id, chunk)
         if rows:
             _insert_metric_rows(con, rows)
         con.execute("INSERT OR REPLACE INTO metric_offsets VALUES (?, ?)", [run_id, offset + len(chunk)])
@@ -202,163 +138,27 @@ def _merge_one(con, store_root: Path, run_id: str) -> int:
         raise
 
 
-def merge_pending(store_root: str | Path, run_id: str | None = None) -> int:
+def merge_pending(store_root: str | Path, run_id: str | None = None, timeout_s: float = 30.0) -> int:
     """Merge every not-yet-merged whole line of ``run_id`` (or of every run) into ``metrics``.
 
     Safe to call from any process at any time, as often as you like: the
     offset advances in the same transaction as the rows. Returns rows added.
+    ``timeout_s``: how long to wait for a busy store (then ``StoreBusy``).
     """
     root = Path(store_root)
     runs_dir = store_paths(root).runs
     if run_id is not None:
         ids = [check_run_id(run_id)]
     else:
-        ids = sorted(p.parent.name for p in runs_dir.glob(f"*/{METRICS_FILE}")) if runs_dir.exists() else []
+        ids = sorted(p.parent.name for p in runs_dir.glob("*/metrics.jsonl")) if runs_dir.exists() else []
     if not ids:
         return 0
     added = 0
-    with connect(store_paths(root).db) as con:
+    with connect(store_paths(root).db, timeout_s=timeout_s) as con:
         ensure_schema_once(con, store_paths(root).db)
         for rid in ids:
             added += _merge_one(con, root, rid)
     return added
-
-
-def tail_metrics(store_root: str | Path, run_id: str, max_bytes: int = 16384) -> dict[str, Any] | None:
-    """The last whole JSON line of a run's metrics file (for live progress), or None."""
-    path = store_paths(store_root).run_dir(check_run_id(run_id)) / METRICS_FILE
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - max_bytes))
-            chunk = f.read()
-    except OSError:
-        return None
-    for raw in reversed(chunk.split(b"\n")):
-        if raw.strip():
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue  # a half-written last line
-            if isinstance(rec, dict):
-                return rec
-    return None
-
-
-class RunLogger:
-    """``log(dict)`` callback for ``train.fit``: JSONL now, DuckDB every ``flush_every_s``.
-
-    The line reaches the OS at once (line-buffered: a crash loses at most the
-    line being written). Merges into DuckDB are rate-limited and, by default,
-    done by a background thread, so a merge waiting for a busy store never
-    slows the training loop; a merge that finds the store busy is skipped and
-    retried at the next one, never losing a line. ``flush()`` merges now,
-    ``close()`` stops the thread and merges the rest.
-    """
-
-    def __init__(self, store_root: str | Path, run_id: str, flush_every_s: float = 2.0, background: bool = True):
-        import threading
-
-        self.store_root = Path(store_root)
-        self.run_id = check_run_id(run_id)
-        self.flush_every_s = float(flush_every_s)
-        self.background = background
-        self.path = store_paths(self.store_root).run_dir(run_id) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1, encoding="utf-8")  # line-buffered
-        self._t0 = time.monotonic()
-        self._last_merge = time.monotonic()
-        self._merge_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = None
-        self.lines = 0
-
-    def __call__(self, metrics: Mapping[str, Any]) -> None:
-        if self._f is None:
-            raise ConfigError(f"RunLogger for {self.run_id} is closed; create a new one to log more")
-        rec: dict[str, Any] = {
-            "step": int(metrics["step"]) if metrics.get("step") is not None else None,
-            "epoch": float(metrics["epoch"]) if metrics.get("epoch") is not None else None,
-            "wall_s": float(metrics["wall_s"]) if metrics.get("wall_s") is not None
-            else round(time.monotonic() - self._t0, 4),
-        }
-        for k, v in metrics.items():
-            if k in _RESERVED:
-                continue
-            num = _as_number(v)
-            if num is not None:
-                rec[str(k)] = num if math.isfinite(num) else None
-        self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self.lines += 1
-        if time.monotonic() - self._last_merge >= self.flush_every_s:
-            self._last_merge = time.monotonic()
-            if self.background:
-                self._start_thread()
-                self._wake.set()
-            else:
-                self.flush()
-
-    def _start_thread(self) -> None:
-        import threading
-
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"RunLogger-{self.run_id}", daemon=True)
-            self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait()
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            self._merge(timeout_s=5.0)
-
-    def _merge(self, timeout_s: float) -> int:
-        with self._merge_lock:
-            try:
-                f = self._f
-                if f is not None:
-                    os.fsync(f.fileno())
-            except (OSError, ValueError):
-                pass  # closed meanwhile: close() merges the rest
-            try:
-                with connect(store_paths(self.store_root).db, timeout_s=timeout_s) as con:
-                    ensure_schema_once(con, store_paths(self.store_root).db)
-                    return _merge_one(con, self.store_root, self.run_id)
-            except StoreBusy:
-                return 0  # the next merge (or merge_pending after exit) picks the lines up
-
-    def flush(self, merge: bool = True, timeout_s: float = 5.0) -> int:
-        """fsync the file and (by default) merge new lines into DuckDB now. Returns rows merged."""
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        self._last_merge = time.monotonic()
-        return self._merge(timeout_s) if merge else 0
-
-    def close(self) -> None:
-        """Stop the merge thread, fsync, and merge everything left (waits for a busy store)."""
-        if self._f is None:
-            return
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-        with self._merge_lock:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-        with connect(store_paths(self.store_root).db) as con:
-            ensure_schema_once(con, store_paths(self.store_root).db)
-            _merge_one(con, self.store_root, self.run_id)
-
-    def __enter__(self) -> "RunLogger":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- runs
@@ -582,7 +382,7 @@ def _insert_rows(store_root: str | Path, table: str, rows: Iterable[Mapping[str,
         unknown = sorted(set(r) - set(cols))
         if unknown:
             raise ConfigError(f"{table} row {i} has unknown columns {unknown}; valid: {cols}")
-        if "value" in r and _as_number(r["value"]) is None and r["value"] is not None:
+        if "value" in r and as_number(r["value"]) is None and r["value"] is not None:
             raise ConfigError(f"{table} row {i}: value {r['value']!r} is not a number")
     values = [[r.get(c) for c in cols] for r in rows]
     where = " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in key)
