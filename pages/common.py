@@ -52,7 +52,7 @@ def _name(fn) -> str:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _load(name: str, _fn, store: str, version: int, args: tuple, kwargs: tuple):
+def _load(name: str, _fn, store: str, version, args: tuple, kwargs: tuple):
     """Cached ``_fn(store, *args, **kwargs)``; ``name`` (the function's) keys the cache in place of the
     unhashed ``_fn``, and ``version`` changes when the store is written."""
     return _fn(store, *args, **dict(kwargs))
@@ -75,17 +75,20 @@ def query_many(*calls: tuple) -> list:
     return _guard(store, lambda: _load_many(store, read.store_version(store), key, tuple(calls)))
 
 
-def query(fn, *args, missing_ok: bool = False, **kwargs):
+def query(fn, *args, missing_ok: bool = False, live: tuple = (), **kwargs):
     """Run a read.py query (the function, e.g. ``read.forest``) for the current store, turning store
     problems into messages.
 
     A missing/busy/unreadable store stops the page with a message. A missing
     result *file* (``ResultFileMissing``) shows a warning and returns None when
     ``missing_ok`` so that the rest of the page still renders.
+    ``live``: run ids whose run folders the query also reads (``read.curves`` shows lines the store has not
+    merged yet); the cached answer is refreshed when their files grow, not only when the store changes.
     """
     store = current_store()
     name = _name(fn)
-    return _guard(store, lambda: _load(name, fn, store, read.store_version(store), args,
+    version = (read.store_version(store), read.run_files_version(store, live))
+    return _guard(store, lambda: _load(name, fn, store, version, args,
                                        tuple(sorted(kwargs.items()))), missing_ok)
 
 

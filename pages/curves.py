@@ -47,9 +47,9 @@ if not selected:
     st.info("Select one or more runs above.")
     st.stop()
 
-names = query(read.metric_names, tuple(selected))
+names = query(read.metric_names, tuple(selected), live=tuple(selected))
 if not names:
-    st.info("These runs have no metrics merged yet; a running job's metrics appear after its next merge.")
+    st.info("These runs have logged no metrics yet; a running run's appear with its first logged step.")
     st.stop()
 default_metrics = [n for n in names if "loss" in n][:2] or names[:1]
 metrics = st.multiselect("Metrics", names, default=url_values("metric", names, default_metrics), key="lc_metrics")
@@ -66,7 +66,8 @@ running = sel[sel.status == "running"].run_id.tolist()
 @st.fragment(run_every=REFRESH_S if running else None)
 def _plot() -> None:
     """The plot alone reruns every few seconds while a run is live (cached reads refresh when the store changes)."""
-    data = query(read.curves, tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True)
+    data = query(read.curves, tuple(selected), tuple(metrics), X_AXES[x_label], MAX_POINTS, missing_ok=True,
+                 live=tuple(running))
     if data is None or data.empty:
         st.info("Nothing to draw for this choice.")
         return

@@ -653,3 +653,33 @@ def test_embeddings_link_with_an_unknown_attribute_says_so(attributes_store):
     assert not at.exception and not at.error
     assert "have no attribute **smoker**" in texts(at) and "bmi" in texts(at)
     assert at.selectbox(key="emb_color").value == "race" and len(_scatters(at)) == 2
+
+
+def test_a_running_runs_curve_grows_from_its_folder_before_any_merge(tmp_path):
+    """The training process only writes its run folder; the Learning curves page must still show, and
+    refresh, a live run's curve before the store has merged a single line (a cached answer keyed only by
+    the store's files would stay stale)."""
+    from ctssl_core.results import write
+    from ctssl_core.results.runfolder import RunLogger
+
+    rid = "pretrain-rotation-random-live"
+    write.start_run(tmp_path, rid, "pretrain", "rotation", "random", "tiny", {})
+    log = RunLogger(tmp_path, rid)
+    for s in range(40):
+        log({"step": s, "train/loss": 1.0 / (s + 1)})
+    at = open_page(tmp_path, "curves")
+    at.multiselect(key="lc_runs").set_value([rid]).run()
+    at.multiselect(key="lc_metrics").set_value(["train/loss"]).run()
+    assert not at.exception
+    (trace,) = specs(at)[0]["data"]
+    assert trace["x"] == list(range(40)) and np.allclose(trace["y"], [1.0 / (s + 1) for s in range(40)])
+    for s in range(40, 55):                                   # the run goes on; still nothing merged
+        log({"step": s, "train/loss": 1.0 / (s + 1)})
+    at.run()
+    (trace,) = specs(at)[0]["data"]
+    assert trace["x"] == list(range(55))
+    log.close()
+    write.finish_run(tmp_path, rid, "succeeded")              # merged: the same curve from the store
+    at.run()
+    (trace,) = specs(at)[0]["data"]
+    assert trace["x"] == list(range(55))

@@ -190,6 +190,19 @@ def store_version(store: str | Path) -> int:
     return v
 
 
+def run_files_version(store: str | Path, run_ids: Sequence[str]) -> int:
+    """A cheap number that changes when any of the runs' metrics files grows (sizes, no file times: those
+    come from a wall clock that may step); 0 for none. A running run's lines reach the dashboard from its
+    folder before the store merges them, so a page caches their curves by this as well as ``store_version``."""
+    from ctssl_core.results.runfolder import metrics_path
+
+    v = 0
+    for rid in run_ids:
+        with contextlib.suppress(OSError, ConfigError):
+            v += metrics_path(store, rid).stat().st_size
+    return v
+
+
 def _schema_columns(con: Snapshot) -> dict[str, list[str]]:
     return con.columns
 
