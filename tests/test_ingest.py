@@ -424,24 +424,25 @@ def _fail_on_seven(x: int) -> int:
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
-def test_shared_map_gives_every_item_once_from_the_pool_and_this_process(ahead):
+def test_pool_map_gives_every_item_once_in_order_from_the_workers(ahead):
     import os
 
-    from ctssl_core.data.ingest.schedule import _executor, _shared
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
-    with _executor(3) as ex:  # two forked workers + this process
-        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=ahead))
-    assert sorted(i for i, _ in got) == list(range(60))
+    drained = []
+    with _executor(3) as ex:  # three forked workers; this process only collects
+        got = list(_imap(_square_with_pid, list(range(60)), ex, ahead=ahead, drained=lambda: drained.append(1)))
+    assert [i for i, _ in got] == list(range(60))  # in item order: slice ids follow the plan
     assert all(sq == i * i for i, (sq, _) in got)
     pids = {pid for _, (_, pid) in got}
-    assert os.getpid() in pids and len(pids) >= 2  # this process worked too, not only waited
+    assert os.getpid() not in pids and 2 <= len(pids) <= 3 and drained == [1]
     with _executor(1) as ex:
-        assert ex is None and list(_shared(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
+        assert ex is None and list(_imap(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
 
 
-def test_shared_map_stops_handing_out_when_told():
-    """``until``: items stop being handed out once it turns false; what was started still comes back."""
-    from ctssl_core.data.ingest.schedule import _executor, _shared
+def test_pool_map_stops_handing_out_when_told():
+    """``until``: items stop being submitted once it turns false; what was submitted still comes back."""
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
     calls = []
 
@@ -450,19 +451,21 @@ def test_shared_map_stops_handing_out_when_told():
         return len(calls) <= 3
 
     with _executor(2) as ex:
-        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=2, until=until))
-    idx = [i for i, _ in got]
-    assert 3 <= len(idx) < 60 and len(set(idx)) == len(idx)
+        got = list(_imap(_square_with_pid, list(range(60)), ex, until=until))
+    assert [i for i, _ in got] == [0, 1, 2]  # the three submitted while until() held, in order
     assert all(sq == i * i for i, (sq, _) in got)
-    assert [i for i, _ in _shared(_square_with_pid, [1, 2, 3], None, until=lambda: False)] == []
+    assert [i for i, _ in _imap(_square_with_pid, [1, 2, 3], None, until=lambda: False)] == []
 
 
-def test_shared_map_raises_a_worker_error_and_stops():
-    from ctssl_core.data.ingest.schedule import _executor, _shared
+def test_pool_map_raises_a_worker_error_and_stops():
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
+    seen = []
     with pytest.raises(ValueError, match="item 7"):
         with _executor(2) as ex:
-            list(_shared(_fail_on_seven, list(range(40)), ex))
+            for i, _ in _imap(_fail_on_seven, list(range(40)), ex):
+                seen.append(i)
+    assert seen == list(range(7))  # every item before the failing one, none after
 
 
 @pytest.mark.timeout(120)

@@ -12,9 +12,9 @@ Three stages, so that every core stays busy and every file's header is parsed on
           slice by slice; anything else goes through torch. The main process then writes
           the series' catalog rows in one short transaction.
 
-"Workers" are this process plus ``workers - 1`` forked ones, all stages sharing one pool
-(``_shared``): the main process would otherwise only wait. DuckDB start-up (~50 ms a
-connection) overlaps walking the folder and, for the last commit, the last series' build.
+"Workers" are ``workers`` forked processes, one standard pool that every stage maps over in
+item order (``schedule._imap``); ``workers=1`` does everything in this process. DuckDB start-up
+(~50 ms a connection) overlaps walking the folder and, for the last commit, the last series' builds.
 
 Idempotent and resumable: ``ingested_files`` remembers (path, size, mtime) per file
 and is written in the same transaction as the series it belongs to, so an interrupted
@@ -68,7 +68,7 @@ from ctssl_core.data.ingest.resample import (
     resize_square_pixels,
     square_geometry,
 )
-from ctssl_core.data.ingest.schedule import _bar, _executor, _in_thread, _shared
+from ctssl_core.data.ingest.schedule import _bar, _executor, _imap, _in_thread
 
 # Tuning constants live in the module that reads them, and are not re-exported here: patching
 # ``ctssl_core.data.ingest.SCAN_CHUNK`` would silently change nothing, so it fails instead
@@ -233,7 +233,7 @@ def _build_and_commit(plans, lidc, rsna, paths, cfg, key, summary, relp, stat, p
     warm = _WarmCatalog(paths.db)
     try:
         # once the last series is handed out (``drained``), DuckDB starts up in a thread while it builds
-        for _, built in _shared(_build_job, jobs, ex, drained=warm.start if ex is not None else None):
+        for _, built in _imap(_build_job, jobs, ex, drained=warm.start if ex is not None else None):
             if isinstance(built, tuple):
                 uid, msg, transient = built
                 p = plan_by_uid[uid]

@@ -230,7 +230,7 @@ class _WarmCatalog:
     ingest. While this connection is open, ``connect`` in this process reuses the running
     database (~0.4 ms); closing it afterwards writes the checkpoint as closing the commit's own
     connection would have. The store's lock is held from when the last series is handed out
-    (at most one series build before the commit) instead of from the commit's start.
+    (the pool's last few series builds before the commit) instead of from the commit's start.
     """
 
     def __init__(self, db):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from ctssl_core.data.dicom import REASONS, DicomIssue, SliceHeader, scan, scrub
-from ctssl_core.data.ingest.schedule import _bar, _shared
+from ctssl_core.data.ingest.schedule import _bar, _imap
 
 SCAN_CHUNK = 64
 
@@ -54,24 +54,24 @@ def _scan_batch(batch: list[str], ex, progress: bool, label: str, known: dict | 
 
 
 def _scan_while(files: list[str], busy, ex) -> dict[str, tuple]:
-    """path -> (header, error) of the files scanned (by this process and the pool) while ``busy()``.
+    """path -> (header, error) of the files scanned (by the pool) while ``busy()``.
 
     Why: with several workers ingest waits ~50 ms for the catalog read (DuckDB start-up) before
     it knows which files are new; on a fresh store all are, so that wait scans headers instead.
     Files the catalog then lists as done are dropped: at most one catalog read's worth of work.
     """
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
-    return {p: (h, e) for _, res in _shared(_scan_chunk, chunks, ex, ahead=2, until=busy) for p, h, e in res}
+    return {p: (h, e) for _, res in _imap(_scan_chunk, chunks, ex, until=busy) for p, h, e in res}
 
 
 def _scan_all(files: list[str], ex, bar) -> list[list]:
-    """``_scan_chunk`` results for every SCAN_CHUNK files, in file order (whoever scanned them).
+    """``_scan_chunk`` results for every SCAN_CHUNK files, in file order.
 
     Holds every header: for one batch (at most the driver's BATCH_FILES files), as planning needs them all.
     """
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     out: list[list] = [[] for _ in chunks]
-    for i, res in _shared(_scan_chunk, chunks, ex, ahead=2):
+    for i, res in _imap(_scan_chunk, chunks, ex):
         out[i] = res
         bar.update(len(res))
     return out
@@ -91,13 +91,13 @@ def _study_batches(todo: list[str], ex, progress: bool, batch_files: int) -> lis
     chunks = [todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     studies: list[list[str | None]] = [[] for _ in chunks]  # per chunk: each file's study (None: unreadable)
     bar = _bar(progress, len(todo), "group studies")
-    for i, res in _shared(_scan_chunk, chunks, ex, ahead=2):  # headers dropped as they arrive (bounded memory)
+    for i, res in _imap(_scan_chunk, chunks, ex):  # headers dropped as they arrive (bounded memory)
         studies[i] = [sys.intern(h.study_uid) if h is not None else None for _, h, _ in res]
         bar.update(len(res))
     bar.close()
     by_study: dict[str, list[str]] = {}
     bad: list[str] = []
-    for chunk, uids in zip(chunks, studies):  # in file order, whoever scanned them
+    for chunk, uids in zip(chunks, studies):  # in file order
         for p, uid in zip(chunk, uids):
             if uid is None:
                 bad.append(p)

@@ -1,20 +1,26 @@
-"""How ingest spreads its work over processes: the worker pool, the shared map every stage uses
-(``_shared``), a result-in-a-thread helper, and the progress bars.
+"""How ingest spreads its work over processes: a standard ``ProcessPoolExecutor`` and an in-order map
+over it (``_imap``) that every stage uses, a result-in-a-thread helper, and the progress bars.
 
 Why its own module: the stages say *what* to compute per item; this module alone decides *where*
-it runs, so the scheduling can be changed (or replaced) without touching a stage.
+it runs, so the scheduling can be changed without touching a stage.
+
+Why a plain executor: until 2026-12-03 ingest had a hand-written work-sharing scheduler (this
+process worked beside ``workers - 1`` forked ones, taking items from the back while the pool took
+them from the front, with the GIL switch interval lowered to 0.5 ms so the pool's result thread
+could hand a worker its next item at once). Measured against this executor with
+``experiments/bench_ingest.py --repeats 3`` on the shared 2-core CPU (interleaved runs,
+``experiments/results/bench_ingest_cpu2_2026-12-03.txt``), the 2-worker ingest rate did not differ
+beyond the machine's noise, so the simpler one stayed. Results come back in item order, so a
+store's slice ids follow the plan whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
-import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterator
-
-HANDOFF_SWITCH_S = 0.0005  # GIL switch interval while the main process works beside the pool (see _shared)
 
 
 def _pool(workers: int):
@@ -26,33 +32,30 @@ def _pool(workers: int):
 
 @contextlib.contextmanager
 def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers - 1`` forked processes for every stage of an ingest, or None (all in this process).
+    """``workers`` forked processes for every stage of an ingest, or None for 1 (all in this process).
 
-    This process is the remaining worker (see ``_shared``): it would otherwise only wait, and
-    each fork of it (it holds numpy and duckdb) costs ~15 ms plus as much again at exit. One
-    pool for all stages, so that cost is paid once and even small folders scan in parallel.
-    torch is not imported for the workers (~1.7 s): the usual 512 -> 256 build is numpy only,
-    and a worker that needs the torch path imports it once itself.
+    One pool for all stages, so each fork (~15 ms, plus as much again at exit: this process holds
+    numpy and duckdb) is paid once and even small folders scan in parallel. This process plans and
+    writes the catalog meanwhile. torch is not imported for the workers (~1.7 s): the usual
+    512 -> 256 build is numpy only, and a worker that needs the torch path imports it once itself.
     """
     if workers <= 1:
         yield None
         return
-    with _pool(workers - 1) as ex:
+    with _pool(workers) as ex:
         yield ex
 
 
-def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead: int = 1, until=None
-            ) -> Iterator[tuple[int, Any]]:
-    """(index, fn(item)) for every item, as they finish, computed by the pool and this process together.
+def _imap(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead: int = 2, until=None
+          ) -> Iterator[tuple[int, Any]]:
+    """(index, fn(item)) for every item, in item order, computed by the pool (here, without a pool or
+    with one item).
 
-    The pool's workers take items from the front: the next one is submitted the moment one
-    finishes (from the pool's result thread), ``ahead`` per worker while many are left and one
-    each near the end, so few items wait in a queue where this process could not take them
-    back. This process takes items from the back and hands over the pool's results between its
-    own. So the stage ends about one item apart on each side. ``ahead=2`` suits small items
-    (header chunks), whose hand-over latency would otherwise idle a worker between them.
-    ``drained()``, if given, is called once every item has been handed out. With ``until``, items
-    are only handed out while ``until()`` is true: the rest are left out (not yielded).
+    At most ``ahead`` items per worker are submitted and not yet yielded: enough that a worker
+    finds its next item queued, few enough that an early stop (an error, ^C, ``until``) leaves
+    little work behind. ``drained()``, if given, is called once every item has been submitted to the pool.
+    With ``until``, items are only submitted while ``until()`` is true: the rest are left out
+    (not yielded). A worker's exception is raised here, and the items not yet started are cancelled.
     """
     n = len(items)
     if ex is None or n <= 1:
@@ -61,73 +64,23 @@ def _shared(fn, items: list, ex: ProcessPoolExecutor | None, drained=None, ahead
                 return
             yield i, fn(it)
         return
-    lock = threading.Lock()
-    span = [0, n]  # items [span[0], span[1]) are not taken yet
-    done: queue.SimpleQueue = queue.SimpleQueue()  # (index, future or the exception that stopped a submit)
-
-    def take_back() -> int | None:
-        with lock:
-            if span[0] >= span[1]:
-                return None
-            span[1] -= 1
-            return span[1]
-
-    workers, inflight = ex._max_workers, [0]
-
-    def top_up() -> None:
-        while True:
-            with lock:
-                left = span[1] - span[0]
-                want = ahead * workers if left > ahead * workers else workers
-                if left <= 0 or inflight[0] >= want:
-                    return
-                i = span[0]
-                span[0] += 1
-                inflight[0] += 1
-            try:
-                ex.submit(fn, items[i]).add_done_callback(lambda fut, i=i: finished(i, fut))
-            except Exception as e:  # noqa: BLE001 - pool broken or shut down: the consumer re-raises it
-                done.put((i, e))
-                return
-
-    def finished(i: int, fut) -> None:
-        done.put((i, fut))
-        with lock:
-            inflight[0] -= 1
-        top_up()
-
-    def result(got):
-        if isinstance(got, BaseException):
-            raise got
-        return got.result()
-
-    top_up()
-    handed = 0
-    switch = sys.getswitchinterval()
-    # The pool's result thread hands a worker its next item; while this thread runs Python (header
-    # parsing) it would wait up to the 5 ms GIL switch interval for that, and the worker idles meanwhile.
-    sys.setswitchinterval(HANDOFF_SWITCH_S)
+    window = max(1, ahead) * ex._max_workers
+    pending: collections.deque = collections.deque()  # (index, future), oldest first
+    nxt = 0
     try:
-        while (until is None or until()) and (i := take_back()) is not None:
-            yield i, fn(items[i])
-            handed += 1
-            while not done.empty():
-                j, got = done.get()
-                yield j, result(got)
-                handed += 1
-        with lock:
-            taken = span[0] + n - span[1]  # stop handing out (``until`` may have ended it early)
-            span[0] = span[1]
-        if drained is not None:
-            drained()
-        while handed < taken:
-            j, got = done.get()
-            yield j, result(got)
-            handed += 1
+        while True:
+            while nxt < n and len(pending) < window and (until is None or until()):
+                pending.append((nxt, ex.submit(fn, items[nxt])))
+                nxt += 1
+                if nxt == n and drained is not None:
+                    drained()
+            if not pending:
+                return
+            i, fut = pending.popleft()
+            yield i, fut.result()
     finally:
-        sys.setswitchinterval(switch)
-        with lock:
-            span[0] = span[1]  # stopped early (an error, ^C): submit nothing more
+        for _, fut in pending:  # stopped early: nothing more runs for this map
+            fut.cancel()
 
 
 def _in_thread(fn, *args):
