@@ -279,7 +279,12 @@ def _ssim_per_image(a: Tensor, b: Tensor, data_range: float, window_size: int, s
 
 
 def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``(B, C, H, W)`` to ``size`` (antialiased when shrinking)."""
+    """Bilinear resize of ``(B, C, H, W)`` to ``size`` (antialiased when shrinking).
+
+    The one resize of model inputs: the loader and the pretraining online probe both call it, so
+    training and probing see the same pixels. (Ingest's ``data/ingest/resample.py`` is another job:
+    stored HU at the store's geometry, square pixels, exact block means where it can.)
+    """
     _check_image(x)
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or min(hw) < 1:

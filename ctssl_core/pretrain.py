@@ -178,7 +178,7 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
     import torch
 
     from ctssl_core.evaluate.metrics import auroc
-    from ctssl_core.ops import model_input, slice_at
+    from ctssl_core.ops import model_input, resize, slice_at
 
     hu = torch.from_numpy(np.ascontiguousarray(store.read(ids)))[:, None]  # (N, 1, H, W) int16, read once
     target = torch.from_numpy(y)
@@ -199,8 +199,8 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
         with torch.no_grad():
             for i in range(0, len(hu), 64):
                 x = slice_at(model_input(hu[i:i + 64].to(device), encoder.windows), 0)  # (b, C, H, W)
-                if image_size and x.shape[-1] != image_size:
-                    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+                if image_size:
+                    x = resize(x, image_size)  # as the loader resizes training inputs (ops.resize)
                 feats.append(encoder.embed(x).float().cpu())
         z = torch.cat(feats)  # (N, D)
         z = (z - z.mean(0)) / (z.std(0) + 1e-6)

@@ -22,7 +22,7 @@ TABLES: dict[str, str] = {
         key TEXT PRIMARY KEY,
         value TEXT
     """,
-    # ---------------- catalog (data/ingest.py writes) ----------------
+    # ---------------- catalog (data/ingest/catalog_write.py writes) ----------------
     "patients": """
         patient_key TEXT PRIMARY KEY,   -- keyed hash of PatientID
         age DOUBLE,                     -- years

@@ -9,8 +9,8 @@ Writes uncompressed 512x512 CT series (tests/dicom_fixtures.py), then times, in 
 and prints slices/s and the ratios. Targets (issue 2): ingest1 >= 0.8x plain, ingest2 >= 1.6x plain.
 The machine may be shared with other processes; the numbers are for this run only. The CPU lines
 are the fairer per-core comparison on a busy machine: process_time of this process, plus, for
-ingest2, the CPU of its worker process (joined before ingest returns, so RUSAGE_CHILDREN has it).
-With 2 workers ingest uses this process and one forked worker.
+ingest2, the CPU of its worker processes (joined before ingest returns, so RUSAGE_CHILDREN has it).
+With 2 workers ingest forks two worker processes (this process plans and writes the catalog meanwhile).
 """
 
 from __future__ import annotations

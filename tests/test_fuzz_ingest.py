@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from dicom_fixtures import phantom, write_series
 
-from ctssl_core.data import ingest as ingest_mod
+from ctssl_core.data.ingest import headers as headers_mod
 from ctssl_core.data.ingest import IngestConfig, find_files, ingest
 from ctssl_core.data.pseudonym import Pseudonymiser
 from ctssl_core.data.store import SliceStore
@@ -50,7 +50,7 @@ def test_corrupted_copies_never_crash_and_all_files_accounted(tmp_path, monkeypa
              for i in range(45)]
     assert set(kinds) == {"truncate", "flip", "drop"}
     files = find_files(src)
-    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 8)  # with 2 workers: scan chunks shared by both processes
+    monkeypatch.setattr(headers_mod, "SCAN_CHUNK", 8)  # with 2 workers: scan chunks shared by both processes
     summary = ingest(src, tmp_path / "store", IngestConfig(size=32, workers=workers), progress=False)
 
     with connect(store_paths(tmp_path / "store").db, read_only=True) as con:

@@ -62,7 +62,7 @@ SQL_MODULES = {
     "ctssl_core/results/seed.py",           # synthetic results for tests and benchmarks
     "ctssl_core/jobs/queue.py",             # the jobs table
     "ctssl_core/data/catalog.py",           # catalog queries for everything else; bulk-insert helpers
-    "ctssl_core/data/ingest.py",            # the catalog's writes during ingest
+    "ctssl_core/data/ingest/catalog_write.py",  # the catalog's writes during ingest (not the whole package)
     "ctssl_core/data/store.py",             # the training read side (SliceStore.open)
     "ctssl_core/data/splits.py",            # the splits table
     "ctssl_core/data/adapters/rsna_pe.py",  # an in-memory table over train.csv, never the store

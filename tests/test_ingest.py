@@ -13,6 +13,8 @@ from pydicom.uid import generate_uid
 
 from ctssl_core.config import ConfigError
 from ctssl_core.data import ingest as ingest_mod
+from ctssl_core.data.ingest import build as build_mod
+from ctssl_core.data.ingest import headers as headers_mod
 from ctssl_core.data.ingest import IngestConfig, find_files, ingest
 from ctssl_core.db import connect
 from ctssl_core.paths import store_paths
@@ -312,8 +314,11 @@ def test_batched_ingest_matches_single_pass(tmp_path, monkeypatch, workers):
     """Very large ingests run in batches of whole studies; the result must not change."""
     exp = build_messy_folder(tmp_path / "src")
     monkeypatch.setattr(ingest_mod, "BATCH_FILES", 8)  # forces several batches on this small folder
-    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 4)  # and several scan chunks to share
+    monkeypatch.setattr(headers_mod, "SCAN_CHUNK", 4)  # and several scan chunks to share
+    real_batches, batches = ingest_mod._study_batches, []
+    monkeypatch.setattr(ingest_mod, "_study_batches", lambda *a: batches.append(real_batches(*a)) or batches[-1])
     s = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(size=N, workers=workers), progress=False)
+    assert len(batches) == 1 and len(batches[0]) > 1  # the patches above took effect: really several batches
     assert s.errors_by_reason == exp["errors"]
     assert s.series == len(exp["series"]) and s.slices == sum(exp["series"].values())
     found = dict((n, a) for n, a in _series_arrays(tmp_path / "store") if n != 3)
@@ -361,12 +366,14 @@ def test_numpy_box_path_matches_torch_path_exactly(tmp_path, monkeypatch, case, 
     plans, errors = plan_series([scan(p) for p in paths])
     assert len(plans) == 1 and not errors
     torch_chunks = []
-    real_torch = ingest_mod._hu_chunk_torch
-    monkeypatch.setattr(ingest_mod, "_hu_chunk_torch", lambda raw, *a: torch_chunks.append(1) or real_torch(raw, *a))
+    real_torch = build_mod._hu_chunk_torch  # patched where build_series looks it up
+    monkeypatch.setattr(build_mod, "_hu_chunk_torch", lambda raw, *a: torch_chunks.append(1) or real_torch(raw, *a))
     fast = build_series(plans[0], str(tmp_path / "store"), "fast", size)
     assert bool(torch_chunks) == via_torch
-    monkeypatch.setattr(ingest_mod, "box_factors", lambda *a: None)
+    monkeypatch.setattr(build_mod, "box_factors", lambda *a: None)
+    n_torch = len(torch_chunks)
     ref = build_series(plans[0], str(tmp_path / "store"), "ref", size)
+    assert len(torch_chunks) > n_torch  # the reference really went through torch (the patch took effect)
     a, b = np.load(tmp_path / "store" / fast.array_rel), np.load(tmp_path / "store" / ref.array_rel)
     assert a.shape == (4, size, size) and a.dtype == np.int16
     np.testing.assert_array_equal(a, b)
@@ -381,7 +388,7 @@ def test_two_workers_match_one(tmp_path, monkeypatch):
     from ctssl_core.schema import ensure_schema
 
     exp = build_messy_folder(tmp_path / "src")
-    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 4)  # many scan chunks: the pool really shares the scan
+    monkeypatch.setattr(headers_mod, "SCAN_CHUNK", 4)  # many scan chunks: the pool really shares the scan
     one = ingest(tmp_path / "src", tmp_path / "one", IngestConfig(size=N, workers=1), progress=False)
     with connect(store_paths(tmp_path / "two").db) as con:
         ensure_schema(con)
@@ -417,24 +424,25 @@ def _fail_on_seven(x: int) -> int:
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
-def test_shared_map_gives_every_item_once_from_the_pool_and_this_process(ahead):
+def test_pool_map_gives_every_item_once_in_order_from_the_workers(ahead):
     import os
 
-    from ctssl_core.data.ingest import _executor, _shared
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
-    with _executor(3) as ex:  # two forked workers + this process
-        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=ahead))
-    assert sorted(i for i, _ in got) == list(range(60))
+    drained = []
+    with _executor(3) as ex:  # three forked workers; this process only collects
+        got = list(_imap(_square_with_pid, list(range(60)), ex, ahead=ahead, drained=lambda: drained.append(1)))
+    assert [i for i, _ in got] == list(range(60))  # in item order: slice ids follow the plan
     assert all(sq == i * i for i, (sq, _) in got)
     pids = {pid for _, (_, pid) in got}
-    assert os.getpid() in pids and len(pids) >= 2  # this process worked too, not only waited
+    assert os.getpid() not in pids and 2 <= len(pids) <= 3 and drained == [1]
     with _executor(1) as ex:
-        assert ex is None and list(_shared(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
+        assert ex is None and list(_imap(_square_with_pid, [3, 4], ex)) == [(0, (9, os.getpid())), (1, (16, os.getpid()))]
 
 
-def test_shared_map_stops_handing_out_when_told():
-    """``until``: items stop being handed out once it turns false; what was started still comes back."""
-    from ctssl_core.data.ingest import _executor, _shared
+def test_pool_map_stops_handing_out_when_told():
+    """``until``: items stop being submitted once it turns false; what was submitted still comes back."""
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
     calls = []
 
@@ -443,19 +451,21 @@ def test_shared_map_stops_handing_out_when_told():
         return len(calls) <= 3
 
     with _executor(2) as ex:
-        got = list(_shared(_square_with_pid, list(range(60)), ex, ahead=2, until=until))
-    idx = [i for i, _ in got]
-    assert 3 <= len(idx) < 60 and len(set(idx)) == len(idx)
+        got = list(_imap(_square_with_pid, list(range(60)), ex, until=until))
+    assert [i for i, _ in got] == [0, 1, 2]  # the three submitted while until() held, in order
     assert all(sq == i * i for i, (sq, _) in got)
-    assert [i for i, _ in _shared(_square_with_pid, [1, 2, 3], None, until=lambda: False)] == []
+    assert [i for i, _ in _imap(_square_with_pid, [1, 2, 3], None, until=lambda: False)] == []
 
 
-def test_shared_map_raises_a_worker_error_and_stops():
-    from ctssl_core.data.ingest import _executor, _shared
+def test_pool_map_raises_a_worker_error_and_stops():
+    from ctssl_core.data.ingest.schedule import _executor, _imap
 
+    seen = []
     with pytest.raises(ValueError, match="item 7"):
         with _executor(2) as ex:
-            list(_shared(_fail_on_seven, list(range(40)), ex))
+            for i, _ in _imap(_fail_on_seven, list(range(40)), ex):
+                seen.append(i)
+    assert seen == list(range(7))  # every item before the failing one, none after
 
 
 @pytest.mark.timeout(120)

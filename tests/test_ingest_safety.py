@@ -233,7 +233,7 @@ def test_permission_and_io_errors_while_reading_are_retried(tmp_path, monkeypatc
 # ---------------------------------------------------------------- two ingests, one store (issue 13 item 11)
 
 def test_startup_cleanup_removes_only_stale_temp_files(tmp_path):
-    from ctssl_core.data.ingest import _tmp_name, stale_temp_files
+    from ctssl_core.data.ingest.arrays import _tmp_name, stale_temp_files
 
     d = tmp_path / "slices"
     d.mkdir()
@@ -247,18 +247,18 @@ def test_startup_cleanup_removes_only_stale_temp_files(tmp_path):
 
 
 def test_second_ingest_leaves_the_first_ingests_temp_files(tmp_path, monkeypatch):
-    from ctssl_core.data import ingest as ingest_mod
+    from ctssl_core.data.ingest import arrays as arrays_mod
 
     write_series(tmp_path / "a" / "s", phantom(2, 16, 16), patient_id="PA")
     write_series(tmp_path / "b" / "s", phantom(2, 16, 16), patient_id="PB")
     store = tmp_path / "st"
     ingest(tmp_path / "a", store, IngestConfig(size=16, workers=1), progress=False)
     slices = store_paths(store).slices
-    writing = slices / ingest_mod._tmp_name("x", 4242)   # another ingest, alive, mid-write
-    crashed = slices / ingest_mod._tmp_name("y", 4343)   # an ingest killed mid-write
+    writing = slices / arrays_mod._tmp_name("x", 4242)   # another ingest, alive, mid-write
+    crashed = slices / arrays_mod._tmp_name("y", 4343)   # an ingest killed mid-write
     for f in (writing, crashed):
         f.write_bytes(b"partial")
-    monkeypatch.setattr(ingest_mod, "_pid_alive", lambda pid: pid == 4242)
+    monkeypatch.setattr(arrays_mod, "_pid_alive", lambda pid: pid == 4242)  # where stale_temp_files looks
     assert ingest(tmp_path / "b", store, IngestConfig(size=16, workers=1), progress=False).series == 1
     assert writing.exists() and not crashed.exists()
 

@@ -116,6 +116,24 @@ def test_resize_on_device_and_subset_ids(store):
         assert set(r["slice_id"].tolist()) <= set(subset.tolist())
 
 
+@pytest.mark.parametrize("size", [16, 48])  # shrink and enlarge
+def test_loader_resizes_with_ops_resize(store, size):
+    """One model-input resize: the loader's pixels are ops.resize's, bit for bit. Shrinking they are
+    also the values the loader's own antialiased interpolate gave; enlarging, they differ from those
+    by float rounding only (antialias changes nothing but the kernel's arithmetic there)."""
+    from ctssl_core import ops
+
+    full = take(SliceBatcher(store, None, 4, seed=2), 1)[0]["x"]                  # (4, 1, 32, 32)
+    got = take(SliceBatcher(store, None, 4, seed=2, image_size=size), 1)[0]["x"]  # same slices, resized
+    assert torch.equal(got, ops.resize(full, size))
+    old = torch.nn.functional.interpolate(full, size=(size, size), mode="bilinear", align_corners=False,
+                                          antialias=True)
+    if size < 32:
+        assert torch.equal(got, old)
+    else:
+        torch.testing.assert_close(got, old, rtol=0, atol=1e-6)
+
+
 def test_random_crops_are_windows_of_the_slice_shared_by_pair_and_mask(store):
     """A crop is a true sub-square of the whole slice, the same square for both slices of a
     next-slice pair and for the mask, varies across batches, and repeats on resume."""

@@ -2,8 +2,8 @@
 ``series``, ``slices``, ``splits``, ``ingest_errors``).
 
 Why a module of its own: the rule in docs/ARCHITECTURE.md is that only the store modules run SQL,
-and the catalog's store modules are this one, ``data/ingest.py`` (its own writes), ``data/store.py``
-(the training read side) and ``data/splits.py``. Training, embedding, bias and command code call the
+and the catalog's store modules are this one, ``data/ingest/catalog_write.py`` (ingest's own writes),
+``data/store.py`` (the training read side) and ``data/splits.py``. Training, embedding, bias and command code call the
 named functions here instead of opening DuckDB. Every function opens one short connection.
 The bulk-insert helpers live here too, so the demographics adapter and the split writer need not
 import ``ingest`` (which imports them: that was an import cycle).

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctssl_core.config import ConfigError
-from ctssl_core.ops import DEFAULT_WINDOWS, model_input, resolve_windows
+from ctssl_core.ops import DEFAULT_WINDOWS, model_input, resize, resolve_windows
 
 # Label keys the batcher knows how to build (tasks.py documents them).
 DEMOGRAPHIC_KEYS = ("age", "sex", "race")
@@ -252,7 +252,7 @@ class SliceBatcher:
             x = x.flatten(1, 2)  # (B, S*C, H, W): resize and crop act on 4-D images
         size = self.image_size
         if size and (x.shape[-2] != size or x.shape[-1] != size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            x = resize(x, size)  # the one model-input resize (ops.resize), as the online probe uses
             if "nodule" in dev:
                 dev["nodule"] = F.interpolate(dev["nodule"].float(), size=(size, size), mode="nearest")
             if self.wants_hu:

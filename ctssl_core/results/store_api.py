@@ -6,7 +6,7 @@ Those modules are ``db.py``/``schema.py`` (connection, DDL), ``results/read.py``
 queries), ``results/write.py`` (a run's lifecycle: runs, metrics, results, summaries),
 ``results/seed.py`` (synthetic results), this module (everything else callers outside the store
 need from the results tables), ``jobs/queue.py`` (the ``jobs`` table) and the catalog's
-``data/catalog.py``, ``data/ingest.py``, ``data/store.py``, ``data/splits.py``.
+``data/catalog.py``, ``data/ingest/catalog_write.py``, ``data/store.py``, ``data/splits.py``.
 Each function opens one short connection and returns plain Python values or a DataFrame; none
 keeps state between calls. A missing store reads as "nothing there" where the caller treated it so.
 """
