@@ -421,9 +421,9 @@ def ceiling_line(plan: Plan, root: Path | None, task: str, metric: str) -> tuple
     metric = next((m for m in (metric, *SENSITIVITY_METRICS[task]) if m in boot and f"point/{m}" in boot), None)
     if metric is None:
         return None, None
-    from ctssl_core.evaluate.bootstrap import _percentile_ci   # the CI of the run's own results row
+    from ctssl_core.evaluate.bootstrap import percentile_ci   # the CI of the run's own results row
 
-    ci = _percentile_ci(float(boot[f"point/{metric}"]), boot[metric], 0.05)
+    ci = percentile_ci(float(boot[f"point/{metric}"]), boot[metric], 0.05)
     v, lo, hi = ci.value, ci.low, ci.high
     floor = LEARNED_FLOOR[metric]      # one definition of "learned" (also used for labels saved / speed)
     learned = bool(np.isfinite(lo) and lo > floor)

@@ -12,7 +12,7 @@ import pytest
 from ctssl_core.data import catalog
 from ctssl_core.db import StoreMissing
 from ctssl_core.paths import store_paths
-from ctssl_core.results import store_api
+from ctssl_core.results import read, store_api
 
 
 def test_missing_store_reads_as_nothing_there(tmp_path):
@@ -71,6 +71,7 @@ def test_embedding_queries_on_the_smoke_store(smoke_store):
         assert store_api.projection_path(smoke_store, r["emb_id"], "pca") is not None
         assert store_api.projection_path(smoke_store, r["emb_id"], "no-such-method") is None
         ref, _ = store_api.embedding_row(smoke_store, store_api.random_reference(smoke_store, r["emb_id"]))
+        assert read.reference_for(smoke_store, r["emb_id"]) == ref["emb_id"]     # the page shows that one
         assert ref["init"] == "random" and (ref["split"], ref["level"], ref["encoder"]) == (
             r["split"], r["level"], r["encoder"])
     assert store_api.random_reference(smoke_store, "no-such-emb") is None

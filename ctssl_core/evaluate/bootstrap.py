@@ -61,7 +61,7 @@ def draw_patients(n_patients: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.integers(0, n_patients, size=(n_boot, n_patients))
 
 
-def _percentile_ci(point: float, samples: np.ndarray, alpha: float) -> CI:
+def percentile_ci(point: float, samples: np.ndarray, alpha: float) -> CI:
     s = np.asarray(samples, dtype=np.float64)
     finite = s[~np.isnan(s)]
     if finite.size == 0:
@@ -88,7 +88,7 @@ def bootstrap_stat(
     point = stat(np.arange(n_patients))
     draws = draw_patients(n_patients, n_boot, seed)
     samples = np.array([stat(d) for d in draws], dtype=np.float64)
-    return _percentile_ci(point, samples, alpha)
+    return percentile_ci(point, samples, alpha)
 
 
 def bootstrap_ci(
@@ -170,10 +170,10 @@ def bootstrap_multi(
     else:
         reps = [stat(d) for d in draws]
         samples = {m: np.array([r[m] for r in reps], dtype=np.float64) for m in point}
-    cis = {m: _percentile_ci(point[m], samples[m], alpha) for m in point}
+    cis = {m: percentile_ci(point[m], samples[m], alpha) for m in point}
     return cis, samples
 
 
 def ci_from_samples(point: float, samples: np.ndarray, alpha: float = 0.05) -> CI:
     """Percentile CI from precomputed replicates (e.g. a paired difference of two models)."""
-    return _percentile_ci(point, samples, alpha)
+    return percentile_ci(point, samples, alpha)

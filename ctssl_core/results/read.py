@@ -988,20 +988,18 @@ def embeddings(store: str | Path) -> pd.DataFrame:
 
 
 def reference_for(store: str | Path, emb_id: str) -> str | None:
-    """The random-init embedding an encoder is compared with (bias_results, else same split/level)."""
+    """The random-init embedding an encoder is compared with: the one its bias analysis used (bias_results),
+    else the one that analysis would use (``store_api.random_reference``: same split, level and encoder,
+    newest), so the Embeddings page never shows another reference than the numbers were computed against."""
     with _read(store) as con:
         have = _schema_columns(con)
         ref = _select(con, "bias_results", ["reference_emb_id"], "emb_id = ? AND reference_emb_id IS NOT NULL",
                       [emb_id], have=have)
         if len(ref):
             return str(ref.reference_emb_id.iloc[0])
-        emb = _select(con, "embeddings", ["emb_id", "init", "split", "level", "encoder"], have=have)
-    me = emb[emb.emb_id == emb_id]
-    if me.empty:
-        return None
-    me = me.iloc[0]
-    cand = emb[(emb.init == "random") & (emb.emb_id != emb_id) & (emb.split == me.split) & (emb.level == me.level)]
-    return str(cand.emb_id.iloc[0]) if len(cand) else None
+    from ctssl_core.results.store_api import random_reference
+
+    return random_reference(Path(store), emb_id)
 
 
 def projection(store: str | Path, emb_id: str, method: str, max_points: int = 5000,
