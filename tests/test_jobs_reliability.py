@@ -533,10 +533,163 @@ def test_recording_the_end_retries_store_errors(store, monkeypatch):
     monkeypatch.setattr(queue, "finish", flaky_finish)
     logged, slept = [], []
     assert runner.record_end(store, job_id, "failed", "exit code 1: x", logged.append, sleep=slept.append)
-    assert len(calls) == 3 and slept == [0.2, 0.4] and len(logged) == 1
-    assert jobs.get_job(store, job_id)["state"] == "failed"
-    monkeypatch.setattr(queue, "finish", lambda *a, **k: disk_full())
+    assert len(calls) == 3 and slept == [10.0, 10.0] and len(logged) == 1  # a full disk: every 10 s
+    job = jobs.get_job(store, job_id)
+    assert job["state"] == "failed" and job["error"].startswith("exit code 1: x\n")
+    assert "disk holding the store" in job["error"] and f"`ctssl jobs resume {job_id}`" in job["error"]
+    # any other store error is retried with backoff, then given up (reconcile marks the job later)
+    from ctssl_core.db import StoreBusy
+
+    def busy(*a, **k):
+        raise StoreBusy("the store stayed locked")
+
+    monkeypatch.setattr(queue, "finish", busy)
+    slept.clear()
     assert not runner.record_end(store, job_id, "failed", None, logged.append, tries=3, sleep=slept.append)
+    assert slept == [0.2, 0.4, 0.8]
+
+
+def test_recording_the_end_waits_out_a_full_disk_however_long(store, monkeypatch):
+    """Nothing can record a job's end on a full disk. Giving up (after ~5 min, as for other errors) left
+    the job to reconcile, which can only say its process is gone ("killed, out of memory"), not that
+    the disk was full and what to do; so a full disk is waited out, and once space is freed the job
+    ends failed with the disk-space message. A succeeded job's end gets no such note."""
+    from ctssl_core.jobs import runner
+
+    for state, error in (("failed", "exit code 1: Traceback"), ("succeeded", None)):
+        job_id = jobs.submit(store, "tick", {"steps": 1})
+        assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+        real_finish, calls = queue.finish, []
+
+        def full_for_a_while(*a, **k):
+            calls.append(1)
+            if len(calls) <= 100:  # more than `tries` (3 here): the count of full-disk retries is not capped
+                disk_full()
+            return real_finish(*a, **k)
+
+        monkeypatch.setattr(queue, "finish", full_for_a_while)
+        logged, slept = [], []
+        assert runner.record_end(store, job_id, state, error, logged.append, tries=3, sleep=slept.append)
+        monkeypatch.setattr(queue, "finish", real_finish)
+        assert len(calls) == 101 and slept == [10.0] * 100
+        assert len(logged) == 4 and all("disk is full" in m for m in logged)  # every 30th try, not 100 lines
+        job = jobs.get_job(store, job_id)
+        assert job["state"] == state
+        if state == "failed":
+            assert "free space on that disk" in job["error"] and job["error"].count("The disk holding") == 1
+        else:
+            assert job["error"] is None
+
+
+@pytest.mark.parametrize("evidence", ["heartbeat", "statvfs", "none"])
+def test_a_job_that_failed_on_a_full_disk_says_so_even_when_its_own_message_was_lost(store, monkeypatch, evidence):
+    """The real runner main(): its command fails (exit 1) without a word in its log, as when the disk
+    was so full that its StoreFull message could not be written (disk_full_checkpoint, 2026-12-03).
+    The runner saw the full disk (a heartbeat refused for it, or hardly any space left when the
+    command ended): the job's error must say so and what to do. Without such evidence, no note."""
+    from ctssl_core.jobs import runner
+
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    assert queue.claim(store, here(), ("cpu",))["job_id"] == job_id
+    if evidence == "heartbeat":
+        real_heartbeat, beats = queue.heartbeat, []
+
+        def first_beat_full(*a, **k):
+            beats.append(1)
+            if len(beats) == 1:
+                disk_full()
+            return real_heartbeat(*a, **k)
+        monkeypatch.setattr(queue, "heartbeat", first_beat_full)
+    if evidence == "statvfs":
+        real_statvfs = os.statvfs
+        monkeypatch.setattr(runner.os, "statvfs", lambda p: types.SimpleNamespace(
+            f_bavail=3, f_frsize=real_statvfs(p).f_frsize))  # 3 blocks free
+    monkeypatch.setattr(runner, "_kill_group", lambda: None)  # our group is pytest's
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert runner.main(["--store", str(store), "--job", job_id, "--heartbeat", "0.01", "--",
+                            sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(1)"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    job = jobs.get_job(store, job_id)
+    assert job["state"] == "failed" and job["error"].startswith("exit code 1")
+    said = "free space on that disk" in job["error"] and f"`ctssl jobs resume {job_id}`" in job["error"]
+    assert said == (evidence != "none"), job["error"]
+
+
+def test_worker_survives_a_full_disk_while_recording_a_started_job(store, spawn, as_runner, monkeypatch):
+    """The worker started a job's runner, then could not record its process (proc.json, DuckDB: the disk
+    was full). The OSError escaped the worker's loop: the worker died, its job stayed `running` with no
+    process recorded and nothing served the store any more. Now the worker lives on, logs (or not: its
+    log is on the full disk too), and its next pass records the process before reconciling, so the
+    live job is not failed as never started."""
+    import errno
+
+    from ctssl_core.jobs import worker as worker_mod
+
+    runner_proc = spawn()
+    job_id = jobs.submit(store, "tick", {"steps": 1})
+    as_runner(store, job_id, runner_proc.pid)
+
+    class OneProcessBackend(RecordingBackend):
+        def start(self, store_root, job_id, argv, total):  # noqa: ARG002
+            self.started.append(job_id)
+            return jobs.Handle(job_id, runner_proc.pid, runner_proc.pid)
+
+    full = {"on": True}
+    real_record = queue._record_proc
+
+    def record(*a, **k):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_record(*a, **k)
+
+    monkeypatch.setattr(queue, "_record_proc", record)
+
+    class FullStderr:  # the worker's log is on the full disk too
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker_mod.sys, "stderr", FullStderr())
+    backend = OneProcessBackend()
+    w = jobs.Worker(store, max_cpu_jobs=1, backend=backend, poll_s=0.0, reconcile_every_s=0.0)
+    passes = []
+
+    def fake_sleep(s):  # the worker's poll pause: the disk stays full for 3 passes, then space is freed
+        passes.append(s)
+        if len(passes) == 3:
+            full["on"] = False
+            # long enough ago that reconcile would fail a job with no process recorded
+            with connect(store_paths(store).db) as con:
+                con.execute("UPDATE jobs SET started_at = started_at - INTERVAL 5 MINUTE, "
+                            "heartbeat_at = heartbeat_at - INTERVAL 5 MINUTE WHERE job_id = ?", [job_id])
+        if len(passes) == 6:
+            stop.set()
+
+    stop = threading.Event()
+    monkeypatch.setattr(worker_mod, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=fake_sleep))
+    w.run(stop=stop)  # no OSError out of it
+    assert backend.started == [job_id] and len(passes) == 6 and w.unrecorded == {}
+    job = jobs.get_job(store, job_id)
+    assert (job["state"], job["pid"], job["pgid"]) == ("running", runner_proc.pid, runner_proc.pid)
+    assert queue.runner_verified(store, job_id, runner_proc.pid)
+
+
+def test_worker_still_stops_on_an_oserror_that_is_not_a_full_disk(store, monkeypatch):
+    import errno
+
+    w = jobs.Worker(store, max_cpu_jobs=1, backend=RecordingBackend(), poll_s=0.0)
+
+    def broken():
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(w, "step", broken)
+    with pytest.raises(PermissionError):
+        w.run()
 
 
 # --------------------------------------------------------------------------- item 2: hung = alive and no progress

@@ -16,7 +16,8 @@ knows how the command ended. It
 - stops the command as hung when it is alive but shows no progress (no new
   metrics line, no output) for ``--hang`` seconds of its monotonic clock;
 - at the end merges the run's metrics, closes runs the command left open and
-  sets the job succeeded / failed (with the exit code and last log lines) /
+  sets the job succeeded / failed (with the exit code and last log lines; on a disk that was full,
+  what to do about it, waiting as long as the full disk refuses the record) /
   cancelled, then kills any stragglers left in its group.
 """
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ctssl_core.db import is_disk_full
 from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
 from ctssl_core.results.runfolder import tail_metrics
@@ -96,6 +98,7 @@ class Supervisor:
     forwarded: bool = False
     killed: bool = False
     beat_failures: int = 0
+    disk_full: bool = False                     # a heartbeat failed on a full disk
     next_beat: float = field(default=float("-inf"))
 
     def request_stop(self, why: str = "cancel") -> None:
@@ -143,6 +146,7 @@ class Supervisor:
             cancel = self.beat()
         except Exception as e:  # noqa: BLE001 - any store failure; the command must keep its watcher
             self.beat_failures += 1
+            self.disk_full = self.disk_full or is_disk_full(e)
             delay = min(self.max_backoff_s, self.heartbeat_s * 2 ** self.beat_failures)
             self.next_beat = now + delay
             if self.beat_failures == 1 or self.beat_failures % 10 == 0:
@@ -170,22 +174,59 @@ class Supervisor:
         return "failed", f"{how}: {tail()[-600:]}"
 
 
+NEARLY_FULL_BYTES = 1 << 20  # free space under which a failed job's disk counts as full (DuckDB writes 256 KiB blocks)
+
+
+def disk_full_error(error: str | None, store: Path, job_id: str) -> str:
+    """``error`` with what to do about the full disk under the store (once)."""
+    note = (f"The disk holding the store {store} was full while this job ran, so its output, checkpoint or "
+            f"records may not have been written: free space on that disk, then `ctssl jobs resume {job_id}`.")
+    if error and note in error:
+        return error
+    return f"{error}\n{note}" if error else note
+
+
+def disk_nearly_full(path: Path, below: int = NEARLY_FULL_BYTES) -> bool:
+    """True when the filesystem holding ``path`` has less than ``below`` bytes free for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < below
+
+
 def record_end(store: Path, job_id: str, state: str, error: str | None, log: Callable[[str], None],
                tries: int = 40, sleep: Callable[[float], None] = time.sleep) -> bool:
     """Close the job's runs and write its final state, retrying any store error with backoff
     (about 5 minutes in all). False if the store never took it: reconcile then finds the
-    runner gone and marks the job from its row."""
+    runner gone and marks the job from its row.
+
+    A full disk is waited out, however long, every 10 s: nothing can record anything on it,
+    and giving up would leave the job to reconcile, which cannot know why its process is gone
+    ("killed, out of memory"). A failed job's error then says the disk was full and what to do.
+    The runner stays alive meanwhile, so the job shows ``running`` until space is freed."""
     from ctssl_core.jobs import queue
 
-    for i in range(tries):
+    i = full = 0
+    while i < tries:
         try:
             queue.close_runs(store, job_id, state, error)
             queue.finish(store, job_id, state, error)
             return True
         except Exception as e:  # noqa: BLE001 - disk full, I/O error, a lock: wait and retry
+            if is_disk_full(e):
+                if state == "failed":
+                    error = disk_full_error(error, store, job_id)
+                if full % 30 == 0:
+                    log(f"could not record the end, the disk is full ({type(e).__name__}: {str(e)[:200]}); "
+                        f"waiting for free space")
+                full += 1
+                sleep(10.0)
+                continue
             if i in (0, tries - 1):
                 log(f"could not record the end ({type(e).__name__}: {str(e)[:200]}); retrying")
             sleep(min(10.0, 0.2 * 2 ** i))
+            i += 1
     return False
 
 
@@ -210,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, JOB_DIR_ENV: str(jd), "CTSSL_STORE": str(store), "CTSSL_JOB_ID": job_id,
            "PYTHONUNBUFFERED": "1"}
-    own = {"bytes": 0}  # what the runner itself wrote to job.log: not the command's progress
+    own = {"bytes": 0, "disk_full": False}  # what the runner itself wrote to job.log: not the command's progress
     with open(jd / "job.log", "ab", buffering=0) as log_f:
         def log(msg: str) -> None:
             data = f"[ctssl job {job_id}] {msg}\n".encode()
             try:
                 own["bytes"] += log_f.write(data) or 0
-            except OSError:
-                pass  # a full disk must not stop the watcher
+            except OSError as e:  # a full disk must not stop the watcher
+                own["disk_full"] = own["disk_full"] or is_disk_full(e)
 
         log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC start: "
             f"{shlex.join(a if len(a) < 160 else a[:40] + '...' for a in args.command)}")
@@ -236,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         state, error = sup.outcome(rc, lambda: queue.log_tail(store, job_id, n_lines=3))
         log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC {state}{'' if rc == 0 else f' (exit {rc})'}")
+        # On a disk that filled up, the command's own message (StoreFull: free space, resume) may
+        # never have reached its log, leaving a failed job with a traceback's last lines or nothing
+        if state == "failed" and (sup.disk_full or own["disk_full"] or disk_nearly_full(store)):
+            error = disk_full_error(error, store, job_id)
         record_end(store, job_id, state, error, log)
     _kill_group()
     return 0

@@ -20,11 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-from ctssl_core.db import StoreError
+from ctssl_core.db import StoreError, is_disk_full
 from ctssl_core.jobs import queue
 from ctssl_core.jobs.backends import Backend, Handle, LocalBackend
 from ctssl_core.jobs.kinds import JobSpecError, build_argv, validate_spec
 from ctssl_core.paths import REPO_ROOT
+
+
+def _say(msg: str) -> None:
+    """A line to the worker's log (its stderr), or nowhere when the disk holding the log is full:
+    a log line must never stop the worker (``print`` raises OSError on a full disk)."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class WorkerBusy(StoreError):
@@ -85,6 +94,7 @@ class Worker:
         self.reconcile_every_s = reconcile_every_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.handles: dict[str, tuple[Handle, str]] = {}
+        self.unrecorded: dict[str, tuple[Handle, float]] = {}  # started, process not yet in the store
         self.others: dict[str, str] = {}  # running here but not started by this worker: job_id -> resource
         self._last_reconcile = 0.0
         self._lock_file = None
@@ -139,6 +149,8 @@ class Worker:
     def step(self) -> int:
         """Reap finished, reconcile, start what fits. Returns the number of jobs started."""
         self.reap()
+        for job_id in list(self.unrecorded):  # before reconcile, which fails a running job with no process
+            self._record_started(job_id)
         if time.monotonic() - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = time.monotonic()
             queue.reconcile(self.store_root)
@@ -166,9 +178,21 @@ class Worker:
             queue.finish(self.store_root, job_id, "failed", error=f"could not start the job process: {e}")
             return
         self.handles[job_id] = (h, spec.get("resource") if spec.get("resource") in self.slots else "cpu")
-        grace_s = float(getattr(self.backend, "grace_s", queue.DEFAULT_GRACE_S))
+        self.unrecorded[job_id] = (h, float(getattr(self.backend, "grace_s", queue.DEFAULT_GRACE_S)))
+        self._record_started(job_id)
+
+    def _record_started(self, job_id: str) -> None:
+        """Record a started job's process (``queue.set_started``); on a store error it stays in
+        ``unrecorded`` and the next pass tries again, before it reconciles.
+
+        Why: the job's process runs from the moment it is started; the store may refuse the record
+        (a full disk: ``proc.json`` and DuckDB cannot be written). That error used to escape the
+        worker's loop (an OSError is no store error), so the worker died, the job showed ``running``
+        with no process, and nothing started or reconciled the store's jobs any more."""
+        h, grace_s = self.unrecorded[job_id]
         if queue.set_started(self.store_root, job_id, h.pid, h.pgid, self.backend.name, grace_s=grace_s):
             self.backend.cancel(h)  # cancelled between claim and start
+        del self.unrecorded[job_id]
 
     # ---- loop
     def run(self, once: bool = False, idle_exit_s: float | None = None, stop=None) -> None:
@@ -182,9 +206,14 @@ class Worker:
             while stop is None or not stop.is_set():
                 try:
                     started = self.step()
-                except (StoreError, duckdb.Error) as e:  # a store busy for long, a transient conflict: retry
-                    print(f"worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                except (StoreError, duckdb.Error, OSError) as e:
+                    # a store busy for long, a transient conflict, a full disk: retry. Any other OSError
+                    # is not the store's and stops the worker, as before.
+                    if isinstance(e, OSError) and not is_disk_full(e):
+                        raise
+                    _say(f"worker: {type(e).__name__}: {e}")
                     started = 0
+                    idle_since = time.monotonic()  # a pass that failed did not find the queue idle
                 if started or self.handles or self.others:  # a predecessor's job still holds a slot
                     idle_since = time.monotonic()
                 elif once:
