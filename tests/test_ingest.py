@@ -390,6 +390,9 @@ def test_two_workers_match_one(tmp_path, monkeypatch):
     exp = build_messy_folder(tmp_path / "src")
     monkeypatch.setattr(headers_mod, "SCAN_CHUNK", 4)  # many scan chunks: the pool really shares the scan
     one = ingest(tmp_path / "src", tmp_path / "one", IngestConfig(size=N, workers=1), progress=False)
+    key = store_paths(tmp_path / "two").secret           # one store key: the same pseudonyms in both stores
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_bytes(store_paths(tmp_path / "one").secret.read_bytes())
     with connect(store_paths(tmp_path / "two").db) as con:
         ensure_schema(con)
     real_state, real_while, early = ingest_mod._catalog_state, ingest_mod._scan_while, []
@@ -407,6 +410,13 @@ def test_two_workers_match_one(tmp_path, monkeypatch):
     assert (one.series, one.slices) == (two.series, two.slices)
     arrays = [sorted((n, a.tobytes()) for n, a in _series_arrays(tmp_path / s)) for s in ("one", "two")]
     assert arrays[0] == arrays[1]
+    # the same slice ids too: training samples slices by id, so ids that followed the pool's finishing order
+    # (the old hand-written scheduler) gave one profile other results from one fresh store to the next
+    ids = []
+    for s in ("one", "two"):
+        with connect(store_paths(tmp_path / s).db, read_only=True) as con:
+            ids.append(con.execute("SELECT slice_id, series_key, idx, sop_key FROM slices ORDER BY slice_id").fetchall())
+    assert ids[0] == ids[1] and len(ids[0]) == one.slices
 
 
 def _square_with_pid(x: int) -> tuple[int, int]:
