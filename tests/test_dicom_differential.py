@@ -160,19 +160,106 @@ def test_every_fixture_kind_reads_like_pydicom_or_is_rejected(kinds):
         "monochrome1": "not_hu", "rescale_type": "not_hu", "modality_lut": "not_hu"}
 
 
+# Damaged copies on which the fast header walker and pydicom's reading still disagree (issue 13 item 12, open):
+# counts over DAMAGE_SEEDS, measured 2026-12-03 after the geometry and BitsStored fixes. They may only shrink.
+# None of them is a silent wrong number: where pydicom reads the file, every file ctssl accepts has pydicom's HU
+# and geometry (asserted below); these are accept/reject disagreements and files pydicom itself cannot read.
+KNOWN_DIVERGENCES = {
+    "walker accepts, pydicom path finds no pixels": 10,
+    "walker finds no pixels, pydicom path accepts": 7,
+    "accepted, but pydicom cannot read it": 9,
+    "both readers raise a non-DicomIssue error": 1,
+}
+DAMAGE_SEEDS = range(11, 21)
+
+
+def _classify(path) -> str:
+    """'accepted' (pydicom's HU and geometry), a rejection reason, or a divergence of KNOWN_DIVERGENCES.
+    Raises on a silent difference: a file both accept whose HU or geometry differ from pydicom's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            walker, slow = ctssl(path), ctssl(path, scan_with_pydicom)
+        except (NotImplementedError, ValueError, TypeError, KeyError, IndexError):
+            return "both readers raise a non-DicomIssue error"
+        if isinstance(walker, str) != isinstance(slow, str):
+            return ("walker accepts, pydicom path finds no pixels" if isinstance(slow, str)
+                    else "walker finds no pixels, pydicom path accepts") if "no_pixels" in (walker, slow) \
+                else f"walker {walker if isinstance(walker, str) else 'accepts'}, pydicom path " \
+                     f"{slow if isinstance(slow, str) else 'accepts'}"
+        if isinstance(walker, str):
+            return walker
+        try:
+            ref = reference(path)
+        except Exception:  # noqa: BLE001
+            return "accepted, but pydicom cannot read it"
+    if ref["spacing"] is not None and 0.0 in ref["spacing"]:
+        ref["spacing"] = None      # a zero spacing is read as unknown (noted in the catalog), by design
+    for got in (walker, slow):
+        assert got["hu"].shape == ref["hu"].shape, path
+        np.testing.assert_allclose(got["hu"], ref["hu"], rtol=0, atol=1e-3, err_msg=str(path))
+        assert got["orientation"] == ref["orientation"] or np.allclose(got["orientation"], ref["orientation"])
+        assert got["spacing"] == ref["spacing"], path
+        assert got["positions"] == ref["positions"], path
+    return "accepted"
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_corrupted_copies_read_like_pydicom_or_are_rejected(tmp_path):
+def test_corrupted_copies_read_like_pydicom_or_are_rejected(tmp_path, monkeypatch):
+    """1,200 damaged copies (truncated, header bytes flipped, tags dropped) of three syntaxes: every file ctssl
+    accepts that pydicom can read has pydicom's HU and geometry (never a silent difference), and the known
+    disagreements (KNOWN_DIVERGENCES) do not grow. The UIDs are fixed so that each seed damages the same bytes on
+    every run: with random UIDs of varying length every flip moved, and the test passed or failed by chance."""
+    import collections
+
+    import dicom_fixtures
     from test_fuzz_ingest import corrupt
 
-    rng = np.random.default_rng(11)
-    outcome = []
-    for syntax in ("explicit_le", "implicit_le", "explicit_be"):
-        good = write_series(tmp_path / syntax, phantom(3, 24, 24), syntax=syntax)
-        for i in range(40):
-            p = tmp_path / syntax / f"c{i:02d}"
-            corrupt(good[i % 3].read_bytes(), p, rng)
-            outcome.append(check(p))
-    assert outcome.count("accepted") >= 20 and len(set(outcome)) >= 4  # both sides of the test were exercised
+    counter = iter(range(10**6))
+    monkeypatch.setattr(dicom_fixtures, "generate_uid", lambda: f"1.2.826.0.1.3680043.8.498.{next(counter):012d}")
+    outcome: collections.Counter = collections.Counter()
+    for seed in DAMAGE_SEEDS:
+        rng = np.random.default_rng(seed)
+        for syntax in ("explicit_le", "implicit_le", "explicit_be"):
+            good = write_series(tmp_path / f"{seed}" / syntax, phantom(3, 24, 24), syntax=syntax)
+            for i in range(40):
+                p = tmp_path / f"{seed}" / syntax / f"c{i:02d}"
+                corrupt(good[i % 3].read_bytes(), p, rng)
+                outcome[_classify(p)] += 1
+    assert outcome["accepted"] >= 200 and len(outcome) >= 6          # both sides of the test were exercised
+    divergent = {k: v for k, v in outcome.items() if k not in REASONS and k != "accepted"}
+    assert set(divergent) <= set(KNOWN_DIVERGENCES), divergent       # a new kind of disagreement
+    assert all(divergent[k] <= KNOWN_DIVERGENCES[k] for k in divergent), divergent   # more of a known kind
+
+
+@pytest.mark.parametrize("tag, value", [("ImageOrientationPatient", "1Q0\\0\\0\\0\\1\\0"),
+                                        ("ImageOrientationPatient", "1\\0\\0\\0\\1"),
+                                        ("ImagePositionPatient", "-120\\x\\-100"),
+                                        ("PixelSpacing", "0.7\\0.7\\0.7")])
+def test_a_damaged_geometry_tag_is_rejected_not_taken_as_absent(tmp_path, tag, value):
+    """An orientation, position or spacing that is present but not its count of numbers used to read as absent,
+    and the slice was then oriented, placed or scaled by assumption (seen: orientation '1Q0...'). Both readers
+    reject it now, naming the tag; an absent tag is still read as absent."""
+    good = write_series(tmp_path / "s", phantom(2, 24, 24))
+    ds = pydicom.dcmread(good[0])
+    ds[tag]._value = value
+    bad = tmp_path / "bad.dcm"
+    with pydicom.config.disable_value_validation():
+        ds.save_as(bad, enforce_file_format=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DicomIssue, match=f"{tag} is present but does not hold") as fast:
+            scan(str(bad))
+        with pytest.raises(DicomIssue, match=tag) as slow:
+            scan_with_pydicom(str(bad))
+    assert fast.value.reason == slow.value.reason == "bad_header"
+    del ds[tag]
+    ds.save_as(tmp_path / "absent.dcm", enforce_file_format=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h = scan(str(tmp_path / "absent.dcm"))
+    assert getattr(h, {"ImageOrientationPatient": "orientation", "ImagePositionPatient": "positions",
+                       "PixelSpacing": "spacing"}[tag]) is None
 
 
 def _bundled_ct() -> list[str]:

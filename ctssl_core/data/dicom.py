@@ -67,7 +67,8 @@ REASONS = {
     "duplicate_sop": "Another file with the same SOPInstanceUID was already ingested; this copy was skipped.",
     "duplicate_image": "Another file of the series holds the same image at the same position; this copy was skipped.",
     "missing_position": "No ImagePositionPatient (and no InstanceNumber for the series) so the slice order is unknown; re-export with full headers.",
-    "bad_header": "A required tag (Rows, Columns, UIDs, bit depth) is missing or malformed; re-export the file.",
+    "bad_header": "A required tag (Rows, Columns, UIDs, bit depth, position/orientation/spacing) is missing or "
+                  "malformed; re-export the file.",
     "unsupported_pixels": "Pixel format ctssl does not handle (colour, or more than 16 bits); convert to 16-bit greyscale CT.",
     "series_not_selected": "Another series of the same study was chosen by the selection rule (axial, thinnest, most slices); not an error.",
     "series_exists": "The series is already in the store; to rebuild it, ingest into a new store.",
@@ -197,12 +198,28 @@ def _str(ds, name) -> str | None:
     return s or None
 
 
-def _vec(v, n):
-    try:
-        out = tuple(float(x) for x in v)
-    except (TypeError, ValueError):
+def _vec(v, n, name: str = "a geometry tag"):
+    """``n`` finite numbers, or None when the tag is absent or empty. A tag that is present but does not hold
+    ``n`` finite numbers (a damaged header: '1Q0' in an orientation) is rejected rather than taken as absent,
+    which would place or orient the slice by assumption: a silent wrong geometry."""
+    if v is None:
         return None
-    return out if len(out) == n and all(math.isfinite(x) for x in out) else None
+    if isinstance(v, (str, bytes)):          # one value, or a raw string pydicom could not split into numbers
+        if not v.strip():
+            return None
+        items = [v]
+    else:
+        items = list(v) if hasattr(v, "__iter__") else [v]
+        if not items:
+            return None
+    try:
+        out = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != n or not all(math.isfinite(x) for x in out):
+        raise DicomIssue("bad_header", f"{name} is present but does not hold {n} numbers "
+                                       f"({scrub(str(v), 40)!r}); the header is damaged.")
+    return out
 
 
 def parse_age(text: str | None) -> float | None:
@@ -522,8 +539,10 @@ class _Raw:
         try:
             out = tuple(float(x) for x in m)
         except ValueError:
-            return None
-        return out if len(out) == n and all(math.isfinite(x) for x in out) else None
+            raise _SlowPath from None     # damaged: pydicom's reading decides (``_vec`` rejects it)
+        if len(out) != n or not all(math.isfinite(x) for x in out):
+            raise _SlowPath
+        return out
 
     def us(self, name) -> int | None:
         e = self.el(name)
@@ -580,7 +599,9 @@ class _Bytes(_Raw):
             out = tuple(map(float, t.split("\\")))  # float() ignores the spaces _Raw.vec strips
         except ValueError:
             return _Raw.vec(self, name, n)  # NULs or junk inside: the general rule decides
-        return out if len(out) == n and all(map(math.isfinite, out)) else None
+        if len(out) != n or not all(map(math.isfinite, out)):
+            raise _SlowPath                 # damaged: pydicom's reading decides (``_vec`` rejects it)
+        return out
 
 
 def _check_kind(modality: str, sop_class: str, image_type: tuple[str, ...], present: bool) -> None:
@@ -678,7 +699,9 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     pr = r.us("PixelRepresentation") or 0
     padding = _padding(r.us_or_ss("PixelPaddingValue", pr == 1), r.us_or_ss("PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
-    bits_stored = r.us("BitsStored") or bits
+    bits_stored = r.us("BitsStored")
+    if not bits_stored:           # required (type 1); pydicom will not decode without it, nor guess for us
+        raise DicomIssue("bad_header", "BitsStored missing: the pixel format is unknown.")
     if isinstance(offset, tuple):
         off, length = offset
         expected = rows * cols * (bits // 8)
@@ -738,8 +761,8 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         raise DicomIssue("not_hu", "the file has a Modality LUT Sequence.")
     rescale_types = [_str(ds, "RescaleType")]
 
-    orientation = _vec(ds.get("ImageOrientationPatient", None), 6)
-    spacing_raw = _vec(ds.get("PixelSpacing", None), 2)
+    orientation = _vec(ds.get("ImageOrientationPatient", None), 6, "ImageOrientationPatient")
+    spacing_raw = _vec(ds.get("PixelSpacing", None), 2, "PixelSpacing")
     thickness = _num(ds, "SliceThickness")
     positions = None
     slopes, intercepts = [_num(ds, "RescaleSlope")], [_num(ds, "RescaleIntercept")]
@@ -752,7 +775,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             if inner is None:
                 return None
             v = inner.get(name, None)
-            return _vec(v, n) if n else (_num(inner, name))
+            return _vec(v, n, name) if n else (_num(inner, name))
 
         for item in [shared, *per_frame]:
             inner = _first_item(item, "PixelValueTransformationSequence") if item is not None else None
@@ -769,7 +792,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             item = per_frame[k] if k < len(per_frame) else None
             pos = grp(item, "PlanePositionSequence", "ImagePositionPatient", 3)
             if pos is None and frames == 1:  # a single-frame image with functional groups: the top-level tag
-                pos = _vec(ds.get("ImagePositionPatient", None), 3)
+                pos = _vec(ds.get("ImagePositionPatient", None), 3, "ImagePositionPatient")
             positions.append(pos)
             orientation = orientation or grp(item, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
             sl = grp(item, "PixelValueTransformationSequence", "RescaleSlope")
@@ -784,7 +807,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             # rejected rather than ingested with frames silently dropped
             raise DicomIssue("missing_position", f"{lacking} of {frames} frames have no ImagePositionPatient.")
     else:
-        pos = _vec(ds.get("ImagePositionPatient", None), 3)
+        pos = _vec(ds.get("ImagePositionPatient", None), 3, "ImagePositionPatient")
         positions = [pos] if pos is not None else None
 
     _check_hu(_str(ds, "PhotometricInterpretation"), rescale_types)
@@ -795,7 +818,9 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
     padding = _padding(_int16(ds, "PixelPaddingValue", pr == 1), _int16(ds, "PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
     dtype = f"{endian}{'i' if pr else 'u'}{bits // 8}"
-    bits_stored = int(ds.get("BitsStored", bits) or bits)
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    if not bits_stored:           # required (type 1); pydicom will not decode without it, nor guess for us
+        raise DicomIssue("bad_header", "BitsStored missing: the pixel format is unknown.")
     if bits_stored < bits and pr == 1:
         offset = None  # sign extension of <16-bit signed data: leave it to pydicom
     return SliceHeader(
