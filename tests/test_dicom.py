@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from dicom_fixtures import ct_dataset, enhanced_ct, phantom, save
 
-from ctssl_core.data.dicom import DicomIssue, is_axial, parse_age, read_hu, scan
+from ctssl_core.data.dicom import DicomIssue, is_axial, parse_age, read_hu, scan, scan_with_pydicom
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,8 @@ def test_byte_walker_matches_pydicom_and_previous_scan_on_every_fixture_kind(tmp
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage it reads
 def test_byte_walker_matches_previous_scan_on_corrupted_files(tmp_path):
-    """Random byte flips, cuts and dropped tags: the new walker decides exactly like the old one."""
+    """Random byte flips, cuts and dropped tags: the new walker decides exactly like the old one, or, where it
+    now leaves a damaged file to pydicom (no PixelData seen, a damaged geometry tag), exactly like pydicom."""
     from dicom_fixtures import write_series
     from test_fuzz_ingest import corrupt
 
@@ -328,7 +329,7 @@ def test_byte_walker_matches_previous_scan_on_corrupted_files(tmp_path):
             p = tmp_path / syntax / f"c{i:02d}"
             corrupt(good[i % 3].read_bytes(), p, rng)
             new = _outcome(scan, str(p))
-            assert new == _outcome(_old_scan, str(p)), (syntax, i)
+            assert new in (_outcome(_old_scan, str(p)), _outcome(scan_with_pydicom, str(p))), (syntax, i)
             n_fast += not isinstance(new, tuple)
     assert n_fast > 20  # plenty of the damaged files still parse (through the byte walker)
 

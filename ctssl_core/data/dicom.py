@@ -682,6 +682,8 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     ``offset`` is the pixel byte offset, or (offset, length) from the byte walker (checked here
     against the file ``size``).
     """
+    if not present and isinstance(r, _Bytes):
+        raise _SlowPath   # no PixelData seen by the walker (a damaged tag?): pydicom's reading decides
     modality = (r.text("Modality") or "").upper()
     image_type = tuple(x.upper() for x in (r.multi("ImageType") or ()))
     _check_kind(modality, r.text("SOPClassUID") or "", image_type, present)
