@@ -4,7 +4,6 @@ real smoke benchmark wrote, against each other, and on a missing store (reads as
 
 from __future__ import annotations
 
-import json
 
 import duckdb
 import pytest
