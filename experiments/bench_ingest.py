@@ -6,6 +6,9 @@ Writes uncompressed 512x512 CT series (tests/dicom_fixtures.py), then times, in 
   plain   : for f in files: pydicom.dcmread(f).pixel_array          (1 process)
   ingest1 : ctssl ingest, 1 worker  (scan + decode + HU + resample + store + catalog)
   ingest2 : ctssl ingest, 2 workers
+  ingest1_pydicom : ingest1 with every header read by pydicom (``dicom.scan_with_pydicom``) instead of
+            the byte walker: what the walker is worth (issue 13 keeps it only if it pays for itself;
+            the differential test in tests/test_dicom_differential.py holds it to pydicom's reading)
 and prints slices/s and the ratios. Targets (issue 2): ingest1 >= 0.8x plain, ingest2 >= 1.6x plain.
 The machine may be shared with other processes; the numbers are for this run only. The CPU lines
 are the fairer per-core comparison on a busy machine: process_time of this process, plus, for
@@ -72,18 +75,25 @@ def main() -> None:
 
         stages = {}
 
-        def run_ingest(workers: int) -> float:
+        from ctssl_core.data import dicom
+        from ctssl_core.data.ingest import headers
+
+        def run_ingest(workers: int, walker: bool = True) -> float:
             store = tmp / f"store_w{workers}_{time.monotonic_ns()}"
             with connect(store_paths(store).db) as con:  # one-time store creation is not per-slice work
                 ensure_schema(con)
+            headers.scan = dicom.scan if walker else dicom.scan_with_pydicom  # workers=1: this process scans
             t, c, k = time.perf_counter(), time.process_time(), children_cpu()
-            s = ingest(src, store, IngestConfig(size=args.size, workers=workers), progress=False)
+            try:
+                s = ingest(src, store, IngestConfig(size=args.size, workers=workers), progress=False)
+            finally:
+                headers.scan = dicom.scan
             dt = time.perf_counter() - t
             used = time.process_time() - c + children_cpu() - k  # this process + the workers it joined
-            name = f"ingest{workers}"
+            name = f"ingest{workers}" + ("" if walker else "_pydicom")
             cpu[name] = min(cpu.get(name, float("inf")), used)
             assert s.slices == n, s.table()
-            stages.setdefault(workers, []).append(s.stage_seconds)
+            stages.setdefault(name, []).append(s.stage_seconds)
             shutil.rmtree(store)
             return dt
 
@@ -93,22 +103,25 @@ def main() -> None:
 
         np.zeros(1)
         res: dict[str, float] = {}
-        contenders = (("plain", plain), ("ingest1", lambda: run_ingest(1)), ("ingest2", lambda: run_ingest(2)))
+        contenders = (("plain", plain), ("ingest1", lambda: run_ingest(1)), ("ingest2", lambda: run_ingest(2)),
+                      ("ingest1_pydicom", lambda: run_ingest(1, walker=False)))
         for _ in range(args.repeats):  # interleaved, best of N: the machine's load changes over time
             for name, fn in contenders:
                 res[name] = min(res.get(name, float("inf")), fn())
         rate = {k: n / v for k, v in res.items()}
         print(f"{n} slices, {args.rows}x{args.rows} uncompressed -> {args.size}x{args.size} int16, best of {args.repeats}; "
               f"load average before/after: {load0[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-        print(f"{'contender':<10} {'seconds':>8} {'slices/s':>9} {'x plain':>8}")
+        print(f"{'contender':<16} {'seconds':>8} {'slices/s':>9} {'x plain':>8}")
         for k in res:
-            print(f"{k:<10} {res[k]:>8.2f} {rate[k]:>9.0f} {rate[k] / rate['plain']:>8.2f}")
+            print(f"{k:<16} {res[k]:>8.2f} {rate[k]:>9.0f} {rate[k] / rate['plain']:>8.2f}")
         print(f"CPU seconds (all processes, immune to waiting for a busy core): plain {cpu['plain']:.2f}, "
               f"ingest1 {cpu['ingest1']:.2f}, ingest2 {cpu['ingest2']:.2f} -> per-core rate vs plain: "
               f"ingest1 {cpu['plain'] / cpu['ingest1']:.2f}x, ingest2 {cpu['plain'] / cpu['ingest2']:.2f}x")
-        for w, st in stages.items():
+        for name, st in stages.items():
             best = min(st, key=lambda d: sum(d.values()))
-            print(f"ingest{w} stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()))
+            print(f"{name} stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()))
+        print(f"byte walker: ingest1 {rate['ingest1'] / rate['ingest1_pydicom']:.2f}x the rate of ingest1_pydicom, "
+              f"{cpu['ingest1_pydicom'] / cpu['ingest1']:.2f}x less CPU")
         print(f"targets: ingest1 >= 0.80x ({'ok' if rate['ingest1'] >= 0.8 * rate['plain'] else 'MISSED'}), "
               f"ingest2 >= 1.60x ({'ok' if rate['ingest2'] >= 1.6 * rate['plain'] else 'MISSED'})")
     finally:

@@ -38,6 +38,11 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.2": (">", True),   # explicit VR big endian (retired, still found)
 }
 LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR", b"SV", b"UV"}
+# every VR of the standard with a 2-byte length in explicit VR (pydicom's ``valuerep.VR`` minus LONG_VRS): VR
+# bytes outside LONG_VRS | SHORT_VRS are damage, which pydicom reads by rules of its own (an element that is not
+# two capitals is read as implicit VR, swallowing what follows; two unknown capitals fail when converted)
+SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH",
+             b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 # tags whose presence means the header must come from pydicom: multi-frame, the functional
 # group sequences that can carry RescaleSlope/Intercept and PixelSpacing of an enhanced CT,
 # and a Modality LUT Sequence (which ``header_from_dataset`` rejects: its values are not slope/intercept HU)
@@ -190,6 +195,35 @@ def _num(ds, name, default=None):
     return x if math.isfinite(x) else default
 
 
+def _present_number(text: str | None, value: float | None, name: str) -> float | None:
+    """A number tag read for HU or geometry: None when absent, but a present value that is not a finite
+    number is rejected. Why: read as absent, a damaged intercept ('\\x001024.0') became "missing" at
+    best, or, with its NUL stripped, +1024 instead of -1024."""
+    if text is not None and value is None:
+        raise DicomIssue("bad_header", f"{name} is present but is not a number ({scrub(repr(text), 24)}).")
+    return value
+
+
+def _ds_number(ds, name: str) -> float | None:
+    """``_present_number`` of a pydicom dataset's tag."""
+    return _present_number(_str(ds, name), _num(ds, name), name)
+
+
+def _frame_count(ds) -> int:
+    """NumberOfFrames: 1 when absent; present, a whole number >= 1 or the file is rejected (a damaged
+    count read as 1 would take the first frame's bytes as the image and ignore the rest)."""
+    v = ds.get("NumberOfFrames", None)
+    if v is None or v == "":
+        return 1
+    try:
+        n = int(str(v).strip())
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise DicomIssue("bad_header", f"NumberOfFrames is {scrub(repr(str(v)), 24)}, not a count of frames.")
+    return n
+
+
 def _str(ds, name) -> str | None:
     v = ds.get(name, None)
     if v is None:
@@ -241,7 +275,7 @@ def _first_item(ds, seq_name):
     return seq[0] if seq else None
 
 
-def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | None, bool]:
+def _pixel_offset(f, syntax: str, expected: int, file_size: int, frames: int = 1) -> tuple[int | None, bool]:
     """Locate native pixel bytes at the stream position pydicom stopped at. Returns (offset, present)."""
     start = f.tell()
     head = f.read(12)
@@ -254,8 +288,11 @@ def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | 
     if syntax not in NATIVE_SYNTAXES:
         return None, True
     if explicit and head[4:6] not in LONG_VRS:
-        # PixelData's explicit VR is OB/OW/UN; anything else means the body is implicit VR although the
-        # meta says explicit (pydicom reads such files with a warning): the next 4 bytes are the length
+        if b"AA" <= head[4:6] <= b"ZZ":   # a VR, but not one pixel data can have: pydicom cannot decode it
+            raise DicomIssue("bad_header", f"PixelData's value representation is {_vr_text(head[4:6])}, "
+                                           f"not OB or OW (a damaged file).")
+        # not two capitals: the body is implicit VR although the meta says explicit (pydicom reads such
+        # files with a warning, as it reads this element): the next 4 bytes are the length
         explicit = False
     if explicit:
         vr = head[4:6]
@@ -270,11 +307,23 @@ def _pixel_offset(f, syntax: str, expected: int, file_size: int) -> tuple[int | 
         off = start + 8
     if length == 0xFFFFFFFF:
         return None, True
+    _check_pixel_extent(off, length, expected, frames, file_size)
+    return off, True
+
+
+def _check_pixel_extent(off: int, length: int, expected: int, frames: int, file_size: int) -> None:
+    """Native PixelData of ``length`` bytes at ``off``: it fits the file and holds Rows x Columns x frames
+    (both header paths). Why the upper bound: pydicom reads bytes for a whole extra frame as more frames
+    (a Rows, Columns or NumberOfFrames that was damaged), which is no image of this header; less than a
+    frame more is padding, ignored by pydicom and by us."""
     if off + min(length, expected) > file_size:
         raise DicomIssue("truncated", f"pixel data needs {expected} bytes but only {file_size - off} remain.")
     if length < expected:
         raise DicomIssue("bad_header", f"PixelData holds {length} bytes but Rows x Columns x frames needs {expected}.")
-    return off, True
+    if expected and length >= expected + expected // frames:
+        raise DicomIssue("bad_header", f"PixelData holds {length} bytes, {length // (expected // frames)} frames of "
+                                       f"Rows x Columns, but the header says {frames}: Rows, Columns, BitsAllocated "
+                                       f"or NumberOfFrames is damaged.")
 
 
 def scan(path: str | Path) -> SliceHeader:
@@ -326,14 +375,14 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
                     raise DicomIssue("not_dicom", "no DICM preamble and no image tags.") from None
             syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") or _detected_syntax(ds)
             rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            frames = int(_num(ds, "NumberOfFrames", 1) or 1)
+            frames = _frame_count(ds)
             bits = int(ds.get("BitsAllocated", 16) or 16)
             expected = rows * cols * frames * max(bits // 8, 1)
             if syntax == DEFLATED:  # the stream position is inside the deflated data: ask pydicom instead
                 f.seek(0)
                 offset, present = None, "PixelData" in pydicom.dcmread(f, defer_size=64)
             else:
-                offset, present = _pixel_offset(f, syntax, expected, size)
+                offset, present = _pixel_offset(f, syntax, expected, size, frames)
     except DicomIssue:
         raise
     except OSError as e:
@@ -345,12 +394,54 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
         raise DicomIssue(kind, f"pydicom could not parse it ({type(e).__name__}: {scrub(e)}).") from None
     if present and syntax not in NATIVE_SYNTAXES and not decoder_available(syntax):
         raise DicomIssue("no_decoder", f"transfer syntax {syntax}.")
-    if not _needs_full_parse(ds):
-        try:
-            return header_fast(_Raw(ds._dict), path, syntax, present, offset, size)
-        except _SlowPath:
-            pass
-    return header_from_dataset(ds, path, syntax, present, offset)
+    _check_vrs(ds)
+    try:
+        if not _needs_full_parse(ds):
+            try:
+                return header_fast(_Raw(ds._dict), path, syntax, present, offset, size)
+            except _SlowPath:
+                pass
+        return header_from_dataset(ds, path, syntax, present, offset)
+    except (NotImplementedError, TypeError, ValueError, AttributeError, IndexError, KeyError, struct.error) as e:
+        # pydicom converting a damaged tag ("Unknown Value Representation" inside a sequence item, a
+        # multi-valued Rows): the file is unreadable as an image, not a crash of the whole ingest
+        raise DicomIssue("bad_header", f"pydicom cannot read one of its tags ({type(e).__name__}: "
+                                       f"{scrub(e)}).") from None
+
+
+def _check_vrs(ds) -> None:
+    """Reject a file whose tags that ingest reads carry a value representation pydicom does not know.
+
+    Why: ``_Raw`` reads raw bytes without pydicom's per-VR conversion, so a damaged VR ('D\\x10' for
+    'DS') would be read as if it were intact, while pydicom itself cannot convert that tag and so cannot
+    give the HU of the file; reading what the reference cannot is not ours to do (the file is damaged)."""
+    known = _known_vrs()
+    d = ds._dict
+    for name, tag in T.items():
+        vr = getattr(d.get(tag), "VR", None)
+        if vr is not None and vr not in known:
+            raise DicomIssue("bad_header", f"{name}'s value representation is {_vr_text(vr)}, which no "
+                                           f"DICOM reader knows (a damaged file).")
+        if vr is not None and name in NUMBER_VRS and vr not in (*NUMBER_VRS[name], "UN"):
+            raise DicomIssue("bad_header", f"{name} is written as {_vr_text(vr)}, not "
+                                           f"{' or '.join(NUMBER_VRS[name])}: its value cannot be read as a number.")
+
+
+def _vr_text(vr: str | bytes) -> str:
+    """Two VR characters as printable text (damaged ones escaped), for a rejection message."""
+    b = vr.encode("latin-1", "replace") if isinstance(vr, str) else bytes(vr)
+    return b[:2].decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
+_KNOWN_VRS: set[str] = set()
+
+
+def _known_vrs() -> set[str]:
+    if not _KNOWN_VRS:
+        from pydicom.valuerep import VR
+
+        _KNOWN_VRS.update(v.value for v in VR)   # includes pydicom's ambiguous ones ('US or SS', 'OB or OW')
+    return _KNOWN_VRS
 
 
 def _detected_syntax(ds) -> str:
@@ -377,6 +468,16 @@ T = {
     "RescaleSlope": 0x00281053, "PhotometricInterpretation": 0x00280004, "PixelPaddingValue": 0x00280120,
     "PixelPaddingRangeLimit": 0x00280121, "RescaleType": 0x00281054,
 }
+# the tags read as numbers for HU and geometry, with the VRs the standard gives them: written with another VR
+# (a damaged VR byte, 'CS' for NumberOfFrames) pydicom cannot use their values, so neither reader accepts them
+NUMBER_VRS = {
+    **dict.fromkeys(("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"),
+                    ("US",)),
+    **dict.fromkeys(("RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagePositionPatient",
+                     "ImageOrientationPatient"), ("DS",)),
+    "NumberOfFrames": ("IS",), "PixelPaddingValue": ("US", "SS"), "PixelPaddingRangeLimit": ("US", "SS"),
+}
+_NUMBER_VR_BYTES = {T[n]: {v.encode() for v in (*vrs, "UN")} for n, vrs in NUMBER_VRS.items()}
 _US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}
 
 
@@ -429,6 +530,8 @@ def _walk_elements(f, size: int):
             if vr in LONG_VRS:
                 (ln,) = u32le(buf, pos + 8)
                 hdr = 12
+            elif vr not in SHORT_VRS:
+                return None   # damaged VR in the meta: pydicom's rule decides what the rest of the file is
             if ln == UNDEFINED:
                 return None
             if elem == 0x0010:
@@ -439,7 +542,7 @@ def _walk_elements(f, size: int):
         endian, explicit = NATIVE_SYNTAXES[syntax]
         head = (_EXPLICIT if explicit else _IMPLICIT)[endian].unpack_from
         u32 = _U32[endian].unpack_from
-        long_vrs, wanted = LONG_VRS, WANTED
+        long_vrs, short_vrs, wanted, number_vrs = LONG_VRS, SHORT_VRS, WANTED, _NUMBER_VR_BYTES
         base, blen = 0, len(buf)  # buf holds file bytes [base, base + blen)
         elements: dict[int, bytes] = {}
         while True:
@@ -459,6 +562,8 @@ def _walk_elements(f, size: int):
                         return None
                     (ln,) = u32(buf, r + 8)
                     hdr = 12
+                elif vr not in short_vrs:
+                    return None   # damaged VR: pydicom's own rule says how long the element is (and what follows)
             else:
                 group, elem, ln = head(buf, r)
             tag = (group << 16) | elem
@@ -475,6 +580,8 @@ def _walk_elements(f, size: int):
             if pos + hdr + ln > size:
                 return None  # a length past the end of the file: corrupt; never read (or allocate) it
             if tag in wanted:
+                if explicit and tag in number_vrs and vr not in number_vrs[tag]:
+                    return None   # a number tag with another VR: pydicom's path rejects it (``_check_vrs``)
                 if r + hdr + ln > blen:
                     f.seek(pos)
                     buf, base = f.read(max(hdr + ln, HEAD_BYTES)), pos
@@ -515,12 +622,12 @@ class _Raw:
                 v = "\\".join(str(x) for x in v)
             else:
                 v = str(v)
-        v = v.strip("\x00 ")
+        v = v.rstrip("\x00 ").lstrip(" ")   # DICOM pads at the end; a leading NUL is damage, kept
         return v or None
 
     def multi(self, name) -> list[str] | None:
         t = self.text(name)
-        return None if t is None else [x.strip("\x00 ") for x in t.split("\\")]
+        return None if t is None else [x.rstrip("\x00 ").lstrip(" ") for x in t.split("\\")]
 
     def num(self, name) -> float | None:
         t = self.text(name)
@@ -550,8 +657,8 @@ class _Raw:
             return None
         v = e.value
         if isinstance(v, (bytes, bytearray)):
-            if len(v) < 2:
-                raise _SlowPath
+            if len(v) != 2:
+                raise _SlowPath   # a US of 2 values (or damaged): pydicom cannot use it as one number
             return struct.unpack("<H" if e.is_little_endian else ">H", bytes(v[:2]))[0]
         try:
             return int(v)
@@ -581,14 +688,14 @@ class _Bytes(_Raw):
             t = v.decode("utf-8")
         except UnicodeDecodeError:
             t = v.decode("latin-1")
-        return t.strip("\x00 ") or None
+        return t.rstrip("\x00 ").lstrip(" ") or None
 
     def us(self, name) -> int | None:
         v = self.d.get(T[name])
         if v is None:
             return None
-        if len(v) < 2:
-            raise _SlowPath
+        if len(v) != 2:
+            raise _SlowPath   # a US of 2 values (or damaged): pydicom cannot use it as one number
         return struct.unpack_from("<H" if self.little else ">H", v)[0]
 
     def vec(self, name, n):
@@ -616,7 +723,8 @@ def _check_kind(modality: str, sop_class: str, image_type: tuple[str, ...], pres
         raise DicomIssue("no_pixels", "there is no PixelData element.")
 
 
-PIXEL_TAGS = ("BitsAllocated", "PixelRepresentation")  # no default is safe: they decide how bytes become values
+# no default is safe: they decide how bytes become values, and pydicom refuses to decode without any of them
+PIXEL_TAGS = ("SamplesPerPixel", "BitsAllocated", "PixelRepresentation")
 
 
 def _check_pixel_tags(missing: list[str]) -> None:
@@ -624,6 +732,20 @@ def _check_pixel_tags(missing: list[str]) -> None:
     reads a signed or 8-bit image as wrong numbers, and pydicom itself refuses to decode it."""
     if missing:
         raise DicomIssue("bad_header", f"{' and '.join(missing)} missing.")
+
+
+def _check_pixel_format(bits_stored: int | None, bits: int, pr: int | None) -> tuple[int, int]:
+    """(BitsStored, PixelRepresentation), checked as pydicom checks them before decoding (both header
+    paths): BitsStored required (type 1) and at most BitsAllocated, PixelRepresentation 0 (unsigned) or
+    1 (signed). Why: any other value is damage, and reading it anyway (a PixelRepresentation of 189 as
+    "signed") gives numbers no reference reader would give; pydicom refuses and so do we."""
+    if not bits_stored:
+        raise DicomIssue("bad_header", "BitsStored missing: the pixel format is unknown.")
+    if bits_stored > bits:
+        raise DicomIssue("bad_header", f"BitsStored is {bits_stored}, more than BitsAllocated ({bits}).")
+    if pr not in (0, 1):
+        raise DicomIssue("bad_header", f"PixelRepresentation is {pr}; it must be 0 (unsigned) or 1 (signed).")
+    return bits_stored, pr
 
 
 def _check_image(rows, cols, sop, series, study, spp: int, bits: int) -> None:
@@ -690,27 +812,22 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     rows, cols = r.us("Rows"), r.us("Columns")
     sop, series, study = r.text("SOPInstanceUID"), r.text("SeriesInstanceUID"), r.text("StudyInstanceUID")
     _check_pixel_tags([n for n in PIXEL_TAGS if r.el(n) is None])
-    bits = r.us("BitsAllocated") or 16
-    _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel") or 1, bits)
+    bits = r.us("BitsAllocated")
+    _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel"), bits)
     notes: list[str] = []
     _check_hu(r.text("PhotometricInterpretation"), [r.text("RescaleType")])
-    (slope,), (icpt,) = _fixed_rescale([r.num("RescaleSlope")], [r.num("RescaleIntercept")], notes)
+    (slope,), (icpt,) = _fixed_rescale([_present_number(r.text(n), r.num(n), n) for n in ("RescaleSlope",)],
+                                       [_present_number(r.text(n), r.num(n), n) for n in ("RescaleIntercept",)],
+                                       notes)
     spacing_raw = r.vec("PixelSpacing", 2)
     spacing = _fixed_spacing(spacing_raw, notes)
     pos = r.vec("ImagePositionPatient", 3)
-    pr = r.us("PixelRepresentation") or 0
+    bits_stored, pr = _check_pixel_format(r.us("BitsStored"), bits, r.us("PixelRepresentation"))
     padding = _padding(r.us_or_ss("PixelPaddingValue", pr == 1), r.us_or_ss("PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
-    bits_stored = r.us("BitsStored")
-    if not bits_stored:           # required (type 1); pydicom will not decode without it, nor guess for us
-        raise DicomIssue("bad_header", "BitsStored missing: the pixel format is unknown.")
     if isinstance(offset, tuple):
         off, length = offset
-        expected = rows * cols * (bits // 8)
-        if off + min(length, expected) > size:
-            raise DicomIssue("truncated", f"pixel data needs {expected} bytes but only {size - off} remain.")
-        if length < expected:
-            raise DicomIssue("bad_header", f"PixelData holds {length} bytes but Rows x Columns needs {expected}.")
+        _check_pixel_extent(off, length, rows * cols * (bits // 8), 1, size)
         offset = off
     if bits_stored < bits and pr == 1:
         offset = None
@@ -755,9 +872,9 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
     except (AttributeError, TypeError, ValueError) as e:
         raise DicomIssue("bad_header", f"{scrub(e)}.") from None
     _check_pixel_tags([n for n in PIXEL_TAGS if n not in ds])
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    _check_image(rows, cols, sop, series, study, int(ds.get("SamplesPerPixel", 1) or 1), bits)
-    frames = int(_num(ds, "NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    _check_image(rows, cols, sop, series, study, int(ds.SamplesPerPixel), bits)
+    frames = _frame_count(ds)
     notes: list[str] = []
     if "ModalityLUTSequence" in ds:
         raise DicomIssue("not_hu", "the file has a Modality LUT Sequence.")
@@ -767,7 +884,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
     spacing_raw = _vec(ds.get("PixelSpacing", None), 2, "PixelSpacing")
     thickness = _num(ds, "SliceThickness")
     positions = None
-    slopes, intercepts = [_num(ds, "RescaleSlope")], [_num(ds, "RescaleIntercept")]
+    slopes, intercepts = [_ds_number(ds, "RescaleSlope")], [_ds_number(ds, "RescaleIntercept")]
     if frames > 1 or "SharedFunctionalGroupsSequence" in ds:
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
         per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
@@ -777,7 +894,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             if inner is None:
                 return None
             v = inner.get(name, None)
-            return _vec(v, n, name) if n else (_num(inner, name))
+            return _vec(v, n, name) if n else _ds_number(inner, name)
 
         for item in [shared, *per_frame]:
             inner = _first_item(item, "PixelValueTransformationSequence") if item is not None else None
@@ -799,8 +916,10 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
             orientation = orientation or grp(item, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
             sl = grp(item, "PixelValueTransformationSequence", "RescaleSlope")
             ic = grp(item, "PixelValueTransformationSequence", "RescaleIntercept")
-            slopes.append(sl if sl is not None else (s_slope if s_slope is not None else _num(ds, "RescaleSlope")))
-            intercepts.append(ic if ic is not None else (s_icpt if s_icpt is not None else _num(ds, "RescaleIntercept")))
+            slopes.append(sl if sl is not None else (s_slope if s_slope is not None else
+                                                     _ds_number(ds, "RescaleSlope")))
+            intercepts.append(ic if ic is not None else (s_icpt if s_icpt is not None else
+                                                         _ds_number(ds, "RescaleIntercept")))
         lacking = sum(p is None for p in positions)
         if frames == 1 and lacking:
             positions = None  # one image without a position: planned like any single-frame file
@@ -816,13 +935,11 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
     fixed_s, fixed_i = _fixed_rescale(slopes, intercepts, notes)
     spacing = _fixed_spacing(spacing_raw, notes)
     tilt = _num(ds, "GantryDetectorTilt")
-    pr = int(ds.get("PixelRepresentation", 0) or 0)
+    bits_stored, pr = _check_pixel_format(int(ds.get("BitsStored", 0) or 0), bits,
+                                          int(ds.get("PixelRepresentation", 0) or 0))
     padding = _padding(_int16(ds, "PixelPaddingValue", pr == 1), _int16(ds, "PixelPaddingRangeLimit", pr == 1))
     endian = NATIVE_SYNTAXES.get(syntax, ("<", True))[0]
     dtype = f"{endian}{'i' if pr else 'u'}{bits // 8}"
-    bits_stored = int(ds.get("BitsStored", 0) or 0)
-    if not bits_stored:           # required (type 1); pydicom will not decode without it, nor guess for us
-        raise DicomIssue("bad_header", "BitsStored missing: the pixel format is unknown.")
     if bits_stored < bits and pr == 1:
         offset = None  # sign extension of <16-bit signed data: leave it to pydicom
     return SliceHeader(
