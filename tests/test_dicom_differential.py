@@ -317,3 +317,58 @@ def test_ct_files_bundled_with_pydicom_read_like_pydicom_or_are_rejected():
     outcome = {f.rsplit("/", 1)[-1]: check(f) for f in files}
     assert outcome["CT_small.dcm"] == "accepted"
     assert sum(o == "accepted" for o in outcome.values()) >= 2, outcome
+
+
+def _variant(tmp_path, name, change, syntax="explicit_le") -> str:
+    """A fixture slice with ``change(dataset)`` applied (the fixture writer, then pydicom's own writer)."""
+    ds = ct_dataset(phantom(1, 24, 24, seed=3)[0], sop_uid="1.2.3.4.1", study_uid="1.2.3.5", series_uid="1.2.3.6")
+    change(ds)
+    return str(save(ds, tmp_path / f"{name}.dcm", syntax))
+
+
+def _retyped(tag: int, vr: str, value):
+    def change(ds):
+        del ds[tag]
+        ds.add_new(tag, vr, value)
+    return change
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name, change", [
+    # found by the review of 2026-12-03 (/tmp/review3, F1 and F6): valid forms pydicom reads, once rejected
+    ("frames_0", lambda ds: ds.add_new(0x00280008, "IS", "0")),          # pydicom: one frame (with a warning)
+    ("frames_1.0", lambda ds: ds.add_new(0x00280008, "IS", "1.0")),
+    ("intercept_IS", _retyped(0x00281052, "IS", "-1024")),
+    ("rows_SS", _retyped(0x00280010, "SS", 24)),
+    ("pixel_representation_SS", _retyped(0x00280103, "SS", 0)),
+])
+def test_unusual_but_valid_forms_are_read_like_pydicom(tmp_path, name, change):
+    assert check(_variant(tmp_path, name, change)) == "accepted"
+
+
+def _bytes_sub(tmp_path, name, old: bytes, new: bytes, syntax="explicit_le", signed=False) -> str:
+    kw = dict(slope=1.0, intercept=0.0, signed=True) if signed else {}
+    ds = ct_dataset(phantom(1, 24, 24, seed=3)[0], sop_uid="1.2.3.4.1", study_uid="1.2.3.5", series_uid="1.2.3.6", **kw)
+    raw = save(ds, tmp_path / f"{name}_base.dcm", syntax).read_bytes()
+    assert raw.count(old) == 1, name
+    out = tmp_path / f"{name}.dcm"
+    out.write_bytes(raw.replace(old, new))
+    return str(out)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name, old, new, syntax, reason", [
+    # the review's F4 (a silent +1014 HU: '-1024.0' damaged to '-10\4.0' was read as -10), F5 (an empty
+    # PixelRepresentation read as unsigned), F2 (PhotometricInterpretation's VR damaged), F3 (a tag damaged
+    # into Float Pixel Data: the walker read on), F7 (a tag damaged into a sequence: a bare OSError escaped)
+    ("backslash", b"-1024.0", b"-10\\4.0", "explicit_le", "bad_header"),
+    ("empty_pixel_representation", b"(\x00\x03\x01US\x02\x00\x01\x00", b"(\x00\x03\x01US\x00\x00", "explicit_le",
+     "bad_header"),
+    ("photometric_vr", b"(\x00\x04\x00CS", b"(\x00\x04\x00US", "explicit_le", "bad_header"),
+    ("float_pixel_tag", b"\x08\x00\x80\x00LO", b"\xe0\x7f\x08\x00LO", "explicit_le", "no_pixels"),
+    ("sequence_tag", b"\x08\x00\x60\x00\x02\x00\x00\x00CT", b"\x00\x52\x29\x92\x02\x00\x00\x00CT", "implicit_le",
+     "bad_header"),
+])
+def test_damage_found_by_the_review_is_rejected_by_both_readers(tmp_path, name, old, new, syntax, reason):
+    path = _bytes_sub(tmp_path, name, old, new, syntax, signed=name == "empty_pixel_representation")
+    assert check(path) == reason

@@ -201,7 +201,15 @@ def _present_number(text: str | None, value: float | None, name: str) -> float |
     best, or, with its NUL stripped, +1024 instead of -1024."""
     if text is not None and value is None:
         raise DicomIssue("bad_header", f"{name} is present but is not a number ({scrub(repr(text), 24)}).")
+    if text is not None and "\\" in text:     # '-10\\4.0' (a damaged '-1024.0'): no first value is the value
+        raise DicomIssue("bad_header", f"{name} holds {text.count(chr(92)) + 1} values, not one number.")
     return value
+
+
+def _raw_number(r, name: str) -> float | None:
+    """``_present_number`` of a raw element (``_Raw``/``_Bytes``)."""
+    text = r.text(name)
+    return _present_number(text, None if text is None else r.num(name), name)
 
 
 def _ds_number(ds, name: str) -> float | None:
@@ -210,18 +218,18 @@ def _ds_number(ds, name: str) -> float | None:
 
 
 def _frame_count(ds) -> int:
-    """NumberOfFrames: 1 when absent; present, a whole number >= 1 or the file is rejected (a damaged
-    count read as 1 would take the first frame's bytes as the image and ignore the rest)."""
+    """NumberOfFrames as pydicom reads it: 1 when absent, empty or 0; else a whole number, or the file is
+    rejected (a damaged count read as 1 would take the first frame's bytes as the image, ignoring the rest)."""
     v = ds.get("NumberOfFrames", None)
     if v is None or v == "":
         return 1
     try:
-        n = int(str(v).strip())
+        x = float(str(v).strip())      # an IS may be written '2.0'; pydicom reads it as 2
     except (TypeError, ValueError):
-        n = 0
-    if n < 1:
+        x = math.nan
+    if not math.isfinite(x) or x != int(x) or x < 0:
         raise DicomIssue("bad_header", f"NumberOfFrames is {scrub(repr(str(v)), 24)}, not a count of frames.")
-    return n
+    return max(int(x), 1)              # 0: one frame, as pydicom reads it (with a warning)
 
 
 def _str(ds, name) -> str | None:
@@ -402,7 +410,8 @@ def scan_with_pydicom(path: str, size: int | None = None) -> SliceHeader:
             except _SlowPath:
                 pass
         return header_from_dataset(ds, path, syntax, present, offset)
-    except (NotImplementedError, TypeError, ValueError, AttributeError, IndexError, KeyError, struct.error) as e:
+    except (NotImplementedError, TypeError, ValueError, AttributeError, IndexError, KeyError, struct.error,
+            OSError) as e:   # the file is closed: an OSError here is pydicom parsing a damaged sequence
         # pydicom converting a damaged tag ("Unknown Value Representation" inside a sequence item, a
         # multi-valued Rows): the file is unreadable as an image, not a crash of the whole ingest
         raise DicomIssue("bad_header", f"pydicom cannot read one of its tags ({type(e).__name__}: "
@@ -422,9 +431,9 @@ def _check_vrs(ds) -> None:
         if vr is not None and vr not in known:
             raise DicomIssue("bad_header", f"{name}'s value representation is {_vr_text(vr)}, which no "
                                            f"DICOM reader knows (a damaged file).")
-        if vr is not None and name in NUMBER_VRS and vr not in (*NUMBER_VRS[name], "UN"):
-            raise DicomIssue("bad_header", f"{name} is written as {_vr_text(vr)}, not "
-                                           f"{' or '.join(NUMBER_VRS[name])}: its value cannot be read as a number.")
+        if vr is not None and name in READ_VRS and vr not in (*READ_VRS[name], "UN"):
+            raise DicomIssue("bad_header", f"{name} is written as {_vr_text(vr)}, not {READ_VRS[name][0]}: a form "
+                                           f"ctssl does not read (a damaged or unusual file; re-export it).")
 
 
 def _vr_text(vr: str | bytes) -> str:
@@ -468,17 +477,19 @@ T = {
     "RescaleSlope": 0x00281053, "PhotometricInterpretation": 0x00280004, "PixelPaddingValue": 0x00280120,
     "PixelPaddingRangeLimit": 0x00280121, "RescaleType": 0x00281054,
 }
-# the tags read as numbers for HU and geometry, with the VRs the standard gives them: written with another VR
-# (a damaged VR byte, 'CS' for NumberOfFrames) pydicom cannot use their values, so neither reader accepts them
-NUMBER_VRS = {
+# the tags whose values decide HU and geometry, with the VRs ctssl reads them in: the standard's, and the ones
+# that give the same value read the same way (IS text for DS, SS for a small US). Written with another VR (a
+# damaged VR byte, 'CS' for NumberOfFrames, FD for an intercept) pydicom cannot use them or reads them by other
+# rules, so neither reader accepts them
+READ_VRS = {
     **dict.fromkeys(("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"),
-                    ("US",)),
+                    ("US", "SS")),
     **dict.fromkeys(("RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagePositionPatient",
-                     "ImageOrientationPatient"), ("DS",)),
-    "NumberOfFrames": ("IS",), "PixelPaddingValue": ("US", "SS"), "PixelPaddingRangeLimit": ("US", "SS"),
+                     "ImageOrientationPatient"), ("DS", "IS")),
+    "NumberOfFrames": ("IS", "DS"), "PixelPaddingValue": ("US", "SS"), "PixelPaddingRangeLimit": ("US", "SS"),
+    "PhotometricInterpretation": ("CS",),
 }
-_NUMBER_VR_BYTES = {T[n]: {v.encode() for v in (*vrs, "UN")} for n, vrs in NUMBER_VRS.items()}
-_US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}
+_READ_VR_BYTES = {T[n]: {v.encode() for v in (*vrs, "UN")} for n, vrs in READ_VRS.items()}
 
 
 class _SlowPath(Exception):
@@ -542,7 +553,7 @@ def _walk_elements(f, size: int):
         endian, explicit = NATIVE_SYNTAXES[syntax]
         head = (_EXPLICIT if explicit else _IMPLICIT)[endian].unpack_from
         u32 = _U32[endian].unpack_from
-        long_vrs, short_vrs, wanted, number_vrs = LONG_VRS, SHORT_VRS, WANTED, _NUMBER_VR_BYTES
+        long_vrs, short_vrs, wanted, read_vrs = LONG_VRS, SHORT_VRS, WANTED, _READ_VR_BYTES
         base, blen = 0, len(buf)  # buf holds file bytes [base, base + blen)
         elements: dict[int, bytes] = {}
         while True:
@@ -567,7 +578,9 @@ def _walk_elements(f, size: int):
             else:
                 group, elem, ln = head(buf, r)
             tag = (group << 16) | elem
-            if tag >= 0x7FE00010:
+            if tag >= 0x7FE00008:
+                if tag < 0x7FE00010:
+                    return None   # Float or Double Float Pixel Data (or a damaged tag): pydicom decides
                 if tag > 0x7FE00010:
                     return elements, endian == "<", syntax, False, None
                 if ln == UNDEFINED or (explicit and hdr != 12):
@@ -580,8 +593,8 @@ def _walk_elements(f, size: int):
             if pos + hdr + ln > size:
                 return None  # a length past the end of the file: corrupt; never read (or allocate) it
             if tag in wanted:
-                if explicit and tag in number_vrs and vr not in number_vrs[tag]:
-                    return None   # a number tag with another VR: pydicom's path rejects it (``_check_vrs``)
+                if explicit and tag in read_vrs and vr not in read_vrs[tag]:
+                    return None   # written with another VR: pydicom's path rejects it (``_check_vrs``)
                 if r + hdr + ln > blen:
                     f.seek(pos)
                     buf, base = f.read(max(hdr + ln, HEAD_BYTES)), pos
@@ -816,9 +829,7 @@ def header_fast(r: _Raw, path: str, syntax: str, present: bool, offset, size: in
     _check_image(rows, cols, sop, series, study, r.us("SamplesPerPixel"), bits)
     notes: list[str] = []
     _check_hu(r.text("PhotometricInterpretation"), [r.text("RescaleType")])
-    (slope,), (icpt,) = _fixed_rescale([_present_number(r.text(n), r.num(n), n) for n in ("RescaleSlope",)],
-                                       [_present_number(r.text(n), r.num(n), n) for n in ("RescaleIntercept",)],
-                                       notes)
+    (slope,), (icpt,) = _fixed_rescale([_raw_number(r, "RescaleSlope")], [_raw_number(r, "RescaleIntercept")], notes)
     spacing_raw = r.vec("PixelSpacing", 2)
     spacing = _fixed_spacing(spacing_raw, notes)
     pos = r.vec("ImagePositionPatient", 3)
@@ -871,7 +882,7 @@ def header_from_dataset(ds, path: str, syntax: str, present: bool = True, offset
         sop, series, study = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
     except (AttributeError, TypeError, ValueError) as e:
         raise DicomIssue("bad_header", f"{scrub(e)}.") from None
-    _check_pixel_tags([n for n in PIXEL_TAGS if n not in ds])
+    _check_pixel_tags([n for n in PIXEL_TAGS if ds.get(n, None) in (None, "", b"")])   # empty is missing too
     bits = int(ds.BitsAllocated)
     _check_image(rows, cols, sop, series, study, int(ds.SamplesPerPixel), bits)
     frames = _frame_count(ds)
@@ -963,13 +974,15 @@ def _int16(ds, name: str, signed: bool) -> int | None:
         return None
     v = el.value if hasattr(el, "value") else el
     if isinstance(v, (bytes, bytearray)):
-        if len(v) < 2:
-            return None
-        v = struct.unpack("<H" if getattr(el, "is_little_endian", True) else ">H", bytes(v[:2]))[0]
+        if len(v) != 2:
+            raise DicomIssue("bad_header", f"{name} holds {len(v)} bytes, not one 16-bit value.")
+        v = struct.unpack("<H" if getattr(el, "is_little_endian", True) else ">H", bytes(v))[0]
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        raise DicomIssue("bad_header", f"{name} holds {len(v)} values, not one.")   # as the fast path rejects
     try:
-        v = int(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v)
-    except (TypeError, ValueError, IndexError):
-        return None
+        v = int(v)
+    except (TypeError, ValueError):
+        raise DicomIssue("bad_header", f"{name} is not a 16-bit value.") from None
     if signed and v > 32767:
         v -= 65536
     elif not signed and v < 0:
