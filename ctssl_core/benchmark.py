@@ -169,7 +169,7 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     negative control: that encoder shuffled within each layer. Returns the run id holding the checkpoint."""
     from ctssl_core import controls
     from ctssl_core.finetune import finetune
-    from ctssl_core.results import write as rw
+    from ctssl_core.results import runfolder as rf
 
     if unit.init == controls.POSITIVE:
         finetune(unit.config, store_root, run_id=unit.run_id, benchmark_id=plan.benchmark_id, profile=plan.profile,
@@ -178,35 +178,36 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
         return unit.run_id
     source = pretrain_ids[f"{controls.POSITIVE}:{unit.task}"]
     enc_name = pretrain_encoder(plan.config)[0]
-    run_dir = rw.start_run(store_root, unit.run_id, "control", unit.task, controls.NEGATIVE, enc_name,
+    run_dir = rf.record_start(store_root, unit.run_id, "control", unit.task, controls.NEGATIVE, enc_name,
                            {"kind": "control", "control": controls.NEGATIVE, "source_run": source, "seed": 0},
-                           profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
-                           unit_hash=unit.unit_hash)
+                              profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
+                              unit_hash=unit.unit_hash)
     try:
         ckpt = controls.write_negative_control(source, run_dir / "checkpoints" / "last.pt", store_root, seed=0)
     except BaseException as e:
-        rw.finish_run(store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        rf.record_end_after(e, store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
-    rw.finish_run(store_root, unit.run_id, "succeeded", checkpoint=ckpt)
+    rf.record_end(store_root, unit.run_id, "succeeded", checkpoint=ckpt)
     return unit.run_id
 
 
 def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
     """Embed the evaluation split with one init (embed.run_embed); returns its embedding ids."""
     from ctssl_core import embed as emb
-    from ctssl_core.results import write as rw
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results import runfolder as rf
 
     ecfg = unit.config
     ref = "random" if unit.init == "random" else pretrain_ids[unit.init]
-    rw.start_run(store_root, unit.run_id, "embed", "embed", unit.init, ecfg.encoder, to_dict(ecfg),
-                 profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels, unit_hash=unit.unit_hash)
+    rf.record_start(store_root, unit.run_id, "embed", "embed", unit.init, ecfg.encoder, to_dict(ecfg),
+                    profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels, unit_hash=unit.unit_hash)
     try:
         ids = emb.run_embed(store_root, ref, ecfg)
     except BaseException as e:
-        rw.finish_run(store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        rf.record_end_after(e, store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
-    (rw.store_paths(store_root).run_dir(unit.run_id) / "embeddings.json").write_text(json.dumps(ids))
-    rw.finish_run(store_root, unit.run_id, "succeeded")
+    (store_paths(store_root).run_dir(unit.run_id) / "embeddings.json").write_text(json.dumps(ids))
+    rf.record_end(store_root, unit.run_id, "succeeded")
     return ids
 
 
@@ -242,6 +243,8 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     rw.start_run(root, plan.benchmark_id, "benchmark", "benchmark", "-", pretrain_encoder(plan.config)[0],
                  plan.config, profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels,
                  dataset=dataset, unit_hash=plan.analyse.unit_hash)
+    rw.merge_pending(root)           # what units of an earlier, interrupted run left in their folders
+    make_splits_for(plan, root)      # the units then only read the store
     stored = succeeded_units(root)   # run_id -> (checkpoint, unit_hash) of every succeeded run
     pretrain_ids: dict[str, str] = {}
     done: set[str] = set()
@@ -273,6 +276,7 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     try:
         with closing(run_units(plan, todo, root, pretrain_ids, bar)) as finished:  # closing: an interrupt
             for u, result in finished:                                              # cancels the engine's units
+                rw.merge_pending(root)   # the unit's run folder (it never writes the store): seen by the next
                 if provides(u):
                     pretrain_ids[provides(u)] = result
                 elif u.kind == "embed":
@@ -283,10 +287,35 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
         status = "succeeded"
     finally:
         bar.close()
+        if status != "succeeded":     # a unit that failed or was interrupted: its folder says how it ended
+            _merge_after_failure(root, log)
         rw.finish_benchmark(root, plan.benchmark_id, status)
         rw.finish_run(root, plan.benchmark_id, status)
     return {"benchmark_id": plan.benchmark_id, "table": table, "wall_s": time.perf_counter() - t0,
             "ran": len(todo), "skipped": n - len(todo)}
+
+
+def make_splits_for(plan: Plan, root: Path) -> None:
+    """Create the patient splits of every scheme the plan's units use, before they start: a unit's process
+    then finds them and reads the store only (it never writes it: ``results/runfolder.py``)."""
+    from ctssl_core.data.splits import get_or_create_splits
+
+    schemes = {(c.split_seed, tuple(c.split_fractions), c.pool) for u in plan.runs
+               if (c := getattr(u, "config", None)) is not None and hasattr(c, "split_seed")}
+    for seed, fractions, pool in sorted(schemes):
+        get_or_create_splits(root, seed, fractions, pool=pool)
+
+
+def _merge_after_failure(root: Path, log: Callable[[str], None]) -> None:
+    """Merge the run folders of units that ended without a result, never raising over the error that ended
+    the benchmark (a store held busy: the next run merges them, ``merge_pending`` at its start)."""
+    from ctssl_core.results import write as rw
+
+    try:
+        rw.merge_pending(root)
+    except Exception as e:  # noqa: BLE001 - the benchmark's own error is the one to report
+        log(f"could not merge the units' run folders into the store now ({type(e).__name__}: {str(e)[:200]}); "
+            f"the next benchmark run merges them")
 
 
 def run_unit(plan: Plan, u: Unit, root: Path, pretrain_ids: dict[str, str], store=None):
@@ -326,8 +355,8 @@ def run_units(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, 
 
 def _run_on_engine(plan: Plan, todo: list[Unit], root: Path, pretrain_ids: dict[str, str], bar):
     """Units on ``plan.bench.executor``'s engine, each once the pretraining (or positive control) it needs
-    exists. Each unit writes its own runs and results through the store's short, lock-retrying DuckDB
-    connections; see ``executors.run_in_order`` for failures and cancel."""
+    exists. Each unit writes its run folder only; ``run_benchmark`` merges it into the store as the unit
+    ends (``results.write.merge_pending``). See ``executors.run_in_order`` for failures and cancel."""
     from ctssl_core.executors import EXECUTORS, run_in_order
 
     if not todo:

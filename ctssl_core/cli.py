@@ -123,14 +123,43 @@ def _load_all() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ctssl_core.config import ConfigError
-    from ctssl_core.db import StoreError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return EXIT_USAGE
+    try:
+        return _run(args)
+    finally:
+        merge_own_runs(args.command)
+
+
+def merge_own_runs(command: str) -> None:
+    """Hand the runs this command started to the store, once its work has returned (or failed): training
+    code writes only run folders (``results/runfolder.py``), and a command run by hand has no driver to
+    merge them. Under a job the job's runner merges them (and this process leaves the store alone)."""
+    import os
+
+    from ctssl_core.results import runfolder as rf
+
+    if not rf.STARTED or os.environ.get(rf.JOB_DIR_ENV):
+        return
+    from ctssl_core.results.write import merge_pending
+
+    for store, run_id in dict.fromkeys(rf.STARTED):
+        try:
+            merge_pending(store, run_id)
+        except Exception as e:  # noqa: BLE001 - the command's own outcome stands; the folder keeps the run
+            print(f"ctssl {command}: run {run_id} is in its folder but the store could not take it now "
+                  f"({type(e).__name__}: {str(e)[:200]}); the dashboard shows it from the folder, and the next "
+                  f"`ctssl benchmark` on this store merges it", file=sys.stderr)
+    rf.STARTED.clear()
+
+
+def _run(args) -> int:
+    from ctssl_core.config import ConfigError
+    from ctssl_core.db import StoreError
+
     try:
         return int(args._module.run(args) or 0)
     except (ConfigError, StoreError, FileNotFoundError) as e:

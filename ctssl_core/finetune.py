@@ -366,8 +366,7 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     from ctssl_core.data.catalog import store_dataset
     from ctssl_core.data.loader import SliceBatcher
     from ctssl_core.data.store import SliceStore
-    from ctssl_core.results import write as rw
-    from ctssl_core.results.runfolder import RunLogger
+    from ctssl_core.results import runfolder as rf
 
     root = Path(store_root)
     t0 = time.perf_counter()
@@ -392,14 +391,14 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
     batch_size = min(tcfg.batch_size, train_ids.size)
     if batch_size != tcfg.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=batch_size)
-    run_id = run_id or rw.new_run_id("finetune", cfg.task, init_label)
+    run_id = run_id or rf.new_run_id("finetune", cfg.task, init_label)
     run_config = {**to_dict(cfg), "windows": [list(w) for w in encoder.windows],
                   "init_label": init_label, "init_checkpoint": in_store(ckpt, root) if ckpt else None,
                   "encoder": enc_name, "task_resolved": to_dict(task), "kind": "finetune"}
-    run_dir = rw.start_run(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
+    run_dir = rf.record_start(root, run_id, "finetune", cfg.task, init_label, enc_name, run_config,
                            fraction=cfg.fraction, seed=cfg.seed, profile=profile, benchmark_id=benchmark_id,
                            dataset=store_dataset(root), labels=labels, unit_hash=unit_hash)
-    logger = RunLogger(root, run_id)
+    logger = rf.RunLogger(root, run_id)
     curve_path = run_dir / CURVE_FILE
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     if not resume and curve_path.exists():
@@ -453,16 +452,16 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
         np.savez(run_dir / BOOT_FILE, **{k: v for k, v in samples.items()},
                  **{f"point/{k}": np.float64(c.value) for k, c in cis.items()})
         n_pat = int(len(np.unique(out["patient"])))
-        rw.write_results(root, [
+        rf.record_results(root, run_id, [
             {"run_id": run_id, "benchmark_id": benchmark_id, "task": cfg.task, "init": init_label,
              "fraction": cfg.fraction, "seed": cfg.seed, "split": "test", "metric": m,
              "value": _num(c.value), "ci_low": _num(c.low), "ci_high": _num(c.high), "n": n_pat}
             for m, c in cis.items()])
         logger({"step": fres.step, **{f"test/{m}": c.value for m, c in cis.items()}})
         logger.close()
-        rw.finish_run(root, run_id, "succeeded", checkpoint=fres.checkpoint)
+        rf.record_end(root, run_id, "succeeded", checkpoint=fres.checkpoint)
     except BaseException as e:
-        rw.end_run_after(e, root, run_id, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+        rf.record_end_after(e, root, run_id, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
                          error=f"{type(e).__name__}: {e}"[:2000], close=logger.close)
         raise
     return FinetuneResult(run_id, init_label, cis, read_curve(run_dir), int(train_pat.size), int(train_ids.size),

@@ -246,7 +246,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     from ctssl_core.models import build_encoder
     from ctssl_core.pretext import make_pretext
     from ctssl_core.results.runfolder import RunLogger
-    from ctssl_core.results.write import end_run_after, finish_run, new_run_id, start_run
+    from ctssl_core.results.runfolder import new_run_id, record_end, record_end_after, record_start
     from ctssl_core.train import fit, resolve_device
 
     root = store_paths(store_root).root
@@ -307,7 +307,7 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
     run_dir = store_paths(root).run_dir(run_id)
     logger = None
     if info.is_main:
-        start_run(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
+        record_start(root, run_id, kind="pretrain", task=cfg.task, init="random", encoder=cfg.encoder,
                   config=run_cfg, seed=cfg.train.seed, profile=profile, dataset=store_dataset(root), labels=labels,
                   unit_hash=pretrain_hash(cfg))
         logger = RunLogger(root, run_id)
@@ -367,10 +367,10 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
             last = run_dir / "checkpoints" / "last.pt"
             ckpt = last if last.is_file() else None
             if failing is not None:      # a second failure (a full disk under the store) must not hide this one
-                end_run_after(failing, root, run_id, status, checkpoint=ckpt, error=error, close=logger.close)
+                record_end_after(failing, root, run_id, status, checkpoint=ckpt, error=error, close=logger.close)
             else:
                 logger.close()
-                finish_run(root, run_id, status, checkpoint=ckpt, error=error)
+                record_end(root, run_id, status, checkpoint=ckpt, error=error)
         distributed.cleanup()
     if info.is_main:
         losses = (f"loss {res.first_loss:.4f} -> {res.final_loss:.4f}" if res.first_loss is not None

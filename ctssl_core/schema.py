@@ -13,9 +13,10 @@ No patient identifier is stored anywhere: ``patient_key``/``study_key``/
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5   # 3: runs.name, runs.tags, runs.notes; 4: summaries.outcome (the bias scorecard's outcome).
+SCHEMA_VERSION = 6   # 3: runs.name, runs.tags, runs.notes; 4: summaries.outcome (the bias scorecard's outcome).
                      # Two branches both stamped 3; 4 makes every store either of them built add the other's column.
                      # 5: runs.unit_hash (a run's unit identity; older pretrainings get theirs from their config)
+                     # 6: merged_files (which version of a run folder's run.json/results.json the store has)
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -124,6 +125,12 @@ TABLES: dict[str, str] = {
     "metric_offsets": """
         run_id TEXT PRIMARY KEY,
         byte_offset BIGINT              -- bytes of runs/<id>/metrics.jsonl already merged
+    """,
+    "merged_files": """
+        run_id TEXT,
+        file TEXT,                      -- 'run.json' | 'results.json' of runs/<run_id>/
+        stamp TEXT,                     -- inode:mtime_ns:size of the version merged (a new one is merged again)
+        PRIMARY KEY (run_id, file)
     """,
     "results": """
         run_id TEXT,

@@ -29,11 +29,15 @@ def ray_local():
 
 
 def _invalidate(store, run_ids):
-    """Mark runs unfinished, as a crash mid-benchmark leaves them (the benchmark reruns non-succeeded runs)."""
+    """Mark runs unfinished, as a crash mid-benchmark leaves them (the benchmark reruns non-succeeded runs):
+    in their run folders' records (what the units write) and in the store."""
     import duckdb
 
     from ctssl_core.paths import store_paths
+    from ctssl_core.results.runfolder import update_record
 
+    for rid in run_ids:
+        update_record(store, rid, lambda rec: {**rec, "status": "failed"})
     con = duckdb.connect(str(store_paths(store).db))
     try:
         con.execute("UPDATE runs SET status = 'failed' WHERE run_id IN (SELECT unnest(?))", [list(run_ids)])

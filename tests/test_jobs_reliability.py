@@ -45,13 +45,18 @@ def test_finetune_stopped_by_signal_is_cancelled_without_results(store_copy, mon
 
     monkeypatch.setattr(train_mod, "fit", fake_fit)
     cfg = FinetuneConfig(task="pe", n_boot=10, train={"steps": 4, "batch_size": 4, "device": "cpu"})
+    from ctssl_core.results.write import merge_pending
+
     if stopped == "signal":
         with pytest.raises(KeyboardInterrupt, match="stopped by signal at step 3"):
             finetune(cfg, store_copy, run_id="ft-cancelled")
+        assert q(store_copy, "SELECT count(*) FROM runs WHERE run_id = 'ft-cancelled'") == [(0,)]   # folder only
+        merge_pending(store_copy)                                                   # as its driver does
         assert q(store_copy, "SELECT status FROM runs WHERE run_id = 'ft-cancelled'") == [("cancelled",)]
         assert q(store_copy, "SELECT count(*) FROM results WHERE run_id = 'ft-cancelled'") == [(0,)]
     else:  # control: the same fake fit, completed, does score and succeed
         res = finetune(cfg, store_copy, run_id="ft-done")
+        merge_pending(store_copy)
         assert res.run_id == "ft-done" and res.metrics
         assert q(store_copy, "SELECT status FROM runs WHERE run_id = 'ft-done'") == [("succeeded",)]
         assert q(store_copy, "SELECT count(*) FROM results WHERE run_id = 'ft-done'")[0][0] == len(res.metrics)

@@ -128,28 +128,28 @@ def test_a_full_disk_under_the_stores_end_of_run_does_not_hide_the_error_that_st
     store's record of the run's end fails on the same disk. The command must still end with the first error
     (StoreFull: exit 2, what to do), the second one reported beside it, not a traceback that replaces it."""
     import ctssl_core.pretrain as pretrain_mod
-    import ctssl_core.results.write as rw
-    from ctssl_core.db import StoreError, StoreFull
+    import ctssl_core.results.runfolder as rf
+    from ctssl_core.db import StoreFull
 
     def full_fit(*a, **k):
         raise StoreFull("no space left on the disk of the store while saving a checkpoint; free space and run "
                         "`ctssl pretrain --resume RUN`")
 
-    def broken_finish(*a, **k):
-        raise StoreError("IO Error: No space left on device (DuckDB COMMIT)")
+    def broken_end(*a, **k):
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("ctssl_core.train.fit", full_fit)
-    monkeypatch.setattr(rw, "finish_run", broken_finish)
+    monkeypatch.setattr(rf, "record_end", broken_end)
     assert pretrain_mod  # the module reads train.fit at call time
     assert pretrain(store_copy, "--task", "rotation", "--set", "steps=4") == 2
     err = capsys.readouterr().err
     assert "no space left on the disk of the store while saving a checkpoint" in err
-    assert "could not record its end in the store (StoreError: IO Error: No space left" in err
+    assert "could not record its end in its run folder (OSError: [Errno 28] No space left" in err
     assert "Traceback" not in err
 
 
 def test_end_run_after_keeps_the_original_error_and_notes_the_second():
-    from ctssl_core.results.write import end_run_after
+    from ctssl_core.results.runfolder import record_end_after as end_run_after
 
     original = OSError(28, "No space left on device")
     calls = []
@@ -161,5 +161,5 @@ def test_end_run_after_keeps_the_original_error_and_notes_the_second():
     end_run_after(original, "/nonexistent/store", "pt-x", "failed", close=close)
     notes = getattr(original, "__notes__", [])
     assert calls == ["close"] and len(notes) == 2
-    assert "could not close its log in the store (RuntimeError: metrics merge failed)" in notes[0]
-    assert "could not record its end in the store" in notes[1]
+    assert "could not close its log in its run folder (RuntimeError: metrics merge failed)" in notes[0]
+    assert "could not record its end in its run folder" in notes[1]

@@ -152,3 +152,110 @@ def test_results_summaries_benchmarks(tmp_path):
     with pytest.raises(ConfigError, match="no benchmark"):
         W.finish_benchmark(tmp_path, "nope")
     assert _q(tmp_path, "SELECT count(*) FROM results")[0][0] == 2  # bad rows added nothing
+
+
+# --------------------------------------------------------------------------- a unit writes its folder, the store merges
+
+
+def _refuse_duckdb(monkeypatch, read_only_ok: bool = False):
+    """Every DuckDB connection (or every read-write one) raises, as a training process must never need."""
+    import ctssl_core.db as db
+
+    real = db.connect
+
+    def guarded(path, read_only=False, **k):
+        if read_only and read_only_ok:
+            return real(path, read_only=True, **k)
+        raise AssertionError("a unit's process opened DuckDB to write")
+
+    for mod in (db, W):
+        monkeypatch.setattr(mod, "connect", guarded)
+    return real
+
+
+def test_a_unit_writes_only_its_run_folder_and_the_store_merges_it(tmp_path, monkeypatch):
+    """record_start / RunLogger / record_results / record_end with every DuckDB connection refused: the run
+    is whole in its folder (no store file is even created); one merge brings row, results and metric lines,
+    a second merge changes nothing, and a newer record (a resume) is merged again."""
+    from ctssl_core.results import runfolder as rf
+
+    rid = "finetune-pe-random-7"
+    real = _refuse_duckdb(monkeypatch)
+    run_dir = rf.record_start(tmp_path, rid, "finetune", "pe", "random", "tiny", {"lr": 0.1}, fraction=0.5, seed=2,
+                              labels={"name": "first", "tags": {"owner": "ana"}, "notes": None}, unit_hash="h1")
+    with RunLogger(tmp_path, rid) as log:
+        for s in range(3):
+            log({"step": s, "train/loss": 1.0 / (s + 1)})
+    rf.record_results(tmp_path, rid, [{"run_id": rid, "task": "pe", "init": "random", "fraction": 0.5, "seed": 2,
+                                       "split": "test", "metric": "auroc", "value": 0.75, "ci_low": 0.6,
+                                       "ci_high": 0.9, "n": 12}])
+    rf.record_end(tmp_path, rid, "succeeded", checkpoint=run_dir / "checkpoints" / "last.pt")
+    assert not store_paths(tmp_path).db.exists()
+    rec = rf.read_record(tmp_path, rid)
+    assert rec["status"] == "succeeded" and rec["checkpoint"] == f"runs/{rid}/checkpoints/last.pt"
+    assert rec["wall_s"] >= 0 and rec["labels"] == {"name": "first", "tags": {"owner": "ana"}, "notes": None}
+    with pytest.raises(ConfigError, match="unknown columns"):      # a bad row stops the unit, not a later merge
+        rf.record_results(tmp_path, rid, [{"run_id": rid, "auroc": 0.7}])
+    with pytest.raises(ConfigError, match="status"):
+        rf.record_end(tmp_path, rid, "done")
+    with pytest.raises(ConfigError, match="no run"):
+        rf.record_end(tmp_path, "never-started", "failed")
+
+    for mod in (__import__("ctssl_core.db", fromlist=["x"]), W):
+        monkeypatch.setattr(mod, "connect", real)
+    assert W.merge_pending(tmp_path) == 3
+    assert _q(tmp_path, "SELECT status, fraction, seed, checkpoint, unit_hash, name, tags FROM runs") == [
+        ("succeeded", 0.5, 2, f"runs/{rid}/checkpoints/last.pt", "h1", "first", '{"owner": "ana"}')]
+    assert _q(tmp_path, "SELECT metric, value, n FROM results") == [("auroc", 0.75, 12)]
+    assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 3
+    assert W.merge_pending(tmp_path) == 0                                     # nothing new: nothing merged
+    stamps = _q(tmp_path, "SELECT file, stamp FROM merged_files ORDER BY file")
+    assert [f for f, _ in stamps] == ["results.json", "run.json"]
+    W.merge_pending(tmp_path)
+    assert _q(tmp_path, "SELECT file, stamp FROM merged_files ORDER BY file") == stamps
+
+    rf.record_start(tmp_path, rid, "finetune", "pe", "random", "tiny", {"lr": 0.1}, fraction=0.5, seed=2)   # resume
+    W.merge_pending(tmp_path, rid)
+    created = _q(tmp_path, "SELECT status, ended_at, checkpoint, name, created_at FROM runs")[0]
+    assert created[:4] == ("running", None, f"runs/{rid}/checkpoints/last.pt", "first")
+    assert str(created[4]).replace(" ", "T").startswith(rec["created_at"][:19])   # the first start's time
+
+
+def test_labels_changed_in_the_store_survive_later_merges_of_the_record(tmp_path):
+    """``ctssl annotate`` changes the record and the row, so the unit's end (a newer record) does not bring
+    back a removed tag or an old name."""
+    from ctssl_core.results import runfolder as rf
+
+    rid = "pretrain-rotation-random-8"
+    rf.record_start(tmp_path, rid, "pretrain", "rotation", "random", "tiny", {},
+                    labels={"name": "old", "tags": {"a": "1", "b": "2"}, "notes": None})
+    W.merge_pending(tmp_path)
+    got = W.annotate_run(tmp_path, rid, name="new", tags={"a": ""}, notes="why")
+    assert got == {"name": "new", "tags": {"b": "2"}, "notes": "why"}
+    rf.record_end(tmp_path, rid, "succeeded")
+    W.merge_pending(tmp_path)
+    assert _q(tmp_path, "SELECT status, name, tags, notes FROM runs") == [("succeeded", "new", '{"b": "2"}', "why")]
+
+
+def test_the_dashboard_shows_a_run_its_driver_has_not_merged(tmp_path):
+    """A command run by hand (or a unit) that is still training has only its folder: ``run_table`` lists it
+    as its record says, ``store_version`` changes when the record does, and after the merge the row is the
+    same run, once."""
+    from ctssl_core.results import read
+    from ctssl_core.results import runfolder as rf
+
+    W.start_run(tmp_path, "benchmark-1", "benchmark", "benchmark", "-", "tiny", {})   # a driver's own run
+    v0 = read.store_version(tmp_path)
+    rf.record_start(tmp_path, "pretrain-x-random-9", "pretrain", "x", "random", "tiny", {}, labels={"name": "live"})
+    v1 = read.store_version(tmp_path)
+    table = read.run_table(tmp_path).set_index("run_id")
+    assert v1 != v0 and table.loc["pretrain-x-random-9", ["status", "name"]].tolist() == ["running", "live"]
+    assert table.loc["benchmark-1", "status"] == "running"
+    rf.record_end(tmp_path, "pretrain-x-random-9", "failed", error="boom")
+    assert read.store_version(tmp_path) != v1
+    row = read.run_table(tmp_path).set_index("run_id").loc["pretrain-x-random-9"]
+    assert (row.status, row.error) == ("failed", "boom")
+    W.merge_pending(tmp_path)
+    after = read.run_table(tmp_path)
+    assert sorted(after.run_id) == ["benchmark-1", "pretrain-x-random-9"]
+    assert after.set_index("run_id").loc["pretrain-x-random-9", "status"] == "failed"

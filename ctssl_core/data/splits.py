@@ -94,20 +94,17 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=DEFAULT_FR
     paths = store_paths(store_root)
     if not paths.db.exists():
         raise StoreMissing(f"no ctssl store at {paths.root}; run `ctssl ingest DIR --store {paths.root}` first")
+    # read-only first: a unit's process (a fine-tune, a pretraining) only reads the store when its driver
+    # made the splits beforehand (``benchmark.run_benchmark``), and never waits for the write lock then
+    with connect(paths.db, read_only=True) as con:
+        rows, have = _patients_and_splits(con, scheme)
+    if not rows:
+        raise StoreMissing(f"the store at {paths.root} has no patients; run `ctssl ingest DIR --store {paths.root}`")
+    if all(k in have for k, _ in rows):
+        return have
     with connect(paths.db) as con:
         ensure_schema_current(con)
-        # strata: sex / exam PE / any nodule, so small cohorts still put PE and nodule patients in
-        # every split (a val split without nodules has no Dice to select on)
-        rows = con.execute(
-            "SELECT p.patient_key, coalesce(p.sex, '?') || '/' || coalesce(CAST(bool_or(s.pe_exam) AS TEXT), '?') "
-            "  || '/' || coalesce(CAST(bool_or(n.has_nodule) AS TEXT), '?') "
-            "FROM patients p LEFT JOIN studies s USING (patient_key) "
-            "LEFT JOIN (SELECT se.patient_key, max(sl.nodule_px) > 0 AS has_nodule FROM series se "
-            "           JOIN slices sl USING (series_key) GROUP BY se.patient_key) n USING (patient_key) "
-            "GROUP BY p.patient_key, p.sex").fetchall()
-        if not rows:
-            raise StoreMissing(f"the store at {paths.root} has no patients; run `ctssl ingest DIR --store {paths.root}`")
-        have = dict(con.execute("SELECT patient_key, split FROM splits WHERE seed = ?", [scheme]).fetchall())
+        rows, have = _patients_and_splits(con, scheme)    # again under the write lock: another may have added
         new = [k for k, _ in rows if k not in have]
         if new:
             strata = {k: s for k, s in rows if k in set(new)}
@@ -120,3 +117,20 @@ def get_or_create_splits(store_root: str | Path, seed: int, fractions=DEFAULT_FR
             con.execute("COMMIT")
             have.update(assigned)
     return have
+
+
+def _patients_and_splits(con, scheme: int) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(patient_key, stratum) of every patient, and the patients' splits of ``scheme`` made so far. The
+    strata: sex / exam PE / any nodule, so small cohorts still put PE and nodule patients in every split (a
+    val split without nodules has no Dice to select on)."""
+    rows = con.execute(
+        "SELECT p.patient_key, coalesce(p.sex, '?') || '/' || coalesce(CAST(bool_or(s.pe_exam) AS TEXT), '?') "
+        "  || '/' || coalesce(CAST(bool_or(n.has_nodule) AS TEXT), '?') "
+        "FROM patients p LEFT JOIN studies s USING (patient_key) "
+        "LEFT JOIN (SELECT se.patient_key, max(sl.nodule_px) > 0 AS has_nodule FROM series se "
+        "           JOIN slices sl USING (series_key) GROUP BY se.patient_key) n USING (patient_key) "
+        "GROUP BY p.patient_key, p.sex").fetchall()
+    have = {}
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'splits'").fetchone()[0]:
+        have = dict(con.execute("SELECT patient_key, split FROM splits WHERE seed = ?", [scheme]).fetchall())
+    return rows, have

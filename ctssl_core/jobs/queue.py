@@ -223,7 +223,7 @@ def log_tail(store_root: str | Path, job_id: str, n_lines: int = 40, max_bytes: 
 
 
 def job_run_ids(store_root: str | Path, job_id: str) -> list[str]:
-    """Run ids the job's command started (written by ``results.write.start_run``), in order."""
+    """Run ids the job's command started (written by ``results.runfolder.record_start``), in order."""
     try:
         text = (job_dir(store_root, job_id) / "runs.txt").read_text()
     except OSError:
@@ -359,11 +359,22 @@ def finish(store_root: str | Path, job_id: str, state: str, error: str | None = 
 
 
 def close_runs(store_root: str | Path, job_id: str, status: str, error: str | None = None) -> None:
-    """Merge whatever the job's runs left in JSONL and close runs its command could not close."""
+    """End the job's runs its command could not end (killed, crashed) in their records, then merge their
+    folders (record, results, metric lines) into the store: the command itself never writes it."""
+    from ctssl_core.results import runfolder as rf
     from ctssl_core.results.write import finish_run
 
     for rid in job_run_ids(store_root, job_id):
-        try:
+        rec = rf.read_record(store_root, rid)
+        if rec is not None:
+            try:
+                if rec.get("status") == "running":
+                    rf.record_end(store_root, rid, status, error=error)
+                _retry_conflicts(lambda r=rid: merge_pending(store_root, r))   # another thread may merge it too
+            except (StoreBusy, ConfigError):
+                continue
+            continue
+        try:   # a run of a store made before run records: ended in its row
             _retry_conflicts(lambda r=rid: merge_pending(store_root, r))  # another thread may merge it too
             got = _write(store_root, lambda con, r=rid: con.execute(
                 "SELECT status FROM runs WHERE run_id = ?", [r]).fetchall())

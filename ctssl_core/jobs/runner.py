@@ -38,7 +38,7 @@ from ctssl_core.db import is_disk_full
 from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
 from ctssl_core.results.runfolder import tail_metrics
-from ctssl_core.results.write import JOB_DIR_ENV, utcnow
+from ctssl_core.results.runfolder import JOB_DIR_ENV, utcnow
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -338,11 +338,11 @@ def _beat(store: Path, job_id: str, total: int | None) -> bool:
     current = {k: v for k, v in rec.items() if k not in ("step", "epoch")} if rec else None
     cancel = queue.heartbeat(store, job_id, step=step, total=total, current=current,
                              run_id=run_ids[-1] if run_ids else None)
-    if run_ids:
+    for rid in run_ids[-2:]:      # the newest, and the one before (its end may not be merged yet)
         try:
-            merge_pending(store, run_ids[-1], timeout_s=2.0)
+            merge_pending(store, rid, timeout_s=2.0)
         except StoreBusy:
-            pass
+            break
     return cancel
 
 

@@ -3,11 +3,11 @@
 Importing this module registers ``JOB_KINDS["tick"]``; set
 ``CTSSL_JOB_PLUGINS=ctssl_core.jobs.testing`` so a separately started worker
 or dashboard knows it too. The job behaves like a training run where it
-matters to the queue: it starts a run, logs ``train/loss`` and ``lr`` through
-``RunLogger`` at a chosen rate, keeps a checkpoint (its step) and saves it on
+matters to the queue: it writes only its run folder (``results/runfolder.py``: it starts a run, logs
+``train/loss`` and ``lr`` through ``RunLogger`` at a chosen rate, keeps a checkpoint (its step) and saves it on
 SIGTERM, resumes from it with ``--resume RUN_ID``, and writes one results
 row (``final_loss``) when it finishes, after an optional ``eval_s`` scoring
-phase in which a SIGTERM cancels the run without results.
+phase in which a SIGTERM cancels the run without results), and the job runner merges it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ctssl_core.jobs.kinds import JOB_KINDS, JobKind
 TICK_SCRIPT = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-from ctssl_core.results.runfolder import RunLogger
-from ctssl_core.results.write import finish_run, new_run_id, start_run, write_results
+from ctssl_core.results.runfolder import RunLogger, new_run_id, record_end as finish_run, record_results
+from ctssl_core.results.runfolder import record_start as start_run
 store, steps, interval, resume, fail_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 eval_s = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 stop = []
@@ -53,7 +53,7 @@ if eval_s > 0:
             finish_run(store, rid, "cancelled", checkpoint=ckpt)
             print("SIGTERM during evaluation: no results", flush=True); sys.exit(143)
         time.sleep(0.02)
-write_results(store, [{"run_id": rid, "task": "tick", "init": "random", "split": "test", "metric": "final_loss",
+record_results(store, rid, [{"run_id": rid, "task": "tick", "init": "random", "split": "test", "metric": "final_loss",
                        "value": 1.0 / steps, "n": steps}])
 finish_run(store, rid, "succeeded", checkpoint=ckpt)
 print("done", flush=True)

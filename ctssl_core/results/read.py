@@ -178,15 +178,21 @@ def _read(store: str | os.PathLike, timeout_s: float = 10.0) -> Iterator[Snapsho
 
 
 def store_version(store: str | Path) -> int:
-    """A cheap number that changes whenever the store is written (db + WAL mtimes); 0 if absent.
+    """A cheap number that changes whenever the store is written (db + WAL mtimes) or a run's record in its
+    folder changes (a run started or ended by a process that writes only its folder); 0 if absent.
 
     Pages pass it to their cached loaders so that new results show up.
     """
+    from ctssl_core.results import runfolder as rf
+
     db = store_paths(store).db
     v = 0
     for p in (db, db.with_name(db.name + ".wal")):
         with contextlib.suppress(OSError):
             v += p.stat().st_mtime_ns
+    for rid in rf.folder_run_ids(store):
+        with contextlib.suppress(OSError, ConfigError):
+            v += rf.run_file(store, rid).stat().st_mtime_ns
     return v
 
 
@@ -840,11 +846,55 @@ RUN_COLUMNS = ["run_id", "kind", "task", "init", "encoder", "fraction", "seed", 
                "checkpoint", "error", "name", "tags", "notes"]
 
 
+def _unmerged_records(store, con) -> list[dict]:
+    """Records of run folders the store has not merged in their latest version: a unit or command still
+    running (its process writes only its folder, ``results/runfolder.py``) or one whose driver has not
+    merged it yet. Read from the folders, as ``curves`` reads metric lines not merged yet."""
+    from ctssl_core.results import runfolder as rf
+
+    have = _schema_columns(con)
+    merged = {}
+    if "merged_files" in have:
+        merged = dict(con.execute("SELECT run_id, stamp FROM merged_files WHERE file = ?", [rf.RUN_FILE]).fetchall())
+    out = []
+    for rid in rf.folder_run_ids(store):
+        st = rf.stamp(rf.run_file(store, rid))
+        if st is not None and merged.get(rid) != st:
+            rec = rf.read_record(store, rid)
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def _record_row(rec: dict) -> dict:
+    """A record as a row of ``run_table`` (the columns of ``RUN_COLUMNS``)."""
+    labels = rec.get("labels") or {}
+    row = {c: rec.get(c) for c in RUN_COLUMNS}
+    row.update(name=labels.get("name"), notes=labels.get("notes"),
+               tags=json.dumps(labels.get("tags") or {}, sort_keys=True) if labels else None,
+               created_at=pd.to_datetime(rec.get("created_at")) if rec.get("created_at") else pd.NaT)
+    return row
+
+
 def run_table(store: str | Path) -> pd.DataFrame:
-    """All runs, newest first, with ``checkpoint_ok`` (False when the file was deleted)."""
+    """All runs, newest first, with ``checkpoint_ok`` (False when the file was deleted). A run whose folder
+    holds a newer record than the store's row (still running, or not merged yet) shows as its record says."""
     root = Path(store)
     with _read(store) as con:
         df = _select(con, "runs", RUN_COLUMNS, order="created_at DESC NULLS LAST, run_id")
+        pending = _unmerged_records(store, con)
+    if pending:
+        known = df.set_index("run_id")[["name", "tags", "notes"]].to_dict("index") if len(df) else {}
+        rows = {}
+        for rec in pending:
+            row = rows[rec["run_id"]] = _record_row(rec)
+            if "labels" not in rec and rec["run_id"] in known:      # labels set in the store only (annotate)
+                row.update(known[rec["run_id"]])
+        fresh = pd.DataFrame(list(rows.values()), columns=RUN_COLUMNS)
+        df = pd.concat([df[~df.run_id.isin(rows)], fresh.astype({c: df[c].dtype for c in ("fraction", "wall_s")
+                                                                   if c in df})], ignore_index=True)
+        df = df.sort_values(["created_at", "run_id"], ascending=[False, True], na_position="last",
+                            ignore_index=True)
     df["checkpoint_ok"] = [None if not isinstance(c, str) or not c else (root / c).exists() for c in df.checkpoint]
     df["tags"] = [_tags_text(t) for t in df.tags]   # `ctssl annotate --tag`: "k=v, k=v" for a table cell
     return df

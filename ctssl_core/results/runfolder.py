@@ -1,32 +1,80 @@
-"""A run's folder, the only thing a training process writes: ``runs/<run_id>/metrics.jsonl``.
+"""A run's folder, the only thing a training process writes: ``runs/<run_id>/``.
+
+- ``run.json``: the run's record (what it is, its status, checkpoint, labels): ``record_start`` when it
+  starts or resumes, ``record_end`` when it ends (``update_record``: atomic, under a lock);
+- ``metrics.jsonl``: one JSON line per ``RunLogger`` call;
+- ``results.json``: its results rows (``record_results``: a fine-tune's test scores).
 
 Why: DuckDB lets one process write *or* many read (DESIGN.md §5), and a training process that wrote the
-store - even in short merges from a background thread, as it once did - competed with the dashboard, the
-worker and every other unit for the lock, and on a cluster would write one DuckDB file from many nodes.
-So the training loop only appends JSON lines here (cheap, crash-safe, never blocks on a lock), and the
-store merges them: ``results.write.finish_run`` when the run ends, ``merge_pending`` from whoever holds
-the store (the job runner's heartbeat, the worker's reconcile), and until then ``results.read`` shows
-the lines not merged yet beside the merged ones, so a live curve needs no writer at all.
+store - its run row, its results, even short merges from a background thread, as it once did - competed
+with the dashboard, the worker and every other unit for the lock, failed when the store was held busy,
+and on a cluster would write one DuckDB file from many nodes. So a unit's process only writes files here
+(cheap, crash-safe, never blocks on a lock), and whoever drives it merges them into the store
+(``results.write.merge_pending``): the benchmark after each unit, the job runner at each heartbeat and
+when the command ends, the worker's reconcile after a crash, the CLI command once training returns.
+Until then ``results.read`` shows the records and lines not merged yet beside the merged ones, so a
+live run needs no writer at all.
 
 No DuckDB here (``tests/test_import_rules.py``): this module reads and writes files only.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
 import json
 import math
 import os
 import re
+import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from ctssl_core.config import ConfigError
-from ctssl_core.paths import store_paths
+from ctssl_core.paths import REPO_ROOT, store_paths
 
 METRICS_FILE = "metrics.jsonl"
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+# Env var set by the job runner: record_start appends each run id it starts to
+# ``$CTSSL_JOB_DIR/runs.txt`` so a job can find the run(s) its command made
+# without every command growing a ``--run-id`` flag.
+JOB_DIR_ENV = "CTSSL_JOB_DIR"
+# (store, run id) of every run this process started: the CLI hands them to the store when its command ends
+STARTED: list[tuple[str, str]] = []
 RESERVED = ("step", "epoch", "wall_s")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def utcnow() -> _dt.datetime:
+    """Naive UTC timestamp (DuckDB TIMESTAMP has no zone; every writer uses UTC)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from ctssl_core import __version__
+    return __version__
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "_", str(text).lower()).strip("_") or "x"
+
+
+def new_run_id(kind: str, task: str, init: str) -> str:
+    """Readable, sortable, unique: ``finetune-pe-masked_region-20261126-024501-3fa9c2``."""
+    stamp = utcnow().strftime("%Y%m%d-%H%M%S")
+    return f"{_slug(kind)}-{_slug(task)}-{_slug(init)}-{stamp}-{secrets.token_hex(3)}"
 
 
 def check_run_id(run_id: str) -> str:
@@ -169,3 +217,247 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- the run's record
+
+RUN_FILE = "run.json"          # the run's row as its process knows it: what it is, its status, its labels
+RESULTS_FILE = "results.json"  # its results rows (a fine-tune's test scores), written once when it has them
+RUN_FIELDS = ("run_id", "kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
+              "config", "code_version", "status", "created_at", "ended_at", "wall_s", "run_dir", "checkpoint",
+              "error", "unit_hash")
+
+
+def run_file(store_root: str | Path, run_id: str) -> Path:
+    return store_paths(store_root).run_dir(check_run_id(run_id)) / RUN_FILE
+
+
+def results_file(store_root: str | Path, run_id: str) -> Path:
+    return store_paths(store_root).run_dir(check_run_id(run_id)) / RESULTS_FILE
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic replace: a reader (the merge, the dashboard) sees the old record or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, default=str, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def stamp(path: Path) -> str | None:
+    """inode:mtime_ns:size of a file, or None when it does not exist (a new version has a new stamp: the
+    record and results files are replaced, never edited in place)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def folder_run_ids(store_root: str | Path) -> list[str]:
+    """Run ids of the store's run folders that hold something to merge (a record or metrics)."""
+    runs_dir = store_paths(store_root).runs
+    try:
+        entries = list(os.scandir(runs_dir))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        if e.is_dir() and (os.path.exists(os.path.join(e.path, RUN_FILE))
+                           or os.path.exists(os.path.join(e.path, METRICS_FILE))):
+            try:
+                out.append(check_run_id(e.name))
+            except ConfigError:
+                continue
+    return sorted(out)
+
+
+def read_record(store_root: str | Path, run_id: str) -> dict[str, Any] | None:
+    """The run's record (``run.json``), or None when it has none (a run of a store made before records)."""
+    try:
+        rec = json.loads(run_file(store_root, run_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("run_id") == run_id else None
+
+
+def update_record(store_root: str | Path, run_id: str, change) -> dict[str, Any]:
+    """Read, ``change(record) -> record``, write back, under an exclusive lock on the run's folder.
+
+    Why a lock: the run's process writes its record at start and end, and another process may change
+    it meanwhile (``ctssl annotate`` its labels, the job runner or the worker's reconcile its status once
+    the process is gone); the lock keeps each read-modify-write whole."""
+    import fcntl
+
+    path = run_file(store_root, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".run.lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            new = change(read_record(store_root, run_id))
+            _write_json(path, new)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return new
+
+
+def merge_labels(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Labels after a change: tags merged (a tag set to '' is removed), a name/notes of None keeps the old
+    value and '' clears it. One rule for ``ctssl annotate``, ``--name/--tag/--note`` and a resume."""
+    old = dict(old or {})
+    new = dict(new or {})
+    tags = {**(old.get("tags") or {}), **(new.get("tags") or {})}
+    return {"name": old.get("name") if new.get("name") is None else (new.get("name") or None),
+            "tags": {k: v for k, v in tags.items() if v != ""},
+            "notes": old.get("notes") if new.get("notes") is None else (new.get("notes") or None)}
+
+
+def write_results_file(store_root: str | Path, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The run's results rows, replacing any earlier ones (the store merges them with the record)."""
+    _write_json(results_file(store_root, run_id), rows)
+
+
+def read_results_file(store_root: str | Path, run_id: str) -> list[dict[str, Any]] | None:
+    try:
+        rows = json.loads(results_file(store_root, run_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) else None
+
+
+def record_start(store_root: str | Path, run_id: str, kind: str, task: str, init: str, encoder: str,
+                 config: Mapping[str, Any] | Any, fraction: float | None = None, seed: int | None = None,
+                 profile: str | None = None, benchmark_id: str | None = None, dataset: str | None = None,
+                 labels: Mapping[str, Any] | None = None, unit_hash: str | None = None) -> Path:
+    """Create ``runs/<run_id>/`` (config.json) and its record, status running. Returns the run dir.
+
+    ``unit_hash``: the identity of the unit the run computes (``plan.py``; a pretraining's is
+    ``pretrain.pretrain_hash``), by which a benchmark finds it again. Starting a run id again (resume)
+    sets it back to running and keeps its created_at, checkpoint and labels; ``labels`` ({name, tags,
+    notes}, as ``results.write.check_labels`` returns them) change them as ``ctssl annotate`` would.
+    The store learns of it when its driver merges (module docstring)."""
+    import dataclasses
+
+    root = Path(store_root)
+    check_run_id(run_id)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    cfg_json = json.dumps(config, default=str, sort_keys=True)
+    run_dir = store_paths(root).run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg_json)
+    fields = dict(run_id=run_id, kind=kind, task=task, init=init, encoder=encoder, fraction=fraction, seed=seed,
+                  profile=profile, benchmark_id=benchmark_id, dataset=dataset, config=cfg_json,
+                  code_version=code_version(), status="running", ended_at=None, wall_s=None, error=None,
+                  run_dir=run_dir.relative_to(root).as_posix())
+
+    def change(old: dict | None) -> dict:
+        old = old or {}
+        rec = {**old, **fields, "created_at": old.get("created_at") or utcnow().isoformat(),
+               "unit_hash": unit_hash or old.get("unit_hash"), "checkpoint": old.get("checkpoint")}
+        if labels:
+            rec["labels"] = merge_labels(old.get("labels"), labels)
+        return rec
+
+    update_record(root, run_id, change)
+    STARTED.append((str(root), run_id))
+    job_dir = os.environ.get(JOB_DIR_ENV)
+    if job_dir:
+        try:
+            with open(Path(job_dir) / "runs.txt", "a", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+        except OSError:
+            pass  # progress display only; the run itself is recorded above
+    return run_dir
+
+
+def in_store_path(store_root: str | Path, path: str | Path | None) -> str | None:
+    """A checkpoint path as the store records it: relative to the store when inside it."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(store_root).resolve()).as_posix() if p.is_absolute() else p.as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def record_end(store_root: str | Path, run_id: str, status: str, checkpoint: str | Path | None = None,
+               error: str | None = None) -> dict[str, Any]:
+    """Set the run's final status, end time, wall time and checkpoint in its record. Returns the record."""
+    if status not in RUN_STATUSES:
+        raise ConfigError(f"run status {status!r} is not one of {list(RUN_STATUSES)}")
+    root = Path(store_root)
+    ckpt = in_store_path(root, checkpoint)
+
+    def change(old: dict | None) -> dict:
+        if old is None:
+            raise ConfigError(f"no run {run_id!r} recorded in {root}; call start_run first")
+        now = utcnow()
+        try:
+            wall = (now - _dt.datetime.fromisoformat(str(old.get("created_at")))).total_seconds()
+        except ValueError:
+            wall = None
+        return {**old, "status": status, "ended_at": now.isoformat(), "wall_s": wall, "error": error,
+                "checkpoint": ckpt or old.get("checkpoint")}
+
+    return update_record(root, run_id, change)
+
+
+def record_end_after(original: BaseException, store_root: str | Path, run_id: str, status: str,
+                     checkpoint: str | Path | None = None, error: str | None = None, close=None) -> None:
+    """Record the end of a run that ``original`` stopped (close its logger, then ``record_end``) without
+    letting a second failure replace ``original``.
+
+    Why: a full disk that stops a checkpoint also stops the write of the run's end; raised from the
+    except block, that second error hid the first (the disk is full, free space and resume), and the CLI
+    exited 1 instead of 2 with what to do. The second failure becomes a note on ``original``, which the
+    caller re-raises."""
+    for what, step in (("close its log", close),
+                       ("record its end", lambda: record_end(store_root, run_id, status, checkpoint=checkpoint,
+                                                             error=error))):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception as e2:  # noqa: BLE001 - reported on the original error, never raised over it
+            note = (f"ctssl could not {what} in its run folder ({type(e2).__name__}: {str(e2)[:300]}); "
+                    f"the run may show as running until it is resumed or the job is reconciled")
+            try:
+                original.__notes__ = [*getattr(original, "__notes__", ()), note]   # add_note is Python >= 3.11
+            except Exception:  # noqa: BLE001 - an exception type that takes no attributes keeps its own message
+                pass
+
+
+def check_rows(table: str, rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a store table as dicts, refused (ConfigError) with unknown columns or a value that is not a
+    number: checked where they are made, so a bad row stops its unit instead of a later merge."""
+    from ctssl_core.schema import TABLES, _columns
+
+    cols = [name for name, _ in _columns(TABLES[table])]
+    out = [dict(r) for r in rows]
+    for i, r in enumerate(out):
+        unknown = sorted(set(r) - set(cols))
+        if unknown:
+            raise ConfigError(f"{table} row {i} has unknown columns {unknown}; valid: {cols}")
+        if "value" in r and as_number(r["value"]) is None and r["value"] is not None:
+            raise ConfigError(f"{table} row {i}: value {r['value']!r} is not a number")
+    return out
+
+
+def record_results(store_root: str | Path, run_id: str, rows: list[Mapping[str, Any]]) -> int:
+    """The run's ``results`` rows (one per metric), replacing any it recorded before; merged with it."""
+    rows = check_rows("results", rows)
+    if any(r.get("run_id") != run_id for r in rows):
+        raise ConfigError(f"record_results: every row must have run_id {run_id!r}")
+    write_results_file(store_root, run_id, rows)
+    return len(rows)
