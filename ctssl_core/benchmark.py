@@ -202,7 +202,7 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
     rf.record_start(store_root, unit.run_id, "embed", "embed", unit.init, ecfg.encoder, to_dict(ecfg),
                     profile=plan.profile, benchmark_id=plan.benchmark_id, labels=plan.labels, unit_hash=unit.unit_hash)
     try:
-        ids = emb.run_embed(store_root, ref, ecfg)
+        ids = emb.run_embed(store_root, ref, ecfg, record_run=unit.run_id)   # rows in its folder, merged by the driver
     except BaseException as e:
         rf.record_end_after(e, store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise

@@ -269,8 +269,10 @@ def even_per_series(keys: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd.DataFrame, *, run_id: str | None,
-                    init: str, encoder: str, split: str, level: str) -> dict[str, Any]:
-    """Write ``<emb_id>.npy`` + ``<emb_id>.parquet`` and (re)place the ``embeddings`` row."""
+                    init: str, encoder: str, split: str, level: str, record_run: str | None = None) -> dict[str, Any]:
+    """Write ``<emb_id>.npy`` + ``<emb_id>.parquet`` and (re)place the ``embeddings`` row: in the store, or,
+    for a benchmark's embedding unit (``record_run``: its run id), in that run's folder, which the benchmark
+    merges (a unit's process never writes the store: ``results/runfolder.py``)."""
     if len(E) != len(keys):
         raise EmbedError(f"embeddings ({len(E)} rows) and keys ({len(keys)} rows) differ; nothing written")
     sp = store_paths(store_root)
@@ -283,14 +285,23 @@ def save_embeddings(store_root: str | Path, emb_id: str, E: np.ndarray, keys: pd
     row = dict(emb_id=emb_id, run_id=run_id, init=init, encoder=encoder, split=split, level=level,
                path=str(npy.relative_to(sp.root)), keys_path=str(pq.relative_to(sp.root)), n=int(len(E)),
                dim=int(E.shape[1]), created_at=_now())
-    replace_embedding(store_root, row)
+    if record_run is not None:
+        from ctssl_core.results.runfolder import record_rows
+
+        record_rows(store_root, record_run, "embeddings", [row])
+    else:
+        replace_embedding(store_root, row)
     return row
 
 
-def load_embeddings(store_root: str | Path, emb_id: str) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
-    """(vectors (N, D) float32, keys DataFrame, embeddings row) of ``emb_id``."""
+def load_embeddings(store_root: str | Path, emb_id: str, row: dict[str, Any] | None = None
+                    ) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """(vectors (N, D) float32, keys DataFrame, embeddings row) of ``emb_id`` (``row``: its row when the
+    caller has it, e.g. one an embedding unit recorded in its run folder; else the store's)."""
     sp = store_paths(store_root)
-    row, known = embedding_row(store_root, emb_id)
+    known: list[str] = []
+    if row is None:
+        row, known = embedding_row(store_root, emb_id)
     if row is None:
         raise EmbedError(f"no embeddings {emb_id!r} in {sp.root}; run `ctssl embed --checkpoint RUN_ID|random` "
                          f"first. Known: {known or 'none'}")
@@ -302,11 +313,13 @@ def load_embeddings(store_root: str | Path, emb_id: str) -> tuple[np.ndarray, pd
 
 
 def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | None = None,
-                        log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """PCA (always) and UMAP (if ``cfg.umap``) of ``emb_id``; parquet ``row, x, y`` + ``projections`` rows."""
+                        log: Callable[[str], None] | None = None, emb_row: dict[str, Any] | None = None,
+                        record_run: str | None = None) -> list[dict[str, Any]]:
+    """PCA (always) and UMAP (if ``cfg.umap``) of ``emb_id``; parquet ``row, x, y`` + ``projections`` rows
+    (in the store, or in ``record_run``'s folder as ``save_embeddings`` does; ``emb_row``: the embedding's row)."""
     cfg = cfg or EmbedConfig()
     say = log or (lambda m: None)
-    E, keys, _ = load_embeddings(store_root, emb_id)
+    E, keys, _ = load_embeddings(store_root, emb_id, emb_row)
     sp = store_paths(store_root)
     rows_idx = stratified_sample(keys, cfg.max_points, seed=cfg.random_state)
     sampled = len(rows_idx) < len(E)
@@ -335,7 +348,12 @@ def compute_projections(store_root: str | Path, emb_id: str, cfg: EmbedConfig | 
         pd.DataFrame({"row": rows_idx.astype(np.int64), "x": xy[:, 0], "y": xy[:, 1]}).to_parquet(path, index=False)
         row = dict(emb_id=emb_id, method=method, params=json.dumps(params), seconds=float(secs), n_points=int(len(rows_idx)),
                    sampled=bool(sampled), path=str(path.relative_to(sp.root)))
-        replace_projection(store_root, row)
+        if record_run is not None:
+            from ctssl_core.results.runfolder import record_rows
+
+            record_rows(store_root, record_run, "projections", [row])
+        else:
+            replace_projection(store_root, row)
         say(f"{method} of {emb_id}: {len(rows_idx)} points in {secs:.1f}s" + (" (sampled)" if sampled else ""))
         out.append(row)
     return out
@@ -389,9 +407,11 @@ def resolve_encoder(checkpoint: str, store_root: str | Path, cfg: EmbedConfig):
 
 
 def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None = None,
-              log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, str]:
+              log: Callable[[str], None] | None = None, progress: bool = False,
+              record_run: str | None = None) -> dict[str, str]:
     """Embed the evaluation split with ``checkpoint`` (run id, path or 'random'); store slice + exam
-    embeddings and their projections. Returns ``{"slice": emb_id, "exam": emb_id}``."""
+    embeddings and their projections. Returns ``{"slice": emb_id, "exam": emb_id}``. ``record_run``: a
+    benchmark unit's run id: the rows go to its run folder, for the benchmark to merge."""
     from ctssl_core.data.store import SliceStore
 
     cfg = cfg or EmbedConfig()
@@ -421,8 +441,9 @@ def run_embed(store_root: str | Path, checkpoint: str, cfg: EmbedConfig | None =
     ids = {}
     for level, (V, K) in {"slice": (E, keys), "exam": exam_table(E, keys)}.items():
         emb_id = f"{tag}-{cfg.split}-{level}"
-        save_embeddings(store_root, emb_id, V, K, run_id=run_id, init=init, encoder=name, split=cfg.split, level=level)
-        compute_projections(store_root, emb_id, cfg, log=say)
+        row = save_embeddings(store_root, emb_id, V, K, run_id=run_id, init=init, encoder=name, split=cfg.split,
+                              level=level, record_run=record_run)
+        compute_projections(store_root, emb_id, cfg, log=say, emb_row=row, record_run=record_run)
         ids[level] = emb_id
     return ids
 

@@ -226,3 +226,39 @@ def test_random_init_is_the_architecture_and_view_of_the_benchmarks_encoders(sto
         embed.resolve_encoder("random", store_copy, EmbedConfig(encoder="tiny", encoder_kwargs={"depth": 3}))
     with pytest.raises(EmbedError, match="set embed.windows"):
         embed.resolve_encoder("random", store_copy, EmbedConfig(encoder="tiny", encoder_kwargs={"windows": "paper"}))
+
+
+def test_an_embedding_unit_records_its_rows_in_its_run_folder_only(store_copy, monkeypatch):
+    """A benchmark's embedding unit (``record_run``) only reads the store: its embeddings and projections rows
+    go to its run folder, and the merge puts them in the store as ``ctssl embed`` writes them directly."""
+    import ctssl_core.db as db
+    from ctssl_core.data.splits import get_or_create_splits
+    from ctssl_core.results import runfolder as rf
+    from ctssl_core.results import write as W
+
+    cfg = EmbedConfig(split="all", encoder="tiny", umap=False, max_points=40)
+    get_or_create_splits(store_copy, cfg.split_seed, cfg.split_fractions, pool=cfg.pool)   # the driver's part
+    rf.record_start(store_copy, "embed-unit-1", "embed", "embed", "random", "tiny", {})
+    real = db.connect
+
+    def read_only(path, read_only=False, **k):
+        assert read_only, "an embedding unit opened the store to write"
+        return real(path, read_only=True, **k)
+
+    monkeypatch.setattr(db, "connect", read_only)
+    for mod in ("ctssl_core.results.store_api", "ctssl_core.data.catalog", "ctssl_core.data.store",
+                "ctssl_core.data.splits"):
+        if hasattr(__import__(mod, fromlist=["x"]), "connect"):
+            monkeypatch.setattr(f"{mod}.connect", read_only)
+    ids = embed.run_embed(store_copy, "random", cfg, record_run="embed-unit-1")
+    rf.record_end(store_copy, "embed-unit-1", "succeeded")
+    monkeypatch.undo()
+    assert [r["emb_id"] for r in rf.read_rows(store_copy, "embed-unit-1", "embeddings")] == [ids["slice"], ids["exam"]]
+    assert {(r["emb_id"], r["method"]) for r in rf.read_rows(store_copy, "embed-unit-1", "projections")} == {
+        (ids["slice"], "pca"), (ids["exam"], "pca")}
+    with pytest.raises(embed.EmbedError, match="no embeddings"):
+        embed.load_embeddings(store_copy, ids["slice"])                  # not in the store before the merge
+    W.merge_pending(store_copy)
+    E, keys, row = embed.load_embeddings(store_copy, ids["slice"])
+    assert row["emb_id"] == ids["slice"] and len(E) == len(keys) == row["n"]
+    assert len(embed.load_projection(store_copy, ids["exam"], "pca")) > 0

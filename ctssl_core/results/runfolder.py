@@ -222,7 +222,11 @@ class RunLogger:
 # --------------------------------------------------------------------------- the run's record
 
 RUN_FILE = "run.json"          # the run's row as its process knows it: what it is, its status, its labels
-RESULTS_FILE = "results.json"  # its results rows (a fine-tune's test scores), written once when it has them
+# store rows a unit makes, one file per table: a fine-tune's test scores, an embedding run's embeddings and
+# their projections; the key says which earlier row a new one replaces (results: the run's whole set)
+ROW_FILES = {"results": "results.json", "embeddings": "embedding_rows.json", "projections": "projection_rows.json"}
+ROW_KEYS = {"results": ("run_id",), "embeddings": ("emb_id",), "projections": ("emb_id", "method")}
+RESULTS_FILE = ROW_FILES["results"]
 RUN_FIELDS = ("run_id", "kind", "task", "init", "encoder", "fraction", "seed", "profile", "benchmark_id", "dataset",
               "config", "code_version", "status", "created_at", "ended_at", "wall_s", "run_dir", "checkpoint",
               "error", "unit_hash")
@@ -232,8 +236,8 @@ def run_file(store_root: str | Path, run_id: str) -> Path:
     return store_paths(store_root).run_dir(check_run_id(run_id)) / RUN_FILE
 
 
-def results_file(store_root: str | Path, run_id: str) -> Path:
-    return store_paths(store_root).run_dir(check_run_id(run_id)) / RESULTS_FILE
+def rows_file(store_root: str | Path, run_id: str, table: str) -> Path:
+    return store_paths(store_root).run_dir(check_run_id(run_id)) / ROW_FILES[table]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -321,14 +325,10 @@ def merge_labels(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -
             "notes": old.get("notes") if new.get("notes") is None else (new.get("notes") or None)}
 
 
-def write_results_file(store_root: str | Path, run_id: str, rows: list[dict[str, Any]]) -> None:
-    """The run's results rows, replacing any earlier ones (the store merges them with the record)."""
-    _write_json(results_file(store_root, run_id), rows)
-
-
-def read_results_file(store_root: str | Path, run_id: str) -> list[dict[str, Any]] | None:
+def read_rows(store_root: str | Path, run_id: str, table: str) -> list[dict[str, Any]] | None:
+    """The rows of ``table`` the run recorded, or None (none recorded, or the file is unreadable now)."""
     try:
-        rows = json.loads(results_file(store_root, run_id).read_text(encoding="utf-8"))
+        rows = json.loads(rows_file(store_root, run_id, table).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return rows if isinstance(rows, list) else None
@@ -459,5 +459,19 @@ def record_results(store_root: str | Path, run_id: str, rows: list[Mapping[str, 
     rows = check_rows("results", rows)
     if any(r.get("run_id") != run_id for r in rows):
         raise ConfigError(f"record_results: every row must have run_id {run_id!r}")
-    write_results_file(store_root, run_id, rows)
+    _write_json(rows_file(store_root, run_id, "results"), rows)
+    return len(rows)
+
+
+def record_rows(store_root: str | Path, run_id: str, table: str, rows: list[Mapping[str, Any]]) -> int:
+    """Rows of ``table`` (``embeddings``, ``projections``) made by the run, each replacing an earlier one of
+    the same key (``ROW_KEYS``), in the run's folder; the store replaces its rows of those keys when it
+    merges the folder (an embedding's replacement also drops its old projections, as the store's does)."""
+    if table == "results" or table not in ROW_FILES:
+        raise ConfigError(f"record_rows: table {table!r} is not one of {sorted(set(ROW_FILES) - {'results'})}")
+    rows = check_rows(table, rows)
+    key = ROW_KEYS[table]
+    new = {tuple(r.get(k) for k in key) for r in rows}
+    kept = [r for r in (read_rows(store_root, run_id, table) or []) if tuple(r.get(k) for k in key) not in new]
+    _write_json(rows_file(store_root, run_id, table), kept + rows)
     return len(rows)

@@ -137,35 +137,48 @@ def _upsert_run(con, rec: Mapping[str, Any]) -> None:
          labels.get("notes"), "labels" in rec, "labels" in rec, "labels" in rec])
 
 
-def _replace_results(con, run_id: str, rows: list[dict[str, Any]]) -> None:
-    cols = _table_columns("results")
-    con.execute("DELETE FROM results WHERE run_id = ?", [run_id])
+def _replace_rows(con, table: str, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The store's rows of a run's row file (``runfolder.ROW_FILES``) replaced by the file's."""
+    cols = _table_columns(table)
+    insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    if table == "results":
+        con.execute("DELETE FROM results WHERE run_id = ?", [run_id])
     for r in rows:
-        con.execute(f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [r.get(c) for c in cols])
+        if table == "embeddings":     # new vectors: their old projections go too (store_api.replace_embedding)
+            con.execute("DELETE FROM embeddings WHERE emb_id = ?", [r.get("emb_id")])
+            con.execute("DELETE FROM projections WHERE emb_id = ?", [r.get("emb_id")])
+        elif table == "projections":
+            con.execute("DELETE FROM projections WHERE emb_id = ? AND method = ?", [r.get("emb_id"), r.get("method")])
+        con.execute(insert, [r.get(c) for c in cols])
 
 
 def _merge_files(con, root: Path, run_id: str, merged: Mapping[tuple[str, str], str]) -> int:
-    """Merge a new version of the run's record and of its results (one transaction); 1 if anything was."""
-    todo = []
-    for name in (rf.RUN_FILE, rf.RESULTS_FILE):
-        stamp = rf.stamp(store_paths(root).run_dir(run_id) / name)   # before reading: a newer file merges again
+    """Merge a new version of the run's record and of its row files (one transaction); 1 if anything was."""
+    run_dir = store_paths(root).run_dir(run_id)
+    files = {rf.RUN_FILE: None, **{name: table for table, name in rf.ROW_FILES.items()}}
+    todo = {}
+    for name in files:
+        stamp = rf.stamp(run_dir / name)        # taken before reading: a newer file is merged again later
         if stamp is not None and merged.get((run_id, name)) != stamp:
-            todo.append((name, stamp))
+            todo[name] = stamp
     if not todo:
         return 0
-    rec = rf.read_record(root, run_id) if any(n == rf.RUN_FILE for n, _ in todo) else None
-    rows = rf.read_results_file(root, run_id) if any(n == rf.RESULTS_FILE for n, _ in todo) else None
+    emb, proj = rf.ROW_FILES["embeddings"], rf.ROW_FILES["projections"]
+    if emb in todo and proj not in todo and (st := rf.stamp(run_dir / proj)) is not None:
+        todo[proj] = st                         # replacing an embedding drops its projections: put them back
+    got: dict[str, Any] = {}
+    for name in todo:
+        got[name] = rf.read_record(root, run_id) if name == rf.RUN_FILE else rf.read_rows(root, run_id, files[name])
     con.execute("BEGIN TRANSACTION")
     try:
-        if rec is not None:
-            _upsert_run(con, rec)
-        if rows is not None:
-            _replace_results(con, run_id, rf.check_rows("results", rows))
-        for name, stamp in todo:
-            if (name == rf.RUN_FILE and rec is None) or (name == rf.RESULTS_FILE and rows is None):
-                continue      # half-written or unreadable now: merged at a later call
-            con.execute("INSERT OR REPLACE INTO merged_files VALUES (?, ?, ?)", [run_id, name, stamp])
+        if got.get(rf.RUN_FILE) is not None:
+            _upsert_run(con, got[rf.RUN_FILE])
+        for table, name in rf.ROW_FILES.items():   # results, embeddings, then projections
+            if got.get(name) is not None:
+                _replace_rows(con, table, run_id, rf.check_rows(table, got[name]))
+        for name, stamp in todo.items():
+            if got[name] is not None:           # half-written or unreadable now: merged at a later call
+                con.execute("INSERT OR REPLACE INTO merged_files VALUES (?, ?, ?)", [run_id, name, stamp])
         con.execute("COMMIT")
     except BaseException:
         rollback_quietly(con)
