@@ -20,7 +20,8 @@ from typing import Any
 
 from ctssl_core.checkpoint import EXPORT_CARD as CARD
 from ctssl_core.checkpoint import EXPORT_WEIGHTS as WEIGHTS
-from ctssl_core.checkpoint import FORMAT, CheckpointError, read_checkpoint
+from ctssl_core.checkpoint import FORMAT, CheckpointError, read_card, read_checkpoint
+from ctssl_core.checkpoint import read_export  # noqa: F401 - an export read as a checkpoint
 from ctssl_core.paths import scrub_paths, store_paths
 
 CARD_FORMAT = "ctssl-encoder-card/1"
@@ -140,80 +141,6 @@ def export_run(ref: str | Path, out_dir: str | Path, store_root: str | Path | No
     card_path = out / CARD
     card_path.write_text(json.dumps(card, indent=2, default=str))
     return weights, card_path
-
-
-def _card_error(card_file: Path, field: str, want: str) -> CheckpointError:
-    return CheckpointError(f"{card_file}: field {field!r} {want}; this is not a card `ctssl export` writes -- export "
-                           f"the run again with `ctssl export RUN_ID --out {card_file.parent}`")
-
-
-def read_card(card_file: Path) -> dict[str, Any]:
-    """An export's card, checked field by field: a malformed card (hand-edited, truncated, another tool's)
-    is refused with the file and the field named, never a bare KeyError / TypeError deep in loading.
-
-    Required: ``encoder.name`` (text), ``encoder.kwargs`` (a mapping), ``weights.sha256`` (64 hex digits:
-    without it the weights cannot be checked, so they are refused, not trained on). Optional but typed
-    when present: ``run_id`` (text), ``config``, ``metrics`` and ``run`` (mappings), ``metrics.step``
-    (a whole number)."""
-    import re
-
-    try:
-        card = json.loads(card_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{card_file} is not readable JSON ({e}); export the run again with "
-                              f"`ctssl export RUN_ID --out {card_file.parent}`") from e
-    if not isinstance(card, dict):
-        raise _card_error(card_file, "(top level)", f"must be a JSON object, not {type(card).__name__}")
-    enc = card.get("encoder")
-    if not isinstance(enc, dict):
-        raise _card_error(card_file, "encoder", "is missing or not an object")
-    if not isinstance(enc.get("name"), str) or not enc["name"]:
-        raise _card_error(card_file, "encoder.name", "is missing or not text (the registry name, e.g. 'tiny')")
-    if not isinstance(enc.get("kwargs", {}), (dict, type(None))):
-        raise _card_error(card_file, "encoder.kwargs", "must be an object of build_encoder keyword arguments")
-    weights = card.get("weights")
-    sha = weights.get("sha256") if isinstance(weights, dict) else None
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise _card_error(card_file, "weights.sha256", "is missing or not a sha256 hex digest, so the weights "
-                                                       "cannot be checked and are refused")
-    for key in ("config", "metrics", "run"):
-        if not isinstance(card.get(key, {}), (dict, type(None))):
-            raise _card_error(card_file, key, "must be an object")
-    if not isinstance(card.get("run_id", ""), (str, type(None))):
-        raise _card_error(card_file, "run_id", "must be text")
-    step = (card.get("metrics") or {}).get("step", 0)
-    if isinstance(step, bool) or not (isinstance(step, int) or (isinstance(step, float) and step.is_integer())):
-        raise _card_error(card_file, "metrics.step", "must be a whole number")
-    return card
-
-
-def read_export(weights: str | Path) -> dict[str, Any]:
-    """An export's ``encoder.safetensors`` (with ``card.json`` beside it) as the dict ``read_checkpoint``
-    returns: the encoder state, its name and kwargs, the run config and step; no head or optimiser.
-    The weights must match the card's sha256 (``read_card``: a card without one is refused), so a
-    swapped or damaged file is refused, not trained on. ``extra`` carries the card's run id, metrics
-    and run row, so exporting this export again keeps them."""
-    from safetensors.torch import load_file
-
-    weights = Path(weights)
-    card_file = weights.parent / CARD
-    if not card_file.is_file():
-        raise CheckpointError(f"{weights.parent} has no {CARD}; export one with "
-                              f"`ctssl export RUN_ID --out {weights.parent}`")
-    if weights.name != WEIGHTS:
-        raise CheckpointError(f"{weights} is not ctssl's {WEIGHTS} (torchvision/timm-named weights load into those "
-                              f"libraries, not ctssl); pass the export folder {weights.parent}")
-    card = read_card(card_file)
-    enc_card = card["encoder"]
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != card["weights"]["sha256"]:
-        raise CheckpointError(f"{weights} does not match the sha256 in {card_file}: the file was changed or damaged; "
-                              f"export it again")
-    return {"format": FORMAT, "encoder": load_file(str(weights)), "encoder_name": enc_card["name"],
-            "encoder_kwargs": enc_card.get("kwargs") or {}, "head": None, "optimizer": None, "scheduler": None,
-            "step": int((card.get("metrics") or {}).get("step", 0)), "rng": None, "loader": None,
-            "config": dict(card.get("config") or {}), "_path": str(weights),
-            "extra": {"export_of": card.get("run_id"),
-                      "export_card": {"metrics": card.get("metrics") or {}, "run": card.get("run") or {}}}}
 
 
 def load_exported(out_dir: str | Path):

@@ -228,7 +228,13 @@ def mirror(store_root: str | Path, run_id: str, spec: str) -> str:
 
 def mirror_many(store_root: str | Path, run_ids: list[str], specs: list[str],
                 say: Callable[[str], None] = print) -> int:
-    """Every run to every target; returns how many mirrors were written or found."""
+    """Every run to every target; returns how many mirrors were written or found. The runs' folders are
+    merged into the store first: a run a command has just made may not be merged yet (its process writes only
+    its folder, ``results/runfolder.py``), and a mirror must carry all of it."""
+    from ctssl_core.results.write import merge_pending
+
+    for rid in run_ids:
+        merge_pending(store_root, rid)
     n = 0
     for spec in specs:
         for rid in run_ids:

@@ -91,7 +91,7 @@ def render_pair(cfg, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 class ArrayStore:
     """The read side of ``SliceStore`` over in-memory volumes, so twins go through the very
-    loader, windowing and scoring path (``finetune.collect_outputs``) the stored exams use."""
+    loader, windowing and scoring path (``scoring.collect_outputs``) the stored exams use."""
 
     def __init__(self, volumes: list[np.ndarray], pe: list[np.ndarray], patient_idx: list[int]):
         self._vol = np.concatenate(volumes).astype(np.int16)                       # (N, H, W)
@@ -196,7 +196,7 @@ def score_twins(task, encoder, head, twins: TwinSet, batch_size: int, device, im
                 n_boot: int = 1000, seed: int | None = None):
     """(metric -> CI, metric -> replicates) of the twin metrics for one trained PE model."""
     from ctssl_core import evaluate as ev
-    from ctssl_core.finetune import BOOT_SEED, collect_outputs
+    from ctssl_core.scoring import BOOT_SEED, collect_outputs
 
     out = collect_outputs(task, encoder, head, twins.store, twins.store.slice_ids, batch_size, device, image_size)
     stat, n = twin_stat(out, getattr(task, "exam_agg", "topk"), getattr(task, "topk", 3))

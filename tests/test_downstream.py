@@ -325,7 +325,7 @@ def test_nodule_scores_what_collect_outputs_produces():
     """Real pipeline: a store (``SliceStore.from_arrays``), an untrained tiny model, ``collect_outputs``,
     ``score_outputs``: the CPM equals the FROC of the exams' probability volumes rebuilt in z order."""
     from ctssl_core.data.store import SliceStore
-    from ctssl_core.finetune import collect_outputs, point_metrics, score_outputs
+    from ctssl_core.scoring import collect_outputs, point_metrics, score_outputs
     from ctssl_core.models import build_encoder
 
     rng = np.random.default_rng(0)
@@ -365,7 +365,8 @@ def test_pe_position_baseline_scores_half_on_the_stratified_slice_auroc():
     slice AUROC, exactly 0.5 once pairs are compared within a z-decile only. Outputs without the slice order
     are refused with a message saying where it comes from."""
     from ctssl_core.data.store import SliceStore
-    from ctssl_core.finetune import point_metrics, position_scores, row_keys, score_outputs
+    from ctssl_core.finetune import position_scores
+    from ctssl_core.scoring import point_metrics, row_keys, score_outputs
 
     rng = np.random.default_rng(5)
     pe = [((np.arange(20) >= 8) & (np.arange(20) <= 11) & (rng.random(20) < 0.7)).astype(float) * (s % 2)

@@ -111,7 +111,7 @@ class PETask:
         """drawn patient positions -> every metric, for ``evaluate.bootstrap_multi``.
 
         ``out`` has per-slice ``prob``, ``target``, ``exam`` (series key) and
-        ``patient`` and ``order`` (the slice's z index in its series, ``finetune.row_keys``).
+        ``patient`` and ``order`` (the slice's z index in its series, ``scoring.row_keys``).
         ``slice_auroc_zstrat`` compares a positive and a negative slice only when
         they lie in the same decile of relative z-position within their exams
         (``evaluate.stratified_auroc``): emboli sit at the level of the
@@ -124,7 +124,7 @@ class PETask:
         """
         if "order" not in out:
             raise ValueError("PE scoring needs each slice's z index in its series (out['order'], from "
-                             "finetune.row_keys) for the position-stratified slice AUROC")
+                             "scoring.row_keys) for the position-stratified slice AUROC")
         patients, slice_pat = np.unique(out["patient"], return_inverse=True)
         zbin = ev.position_strata(out["exam"], out["order"])          # (N,) z-decile within the exam
         prob, y = np.asarray(out["prob"], np.float64), np.asarray(out["target"], np.float64)
