@@ -1,5 +1,6 @@
 """Run names, tags and notes given at run start (`--name/--tag/--note` of pretrain, finetune and benchmark):
-in the store from the moment the run row exists (the dashboard shows them for a running job), mirrored by
+shown from the moment the run is recorded (the dashboard shows them for a running job; the store has them once
+the run's folder is merged), mirrored by
 `--track` like `ctssl annotate`'s, and checked by the same code as annotate (a bad tag: exit 2, no run row)."""
 
 from __future__ import annotations
@@ -29,15 +30,26 @@ def smoke_copy(smoke_store, tmp_path):
     return store
 
 
+def _shown(store, run_id) -> tuple:
+    """(name, tags, notes) of a run as the dashboard's run table shows it (``read.run_table``: the store's rows
+    and the records of runs whose process has not been merged yet, such as one still training)."""
+    from ctssl_core.results import read
+
+    row = read.run_table(store).set_index("run_id").loc[run_id]
+    tags = dict(t.split("=", 1) for t in row.tags.split(", ")) if row.tags else {}
+    return (row["name"], tags, row.notes)
+
+
 @pytest.fixture
 def seen_at_start(monkeypatch):
-    """The labels of each run as the store holds them when its RunLogger opens, i.e. after ``start_run`` and
-    before the first training step (what the dashboard shows for a running job)."""
+    """The labels of each run as the dashboard shows them when its RunLogger opens, i.e. after ``record_start``
+    and before the first training step (the training process writes only its run folder, which the store merges
+    later: the dashboard reads the run's record meanwhile)."""
     seen: dict[str, tuple] = {}
     real = RunLogger.__init__
 
     def spy(self, store_root, run_id, *a, **k):
-        seen[run_id] = _labels(store_root)[run_id]
+        seen[run_id] = _shown(store_root, run_id)
         real(self, store_root, run_id, *a, **k)
 
     monkeypatch.setattr(RunLogger, "__init__", spy)
