@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return EXIT_USAGE
+    from ctssl_core.results import runfolder
+
+    runfolder.STARTED.clear()       # only the runs this command starts are its to merge
     try:
         return _run(args)
     finally:

@@ -192,7 +192,7 @@ def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
     from ctssl_core.db import is_disk_full
     from ctssl_core.schema import rollback_quietly
     from ctssl_core.results.runfolder import RunLogger
-    from ctssl_core.results.write import _merge_one, merge_pending, start_run
+    from ctssl_core.results.write import _apply, _read_folder, merge_pending, start_run
 
     store = tmp_path / "store"
     start_run(store, "run-a", "finetune", "tick", "random", "none", {})
@@ -200,7 +200,7 @@ def test_a_failed_commit_keeps_its_own_error_not_the_refused_rollback(tmp_path):
     log({"step": 0, "train/loss": 1.0})
     with connect(store / "ctssl.duckdb") as con:
         with pytest.raises(duckdb.TransactionException) as e:
-            _merge_one(_CommitFailsOnFullDisk(con), store, "run-a")
+            _apply(_CommitFailsOnFullDisk(con), [_read_folder(store, "run-a", {}, {})])
         assert is_disk_full(e.value) and "cannot rollback" not in str(e.value)
         rollback_quietly(con)  # no transaction: nothing raised
         assert con.execute("SELECT count(*) FROM metrics WHERE run_id = 'run-a'").fetchone()[0] == 0

@@ -210,7 +210,7 @@ def test_a_unit_writes_only_its_run_folder_and_the_store_merges_it(tmp_path, mon
     assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 3
     assert W.merge_pending(tmp_path) == 0                                     # nothing new: nothing merged
     stamps = _q(tmp_path, "SELECT file, stamp FROM merged_files ORDER BY file")
-    assert [f for f, _ in stamps] == ["results.json", "run.json"]
+    assert [f for f, _ in stamps] == ["metrics_id", "results.json", "run.json"]
     W.merge_pending(tmp_path)
     assert _q(tmp_path, "SELECT file, stamp FROM merged_files ORDER BY file") == stamps
 
@@ -259,3 +259,123 @@ def test_the_dashboard_shows_a_run_its_driver_has_not_merged(tmp_path):
     after = read.run_table(tmp_path)
     assert sorted(after.run_id) == ["benchmark-1", "pretrain-x-random-9"]
     assert after.set_index("run_id").loc["pretrain-x-random-9", "status"] == "failed"
+
+
+# --------------------------------------------------------------------------- found by a review (2026-12-03)
+
+
+def test_a_resume_keeps_a_stored_runs_labels_and_removes_the_tag_it_removes(tmp_path):
+    """A run the store knew before runs had records (made by an older ctssl: a row, no run.json) resumed with
+    ``--tag a= --tag new=2`` keeps its name and notes and loses tag a; a tag removed on a later resume of a run
+    with a record stays removed (the record holds a label change, applied to the row by the merge)."""
+    from ctssl_core.results import runfolder as rf
+    from ctssl_core.schema import ensure_schema
+
+    rid = "pretrain-old-random-1"
+    with connect(store_paths(tmp_path).db) as con:          # the row an older ctssl wrote, no record
+        ensure_schema(con)
+        con.execute("INSERT INTO runs (run_id, kind, status, name, tags, notes) VALUES (?, 'pretrain', 'failed', "
+                    "'legacy', '{\"a\": \"1\", \"keep\": \"y\"}', 'why')", [rid])
+    rf.record_start(tmp_path, rid, "pretrain", "old", "random", "tiny", {},
+                    labels=W.check_labels(tags=["a=", "new=2"]))
+    W.merge_pending(tmp_path)
+    assert _q(tmp_path, "SELECT status, name, tags, notes FROM runs") == [
+        ("running", "legacy", '{"keep": "y", "new": "2"}', "why")]
+    rf.record_start(tmp_path, rid, "pretrain", "old", "random", "tiny", {}, labels=W.check_labels(tags=["new="]))
+    W.merge_pending(tmp_path)
+    W.merge_pending(tmp_path)                               # merging again changes nothing
+    assert _q(tmp_path, "SELECT name, tags FROM runs") == [("legacy", '{"keep": "y"}')]
+
+
+def test_a_run_folder_made_again_under_its_id_merges_its_own_metrics(tmp_path):
+    """A unit rerun after its folder was deleted (benchmark unit ids are fixed): the new attempt's metric lines
+    all reach the store and the deleted attempt's rows go (the store's byte offset was the old file's)."""
+    import shutil
+
+    from ctssl_core.results import runfolder as rf
+
+    rid = "ft-abc-pe-random-f1-s0"
+
+    def attempt(steps, loss):
+        rf.record_start(tmp_path, rid, "finetune", "pe", "random", "tiny", {})
+        with RunLogger(tmp_path, rid) as log:
+            for s in range(steps):
+                log({"step": s, "train/loss": loss})
+        rf.record_end(tmp_path, rid, "succeeded")
+        W.merge_pending(tmp_path)
+
+    attempt(10, 1.0)
+    shutil.rmtree(store_paths(tmp_path).run_dir(rid))
+    attempt(15, 2.0)
+    assert _q(tmp_path, "SELECT value, count(*) FROM metrics GROUP BY value") == [(2.0, 15)]
+    attempt(15, 2.0)                                        # a resume (same folder): nothing merged twice
+    assert _q(tmp_path, "SELECT count(*) FROM metrics")[0][0] == 30
+
+
+def test_one_damaged_run_folder_is_named_and_skipped_not_blocking_the_others(tmp_path, caplog):
+    from ctssl_core.results import runfolder as rf
+
+    for rid in ("finetune-a", "finetune-b"):
+        rf.record_start(tmp_path, rid, "finetune", "pe", "random", "tiny", {})
+        rf.record_end(tmp_path, rid, "succeeded")
+    bad = rf.rows_file(tmp_path, "finetune-a", "results")
+    bad.write_text('[{"run_id": "finetune-a", "calibration_bin": 3}]')   # a hand edit, another version's column
+    with caplog.at_level("WARNING"):
+        W.merge_pending(tmp_path)
+    assert _q(tmp_path, "SELECT run_id FROM runs") == [("finetune-b",)]
+    assert str(bad) in caplog.text and "calibration_bin" in caplog.text
+    with pytest.raises(ConfigError, match="results.json: results row 0 has unknown columns"):
+        W.merge_pending(tmp_path, "finetune-a")              # asked for that run: said, with the file
+
+
+def test_a_copied_store_does_not_replay_an_older_embedding_over_a_newer_one(tmp_path):
+    """Two embedding units made one emb_id (its name comes from the init): the newer row stays even when every
+    folder is merged again in run-id order (a copy of the store has new inodes, so nothing looks merged)."""
+    import datetime as dt
+    import shutil
+
+    from ctssl_core.results import runfolder as rf
+
+    def unit(rid, n, when):
+        rf.record_start(tmp_path / "store", rid, "embed", "embed", "random", "tiny", {})
+        rf.record_rows(tmp_path / "store", rid, "embeddings", [dict(
+            emb_id="random-all-slice", run_id=None, init="random", encoder="tiny", split="all", level="slice",
+            path="embeddings/e.npy", keys_path="embeddings/e.parquet", n=n, dim=8, created_at=when)])
+        rf.record_rows(tmp_path / "store", rid, "projections", [dict(
+            emb_id="random-all-slice", method="pca", params="{}", seconds=0.1, n_points=n, sampled=False,
+            path=f"embeddings/p{n}.parquet")])
+        W.merge_pending(tmp_path / "store")
+
+    t0 = dt.datetime(2026, 12, 1, 10, 0, 0)
+    unit("embed-zzzz-random", 100, t0)
+    unit("embed-aaaa-random", 256, t0 + dt.timedelta(hours=1))
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    W.merge_pending(tmp_path / "copy")
+    for root in (tmp_path / "store", tmp_path / "copy"):
+        assert _q(root, "SELECT n FROM embeddings") == [(256,)]
+        assert _q(root, "SELECT n_points FROM projections") == [(256,)]
+
+
+def test_close_runs_leaves_the_job_unfinished_while_the_store_is_busy(tmp_path, monkeypatch):
+    """The runner ends the job only once its runs are merged: a busy store is raised to its retry loop."""
+    from ctssl_core.db import StoreBusy
+    from ctssl_core.jobs import queue
+    from ctssl_core.results import runfolder as rf
+
+    store = tmp_path / "s"
+    job_dir = queue.job_dir(store, "job-1")
+    job_dir.mkdir(parents=True)
+    monkeypatch.setenv(W.JOB_DIR_ENV, str(job_dir))
+    rf.record_start(store, "tick-1", "finetune", "tick", "random", "none", {})
+    monkeypatch.delenv(W.JOB_DIR_ENV)
+
+    def busy(*a, **k):
+        raise StoreBusy("held by another writer")
+
+    monkeypatch.setattr(queue, "merge_pending", busy)
+    with pytest.raises(StoreBusy):
+        queue.close_runs(store, "job-1", "failed", "killed")
+    assert rf.read_record(store, "tick-1")["status"] == "failed"      # its record is ended meanwhile
+    monkeypatch.undo()
+    queue.close_runs(store, "job-1", "failed", "killed")
+    assert _q(store, "SELECT status, error FROM runs") == [("failed", "killed")]

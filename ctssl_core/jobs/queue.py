@@ -360,28 +360,35 @@ def finish(store_root: str | Path, job_id: str, state: str, error: str | None = 
 
 def close_runs(store_root: str | Path, job_id: str, status: str, error: str | None = None) -> None:
     """End the job's runs its command could not end (killed, crashed) in their records, then merge their
-    folders (record, results, metric lines) into the store: the command itself never writes it."""
+    folders (record, results, metric lines) into the store: the command itself never writes it.
+
+    Raises ``StoreBusy`` when the store stayed busy for a run's merge (after ending every record), so the
+    caller retries (the runner's ``record_end``, the worker's next reconcile) instead of finishing a job
+    whose runs the store does not have."""
     from ctssl_core.results import runfolder as rf
     from ctssl_core.results.write import finish_run
 
+    busy: StoreBusy | None = None
     for rid in job_run_ids(store_root, job_id):
         rec = rf.read_record(store_root, rid)
-        if rec is not None:
-            try:
+        try:
+            if rec is not None:
                 if rec.get("status") == "running":
                     rf.record_end(store_root, rid, status, error=error)
                 _retry_conflicts(lambda r=rid: merge_pending(store_root, r))   # another thread may merge it too
-            except (StoreBusy, ConfigError):
                 continue
-            continue
-        try:   # a run of a store made before run records: ended in its row
-            _retry_conflicts(lambda r=rid: merge_pending(store_root, r))  # another thread may merge it too
+            # a run of a store made before run records: ended in its row
+            _retry_conflicts(lambda r=rid: merge_pending(store_root, r))
             got = _write(store_root, lambda con, r=rid: con.execute(
                 "SELECT status FROM runs WHERE run_id = ?", [r]).fetchall())
             if got and got[0][0] == "running":
                 _retry_conflicts(lambda r=rid: finish_run(store_root, r, status, error=error))
-        except (StoreBusy, ConfigError):
-            continue
+        except StoreBusy as e:
+            busy = busy or e
+        except ConfigError:
+            continue          # not a run id, or a run the store never had: nothing to close
+    if busy is not None:
+        raise busy
 
 
 # --------------------------------------------------------------------------- whose process is it?

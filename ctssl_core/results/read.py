@@ -866,10 +866,17 @@ def _unmerged_records(store, con) -> list[dict]:
     return out
 
 
-def _record_row(rec: dict) -> dict:
-    """A record as a row of ``run_table`` (the columns of ``RUN_COLUMNS``)."""
-    labels = rec.get("labels") or {}
+def _record_row(rec: dict, stored: dict | None) -> dict:
+    """A record as a row of ``run_table`` (the columns of ``RUN_COLUMNS``); ``stored``: the store's name, tags
+    (JSON) and notes of the run, which the record's label change applies to, as the merge will."""
+    from ctssl_core.results.runfolder import merge_labels
+
     row = {c: rec.get(c) for c in RUN_COLUMNS}
+    old = None
+    if stored:
+        old = {"name": stored.get("name"), "notes": stored.get("notes"),
+               "tags": json.loads(stored["tags"]) if isinstance(stored.get("tags"), str) and stored["tags"] else {}}
+    labels = merge_labels(old, rec["labels"]) if "labels" in rec else (old or {})
     row.update(name=labels.get("name"), notes=labels.get("notes"),
                tags=json.dumps(labels.get("tags") or {}, sort_keys=True) if labels else None,
                created_at=pd.to_datetime(rec.get("created_at")) if rec.get("created_at") else pd.NaT)
@@ -885,11 +892,7 @@ def run_table(store: str | Path) -> pd.DataFrame:
         pending = _unmerged_records(store, con)
     if pending:
         known = df.set_index("run_id")[["name", "tags", "notes"]].to_dict("index") if len(df) else {}
-        rows = {}
-        for rec in pending:
-            row = rows[rec["run_id"]] = _record_row(rec)
-            if "labels" not in rec and rec["run_id"] in known:      # labels set in the store only (annotate)
-                row.update(known[rec["run_id"]])
+        rows = {rec["run_id"]: _record_row(rec, known.get(rec["run_id"])) for rec in pending}
         fresh = pd.DataFrame(list(rows.values()), columns=RUN_COLUMNS)
         df = pd.concat([df[~df.run_id.isin(rows)], fresh.astype({c: df[c].dtype for c in ("fraction", "wall_s")
                                                                    if c in df})], ignore_index=True)

@@ -314,6 +314,17 @@ def update_record(store_root: str | Path, run_id: str, change) -> dict[str, Any]
     return new
 
 
+def compose_labels(first: Mapping[str, Any] | None, then: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Two label changes as one (``then`` after ``first``), keeping what they say: a tag of '' (remove it) and
+    a name/notes of None (keep) or '' (clear). A run's record holds its labels this way, as a change of the
+    labels the store has, so that a run the store knew before it had a record (made by an older ctssl) keeps
+    its labels on resume, and a tag removed on resume stays removed: ``merge_labels(row, change)``."""
+    first, then = dict(first or {}), dict(then or {})
+    return {"name": first.get("name") if then.get("name") is None else then.get("name"),
+            "tags": {**(first.get("tags") or {}), **(then.get("tags") or {})},
+            "notes": first.get("notes") if then.get("notes") is None else then.get("notes")}
+
+
 def merge_labels(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
     """Labels after a change: tags merged (a tag set to '' is removed), a name/notes of None keeps the old
     value and '' clears it. One rule for ``ctssl annotate``, ``--name/--tag/--note`` and a resume."""
@@ -362,10 +373,13 @@ def record_start(store_root: str | Path, run_id: str, kind: str, task: str, init
 
     def change(old: dict | None) -> dict:
         old = old or {}
+        # metrics_id: this folder's metric lines, new with each new record: a run folder deleted and made
+        # again under the same id (a benchmark unit rerun) starts its metrics afresh in the store too
         rec = {**old, **fields, "created_at": old.get("created_at") or utcnow().isoformat(),
+               "metrics_id": old.get("metrics_id") or secrets.token_hex(8),
                "unit_hash": unit_hash or old.get("unit_hash"), "checkpoint": old.get("checkpoint")}
         if labels:
-            rec["labels"] = merge_labels(old.get("labels"), labels)
+            rec["labels"] = compose_labels(old.get("labels"), labels)
         return rec
 
     update_record(root, run_id, change)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -80,134 +82,206 @@ def _insert_metric_rows(con, rows: list[tuple]) -> None:
         con.unregister("_ctssl_new_metrics")
 
 
-def _merge_one(con, store_root: Path, run_id: str) -> int:
-    """Merge the unmerged whole lines of one run's folder inside the caller's open connection."""
-    path = metrics_path(store_root, run_id)
-    if not path.exists():
-        return 0
-    con.execute("BEGIN TRANSACTION")
-    try:
-        got = con.execute("SELECT byte_offset FROM metric_offsets WHERE run_id = ?", [run_id]).fetchall()
-        offset = int(got[0][0]) if got else 0
-        chunk = whole_lines_after(path, offset)
-        if not chunk:  # nothing new, or only a half-written last line
-            con.execute("ROLLBACK")
-            return 0
-        rows = parse_lines(run_id, chunk)
-        if rows:
-            _insert_metric_rows(con, rows)
-        con.execute("INSERT OR REPLACE INTO metric_offsets VALUES (?, ?)", [run_id, offset + len(chunk)])
-        con.execute("COMMIT")
-        return len(rows)
-    except BaseException:
-        rollback_quietly(con)
-        raise
-
-
 def _ts(value) -> _dt.datetime | None:
     return _dt.datetime.fromisoformat(value) if isinstance(value, str) and value else None
 
 
-def _upsert_run(con, rec: Mapping[str, Any]) -> None:
-    """The ``runs`` row of a run's record. Labels: the record's name/notes when set, its tags over the row's
-    (``annotate_run`` changes both, so a removal reaches both; a run the store knew before it had a record
-    keeps its older labels beside those of its resume)."""
-    labels = rec.get("labels") or {}
-    tags = labels.get("tags") or {}
-    if "labels" in rec:
-        old = con.execute("SELECT tags FROM runs WHERE run_id = ?", [rec.get("run_id")]).fetchone()
-        tags = {**(json.loads(old[0]) if old and old[0] else {}), **tags}
-    con.execute(
-        """INSERT INTO runs (run_id, kind, task, init, encoder, fraction, seed, profile, benchmark_id, dataset,
-                             config, code_version, status, created_at, ended_at, wall_s, run_dir, checkpoint,
-                             error, unit_hash, name, tags, notes)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, ended_at = excluded.ended_at,
-               wall_s = excluded.wall_s, error = excluded.error, config = excluded.config,
-               code_version = excluded.code_version, checkpoint = coalesce(excluded.checkpoint, runs.checkpoint),
-               unit_hash = coalesce(excluded.unit_hash, runs.unit_hash),
-               name = CASE WHEN ? THEN excluded.name ELSE runs.name END,
-               tags = CASE WHEN ? THEN excluded.tags ELSE runs.tags END,
-               notes = CASE WHEN ? THEN excluded.notes ELSE runs.notes END""",
-        [rec.get("run_id"), rec.get("kind"), rec.get("task"), rec.get("init"), rec.get("encoder"),
-         rec.get("fraction"), rec.get("seed"), rec.get("profile"), rec.get("benchmark_id"), rec.get("dataset"),
-         rec.get("config"), rec.get("code_version"), rec.get("status"), _ts(rec.get("created_at")),
-         _ts(rec.get("ended_at")), rec.get("wall_s"), rec.get("run_dir"), rec.get("checkpoint"), rec.get("error"),
-         rec.get("unit_hash"), labels.get("name"), json.dumps(tags, sort_keys=True),
-         labels.get("notes"), "labels" in rec, "labels" in rec, "labels" in rec])
+_ARROW = {"TEXT": "string", "JSON": "string", "DOUBLE": "float64", "INTEGER": "int32", "BIGINT": "int64",
+          "BOOLEAN": "bool", "TIMESTAMP": "timestamp[us]"}
 
 
-def _replace_rows(con, table: str, run_id: str, rows: list[dict[str, Any]]) -> None:
-    """The store's rows of a run's row file (``runfolder.ROW_FILES``) replaced by the file's."""
+def _insert_bulk(con, table: str, rows: list[dict[str, Any]], verb: str = "INSERT") -> None:
+    """``rows`` into ``table`` in one statement (an Arrow table typed from the schema): one statement for a
+    thousand runs, where a statement per row cost ~10 ms each."""
+    import pyarrow as pa
+
+    if not rows:
+        return
+    types = _column_types(table)
+    cols = [c for c, _ in types]
+    arrow = pa.table({c: pa.array([r.get(c) for r in rows], type=pa.type_for_alias(_ARROW[t])) for c, t in types})
+    view = f"_ctssl_new_{table}"
+    con.register(view, arrow)
+    try:
+        con.execute(f"{verb} INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {view}")
+    finally:
+        con.unregister(view)
+
+
+def _run_rows(con, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``runs`` rows of records. Labels: the record's label change applied to the row's labels
+    (``runfolder.compose_labels``): idempotent, so merging a record again changes nothing, and
+    ``annotate_run`` adds its change to the record as well as the row. The store's checkpoint and
+    unit_hash stay when the record has none (a run made before records)."""
+    old = {r[0]: r[1:] for r in con.execute(
+        "SELECT run_id, name, tags, notes, checkpoint, unit_hash FROM runs WHERE run_id IN (SELECT unnest(?))",
+        [[r["run_id"] for r in recs]]).fetchall()}
+    out = []
+    for rec in recs:
+        o = old.get(rec["run_id"])
+        have = {"name": o[0], "tags": json.loads(o[1]) if o[1] else {}, "notes": o[2]} if o else None
+        labels = rf.merge_labels(have, rec["labels"]) if "labels" in rec else (have or {})
+        row = {c: rec.get(c) for c in rf.RUN_FIELDS}
+        row.update(created_at=_ts(rec.get("created_at")), ended_at=_ts(rec.get("ended_at")),
+                   checkpoint=rec.get("checkpoint") or (o[3] if o else None),
+                   unit_hash=rec.get("unit_hash") or (o[4] if o else None),
+                   name=labels.get("name"), notes=labels.get("notes"),
+                   tags=json.dumps(labels.get("tags") or {}, sort_keys=True) if labels else None)
+        out.append(row)
+    return out
+
+
+def _replace_rows(con, table: str, rows: list[tuple[str, dict[str, Any]]], stale: set) -> None:
+    """The store's rows of runs' row files (``runfolder.ROW_FILES``) replaced by the files' (``_apply``
+    deletes the runs' results first). An embedding row older than the store's row of the same emb_id (two
+    runs made it; a copy of the store replays every folder) is skipped, with that folder's projections of it
+    (``stale``: (folder's run id, emb_id)). ``rows``: (the folder's run id, row)."""
+    if table == "results":
+        _insert_bulk(con, "results", [r for _, r in rows])
+        return
     cols = _table_columns(table)
     insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-    if table == "results":
-        con.execute("DELETE FROM results WHERE run_id = ?", [run_id])
-    for r in rows:
+    for folder, r in rows:
         if table == "embeddings":     # new vectors: their old projections go too (store_api.replace_embedding)
+            have = next(iter(con.execute("SELECT created_at FROM embeddings WHERE emb_id = ?",
+                                         [r.get("emb_id")]).fetchall()), None)
+            made = _ts(str(r["created_at"])) if r.get("created_at") else None
+            if have and isinstance(have[0], _dt.datetime) and made is not None and have[0] > made:
+                stale.add((folder, r.get("emb_id")))
+                continue              # another run made these vectors later (one emb_id, two runs): keep them
             con.execute("DELETE FROM embeddings WHERE emb_id = ?", [r.get("emb_id")])
             con.execute("DELETE FROM projections WHERE emb_id = ?", [r.get("emb_id")])
-        elif table == "projections":
+        else:
+            if (folder, r.get("emb_id")) in stale:
+                continue
             con.execute("DELETE FROM projections WHERE emb_id = ? AND method = ?", [r.get("emb_id"), r.get("method")])
         con.execute(insert, [r.get(c) for c in cols])
 
 
-def _merge_files(con, root: Path, run_id: str, merged: Mapping[tuple[str, str], str]) -> int:
-    """Merge a new version of the run's record and of its row files (one transaction); 1 if anything was."""
+@dataclass
+class _Folder:
+    """What one run folder holds that the store does not (read before the store's transaction)."""
+    run_id: str
+    record: dict[str, Any] | None = None
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    stamps: dict[str, str] = field(default_factory=dict)   # file -> stamp of the version merged now
+    reset: bool = False                                    # a new metrics_id: its metrics merged afresh
+    metrics: list[tuple] = field(default_factory=list)
+    offset: int | None = None                              # the byte offset after these metric lines
+
+
+def _read_folder(root: Path, run_id: str, merged: Mapping[tuple[str, str], str],
+                 offsets: Mapping[str, int]) -> _Folder | None:
+    """The new versions of a run folder's record and row files and its new whole metric lines; None when
+    the store has all of it. Files only; raises ConfigError naming a file that cannot be merged."""
     run_dir = store_paths(root).run_dir(run_id)
     files = {rf.RUN_FILE: None, **{name: table for table, name in rf.ROW_FILES.items()}}
-    todo = {}
+    f = _Folder(run_id)
     for name in files:
-        stamp = rf.stamp(run_dir / name)        # taken before reading: a newer file is merged again later
-        if stamp is not None and merged.get((run_id, name)) != stamp:
-            todo[name] = stamp
-    if not todo:
-        return 0
+        st = rf.stamp(run_dir / name)           # taken before reading: a newer file is merged again later
+        if st is not None and merged.get((run_id, name)) != st:
+            f.stamps[name] = st
     emb, proj = rf.ROW_FILES["embeddings"], rf.ROW_FILES["projections"]
-    if emb in todo and proj not in todo and (st := rf.stamp(run_dir / proj)) is not None:
-        todo[proj] = st                         # replacing an embedding drops its projections: put them back
-    got: dict[str, Any] = {}
-    for name in todo:
-        got[name] = rf.read_record(root, run_id) if name == rf.RUN_FILE else rf.read_rows(root, run_id, files[name])
+    if emb in f.stamps and proj not in f.stamps and (st := rf.stamp(run_dir / proj)) is not None:
+        f.stamps[proj] = st                     # replacing an embedding drops its projections: put them back
+    for name in list(f.stamps):
+        if name == rf.RUN_FILE:
+            got = f.record = rf.read_record(root, run_id)
+        else:
+            got = rf.read_rows(root, run_id, files[name])
+            if got is not None:
+                try:
+                    f.rows[files[name]] = rf.check_rows(files[name], got)
+                except ConfigError as e:
+                    raise ConfigError(f"{run_dir / name}: {e}") from None
+        if got is None:
+            del f.stamps[name]                  # half-written or unreadable now: merged at a later call
+    mid = (f.record or {}).get("metrics_id")
+    if mid and merged.get((run_id, "metrics_id")) != mid:
+        f.reset = True                          # a folder made again under its id: its own lines, from the start
+        f.stamps["metrics_id"] = mid
+    offset = 0 if f.reset else int(offsets.get(run_id, 0))
+    path = metrics_path(root, run_id)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    if size != offset:
+        chunk = whole_lines_after(path, offset)
+        if chunk:
+            f.metrics, f.offset = parse_lines(run_id, chunk), offset + len(chunk)
+    return f if (f.stamps or f.offset is not None) else None
+
+
+def _apply(con, folders: list[_Folder]) -> int:
+    """Everything ``folders`` hold, in one transaction with the marks of what was merged (rows and marks
+    commit together: nothing is merged twice or lost if a process dies). Returns metric rows added."""
     con.execute("BEGIN TRANSACTION")
     try:
-        if got.get(rf.RUN_FILE) is not None:
-            _upsert_run(con, got[rf.RUN_FILE])
-        for table, name in rf.ROW_FILES.items():   # results, embeddings, then projections
-            if got.get(name) is not None:
-                _replace_rows(con, table, run_id, rf.check_rows(table, got[name]))
-        for name, stamp in todo.items():
-            if got[name] is not None:           # half-written or unreadable now: merged at a later call
-                con.execute("INSERT OR REPLACE INTO merged_files VALUES (?, ?, ?)", [run_id, name, stamp])
+        reset = [f.run_id for f in folders if f.reset]
+        if reset:
+            con.execute("DELETE FROM metrics WHERE run_id IN (SELECT unnest(?))", [reset])
+            con.execute("DELETE FROM metric_offsets WHERE run_id IN (SELECT unnest(?))", [reset])
+        recs = [f.record for f in folders if f.record is not None]
+        if recs:
+            rows = _run_rows(con, recs)
+            con.execute("DELETE FROM runs WHERE run_id IN (SELECT unnest(?))", [[r["run_id"] for r in rows]])
+            _insert_bulk(con, "runs", rows)
+        with_results = [f.run_id for f in folders if "results" in f.rows]
+        if with_results:
+            con.execute("DELETE FROM results WHERE run_id IN (SELECT unnest(?))", [with_results])
+        stale: set = set()
+        for table in rf.ROW_FILES:              # results, embeddings, then projections
+            _replace_rows(con, table, [(f.run_id, r) for f in folders for r in f.rows.get(table, [])], stale)
+        metrics = [m for f in folders for m in f.metrics]
+        if metrics:
+            _insert_metric_rows(con, metrics)
+        _insert_bulk(con, "metric_offsets", [{"run_id": f.run_id, "byte_offset": f.offset}
+                                             for f in folders if f.offset is not None], "INSERT OR REPLACE")
+        _insert_bulk(con, "merged_files", [{"run_id": f.run_id, "file": name, "stamp": st}
+                                           for f in folders for name, st in f.stamps.items()], "INSERT OR REPLACE")
         con.execute("COMMIT")
     except BaseException:
         rollback_quietly(con)
         raise
-    return 1
+    return len(metrics)
 
 
 def merge_pending(store_root: str | Path, run_id: str | None = None, timeout_s: float = 30.0) -> int:
     """Merge what the run folders of ``run_id`` (or of every run) hold that the store has not: the whole
-    metric lines after the merged offset, and a new version of a run's record or results.
+    metric lines after the merged offset, and a new version of a run's record or row files.
 
-    Safe to call from any process at any time, as often as you like: each part is merged in one
-    transaction with the mark of what was merged. Returns metric rows added. ``timeout_s``: how long to
-    wait for a busy store (then ``StoreBusy``)."""
+    Safe to call from any process at any time, as often as you like: the folders are read first, then
+    merged in one transaction with the marks of what was merged. Returns metric rows added. A folder that
+    cannot be merged (a damaged file) is logged and skipped when merging every run, and raised (ConfigError
+    naming the file) when asked for that run. ``timeout_s``: how long to wait for a busy store (then
+    ``StoreBusy``)."""
     root = Path(store_root)
     ids = [check_run_id(run_id)] if run_id is not None else rf.folder_run_ids(root)
     if not ids:
         return 0
-    added = 0
+    skipped: list[str] = []
     with connect(store_paths(root).db, timeout_s=timeout_s) as con:
         ensure_schema_once(con, store_paths(root).db)
-        if run_id is not None:
-            got = con.execute("SELECT run_id, file, stamp FROM merged_files WHERE run_id = ?", [run_id]).fetchall()
-        else:
-            got = con.execute("SELECT run_id, file, stamp FROM merged_files").fetchall()
-        merged = {(r, f): st for r, f, st in got}
+        where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
+        merged = {(r, f): st for r, f, st in con.execute(f"SELECT run_id, file, stamp FROM merged_files {where}",
+                                                         params).fetchall()}
+        offsets = dict(con.execute(f"SELECT run_id, byte_offset FROM metric_offsets {where}", params).fetchall())
+        folders = []
         for rid in ids:
-            _merge_files(con, root, rid, merged)
-            added += _merge_one(con, root, rid)
+            try:
+                got = _read_folder(root, rid, merged, offsets)
+            except (ConfigError, ValueError, TypeError, KeyError, AttributeError) as e:
+                if run_id is not None:
+                    raise ConfigError(f"run folder {store_paths(root).run_dir(rid)} cannot be merged: {e}; fix or "
+                                      f"remove the file it names") from None
+                skipped.append(f"{store_paths(root).run_dir(rid)}: {type(e).__name__}: {str(e)[:300]}")
+                continue    # one damaged folder must not keep every other run out of the store
+            if got is not None:
+                folders.append(got)
+        added = _apply(con, folders) if folders else 0
+    for what in skipped:
+        logging.getLogger(__name__).warning("run folder not merged (fix or remove the file it names): %s", what)
     return added
 
 
@@ -238,12 +312,12 @@ def finish_run(store_root: str | Path, run_id: str, status: str, checkpoint: str
     ckpt = rf.in_store_path(root, checkpoint)
     import duckdb
 
+    merge_pending(root, run_id)      # its metric lines first
     now = utcnow()
     for attempt in range(20):
         try:
             with connect(store_paths(root).db) as con:
                 ensure_schema(con)
-                _merge_one(con, root, run_id)
                 got = con.execute(
                     """UPDATE runs SET status = ?, ended_at = ?, checkpoint = coalesce(?, checkpoint), error = ?,
                            wall_s = epoch(CAST(? AS TIMESTAMP)) - epoch(created_at)
@@ -340,12 +414,12 @@ def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
     recorded = None
     if rf.read_record(store_root, run_id) is not None:   # the record first: a later merge must not undo it
         recorded = rf.update_record(store_root, run_id,
-                                    lambda rec: {**rec, "labels": rf.merge_labels(rec.get("labels"), labels)})
+                                    lambda rec: {**rec, "labels": rf.compose_labels(rec.get("labels"), labels)})
     with connect(sp.db) as con:
         ensure_schema_current(con)
         got = _apply_labels(con, run_id, **labels)
     if got is None and recorded is not None:
-        return recorded["labels"]           # a run its driver has not merged yet: the merge brings them
+        return rf.merge_labels(None, recorded["labels"])   # a run not merged yet: the merge brings them
     if got is None:
         raise ConfigError(f"no run {run_id!r} in {sp.root}; pass the id that "
                           f"pretrain/finetune printed")
@@ -355,10 +429,14 @@ def annotate_run(store_root: str | Path, run_id: str, name: str | None = None,
 # --------------------------------------------------------------------------- results / summaries
 
 
-def _table_columns(table: str) -> list[str]:
+def _column_types(table: str) -> list[tuple[str, str]]:
     from ctssl_core.schema import TABLES, _columns
 
-    return [name for name, _ in _columns(TABLES[table])]
+    return _columns(TABLES[table])
+
+
+def _table_columns(table: str) -> list[str]:
+    return [name for name, _ in _column_types(table)]
 
 
 def _insert_rows(store_root: str | Path, table: str, rows: Iterable[Mapping[str, Any]],
