@@ -608,11 +608,15 @@ def disk_full_checkpoint(store, rng, cfg, t, workers):
     ref = reference(cfg)
     for f in ref["store"].iterdir():  # the ingested store, without its runs
         (shutil.copytree if f.is_dir() else shutil.copy2)(f, store / f.name)
-    steps = 24
+    steps = 60
     job_id = jobs.submit(store, "pretrain", {"task": "masked_region", "steps": steps, "profile": "smoke",
                                              "device": "cpu"})
     workers.append(start_worker(store))
-    at = rng.randint(3, steps - 8)  # above the first logged step, so a restart from 0 shows
+    # above the first logged step, so a restart from 0 shows; and half the run before its end: the job's step
+    # is seen at heartbeats (3 s apart) and the cancel takes its time, so a cancel drawn near the last step
+    # landed after the training had ended (24 steps, 2026-12-03 16:30: the run succeeded, the trial tested
+    # nothing and was counted wrong)
+    at = rng.randint(3, steps // 2)
     if not wait_for(lambda: (jobs.get_job(store, job_id)["step"] or -1) >= at, 300, every=0.2):
         t.lost += 1
         t.notes.append(f"{job_id}: never reached step {at}")
@@ -621,6 +625,11 @@ def disk_full_checkpoint(store, rng, cfg, t, workers):
     if expect_state(t, store, job_id, "cancelled", 120, "pretraining cancelled for its checkpoint") != "cancelled":
         return jobs.job_run_ids(store, job_id)
     run_id = jobs.job_run_ids(store, job_id)[-1]
+    from ctssl_core.results.runfolder import read_record
+
+    if (read_record(store, run_id) or {}).get("status") == "succeeded":
+        t.saw("not exercised: the training ended before the cancel landed")
+        return jobs.job_run_ids(store, job_id)
     ckdir = store_paths(store).run_dir(run_id) / "checkpoints"
     last = ckdir / "last.pt"
     good = hashlib.sha256(last.read_bytes()).hexdigest()
