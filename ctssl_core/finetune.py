@@ -281,6 +281,11 @@ def finetune(cfg: FinetuneConfig, store_root: str | Path, run_id: str | None = N
              labels: dict | None = None, unit_hash: str | None = None) -> FinetuneResult:
     """Train and score one (task, init, fraction, seed). Resumes a run folder that has a checkpoint.
 
+    It writes its run folder only (``results/runfolder.py``: record, metric lines, results rows) and reads
+    the store; its driver merges the folder into the store (the CLI when the command returns, the
+    benchmark after each unit, the job runner). Called from Python, merge it yourself:
+    ``results.write.merge_pending(store_root, result.run_id)`` (the dashboard shows it meanwhile).
+
     ``init_label`` names the init in the results (the pretext key) when
     ``cfg.init`` is a run id or path; by default it is read from the run.
     ``twin_cohort``: the synthetic cohort the store was built from; a PE model is then also

@@ -231,7 +231,9 @@ def run_pretrain(task: str | None, store_root: str | Path | None = None, profile
                  resume_run_id: str | None = None, progress: bool = True,
                  echo: Callable[[str], None] = print, labels: dict | None = None,
                  config: PretrainConfig | None = None) -> PretrainResult:
-    """Pretrain one strategy on a store and record it. Raises ConfigError/StoreError with advice.
+    """Pretrain one strategy on a store and record it in its run folder (``results/runfolder.py``; the CLI,
+    the benchmark or the job runner merges the folder into the store; called from Python,
+    ``results.write.merge_pending(store_root, result.run_id)`` does). Raises ConfigError/StoreError with advice.
 
     ``config``: an already resolved config (a benchmark's unit), used as it is; else it is resolved from
     ``profile``/``config_path``/``overrides``. Either way the run stores its identity
