@@ -379,3 +379,18 @@ def test_close_runs_leaves_the_job_unfinished_while_the_store_is_busy(tmp_path, 
     monkeypatch.undo()
     queue.close_runs(store, "job-1", "failed", "killed")
     assert _q(store, "SELECT status, error FROM runs") == [("failed", "killed")]
+
+
+def test_a_resumed_run_from_before_records_keeps_its_start_time(tmp_path):
+    import datetime as dt
+
+    from ctssl_core.results import runfolder as rf
+    from ctssl_core.schema import ensure_schema
+
+    with connect(store_paths(tmp_path).db) as con:          # the row an older ctssl wrote, no record
+        ensure_schema(con)
+        con.execute("INSERT INTO runs (run_id, kind, status, created_at) VALUES ('old-1', 'pretrain', 'failed', ?)",
+                    [dt.datetime(2026, 11, 1, 8, 0)])
+    rf.record_start(tmp_path, "old-1", "pretrain", "x", "random", "tiny", {})
+    W.merge_pending(tmp_path)
+    assert _q(tmp_path, "SELECT status, created_at FROM runs") == [("running", dt.datetime(2026, 11, 1, 8, 0))]

@@ -112,17 +112,18 @@ def _run_rows(con, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``runs`` rows of records. Labels: the record's label change applied to the row's labels
     (``runfolder.compose_labels``): idempotent, so merging a record again changes nothing, and
     ``annotate_run`` adds its change to the record as well as the row. The store's checkpoint and
-    unit_hash stay when the record has none (a run made before records)."""
+    unit_hash stay when the record has none, and its created_at stays (a run made before records, resumed)."""
     old = {r[0]: r[1:] for r in con.execute(
-        "SELECT run_id, name, tags, notes, checkpoint, unit_hash FROM runs WHERE run_id IN (SELECT unnest(?))",
-        [[r["run_id"] for r in recs]]).fetchall()}
+        "SELECT run_id, name, tags, notes, checkpoint, unit_hash, created_at FROM runs "
+        "WHERE run_id IN (SELECT unnest(?))", [[r["run_id"] for r in recs]]).fetchall()}
     out = []
     for rec in recs:
         o = old.get(rec["run_id"])
         have = {"name": o[0], "tags": json.loads(o[1]) if o[1] else {}, "notes": o[2]} if o else None
         labels = rf.merge_labels(have, rec["labels"]) if "labels" in rec else (have or {})
         row = {c: rec.get(c) for c in rf.RUN_FIELDS}
-        row.update(created_at=_ts(rec.get("created_at")), ended_at=_ts(rec.get("ended_at")),
+        row.update(created_at=(o[5] if o and o[5] else None) or _ts(rec.get("created_at")),   # a row's own stays
+                   ended_at=_ts(rec.get("ended_at")),
                    checkpoint=rec.get("checkpoint") or (o[3] if o else None),
                    unit_hash=rec.get("unit_hash") or (o[4] if o else None),
                    name=labels.get("name"), notes=labels.get("notes"),
