@@ -142,10 +142,13 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
         if u.run_id != first:
             for _ in range(12000):                             # until the first unit has finished (<= 600 s:
                                                                # a loaded 2-core CPU took > 60 s)
-                if (calls / "first.done").exists():
+                if (calls / "first.done").exists() or not (calls / "driver.running").exists():
                     break
                 time.sleep(0.05)
-            os.kill(driver, signal.SIGTERM)                     # the job queue's cancel
+            if (calls / "driver.running").exists():             # never signal the process after the benchmark
+                os.kill(driver, signal.SIGTERM)                 # the job queue's cancel (a late one once hit
+            else:                                               # another test, minutes later)
+                raise RuntimeError("the benchmark ended before this unit could cancel it")
             for _ in range(6000):                               # Python-level work, as a training loop:
                 time.sleep(0.05)                                # ray.cancel's KeyboardInterrupt lands here
         from ctssl_core.benchmark import _worker_unit as real   # the worker's module is not patched
@@ -155,8 +158,12 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
         return out
 
     monkeypatch.setattr(bm, "_worker_unit", slow_after_first)
-    with pytest.raises(KeyboardInterrupt) as stop:
-        run_benchmark("smoke", store, over, progress=False, log=lambda m: None)
+    (calls / "driver.running").touch()
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            run_benchmark("smoke", store, over, progress=False, log=lambda m: None)
+    finally:
+        (calls / "driver.running").unlink()
     assert getattr(stop.value, "signal", None) == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is term_before               # the engine restored the handler
     ran = sorted(p.name.rsplit(".", 1)[0] for p in calls.iterdir() if p.name != "first.done")
