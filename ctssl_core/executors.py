@@ -14,8 +14,10 @@ registry line, and every engine runs the units in the same order with the same s
 * ``slurm``: each unit one Slurm job through submitit (``cpus_per_task`` = threads or 1, one GPU when
   its device is ``cuda``), submitted from a login node; pickles and logs in ``<store>/slurm/``.
 
-The job queue (``jobs/backends.py``) runs whole commands - a process group with a log and a
-heartbeat; these engines run function calls inside one benchmark command.
+The same engines run a job's command (``ctssl worker --executor ray``): the job's runner stays on the
+worker's machine (it outlives the worker, and the queue signals it by process group) and hands the command
+to the engine as one call of ``run_command``, watched through ``EngineCommand`` as it watches a local child
+(``jobs/runner.py``, ``jobs/backends.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -44,8 +47,10 @@ class Engine(Protocol):
     slots: int | None   # calls the scheduler keeps started at once; None = every ready unit (the engine queues)
 
     @classmethod
-    def from_config(cls, bench: Any, root: Any) -> "Engine":
-        """The engine for a ``BenchmarkConfig`` and a store root (it reads its own settings: workers, ...)."""
+    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "Engine":
+        """The engine for a ``BenchmarkConfig`` (or ``EngineSettings``) and a store root (it reads its own
+        settings: workers, ...). ``term_guard``: turn SIGTERM into a stop of the scheduler (a benchmark);
+        False where the caller handles SIGTERM itself (the job runner)."""
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any: ...
 
@@ -54,6 +59,15 @@ class Engine(Protocol):
 
     def result(self, handle: Any) -> Any:
         """The call's return value; raises the call's exception."""
+
+    def done(self, handle: Any) -> bool:
+        """True once the call has ended (without blocking)."""
+
+    def interrupt(self, handle: Any) -> None:
+        """Ask a running call to stop (KeyboardInterrupt in it, or SIGINT/SIGTERM); drop a queued one."""
+
+    def kill(self, handle: Any) -> None:
+        """Stop it now."""
 
     def cancel(self, handles: list) -> None: ...
 
@@ -74,7 +88,7 @@ class PoolEngine:
         self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
     @classmethod
-    def from_config(cls, bench: Any, root: Any) -> "PoolEngine":
+    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "PoolEngine":
         return cls(bench.workers)
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
@@ -88,6 +102,14 @@ class PoolEngine:
     def result(self, handle: Any) -> Any:
         return handle.result()
 
+    def done(self, handle: Any) -> bool:
+        return handle.done()
+
+    def interrupt(self, handle: Any) -> None:
+        handle.cancel()   # only a call not started yet; a running one ends with the pool
+
+    kill = interrupt
+
     def cancel(self, handles: list) -> None:
         for h in handles:
             h.cancel()
@@ -98,18 +120,46 @@ class PoolEngine:
 
 class _TermGuard:
     """While an engine is open, SIGTERM (the job queue's cancel) becomes KeyboardInterrupt, so the scheduler
-    cancels the units it handed out rather than the process dying with them still queued on a cluster."""
+    cancels the units it handed out rather than the process dying with them still queued on a cluster.
+
+    It is raised only where the scheduler blocks, in ``wait``: between waits the benchmark merges a finished
+    unit's run folder into DuckDB, which turns an exception raised by a signal handler mid-query into
+    ``RuntimeError: Query interrupted`` (a cancel then read as a failure). A SIGTERM that arrives there is
+    kept and raised as the scheduler next waits or starts a unit."""
 
     _prev_term: Any = None
     _term = False
+    _waiting = False
 
     def _guard_term(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._prev_term = signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum: int, frame: Any) -> None:
+        """Raise once. A cancel usually delivers two SIGTERMs (``ctssl jobs cancel`` signals the job's
+        process group, and the job's runner forwards one to its command); a second raise would land in
+        the scheduler's own ``cancel`` and leave the units it had not cancelled yet running on the
+        cluster, so later ones are ignored: the process is already stopping."""
+        if self._term:
+            return
         self._term = True
-        raise _stopped_by_term()
+        if self._waiting:
+            raise _stopped_by_term()
+
+    def check_stop(self) -> None:
+        """Raise the stop a SIGTERM asked for while the scheduler was not waiting."""
+        if self._term:
+            raise _stopped_by_term()
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """The blocking part of ``wait``: a SIGTERM raises in here at once."""
+        self._waiting = True
+        try:
+            self.check_stop()
+            yield
+        finally:
+            self._waiting = False
 
     def _restore_term(self) -> None:
         if self._prev_term is not None:
@@ -125,7 +175,7 @@ class RayEngine(_TermGuard):
     name = "ray"
     slots = None
 
-    def __init__(self, address: str = ""):
+    def __init__(self, address: str = "", term_guard: bool = True):
         try:
             import ray
         except ImportError as e:
@@ -140,11 +190,12 @@ class RayEngine(_TermGuard):
                                   f"check benchmark.ray_address ('' starts a local instance)") from e
         self.gpus = float(ray.cluster_resources().get("GPU", 0))
         self._remotes: dict[Callable, Any] = {}
-        self._guard_term()
+        if term_guard:
+            self._guard_term()
 
     @classmethod
-    def from_config(cls, bench: Any, root: Any) -> "RayEngine":
-        return cls(bench.ray_address)
+    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "RayEngine":
+        return cls(bench.ray_address, term_guard)
 
     def num_gpus(self, res: Resources) -> float:
         """'cuda' asks for one GPU; 'auto' takes one when the cluster has any (Ray hides the GPUs of a
@@ -161,7 +212,8 @@ class RayEngine(_TermGuard):
 
     def wait(self, handles: list) -> list:
         try:
-            return self._ray.wait(handles, num_returns=1)[0]
+            with self._interruptible():
+                return self._ray.wait(handles, num_returns=1)[0]
         except KeyboardInterrupt:
             if self._term:   # Ray re-raises a signal handler's exception as a plain KeyboardInterrupt
                 raise _stopped_by_term() from None
@@ -173,16 +225,25 @@ class RayEngine(_TermGuard):
         except self._ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None   # the unit's own exception type (ConfigError, ...)
 
+    def done(self, handle: Any) -> bool:
+        return bool(self._ray.wait([handle], num_returns=1, timeout=0)[0])
+
+    def interrupt(self, handle: Any) -> None:
+        self._ray.cancel(handle, force=False)   # KeyboardInterrupt in the task's Python code
+
+    def kill(self, handle: Any) -> None:
+        self._ray.cancel(handle, force=True)    # its worker process is killed
+
     def cancel(self, handles: list) -> None:
         """Interrupt the running tasks (their runs are marked failed/stopped: resumable), drop the queued
         ones, and kill what has not ended after ``CANCEL_GRACE_S``."""
         if not handles:
             return
         for h in handles:
-            self._ray.cancel(h, force=False)
+            self.interrupt(h)
         _, left = self._ray.wait(handles, num_returns=len(handles), timeout=CANCEL_GRACE_S)
         for h in left:
-            self._ray.cancel(h, force=True)
+            self.kill(h)
 
     def close(self) -> None:
         self._restore_term()
@@ -204,7 +265,8 @@ class SlurmEngine(_TermGuard):
     slots = None
     poll_s = 2.0
 
-    def __init__(self, folder: Any, partition: str = "", timeout_min: int = 240, cluster: str | None = None):
+    def __init__(self, folder: Any, partition: str = "", timeout_min: int = 240, cluster: str | None = None,
+                 term_guard: bool = True):
         try:
             import submitit
         except ImportError as e:
@@ -216,43 +278,133 @@ class SlurmEngine(_TermGuard):
         self._ex.update_parameters(timeout_min=int(timeout_min),
                                    **({"slurm_partition": partition} if partition and self._ex.cluster == "slurm"
                                       else {}))
-        self._guard_term()
+        if term_guard:
+            self._guard_term()
 
     @classmethod
-    def from_config(cls, bench: Any, root: Any) -> "SlurmEngine":
+    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "SlurmEngine":
         from pathlib import Path
 
-        return cls(Path(root) / "slurm", bench.slurm_partition, bench.slurm_timeout_min)
+        return cls(Path(root) / "slurm", bench.slurm_partition, bench.slurm_timeout_min, term_guard=term_guard)
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
         self._ex.update_parameters(cpus_per_task=max(1, res.cpus), gpus_per_node=int(res.device.startswith("cuda")))
         return self._ex.submit(fn, *args)
 
     def wait(self, handles: list) -> list:
-        while True:
-            done = [h for h in handles if h.done()]
-            if done:
-                return done
-            time.sleep(self.poll_s)
+        with self._interruptible():
+            while True:
+                done = [h for h in handles if h.done()]
+                if done:
+                    return done
+                time.sleep(self.poll_s)
 
     def result(self, handle: Any) -> Any:
         return handle.result()
 
+    def done(self, handle: Any) -> bool:
+        return handle.done()
+
+    def interrupt(self, handle: Any) -> None:
+        if not handle.done():
+            handle.cancel(check=False)
+
+    kill = interrupt   # scancel: Slurm itself kills the job after its KillWait
+
     def cancel(self, handles: list) -> None:
         """scancel (SIGINT for a local job): a running unit unwinds and its run is left resumable."""
         for h in handles:
-            if not h.done():
-                h.cancel(check=False)
+            self.interrupt(h)
 
     def close(self) -> None:
         self._restore_term()
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the engines read, for a caller without a ``BenchmarkConfig`` (which has the same fields): the job
+    runner, from ``ctssl worker --executor ...``."""
+
+    executor: str = "local"
+    workers: int = 1
+    ray_address: str = ""
+    slurm_partition: str = ""
+    slurm_timeout_min: int = 240
+
+
+THIS_PYTHON = "<python>"   # argv[0] of a command: the Python of the process that runs it (a cluster node's)
+
+
+def run_command(argv: list[str], env: dict[str, str], log_path: str, grace_s: float) -> int:
+    """Engine side (a Ray worker, a Slurm job): a job's command, run as the job runner runs it on this machine,
+    output appended to the job's log (a path every node sees, as the store is); returns its exit status.
+
+    An interrupt (``ray.cancel``'s KeyboardInterrupt, scancel's signal) becomes SIGTERM to the command, which
+    saves its checkpoint, then SIGKILL after ``grace_s``; the interrupt is re-raised. It polls rather than
+    blocking in ``wait``: Ray's cancel lands only between Python bytecodes."""
+    import os
+    import subprocess
+    import sys
+
+    from ctssl_core.paths import REPO_ROOT
+
+    argv = [sys.executable if a == THIS_PYTHON and i == 0 else a for i, a in enumerate(argv)]
+    with open(log_path, "ab", buffering=0) as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env}, cwd=REPO_ROOT)
+        try:
+            while (rc := proc.poll()) is None:
+                time.sleep(0.05)
+            return rc
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+
+
+class EngineCommand:
+    """A job's command handed to an engine, seen as the ``Popen`` the job runner's ``Supervisor`` watches:
+    ``poll``, ``send_signal`` (any signal: the engine's interrupt, so the command gets SIGTERM and its
+    grace), ``kill``. ``error`` says why the engine call failed, if it did (a cancelled call exits -15)."""
+
+    def __init__(self, engine: Any, argv: list[str], env: dict[str, str], log_path: Any, grace_s: float,
+                 res: Resources):
+        import sys
+
+        self._engine = engine
+        argv = [THIS_PYTHON, *argv[1:]] if argv and argv[0] == sys.executable else list(argv)
+        self._handle = engine.submit(run_command, (argv, dict(env), str(log_path), float(grace_s)), res)
+        self._rc: int | None = None
+        self._interrupted = False
+        self.error: str | None = None
+
+    def poll(self) -> int | None:
+        if self._rc is None and self._engine.done(self._handle):
+            try:
+                self._rc = int(self._engine.result(self._handle))
+            except BaseException as e:  # noqa: BLE001 - a cancelled task, a lost node: the job ends with it
+                self.error = f"{type(e).__name__}: {str(e)[:300]}"
+                self._rc = -int(signal.SIGTERM) if self._interrupted else 1
+        return self._rc
+
+    def send_signal(self, sig: int) -> None:
+        self._interrupted = True
+        self._engine.interrupt(self._handle)
+
+    def kill(self) -> None:
+        self._interrupted = True
+        self._engine.kill(self._handle)
+
+
 EXECUTORS: dict[str, type] = {"local": PoolEngine, "ray": RayEngine, "slurm": SlurmEngine}
-NO_RAY = ("benchmark.executor=ray needs Ray, which is not installed: pip install 'ctssl[ray]' "
-          "(or run with benchmark.executor=local)")
-NO_SUBMITIT = ("benchmark.executor=slurm needs submitit, which is not installed: pip install 'ctssl[slurm]' "
-               "(or run with benchmark.executor=local)")
+NO_RAY = ("the ray executor (benchmark.executor=ray, ctssl worker --executor ray) needs Ray, which is not "
+          "installed: pip install 'ctssl[ray]' (or use the local executor)")
+NO_SUBMITIT = ("the slurm executor (benchmark.executor=slurm, ctssl worker --executor slurm) needs submitit, which "
+               "is not installed: pip install 'ctssl[slurm]' (or use the local executor)")
 
 
 def check_executor(name: str) -> None:
@@ -260,7 +412,7 @@ def check_executor(name: str) -> None:
     import importlib.util
 
     if name not in EXECUTORS:
-        raise ConfigError(f"benchmark.executor: unknown {name!r}; choose from {sorted(EXECUTORS)}")
+        raise ConfigError(f"executor: unknown {name!r}; choose from {sorted(EXECUTORS)}")
     if name == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError(NO_RAY)
     if name == "slurm" and importlib.util.find_spec("submitit") is None:
@@ -285,6 +437,8 @@ def run_in_order(engine: Engine, todo: list, ids: dict[str, Any], call: Callable
     running: dict[Any, Any] = {}
     try:
         while pending or running:
+            if hasattr(engine, "check_stop"):
+                engine.check_stop()      # a SIGTERM that came while the consumer merged a unit's folder
             while failed is None and (engine.slots is None or len(running) < engine.slots):
                 ready = next((u for u in pending if needs(u) is None or needs(u) in ids), None)
                 if ready is None:
@@ -308,6 +462,8 @@ def run_in_order(engine: Engine, todo: list, ids: dict[str, Any], call: Callable
                 if provides(u):
                     ids[provides(u)] = result
                 yield u, result
+        if hasattr(engine, "check_stop"):
+            engine.check_stop()          # one that came while the consumer merged the last unit
     except BaseException:
         engine.cancel(list(running))
         raise

@@ -4,6 +4,7 @@ by SIGTERM mid-run and resumed, against the local executor's results on the same
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -67,6 +68,14 @@ def test_bad_executor_settings_say_what_to_do(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'ctssl\[ray\]'"):
         make_plan("smoke", ["benchmark.executor=ray"])
     check_executor("local")                                   # the default needs nothing extra
+    from ctssl_core.cli import main
+    from ctssl_core.jobs import LocalBackend
+
+    with pytest.raises(ConfigError, match=r"pip install 'ctssl\[ray\]'"):
+        LocalBackend(executor="ray")                          # said when the worker starts, not per job
+    with pytest.raises(ConfigError, match=r"unknown 'dask'.*\['local', 'ray', 'slurm'\]"):
+        LocalBackend(executor="dask")
+    assert main(["worker", "--store", "unused-store", "--executor", "dask", "--once"]) == 2
 
 
 def test_units_declare_threads_and_the_device_their_config_asks_for(ray_local, tmp_path):
@@ -119,6 +128,92 @@ def test_scheduler_passes_results_to_the_units_that_need_them_and_raises_the_fir
     assert ray_local.is_initialized()
 
 
+def test_a_second_sigterm_does_not_interrupt_the_cancel_of_the_started_units():
+    """A job-queue cancel delivers SIGTERM twice (to the job's group, and the runner's forward). The first
+    stops the scheduler; the second, arriving while it cancels the started units, must not cut that short
+    (units left running on a cluster), and the handler before the engine is back afterwards."""
+    from ctssl_core.executors import _TermGuard, run_in_order
+
+    class Engine(_TermGuard):                                 # the guard of the Ray and Slurm engines
+        name, slots = "fake", None
+
+        def __init__(self):
+            self.cancelled, self.closed = [], False
+            self._guard_term()
+
+        def submit(self, fn, args, res):
+            return args[0]
+
+        def wait(self, handles):
+            with self._interruptible():
+                os.kill(os.getpid(), signal.SIGTERM)            # the cancel's first SIGTERM
+                time.sleep(5)                                 # the handler raises in here
+            raise AssertionError("SIGTERM was not turned into KeyboardInterrupt")
+
+        def cancel(self, handles):
+            os.kill(os.getpid(), signal.SIGTERM)                # the second, while the scheduler cancels
+            time.sleep(0.2)
+            self.cancelled += handles
+
+        def close(self):
+            self.closed = True
+            self._restore_term()
+
+    before = signal.getsignal(signal.SIGTERM)
+    eng = Engine()
+    with pytest.raises(KeyboardInterrupt) as stop:
+        list(run_in_order(eng, ["a", "b"], {}, print, args=lambda u, ids: (u,), needs=lambda u: None,
+                          provides=lambda u: None, resources=lambda u: Resources()))
+    assert getattr(stop.value, "signal", None) == "SIGTERM"
+    assert sorted(eng.cancelled) == ["a", "b"] and eng.closed
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_while_the_benchmark_merges_a_unit_is_raised_at_the_next_wait():
+    """The benchmark merges each finished unit's folder into DuckDB between the scheduler's waits; a SIGTERM
+    raised in there became 'RuntimeError: Query interrupted' (a cancel read as a failure). It is raised
+    where the scheduler next waits instead: the consumer's work ends whole, the rest is cancelled."""
+    import duckdb
+
+    from ctssl_core.executors import _TermGuard, run_in_order
+
+    class Engine(_TermGuard):
+        name, slots = "fake", 1
+
+        def __init__(self):
+            self.cancelled, self.waits = [], 0
+            self._guard_term()
+
+        def submit(self, fn, args, res):
+            return args[0]
+
+        def wait(self, handles):
+            self.waits += 1
+            with self._interruptible():
+                return list(handles)
+
+        def result(self, handle):
+            return handle
+
+        def cancel(self, handles):
+            self.cancelled += handles
+
+        def close(self):
+            self._restore_term()
+
+    eng, merged = Engine(), []
+    con = duckdb.connect()
+    with pytest.raises(KeyboardInterrupt) as stop:
+        for u, _ in run_in_order(eng, ["a", "b", "c"], {}, print, args=lambda u, ids: (u,),
+                                 needs=lambda u: None, provides=lambda u: None, resources=lambda u: Resources()):
+            os.kill(os.getpid(), signal.SIGTERM)                # the cancel lands while this unit is merged
+            con.execute("SELECT count(*) FROM range(20000000)").fetchall()   # a query long enough to be hit
+            time.sleep(0.2)
+            merged.append(u)
+    assert getattr(stop.value, "signal", None) == "SIGTERM"
+    assert merged == ["a"] and eng.waits == 1 and eng.cancelled == []   # "b" was never started
+
+
 def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_local(smoke_store, tmp_path,
                                                                                     ray_local, monkeypatch):
     """Three fine-tunes of the smoke store (built by the local executor) are unfinished. Through Ray: the
@@ -145,10 +240,11 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
                 if (calls / "first.done").exists() or not (calls / "driver.running").exists():
                     break
                 time.sleep(0.05)
-            if (calls / "driver.running").exists():             # never signal the process after the benchmark
-                os.kill(driver, signal.SIGTERM)                 # the job queue's cancel (a late one once hit
-            else:                                               # another test, minutes later)
-                raise RuntimeError("the benchmark ended before this unit could cancel it")
+            if u.run_id == redo[1]:                             # one unit cancels; the third, started once
+                if not (calls / "driver.running").exists():     # the first's CPU freed, only waits
+                    raise RuntimeError("the benchmark ended before this unit could cancel it")
+                os.kill(driver, signal.SIGTERM)                 # a job-queue cancel sends two: to the group,
+                os.kill(driver, signal.SIGTERM)                 # and the runner's forward to its command
             for _ in range(6000):                               # Python-level work, as a training loop:
                 time.sleep(0.05)                                # ray.cancel's KeyboardInterrupt lands here
         from ctssl_core.benchmark import _worker_unit as real   # the worker's module is not patched
@@ -197,6 +293,107 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
     for col in ("value", "ci_low", "ci_high"):
         np.testing.assert_allclose(viaray[col].to_numpy(float), local[col].to_numpy(float), rtol=1e-6, atol=1e-9,
                                    equal_nan=True)
+
+
+def _command_pids(store):
+    """Pids of processes whose command line names ``store`` and runs the tick job's script."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if len(cmd) > 3 and cmd[1] == b"-c" and b"tick run" in cmd[2] and cmd[3] == str(store).encode():
+            out.append(int(d))
+    return out
+
+
+def test_a_job_command_runs_as_a_ray_task_and_is_cancelled_and_resumed_through_it(ray_local, tmp_path):
+    """``ctssl worker --executor ray``: the job's runner stays here, its command is a task on the Ray instance
+    (not in the runner's process group). Progress and metrics reach the store while it runs; a cancel reaches
+    the command as SIGTERM (it saves its checkpoint) and the job is cancelled; the resumed job continues from
+    the checkpoint on Ray and ends with every step logged exactly once, as on the local executor."""
+    import threading
+
+    import ctssl_core.jobs.testing  # noqa: F401 - registers the "tick" job kind
+    from ctssl_core import jobs
+    from ctssl_core.jobs import procs
+
+    store = tmp_path / "store"
+    address = ray_local.get_runtime_context().gcs_address
+    w = jobs.Worker(store, poll_s=0.1, reconcile_every_s=0.5,
+                    backend=jobs.LocalBackend(grace_s=10.0, executor="ray", ray_address=address))
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, kwargs={"stop": stop}, daemon=True)
+    t.start()
+
+    def wait_for(pred, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if v := pred():
+                return v
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}: {jobs.log_tail(store, job_id)}")
+
+    try:
+        job_id = jobs.submit(store, "tick", {"steps": 400, "interval_s": 0.05})
+        job = wait_for(lambda: (j := jobs.get_job(store, job_id))["state"] == "running" and (j["step"] or 0) >= 5
+                       and j, 120, "the job running on Ray with progress")
+        assert job["backend"] == "ray" and "train/loss" in job["current"]
+        [pid] = _command_pids(store)                           # the command, in a Ray worker's process
+        assert os.getpgid(pid) != job["pgid"] and pid not in procs.group_members(job["pgid"])
+        assert "runs on the ray engine" in jobs.log_tail(store, job_id, n_lines=50)
+        assert jobs.cancel(store, job_id, wait=True) == "cancelled"
+        first = jobs.get_job(store, job_id)
+        rid = first["run_id"]
+        log = jobs.log_tail(store, job_id, n_lines=50)
+        assert "SIGTERM: checkpoint" in log                     # Ray's cancel reached the command as SIGTERM
+        wait_for(lambda: not _command_pids(store), 30, "the command gone")
+        saved = int(re.search(r"SIGTERM: checkpoint at step (\d+)", log).group(1))
+        assert 5 <= saved < 399
+
+        again = jobs.resume(store, job_id)
+        done = wait_for(lambda: (j := jobs.get_job(store, again))["state"] in jobs.FINAL and j, 120,
+                        "the resumed job ending")
+        assert done["state"] == "succeeded" and done["run_id"] == rid and done["backend"] == "ray"
+        assert f"steps {saved + 1}..399" in jobs.log_tail(store, again, n_lines=50)   # from its checkpoint
+        steps = _query(store, "SELECT count(*) AS n, count(DISTINCT step) AS d, max(step) AS m FROM metrics "
+                              "WHERE run_id = ? AND name = 'train/loss'", [rid])
+        assert steps.n[0] == steps.d[0] == 400 and steps.m[0] == 399
+        assert _query(store, "SELECT value FROM results WHERE run_id = ?", [rid]).value.tolist() == [1 / 400]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+
+
+def test_a_job_whose_engine_cannot_start_fails_and_says_why(tmp_path, monkeypatch):
+    """The worker's engine is there, the runner's is not (here: a Ray that fails to import in the job's
+    process): the job fails at once with what to do, rather than hanging or vanishing."""
+    import threading
+
+    import ctssl_core.jobs.testing  # noqa: F401 - registers the "tick" job kind
+    from ctssl_core import jobs
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "ray.py").write_text("raise ImportError('this Ray is broken')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    store = tmp_path / "store"
+    w = jobs.Worker(store, poll_s=0.1, backend=jobs.LocalBackend(executor="ray"))
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, kwargs={"stop": stop}, daemon=True)
+    t.start()
+    try:
+        job_id = jobs.submit(store, "tick", {"steps": 3})
+        deadline = time.monotonic() + 60
+        while jobs.get_job(store, job_id)["state"] not in jobs.FINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = jobs.get_job(store, job_id)
+        assert job["state"] == "failed", jobs.log_tail(store, job_id)
+        assert "could not start the command on 'ray'" in job["error"] and "pip install 'ctssl[ray]'" in job["error"]
+    finally:
+        stop.set()
+        t.join(timeout=10)
 
 
 def test_slurm_engine_runs_units_as_submitit_jobs_and_cancels_them_on_sigterm(tmp_path, monkeypatch):

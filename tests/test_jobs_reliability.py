@@ -240,7 +240,7 @@ class RecordingBackend:
     def __init__(self):
         self.started: list[str] = []
 
-    def start(self, store_root, job_id, argv, total):  # noqa: ARG002 - Backend signature
+    def start(self, store_root, job_id, argv, total, device="auto"):  # noqa: ARG002 - Backend signature
         self.started.append(job_id)
         return jobs.Handle(job_id, None, None)
 
@@ -638,7 +638,7 @@ def test_worker_survives_a_full_disk_while_recording_a_started_job(store, spawn,
     as_runner(store, job_id, runner_proc.pid)
 
     class OneProcessBackend(RecordingBackend):
-        def start(self, store_root, job_id, argv, total):  # noqa: ARG002
+        def start(self, store_root, job_id, argv, total, device="auto"):  # noqa: ARG002
             self.started.append(job_id)
             return jobs.Handle(job_id, runner_proc.pid, runner_proc.pid)
 
@@ -823,7 +823,7 @@ def test_worker_once_waits_for_a_predecessors_job_before_running_the_queue(store
     waiting = jobs.submit(store, "tick", {"steps": 1})
 
     class EndingBackend(RecordingBackend):
-        def start(self, store_root, job_id, argv, total):
+        def start(self, store_root, job_id, argv, total, device="auto"):  # noqa: ARG002
             self.started.append((job_id, old_runner.poll() is None))  # was the predecessor's job alive?
             return jobs.Handle(job_id, None, None)
 

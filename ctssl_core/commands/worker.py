@@ -15,6 +15,13 @@ def add_arguments(p) -> None:
                    help="seconds a live job may make no progress (no new metrics line, no output) before it "
                         "counts as hung and is stopped (default 1800; 0: never). A job whose process died is "
                         "noticed at once, whatever this is")
+    p.add_argument("--executor", default="local",
+                   help="where each job's command runs: local (default; here, in the job's process group), ray "
+                        "(a Ray task with the job's device) or slurm (a Slurm job). The job's runner stays on this "
+                        "machine; the store must be on a filesystem the cluster's nodes see")
+    p.add_argument("--ray-address", default="", help="--executor ray: the cluster's address ('' starts a local "
+                                                      "Ray instance per job)")
+    p.add_argument("--slurm-partition", default="", help="--executor slurm: the partition ('' = the default)")
     p.add_argument("--grace", type=float, default=None,
                    help="seconds from SIGTERM to SIGKILL on cancel (default 10); recorded with each job, "
                         "so `ctssl jobs cancel` waits the same time")
@@ -30,9 +37,11 @@ def run(args) -> int:
     store = absolute_store(args.store or default_store())  # once, against the caller's folder
     w = Worker(store, max_cpu_jobs=args.max_cpu_jobs, max_gpu_jobs=args.max_gpu_jobs,
                backend=LocalBackend(grace_s=DEFAULT_GRACE_S if args.grace is None else args.grace,
-                                    hang_s=DEFAULT_HANG_S if args.hang is None else args.hang))
-    print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs})",
-          flush=True)
+                                    hang_s=DEFAULT_HANG_S if args.hang is None else args.hang,
+                                    executor=args.executor, ray_address=args.ray_address,
+                                    slurm_partition=args.slurm_partition))
+    print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs}, "
+          f"commands on {args.executor})", flush=True)
     w.run(once=args.once, idle_exit_s=args.idle_exit)
     print("worker: exiting (running jobs continue on their own)", flush=True)
     return 0

@@ -1,18 +1,18 @@
-"""Where a job runs. ``LocalBackend`` starts it on this machine; a cluster would be a second backend.
+"""Where a job runs: the runner on this machine, its command on any engine of ``executors.EXECUTORS``.
 
 The ``Backend`` protocol is what the worker needs and nothing more: start a
-claimed job, poll it, cancel it. A Ray Jobs backend would map ``start`` to
-``JobSubmissionClient.submit_job(entrypoint=shlex.join(argv))``, ``poll`` to
-``get_job_status`` and ``cancel`` to ``stop_job``; a Slurm one to
-``sbatch``/``squeue``/``scancel``. The job's state machine, queue and page
-do not change.
-
-Not built yet, because it is not a small step: the queue reconciles and cancels
-jobs by pid/process group from any process (``ctssl jobs cancel``, a restarted
-worker), and a job must outlive the worker that started it. A plain Ray task is
-owned by the process that submitted it and dies with it; Ray Jobs needs the job
-server of ``ray[default]`` (the dashboard). Within one job, a benchmark already
-spreads its units over Ray: ``ctssl_core/executors.py`` (``benchmark.executor``).
+claimed job, poll it, cancel it. ``LocalBackend`` starts the job's runner
+(``jobs/runner.py``) in its own session here: the runner must outlive the worker
+and the dashboard, and the queue cancels and reconciles a job by the runner's
+pid and process group from any process (``ctssl jobs cancel``, a restarted
+worker). Where the runner starts the job's *command* is the same choice a
+benchmark makes for its units: ``executor`` ``local`` (a child in the runner's
+group), ``ray`` (one Ray task with the job's device, on a local instance or the
+cluster at ``ray_address``) or ``slurm`` (one Slurm job through submitit), with
+the same engine classes (``executors.py``). The runner watches an engine's
+command as it watches a local one: heartbeat and progress from the run folder
+and the job's log (so the store must be on a filesystem the cluster's nodes
+see), cancel as an interrupt with the same grace, then a kill.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Handle:
 class Backend(Protocol):
     name: str
 
-    def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None) -> Handle: ...
+    def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None,
+              device: str = "auto") -> Handle: ...
 
     def poll(self, handle: Handle) -> int | None:
         """None while running, else an exit status."""
@@ -60,15 +61,25 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S, heartbeat_s: float = 3.0, hang_s: float = DEFAULT_HANG_S):
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, heartbeat_s: float = 3.0, hang_s: float = DEFAULT_HANG_S,
+                 executor: str = "local", ray_address: str = "", slurm_partition: str = ""):
+        from ctssl_core.executors import check_executor
+
+        check_executor(executor)   # an unknown engine, or Ray/submitit missing: said now, not per job
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
         self.hang_s = hang_s  # the runner stops a live command that makes no progress for this long (0: never)
+        self.executor, self.ray_address, self.slurm_partition = executor, ray_address, slurm_partition
+        self.name = executor  # the jobs table's `backend`: where the command ran
 
-    def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None) -> Handle:
+    def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None,
+              device: str = "auto") -> Handle:
         store_root = absolute_store(store_root)  # the runner's working directory is the repository
         cmd = [sys.executable, "-m", "ctssl_core.jobs.runner", "--store", str(store_root), "--job", job_id,
                "--grace", str(self.grace_s), "--heartbeat", str(self.heartbeat_s), "--hang", str(self.hang_s)]
+        if self.executor != "local":
+            cmd += ["--executor", self.executor, "--ray-address", self.ray_address,
+                    "--slurm-partition", self.slurm_partition, "--device", device]
         if total:
             cmd += ["--total", str(int(total))]
         proc = subprocess.Popen(cmd + ["--", *argv], cwd=REPO_ROOT, start_new_session=True,

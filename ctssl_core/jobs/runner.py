@@ -50,6 +50,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=3.0)
     p.add_argument("--hang", type=float, default=DEFAULT_HANG_S,
                    help="stop the command as hung after this many seconds alive without progress (0: never)")
+    p.add_argument("--executor", default="local",
+                   help="where the command runs (executors.EXECUTORS): local = in this runner's process group; "
+                        "ray or slurm = one task or job of that engine, with the job's device")
+    p.add_argument("--ray-address", default="", help="--executor ray: '' starts a local Ray instance")
+    p.add_argument("--slurm-partition", default="", help="--executor slurm: '' = the cluster's default")
+    p.add_argument("--device", default="auto", help="the job's device (cpu, cuda, auto): what an engine reserves")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command and args.command[0] == "--":
@@ -262,8 +268,22 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC start: "
             f"{shlex.join(a if len(a) < 160 else a[:40] + '...' for a in args.command)}")
-        child = subprocess.Popen(args.command, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=REPO_ROOT)
+        engine = None
+        try:
+            if args.executor == "local":
+                child: Any = subprocess.Popen(args.command, stdout=log_f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)
+            else:
+                engine, child = _start_on_engine(args, env, jd / "job.log", store)
+                signal.signal(signal.SIGTERM, _on_term)   # the runner's again, whatever the engine's client set
+                signal.signal(signal.SIGINT, _on_term)
+                log(f"the command runs on the {args.executor} engine")
+        except Exception as e:  # noqa: BLE001 - no engine (Ray unreachable, no Slurm): the job fails, saying why
+            log(f"could not start the command: {type(e).__name__}: {e}")
+            record_end(store, job_id, "failed", f"could not start the command on {args.executor!r}: {e}", log)
+            _close(engine)
+            _kill_group()
+            return 0
         sup = Supervisor(child, lambda: _beat(store, job_id, args.total), log,
                          progress=lambda: progress_token(store, job_id, own["bytes"]),
                          grace_s=args.grace, heartbeat_s=args.heartbeat, hang_s=args.hang)
@@ -273,8 +293,14 @@ def main(argv: list[str] | None = None) -> int:
             while (rc := sup.step()) is None:
                 time.sleep(0.05)
         except BaseException:
+            if engine is not None:
+                child.kill()
+                _close(engine)
             _kill_group()  # never leave the command running without its watcher
             raise
+        if getattr(child, "error", None):
+            log(f"the {args.executor} engine: {child.error}")
+        _close(engine)
         state, error = sup.outcome(rc, lambda: queue.log_tail(store, job_id, n_lines=3))
         log(f"{utcnow():%Y-%m-%d %H:%M:%S} UTC {state}{'' if rc == 0 else f' (exit {rc})'}")
         # On a disk that filled up, the command's own message (StoreFull: free space, resume) may
@@ -284,6 +310,26 @@ def main(argv: list[str] | None = None) -> int:
         record_end(store, job_id, state, error, log)
     _kill_group()
     return 0
+
+
+def _start_on_engine(args: argparse.Namespace, env: dict[str, str], log_path: Path, store: Path):
+    """(engine, the command as a Popen-like ``EngineCommand``): the benchmark's engines (``executors.py``) run
+    a job's command too. Only the job's own variables travel (a cluster node has its own PATH, Python)."""
+    from ctssl_core.executors import EXECUTORS, EngineCommand, EngineSettings, Resources, check_executor
+
+    check_executor(args.executor)
+    settings = EngineSettings(args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition)
+    engine = EXECUTORS[args.executor].from_config(settings, store, term_guard=False)   # SIGTERM is the runner's
+    job_env = {k: v for k, v in env.items() if k.startswith("CTSSL_") or k == "PYTHONUNBUFFERED"}
+    return engine, EngineCommand(engine, args.command, job_env, log_path, args.grace, Resources(1, args.device))
+
+
+def _close(engine: Any) -> None:
+    if engine is not None:
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - the job's end is recorded either way
+            pass
 
 
 def progress_token(store: Path, job_id: str, own_log_bytes: int = 0) -> tuple:

@@ -173,7 +173,7 @@ class Worker:
             return
         total = getattr(params, "steps", None)
         try:
-            h = self.backend.start(self.store_root, job_id, argv, total)
+            h = self.backend.start(self.store_root, job_id, argv, total, device=getattr(params, "device", "auto"))
         except OSError as e:  # fork/exec failed (out of processes or memory): say so now, not after a timeout
             queue.finish(self.store_root, job_id, "failed", error=f"could not start the job process: {e}")
             return
