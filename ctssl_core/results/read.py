@@ -858,8 +858,7 @@ def _unmerged_records(store, con) -> list[dict]:
         merged = dict(con.execute("SELECT run_id, stamp FROM merged_files WHERE file = ?", [rf.RUN_FILE]).fetchall())
     out = []
     for rid in rf.folder_run_ids(store):
-        st = rf.stamp(rf.run_file(store, rid))
-        if st is not None and merged.get(rid) != st:
+        if rf.new_versions(rf.run_file(store, rid).parent, [rf.RUN_FILE], lambda name: merged.get(rid)):
             rec = rf.read_record(store, rid)
             if rec is not None:
                 out.append(rec)

@@ -30,7 +30,7 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ctssl_core.config import ConfigError
 from ctssl_core.paths import REPO_ROOT, store_paths
@@ -265,6 +265,18 @@ def stamp(path: Path) -> str | None:
     except OSError:
         return None
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def new_versions(run_dir: Path, names: Iterable[str], merged: Callable[[str], str | None]) -> dict[str, str]:
+    """``name -> stamp`` of the files of ``run_dir`` whose version the store has not merged (``merged(name)``:
+    the stamp the store keeps in ``merged_files``); what the merge takes and what the dashboard shows from the
+    folder until then decide it the same way."""
+    out = {}
+    for name in names:
+        st = stamp(run_dir / name)
+        if st is not None and merged(name) != st:
+            out[name] = st
+    return out
 
 
 def folder_run_ids(store_root: str | Path) -> list[str]:

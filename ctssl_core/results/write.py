@@ -178,10 +178,8 @@ def _read_folder(root: Path, run_id: str, merged: Mapping[tuple[str, str], str],
     run_dir = store_paths(root).run_dir(run_id)
     files = {rf.RUN_FILE: None, **{name: table for table, name in rf.ROW_FILES.items()}}
     f = _Folder(run_id)
-    for name in files:
-        st = rf.stamp(run_dir / name)           # taken before reading: a newer file is merged again later
-        if st is not None and merged.get((run_id, name)) != st:
-            f.stamps[name] = st
+    # stamps taken before reading: a file replaced meanwhile has a newer stamp, merged again at a later call
+    f.stamps = rf.new_versions(run_dir, files, lambda name: merged.get((run_id, name)))
     emb, proj = rf.ROW_FILES["embeddings"], rf.ROW_FILES["projections"]
     if emb in f.stamps and proj not in f.stamps and (st := rf.stamp(run_dir / proj)) is not None:
         f.stamps[proj] = st                     # replacing an embedding drops its projections: put them back
