@@ -276,13 +276,14 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
     try:
         with closing(run_units(plan, todo, root, pretrain_ids, bar)) as finished:  # closing: an interrupt
             for u, result in finished:                                              # cancels the engine's units
-                rw.merge_pending(root)   # the unit's run folder (it never writes the store): seen by the next
+                _merge_unit(root, log)   # the unit's run folder (it never writes the store): seen by the next
                 if provides(u):
                     pretrain_ids[provides(u)] = result
                 elif u.kind == "embed":
                     embeddings[u.init] = result
                 bar.update(1)
         bar.close()
+        rw.merge_pending(root)           # all of them, waiting out a busy store: the summary reads the store
         table = summarise(plan, root, embeddings, log)
         status = "succeeded"
     finally:
@@ -304,6 +305,19 @@ def make_splits_for(plan: Plan, root: Path) -> None:
                if (c := getattr(u, "config", None)) is not None and hasattr(c, "split_seed")}
     for seed, fractions, pool in sorted(schemes):
         get_or_create_splits(root, seed, fractions, pool=pool)
+
+
+def _merge_unit(root: Path, log: Callable[[str], None]) -> None:
+    """Merge what a finished unit left in its folder, giving up after 2 s on a store another process holds:
+    the next merge takes it (after the next unit, or before the summary), and meanwhile the scheduler is not
+    held up, nor is a cancel, which an engine raises only once this returns (``executors._TermGuard``)."""
+    from ctssl_core.db import StoreBusy
+    from ctssl_core.results import write as rw
+
+    try:
+        rw.merge_pending(root, timeout_s=2.0)
+    except StoreBusy as e:
+        log(f"the store is busy ({str(e)[:120]}); this unit's results are merged later")
 
 
 def _merge_after_failure(root: Path, log: Callable[[str], None]) -> None:

@@ -22,6 +22,8 @@ to the engine as one call of ``run_command``, watched through ``EngineCommand`` 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -74,50 +76,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class PoolEngine:
-    """A spawned process pool (spawn: no forked torch/DuckDB state). Cancel stops the calls not started
-    yet; running ones end with the pool (Ctrl-C reaches them too, being in the terminal's process group)."""
-
-    name = "local"
-
-    def __init__(self, workers: int):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.slots = workers
-        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-
-    @classmethod
-    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "PoolEngine":
-        return cls(bench.workers)
-
-    def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
-        return self._ex.submit(fn, *args)
-
-    def wait(self, handles: list) -> list:
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        return list(wait(handles, return_when=FIRST_COMPLETED)[0])
-
-    def result(self, handle: Any) -> Any:
-        return handle.result()
-
-    def done(self, handle: Any) -> bool:
-        return handle.done()
-
-    def interrupt(self, handle: Any) -> None:
-        handle.cancel()   # only a call not started yet; a running one ends with the pool
-
-    kill = interrupt
-
-    def cancel(self, handles: list) -> None:
-        for h in handles:
-            h.cancel()
-
-    def close(self) -> None:
-        self._ex.shutdown(wait=True, cancel_futures=True)
-
-
 class _TermGuard:
     """While an engine is open, SIGTERM (the job queue's cancel) becomes KeyboardInterrupt, so the scheduler
     cancels the units it handed out rather than the process dying with them still queued on a cluster.
@@ -165,6 +123,62 @@ class _TermGuard:
         if self._prev_term is not None:
             signal.signal(signal.SIGTERM, self._prev_term)
             self._prev_term = None
+
+
+class PoolEngine(_TermGuard):
+    """A spawned process pool (spawn: no forked torch/DuckDB state). Cancel stops the calls not started
+    yet and sends SIGTERM to the pool's processes, so a running unit saves its checkpoint and ends (its
+    run stays resumable); the pool then shuts down once they have. Ctrl-C reaches them directly, being
+    in the terminal's process group."""
+
+    name = "local"
+
+    def __init__(self, workers: int, term_guard: bool = True):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.slots = workers
+        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        if term_guard:
+            self._guard_term()
+
+    @classmethod
+    def from_config(cls, bench: Any, root: Any, term_guard: bool = True) -> "PoolEngine":
+        return cls(bench.workers, term_guard)
+
+    def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
+        return self._ex.submit(fn, *args)
+
+    def wait(self, handles: list) -> list:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        with self._interruptible():
+            return list(wait(handles, return_when=FIRST_COMPLETED)[0])
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def done(self, handle: Any) -> bool:
+        return handle.done()
+
+    def interrupt(self, handle: Any) -> None:
+        handle.cancel()   # only a call not started yet; a running one ends with the pool
+
+    kill = interrupt
+
+    def cancel(self, handles: list) -> None:
+        running = [h for h in handles if not h.cancel()]     # cancel() is False for a call already running
+        if running and self._term:   # a SIGTERM to this process alone (Ctrl-C already reached the whole group)
+            # the pool has no API for its processes; ``_processes`` (pid -> Process) has been there since 3.2
+            for pid in list(getattr(self._ex, "_processes", None) or {}):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)     # a unit saves and ends; an idle process just exits
+
+    def close(self) -> None:
+        try:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self._restore_term()
 
 
 class RayEngine(_TermGuard):
@@ -335,7 +349,8 @@ class EngineSettings:
 THIS_PYTHON = "<python>"   # argv[0] of a command: the Python of the process that runs it (a cluster node's)
 
 
-def run_command(argv: list[str], env: dict[str, str], log_path: str, grace_s: float) -> int:
+def run_command(argv: list[str], env: dict[str, str], log_path: str, grace_s: float,
+                started_path: str | None = None) -> int:
     """Engine side (a Ray worker, a Slurm job): a job's command, run as the job runner runs it on this machine,
     output appended to the job's log (a path every node sees, as the store is); returns its exit status.
 
@@ -352,6 +367,9 @@ def run_command(argv: list[str], env: dict[str, str], log_path: str, grace_s: fl
     with open(log_path, "ab", buffering=0) as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, cwd=REPO_ROOT)
+        if started_path:   # the runner's hang clock starts now, not while the call waited in the engine's queue
+            with contextlib.suppress(OSError):
+                open(started_path, "w").close()
         try:
             while (rc := proc.poll()) is None:
                 time.sleep(0.05)
@@ -372,22 +390,34 @@ class EngineCommand:
     grace), ``kill``. ``error`` says why the engine call failed, if it did (a cancelled call exits -15)."""
 
     def __init__(self, engine: Any, argv: list[str], env: dict[str, str], log_path: Any, grace_s: float,
-                 res: Resources):
+                 res: Resources, started_path: Any = None):
         import sys
 
         self._engine = engine
         argv = [THIS_PYTHON, *argv[1:]] if argv and argv[0] == sys.executable else list(argv)
-        self._handle = engine.submit(run_command, (argv, dict(env), str(log_path), float(grace_s)), res)
+        self._started_path = None if started_path is None else str(started_path)
+        self._handle = engine.submit(run_command, (argv, dict(env), str(log_path), float(grace_s),
+                                                   self._started_path), res)
         self._rc: int | None = None
+        self._started = started_path is None
         self._interrupted = False
         self.error: str | None = None
+
+    @property
+    def started(self) -> bool:
+        """True once the engine has started the command (``started_path`` written), or when not watched."""
+        if not self._started and self._started_path is not None:
+            import os
+
+            self._started = os.path.exists(self._started_path)
+        return self._started
 
     def poll(self) -> int | None:
         if self._rc is None and self._engine.done(self._handle):
             try:
                 self._rc = int(self._engine.result(self._handle))
             except BaseException as e:  # noqa: BLE001 - a cancelled task, a lost node: the job ends with it
-                self.error = f"{type(e).__name__}: {str(e)[:300]}"
+                self.error = f"{type(e).__name__}: {str(e)[:300] or 'the call was cancelled'}"
                 self._rc = -int(signal.SIGTERM) if self._interrupted else 1
         return self._rc
 

@@ -76,6 +76,9 @@ def test_bad_executor_settings_say_what_to_do(monkeypatch):
     with pytest.raises(ConfigError, match=r"unknown 'dask'.*\['local', 'ray', 'slurm'\]"):
         LocalBackend(executor="dask")
     assert main(["worker", "--store", "unused-store", "--executor", "dask", "--once"]) == 2
+    monkeypatch.delitem(sys.modules, "ray")
+    with pytest.raises(ConfigError, match=r"needs --ray-address.*ray start --head"):
+        LocalBackend(executor="ray")                          # a Ray instance per job dies with its cancel
 
 
 def test_units_declare_threads_and_the_device_their_config_asks_for(ray_local, tmp_path):
@@ -214,6 +217,102 @@ def test_a_sigterm_while_the_benchmark_merges_a_unit_is_raised_at_the_next_wait(
     assert merged == ["a"] and eng.waits == 1 and eng.cancelled == []   # "b" was never started
 
 
+POOL_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from ctssl_core.executors import PoolEngine, Resources, run_in_order
+
+def unit(name, out):                        # as train.py's loop: SIGTERM -> save a checkpoint, then return
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    (Path(out) / f"{name}.started").touch()
+    for i in range(3000):
+        if stop:
+            time.sleep(0.5)                 # saving
+            (Path(out) / f"{name}.saved").write_text(str(i))
+            return name
+        time.sleep(0.1)
+    return name
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    try:
+        for u, r in run_in_order(PoolEngine(2), ["a", "b"], {}, unit, args=lambda u, ids: (u, out),
+                                 needs=lambda u: None, provides=lambda u: None, resources=lambda u: Resources()):
+            (Path(out) / f"{u}.returned").touch()
+    except KeyboardInterrupt as e:
+        (Path(out) / "stopped").write_text(getattr(e, "signal", "?"))
+    finally:
+        (Path(out) / "finally").touch()    # run_benchmark's finally: the benchmark's status, the last merge
+"""
+
+
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_a_sigterm_stops_a_local_pool_benchmark_after_its_running_units_save(tmp_path, to):
+    """``benchmark.workers=2`` (the local pool engine). SIGTERM to the benchmark alone (``kill PID``): the
+    running units are sent SIGTERM and save; to its process group (``ctssl jobs cancel``): they get it directly.
+    Either way the benchmark waits for them, stops as by SIGTERM, and its own clean-up runs (the process used
+    to die at once, and the job runner then killed the units mid-save)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "pool_bench.py"
+    script.write_text(POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "a.started").exists() and (out / "b.started").exists()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the pool's units never started"
+            time.sleep(0.1)
+        if to == "process":
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (out / "a.saved").exists() and (out / "b.saved").exists()
+    assert (out / "stopped").read_text() == "SIGTERM" and (out / "finally").exists()
+
+
+def test_a_busy_store_does_not_hold_the_benchmark_after_a_unit(tmp_path):
+    """After each unit the benchmark merges its folder; with the store held by another process it gives up
+    after a short wait (the next merge takes it) instead of the 30 s a connection waits, during which a
+    cancel could not reach the scheduler and a job's grace ran out."""
+    import multiprocessing as mp
+
+    from ctssl_core.benchmark import _merge_unit
+    from ctssl_core.db import connect
+    from ctssl_core.paths import store_paths
+    from ctssl_core.results import runfolder as rf
+    from ctssl_core.results.write import merge_pending
+    from ctssl_core.schema import ensure_schema
+    from test_db import _hold_write_lock
+
+    store = tmp_path / "store"
+    with connect(store_paths(store).db) as con:
+        ensure_schema(con)
+    rf.record_start(store, "ft-busy-pe-random-1", "finetune", "pe", "random", "tiny", {})
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_write_lock, args=(store_paths(store).db, 60.0, ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        said: list[str] = []
+        _merge_unit(store, said.append)
+        assert holder.is_alive()                  # it gave up while the store was still held
+        assert len(said) == 1 and "busy" in said[0] and "merged later" in said[0]
+    finally:
+        holder.terminate()
+        holder.join(30)
+    assert _query(store, "SELECT count(*) AS n FROM runs").n[0] == 0
+    merge_pending(store)                          # the next merge takes it
+    assert _query(store, "SELECT run_id, status FROM runs").values.tolist() == [["ft-busy-pe-random-1", "running"]]
+
+
 def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_local(smoke_store, tmp_path,
                                                                                     ray_local, monkeypatch):
     """Three fine-tunes of the smoke store (built by the local executor) are unfinished. Through Ray: the
@@ -343,7 +442,7 @@ def test_a_job_command_runs_as_a_ray_task_and_is_cancelled_and_resumed_through_i
         assert job["backend"] == "ray" and "train/loss" in job["current"]
         [pid] = _command_pids(store)                           # the command, in a Ray worker's process
         assert os.getpgid(pid) != job["pgid"] and pid not in procs.group_members(job["pgid"])
-        assert "runs on the ray engine" in jobs.log_tail(store, job_id, n_lines=50)
+        assert "the command started on the ray engine after" in jobs.log_tail(store, job_id, n_lines=50)
         assert jobs.cancel(store, job_id, wait=True) == "cancelled"
         first = jobs.get_job(store, job_id)
         rid = first["run_id"]
@@ -389,7 +488,7 @@ def test_a_job_whose_engine_cannot_start_fails_and_says_why(tmp_path, monkeypatc
     (fake / "ray.py").write_text("raise ImportError('this Ray is broken')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
     store = tmp_path / "store"
-    w = jobs.Worker(store, poll_s=0.1, backend=jobs.LocalBackend(executor="ray"))
+    w = jobs.Worker(store, poll_s=0.1, backend=jobs.LocalBackend(executor="ray", ray_address="auto"))
     stop = threading.Event()
     t = threading.Thread(target=w.run, kwargs={"stop": stop}, daemon=True)
     t.start()

@@ -760,6 +760,29 @@ def test_no_hang_verdict_for_a_command_that_ended_or_when_hang_detection_is_off(
     assert eio.why is None and child.sent == []     # unreadable is not proof of a hang
 
 
+def test_a_command_queued_in_an_engine_is_not_hung_until_it_has_started():
+    """A job's command handed to Ray or Slurm (``executors.EngineCommand``) may wait in the engine's queue for
+    its resources longer than ``hang_s``, showing no progress: that is not a hang. The hang clock starts when
+    the engine starts the command (``started``)."""
+    from ctssl_core.jobs.runner import Supervisor
+
+    clock, child = FakeClock(), FakeChild()
+    child.started = False
+    sup = Supervisor(child, lambda: False, lambda m: None, progress=lambda: "same", hang_s=10.0, clock=clock)
+    for _ in range(5):                               # 500 s queued
+        sup.step()
+        clock.t += 100.0
+    assert sup.why is None and child.sent == []
+    child.started = True                             # the engine starts it; from now on the usual rule
+    sup.step()
+    clock.t += 9.0
+    sup.step()
+    assert sup.why is None
+    clock.t += 2.0
+    sup.step()
+    assert sup.why == "hung" and child.sent == ["SIGTERM"]
+
+
 def test_progress_token_counts_the_commands_output_and_metrics_not_the_runners_own_lines(store):
     from ctssl_core.jobs.runner import progress_token
     from ctssl_core.results.runfolder import RunLogger

@@ -19,9 +19,12 @@ def add_arguments(p) -> None:
                    help="where each job's command runs: local (default; here, in the job's process group), ray "
                         "(a Ray task with the job's device) or slurm (a Slurm job). The job's runner stays on this "
                         "machine; the store must be on a filesystem the cluster's nodes see")
-    p.add_argument("--ray-address", default="", help="--executor ray: the cluster's address ('' starts a local "
-                                                      "Ray instance per job)")
+    p.add_argument("--ray-address", default="", help="--executor ray: the address of a running Ray cluster "
+                                                      "(required; 'auto' finds one started here by `ray start --head`)")
     p.add_argument("--slurm-partition", default="", help="--executor slurm: the partition ('' = the default)")
+    p.add_argument("--slurm-timeout-min", type=int, default=240,
+                   help="--executor slurm: each job's time limit in minutes (default 240); Slurm ends a job "
+                        "that runs longer (resume it from its checkpoint)")
     p.add_argument("--grace", type=float, default=None,
                    help="seconds from SIGTERM to SIGKILL on cancel (default 10); recorded with each job, "
                         "so `ctssl jobs cancel` waits the same time")
@@ -39,7 +42,8 @@ def run(args) -> int:
                backend=LocalBackend(grace_s=DEFAULT_GRACE_S if args.grace is None else args.grace,
                                     hang_s=DEFAULT_HANG_S if args.hang is None else args.hang,
                                     executor=args.executor, ray_address=args.ray_address,
-                                    slurm_partition=args.slurm_partition))
+                                    slurm_partition=args.slurm_partition,
+                                    slurm_timeout_min=args.slurm_timeout_min))
     print(f"worker {w.worker_id} serving {store} (cpu slots {args.max_cpu_jobs}, gpu slots {args.max_gpu_jobs}, "
           f"commands on {args.executor})", flush=True)
     w.run(once=args.once, idle_exit_s=args.idle_exit)

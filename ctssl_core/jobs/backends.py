@@ -17,6 +17,7 @@ see), cancel as an interrupt with the same grace, then a kill.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ctssl_core.config import ConfigError
 from ctssl_core.jobs import procs
 from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S, absolute_store
 from ctssl_core.paths import REPO_ROOT
@@ -62,14 +64,24 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, grace_s: float = DEFAULT_GRACE_S, heartbeat_s: float = 3.0, hang_s: float = DEFAULT_HANG_S,
-                 executor: str = "local", ray_address: str = "", slurm_partition: str = ""):
+                 executor: str = "local", ray_address: str = "", slurm_partition: str = "",
+                 slurm_timeout_min: int = 240):
         from ctssl_core.executors import check_executor
 
         check_executor(executor)   # an unknown engine, or Ray/submitit missing: said now, not per job
+        if executor == "ray" and not ray_address:
+            raise ConfigError("ctssl worker --executor ray needs --ray-address, the address of a running Ray cluster "
+                              "('auto' finds one started on this machine with `ray start --head`). A Ray instance "
+                              "started per job would live in the job's process group, and a cancel would tear it "
+                              "down before the command could save its checkpoint")
+        if executor == "slurm" and shutil.which("sbatch") is None:
+            raise ConfigError("ctssl worker --executor slurm: no Slurm on this machine (sbatch not found); start the "
+                              "worker on a Slurm login node, or use --executor local or ray")
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
         self.hang_s = hang_s  # the runner stops a live command that makes no progress for this long (0: never)
         self.executor, self.ray_address, self.slurm_partition = executor, ray_address, slurm_partition
+        self.slurm_timeout_min = int(slurm_timeout_min)
         self.name = executor  # the jobs table's `backend`: where the command ran
 
     def start(self, store_root: Path, job_id: str, argv: list[str], total: int | None,
@@ -79,7 +91,8 @@ class LocalBackend:
                "--grace", str(self.grace_s), "--heartbeat", str(self.heartbeat_s), "--hang", str(self.hang_s)]
         if self.executor != "local":
             cmd += ["--executor", self.executor, "--ray-address", self.ray_address,
-                    "--slurm-partition", self.slurm_partition, "--device", device]
+                    "--slurm-partition", self.slurm_partition, "--slurm-timeout-min", str(self.slurm_timeout_min),
+                    "--device", device]
         if total:
             cmd += ["--total", str(int(total))]
         proc = subprocess.Popen(cmd + ["--", *argv], cwd=REPO_ROOT, start_new_session=True,

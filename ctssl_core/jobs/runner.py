@@ -55,6 +55,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         "ray or slurm = one task or job of that engine, with the job's device")
     p.add_argument("--ray-address", default="", help="--executor ray: '' starts a local Ray instance")
     p.add_argument("--slurm-partition", default="", help="--executor slurm: '' = the cluster's default")
+    p.add_argument("--slurm-timeout-min", type=int, default=240, help="--executor slurm: the job's time limit")
     p.add_argument("--device", default="auto", help="the job's device (cpu, cuda, auto): what an engine reserves")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -134,6 +135,9 @@ class Supervisor:
         """Reset the hang timer when the progress token changes; stop the command when it has not
         changed for ``hang_s`` while the command is alive."""
         if not self.hang_s or self.hang_s <= 0:
+            return
+        if not getattr(self.child, "started", True):   # queued in an engine for its resources: not hung
+            self.last_token = self.last_progress = None
             return
         try:
             token = self.progress()
@@ -274,10 +278,20 @@ def main(argv: list[str] | None = None) -> int:
                 child: Any = subprocess.Popen(args.command, stdout=log_f, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)
             else:
-                engine, child = _start_on_engine(args, env, jd / "job.log", store)
-                signal.signal(signal.SIGTERM, _on_term)   # the runner's again, whatever the engine's client set
-                signal.signal(signal.SIGINT, _on_term)
-                log(f"the command runs on the {args.executor} engine")
+                try:
+                    engine = _open_engine(args, store)
+                except SystemExit:   # Ray's client ends a process on SIGTERM while it connects: a cancel
+                    log("stopped while connecting to the engine")
+                    record_end(store, job_id, "cancelled", "cancelled by user", log)
+                    _kill_group()
+                    return 0
+                finally:
+                    signal.signal(signal.SIGTERM, _on_term)   # the runner's again, whatever the client set
+                    signal.signal(signal.SIGINT, _on_term)
+                child = _command_on_engine(engine, args, env, jd)
+                log(f"the command is handed to the {args.executor} engine; it waits there for "
+                    f"{'1 CPU and a GPU' if args.device != 'cpu' else '1 CPU'} (a GPU only where the job's device "
+                    f"asks for one and the engine has one)")
         except Exception as e:  # noqa: BLE001 - no engine (Ray unreachable, no Slurm): the job fails, saying why
             log(f"could not start the command: {type(e).__name__}: {e}")
             record_end(store, job_id, "failed", f"could not start the command on {args.executor!r}: {e}", log)
@@ -289,8 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                          grace_s=args.grace, heartbeat_s=args.heartbeat, hang_s=args.hang)
         if early["stop"]:
             sup.request_stop("cancel")
+        handed = time.monotonic()
+        announced = engine is None
         try:
             while (rc := sup.step()) is None:
+                if not announced and child.started:
+                    log(f"the command started on the {args.executor} engine after "
+                        f"{time.monotonic() - handed:.1f}s in its queue")
+                    announced = True
                 time.sleep(0.05)
         except BaseException:
             if engine is not None:
@@ -312,16 +332,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_on_engine(args: argparse.Namespace, env: dict[str, str], log_path: Path, store: Path):
-    """(engine, the command as a Popen-like ``EngineCommand``): the benchmark's engines (``executors.py``) run
-    a job's command too. Only the job's own variables travel (a cluster node has its own PATH, Python)."""
-    from ctssl_core.executors import EXECUTORS, EngineCommand, EngineSettings, Resources, check_executor
+def _open_engine(args: argparse.Namespace, store: Path) -> Any:
+    """The benchmark's engine (``executors.py``) named by ``--executor``, for this job's command; SIGTERM stays
+    the runner's (no term guard)."""
+    from ctssl_core.executors import EXECUTORS, EngineSettings, check_executor
 
     check_executor(args.executor)
-    settings = EngineSettings(args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition)
-    engine = EXECUTORS[args.executor].from_config(settings, store, term_guard=False)   # SIGTERM is the runner's
+    settings = EngineSettings(args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition,
+                              slurm_timeout_min=args.slurm_timeout_min)
+    return EXECUTORS[args.executor].from_config(settings, store, term_guard=False)
+
+
+def _command_on_engine(engine: Any, args: argparse.Namespace, env: dict[str, str], jd: Path) -> Any:
+    """The command as one engine call, watched as a ``Popen`` (``EngineCommand``). Only the job's own variables
+    travel (a cluster node has its own PATH and Python)."""
+    from ctssl_core.executors import EngineCommand, Resources
+
     job_env = {k: v for k, v in env.items() if k.startswith("CTSSL_") or k == "PYTHONUNBUFFERED"}
-    return engine, EngineCommand(engine, args.command, job_env, log_path, args.grace, Resources(1, args.device))
+    return EngineCommand(engine, args.command, job_env, jd / "job.log", args.grace, Resources(1, args.device),
+                         started_path=jd / ENGINE_STARTED)
+
+
+ENGINE_STARTED = "command.started"   # written by the engine's side when the command starts (after any queueing)
 
 
 def _close(engine: Any) -> None:
