@@ -475,6 +475,30 @@ def test_a_job_command_runs_as_a_ray_task_and_is_cancelled_and_resumed_through_i
         t.join(timeout=10)
 
 
+def test_a_cuda_job_is_accepted_on_a_gpu_less_machine_when_its_worker_runs_jobs_on_a_cluster(tmp_path):
+    """The local worker refuses a ``cuda`` job on a machine without a GPU (this one); a worker whose jobs run on
+    Ray or Slurm, which reserve the GPU there, takes it, at submit and again when it claims the job."""
+    from ctssl_core import jobs
+    from ctssl_core.jobs.kinds import has_gpu, worker_executor
+
+    assert not has_gpu()
+    store = tmp_path / "store"
+    spec = {"task": "rotation", "steps": 5, "device": "cuda"}
+    with pytest.raises(jobs.JobSpecError, match="no GPU that the local worker could use.*--executor ray"):
+        jobs.submit(store, "pretrain", spec)
+    w = jobs.Worker(store, backend=jobs.LocalBackend(executor="ray", ray_address="auto"))
+    w.acquire()
+    try:
+        assert worker_executor(store) == "ray"
+        job_id = jobs.submit(store, "pretrain", spec)
+        assert jobs.get_job(store, job_id)["spec"]["params"]["device"] == "cuda"
+    finally:
+        w.release()
+    assert worker_executor(store) == "local"                  # no worker: the local rule again
+    with pytest.raises(jobs.JobSpecError, match="no GPU"):
+        jobs.submit(store, "pretrain", spec)
+
+
 def test_a_job_whose_engine_cannot_start_fails_and_says_why(tmp_path, monkeypatch):
     """The worker's engine is there, the runner's is not (here: a Ray that fails to import in the job's
     process): the job fails at once with what to do, rather than hanging or vanishing."""

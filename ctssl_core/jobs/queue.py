@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 from ctssl_core.config import ConfigError, to_dict
 from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
-from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
+from ctssl_core.jobs.kinds import check_token, get_kind, jobs_root, resource_of, validate_spec
 from ctssl_core.paths import store_paths
 from ctssl_core.results.runfolder import tail_metrics
 from ctssl_core.results.write import ensure_schema_once, merge_pending, utcnow
@@ -55,10 +55,6 @@ def absolute_store(store_root: str | Path) -> Path:
     while the worker served the other. Resolve once, where the user typed it.
     """
     return Path(store_root).expanduser().resolve()
-
-
-def jobs_root(store_root: str | Path) -> Path:
-    return Path(store_root) / "jobs"
 
 
 def job_dir(store_root: str | Path, job_id: str) -> Path:

@@ -12,7 +12,9 @@ store's jobs still running on this machine that a previous worker started
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -23,7 +25,7 @@ from pathlib import Path
 from ctssl_core.db import StoreError, is_disk_full
 from ctssl_core.jobs import queue
 from ctssl_core.jobs.backends import Backend, Handle, LocalBackend
-from ctssl_core.jobs.kinds import JobSpecError, build_argv, validate_spec
+from ctssl_core.jobs.kinds import WORKER_INFO, JobSpecError, build_argv, validate_spec
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -121,9 +123,16 @@ class Worker:
         f.write(str(os.getpid()))
         f.flush()
         self._lock_file = f
+        info = {"pid": os.getpid(), "executor": getattr(self.backend, "name", "local")}
+        try:   # what a submit checks a job against (kinds.worker_executor): a cuda job on a cluster engine
+            (path.parent / WORKER_INFO).write_text(json.dumps(info))
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                (lock_path(self.store_root).parent / WORKER_INFO).unlink()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
