@@ -42,6 +42,11 @@ The two disk-full scenarios mount tmpfs (``mount -t tmpfs``, ``mount -o remount,
 root, or under ``unshare -rm`` (an unprivileged user and mount namespace); every mount is
 unmounted when its trial ends.
 
+``--executor ray`` runs the five job scenarios with every worker started as ``ctssl worker --executor ray``
+against a Ray instance the script starts: each job's command is then a Ray task's child, outside its
+runner's process group (``kill9_training`` finds it by its environment; ``kill9_runner`` relies on Ray
+ending a dead owner's task).
+
 Counted per scenario, over all trials (all must be 0):
 
 - ``lost``: jobs (or resume chains) that never reached a final state in time;
@@ -86,6 +91,7 @@ PLUGIN = "ctssl_core.jobs.testing"
 TICK_MARK = b"from ctssl_core.results.runfolder import RunLogger"  # in the tick command's argv
 PRETRAIN_MARK = b"ctssl_core.cli\x00pretrain\x00"  # a pretrain job's command (disk_full_checkpoint)
 SLOTS = 1  # every worker here runs with --max-cpu-jobs 1
+WORKER_EXTRA: list[str] = []  # --executor ray: ["--executor", "ray", "--ray-address", ADDR] for every worker
 COLUMNS = ("lost", "double_run", "wrong_state", "rows_lost")
 
 
@@ -188,7 +194,7 @@ class Monitor(threading.Thread):
 def start_worker(store: Path, once: bool = False, tag: str = "") -> subprocess.Popen:
     """``ctssl worker`` for ``store`` with one CPU slot, in its own session (as ensure_worker does)."""
     cmd = [sys.executable, "-m", "ctssl_core.cli", "worker", "--store", str(store), "--max-cpu-jobs", str(SLOTS)]
-    cmd += ["--once"] if once else ["--idle-exit", "60"]
+    cmd += (["--once"] if once else ["--idle-exit", "60"]) + WORKER_EXTRA
     log = open(store / f"worker{tag}.log", "ab")
     try:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**_env(), "CTSSL_STORE": str(store)},
@@ -336,9 +342,10 @@ def _kill_at_random_step(store: Path, rng: random.Random, t: Tally, workers: lis
         return jobs.job_run_ids(store, job_id)
     if target == "runner":
         victims = [job["pid"]]
-    else:
-        victims = [p for p in procs.group_members(job["pgid"])
-                   if p != job["pid"] and procs.environ_value(p, "CTSSL_JOB_ID") == job_id]
+    else:   # its group (a local command and its children), or wherever an engine runs it (Ray: a worker's child)
+        victims = {p for p in procs.group_members(job["pgid"])
+                   if p != job["pid"] and procs.environ_value(p, "CTSSL_JOB_ID") == job_id}
+        victims |= {p for p, (jid, is_cmd, _) in store_processes(store).items() if jid == job_id and is_cmd}
     for p in victims:
         os.kill(p, signal.SIGKILL)
     if expect_state(t, store, job_id, "failed", 60, f"killed {target}") is None:
@@ -775,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the table here")
     p.add_argument("--tmp", default=None, help="folder for the trial stores (default: the system's)")
     p.add_argument("--keep", action="store_true", help="keep every trial's store")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the workers run job commands (ray: a Ray instance this script starts, 4 CPUs; "
+                        "only the job scenarios, not the disk-full ones)")
     cfg = p.parse_args(argv)
     if cfg.quick:
         cfg.trials, cfg.busy_s = 3, min(cfg.busy_s, 3.0)
@@ -783,9 +793,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"CTSSL_JOB_PLUGINS": PLUGIN})
     import ctssl_core.jobs.testing  # noqa: F401 - registers "tick" in this process too
 
+    scenarios = cfg.scenario or [n for n in SCENARIOS if cfg.executor == "local" or n not in ON_TMPFS]
+    if cfg.executor == "ray":
+        import ray
+
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        WORKER_EXTRA[:] = ["--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
+        print(f"job commands run on Ray at {WORKER_EXTRA[-1]}", flush=True)
     tallies: dict[str, Tally] = {}
     try:
-        for name in cfg.scenario or list(SCENARIOS):
+        for name in scenarios:
             tallies[name] = Tally()
             for i in range(cfg.trials):
                 t = run_trial(name, cfg.seed * 100_003 + i, cfg)
