@@ -46,12 +46,12 @@ import numpy as np
 import pandas as pd
 
 from ctssl_core.config import ConfigError
+from ctssl_core.evaluate.metrics import auroc, auroc_rows
 from ctssl_core.probes import (
     ATTRIBUTE_KINDS,
     LOWER_IS_BETTER,
     Estimate,
     ProbeError,
-    _auroc_rows,
     cluster_boot_index,
     paired_delta,
     pool_by_group,
@@ -344,7 +344,7 @@ def gap_permutation_p(y: np.ndarray, s: np.ndarray, in_a: np.ndarray, metric: st
     def value(idx):
         yi, si = y[idx], s[idx]
         if metric == "auroc":
-            return _auroc_rows(yi, si)
+            return auroc_rows(yi, si)
         tpr, fpr = _rates_rows(yi, si >= threshold)
         return tpr if metric == "tpr" else fpr
 
@@ -373,7 +373,6 @@ def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
     raw: the caller corrects them over its family (``subgroup_rows``).
     """
     from fairlearn.metrics import MetricFrame, count, false_positive_rate, true_positive_rate
-    from sklearn.metrics import roc_auc_score
 
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).astype(np.float64)
@@ -386,9 +385,6 @@ def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
     if len(np.unique(y)) < 2:
         raise BiasError("subgroup performance needs both positive and negative labels")
     thr = None if threshold is None else float(threshold)
-
-    def auroc(a, b):
-        return roc_auc_score(a, b) if len(np.unique(a)) == 2 else float("nan")
 
     metrics = {"auroc": auroc, "prevalence": lambda a, b: float(np.mean(a)), "n_rows": count}
     if thr is not None:
@@ -403,7 +399,7 @@ def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
         e = extra[grp] = dict(n=len(np.unique(clusters[rows])), n_pos=int(y[rows].sum()), n_neg=int((1 - y[rows]).sum()))
         bidx = rows[cluster_boot_index(clusters[rows], n_boot, seed + i)]          # (R, n_g)
         yi, si = y[bidx], s[bidx]
-        reps[grp] = {"auroc": _auroc_rows(yi, si)}
+        reps[grp] = {"auroc": auroc_rows(yi, si)}
         if thr is not None:
             reps[grp]["tpr"], reps[grp]["fpr"] = _rates_rows(yi, si >= thr)
         for m in SUBGROUP_METRICS:

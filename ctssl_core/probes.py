@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 
 from ctssl_core.config import ConfigError
+from ctssl_core.evaluate.metrics import auroc_rows
 
 Kind = Literal["binary", "multiclass", "regression"]
 
@@ -137,20 +138,6 @@ def _isnan(a: np.ndarray) -> np.ndarray:
 # the same code computes the point estimate (R = 1, identity) and the bootstrap.
 
 
-def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AUROC per row of (R, N) binary labels ``y`` and scores ``s`` (Mann-Whitney, ties averaged)."""
-    from scipy.stats import rankdata
-
-    r = rankdata(s, axis=1)                         # (R, N)
-    pos = y.astype(bool)
-    n1 = pos.sum(1).astype(np.float64)
-    n0 = y.shape[1] - n1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = ((r * pos).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    auc[(n1 == 0) | (n0 == 0)] = np.nan
-    return auc
-
-
 def metric_rows(kind: str, metric: str, y: np.ndarray, oof: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Metric for each replicate row of ``idx`` (R, N) -> (R,)."""
     return metric_arrays(kind, metric, y[idx], oof[idx])
@@ -162,10 +149,10 @@ def metric_arrays(kind: str, metric: str, Y: np.ndarray, S: np.ndarray) -> np.nd
     Rows are bootstrap replicates or permutations; one code path scores both.
     """
     if metric == "auroc":
-        return _auroc_rows(Y, S)
+        return auroc_rows(Y, S)
     if metric == "macro_auroc":
         k = S.shape[2]
-        per = np.stack([_auroc_rows(Y == c, S[..., c]) for c in range(k)], 1)  # (R, K)
+        per = np.stack([auroc_rows(Y == c, S[..., c]) for c in range(k)], 1)  # (R, K)
         present = [c for c in range(k) if np.any(Y == c)]
         with np.errstate(invalid="ignore"):
             return np.nanmean(per[:, present], 1) if present else np.full(len(Y), np.nan)

@@ -42,13 +42,23 @@ def _binary(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
 def auroc(y_true, y_score) -> float:
     """Area under the ROC curve via the Mann-Whitney rank sum (ties count 1/2, like sklearn)."""
     y, s = _binary(y_true, y_score)
-    pos = y > 0.5
-    n1 = int(pos.sum())
-    n0 = y.size - n1
-    if n1 == 0 or n0 == 0:
+    if y.size == 0:
         return float("nan")
-    ranks = rankdata(s)  # average ranks for ties
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    return float(auroc_rows((y > 0.5)[None], s[None])[0])
+
+
+def auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUROC per row of (R, N) binary labels ``y`` (nonzero = positive) and scores ``s`` -> (R,): the one
+    AUROC of ctssl, for a point estimate (R = 1), bootstrap replicates and permutations alike. Mann-Whitney
+    rank sum with average ranks for ties; NaN for a row with one class only."""
+    r = rankdata(s, axis=1)                         # (R, N) average ranks for ties
+    pos = y.astype(bool)
+    n1 = pos.sum(1).astype(np.float64)              # (R,)
+    n0 = y.shape[1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((r * pos).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    auc[(n1 == 0) | (n0 == 0)] = np.nan
+    return auc
 
 
 def _curve_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
