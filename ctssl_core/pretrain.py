@@ -173,25 +173,16 @@ def input_geometry(task: Any, image_size: int, crop: int) -> tuple[int | None, i
 
 def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: np.ndarray, image_size: int | None,
                       device: Any) -> Callable[[Any, int], dict[str, float]]:
-    """A cheap linear probe: embed the held-out slices, fit logistic regression on half the patients,
-    AUROC on the other half. Cost: one no-grad pass over ``len(ids)`` slices + 200 tiny Adam steps."""
+    """A cheap linear probe of PE on held-out slices while pretraining: embed them, score them out of fold
+    with the study's linear probe (``probes.binary_oof``: nested-CV ridge, folds by patient where there
+    are enough), AUROC. Cost: one no-grad pass over ``len(ids)`` slices plus two small ridge fits."""
     import torch
 
     from ctssl_core.evaluate.metrics import auroc
     from ctssl_core.ops import model_input, resize, slice_at
+    from ctssl_core.probes import binary_oof
 
     hu = torch.from_numpy(np.ascontiguousarray(store.read(ids)))[:, None]  # (N, 1, H, W) int16, read once
-    target = torch.from_numpy(y)
-    # two halves by patient (alternating over the held-out patients) so a patient never is in both;
-    # if that leaves a half with one class (tiny stores), slices alternate within each class instead
-    order = np.unique(patient_idx, return_inverse=True)[1]
-    fold_np = (order % 2).astype(np.int64)
-    if any(len(set(y[fold_np == k].tolist())) < 2 for k in (0, 1)):
-        fold_np = np.zeros(len(y), np.int64)
-        for cls in (0.0, 1.0):
-            at = np.flatnonzero(y == cls)
-            fold_np[at] = np.arange(len(at)) % 2
-    fold = torch.from_numpy(fold_np)
 
     def probe(encoder: Any, step: int) -> dict[str, float]:
         encoder.eval()
@@ -202,26 +193,10 @@ def make_online_probe(store: Any, ids: np.ndarray, y: np.ndarray, patient_idx: n
                 if image_size:
                     x = resize(x, image_size)  # as the loader resizes training inputs (ops.resize)
                 feats.append(encoder.embed(x).float().cpu())
-        z = torch.cat(feats)  # (N, D)
-        z = (z - z.mean(0)) / (z.std(0) + 1e-6)
-        out: dict[str, float] = {}
-        aucs = []
-        for k in (0, 1):  # train on one half of the patients, score the other, both ways
-            tr, te = fold != k, fold == k
-            if len(set(target[tr].tolist())) < 2 or len(set(target[te].tolist())) < 2:
-                continue
-            lin = torch.nn.Linear(z.shape[1], 1)
-            opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-3)
-            for _ in range(200):
-                opt.zero_grad()
-                torch.nn.functional.binary_cross_entropy_with_logits(lin(z[tr]).squeeze(1), target[tr]).backward()
-                opt.step()
-            with torch.no_grad():
-                aucs.append(auroc(target[te].numpy(), lin(z[te]).squeeze(1).numpy()))
-        if aucs:
-            out["probe/pe_auroc"] = float(np.mean(aucs))
-            out["probe/n"] = float(len(target))
-        return out
+        z = torch.cat(feats).numpy()  # (N, D)
+        if not np.all(np.isfinite(z)):
+            return {}                 # a diverged encoder: its loss says so; no probe value to draw
+        return {"probe/pe_auroc": auroc(y, binary_oof(z, y, patient_idx)), "probe/n": float(len(y))}
 
     return probe
 

@@ -308,6 +308,21 @@ def _cv_oof(X: np.ndarray, T: np.ndarray, cluster: np.ndarray, n_splits: int, se
     return oof
 
 
+def binary_oof(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int = 2, seed: int = 0) -> np.ndarray:
+    """Out-of-fold scores (N,) of the binary linear probe: the same nested-CV ridge as ``probe``, without its
+    pooling, bootstrap or permutations, for a cheap monitor (pretraining's online probe, every few steps).
+
+    Rows are folded by ``groups`` (patients) when each training fold keeps at least two of them for the inner
+    penalty search; with fewer patients (a tiny store) row by row, which lets one patient's slices sit on both
+    sides: acceptable for a learning-curve monitor, never for a reported result (``probe``)."""
+    X = np.asarray(X, dtype=np.float64)
+    y01 = (np.asarray(y, dtype=np.float64) > 0.5).astype(np.float64)
+    cluster = np.unique(np.asarray(groups), return_inverse=True)[1]
+    if len(np.unique(cluster)) < 2 * n_splits:
+        cluster = np.arange(len(y01))
+    return _cv_oof(X, y01[:, None], cluster, n_splits, seed, scores=True)[:, 0]
+
+
 def _scores(kind: str, oof: np.ndarray) -> np.ndarray:
     """(N,) score for regression/binary, (N, K) per-class scores for multiclass."""
     return oof if kind == "multiclass" else oof[:, 0]

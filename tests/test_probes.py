@@ -208,3 +208,22 @@ def test_missing_targets_are_dropped_not_fatal():
     yo[:10] = None
     r = probe(X, yo, g, "binary", n_boot=50)
     assert r.n_units == 110
+
+
+def test_binary_oof_the_online_probes_scores_find_a_planted_signal_and_not_noise():
+    """``probes.binary_oof`` (pretraining's online probe): out-of-fold scores of the study's ridge probe, folded
+    by patient; row by row when there are too few patients for grouped folds with an inner search."""
+    from ctssl_core.evaluate.metrics import auroc
+    from ctssl_core.probes import binary_oof
+
+    rng = np.random.default_rng(0)
+    n, pats = 240, 40
+    groups = np.repeat(np.arange(pats), n // pats)
+    y = (rng.random(pats) < 0.5)[groups].astype(float)           # a patient's slices share its label
+    noise = rng.normal(size=(n, 16))
+    signal = noise.copy()
+    signal[:, 0] += 1.5 * y
+    assert auroc(y, binary_oof(signal, y, groups)) > 0.8
+    assert 0.3 < auroc(y, binary_oof(noise, y, groups)) < 0.7
+    few = np.repeat(np.arange(3), n // 3)                        # 3 patients: row-by-row folds
+    assert binary_oof(signal, y, few).shape == (n,) and np.isfinite(binary_oof(signal, y, few)).all()
