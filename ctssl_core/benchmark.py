@@ -185,10 +185,15 @@ def run_control_unit(plan: Plan, unit: Unit, store_root: Path, store, pretrain_i
     try:
         ckpt = controls.write_negative_control(source, run_dir / "checkpoints" / "last.pt", store_root, seed=0)
     except BaseException as e:
-        rf.record_end_after(e, store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        rf.record_end_after(e, store_root, unit.run_id, _ended(e), error=f"{type(e).__name__}: {e}"[:2000])
         raise
     rf.record_end(store_root, unit.run_id, "succeeded", checkpoint=ckpt)
     return unit.run_id
+
+
+def _ended(e: BaseException) -> str:
+    """A unit's status after ``e``: cancelled when it was stopped (Ctrl-C, SIGTERM), else failed."""
+    return "cancelled" if isinstance(e, KeyboardInterrupt) else "failed"
 
 
 def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[str, str]) -> dict[str, str]:
@@ -204,7 +209,7 @@ def run_embed_unit(plan: Plan, unit: Unit, store_root: Path, pretrain_ids: dict[
     try:
         ids = emb.run_embed(store_root, ref, ecfg, record_run=unit.run_id)   # rows in its folder, merged by the driver
     except BaseException as e:
-        rf.record_end_after(e, store_root, unit.run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        rf.record_end_after(e, store_root, unit.run_id, _ended(e), error=f"{type(e).__name__}: {e}"[:2000])
         raise
     (store_paths(store_root).run_dir(unit.run_id) / "embeddings.json").write_text(json.dumps(ids))
     rf.record_end(store_root, unit.run_id, "succeeded")
@@ -286,6 +291,9 @@ def run_benchmark(profile: str, store_root: str | Path | None = None, overrides=
         rw.merge_pending(root)           # all of them, waiting out a busy store: the summary reads the store
         table = summarise(plan, root, embeddings, log)
         status = "succeeded"
+    except KeyboardInterrupt:
+        status = "cancelled"             # Ctrl-C or SIGTERM: its units were cancelled too, and a re-run resumes
+        raise
     finally:
         bar.close()
         if status != "succeeded":     # a unit that failed or was interrupted: its folder says how it ended

@@ -381,6 +381,9 @@ def subgroup_performance(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
         raise BiasError(f"scores, labels and groups must have one entry per row; got {len(s)}, {len(y)}, {len(g)}")
     ok = np.isfinite(s) & np.isfinite(y) & np.array([v is not None for v in g])
     clusters = np.arange(len(s)) if clusters is None else np.asarray(clusters)
+    if not np.isin(y[ok], (0.0, 1.0)).all():   # a silent recast of other codes would be a wrong AUROC
+        raise BiasError(f"subgroup performance needs 0/1 labels; got values {sorted(set(y[ok].tolist()))[:6]}: "
+                        f"map the positive class to 1 and the negative to 0")
     s, y, g, clusters = s[ok], y[ok].astype(int), g[ok], clusters[ok]
     if len(np.unique(y)) < 2:
         raise BiasError("subgroup performance needs both positive and negative labels")

@@ -71,7 +71,8 @@ class Engine(Protocol):
     def kill(self, handle: Any) -> None:
         """Stop it now."""
 
-    def cancel(self, handles: list) -> None: ...
+    def cancel(self, handles: list, stop: BaseException | None = None) -> None:
+        """Stop the started calls; ``stop``: what stopped the scheduler (None: asked)."""
 
     def close(self) -> None: ...
 
@@ -138,7 +139,7 @@ class PoolEngine(_TermGuard):
         from concurrent.futures import ProcessPoolExecutor
 
         self.slots = workers
-        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_pool_init)
         if term_guard:
             self._guard_term()
 
@@ -147,7 +148,7 @@ class PoolEngine(_TermGuard):
         return cls(bench.workers, term_guard)
 
     def submit(self, fn: Callable, args: tuple, res: Resources) -> Any:
-        return self._ex.submit(fn, *args)
+        return self._ex.submit(_pool_call, fn, args)
 
     def wait(self, handles: list) -> list:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -166,19 +167,55 @@ class PoolEngine(_TermGuard):
 
     kill = interrupt
 
-    def cancel(self, handles: list) -> None:
+    def cancel(self, handles: list, stop: BaseException | None = None) -> None:
+        """Drop the calls not started; stop the running ones with SIGTERM (a unit saves, records its end and
+        ends), whatever stopped the scheduler - a SIGTERM to this process alone, an error of the consumer -
+        except Ctrl-C, which the terminal already sent to the whole process group."""
         running = [h for h in handles if not h.cancel()]     # cancel() is False for a call already running
-        if running and self._term:   # a SIGTERM to this process alone (Ctrl-C already reached the whole group)
+        ctrl_c = isinstance(stop, KeyboardInterrupt) and getattr(stop, "signal", None) is None
+        if running and not ctrl_c:
             # the pool has no API for its processes; ``_processes`` (pid -> Process) has been there since 3.2
             for pid in list(getattr(self._ex, "_processes", None) or {}):
                 with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)     # a unit saves and ends; an idle process just exits
+                    os.kill(pid, signal.SIGTERM)
 
     def close(self) -> None:
         try:
             self._ex.shutdown(wait=True, cancel_futures=True)
         finally:
             self._restore_term()
+
+
+_POOL_UNIT: bool | None = False   # in a pool process: False idle, True running a unit, None its unit was stopped
+
+
+def _pool_init() -> None:
+    """A pool process: SIGTERM stops the unit it runs as a SIGTERM stop, so that a unit outside its training
+    loop (embedding, scoring, writing a control; training has its own handler) records its end, cancelled,
+    rather than dying with its record saying running."""
+    signal.signal(signal.SIGTERM, _pool_term)
+
+
+def _pool_term(signum: int, frame: Any) -> None:
+    """Raise once per unit: a cancel may deliver SIGTERM twice (to the group, and from ``PoolEngine.cancel``),
+    and a second raise would cut short the unit's recording of its end."""
+    global _POOL_UNIT
+    if _POOL_UNIT is True:
+        _POOL_UNIT = None
+        raise _stopped_by_term()
+    # else idle, or its unit stopped already and recording its end: nothing to do. An idle process ends with
+    # the pool's shutdown (or when the benchmark's process is gone: its queue closes); exiting here would
+    # break the pool and fail the other units' results
+
+
+def _pool_call(fn: Callable, args: tuple) -> Any:
+    global _POOL_UNIT
+    _POOL_UNIT = True
+    try:
+        return fn(*args)
+    finally:
+        if _POOL_UNIT is True:
+            _POOL_UNIT = False
 
 
 class RayEngine(_TermGuard):
@@ -248,7 +285,7 @@ class RayEngine(_TermGuard):
     def kill(self, handle: Any) -> None:
         self._ray.cancel(handle, force=True)    # its worker process is killed
 
-    def cancel(self, handles: list) -> None:
+    def cancel(self, handles: list, stop: BaseException | None = None) -> None:
         """Interrupt the running tasks (their runs are marked failed/stopped: resumable), drop the queued
         ones, and kill what has not ended after ``CANCEL_GRACE_S``."""
         if not handles:
@@ -325,7 +362,7 @@ class SlurmEngine(_TermGuard):
 
     kill = interrupt   # scancel: Slurm itself kills the job after its KillWait
 
-    def cancel(self, handles: list) -> None:
+    def cancel(self, handles: list, stop: BaseException | None = None) -> None:
         """scancel (SIGINT for a local job): a running unit unwinds and its run is left resumable."""
         for h in handles:
             self.interrupt(h)
@@ -494,8 +531,8 @@ def run_in_order(engine: Engine, todo: list, ids: dict[str, Any], call: Callable
                 yield u, result
         if hasattr(engine, "check_stop"):
             engine.check_stop()          # one that came while the consumer merged the last unit
-    except BaseException:
-        engine.cancel(list(running))
+    except BaseException as stop:
+        engine.cancel(list(running), stop)
         raise
     finally:
         engine.close()

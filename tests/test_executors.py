@@ -153,7 +153,7 @@ def test_a_second_sigterm_does_not_interrupt_the_cancel_of_the_started_units():
                 time.sleep(5)                                 # the handler raises in here
             raise AssertionError("SIGTERM was not turned into KeyboardInterrupt")
 
-        def cancel(self, handles):
+        def cancel(self, handles, stop=None):
             os.kill(os.getpid(), signal.SIGTERM)                # the second, while the scheduler cancels
             time.sleep(0.2)
             self.cancelled += handles
@@ -198,7 +198,7 @@ def test_a_sigterm_while_the_benchmark_merges_a_unit_is_raised_at_the_next_wait(
         def result(self, handle):
             return handle
 
-        def cancel(self, handles):
+        def cancel(self, handles, stop=None):
             self.cancelled += handles
 
         def close(self):
@@ -222,49 +222,69 @@ import os, signal, sys, time
 from pathlib import Path
 from ctssl_core.executors import PoolEngine, Resources, run_in_order
 
-def unit(name, out):                        # as train.py's loop: SIGTERM -> save a checkpoint, then return
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+def unit(name, out):
     (Path(out) / f"{name}.started").touch()
-    for i in range(3000):
-        if stop:
-            time.sleep(0.5)                 # saving
-            (Path(out) / f"{name}.saved").write_text(str(i))
-            return name
-        time.sleep(0.1)
-    return name
+    if name == "q":
+        return name
+    if name == "b":                         # outside a training loop (embedding, scoring): no handler of its own
+        try:
+            time.sleep(300)
+        except KeyboardInterrupt as e:      # what the benchmark's units do: record the end, cancelled
+            (Path(out) / "b.recorded").write_text(getattr(e, "signal", "?"))
+            raise
+    stop = []                               # as train.py's loop: SIGTERM -> save a checkpoint, then return
+    before = signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        for i in range(3000):
+            if stop:
+                time.sleep(0.5)             # saving
+                (Path(out) / f"{name}.saved").write_text(str(i))
+                return name
+            time.sleep(0.1)
+        return name
+    finally:
+        signal.signal(signal.SIGTERM, before)   # as train.fit restores the handler it found
 
 if __name__ == "__main__":
-    out = sys.argv[1]
+    out, units = sys.argv[1], sys.argv[2].split(",")
     try:
-        for u, r in run_in_order(PoolEngine(2), ["a", "b"], {}, unit, args=lambda u, ids: (u, out),
+        for u, r in run_in_order(PoolEngine(2), units, {}, unit, args=lambda u, ids: (u, out),
                                  needs=lambda u: None, provides=lambda u: None, resources=lambda u: Resources()):
-            (Path(out) / f"{u}.returned").touch()
+            if u == "q":
+                raise RuntimeError("the consumer failed")   # e.g. a full disk while merging the unit
     except KeyboardInterrupt as e:
         (Path(out) / "stopped").write_text(getattr(e, "signal", "?"))
+    except RuntimeError:
+        (Path(out) / "error").touch()
     finally:
         (Path(out) / "finally").touch()    # run_benchmark's finally: the benchmark's status, the last merge
 """
 
 
-@pytest.mark.parametrize("to", ["process", "group"])
-def test_a_sigterm_stops_a_local_pool_benchmark_after_its_running_units_save(tmp_path, to):
-    """``benchmark.workers=2`` (the local pool engine). SIGTERM to the benchmark alone (``kill PID``): the
-    running units are sent SIGTERM and save; to its process group (``ctssl jobs cancel``): they get it directly.
-    Either way the benchmark waits for them, stops as by SIGTERM, and its own clean-up runs (the process used
-    to die at once, and the job runner then killed the units mid-save)."""
+def _pool_bench(tmp_path, units):
     import subprocess
 
     out = tmp_path / "out"
     out.mkdir()
     script = tmp_path / "pool_bench.py"
     script.write_text(POOL_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], start_new_session=True)
+    return out, subprocess.Popen([sys.executable, str(script), str(out), ",".join(units)], start_new_session=True)
+
+
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_a_sigterm_stops_a_local_pool_benchmark_after_its_running_units_save(tmp_path, to):
+    """``benchmark.workers=2`` (the local pool engine). SIGTERM to the benchmark alone (``kill PID``): the
+    running units are sent SIGTERM; to its process group (``ctssl jobs cancel``): they get it directly. A unit
+    in its training loop saves; one outside it (no handler of its own) gets a SIGTERM stop and records its end.
+    The benchmark waits for them, stops as by SIGTERM, and its own clean-up runs (the process used to die at
+    once, and the job runner then killed the units mid-save)."""
+    out, proc = _pool_bench(tmp_path, ["a", "b"])
     try:
         deadline = time.monotonic() + 120
         while not ((out / "a.started").exists() and (out / "b.started").exists()):
             assert time.monotonic() < deadline and proc.poll() is None, "the pool's units never started"
             time.sleep(0.1)
+        time.sleep(0.3)                                          # into their loops
         if to == "process":
             os.kill(proc.pid, signal.SIGTERM)
         else:
@@ -273,8 +293,20 @@ def test_a_sigterm_stops_a_local_pool_benchmark_after_its_running_units_save(tmp
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert (out / "a.saved").exists() and (out / "b.saved").exists()
+    assert (out / "a.saved").exists() and (out / "b.recorded").read_text() == "SIGTERM"
     assert (out / "stopped").read_text() == "SIGTERM" and (out / "finally").exists()
+
+
+def test_an_error_of_the_benchmark_itself_stops_the_pools_running_units(tmp_path):
+    """The consumer (the benchmark merging a unit) fails while another unit trains: the running unit is sent
+    SIGTERM and saves, instead of the pool's shutdown waiting for it to train to its end (hours)."""
+    out, proc = _pool_bench(tmp_path, ["a", "q"])
+    try:
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (out / "error").exists() and (out / "a.saved").exists() and (out / "finally").exists()
 
 
 def test_a_busy_store_does_not_hold_the_benchmark_after_a_unit(tmp_path):
@@ -366,7 +398,7 @@ def test_ray_cancel_by_sigterm_then_resume_reruns_nothing_finished_and_matches_l
     status = _query(store, "SELECT run_id, status FROM runs WHERE run_id IN (SELECT unnest(?))", [redo])
     status = dict(zip(status.run_id, status.status))
     assert status[first] == "succeeded" and status[redo[1]] != "succeeded" and status[redo[2]] != "succeeded"
-    assert _query(store, "SELECT status FROM benchmarks").status.tolist() == ["failed"]
+    assert _query(store, "SELECT status FROM benchmarks").status.tolist() == ["cancelled"]
 
     again = tmp_path / "again"
     again.mkdir()
@@ -475,25 +507,47 @@ def test_a_job_command_runs_as_a_ray_task_and_is_cancelled_and_resumed_through_i
         t.join(timeout=10)
 
 
-def test_a_cuda_job_is_accepted_on_a_gpu_less_machine_when_its_worker_runs_jobs_on_a_cluster(tmp_path):
+def test_a_cuda_job_is_accepted_on_a_gpu_less_machine_when_its_worker_runs_jobs_on_a_cluster(tmp_path, ray_local):
     """The local worker refuses a ``cuda`` job on a machine without a GPU (this one); a worker whose jobs run on
-    Ray or Slurm, which reserve the GPU there, takes it, at submit and again when it claims the job."""
+    Ray or Slurm, which reserve the GPU there, takes it, at submit and again when it claims the job. A stale
+    ``worker.json`` (its pid now another process's) does not count. On a Ray cluster without GPUs the job fails
+    at once, saying so, instead of waiting in Ray's queue for ever."""
+    import json
+    import threading
+
     from ctssl_core import jobs
-    from ctssl_core.jobs.kinds import has_gpu, worker_executor
+    from ctssl_core.jobs.kinds import has_gpu
+    from ctssl_core.jobs.presence import WORKER_INFO, jobs_root, worker_executor
 
     assert not has_gpu()
     store = tmp_path / "store"
     spec = {"task": "rotation", "steps": 5, "device": "cuda"}
     with pytest.raises(jobs.JobSpecError, match="no GPU that the local worker could use.*--executor ray"):
         jobs.submit(store, "pretrain", spec)
-    w = jobs.Worker(store, backend=jobs.LocalBackend(executor="ray", ray_address="auto"))
-    w.acquire()
+    jobs_root(store).mkdir(parents=True, exist_ok=True)
+    (jobs_root(store) / WORKER_INFO).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                            "executor": "ray"}))
+    assert worker_executor(store) == "local"                  # alive pid, but no worker holds the lock
+    address = ray_local.get_runtime_context().gcs_address
+    w = jobs.Worker(store, poll_s=0.1, backend=jobs.LocalBackend(executor="ray", ray_address=address))
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, kwargs={"stop": stop}, daemon=True)
+    t.start()
     try:
-        assert worker_executor(store) == "ray"
+        deadline = time.monotonic() + 30
+        while worker_executor(store) != "ray":
+            assert time.monotonic() < deadline, "the worker never said where it runs jobs"
+            time.sleep(0.05)
         job_id = jobs.submit(store, "pretrain", spec)
         assert jobs.get_job(store, job_id)["spec"]["params"]["device"] == "cuda"
+        while jobs.get_job(store, job_id)["state"] not in jobs.FINAL:
+            assert time.monotonic() < deadline + 60, jobs.log_tail(store, job_id)
+            time.sleep(0.1)
+        job = jobs.get_job(store, job_id)
+        assert job["state"] == "failed" and "asks for a GPU" in job["error"] and "has none" in job["error"]
     finally:
-        w.release()
+        stop.set()
+        t.join(timeout=10)
     assert worker_executor(store) == "local"                  # no worker: the local rule again
     with pytest.raises(jobs.JobSpecError, match="no GPU"):
         jobs.submit(store, "pretrain", spec)

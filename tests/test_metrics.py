@@ -265,3 +265,20 @@ def test_a_position_shortcut_scores_half_stratified_but_high_plain():
     assert ev.stratified_auroc(y, seeing, z) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="one entry per slice"):
         ev.position_strata(exam, order[:5])
+
+
+def test_one_auroc_one_rule_for_the_positive_class():
+    """``auroc`` and ``auroc_rows`` (the one implementation) count a label > 0.5 as positive, as sklearn does for
+    0/1, bool and -1/1 labels; bias refuses other codes rather than recasting them."""
+    from sklearn.metrics import roc_auc_score
+
+    from ctssl_core.bias import BiasError, subgroup_performance
+    from ctssl_core.evaluate.metrics import auroc, auroc_rows
+
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.8, 0.2])
+    for y in (np.array([0, 0, 1, 1, 0, 1]), np.array([-1, -1, 1, 1, -1, 1]),
+              np.array([False, False, True, True, False, True])):
+        ref = roc_auc_score(y, s)
+        assert auroc(y, s) == pytest.approx(ref) and auroc_rows(y[None], s[None])[0] == pytest.approx(ref)
+    with pytest.raises(BiasError, match="0/1 labels"):
+        subgroup_performance(s, np.array([1, 1, 2, 2, 1, 2]), np.array(list("aabbab")))

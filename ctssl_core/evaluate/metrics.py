@@ -44,15 +44,15 @@ def auroc(y_true, y_score) -> float:
     y, s = _binary(y_true, y_score)
     if y.size == 0:
         return float("nan")
-    return float(auroc_rows((y > 0.5)[None], s[None])[0])
+    return float(auroc_rows(y[None], s[None])[0])
 
 
 def auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AUROC per row of (R, N) binary labels ``y`` (nonzero = positive) and scores ``s`` -> (R,): the one
-    AUROC of ctssl, for a point estimate (R = 1), bootstrap replicates and permutations alike. Mann-Whitney
-    rank sum with average ranks for ties; NaN for a row with one class only."""
+    """AUROC per row of (R, N) binary labels ``y`` (positive: > 0.5, as ``auroc``; bool, 0/1 or -1/1) and
+    scores ``s`` -> (R,): the one AUROC of ctssl, for a point estimate (R = 1), bootstrap replicates and
+    permutations alike. Mann-Whitney rank sum with average ranks for ties; NaN for a row with one class."""
     r = rankdata(s, axis=1)                         # (R, N) average ranks for ties
-    pos = y.astype(bool)
+    pos = np.asarray(y, dtype=np.float64) > 0.5
     n1 = pos.sum(1).astype(np.float64)              # (R,)
     n0 = y.shape[1] - n1
     with np.errstate(invalid="ignore", divide="ignore"):

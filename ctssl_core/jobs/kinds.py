@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ctssl_core.config import ConfigError, build
+from ctssl_core.jobs.presence import worker_executor
 
 PLUGINS_ENV = "CTSSL_JOB_PLUGINS"
 DEVICES = ("auto", "cpu", "cuda")
@@ -260,28 +260,6 @@ def validate_spec(kind: str, params: Mapping[str, Any] | None, store_root: Path 
                            "or 'auto', or serve the store with a worker that runs jobs on a cluster with GPUs "
                            "(ctssl worker --executor ray|slurm)")
     return spec
-
-
-def jobs_root(store_root: str | Path) -> Path:
-    return Path(store_root) / "jobs"
-
-
-WORKER_INFO = "worker.json"   # in jobs_root: the serving worker's pid and executor, written by the worker
-
-
-def worker_executor(store_root: str | Path | None) -> str:
-    """Where the worker serving this store runs job commands (``ctssl worker --executor``); 'local' when no
-    worker runs. A ``cuda`` job is possible on a machine without a GPU when it runs on a cluster."""
-    from ctssl_core.jobs import procs
-
-    if store_root is None:
-        return "local"
-    try:
-        info = json.loads((jobs_root(store_root) / WORKER_INFO).read_text())
-        alive = procs.is_alive(int(info["pid"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return "local"
-    return str(info.get("executor") or "local") if alive else "local"
 
 
 def build_argv(kind: str, spec: Any, store_root: Path, resume_run: str | None = None) -> list[str]:

@@ -24,7 +24,8 @@ from typing import Any, Iterator, Mapping
 from ctssl_core.config import ConfigError, to_dict
 from ctssl_core.db import StoreBusy, StoreError, StoreMissing, connect
 from ctssl_core.jobs import procs
-from ctssl_core.jobs.kinds import check_token, get_kind, jobs_root, resource_of, validate_spec
+from ctssl_core.jobs.kinds import check_token, get_kind, resource_of, validate_spec
+from ctssl_core.jobs.presence import jobs_root
 from ctssl_core.paths import store_paths
 from ctssl_core.results.runfolder import tail_metrics
 from ctssl_core.results.write import ensure_schema_once, merge_pending, utcnow

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ctssl_core.config import ConfigError
 from ctssl_core.db import is_disk_full
 from ctssl_core.jobs.queue import DEFAULT_GRACE_S, DEFAULT_HANG_S
 from ctssl_core.paths import REPO_ROOT
@@ -348,6 +349,9 @@ def _command_on_engine(engine: Any, args: argparse.Namespace, env: dict[str, str
     travel (a cluster node has its own PATH and Python)."""
     from ctssl_core.executors import EngineCommand, Resources
 
+    if args.device.startswith("cuda") and getattr(engine, "gpus", None) == 0:   # Ray would queue it forever
+        raise ConfigError(f"the job asks for a GPU (device {args.device!r}) and the {args.executor} cluster has "
+                          f"none; resume it with device 'cpu' or 'auto', or add GPU nodes to the cluster")
     job_env = {k: v for k, v in env.items() if k.startswith("CTSSL_") or k == "PYTHONUNBUFFERED"}
     return EngineCommand(engine, args.command, job_env, jd / "job.log", args.grace, Resources(1, args.device),
                          started_path=jd / ENGINE_STARTED)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -25,7 +24,8 @@ from pathlib import Path
 from ctssl_core.db import StoreError, is_disk_full
 from ctssl_core.jobs import queue
 from ctssl_core.jobs.backends import Backend, Handle, LocalBackend
-from ctssl_core.jobs.kinds import WORKER_INFO, JobSpecError, build_argv, validate_spec
+from ctssl_core.jobs.kinds import JobSpecError, build_argv, validate_spec
+from ctssl_core.jobs.presence import WORKER_INFO, lock_path, worker_running, write_worker_info
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -40,26 +40,6 @@ def _say(msg: str) -> None:
 
 class WorkerBusy(StoreError):
     """Another worker already serves this store."""
-
-
-def lock_path(store_root: str | Path) -> Path:
-    return queue.jobs_root(store_root) / "worker.lock"
-
-
-def worker_running(store_root: str | Path) -> int | None:
-    """Pid of the worker serving this store, or None if no worker holds the lock."""
-    path = lock_path(store_root)
-    if not path.exists():
-        return None
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            text = f.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
 
 
 def ensure_worker(store_root: str | Path, max_cpu_jobs: int = 1, idle_exit_s: float | None = 900.0) -> int | None:
@@ -123,11 +103,8 @@ class Worker:
         f.write(str(os.getpid()))
         f.flush()
         self._lock_file = f
-        info = {"pid": os.getpid(), "executor": getattr(self.backend, "name", "local")}
-        try:   # what a submit checks a job against (kinds.worker_executor): a cuda job on a cluster engine
-            (path.parent / WORKER_INFO).write_text(json.dumps(info))
-        except OSError:
-            pass
+        write_worker_info(self.store_root, getattr(self.backend, "name", "local"))   # what a submit checks a
+                                                                                    # cuda job against
 
     def release(self) -> None:
         if self._lock_file is not None:
