@@ -36,6 +36,10 @@ from ctssl_core.config import ConfigError
 CANCEL_GRACE_S = 10.0   # a cancelled Ray task gets this long to unwind (KeyboardInterrupt) before it is killed
 
 
+class UnitProcessDied(ConfigError):
+    """A unit's process ended without a result (killed, out of memory); the message says how to resume."""
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one unit declares: CPU threads and the device its config asks for ('cpu', 'cuda', 'auto')."""
@@ -157,7 +161,14 @@ class PoolEngine(_TermGuard):
             return list(wait(handles, return_when=FIRST_COMPLETED)[0])
 
     def result(self, handle: Any) -> Any:
-        return handle.result()
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return handle.result()
+        except BrokenProcessPool as e:
+            raise UnitProcessDied("a process of the benchmark's pool died while it ran a unit (killed, or out of "
+                                  "memory: see the kernel log); re-run the same command to resume: finished "
+                                  "units are kept, and fewer benchmark.workers need less memory") from e
 
     def done(self, handle: Any) -> bool:
         return handle.done()

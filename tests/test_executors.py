@@ -217,6 +217,13 @@ def test_a_sigterm_while_the_benchmark_merges_a_unit_is_raised_at_the_next_wait(
     assert merged == ["a"] and eng.waits == 1 and eng.cancelled == []   # "b" was never started
 
 
+def _top_level_unit(name):
+    """A unit a spawned pool process can import (by this module's name): ``victim`` is killed with -9."""
+    if name == "victim":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return name
+
+
 POOL_SCRIPT = """
 import os, signal, sys, time
 from pathlib import Path
@@ -295,6 +302,18 @@ def test_a_sigterm_stops_a_local_pool_benchmark_after_its_running_units_save(tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert (out / "a.saved").exists() and (out / "b.recorded").read_text() == "SIGTERM"
     assert (out / "stopped").read_text() == "SIGTERM" and (out / "finally").exists()
+
+
+def test_a_pool_process_killed_mid_unit_ends_the_benchmark_with_what_to_do(tmp_path):
+    """A pool process killed (-9, the kernel's OOM killer) while it runs a unit: the benchmark ends with a
+    message saying what happened and how to resume (the CLI prints it without a traceback), not a bare
+    BrokenProcessPool."""
+    from ctssl_core.executors import PoolEngine, UnitProcessDied, run_in_order
+
+    with pytest.raises(UnitProcessDied, match="died while it ran a unit.*re-run the same command"):
+        list(run_in_order(PoolEngine(2, term_guard=False), ["victim"], {}, _top_level_unit,
+                          args=lambda u, ids: (u,), needs=lambda u: None, provides=lambda u: None,
+                          resources=lambda u: Resources()))
 
 
 def test_an_error_of_the_benchmark_itself_stops_the_pools_running_units(tmp_path):
