@@ -290,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     signal.signal(signal.SIGTERM, _on_term)   # the runner's again, whatever the client set
                     signal.signal(signal.SIGINT, _on_term)
                 child = _command_on_engine(engine, args, env, jd)
-                log(f"the command is handed to the {args.executor} engine; it waits there for "
-                    f"{'1 CPU and a GPU' if args.device != 'cpu' else '1 CPU'} (a GPU only where the job's device "
-                    f"asks for one and the engine has one)")
+                gpu = {"cuda": " and a GPU", "auto": " (and a GPU where the cluster has one)"}.get(args.device, "")
+                log(f"the command is handed to the {args.executor} engine; it waits there for 1 CPU{gpu}")
         except Exception as e:  # noqa: BLE001 - no engine (Ray unreachable, no Slurm): the job fails, saying why
             log(f"could not start the command: {type(e).__name__}: {e}")
             record_end(store, job_id, "failed", f"could not start the command on {args.executor!r}: {e}", log)
@@ -351,7 +350,7 @@ def _command_on_engine(engine: Any, args: argparse.Namespace, env: dict[str, str
 
     if args.device.startswith("cuda") and getattr(engine, "gpus", None) == 0:   # Ray would queue it forever
         raise ConfigError(f"the job asks for a GPU (device {args.device!r}) and the {args.executor} cluster has "
-                          f"none; resume it with device 'cpu' or 'auto', or add GPU nodes to the cluster")
+                          f"none; submit it again with device 'cpu' or 'auto', or add GPU nodes to the cluster")
     job_env = {k: v for k, v in env.items() if k.startswith("CTSSL_") or k == "PYTHONUNBUFFERED"}
     return EngineCommand(engine, args.command, job_env, jd / "job.log", args.grace, Resources(1, args.device),
                          started_path=jd / ENGINE_STARTED)
