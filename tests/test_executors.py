@@ -572,6 +572,39 @@ def test_a_cuda_job_is_accepted_on_a_gpu_less_machine_when_its_worker_runs_jobs_
         jobs.submit(store, "pretrain", spec)
 
 
+def test_the_worker_passes_its_engine_settings_to_each_jobs_runner(tmp_path, monkeypatch):
+    """``ctssl worker --executor slurm`` is refused where there is no Slurm (no ``sbatch``), and otherwise hands
+    the partition, the time limit and the job's device to every job's runner (checked on the runner's argv,
+    since no Slurm runs here)."""
+    from ctssl_core.cli import main
+    from ctssl_core.jobs import backends
+
+    monkeypatch.setattr(backends.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="no Slurm on this machine.*login node"):
+        backends.LocalBackend(executor="slurm")
+    assert main(["worker", "--store", str(tmp_path / "s"), "--executor", "slurm", "--once"]) == 2
+    monkeypatch.setattr(backends.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cmds: list = []
+
+    class FakePopen:
+        pid = 99999
+
+        def __init__(self, cmd, **kw):
+            cmds.append(cmd)
+
+    monkeypatch.setattr(backends.subprocess, "Popen", FakePopen)
+    b = backends.LocalBackend(executor="slurm", slurm_partition="gpu", slurm_timeout_min=600)
+    b.start(tmp_path / "s", "job-1", ["true"], None, device="cuda")
+    runner = cmds[0][:cmds[0].index("--")]
+    opt = {k: runner[runner.index(k) + 1] for k in ("--executor", "--slurm-partition", "--slurm-timeout-min",
+                                                    "--device")}
+    assert b.name == "slurm" and opt == {"--executor": "slurm", "--slurm-partition": "gpu",
+                                         "--slurm-timeout-min": "600", "--device": "cuda"}
+    assert cmds[0][-1] == "true"
+    backends.LocalBackend().start(tmp_path / "s", "job-2", ["true"], None, device="cuda")
+    assert "--executor" not in cmds[1]                       # local: the command runs in the runner's group
+
+
 def test_a_job_whose_engine_cannot_start_fails_and_says_why(tmp_path, monkeypatch):
     """The worker's engine is there, the runner's is not (here: a Ray that fails to import in the job's
     process): the job fails at once with what to do, rather than hanging or vanishing."""
