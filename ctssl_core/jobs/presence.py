@@ -43,11 +43,23 @@ def worker_running(store_root: str | Path) -> int | None:
         return None
 
 
+def _info_path(store_root: str | Path) -> Path:
+    return jobs_root(store_root) / WORKER_INFO
+
+
 def write_worker_info(store_root: str | Path, executor: str) -> None:
     """Called by the worker once it holds the lock (best effort: a full disk must not stop it)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "executor": executor}
     try:
-        (jobs_root(store_root) / WORKER_INFO).write_text(json.dumps(info))
+        _info_path(store_root).write_text(json.dumps(info))
+    except OSError:
+        pass
+
+
+def clear_worker_info(store_root: str | Path) -> None:
+    """Called by the worker before it lets go of the lock."""
+    try:
+        _info_path(store_root).unlink()
     except OSError:
         pass
 
@@ -58,7 +70,7 @@ def worker_executor(store_root: str | Path | None) -> str:
     if store_root is None:
         return "local"
     try:
-        info = json.loads((jobs_root(store_root) / WORKER_INFO).read_text())
+        info = json.loads(_info_path(store_root).read_text())
         pid, host = int(info["pid"]), info.get("host")
     except (OSError, ValueError, KeyError, TypeError):
         return "local"

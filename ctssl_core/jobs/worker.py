@@ -12,7 +12,6 @@ store's jobs still running on this machine that a previous worker started
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import socket
@@ -25,7 +24,7 @@ from ctssl_core.db import StoreError, is_disk_full
 from ctssl_core.jobs import queue
 from ctssl_core.jobs.backends import Backend, Handle, LocalBackend
 from ctssl_core.jobs.kinds import JobSpecError, build_argv, validate_spec
-from ctssl_core.jobs.presence import WORKER_INFO, lock_path, worker_running, write_worker_info
+from ctssl_core.jobs.presence import clear_worker_info, lock_path, worker_running, write_worker_info
 from ctssl_core.paths import REPO_ROOT
 
 
@@ -108,8 +107,7 @@ class Worker:
 
     def release(self) -> None:
         if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                (lock_path(self.store_root).parent / WORKER_INFO).unlink()
+            clear_worker_info(self.store_root)
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
